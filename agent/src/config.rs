@@ -1,0 +1,241 @@
+//! `agent.toml`: what this host's agent listens on, where it keeps releases, which certificate it
+//! presents, and the only apps (root path + units) it may ever touch.
+//!
+//! Everything is parsed and validated before a port is bound; unknown keys are errors. The
+//! `[apps]` table is the agent's own boundary: a coordinator can never make it write outside these
+//! roots or restart a unit not listed here.
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ferry_proto::config_file::{self, ConfigError, Problem};
+use serde::Deserialize;
+
+/// Where the packaged agent looks for its config.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/ferry/agent.toml";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Address and port the gRPC server binds, e.g. `"0.0.0.0:7443"`.
+    pub listen: SocketAddr,
+    /// Root of the release stores: `<data_dir>/apps/<app>/…`.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    pub tls: TlsFiles,
+    /// How long a TLS handshake may take before the connection is dropped.
+    #[serde(default = "default_handshake_timeout", with = "config_file::duration")]
+    pub handshake_timeout: Duration,
+    /// On SIGTERM, how long in-flight requests get to finish before the agent exits anyway.
+    #[serde(default = "default_shutdown_grace", with = "config_file::duration")]
+    pub shutdown_grace: Duration,
+    #[serde(default)]
+    pub apps: BTreeMap<String, AppConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// The fleet CA certificate: the only trust anchor.
+    pub ca: PathBuf,
+    /// This agent's certificate (role agent), PEM.
+    pub cert: PathBuf,
+    /// Its private key, PEM.
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppConfig {
+    /// The app's public path (e.g. `/srv/web`): the agent keeps it a symlink to the current release.
+    pub root: PathBuf,
+    /// The systemd units the agent may start, stop and restart for this app.
+    #[serde(default)]
+    pub units: Vec<String>,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("/var/lib/ferry")
+}
+fn default_handshake_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_shutdown_grace() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// Suffixes of the unit types an app may declare.
+const UNIT_SUFFIXES: &[&str] = &[".service", ".socket", ".timer", ".target", ".path"];
+
+impl AgentConfig {
+    /// Reads, parses and validates the agent config at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let config: AgentConfig = config_file::load_toml(path)?;
+        config_file::check(path, config.problems())?;
+        Ok(config)
+    }
+
+    /// Parses and validates TOML text (`path` only names the source in errors).
+    pub fn from_toml(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let config: AgentConfig = config_file::parse_toml(path, text)?;
+        config_file::check(path, config.problems())?;
+        Ok(config)
+    }
+
+    /// Every semantic problem of the config, so the operator fixes them in one go.
+    pub fn problems(&self) -> Vec<Problem> {
+        let mut p = Vec::new();
+        if !self.data_dir.is_absolute() {
+            p.push(Problem::new("data_dir", format!("{} must be an absolute path", self.data_dir.display())));
+        }
+        for (key, path) in [("tls.ca", &self.tls.ca), ("tls.cert", &self.tls.cert), ("tls.key", &self.tls.key)] {
+            if path.as_os_str().is_empty() {
+                p.push(Problem::new(key, "must name a file"));
+            }
+        }
+        if self.handshake_timeout.is_zero() {
+            p.push(Problem::new("handshake_timeout", "must be greater than 0"));
+        }
+        let mut roots: Vec<(&str, &Path)> = Vec::new();
+        for (name, app) in &self.apps {
+            if !valid_app_name(name) {
+                p.push(Problem::new(
+                    format!("apps.{name}"),
+                    "app names may use only a-z, 0-9, '-' and '_' and start with a letter or digit",
+                ));
+            }
+            let key = |k: &str| format!("apps.{name}.{k}");
+            if !app.root.is_absolute() {
+                p.push(Problem::new(key("root"), format!("{} must be an absolute path", app.root.display())));
+            } else if app.root.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+                p.push(Problem::new(key("root"), format!("{} must not contain '..'", app.root.display())));
+            } else if app.root.parent().is_none() {
+                p.push(Problem::new(key("root"), "must not be /"));
+            }
+            if app.root.starts_with(&self.data_dir) {
+                p.push(Problem::new(
+                    key("root"),
+                    format!(
+                        "{} lies inside data_dir {}; pick a path outside it",
+                        app.root.display(),
+                        self.data_dir.display()
+                    ),
+                ));
+            }
+            for (other, other_root) in &roots {
+                if app.root.starts_with(other_root) || other_root.starts_with(&app.root) {
+                    p.push(Problem::new(key("root"), format!("overlaps the root of app {other}")));
+                }
+            }
+            roots.push((name, &app.root));
+            for (i, unit) in app.units.iter().enumerate() {
+                if !valid_unit_name(unit) {
+                    p.push(Problem::new(
+                        format!("apps.{name}.units[{i}]"),
+                        format!("{unit:?} is not a unit name (expected e.g. \"web.service\")"),
+                    ));
+                }
+            }
+        }
+        p
+    }
+
+    /// The directory holding one app's release store.
+    pub fn app_dir(&self, app: &str) -> PathBuf {
+        self.data_dir.join("apps").join(app)
+    }
+}
+
+fn valid_app_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+        && name.len() <= 64
+}
+
+/// systemd unit names: `[A-Za-z0-9:_.\\@-]+` with a known suffix, at most 255 bytes.
+pub fn valid_unit_name(unit: &str) -> bool {
+    unit.len() <= 255
+        && UNIT_SUFFIXES.iter().any(|s| unit.len() > s.len() && unit.ends_with(s))
+        && unit.chars().all(|c| c.is_ascii_alphanumeric() || ":_.\\@-".contains(c))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+listen = "0.0.0.0:7443"
+data_dir = "/var/lib/ferry"
+[tls]
+ca = "/etc/ferry/ca.pem"
+cert = "/etc/ferry/agent.pem"
+key = "/etc/ferry/agent.key"
+[apps.web]
+root = "/srv/web"
+units = ["web.service", "web-worker@1.service"]
+"#;
+
+    fn load(text: &str) -> Result<AgentConfig, String> {
+        AgentConfig::from_toml(Path::new("/etc/ferry/agent.toml"), text).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn good_config_parses_with_defaults() {
+        let c = load(GOOD).expect("valid");
+        assert_eq!(c.listen.port(), 7443);
+        assert_eq!(c.shutdown_grace, Duration::from_secs(30));
+        assert_eq!(c.apps["web"].units.len(), 2);
+        assert_eq!(c.app_dir("web"), PathBuf::from("/var/lib/ferry/apps/web"));
+    }
+
+    #[test]
+    fn syntax_error_names_file_and_line() {
+        let err = load("listen = \"0.0.0.0:7443\"\n[tls\n").unwrap_err();
+        assert!(err.contains("/etc/ferry/agent.toml"), "{err}");
+        assert!(err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = load(&GOOD.replace("[tls]", "colour = \"blue\"\n[tls]")).unwrap_err();
+        assert!(err.contains("/etc/ferry/agent.toml") && err.contains("unknown field `colour`"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_all_reported() {
+        let text = GOOD
+            .replace("root = \"/srv/web\"", "root = \"srv/web\"")
+            .replace("\"web.service\",", "\"web\",")
+            .replace("data_dir = \"/var/lib/ferry\"", "data_dir = \"/var/lib/ferry\"\nhandshake_timeout = \"0s\"");
+        let err = load(&text).unwrap_err();
+        assert!(err.contains("3 problem(s)"), "{err}");
+        assert!(err.contains("apps.web.root: srv/web must be an absolute path"), "{err}");
+        assert!(err.contains("apps.web.units[0]: \"web\" is not a unit name"), "{err}");
+        assert!(err.contains("handshake_timeout: must be greater than 0"), "{err}");
+    }
+
+    #[test]
+    fn bad_listen_address_is_a_parse_error() {
+        let err = load(&GOOD.replace("0.0.0.0:7443", "localhost")).unwrap_err();
+        assert!(err.contains("listen") && err.contains("invalid socket address"), "{err}");
+    }
+
+    #[test]
+    fn overlapping_roots_are_refused() {
+        let text = format!("{GOOD}\n[apps.api]\nroot = \"/srv/web/api\"\n");
+        let err = load(&text).unwrap_err();
+        assert!(err.contains("overlaps the root of app"), "{err}");
+    }
+
+    #[test]
+    fn unit_names() {
+        for good in ["web.service", "a@b.service", "x.timer", "foo-bar_baz.socket"] {
+            assert!(valid_unit_name(good), "{good}");
+        }
+        for bad in ["web", ".service", "web.service; rm -rf /", "../x.service", "a b.service"] {
+            assert!(!valid_unit_name(bad), "{bad}");
+        }
+    }
+}

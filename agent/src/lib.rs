@@ -1,0 +1,41 @@
+//! `ferry-agent`: the per-host agent of ferry.
+//!
+//! # Layout
+//! - [`config`]: `agent.toml`, parsed and validated before anything binds.
+//! - [`tls`]: the agent's mTLS: fleet CA only, coordinator-role clients only.
+//! - [`server`]: accept loop (handshake, refusal log), tonic server, graceful shutdown.
+//! - [`service`]: the `ferry.agent.v1.Agent` gRPC service.
+//! - [`facts`]: host facts for `GetStatus` (sysinfo, statvfs).
+//! - [`store`]: each app's release store on disk.
+//! - [`notify`]: systemd readiness, stopping and watchdog notifications.
+//!
+//! The binary (`main.rs`) only parses flags, sets up logging and calls [`run`].
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod facts;
+pub mod notify;
+pub mod server;
+pub mod service;
+pub mod store;
+pub mod tls;
+
+use tokio_util::sync::CancellationToken;
+
+pub use config::AgentConfig;
+pub use server::Server;
+
+/// Runs the agent until `shutdown` is cancelled: bind, tell systemd we are ready, serve, drain.
+pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let server = Server::bind(config).await?;
+    let addr = server.local_addr()?;
+    tracing::info!(%addr, version = env!("CARGO_PKG_VERSION"), "ferry-agent serving");
+    notify::ready();
+    if let Some(interval) = notify::watchdog_interval() {
+        tracing::info!(?interval, "systemd watchdog enabled");
+        tokio::spawn(notify::watchdog(interval, shutdown.clone()));
+    }
+    server.serve(shutdown).await?;
+    tracing::info!("ferry-agent stopped");
+    Ok(())
+}

@@ -1,0 +1,100 @@
+//! `ferry-agent --config /etc/ferry/agent.toml`
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use ferry_agent::AgentConfig;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::prelude::*;
+
+/// ferry's host agent: receives releases from the `ferry` coordinator over mutually authenticated
+/// TLS gRPC and activates them. Normally started by systemd (ferry-agent.service).
+#[derive(Parser)]
+#[command(name = "ferry-agent", version, about, long_about = None)]
+struct Cli {
+    /// Agent configuration file.
+    #[arg(long, short, default_value = ferry_agent::config::DEFAULT_CONFIG_PATH, env = "FERRY_AGENT_CONFIG")]
+    config: PathBuf,
+    /// Check the configuration and TLS files, then exit without serving.
+    #[arg(long)]
+    check: bool,
+    /// Log filter (tracing EnvFilter syntax), e.g. "info" or "ferry_agent=debug".
+    #[arg(long, default_value = "info", env = "FERRY_LOG")]
+    log: String,
+}
+
+fn init_logging(filter: &str) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // systemd sets JOURNAL_STREAM when stdout/stderr go to the journal: log natively there, with
+    // structured fields, instead of as plain text lines.
+    let journald = std::env::var_os("JOURNAL_STREAM").and_then(|_| tracing_journald::layer().ok());
+    let registry = tracing_subscriber::registry().with(filter);
+    match journald {
+        Some(layer) => registry.with(layer).init(),
+        None => registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)).init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log);
+    // One crypto provider for the whole process, chosen before any TLS object exists.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+
+    let config = match AgentConfig::load(&cli.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ferry-agent: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if cli.check {
+        return match ferry_agent::tls::server_config(&config.tls) {
+            Ok(_) => {
+                eprintln!("ferry-agent: {} is valid", cli.config.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("ferry-agent: {}: {e}", cli.config.display());
+                ExitCode::from(2)
+            }
+        };
+    }
+
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("ferry-agent: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        let signals = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            signals.cancel();
+        });
+        match ferry_agent::run(config, shutdown).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("{e:#}");
+                eprintln!("ferry-agent: {e:#}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers; stop the agent with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}

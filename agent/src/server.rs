@@ -1,0 +1,234 @@
+//! The gRPC server: accept TCP, complete mTLS, hand authenticated connections to tonic.
+//!
+//! The accept loop owns the handshake (with a timeout) so that every refused peer is logged with
+//! its address and the precise reason, and so that the service sees each caller's certificate
+//! name ([`PeerInfo`]) in its request extensions. Shutdown: stop accepting, let in-flight requests
+//! finish (tonic's graceful shutdown), and give up after `shutdown_grace`.
+use std::collections::VecDeque;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use ferry_proto::identity::CertIdentity;
+use ferry_proto::v1::agent_server::AgentServer;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::StreamExt as _;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::transport::server::Connected;
+
+use crate::config::AgentConfig;
+use crate::service::AgentService;
+use crate::tls::{self, TlsError};
+
+/// Who is on the other end of a connection, as its verified certificate says.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    pub addr: SocketAddr,
+    /// The certificate's name (common name), e.g. the coordinator's `ferry cert issue --name`.
+    pub name: String,
+}
+
+/// A connection whose TLS handshake (and so client certificate check) has completed.
+pub struct AuthenticatedConn {
+    inner: TlsStream<TcpStream>,
+    peer: PeerInfo,
+}
+
+impl Connected for AuthenticatedConn {
+    type ConnectInfo = PeerInfo;
+    fn connect_info(&self) -> PeerInfo {
+        self.peer.clone()
+    }
+}
+
+impl AsyncRead for AuthenticatedConn {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for AuthenticatedConn {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// A connection the agent refused, kept for inspection (tests, and later metrics and audit).
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub peer: SocketAddr,
+    pub reason: String,
+}
+
+/// The most recent refusals, bounded.
+#[derive(Debug, Default, Clone)]
+pub struct Refusals(Arc<Mutex<VecDeque<Refusal>>>);
+
+impl Refusals {
+    const KEEP: usize = 64;
+
+    fn push(&self, r: Refusal) {
+        // A poisoned lock only means another thread panicked while pushing; the data is still a
+        // valid deque, so keep using it.
+        let mut q = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if q.len() == Self::KEEP {
+            q.pop_front();
+        }
+        q.push_back(r);
+    }
+
+    /// A snapshot, oldest first.
+    pub fn list(&self) -> Vec<Refusal> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect()
+    }
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("TLS setup: {0}")]
+    Tls(#[from] TlsError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A bound, not yet serving agent. Binding first lets callers learn the port (tests bind :0).
+pub struct Server {
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    config: Arc<AgentConfig>,
+    refusals: Refusals,
+}
+
+impl Server {
+    /// Loads the TLS material and binds the listen address. Nothing is served yet.
+    pub async fn bind(config: AgentConfig) -> Result<Server, StartError> {
+        let tls = tls::server_config(&config.tls)?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| StartError::Bind { addr: config.listen, source })?;
+        Ok(Server {
+            listener,
+            acceptor: TlsAcceptor::from(tls),
+            config: Arc::new(config),
+            refusals: Refusals::default(),
+        })
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// A handle to the refusal log, valid after `serve` starts.
+    pub fn refusals(&self) -> Refusals {
+        self.refusals.clone()
+    }
+
+    /// Serves until `shutdown` is cancelled, then drains in-flight requests for up to
+    /// `shutdown_grace`.
+    pub async fn serve(self, shutdown: CancellationToken) -> Result<(), tonic::transport::Error> {
+        let Server { listener, acceptor, config, refusals } = self;
+        let (tx, rx) = mpsc::channel::<AuthenticatedConn>(64);
+        let handshakes = TaskTracker::new();
+        let accept_stop = shutdown.clone();
+        let handshake_timeout = config.handshake_timeout;
+        let accept_tracker = handshakes.clone();
+        let accept_loop = tokio::spawn(async move {
+            loop {
+                let (tcp, addr) = tokio::select! {
+                    _ = accept_stop.cancelled() => {
+                        tracing::info!("shutting down: no new connections; finishing in-flight requests");
+                        crate::notify::stopping();
+                        break;
+                    }
+                    accepted = listener.accept() => match accepted {
+                        Ok(a) => a,
+                        Err(e) => {
+                            // EMFILE and friends: back off briefly instead of spinning.
+                            tracing::warn!(error = %e, "accept failed");
+                            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                            continue;
+                        }
+                    },
+                };
+                let acceptor = acceptor.clone();
+                let tx = tx.clone();
+                let refusals = refusals.clone();
+                accept_tracker.spawn(async move {
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => {
+                            let name = stream
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|c| c.first())
+                                .and_then(|c| CertIdentity::from_der(c).ok())
+                                .map(|id| id.name().to_string())
+                                .unwrap_or_default();
+                            tracing::debug!(peer = %addr, name, "accepted connection");
+                            let _ = tx.send(AuthenticatedConn { inner: stream, peer: PeerInfo { addr, name } }).await;
+                        }
+                        Ok(Err(e)) => {
+                            let reason = tls::describe_handshake_error(&e);
+                            tracing::warn!(peer = %addr, "refused connection: {reason}");
+                            refusals.push(Refusal { peer: addr, reason });
+                        }
+                        Err(_) => {
+                            let reason = format!("TLS handshake did not finish within {handshake_timeout:?}");
+                            tracing::warn!(peer = %addr, "refused connection: {reason}");
+                            refusals.push(Refusal { peer: addr, reason });
+                        }
+                    }
+                });
+            }
+            accept_tracker.close();
+        });
+
+        let incoming = tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<_, io::Error>);
+        let service = AgentServer::new(AgentService::new(config.clone()));
+        let grace = config.shutdown_grace;
+        let stop = shutdown.clone();
+        let serve = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+            .add_service(service)
+            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned());
+        tokio::pin!(serve);
+        let result = tokio::select! {
+            r = &mut serve => r,
+            _ = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
+                tracing::warn!("in-flight requests did not finish within {grace:?} of shutdown; exiting anyway");
+                Ok(())
+            }
+        };
+        accept_loop.abort();
+        handshakes.close();
+        result
+    }
+}

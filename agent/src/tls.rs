@@ -1,0 +1,181 @@
+//! The agent's side of mTLS: present the host's agent certificate, accept only coordinators.
+//!
+//! Trust anchor: the fleet CA from `agent.toml`, nothing else (no system roots). A client must
+//! present a certificate chaining to it, valid now, with the `clientAuth` purpose and the
+//! `ferry:role:coordinator` URI SAN; anything else is refused during the handshake. TLS 1.3 only.
+use std::sync::Arc;
+
+use ferry_proto::identity::{self, CertIdentity, PemError, Role};
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme,
+};
+
+use crate::config::TlsFiles;
+
+/// Why the agent's TLS setup could not be built from its files.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error(transparent)]
+    Pem(#[from] PemError),
+    #[error("fleet CA file {path}: {reason}")]
+    BadCa { path: String, reason: String },
+    #[error("agent certificate {path}: {reason}")]
+    BadCert { path: String, reason: String },
+    #[error("agent certificate {cert} and key {key} do not belong together: {reason}")]
+    KeyMismatch { cert: String, key: String, reason: String },
+}
+
+/// The crypto provider both sides use (ring; no C toolchain needed beyond `cc`).
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Builds the server config from the agent's TLS files.
+pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
+    let ca_path = files.ca.display().to_string();
+    let roots = root_store(&files.ca)?;
+    let chain = identity::load_certs(&files.cert)?;
+    let key = identity::load_key(&files.key)?;
+
+    let cert_path = files.cert.display().to_string();
+    let own =
+        CertIdentity::from_der(&chain[0]).map_err(|reason| TlsError::BadCert { path: cert_path.clone(), reason })?;
+    match own.role {
+        Some(Role::Agent) => {}
+        Some(other) => {
+            return Err(TlsError::BadCert {
+                path: cert_path,
+                reason: format!("has role {other}, but an agent needs one issued with `ferry cert issue --role agent`"),
+            });
+        }
+        None => {
+            return Err(TlsError::BadCert {
+                path: cert_path,
+                reason: "carries no ferry role (is it a certificate from `ferry cert issue --role agent`?)".into(),
+            });
+        }
+    }
+
+    let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .build()
+        .map_err(|e| TlsError::BadCa { path: ca_path, reason: e.to_string() })?;
+    let verifier = Arc::new(CoordinatorOnly { inner });
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::BadCert { path: cert_path.clone(), reason: e.to_string() })?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| TlsError::KeyMismatch {
+            cert: cert_path,
+            key: files.key.display().to_string(),
+            reason: e.to_string(),
+        })?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+fn root_store(path: &std::path::Path) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in identity::load_certs(path)? {
+        roots.add(cert).map_err(|e| TlsError::BadCa { path: path.display().to_string(), reason: e.to_string() })?;
+    }
+    Ok(roots)
+}
+
+/// Accepts a client only if the fleet CA vouches for it *and* it carries the coordinator role.
+///
+/// A role refusal is reported as `ApplicationVerificationFailure`, which rustls sends as the
+/// `access_denied` alert: the coordinator translates that alert into "not a coordinator
+/// certificate", and [`describe_handshake_error`] does the same in the agent's log.
+#[derive(Debug)]
+struct CoordinatorOnly {
+    inner: Arc<dyn ClientCertVerifier>,
+}
+
+impl ClientCertVerifier for CoordinatorOnly {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let peer = CertIdentity::from_der(end_entity).ok();
+        let role = peer.as_ref().and_then(|p| p.role);
+        let refuse_role = || {
+            tracing::warn!(
+                peer = peer.as_ref().map(CertIdentity::name).unwrap_or("(unparseable)"),
+                role = role.map(Role::as_str).unwrap_or("none"),
+                "refused a client certificate without the coordinator role"
+            );
+            rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)
+        };
+        match self.inner.verify_client_cert(end_entity, intermediates, now) {
+            Ok(verified) if role == Some(Role::Coordinator) => Ok(verified),
+            Ok(_) => Err(refuse_role()),
+            // An agent certificate lacks the clientAuth purpose; say what it really is.
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. },
+            )) if role.is_some_and(|r| r != Role::Coordinator) => Err(refuse_role()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+}
+
+/// A handshake failure in words for the agent's log: what the client did wrong.
+pub fn describe_handshake_error(err: &std::io::Error) -> String {
+    let Some(tls) = err.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) else {
+        return match err.kind() {
+            std::io::ErrorKind::UnexpectedEof => "the client closed the connection during the TLS handshake".into(),
+            _ => format!("TLS handshake failed: {err}"),
+        };
+    };
+    use rustls::Error as E;
+    match tls {
+        E::InvalidCertificate(CertificateError::ApplicationVerificationFailure) => {
+            "client certificate does not carry the coordinator role (ferry:role:coordinator)".into()
+        }
+        E::InvalidCertificate(CertificateError::UnknownIssuer) => {
+            "client certificate is not issued by this fleet's CA (unknown issuer)".into()
+        }
+        E::InvalidCertificate(e) => format!("client certificate refused: {e}"),
+        E::NoCertificatesPresented => "the client presented no certificate (mutual TLS is required)".into(),
+        E::InvalidMessage(_) => "the client does not speak TLS (plaintext or another protocol)".into(),
+        E::PeerIncompatible(e) => format!("the client's TLS is incompatible (TLS 1.3 is required): {e:?}"),
+        E::AlertReceived(alert) => format!("the client aborted the handshake: it sent the alert {alert:?}"),
+        other => format!("TLS handshake failed: {other}"),
+    }
+}

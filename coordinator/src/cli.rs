@@ -1,0 +1,166 @@
+//! Command-line interface of `ferry`: flags, dispatch to the verbs, exit codes.
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use ferry_proto::identity::Role;
+
+use crate::commands;
+use crate::config::FleetConfig;
+use crate::exit;
+use crate::tls::ClientTls;
+use crate::ui::{self, Format};
+
+/// ferry: SSH-less rolling deployments for a fleet of Linux servers.
+///
+/// `ferry` talks to the `ferry-agent` on each host over mutually authenticated TLS. Start with
+/// `ferry ca init` and `ferry cert issue` to give the fleet its certificates, then describe the
+/// fleet in a fleet.toml and check it with `ferry status`.
+///
+/// Exit codes: 0 success; 1 the deployment failed (halted or rolled back); 2 usage or
+/// configuration error; 3 a host could not be reached or authenticated.
+#[derive(Debug, Parser)]
+#[command(name = "ferry", version, about, long_about, propagate_version = true)]
+pub struct Cli {
+    /// Log filter for diagnostics on stderr (tracing EnvFilter syntax), e.g. "debug".
+    #[arg(long, global = true, default_value = "warn", env = "FERRY_LOG")]
+    pub log: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Manage the fleet's certificate authority.
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// Issue and inspect agent and coordinator certificates.
+    #[command(subcommand)]
+    Cert(CertCommand),
+    /// Show every host of an environment: reachable or why not, agent, OS, resources, current
+    /// release. Exits 3 if any host could not be reached or authenticated.
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Create the fleet CA: DIR/ca.pem (give it to every host) and DIR/ca.key (mode 0600; keep it
+    /// where you issue certificates, never on the hosts).
+    Init {
+        /// Directory to write ca.pem and ca.key into (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace an existing CA key. Every certificate it signed stops being trusted.
+        #[arg(long)]
+        force: bool,
+        /// Validity in days.
+        #[arg(long, default_value_t = crate::pki::CA_VALIDITY_DAYS)]
+        days: u32,
+        #[arg(long, value_enum, default_value = "human")]
+        output: Format,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertCommand {
+    /// Issue a certificate signed by the fleet CA: OUT/NAME.pem and OUT/NAME.key (0600), plus
+    /// OUT/ca.pem so OUT is all a host needs.
+    Issue {
+        /// Directory holding ca.pem and ca.key (from `ferry ca init`).
+        #[arg(long)]
+        ca: PathBuf,
+        /// The holder's name: for an agent, its name in fleet.toml's inventory.
+        #[arg(long)]
+        name: String,
+        /// agent (serves ferry-agent) or coordinator (runs ferry).
+        #[arg(long)]
+        role: Role,
+        /// Another name or IP address the holder is reached by (repeatable). An agent needs the
+        /// address the coordinator dials, unless it dials the inventory name.
+        #[arg(long = "san", value_name = "IP_OR_DNS")]
+        sans: Vec<String>,
+        /// Directory to write into (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace an existing key of the same name.
+        #[arg(long)]
+        force: bool,
+        /// Validity in days.
+        #[arg(long, default_value_t = crate::pki::CERT_VALIDITY_DAYS)]
+        days: u32,
+        #[arg(long, value_enum, default_value = "human")]
+        output: Format,
+    },
+    /// Print a certificate's subject, SANs, role and validity.
+    Show {
+        /// PEM certificate file.
+        file: PathBuf,
+        #[arg(long, value_enum, default_value = "human")]
+        output: Format,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The fleet description.
+    #[arg(long, short, default_value = "fleet.toml", env = "FERRY_CONFIG")]
+    pub config: PathBuf,
+    /// Environment of fleet.toml to query.
+    #[arg(long, short)]
+    pub env: String,
+    #[arg(long, value_enum, default_value = "human")]
+    pub output: Format,
+}
+
+fn fail(code: u8, err: &anyhow::Error) -> u8 {
+    eprintln!("ferry: error: {err:#}");
+    code
+}
+
+/// Runs one command and returns the process exit code.
+pub async fn run(cli: Cli) -> u8 {
+    match cli.command {
+        Command::Ca(CaCommand::Init { out, force, days, output }) => match commands::ca::init(&out, force, days) {
+            Ok(o) => {
+                ui::ca_init(&o, output);
+                exit::SUCCESS
+            }
+            Err(e) => fail(exit::USAGE, &e),
+        },
+        Command::Cert(CertCommand::Issue { ca, name, role, sans, out, force, days, output }) => {
+            match commands::cert::issue(&ca, &name, role, &sans, &out, force, days) {
+                Ok(o) => {
+                    ui::cert_issue(&o, output);
+                    exit::SUCCESS
+                }
+                Err(e) => fail(exit::USAGE, &e),
+            }
+        }
+        Command::Cert(CertCommand::Show { file, output }) => match commands::cert::show(&file) {
+            Ok(c) => {
+                ui::cert_show(&c, output);
+                exit::SUCCESS
+            }
+            Err(e) => fail(exit::USAGE, &e),
+        },
+        Command::Status(args) => {
+            let (config, tls) = match load(&args.config) {
+                Ok(v) => v,
+                Err(e) => return fail(exit::USAGE, &e),
+            };
+            match commands::status::run(&config, &args.env, &tls).await {
+                Ok(report) => {
+                    ui::status(&report, args.output);
+                    if report.unreachable() > 0 { exit::UNREACHABLE } else { exit::SUCCESS }
+                }
+                Err(e) => fail(exit::USAGE, &e),
+            }
+        }
+    }
+}
+
+/// Loads fleet.toml and the coordinator's TLS material it names.
+fn load(path: &std::path::Path) -> anyhow::Result<(FleetConfig, ClientTls)> {
+    let config = FleetConfig::load(path)?;
+    let tls = ClientTls::load(&config.tls).map_err(|e| anyhow::anyhow!("{}: [tls]: {e}", path.display()))?;
+    Ok((config, tls))
+}

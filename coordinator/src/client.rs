@@ -1,0 +1,289 @@
+//! Connections to agents: TCP with a timeout, TLS with the per-host identity check, then a tonic
+//! channel over that one stream. Every failure is classified into a [`HostError`] whose message
+//! names the host, its address, what failed and what to check.
+//!
+//! With TLS 1.3 the agent's verdict on *our* certificate arrives after the handshake, at the first
+//! read; [`Agent::connect`] therefore probes with `GetStatus` before calling a host reachable.
+use std::time::Duration;
+
+use ferry_proto::v1::agent_client::AgentClient;
+use ferry_proto::v1::{GetStatusRequest, HostStatus};
+use hyper_util::rt::TokioIo;
+use rustls::{AlertDescription, CertificateError};
+use serde::Serialize;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::config::Host;
+use crate::tls::{ClientTls, IdentityMismatch, NotAnAgent};
+
+/// Why a host could not be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// Name resolution failed.
+    Resolve,
+    /// Nothing listens at the address (connection refused).
+    Refused,
+    /// No answer in time (host down, network cut, firewall dropping).
+    Timeout,
+    /// Network unreachable, reset, or another transport failure.
+    Network,
+    /// TLS failed: a certificate was not trusted, expired, or refused by the other side.
+    Tls,
+    /// The agent's certificate is valid but for another host or role.
+    Identity,
+    /// The peer answered but not as a ferry agent (plaintext, another protocol).
+    Protocol,
+    /// The agent answered the request with an error.
+    Rpc,
+}
+
+impl ErrorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Resolve => "resolve",
+            ErrorKind::Refused => "refused",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Network => "network",
+            ErrorKind::Tls => "tls",
+            ErrorKind::Identity => "identity",
+            ErrorKind::Protocol => "protocol",
+            ErrorKind::Rpc => "rpc",
+        }
+    }
+}
+
+/// A host that could not be reached, authenticated or asked.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("host {host} ({endpoint}): {message}")]
+pub struct HostError {
+    pub host: String,
+    pub endpoint: String,
+    pub kind: ErrorKind,
+    /// The cause and, where there is one, what to check.
+    pub message: String,
+}
+
+impl HostError {
+    /// Whether the host could not be reached or authenticated (exit code 3), as opposed to an
+    /// agent that answered with an error.
+    pub fn is_unreachable(&self) -> bool {
+        self.kind != ErrorKind::Rpc
+    }
+}
+
+/// Timeouts for talking to agents.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub request: Duration,
+}
+
+/// A connected, authenticated agent.
+pub struct Agent {
+    pub host: Host,
+    pub client: AgentClient<Channel>,
+    /// What the agent said when probed at connect time.
+    pub status: HostStatus,
+}
+
+/// Failure inside our connector; travels through tonic's error chain and is recovered by
+/// [`classify`].
+#[derive(Debug, thiserror::Error)]
+enum ConnectError {
+    #[error("cannot resolve {0}: {1}")]
+    Resolve(String, std::io::Error),
+    #[error("resolving {0} gave no address")]
+    NoAddress(String),
+    #[error("TCP connect timed out after {0:?}")]
+    ConnectTimeout(Duration),
+    #[error("TCP connect: {0}")]
+    Connect(std::io::Error),
+    #[error("TLS handshake timed out after {0:?}")]
+    HandshakeTimeout(Duration),
+    #[error("TLS handshake: {0}")]
+    Handshake(std::io::Error),
+}
+
+impl Agent {
+    /// Connects to `host`, completes mTLS and probes the agent with `GetStatus`.
+    pub async fn connect(host: &Host, tls: &ClientTls, timeouts: Timeouts) -> Result<Agent, HostError> {
+        let endpoint_str = host.endpoint();
+        let err = |kind, message: String| HostError {
+            host: host.name.clone(),
+            endpoint: endpoint_str.clone(),
+            kind,
+            message,
+        };
+        let (config, server_name) =
+            tls.config_for(host).map_err(|e| err(ErrorKind::Tls, format!("cannot set up TLS for this host: {e}")))?;
+        let connector = TlsConnector::from(config);
+        let target = endpoint_str.clone();
+        let connect = timeouts.connect;
+        let channel = Endpoint::from_shared(format!("http://{endpoint_str}"))
+            .map_err(|e| err(ErrorKind::Resolve, format!("invalid address: {e}")))?
+            .connect_timeout(timeouts.connect)
+            .timeout(timeouts.request)
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let connector = connector.clone();
+                let server_name = server_name.clone();
+                let target = target.clone();
+                async move {
+                    let addr = tokio::net::lookup_host(&target)
+                        .await
+                        .map_err(|e| ConnectError::Resolve(target.clone(), e))?
+                        .next()
+                        .ok_or_else(|| ConnectError::NoAddress(target.clone()))?;
+                    let tcp = tokio::time::timeout(connect, TcpStream::connect(addr))
+                        .await
+                        .map_err(|_| ConnectError::ConnectTimeout(connect))?
+                        .map_err(ConnectError::Connect)?;
+                    let _ = tcp.set_nodelay(true);
+                    let tls = tokio::time::timeout(connect, connector.connect(server_name, tcp))
+                        .await
+                        .map_err(|_| ConnectError::HandshakeTimeout(connect))?
+                        .map_err(ConnectError::Handshake)?;
+                    Ok::<_, ConnectError>(TokioIo::new(tls))
+                }
+            }))
+            .await
+            .map_err(|e| classify(host, &e))?;
+        let mut client = AgentClient::new(channel);
+        let status = probe(&mut client, timeouts.request).await.map_err(|e| classify_status(host, &e))?;
+        Ok(Agent { host: host.clone(), client, status })
+    }
+}
+
+async fn probe(client: &mut AgentClient<Channel>, timeout: Duration) -> Result<HostStatus, tonic::Status> {
+    let mut req = tonic::Request::new(GetStatusRequest {});
+    req.set_timeout(timeout);
+    match tokio::time::timeout(timeout, client.get_status(req)).await {
+        Ok(r) => r.map(tonic::Response::into_inner),
+        Err(_) => Err(tonic::Status::deadline_exceeded(format!("no answer to GetStatus within {timeout:?}"))),
+    }
+}
+
+/// Classifies a failed request: a transport cause if there is one, else the agent's answer.
+pub fn classify_status(host: &Host, status: &tonic::Status) -> HostError {
+    let mut e = classify(host, status);
+    if e.kind == ErrorKind::Rpc {
+        if status.code() == tonic::Code::DeadlineExceeded {
+            e.kind = ErrorKind::Timeout;
+            e.message = format!("no answer in time: {}", status.message());
+        } else {
+            e.message = format!("the agent answered {:?}: {}", status.code(), status.message());
+        }
+    }
+    e
+}
+
+/// Finds the root cause of a transport or RPC failure and words it for an operator.
+pub fn classify(host: &Host, err: &(dyn std::error::Error + 'static)) -> HostError {
+    let mk = |kind, message: String| HostError { host: host.name.clone(), endpoint: host.endpoint(), kind, message };
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(c) = e.downcast_ref::<ConnectError>() {
+            return match c {
+                ConnectError::Resolve(..) | ConnectError::NoAddress(_) => mk(ErrorKind::Resolve, c.to_string()),
+                ConnectError::ConnectTimeout(_) => {
+                    mk(ErrorKind::Timeout, format!("{c} (is the host up, and is the port open through firewalls?)"))
+                }
+                ConnectError::HandshakeTimeout(_) => mk(
+                    ErrorKind::Timeout,
+                    format!("{c} (something accepts TCP there but does not complete TLS: is it ferry-agent?)"),
+                ),
+                ConnectError::Connect(io) => io_error(host, io),
+                ConnectError::Handshake(io) => match io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+                    Some(tls) => tls_error(host, tls),
+                    None => mk(
+                        ErrorKind::Protocol,
+                        format!("TLS handshake failed: {io} (is a ferry-agent with TLS listening there?)"),
+                    ),
+                },
+            };
+        }
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return tls_error(host, tls);
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if let Some(tls) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+                return tls_error(host, tls);
+            }
+            return io_error(host, io);
+        }
+        cur = e.source();
+    }
+    mk(ErrorKind::Rpc, err.to_string())
+}
+
+fn io_error(host: &Host, io: &std::io::Error) -> HostError {
+    use std::io::ErrorKind as K;
+    let (kind, message) = match io.kind() {
+        K::ConnectionRefused => (
+            ErrorKind::Refused,
+            format!("connection refused (is ferry-agent running and listening on port {}?)", host.port),
+        ),
+        K::TimedOut => (ErrorKind::Timeout, "connection timed out (is the host up and reachable?)".to_string()),
+        K::ConnectionReset | K::BrokenPipe | K::UnexpectedEof => (
+            ErrorKind::Protocol,
+            format!("the connection was closed by the peer ({io}): is it a ferry-agent speaking TLS?"),
+        ),
+        K::HostUnreachable | K::NetworkUnreachable => (ErrorKind::Network, format!("{io} (check routing to the host)")),
+        _ => (ErrorKind::Network, io.to_string()),
+    };
+    HostError { host: host.name.clone(), endpoint: host.endpoint(), kind, message }
+}
+
+fn tls_error(host: &Host, tls: &rustls::Error) -> HostError {
+    use rustls::Error as E;
+    let mk = |kind, message: String| HostError { host: host.name.clone(), endpoint: host.endpoint(), kind, message };
+    match tls {
+        E::InvalidCertificate(CertificateError::Other(o)) => {
+            let inner: &(dyn std::error::Error + 'static) = &*o.0;
+            if inner.downcast_ref::<IdentityMismatch>().is_some() || inner.downcast_ref::<NotAnAgent>().is_some() {
+                mk(ErrorKind::Identity, format!("TLS: {inner}"))
+            } else {
+                mk(ErrorKind::Tls, format!("TLS: the agent's certificate is invalid: {inner}"))
+            }
+        }
+        E::InvalidCertificate(CertificateError::UnknownIssuer) => mk(
+            ErrorKind::Tls,
+            "TLS: the agent's certificate is not signed by the fleet CA (unknown issuer): was it issued with this fleet's `ferry cert issue`?".into(),
+        ),
+        E::InvalidCertificate(c) => mk(ErrorKind::Tls, format!("TLS: the agent's certificate is invalid: {c}")),
+        E::AlertReceived(alert) => mk(ErrorKind::Tls, format!("TLS: {}", refused_by_agent(*alert))),
+        E::InvalidMessage(_) | E::InappropriateMessage { .. } | E::InappropriateHandshakeMessage { .. } => mk(
+            ErrorKind::Protocol,
+            format!("TLS: the peer does not speak TLS as expected ({tls}): is a ferry-agent listening there?"),
+        ),
+        other => mk(ErrorKind::Tls, format!("TLS: {other}")),
+    }
+}
+
+/// What an alert from the agent means: the agent refused *our* certificate.
+fn refused_by_agent(alert: AlertDescription) -> String {
+    let why = match alert {
+        AlertDescription::UnknownCA => {
+            "it is not signed by the CA the agent trusts (is the agent using this fleet's ca.pem?)"
+        }
+        AlertDescription::CertificateExpired => {
+            "it has expired or is not yet valid (reissue it with `ferry cert issue`)"
+        }
+        AlertDescription::AccessDenied => {
+            "it does not carry the coordinator role (issue one with `ferry cert issue --role coordinator`)"
+        }
+        AlertDescription::UnsupportedCertificate => "it is not valid for client authentication",
+        AlertDescription::CertificateRevoked => "it has been revoked",
+        AlertDescription::BadCertificate | AlertDescription::DecryptError => {
+            "it is malformed or its signature is invalid"
+        }
+        AlertDescription::CertificateRequired => "we presented none",
+        AlertDescription::ProtocolVersion | AlertDescription::HandshakeFailure => {
+            return format!("the agent could not agree on TLS parameters (alert {alert:?}); both sides need TLS 1.3");
+        }
+        other => return format!("the agent aborted the handshake (alert {other:?})"),
+    };
+    format!("the agent refused our certificate: {why}")
+}

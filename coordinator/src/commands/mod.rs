@@ -1,0 +1,4 @@
+//! One module per verb. Each returns a value; [`crate::ui`] renders it as text or JSON.
+pub mod ca;
+pub mod cert;
+pub mod status;

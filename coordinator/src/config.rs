@@ -1,0 +1,283 @@
+//! `fleet.toml`: the app, the coordinator's TLS files and the environments (inventories).
+//!
+//! Relative paths are resolved against the directory of `fleet.toml`, so a fleet directory can be
+//! moved or checked into a repository as a whole. Everything is validated at load; every problem
+//! is reported at once with its key.
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ferry_proto::config_file::{self, ConfigError, Problem};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetConfig {
+    pub app: AppConfig,
+    pub tls: TlsFiles,
+    /// How long to wait for a TCP connection and TLS handshake to a host.
+    #[serde(default = "default_connect_timeout", with = "config_file::duration")]
+    pub connect_timeout: Duration,
+    /// How long one request to an agent may take (status; not the streamed deployment steps).
+    #[serde(default = "default_request_timeout", with = "config_file::duration")]
+    pub request_timeout: Duration,
+    /// How many hosts are contacted at once.
+    #[serde(default = "default_parallelism")]
+    pub parallelism: usize,
+    pub environments: BTreeMap<String, Environment>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppConfig {
+    /// The app's name, as declared under `[apps.<name>]` in each host's agent.toml.
+    pub name: String,
+    /// The systemd units a deployment restarts (each must be allowed in the agents' agent.toml).
+    #[serde(default)]
+    pub units: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Environment {
+    /// `name = "address:port"`; the port defaults to 7443. The agent's certificate must name the
+    /// host (its inventory name, or the address).
+    pub hosts: BTreeMap<String, String>,
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_parallelism() -> usize {
+    32
+}
+
+/// One host of an environment, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Host {
+    pub name: String,
+    /// The address part as written (IP or DNS name), without the port.
+    pub address: String,
+    pub port: u16,
+}
+
+impl Host {
+    /// `address:port`, bracketing IPv6 literals.
+    pub fn endpoint(&self) -> String {
+        if self.address.contains(':') {
+            format!("[{}]:{}", self.address, self.port)
+        } else {
+            format!("{}:{}", self.address, self.port)
+        }
+    }
+}
+
+/// Splits `"addr:port"`, `"addr"`, `"[v6]:port"` or a bare IPv6 literal.
+pub fn parse_host_address(s: &str) -> Result<(String, u16), String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Err("is empty".into());
+    }
+    let default = ferry_proto::DEFAULT_AGENT_PORT;
+    if let Some(rest) = s.strip_prefix('[') {
+        let (ip, after) = rest.split_once(']').ok_or_else(|| format!("{s:?}: missing ']'"))?;
+        ip.parse::<std::net::Ipv6Addr>().map_err(|_| format!("{s:?}: {ip:?} is not an IPv6 address"))?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => parse_port(s, p)?,
+            None if after.is_empty() => default,
+            None => return Err(format!("{s:?}: unexpected {after:?} after ']'")),
+        };
+        return Ok((ip.to_string(), port));
+    }
+    if s.parse::<std::net::Ipv6Addr>().is_ok() {
+        return Ok((s.to_string(), default));
+    }
+    let (addr, port) = match s.rsplit_once(':') {
+        Some((a, p)) => (a, parse_port(s, p)?),
+        None => (s, default),
+    };
+    if addr.parse::<std::net::IpAddr>().is_err() && !crate::pki::is_dns_name(addr) {
+        return Err(format!("{s:?}: {addr:?} is neither an IP address nor a host name"));
+    }
+    Ok((addr.to_string(), port))
+}
+
+fn parse_port(whole: &str, p: &str) -> Result<u16, String> {
+    match p.parse::<u16>() {
+        Ok(0) | Err(_) => Err(format!("{whole:?}: {p:?} is not a port (1-65535)")),
+        Ok(port) => Ok(port),
+    }
+}
+
+impl FleetConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::from_toml(path, &text)
+    }
+
+    /// Parses and validates; relative paths are made relative to `path`'s directory.
+    pub fn from_toml(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let mut config: FleetConfig = config_file::parse_toml(path, text)?;
+        config_file::check(path, config.problems())?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [&mut config.tls.ca, &mut config.tls.cert, &mut config.tls.key] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        Ok(config)
+    }
+
+    pub fn problems(&self) -> Vec<Problem> {
+        let mut p = Vec::new();
+        if self.app.name.is_empty() {
+            p.push(Problem::new("app.name", "must not be empty"));
+        }
+        for (key, path) in [("tls.ca", &self.tls.ca), ("tls.cert", &self.tls.cert), ("tls.key", &self.tls.key)] {
+            if path.as_os_str().is_empty() {
+                p.push(Problem::new(key, "must name a file"));
+            }
+        }
+        if self.connect_timeout.is_zero() {
+            p.push(Problem::new("connect_timeout", "must be greater than 0"));
+        }
+        if self.request_timeout.is_zero() {
+            p.push(Problem::new("request_timeout", "must be greater than 0"));
+        }
+        if self.parallelism == 0 {
+            p.push(Problem::new("parallelism", "must be at least 1"));
+        }
+        if self.environments.is_empty() {
+            p.push(Problem::new("environments", "declare at least one [environments.NAME] with hosts"));
+        }
+        for (env, e) in &self.environments {
+            if e.hosts.is_empty() {
+                p.push(Problem::new(format!("environments.{env}.hosts"), "has no hosts"));
+            }
+            let mut seen: BTreeMap<(String, u16), &str> = BTreeMap::new();
+            for (name, addr) in &e.hosts {
+                let key = format!("environments.{env}.hosts.{name}");
+                if !crate::pki::is_dns_name(name) {
+                    p.push(Problem::new(&key, "host names may use letters, digits, '-' and '.'"));
+                }
+                match parse_host_address(addr) {
+                    Ok(a) => {
+                        if let Some(other) = seen.insert(a.clone(), name) {
+                            p.push(Problem::new(&key, format!("has the same address as host {other}")));
+                        }
+                    }
+                    Err(reason) => p.push(Problem::new(&key, reason)),
+                }
+            }
+        }
+        p
+    }
+
+    /// The hosts of one environment, in inventory order (sorted by name).
+    pub fn hosts(&self, env: &str) -> Result<Vec<Host>, UnknownEnvironment> {
+        let e = self.environments.get(env).ok_or_else(|| UnknownEnvironment {
+            name: env.to_string(),
+            known: self.environments.keys().cloned().collect(),
+        })?;
+        Ok(e.hosts
+            .iter()
+            .filter_map(|(name, addr)| {
+                // Validated at load; a failure here cannot happen, and skipping is the safe answer.
+                parse_host_address(addr).ok().map(|(address, port)| Host { name: name.clone(), address, port })
+            })
+            .collect())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("unknown environment {name:?} (fleet.toml declares: {})", known.join(", "))]
+pub struct UnknownEnvironment {
+    pub name: String,
+    pub known: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[app]
+name = "web"
+units = ["web.service"]
+
+[tls]
+ca = "pki/ca.pem"
+cert = "pki/coordinator.pem"
+key = "/abs/coordinator.key"
+
+[environments.prod]
+hosts = { web-1 = "10.0.0.11:7443", web-2 = "10.0.0.12", web-3 = "web-3.example.com:9000", web-4 = "[fd00::4]:7443" }
+"#;
+
+    fn load(text: &str) -> Result<FleetConfig, String> {
+        FleetConfig::from_toml(Path::new("/etc/fleet/fleet.toml"), text).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn parses_and_resolves_paths() {
+        let c = load(GOOD).expect("valid");
+        assert_eq!(c.tls.ca, PathBuf::from("/etc/fleet/pki/ca.pem"));
+        assert_eq!(c.tls.key, PathBuf::from("/abs/coordinator.key"));
+        let hosts = c.hosts("prod").expect("env");
+        assert_eq!(hosts.len(), 4);
+        assert_eq!(hosts[1], Host { name: "web-2".into(), address: "10.0.0.12".into(), port: 7443 });
+        assert_eq!(hosts[2].endpoint(), "web-3.example.com:9000");
+        assert_eq!(hosts[3].endpoint(), "[fd00::4]:7443");
+    }
+
+    #[test]
+    fn unknown_environment_lists_known_ones() {
+        let c = load(GOOD).expect("valid");
+        let err = c.hosts("staging").expect_err("unknown").to_string();
+        assert_eq!(err, "unknown environment \"staging\" (fleet.toml declares: prod)");
+    }
+
+    #[test]
+    fn bad_addresses_and_names_are_all_reported() {
+        let text = GOOD
+            .replace("\"10.0.0.12\"", "\"10.0.0.11:7443\"")
+            .replace("web-3.example.com:9000", "web 3:99999")
+            .replace("web-1 =", "\"web_1!\" =");
+        let err = load(&text).unwrap_err();
+        assert!(err.contains("/etc/fleet/fleet.toml has 3 problem(s)"), "{err}");
+        assert!(err.contains("has the same address as host"), "{err}");
+        assert!(err.contains("\"99999\" is not a port"), "{err}");
+        assert!(err.contains("environments.prod.hosts.web_1!: host names"), "{err}");
+    }
+
+    #[test]
+    fn unknown_key_and_wrong_type() {
+        let err = load(&GOOD.replace("[tls]", "[tls]\nverify = false")).unwrap_err();
+        assert!(err.contains("unknown field `verify`"), "{err}");
+        let err = load(&GOOD.replace("[app]", "connect_timeout = 5\n[app]")).unwrap_err();
+        assert!(err.contains("connect_timeout") || err.contains("invalid type"), "{err}");
+    }
+
+    #[test]
+    fn host_address_forms() {
+        assert_eq!(parse_host_address("1.2.3.4"), Ok(("1.2.3.4".into(), 7443)));
+        assert_eq!(parse_host_address("h:1"), Ok(("h".into(), 1)));
+        assert_eq!(parse_host_address("::1"), Ok(("::1".into(), 7443)));
+        assert_eq!(parse_host_address("[::1]:80"), Ok(("::1".into(), 80)));
+        for bad in ["", "h:0", "h:x", "[::1", "[nope]:1", "a b:1", "h:1:2:x"] {
+            assert!(parse_host_address(bad).is_err(), "{bad:?}");
+        }
+    }
+}

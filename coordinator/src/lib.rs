@@ -1,0 +1,20 @@
+//! `ferry`: the coordinator of a ferry fleet.
+//!
+//! # Layout
+//! - [`cli`]: flags, dispatch, exit codes ([`exit`]).
+//! - [`config`]: `fleet.toml`: the app, TLS files, environments and their hosts.
+//! - [`pki`]: the fleet CA; issuing and reading certificates.
+//! - [`tls`]: the coordinator's mTLS (fleet CA only; agent must match the host dialled).
+//! - [`client`]: connecting to agents and turning every failure into a `HostError` a human can act on.
+//! - [`commands`]: one module per verb, each returning a value.
+//! - [`ui`]: renders those values as text or JSON; the only place that prints results.
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod client;
+pub mod commands;
+pub mod config;
+pub mod exit;
+pub mod pki;
+pub mod tls;
+pub mod ui;

@@ -1,0 +1,185 @@
+//! The output layer: every verb's result rendered as human text or as JSON (`--output json`).
+//! The only place that prints to stdout. The last human line always states the final state.
+use std::io::Write;
+
+use comfy_table::{ContentArrangement, Table, presets};
+use serde::Serialize;
+
+use crate::commands::ca::CaInitOutcome;
+use crate::commands::cert::{CertInfo, IssueOutcome};
+use crate::commands::status::StatusReport;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Human,
+    Json,
+}
+
+fn out(text: &str) {
+    let mut stdout = std::io::stdout().lock();
+    // A closed stdout (e.g. `| head`) is not an error worth a panic.
+    let _ = writeln!(stdout, "{text}");
+}
+
+/// Prints `value` as one JSON object on a line.
+pub fn json<T: Serialize>(value: &T) {
+    match serde_json::to_string_pretty(value) {
+        Ok(s) => out(&s),
+        Err(e) => eprintln!("ferry: cannot encode the result as JSON: {e}"),
+    }
+}
+
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[unit]) }
+}
+
+pub fn duration_secs(secs: u64) -> String {
+    let (d, h, m) = (secs / 86400, secs % 86400 / 3600, secs % 3600 / 60);
+    match (d, h) {
+        (0, 0) => format!("{m}m {}s", secs % 60),
+        (0, _) => format!("{h}h {m}m"),
+        _ => format!("{d}d {h}h"),
+    }
+}
+
+fn date(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| unix.to_string())
+}
+
+pub fn ca_init(o: &CaInitOutcome, format: Format) {
+    match format {
+        Format::Json => json(o),
+        Format::Human => {
+            out(&format!("created the fleet CA ({}), valid until {}", o.subject, date(o.not_after_unix)));
+            out(&format!("  certificate: {}", o.cert.display()));
+            out(&format!("  private key: {} (mode 0600: keep it off the hosts)", o.key.display()));
+            out("next: ferry cert issue --ca DIR --name NAME --role agent|coordinator --san ADDRESS --out DIR");
+        }
+    }
+}
+
+pub fn cert_issue(o: &IssueOutcome, format: Format) {
+    match format {
+        Format::Json => json(o),
+        Format::Human => {
+            cert_lines(&o.cert);
+            out(&format!("  key:      {} (mode 0600)", o.key.display()));
+            out(&format!("issued {} certificate {}", o.cert.role.map_or("?", |r| r.as_str()), o.cert.file.display()));
+        }
+    }
+}
+
+pub fn cert_show(c: &CertInfo, format: Format) {
+    match format {
+        Format::Json => json(c),
+        Format::Human => {
+            cert_lines(c);
+            let verdict = if c.expires_in_days < 0 {
+                format!("EXPIRED {} day(s) ago", -c.expires_in_days)
+            } else {
+                format!("valid, expires in {} day(s)", c.expires_in_days)
+            };
+            out(&format!("{}: {verdict}", c.file.display()));
+        }
+    }
+}
+
+fn cert_lines(c: &CertInfo) {
+    out(&format!("  subject:  {}", c.subject));
+    out(&format!("  issuer:   {}", c.issuer));
+    out(&format!(
+        "  role:     {}",
+        match (c.role, c.is_ca) {
+            (_, true) => "certificate authority".to_string(),
+            (Some(r), _) => r.to_string(),
+            (None, _) => "none (not a ferry certificate)".to_string(),
+        }
+    ));
+    out(&format!("  SANs:     {}", if c.sans.is_empty() { "-".to_string() } else { c.sans.join(", ") }));
+    out(&format!("  valid:    {} .. {}", date(c.not_before_unix), date(c.not_after_unix)));
+}
+
+pub fn status(r: &StatusReport, format: Format) {
+    if format == Format::Json {
+        return json(r);
+    }
+    let mut table = Table::new();
+    table.load_style(presets::NOTHING).set_content_arrangement(ContentArrangement::Disabled);
+    table.set_header(vec![
+        "HOST",
+        "ADDRESS",
+        "STATE",
+        "AGENT",
+        "OS",
+        "UPTIME",
+        "CPUS",
+        "MEM FREE/TOTAL",
+        "DISK FREE",
+        &r.app,
+    ]);
+    for h in &r.hosts {
+        match &h.facts {
+            Some(f) => {
+                let release = f.apps.iter().find(|a| a.name == r.app).map_or("(app not declared)".to_string(), |a| {
+                    a.current_version.clone().unwrap_or_else(|| "-".into())
+                });
+                table.add_row(vec![
+                    h.name.clone(),
+                    h.address.clone(),
+                    "up".into(),
+                    f.agent_version.clone(),
+                    f.os.clone(),
+                    duration_secs(f.uptime_secs),
+                    f.cpu_count.to_string(),
+                    format!("{} / {}", bytes(f.memory_available_bytes), bytes(f.memory_total_bytes)),
+                    bytes(f.data_dir_free_bytes),
+                    release,
+                ]);
+            }
+            None => {
+                let kind = h.error_kind.map_or("unreachable", |k| k.as_str());
+                table.add_row(vec![h.name.clone(), h.address.clone(), format!("DOWN ({kind})")]);
+            }
+        }
+    }
+    out(&table.to_string());
+    let down: Vec<_> = r.hosts.iter().filter(|h| !h.reachable).collect();
+    if !down.is_empty() {
+        out("");
+        for h in &down {
+            out(&format!("{} ({}): {}", h.name, h.address, h.error.as_deref().unwrap_or("unreachable")));
+        }
+    }
+    let total = r.hosts.len();
+    out(&format!(
+        "environment {}: {} of {total} host(s) reachable{}",
+        r.environment,
+        total - down.len(),
+        if down.is_empty() { String::new() } else { format!(", {} unreachable", down.len()) }
+    ));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_units() {
+        assert_eq!(bytes(512), "512 B");
+        assert_eq!(bytes(1536), "1.5 KiB");
+        assert_eq!(bytes(3 * 1024 * 1024 * 1024), "3.0 GiB");
+        assert_eq!(duration_secs(59), "0m 59s");
+        assert_eq!(duration_secs(3 * 3600 + 120), "3h 2m");
+        assert_eq!(duration_secs(2 * 86400 + 3600), "2d 1h");
+    }
+}

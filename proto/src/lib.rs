@@ -1,0 +1,26 @@
+//! ferry's wire contract, shared by `ferry` (coordinator) and `ferry-agent`.
+//!
+//! # Layout
+//! - [`v1`]: the generated gRPC service and messages of `proto/ferry/agent/v1/agent.proto`.
+//! - [`config_file`]: reading a TOML config file into a checked type, with errors that name the
+//!   file, the key and the reason (both `agent.toml` and `fleet.toml` go through it).
+//! - [`durable`]: the one crash-safe file write (temp → fsync → rename → fsync dir) both sides use.
+//! - [`identity`]: what a fleet certificate says about its holder (name, addresses, role) and how
+//!   both sides read certificates and keys from PEM files with errors that name the file.
+//!
+//! This crate holds no behaviour of either process: only the contract and the checked
+//! conversions both sides must agree on.
+#![forbid(unsafe_code)]
+
+pub mod config_file;
+pub mod durable;
+pub mod identity;
+
+/// Generated code for package `ferry.agent.v1`.
+pub mod v1 {
+    #![allow(clippy::all, clippy::pedantic, clippy::unwrap_used)]
+    tonic::include_proto!("ferry.agent.v1");
+}
+
+/// The agent's default gRPC port.
+pub const DEFAULT_AGENT_PORT: u16 = 7443;
