@@ -192,14 +192,14 @@ units = ["web.service", "web-worker@1.service"]
 
     #[test]
     fn syntax_error_names_file_and_line() {
-        let err = load("listen = \"0.0.0.0:7443\"\n[tls\n").unwrap_err();
+        let err = load("listen = \"0.0.0.0:7443\"\n[tls\n").expect_err("must be refused");
         assert!(err.contains("/etc/ferry/agent.toml"), "{err}");
         assert!(err.contains("line 2"), "{err}");
     }
 
     #[test]
     fn unknown_key_is_named() {
-        let err = load(&GOOD.replace("[tls]", "colour = \"blue\"\n[tls]")).unwrap_err();
+        let err = load(&GOOD.replace("[tls]", "colour = \"blue\"\n[tls]")).expect_err("must be refused");
         assert!(err.contains("/etc/ferry/agent.toml") && err.contains("unknown field `colour`"), "{err}");
     }
 
@@ -209,7 +209,7 @@ units = ["web.service", "web-worker@1.service"]
             .replace("root = \"/srv/web\"", "root = \"srv/web\"")
             .replace("\"web.service\",", "\"web\",")
             .replace("data_dir = \"/var/lib/ferry\"", "data_dir = \"/var/lib/ferry\"\nhandshake_timeout = \"0s\"");
-        let err = load(&text).unwrap_err();
+        let err = load(&text).expect_err("must be refused");
         assert!(err.contains("3 problem(s)"), "{err}");
         assert!(err.contains("apps.web.root: srv/web must be an absolute path"), "{err}");
         assert!(err.contains("apps.web.units[0]: \"web\" is not a unit name"), "{err}");
@@ -218,14 +218,14 @@ units = ["web.service", "web-worker@1.service"]
 
     #[test]
     fn bad_listen_address_is_a_parse_error() {
-        let err = load(&GOOD.replace("0.0.0.0:7443", "localhost")).unwrap_err();
+        let err = load(&GOOD.replace("0.0.0.0:7443", "localhost")).expect_err("must be refused");
         assert!(err.contains("listen") && err.contains("invalid socket address"), "{err}");
     }
 
     #[test]
     fn overlapping_roots_are_refused() {
         let text = format!("{GOOD}\n[apps.api]\nroot = \"/srv/web/api\"\n");
-        let err = load(&text).unwrap_err();
+        let err = load(&text).expect_err("must be refused");
         assert!(err.contains("overlaps the root of app"), "{err}");
     }
 

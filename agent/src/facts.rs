@@ -62,6 +62,8 @@ pub fn disk_space(path: &Path) -> (u64, u64) {
     let mut probe = path;
     loop {
         match nix::sys::statvfs::statvfs(probe) {
+            // fsblkcnt_t and friends are not u64 on every target.
+            #[allow(clippy::unnecessary_cast)]
             Ok(st) => {
                 let frag = st.fragment_size() as u64;
                 return (st.blocks_available() as u64 * frag, st.blocks() as u64 * frag);

@@ -211,6 +211,11 @@ pub fn classify(host: &Host, err: &(dyn std::error::Error + 'static)) -> HostErr
             if let Some(tls) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
                 return tls_error(host, tls);
             }
+            // h2 keeps only the kind and text of an I/O error, so a TLS alert that arrives after
+            // the handshake (TLS 1.3 client-certificate refusals) is recovered from its text.
+            if let Some(alert) = alert_in_text(&io.to_string()) {
+                return tls_error(host, &rustls::Error::AlertReceived(alert));
+            }
             return io_error(host, io);
         }
         cur = e.source();
@@ -252,6 +257,11 @@ fn tls_error(host: &Host, tls: &rustls::Error) -> HostError {
             ErrorKind::Tls,
             "TLS: the agent's certificate is not signed by the fleet CA (unknown issuer): was it issued with this fleet's `ferry cert issue`?".into(),
         ),
+        #[allow(deprecated)]
+        E::InvalidCertificate(CertificateError::BadSignature) => mk(
+            ErrorKind::Tls,
+            "TLS: the agent's certificate signature does not verify against the fleet CA (issued by another CA of the same name?)".into(),
+        ),
         E::InvalidCertificate(c) => mk(ErrorKind::Tls, format!("TLS: the agent's certificate is invalid: {c}")),
         E::AlertReceived(alert) => mk(ErrorKind::Tls, format!("TLS: {}", refused_by_agent(*alert))),
         E::InvalidMessage(_) | E::InappropriateMessage { .. } | E::InappropriateHandshakeMessage { .. } => mk(
@@ -260,6 +270,25 @@ fn tls_error(host: &Host, tls: &rustls::Error) -> HostError {
         ),
         other => mk(ErrorKind::Tls, format!("TLS: {other}")),
     }
+}
+
+/// Parses rustls's "received fatal alert: <Alert>" text back into the alert.
+fn alert_in_text(text: &str) -> Option<AlertDescription> {
+    let name = text.split("received fatal alert: ").nth(1)?.split(|c: char| !c.is_ascii_alphanumeric()).next()?;
+    const KNOWN: &[AlertDescription] = &[
+        AlertDescription::UnknownCA,
+        AlertDescription::CertificateExpired,
+        AlertDescription::AccessDenied,
+        AlertDescription::UnsupportedCertificate,
+        AlertDescription::CertificateRevoked,
+        AlertDescription::CertificateUnknown,
+        AlertDescription::BadCertificate,
+        AlertDescription::DecryptError,
+        AlertDescription::CertificateRequired,
+        AlertDescription::ProtocolVersion,
+        AlertDescription::HandshakeFailure,
+    ];
+    KNOWN.iter().copied().find(|a| format!("{a:?}") == name)
 }
 
 /// What an alert from the agent means: the agent refused *our* certificate.

@@ -255,7 +255,7 @@ hosts = { web-1 = "10.0.0.11:7443", web-2 = "10.0.0.12", web-3 = "web-3.example.
             .replace("\"10.0.0.12\"", "\"10.0.0.11:7443\"")
             .replace("web-3.example.com:9000", "web 3:99999")
             .replace("web-1 =", "\"web_1!\" =");
-        let err = load(&text).unwrap_err();
+        let err = load(&text).expect_err("must be refused");
         assert!(err.contains("/etc/fleet/fleet.toml has 3 problem(s)"), "{err}");
         assert!(err.contains("has the same address as host"), "{err}");
         assert!(err.contains("\"99999\" is not a port"), "{err}");
@@ -264,9 +264,9 @@ hosts = { web-1 = "10.0.0.11:7443", web-2 = "10.0.0.12", web-3 = "web-3.example.
 
     #[test]
     fn unknown_key_and_wrong_type() {
-        let err = load(&GOOD.replace("[tls]", "[tls]\nverify = false")).unwrap_err();
+        let err = load(&GOOD.replace("[tls]", "[tls]\nverify = false")).expect_err("must be refused");
         assert!(err.contains("unknown field `verify`"), "{err}");
-        let err = load(&GOOD.replace("[app]", "connect_timeout = 5\n[app]")).unwrap_err();
+        let err = load(&GOOD.replace("[app]", "connect_timeout = 5\n[app]")).expect_err("must be refused");
         assert!(err.contains("connect_timeout") || err.contains("invalid type"), "{err}");
     }
 

@@ -99,16 +99,18 @@ pub fn init_ca(out: &Path, force: bool, validity: Validity) -> Result<Issued, Pk
     if !force && key_path.exists() {
         return Err(PkiError::KeyExists(key_path));
     }
+    let key = KeyPair::generate()?;
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, "ferry fleet CA");
+    // A name of its own per CA: two fleets' CAs must never look alike to a verifier (it would then
+    // report a bad signature instead of an unknown issuer).
+    dn.push(DnType::CommonName, format!("ferry fleet CA {}", short_id(key.public_key_raw())));
     dn.push(DnType::OrganizationName, "ferry");
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     params.not_before = validity.not_before;
     params.not_after = validity.not_after;
-    let key = KeyPair::generate()?;
     let cert = params.self_signed(&key)?;
     let cert_path = out.join(CA_CERT_FILE);
     write_pair(&cert_path, &cert.pem(), &key_path, &key.serialize_pem(), force)?;
@@ -206,6 +208,11 @@ pub fn issue(ca_dir: &Path, req: &CertRequest, out: &Path, force: bool) -> Resul
         reason,
     })?;
     Ok(Issued { cert: cert_path, key: key_path, identity })
+}
+
+/// 8 hex digits from a public key (past the SEC1 point-format byte): a short, stable id.
+fn short_id(public_key: &[u8]) -> String {
+    public_key.iter().skip(1).take(4).map(|b| format!("{b:02x}")).collect()
 }
 
 fn dns(name: &str) -> Result<SanType, PkiError> {

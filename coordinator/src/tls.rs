@@ -47,6 +47,23 @@ impl std::fmt::Debug for ClientTls {
 
 impl ClientTls {
     pub fn load(files: &TlsFiles) -> Result<Self, TlsError> {
+        let tls = Self::load_any_role(files)?;
+        if tls.identity.role != Some(Role::Coordinator) {
+            let role = tls.identity.role.map_or("no ferry role".to_string(), |r| format!("role {r}"));
+            return Err(TlsError::BadCert {
+                path: files.cert.display().to_string(),
+                reason: format!(
+                    "has {role}; the coordinator needs one issued with `ferry cert issue --role coordinator`"
+                ),
+            });
+        }
+        Ok(tls)
+    }
+
+    /// Like [`ClientTls::load`] without the check of our own role. Only for tests that prove the
+    /// *agent* refuses a client certificate of the wrong role.
+    #[doc(hidden)]
+    pub fn load_any_role(files: &TlsFiles) -> Result<Self, TlsError> {
         let mut roots = RootCertStore::empty();
         for cert in identity::load_certs(&files.ca)? {
             roots
@@ -56,17 +73,8 @@ impl ClientTls {
         let chain = identity::load_certs(&files.cert)?;
         let key = identity::load_key(&files.key)?;
         let cert_path = files.cert.display().to_string();
-        let identity = CertIdentity::from_der(&chain[0])
-            .map_err(|reason| TlsError::BadCert { path: cert_path.clone(), reason })?;
-        if identity.role != Some(Role::Coordinator) {
-            let role = identity.role.map_or("no ferry role".to_string(), |r| format!("role {r}"));
-            return Err(TlsError::BadCert {
-                path: cert_path,
-                reason: format!(
-                    "has {role}; the coordinator needs one issued with `ferry cert issue --role coordinator`"
-                ),
-            });
-        }
+        let identity =
+            CertIdentity::from_der(&chain[0]).map_err(|reason| TlsError::BadCert { path: cert_path, reason })?;
         let tls = ClientTls { roots: Arc::new(roots), chain, key: Arc::new(key), identity };
         // Build one config now so a key that does not match the certificate fails here, at load.
         tls.config_for_names(Vec::new(), String::new()).map_err(|e| TlsError::KeyMismatch {
@@ -83,10 +91,10 @@ impl ClientTls {
         if let Ok(n) = ServerName::try_from(host.name.clone()) {
             names.push(n);
         }
-        if let Ok(n) = ServerName::try_from(host.address.clone()) {
-            if !names.contains(&n) {
-                names.push(n);
-            }
+        if let Ok(n) = ServerName::try_from(host.address.clone())
+            && !names.contains(&n)
+        {
+            names.push(n);
         }
         let sni = names
             .first()

@@ -129,7 +129,7 @@ mod tests {
             Path::new("/etc/x.toml"),
             vec![Problem::new("a.b", "must be positive"), Problem::new("c", "is empty")],
         )
-        .unwrap_err()
+        .expect_err("must be refused")
         .to_string();
         assert!(err.contains("/etc/x.toml has 2 problem(s)"), "{err}");
         assert!(err.contains("a.b: must be positive") && err.contains("c: is empty"), "{err}");

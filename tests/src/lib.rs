@@ -1,1 +1,44 @@
+//! The harness of ferry's integration and end-to-end tests.
+//!
+//! # Layout
+//! - [`pki`]: a throwaway fleet CA in a temp dir, issuing real certificates (valid, expired, of
+//!   another CA) through the coordinator's own PKI code.
+//! - [`agents`]: real agents (the library the `ferry-agent` binary runs) served on loopback
+//!   ports, and fleet configs pointing at them.
+//! - [`bin`]: paths of the built `ferry` and `ferry-agent` binaries for CLI-level tests.
+//! - [`wait_for`]: polling for an asynchronous effect with a bounded number of tries (never a
+//!   timing assertion).
+#![forbid(unsafe_code)]
 
+pub mod agents;
+pub mod pki;
+
+use std::path::PathBuf;
+
+/// Path of a binary of this workspace, built next to the test executable's directory.
+///
+/// `scripts/test.sh` builds the binaries before running the tests; running a test binary alone
+/// needs `cargo build --workspace --bins` first.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/<profile>/deps/<test-binary> → target/<profile>/<name>
+    let dir = exe.parent().and_then(|deps| deps.parent()).map(PathBuf::from).unwrap_or_default();
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is not built: run `cargo build --workspace --bins` first (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
+/// Polls `check` up to `tries` times, 50 ms apart, until it returns `Some`.
+pub async fn wait_for<T>(tries: u32, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    for _ in 0..tries {
+        if let Some(v) = check() {
+            return Some(v);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    None
+}

@@ -1,0 +1,61 @@
+//! A throwaway fleet PKI for tests, made with the coordinator's own `pki` module.
+use std::path::{Path, PathBuf};
+
+use ferry_coordinator::pki::{self, CertRequest, Validity};
+use ferry_proto::identity::Role;
+use tempfile::TempDir;
+
+/// A CA in a temp dir (removed on drop).
+pub struct TestPki {
+    pub dir: TempDir,
+}
+
+/// The three files a holder needs.
+#[derive(Debug, Clone)]
+pub struct CertFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TestPki {
+    pub fn new() -> TestPki {
+        let dir = tempfile::tempdir().expect("temp dir for the test CA");
+        pki::init_ca(dir.path(), false, Validity::days_from_now(30)).expect("create the test CA");
+        TestPki { dir }
+    }
+
+    pub fn ca_cert(&self) -> PathBuf {
+        self.dir.path().join(pki::CA_CERT_FILE)
+    }
+
+    /// Issues a certificate valid from an hour ago for a day.
+    pub fn issue(&self, name: &str, role: Role, sans: &[&str]) -> CertFiles {
+        self.issue_with(name, role, sans, Validity::days_from_now(1))
+    }
+
+    /// Issues a certificate whose validity ended an hour ago.
+    pub fn issue_expired(&self, name: &str, role: Role, sans: &[&str]) -> CertFiles {
+        let now = time::OffsetDateTime::now_utc();
+        let validity =
+            Validity { not_before: now - time::Duration::days(2), not_after: now - time::Duration::hours(1) };
+        self.issue_with(name, role, sans, validity)
+    }
+
+    pub fn issue_with(&self, name: &str, role: Role, sans: &[&str], validity: Validity) -> CertFiles {
+        let out = self.dir.path().join("issued").join(name);
+        let req = CertRequest { name: name.into(), role, sans: sans.iter().map(|s| s.to_string()).collect(), validity };
+        let issued = pki::issue(self.dir.path(), &req, &out, true).expect("issue a test certificate");
+        CertFiles { ca: self.ca_cert(), cert: issued.cert, key: issued.key }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Default for TestPki {
+    fn default() -> Self {
+        Self::new()
+    }
+}
