@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Installs the Debian packages ferry builds and tests with, if any is missing:
 #   pkg-config, libsystemd-dev  build the `systemd` crate (libsystemd: sd_notify, journal)
-#   systemd-container, iproute2 the real-host test fleet (systemd-nspawn, network namespaces)
+#   systemd-container, iproute2, nftables, python3
+#                               the real-host test fleet (systemd-nspawn, namespaces, packet loss,
+#                               the demo app)
 set -euo pipefail
-pkgs=(pkg-config libsystemd-dev systemd-container iproute2)
+pkgs=(pkg-config libsystemd-dev systemd-container iproute2 nftables python3)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

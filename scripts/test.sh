@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Every check CI runs, on a fresh Debian machine: installs what the tests need, then formatting,
-# lints, the build, and the whole test suite (unit, loopback mTLS, agent process tests).
+# lints, the build, and the whole test suite: unit, loopback mTLS, agent process, and end-to-end
+# tests on a fleet of real systemd hosts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/deps.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
-# The integration tests run the built `ferry` and `ferry-agent` binaries.
+# The integration tests run the built `ferry` and `ferry-agent` binaries; the fleet tests boot
+# real systemd hosts (systemd-nspawn) and need root. Whatever a killed test run left behind is
+# removed on exit.
 cargo build --workspace --bins --locked
+trap 'target/debug/ferry-fleet clean || true' EXIT
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast
 else

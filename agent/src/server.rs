@@ -157,17 +157,14 @@ impl Server {
         let Server { listener, acceptor, config, refusals } = self;
         let (tx, rx) = mpsc::channel::<AuthenticatedConn>(64);
         let handshakes = TaskTracker::new();
-        let accept_stop = shutdown.clone();
+        let accept_stop = shutdown.child_token();
+        let stop_accepting = accept_stop.clone();
         let handshake_timeout = config.handshake_timeout;
         let accept_tracker = handshakes.clone();
         let accept_loop = tokio::spawn(async move {
             loop {
                 let (tcp, addr) = tokio::select! {
-                    _ = accept_stop.cancelled() => {
-                        tracing::info!("shutting down: no new connections; finishing in-flight requests");
-                        crate::notify::stopping();
-                        break;
-                    }
+                    _ = accept_stop.cancelled() => break,
                     accepted = listener.accept() => match accepted {
                         Ok(a) => a,
                         Err(e) => {
@@ -218,7 +215,12 @@ impl Server {
         let serve = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
             .add_service(service)
-            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned());
+            .serve_with_incoming_shutdown(incoming, async move {
+                stop.cancelled().await;
+                // Said before tonic starts draining, so systemd knows at once.
+                tracing::info!("shutting down: no new connections; finishing in-flight requests");
+                crate::notify::stopping();
+            });
         tokio::pin!(serve);
         let result = tokio::select! {
             r = &mut serve => r,
@@ -227,7 +229,9 @@ impl Server {
                 Ok(())
             }
         };
-        accept_loop.abort();
+        // Stop accepting even if tonic returned on its own; handshakes still running are dropped.
+        stop_accepting.cancel();
+        let _ = accept_loop.await;
         handshakes.close();
         result
     }

@@ -175,6 +175,15 @@ pub fn describe_handshake_error(err: &std::io::Error) -> String {
         E::NoCertificatesPresented => "the client presented no certificate (mutual TLS is required)".into(),
         E::InvalidMessage(_) => "the client does not speak TLS (plaintext or another protocol)".into(),
         E::PeerIncompatible(e) => format!("the client's TLS is incompatible (TLS 1.3 is required): {e:?}"),
+        E::AlertReceived(rustls::AlertDescription::UnknownCA) => {
+            "the client does not trust this agent's certificate authority (is the agent's certificate from the coordinator's fleet CA?)".into()
+        }
+        E::AlertReceived(alert @ (rustls::AlertDescription::BadCertificate | rustls::AlertDescription::CertificateUnknown)) => {
+            format!("the client refused this agent's certificate (alert {alert:?}): does it name this host as the coordinator's inventory does?")
+        }
+        E::AlertReceived(rustls::AlertDescription::CertificateExpired) => {
+            "the client refused this agent's certificate as expired or not yet valid".into()
+        }
         E::AlertReceived(alert) => format!("the client aborted the handshake: it sent the alert {alert:?}"),
         other => format!("TLS handshake failed: {other}"),
     }

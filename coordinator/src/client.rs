@@ -3,7 +3,8 @@
 //! names the host, its address, what failed and what to check.
 //!
 //! With TLS 1.3 the agent's verdict on *our* certificate arrives after the handshake, at the first
-//! read; [`Agent::connect`] therefore probes with `GetStatus` before calling a host reachable.
+//! read: the connector waits for the agent's first bytes (see `confirm_accepted`), and
+//! [`Agent::connect`] probes with `GetStatus` before calling a host reachable.
 use std::time::Duration;
 
 use ferry_proto::v1::agent_client::AgentClient;
@@ -105,6 +106,78 @@ enum ConnectError {
     HandshakeTimeout(Duration),
     #[error("TLS handshake: {0}")]
     Handshake(std::io::Error),
+    #[error("the agent closed the connection right after the TLS handshake")]
+    ClosedAfterHandshake,
+}
+
+/// Waits for the agent's first bytes after the handshake.
+///
+/// With TLS 1.3 the client's handshake completes before the server has judged the client's
+/// certificate; a refusal arrives later as an alert, and if h2 happens to write first it sees only
+/// a broken pipe. An agent that accepted us sends its HTTP/2 SETTINGS at once, one that refused
+/// sends the alert: reading first makes the verdict, and so the error message, deterministic. The
+/// bytes read are replayed to h2.
+async fn confirm_accepted<S>(mut tls: S, limit: Duration) -> Result<Replay<S>, ConnectError>
+where
+    S: tokio::io::AsyncRead + Unpin,
+{
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 1024];
+    match tokio::time::timeout(limit, tls.read(&mut buf)).await {
+        Err(_) => Err(ConnectError::HandshakeTimeout(limit)),
+        Ok(Err(e)) => Err(ConnectError::Handshake(e)),
+        Ok(Ok(0)) => Err(ConnectError::ClosedAfterHandshake),
+        Ok(Ok(n)) => {
+            buf.truncate(n);
+            Ok(Replay { first: buf, pos: 0, inner: tls })
+        }
+    }
+}
+
+/// A stream that yields `first` before reading from `inner`.
+struct Replay<S> {
+    first: Vec<u8>,
+    pos: usize,
+    inner: S,
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Replay<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.pos < self.first.len() {
+            let n = buf.remaining().min(self.first.len() - self.pos);
+            let start = self.pos;
+            buf.put_slice(&self.first[start..start + n]);
+            self.pos += n;
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Replay<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 impl Agent {
@@ -124,7 +197,9 @@ impl Agent {
         let connect = timeouts.connect;
         let channel = Endpoint::from_shared(format!("http://{endpoint_str}"))
             .map_err(|e| err(ErrorKind::Resolve, format!("invalid address: {e}")))?
-            .connect_timeout(timeouts.connect)
+            // Our connector times TCP connect and TLS handshake separately (to say which hung);
+            // tonic's limit is only a backstop behind both.
+            .connect_timeout(timeouts.connect * 3)
             .timeout(timeouts.request)
             .connect_with_connector(tower::service_fn(move |_: Uri| {
                 let connector = connector.clone();
@@ -145,7 +220,7 @@ impl Agent {
                         .await
                         .map_err(|_| ConnectError::HandshakeTimeout(connect))?
                         .map_err(ConnectError::Handshake)?;
-                    Ok::<_, ConnectError>(TokioIo::new(tls))
+                    Ok::<_, ConnectError>(TokioIo::new(confirm_accepted(tls, connect).await?))
                 }
             }))
             .await
@@ -195,6 +270,10 @@ pub fn classify(host: &Host, err: &(dyn std::error::Error + 'static)) -> HostErr
                     format!("{c} (something accepts TCP there but does not complete TLS: is it ferry-agent?)"),
                 ),
                 ConnectError::Connect(io) => io_error(host, io),
+                ConnectError::ClosedAfterHandshake => mk(
+                    ErrorKind::Protocol,
+                    format!("{c} (an agent that refuses a client says why with an alert; is this a ferry-agent?)"),
+                ),
                 ConnectError::Handshake(io) => match io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
                     Some(tls) => tls_error(host, tls),
                     None => mk(

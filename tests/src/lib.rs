@@ -5,12 +5,17 @@
 //!   another CA) through the coordinator's own PKI code.
 //! - [`agents`]: real agents (the library the `ferry-agent` binary runs) served on loopback
 //!   ports, and fleet configs pointing at them.
+//! - [`fleet`]: real hosts (systemd-nspawn, systemd as PID 1, own network namespace) running the
+//!   built agent from the real unit file; fault injection; teardown and stale-run reaping.
+//! - [`demo_app`]: the app the fleet runs, whose `/health` tells versions apart.
 //! - [`bin`]: paths of the built `ferry` and `ferry-agent` binaries for CLI-level tests.
 //! - [`wait_for`]: polling for an asynchronous effect with a bounded number of tries (never a
 //!   timing assertion).
 #![forbid(unsafe_code)]
 
 pub mod agents;
+pub mod demo_app;
+pub mod fleet;
 pub mod pki;
 
 use std::path::PathBuf;

@@ -1,0 +1,76 @@
+//! The demo application the test fleet (and the newcomer's demo) deploys: a tiny HTTP server run
+//! by systemd from the current release, whose answers come from the release's own files, so each
+//! version can be told apart from outside.
+//!
+//! - `GET /` → the version; `GET /health` → the release's `health.json`, with status 200 when it
+//!   says `"status": "healthy"` and 503 otherwise.
+//! - [`Variant::Healthy`] releases (v1, v2, …), [`Variant::Unhealthy`] (a release whose `/health`
+//!   says unhealthy: v3 in the scenarios), [`Variant::CrashOnStart`] (exits at once: a unit that
+//!   fails to start).
+use std::path::Path;
+
+/// The demo app's systemd unit, installed on every test host as `web.service` (not enabled: a
+/// deployment starts it). `Type=exec` so a missing interpreter or file fails `systemctl start`.
+pub const UNIT: &str = "[Unit]\nDescription=ferry demo app (tests)\n\n[Service]\nType=exec\n\
+ExecStart=/usr/bin/python3 /srv/web/app.py\nRestart=no\n";
+
+/// Port the demo app listens on, on every host.
+pub const PORT: u16 = 8080;
+
+const APP: &str = r#"#!/usr/bin/python3
+# ferry demo app: answers from the files of the release it was started from.
+import http.server, json, os, sys
+
+HERE = os.path.dirname(os.path.realpath(__file__))
+with open(os.path.join(HERE, "VERSION")) as f:
+    VERSION = f.read().strip()
+with open(os.path.join(HERE, "health.json")) as f:
+    HEALTH = f.read()
+if json.loads(HEALTH).get("crash_on_start"):
+    sys.exit("demo app: this release is built to fail at start")
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        if self.path == "/health":
+            healthy = json.loads(HEALTH).get("status") == "healthy"
+            body, code = HEALTH.encode(), 200 if healthy else 503
+        else:
+            body, code = (VERSION + "\n").encode(), 200
+        self.send_response(code)
+        self.send_header("content-type", "application/json" if self.path == "/health" else "text/plain")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+http.server.ThreadingHTTPServer(("0.0.0.0", int(os.environ.get("PORT", "8080"))), Handler).serve_forever()
+"#;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Variant {
+    Healthy,
+    Unhealthy,
+    CrashOnStart,
+}
+
+/// Writes a release of the demo app for `version` into `dir` (created).
+pub fn write_release(dir: &Path, version: &str, variant: Variant) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    let app = dir.join("app.py");
+    std::fs::write(&app, APP)?;
+    std::fs::set_permissions(&app, std::fs::Permissions::from_mode(0o755))?;
+    std::fs::write(dir.join("VERSION"), format!("{version}\n"))?;
+    let health = match variant {
+        Variant::Healthy => format!("{{\"status\": \"healthy\", \"version\": \"{version}\"}}"),
+        Variant::Unhealthy => format!(
+            "{{\"status\": \"unhealthy\", \"version\": \"{version}\", \"reason\": \"demo: broken on purpose\"}}"
+        ),
+        Variant::CrashOnStart => {
+            format!("{{\"status\": \"healthy\", \"version\": \"{version}\", \"crash_on_start\": true}}")
+        }
+    };
+    std::fs::write(dir.join("health.json"), health + "\n")
+}

@@ -1,0 +1,156 @@
+//! End-to-end on real hosts: systemd-nspawn containers with systemd as PID 1, each in its own
+//! network namespace, running the built ferry-agent from the real unit file; the real `ferry`
+//! CLI runs in a namespace of its own on the same bridge.
+use ferry_tests::demo_app::{self, Variant};
+use ferry_tests::fleet_or_skip;
+use std::time::Duration;
+
+fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn status_over_three_real_hosts() {
+    let fleet = fleet_or_skip!(3);
+    let toml = fleet.fleet_toml();
+    let out =
+        fleet.ferry(&["status", "--config", toml.to_str().unwrap_or_default(), "--env", "test", "--output", "json"]);
+    assert_eq!(out.status.code(), Some(0), "{}{}", stdout(&out), stderr(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    for (i, h) in fleet.hosts.iter().enumerate() {
+        let got = &json["hosts"][i];
+        assert_eq!(got["name"], h.name.as_str());
+        assert_eq!(got["reachable"], true, "{got}");
+        assert_eq!(got["agent_name"], h.name.as_str());
+        // Each host is its own machine as far as the agent can tell.
+        assert_eq!(got["hostname"], h.name.as_str(), "{got}");
+        assert_eq!(got["data_dir"], "/var/lib/ferry");
+    }
+}
+
+#[test]
+fn agent_killed_is_restarted_by_systemd_and_seen_again() {
+    let fleet = fleet_or_skip!(1);
+    let host = &fleet.hosts[0];
+    let before = host.main_pid("ferry-agent.service");
+    assert!(before > 0);
+    host.kill_agent().expect("systemctl kill");
+    let restarted = ferry_tests::fleet::poll(std::time::Duration::from_secs(30), || {
+        let pid = host.main_pid("ferry-agent.service");
+        (pid != 0 && pid != before && host.systemctl(&["is-active", "ferry-agent.service"]).ok()? == "active")
+            .then_some(pid)
+    });
+    assert!(restarted.is_some(), "not restarted:\n{}", host.journal("ferry-agent.service", 20));
+    let toml = fleet.fleet_toml();
+    let out = fleet.ferry(&["status", "--config", toml.to_str().unwrap_or_default(), "--env", "test"]);
+    assert_eq!(out.status.code(), Some(0), "{}{}", stdout(&out), stderr(&out));
+}
+
+#[test]
+fn dead_and_cut_off_hosts_are_reported_unreachable_by_name() {
+    let mut fleet = fleet_or_skip!(3);
+    fleet.hard_kill("web-2");
+    fleet.freeze("web-3");
+    let toml = fleet.fleet_toml();
+    let out = fleet.ferry(&["status", "--config", toml.to_str().unwrap_or_default(), "--env", "test"]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(3), "{text}{}", stderr(&out));
+    assert!(text.contains("web-2 (10.199.0.12:7443): TCP connect timed out"), "{text}");
+    // A hung host accepts TCP in its kernel but never completes TLS.
+    assert!(text.contains("web-3 (10.199.0.13:7443): TLS handshake timed out"), "{text}");
+    assert!(text.contains("1 of 3 host(s) reachable, 2 unreachable"), "{text}");
+    fleet.thaw("web-3");
+}
+
+#[test]
+fn certificates_from_another_ca_are_refused_on_both_sides() {
+    let fleet = fleet_or_skip!(1);
+    let other = ferry_tests::pki::TestPki::new();
+    let foreign = other.issue("ctl", ferry_proto::identity::Role::Coordinator, &[]);
+
+    // A coordinator of another fleet: to it, this agent's certificate is from another CA.
+    let toml = fleet.write_fleet_toml("foreign.toml", &foreign).expect("write");
+    let out = fleet.ferry(&["status", "--config", toml.to_str().unwrap_or_default(), "--env", "test"]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(3), "{text}");
+    assert!(
+        text.contains(
+            "web-1 (10.199.0.11:7443): TLS: the agent's certificate is not signed by the fleet CA (unknown issuer)"
+        ),
+        "{text}"
+    );
+
+    // A coordinator that trusts this fleet's CA but holds another CA's certificate.
+    let mut impostor = foreign.clone();
+    impostor.ca = fleet.pki.ca_cert();
+    let toml = fleet.write_fleet_toml("impostor.toml", &impostor).expect("write");
+    let out = fleet.ferry(&["status", "--config", toml.to_str().unwrap_or_default(), "--env", "test"]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(3), "{text}");
+    assert!(text.contains("the agent refused our certificate: it is not signed by the CA the agent trusts"), "{text}");
+
+    // The agent's journal names both causes.
+    let journal = fleet.hosts[0].journal("ferry-agent.service", 50);
+    assert!(journal.contains("the client does not trust this agent's certificate authority"), "{journal}");
+    assert!(journal.contains("client certificate is not issued by this fleet's CA"), "{journal}");
+}
+
+#[test]
+fn demo_app_runs_under_systemd_and_answers_from_its_release() {
+    let fleet = fleet_or_skip!(1);
+    let host = &fleet.hosts[0];
+    // Until the release engine lands, place a release by hand where the agent will put them.
+    let release = fleet.dir.join("release-v1");
+    demo_app::write_release(&release, "1", Variant::Healthy).expect("write release");
+    host.exec(&["mkdir", "-p", "/srv"]).expect("mkdir");
+    let staged = host.dir.join("state").join("v1");
+    std::fs::create_dir_all(&staged).expect("mkdir");
+    for f in ["app.py", "VERSION", "health.json"] {
+        std::fs::copy(release.join(f), staged.join(f)).expect("copy");
+    }
+    host.exec(&["ln", "-sfn", "/var/lib/ferry/v1", "/srv/web"]).expect("link");
+    host.systemctl(&["start", "web.service"]).expect("start web.service");
+    let url = format!("http://{}:{}/health", host.ip, demo_app::PORT);
+    let answer = ferry_tests::fleet::poll(std::time::Duration::from_secs(10), || fleet.http_get(&url).ok());
+    let (status, body) = answer.expect("the demo app answers");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"version\": \"1\""), "{body}");
+}
+
+#[test]
+fn faults_take_effect_and_heal() {
+    let fleet = fleet_or_skip!(1);
+    let host = &fleet.hosts[0];
+    let toml = fleet.fleet_toml();
+    let status = || fleet.ferry(&["status", "--config", toml.to_str().unwrap_or_default(), "--env", "test"]);
+
+    // After healing, the link needs a moment (neighbour discovery): wait, bounded, for success.
+    let heals =
+        || ferry_tests::fleet::poll(Duration::from_secs(20), || (status().status.code() == Some(0)).then_some(()));
+
+    fleet.cut_network("web-1");
+    assert_eq!(status().status.code(), Some(3));
+    fleet.restore_network("web-1");
+    assert!(heals().is_some(), "web-1 did not come back after the network was restored");
+
+    fleet.drop_packets("web-1", 100);
+    assert_eq!(status().status.code(), Some(3));
+    fleet.stop_dropping("web-1");
+    assert!(heals().is_some(), "web-1 did not come back after packets stopped being dropped");
+
+    // A slow link still works, only slowly (behaviour, not timing, is checked).
+    fleet.slow_link("web-1", 512);
+    assert_eq!(status().status.code(), Some(0));
+    fleet.unslow_link("web-1");
+
+    let written = host.fill_disk();
+    assert!(written > 0);
+    let json =
+        fleet.ferry(&["status", "--config", toml.to_str().unwrap_or_default(), "--env", "test", "--output", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).expect("JSON");
+    assert!(v["hosts"][0]["data_dir_free_bytes"].as_u64().unwrap_or(u64::MAX) < 1 << 20, "{v}");
+    host.free_disk();
+}
