@@ -1,6 +1,7 @@
 //! `ferry`: the coordinator of a ferry fleet.
 //!
 //! # Layout
+//! - [`artifact`]: scanning a build (directory or tar archive) into a manifest + chunk source.
 //! - [`cli`]: flags, dispatch, exit codes ([`exit`]).
 //! - [`config`]: `fleet.toml`: the app, TLS files, environments and their hosts.
 //! - [`pki`]: the fleet CA; issuing and reading certificates.
@@ -10,6 +11,7 @@
 //! - [`ui`]: renders those values as text or JSON; the only place that prints results.
 #![forbid(unsafe_code)]
 
+pub mod artifact;
 pub mod cli;
 pub mod client;
 pub mod commands;

@@ -8,6 +8,9 @@
 //! - [`identity`]: what a fleet certificate says about its holder (name, addresses, role) and how
 //!   both sides read certificates and keys from PEM files with errors that name the file.
 //!
+//! - [`manifest`]: the release manifest rules (the one gate for untrusted manifests), its
+//!   canonical hash, release ids, and the chunking parameters both sides share.
+//!
 //! This crate holds no behaviour of either process: only the contract and the checked
 //! conversions both sides must agree on.
 #![forbid(unsafe_code)]
@@ -15,6 +18,7 @@
 pub mod config_file;
 pub mod durable;
 pub mod identity;
+pub mod manifest;
 
 /// Generated code for package `ferry.agent.v1`.
 pub mod v1 {

@@ -1,0 +1,483 @@
+//! Artifacts: a build output (a directory, or a `.tar`, `.tar.gz` or `.tar.zst` archive) scanned
+//! into a manifest, and the source of the content chunks that hosts lack.
+//!
+//! Archives are extracted into a private temporary directory first, entry by entry, refusing
+//! anything the manifest rules would refuse (absolute paths, `..`, paths through symlinks,
+//! devices, hard links, duplicates) before a byte lands on disk; a truncated archive is an error
+//! naming the file. Every file is cut into content-defined chunks (FastCDC, parameters in
+//! `ferry_proto::manifest`) so a small change in a large file costs only the changed chunks.
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use ferry_proto::manifest::{self, CHUNK_AVG, CHUNK_MAX, CHUNK_MIN, HASH_LEN};
+use ferry_proto::v1::{self, EntryKind};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ArtifactError {
+    #[error("artifact {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("artifact {artifact}: {entry:?}: {reason}")]
+    Refused { artifact: PathBuf, entry: String, reason: String },
+    #[error("artifact {artifact}: {source}")]
+    Manifest {
+        artifact: PathBuf,
+        #[source]
+        source: manifest::ManifestError,
+    },
+    #[error("artifact {0} is empty: nothing to deploy")]
+    Empty(PathBuf),
+}
+
+/// Where a chunk's bytes are: a file of the artifact tree, an offset and a length.
+#[derive(Debug, Clone)]
+struct ChunkLoc {
+    file: PathBuf,
+    offset: u64,
+    length: u64,
+}
+
+/// A scanned artifact.
+pub struct Artifact {
+    pub source: PathBuf,
+    pub manifest: v1::Manifest,
+    pub manifest_hash: [u8; HASH_LEN],
+    pub total_bytes: u64,
+    chunks: HashMap<[u8; HASH_LEN], ChunkLoc>,
+    /// Holds the extracted tree of an archive alive for as long as chunks are read from it.
+    _extracted: Option<tempfile::TempDir>,
+}
+
+impl std::fmt::Debug for Artifact {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Artifact")
+            .field("source", &self.source)
+            .field("entries", &self.manifest.entries.len())
+            .field("total_bytes", &self.total_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Artifact {
+    /// Scans a directory or archive. Blocking (reads and hashes every byte): call it from
+    /// `spawn_blocking` in async code.
+    pub fn scan(path: &Path) -> Result<Artifact, ArtifactError> {
+        let io = |source| ArtifactError::Io { path: path.to_owned(), source };
+        let meta = std::fs::metadata(path).map_err(io)?;
+        let (root, extracted) = if meta.is_dir() {
+            (path.to_owned(), None)
+        } else {
+            let dir = tempfile::Builder::new().prefix("ferry-artifact-").tempdir().map_err(io)?;
+            extract(path, dir.path())?;
+            (dir.path().to_owned(), Some(dir))
+        };
+        let mut entries = Vec::new();
+        walk(path, &root, "", &mut entries)?;
+        if entries.is_empty() {
+            return Err(ArtifactError::Empty(path.to_owned()));
+        }
+        entries.sort_by(|a, b| a.0.path.cmp(&b.0.path));
+        let mut chunks = HashMap::new();
+        let mut manifest = v1::Manifest::default();
+        for (entry, file) in entries {
+            let mut entry = entry;
+            if let Some(file) = file {
+                chunk_file(path, &file, &mut entry, &mut chunks)?;
+            }
+            manifest.entries.push(entry);
+        }
+        manifest::validate(&manifest)
+            .map_err(|source| ArtifactError::Manifest { artifact: path.to_owned(), source })?;
+        Ok(Artifact {
+            source: path.to_owned(),
+            manifest_hash: manifest::hash(&manifest),
+            total_bytes: manifest::total_bytes(&manifest),
+            manifest,
+            chunks,
+            _extracted: extracted,
+        })
+    }
+
+    /// The release id this artifact becomes for `version`.
+    pub fn release_id(&self, version: &str) -> String {
+        manifest::release_id(version, &self.manifest_hash)
+    }
+
+    /// Reads one chunk's bytes and checks them against the hash (the tree may have changed since
+    /// the scan).
+    pub fn read_chunk(&self, hash: &[u8]) -> Result<Vec<u8>, ArtifactError> {
+        let key: [u8; HASH_LEN] = hash.try_into().map_err(|_| ArtifactError::Refused {
+            artifact: self.source.clone(),
+            entry: String::new(),
+            reason: "a host asked for a chunk hash of the wrong length".into(),
+        })?;
+        let loc = self.chunks.get(&key).ok_or_else(|| ArtifactError::Refused {
+            artifact: self.source.clone(),
+            entry: String::new(),
+            reason: format!("a host asked for chunk {} which is not in this artifact", manifest::Hex(hash)),
+        })?;
+        let io = |source| ArtifactError::Io { path: loc.file.clone(), source };
+        let mut f = File::open(&loc.file).map_err(io)?;
+        f.seek(SeekFrom::Start(loc.offset)).map_err(io)?;
+        let mut buf = vec![0u8; usize::try_from(loc.length).unwrap_or(0)];
+        f.read_exact(&mut buf).map_err(io)?;
+        if blake3::hash(&buf).as_bytes() != hash {
+            return Err(ArtifactError::Refused {
+                artifact: self.source.clone(),
+                entry: loc.file.display().to_string(),
+                reason: "the file changed since the artifact was scanned".into(),
+            });
+        }
+        Ok(buf)
+    }
+}
+
+/// Collects entries below `dir` (relative path prefix `rel`), with the file path of each file.
+fn walk(
+    artifact: &Path,
+    dir: &Path,
+    rel: &str,
+    out: &mut Vec<(v1::Entry, Option<PathBuf>)>,
+) -> Result<(), ArtifactError> {
+    let io = |source| ArtifactError::Io { path: dir.to_owned(), source };
+    for item in std::fs::read_dir(dir).map_err(io)? {
+        let item = item.map_err(io)?;
+        let name = item.file_name().into_string().map_err(|n| ArtifactError::Refused {
+            artifact: artifact.to_owned(),
+            entry: format!("{rel}{}", n.to_string_lossy()),
+            reason: "file name is not valid UTF-8".into(),
+        })?;
+        let path = item.path();
+        let relpath = format!("{rel}{name}");
+        let meta =
+            std::fs::symlink_metadata(&path).map_err(|source| ArtifactError::Io { path: path.clone(), source })?;
+        let mode = meta.permissions().mode() & 0o7777;
+        let ft = meta.file_type();
+        if ft.is_dir() {
+            out.push((
+                v1::Entry { path: relpath.clone(), kind: EntryKind::Dir as i32, mode, ..Default::default() },
+                None,
+            ));
+            walk(artifact, &path, &format!("{relpath}/"), out)?;
+        } else if ft.is_symlink() {
+            let target =
+                std::fs::read_link(&path).map_err(|source| ArtifactError::Io { path: path.clone(), source })?;
+            let target = target.into_os_string().into_string().map_err(|_| ArtifactError::Refused {
+                artifact: artifact.to_owned(),
+                entry: relpath.clone(),
+                reason: "symlink target is not valid UTF-8".into(),
+            })?;
+            out.push((
+                v1::Entry {
+                    path: relpath,
+                    kind: EntryKind::Symlink as i32,
+                    mode: 0o777,
+                    link_target: target,
+                    ..Default::default()
+                },
+                None,
+            ));
+        } else if ft.is_file() {
+            let entry = v1::Entry {
+                path: relpath,
+                kind: EntryKind::File as i32,
+                mode,
+                size: meta.size(),
+                ..Default::default()
+            };
+            out.push((entry, Some(path)));
+        } else {
+            return Err(ArtifactError::Refused {
+                artifact: artifact.to_owned(),
+                entry: relpath,
+                reason: "not a regular file, directory or symlink (devices, sockets and FIFOs cannot be deployed)"
+                    .into(),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn chunk_file(
+    artifact: &Path,
+    file: &Path,
+    entry: &mut v1::Entry,
+    chunks: &mut HashMap<[u8; HASH_LEN], ChunkLoc>,
+) -> Result<(), ArtifactError> {
+    let io = |source| ArtifactError::Io { path: file.to_owned(), source };
+    let f = File::open(file).map_err(io)?;
+    let mut whole = blake3::Hasher::new();
+    let mut size = 0u64;
+    for piece in fastcdc::v2020::StreamCDC::new(f, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX) {
+        let piece = piece.map_err(|e| match e {
+            fastcdc::v2020::Error::IoError(source) => io(source),
+            other => ArtifactError::Refused {
+                artifact: artifact.to_owned(),
+                entry: entry.path.clone(),
+                reason: format!("chunking failed: {other:?}"),
+            },
+        })?;
+        whole.update(&piece.data);
+        let hash = *blake3::hash(&piece.data).as_bytes();
+        let length = piece.length as u64;
+        chunks.entry(hash).or_insert_with(|| ChunkLoc { file: file.to_owned(), offset: piece.offset, length });
+        entry.chunks.push(v1::Chunk { hash: hash.to_vec(), length });
+        size += length;
+    }
+    // The size is what was read, not what stat said before (the file may be growing).
+    entry.size = size;
+    entry.hash = whole.finalize().as_bytes().to_vec();
+    Ok(())
+}
+
+/// Extracts a tar archive (plain, gzip or zstd, by magic number) into `dest`.
+fn extract(archive: &Path, dest: &Path) -> Result<(), ArtifactError> {
+    let io = |source| ArtifactError::Io { path: archive.to_owned(), source };
+    let mut f = File::open(archive).map_err(io)?;
+    let mut magic = [0u8; 4];
+    let n = f.read(&mut magic).map_err(io)?;
+    f.seek(SeekFrom::Start(0)).map_err(io)?;
+    let reader: Box<dyn Read> = match &magic[..n] {
+        [0x1f, 0x8b, ..] => Box::new(flate2::read::GzDecoder::new(f)),
+        [0x28, 0xb5, 0x2f, 0xfd] => Box::new(zstd::stream::read::Decoder::new(f).map_err(io)?),
+        _ => Box::new(f),
+    };
+    let refuse = |entry: &str, reason: &str| ArtifactError::Refused {
+        artifact: archive.to_owned(),
+        entry: entry.to_string(),
+        reason: reason.to_string(),
+    };
+    let mut tar = tar::Archive::new(reader);
+    // Kinds created so far: a later entry may only go below a directory this archive made.
+    let mut kinds: BTreeMap<String, EntryKind> = BTreeMap::new();
+    let mut count = 0usize;
+    for item in tar.entries().map_err(io)? {
+        let mut item = item.map_err(|e| truncated(archive, e))?;
+        count += 1;
+        if count > manifest::MAX_ENTRIES {
+            return Err(refuse("", "too many entries"));
+        }
+        let raw = item.path().map_err(io)?.to_string_lossy().into_owned();
+        let name = raw.trim_start_matches("./").trim_end_matches('/').to_string();
+        if name.is_empty() || name == "." {
+            continue; // the archive's root directory
+        }
+        manifest::check_path(&name).map_err(|r| refuse(&raw, &r))?;
+        let kind = match item.header().entry_type() {
+            tar::EntryType::Regular | tar::EntryType::Continuous => EntryKind::File,
+            tar::EntryType::Directory => EntryKind::Dir,
+            tar::EntryType::Symlink => EntryKind::Symlink,
+            tar::EntryType::Link => {
+                return Err(refuse(&raw, "hard links in archives are not supported (store a copy)"));
+            }
+            tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
+                return Err(refuse(&raw, "device files and FIFOs cannot be deployed"));
+            }
+            // PAX/GNU metadata records are consumed by the tar reader; anything else is unknown.
+            other => return Err(refuse(&raw, &format!("unsupported entry type {other:?}"))),
+        };
+        // Parents: must be directories of this archive; missing ones are created as 0755.
+        let mut parent = String::new();
+        for comp in name.split('/').collect::<Vec<_>>().split_last().map(|(_, p)| p.to_vec()).unwrap_or_default() {
+            if !parent.is_empty() {
+                parent.push('/');
+            }
+            parent.push_str(comp);
+            match kinds.get(&parent) {
+                Some(EntryKind::Dir) => {}
+                Some(EntryKind::Symlink) => {
+                    return Err(refuse(&raw, &format!("path goes through the symlink {parent:?}")));
+                }
+                Some(_) => return Err(refuse(&raw, &format!("path goes through the file {parent:?}"))),
+                None => {
+                    let d = dest.join(&parent);
+                    std::fs::create_dir(&d).map_err(|source| ArtifactError::Io { path: d.clone(), source })?;
+                    kinds.insert(parent.clone(), EntryKind::Dir);
+                }
+            }
+        }
+        if kinds.contains_key(&name) {
+            return Err(refuse(&raw, "duplicate entry"));
+        }
+        let target = dest.join(&name);
+        let mode = item.header().mode().map_err(io)? & 0o7777;
+        let at = |source| ArtifactError::Io { path: target.clone(), source };
+        match kind {
+            EntryKind::Dir => {
+                std::fs::create_dir(&target).map_err(at)?;
+                std::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode | 0o700)).map_err(at)?;
+            }
+            EntryKind::Symlink => {
+                let link = item.link_name().map_err(io)?.ok_or_else(|| refuse(&raw, "symlink without a target"))?;
+                let link = link.to_string_lossy().into_owned();
+                if !manifest::symlink_stays_inside(&name, &link) {
+                    return Err(refuse(&raw, &format!("symlink target {link:?} points outside the release")));
+                }
+                std::os::unix::fs::symlink(&link, &target).map_err(at)?;
+            }
+            _ => {
+                let mut out = std::fs::OpenOptions::new().write(true).create_new(true).open(&target).map_err(at)?;
+                std::io::copy(&mut item, &mut out).map_err(|e| truncated(archive, e))?;
+                std::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode)).map_err(at)?;
+            }
+        }
+        kinds.insert(name, kind);
+    }
+    Ok(())
+}
+
+fn truncated(archive: &Path, e: std::io::Error) -> ArtifactError {
+    ArtifactError::Io {
+        path: archive.to_owned(),
+        source: std::io::Error::new(e.kind(), format!("corrupt or truncated archive: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tree() -> tempfile::TempDir {
+        let d = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(d.path().join("bin")).expect("mkdir");
+        std::fs::write(d.path().join("bin/app"), vec![7u8; 300_000]).expect("write");
+        std::fs::write(d.path().join("README"), b"hello").expect("write");
+        std::os::unix::fs::symlink("bin/app", d.path().join("app")).expect("symlink");
+        d
+    }
+
+    fn tar_of(dir: &Path, out: &Path, zstd_level: Option<i32>) {
+        let f = File::create(out).expect("create");
+        let w: Box<dyn std::io::Write> = match zstd_level {
+            Some(l) => Box::new(zstd::stream::write::Encoder::new(f, l).expect("zstd").auto_finish()),
+            None => Box::new(f),
+        };
+        let mut b = tar::Builder::new(w);
+        b.follow_symlinks(false);
+        b.append_dir_all(".", dir).expect("append");
+        b.into_inner().expect("finish");
+    }
+
+    #[test]
+    fn directory_and_archives_give_the_same_manifest() {
+        let d = tree();
+        let a = Artifact::scan(d.path()).expect("scan dir");
+        assert_eq!(
+            a.manifest.entries.iter().map(|e| e.path.as_str()).collect::<Vec<_>>(),
+            ["README", "app", "bin", "bin/app"]
+        );
+        let app = &a.manifest.entries[3];
+        assert_eq!(app.size, 300_000);
+        assert!(app.chunks.len() >= 2, "a 300 kB file is cut into chunks");
+        // Identical chunks are stored once but all listed.
+        let first = &app.chunks[0];
+        assert_eq!(a.read_chunk(&first.hash).expect("read").len() as u64, first.length);
+
+        let out = tempfile::tempdir().expect("tempdir");
+        for (name, level) in [("a.tar", None), ("a.tar.zst", Some(3))] {
+            let p = out.path().join(name);
+            tar_of(d.path(), &p, level);
+            let t = Artifact::scan(&p).expect("scan archive");
+            assert_eq!(t.manifest_hash, a.manifest_hash, "{name}");
+        }
+    }
+
+    #[test]
+    fn hostile_archives_are_refused() {
+        let out = tempfile::tempdir().expect("tempdir");
+        let build = |name: &str, f: &dyn Fn(&mut tar::Builder<File>)| {
+            let p = out.path().join(name);
+            let mut b = tar::Builder::new(File::create(&p).expect("create"));
+            f(&mut b);
+            b.finish().expect("finish");
+            p
+        };
+        let file = |b: &mut tar::Builder<File>, path: &str, data: &[u8]| {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_entry_type(tar::EntryType::Regular);
+            // set_path refuses '..'; write the raw name like a hostile archiver would.
+            let name = &mut h.as_old_mut().name;
+            name[..path.len()].copy_from_slice(path.as_bytes());
+            h.set_cksum();
+            b.append(&h, data).expect("append");
+        };
+        let link = |b: &mut tar::Builder<File>, path: &str, target: &str| {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Symlink);
+            h.set_size(0);
+            h.set_mode(0o777);
+            b.append_link(&mut h, path, target).expect("append link");
+        };
+        let cases: Vec<(&str, PathBuf, &str)> = vec![
+            ("dotdot", build("dotdot.tar", &|b| file(b, "../evil", b"x")), "'..' path component"),
+            ("abs", build("abs.tar", &|b| file(b, "/etc/evil", b"x")), "absolute path"),
+            ("escape", build("escape.tar", &|b| link(b, "l", "../../etc")), "points outside the release"),
+            (
+                "through",
+                build("through.tar", &|b| {
+                    link(b, "l", "sub");
+                    file(b, "l/x", b"x");
+                }),
+                "goes through the symlink",
+            ),
+            (
+                "dup",
+                build("dup.tar", &|b| {
+                    file(b, "a", b"x");
+                    file(b, "a", b"y");
+                }),
+                "duplicate entry",
+            ),
+        ];
+        for (what, path, needle) in cases {
+            let e = Artifact::scan(&path).expect_err(what).to_string();
+            assert!(e.contains(needle), "{what}: {e}");
+            assert!(e.contains(&path.display().to_string()), "{what}: {e}");
+        }
+        // Nothing escaped the extraction directory.
+        assert!(!out.path().parent().map(|p| p.join("evil").exists()).unwrap_or(false));
+    }
+
+    #[test]
+    fn truncated_archive_names_the_file() {
+        let d = tree();
+        let out = tempfile::tempdir().expect("tempdir");
+        let p = out.path().join("t.tar");
+        tar_of(d.path(), &p, None);
+        let bytes = std::fs::read(&p).expect("read");
+        std::fs::write(&p, &bytes[..bytes.len() / 3]).expect("truncate");
+        let e = Artifact::scan(&p).expect_err("truncated").to_string();
+        assert!(e.contains("t.tar") && e.contains("truncated"), "{e}");
+    }
+
+    #[test]
+    fn random_archive_bytes_never_panic() {
+        let d = tree();
+        let out = tempfile::tempdir().expect("tempdir");
+        let p = out.path().join("r.tar");
+        tar_of(d.path(), &p, None);
+        let good = std::fs::read(&p).expect("read");
+        let mut state: u64 = 0x2545_f491_4f6c_dd1d;
+        for i in 0..300 {
+            let mut bytes = good.clone();
+            for _ in 0..8 {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                let at = (state % bytes.len() as u64) as usize;
+                bytes[at] = (state >> 32) as u8;
+            }
+            let q = out.path().join(format!("m{i}.tar"));
+            std::fs::write(&q, &bytes).expect("write");
+            let _ = Artifact::scan(&q);
+        }
+    }
+}

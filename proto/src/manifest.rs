@@ -1,0 +1,384 @@
+//! The release manifest: what both sides agree a release is, and the rules every manifest obeys.
+//!
+//! A manifest lists every entry of a release (path, kind, mode, size, blake3 hash, the file's
+//! content-defined chunks). Its canonical hash identifies the release; the release id is
+//! `<version>-<first 8 hex digits of that hash>`.
+//!
+//! [`validate`] is the single gate for untrusted manifests: the agent runs it on every manifest
+//! it receives, the coordinator on every artifact it scans. It refuses absolute paths, `..`,
+//! empty or `.` components, duplicate or unsorted entries, entries under a symlink or a file,
+//! symlinks that point outside the release, unknown kinds (device files cannot be expressed),
+//! mode bits beyond 0o7777, and file sizes that do not match their chunks.
+use std::fmt;
+
+use crate::v1::{self, EntryKind};
+
+/// FastCDC parameters. Both sides must use the same ones for chunks to be shared between
+/// releases built by different coordinators.
+pub const CHUNK_MIN: u32 = 16 * 1024;
+pub const CHUNK_AVG: u32 = 64 * 1024;
+pub const CHUNK_MAX: u32 = 256 * 1024;
+/// Limits that keep a hostile manifest from exhausting the agent.
+pub const MAX_ENTRIES: usize = 1_000_000;
+pub const MAX_PATH_LEN: usize = 4096;
+pub const MAX_COMPONENT_LEN: usize = 255;
+pub const MAX_FILE_SIZE: u64 = 1 << 40;
+
+/// Length of a blake3 hash.
+pub const HASH_LEN: usize = 32;
+
+/// One manifest problem, naming the entry.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("manifest entry {path:?}: {reason}")]
+pub struct ManifestError {
+    pub path: String,
+    pub reason: String,
+}
+
+fn err(path: &str, reason: impl Into<String>) -> ManifestError {
+    ManifestError { path: path.to_string(), reason: reason.into() }
+}
+
+/// Checks one path: relative, '/'-separated, only normal components, bounded length.
+pub fn check_path(path: &str) -> Result<(), String> {
+    if path.is_empty() {
+        return Err("empty path".into());
+    }
+    if path.len() > MAX_PATH_LEN {
+        return Err(format!("path longer than {MAX_PATH_LEN} bytes"));
+    }
+    if path.starts_with('/') {
+        return Err("absolute path".into());
+    }
+    if path.contains('\0') {
+        return Err("NUL byte in path".into());
+    }
+    for c in path.split('/') {
+        match c {
+            "" => return Err("empty path component (// or trailing /)".into()),
+            "." => return Err("'.' path component".into()),
+            ".." => return Err("'..' path component".into()),
+            c if c.len() > MAX_COMPONENT_LEN => {
+                return Err(format!("path component longer than {MAX_COMPONENT_LEN} bytes"));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Whether a symlink at `path` with `target` resolves (lexically) inside the release.
+pub fn symlink_stays_inside(path: &str, target: &str) -> bool {
+    if target.is_empty() || target.starts_with('/') || target.contains('\0') {
+        return false;
+    }
+    // Depth of the directory holding the link.
+    let mut depth = path.split('/').count() as i64 - 1;
+    for c in target.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                depth -= 1;
+                if depth < 0 {
+                    return false;
+                }
+            }
+            _ => depth += 1,
+        }
+    }
+    true
+}
+
+/// The single gate for manifests from outside.
+pub fn validate(m: &v1::Manifest) -> Result<(), ManifestError> {
+    if m.entries.len() > MAX_ENTRIES {
+        return Err(err("", format!("{} entries (at most {MAX_ENTRIES})", m.entries.len())));
+    }
+    // Kinds of the entries seen so far, by path; parents must be directories of the manifest.
+    let mut kinds: std::collections::HashMap<&str, EntryKind> =
+        std::collections::HashMap::with_capacity(m.entries.len());
+    let mut prev: Option<&str> = None;
+    for e in &m.entries {
+        let p = e.path.as_str();
+        check_path(p).map_err(|r| err(p, r))?;
+        if let Some(prev) = prev {
+            match prev.cmp(p) {
+                std::cmp::Ordering::Less => {}
+                std::cmp::Ordering::Equal => return Err(err(p, "duplicate entry")),
+                std::cmp::Ordering::Greater => return Err(err(p, "entries are not sorted by path")),
+            }
+        }
+        prev = Some(p);
+        if let Some((parent, _)) = p.rsplit_once('/') {
+            match kinds.get(parent) {
+                Some(EntryKind::Dir) => {}
+                Some(EntryKind::Symlink) => return Err(err(p, format!("lies under the symlink {parent:?}"))),
+                Some(_) => return Err(err(p, format!("lies under {parent:?}, which is not a directory"))),
+                None => return Err(err(p, format!("its directory {parent:?} is not in the manifest"))),
+            }
+        }
+        if e.mode & !0o7777 != 0 {
+            return Err(err(p, format!("mode {:o} has bits beyond 0o7777", e.mode)));
+        }
+        let kind = EntryKind::try_from(e.kind).unwrap_or(EntryKind::Unspecified);
+        match kind {
+            EntryKind::Unspecified => {
+                return Err(err(p, "unknown entry kind (only files, directories and symlinks are allowed)"));
+            }
+            EntryKind::Dir | EntryKind::Symlink => {
+                if e.size != 0 || !e.hash.is_empty() || !e.chunks.is_empty() {
+                    return Err(err(p, "a directory or symlink carries no content"));
+                }
+                if kind == EntryKind::Symlink && !symlink_stays_inside(p, &e.link_target) {
+                    return Err(err(p, format!("symlink target {:?} points outside the release", e.link_target)));
+                }
+                if kind == EntryKind::Dir && !e.link_target.is_empty() {
+                    return Err(err(p, "a directory has no link target"));
+                }
+            }
+            EntryKind::File => {
+                if !e.link_target.is_empty() {
+                    return Err(err(p, "a file has no link target"));
+                }
+                if e.hash.len() != HASH_LEN {
+                    return Err(err(p, format!("content hash is {} bytes, not {HASH_LEN}", e.hash.len())));
+                }
+                if e.size > MAX_FILE_SIZE {
+                    return Err(err(p, format!("size {} exceeds {MAX_FILE_SIZE}", e.size)));
+                }
+                let mut total: u64 = 0;
+                for c in &e.chunks {
+                    if c.hash.len() != HASH_LEN {
+                        return Err(err(p, "a chunk hash is not 32 bytes"));
+                    }
+                    if c.length == 0 || c.length > u64::from(CHUNK_MAX) {
+                        return Err(err(p, format!("chunk length {} outside 1..={CHUNK_MAX}", c.length)));
+                    }
+                    total = total.saturating_add(c.length);
+                }
+                if total != e.size {
+                    return Err(err(p, format!("chunks add up to {total} bytes, the size says {}", e.size)));
+                }
+                if e.size == 0 && !e.chunks.is_empty() {
+                    return Err(err(p, "an empty file has no chunks"));
+                }
+            }
+        }
+        kinds.insert(p, kind);
+    }
+    Ok(())
+}
+
+/// The canonical hash of a manifest: blake3 over a fixed encoding of every field, in order.
+pub fn hash(m: &v1::Manifest) -> [u8; HASH_LEN] {
+    let mut h = blake3::Hasher::new();
+    h.update(b"ferry-manifest-v1\0");
+    h.update(&(m.entries.len() as u64).to_le_bytes());
+    for e in &m.entries {
+        h.update(&(e.path.len() as u64).to_le_bytes());
+        h.update(e.path.as_bytes());
+        h.update(&e.kind.to_le_bytes());
+        h.update(&e.mode.to_le_bytes());
+        h.update(&e.size.to_le_bytes());
+        h.update(&(e.hash.len() as u64).to_le_bytes());
+        h.update(&e.hash);
+        h.update(&(e.link_target.len() as u64).to_le_bytes());
+        h.update(e.link_target.as_bytes());
+        h.update(&(e.chunks.len() as u64).to_le_bytes());
+        for c in &e.chunks {
+            h.update(&c.hash);
+            h.update(&c.length.to_le_bytes());
+        }
+    }
+    *h.finalize().as_bytes()
+}
+
+/// Checks a release version: 1–64 characters of `[A-Za-z0-9._+-]`, not starting with '.' or '-'.
+pub fn check_version(v: &str) -> Result<(), String> {
+    let ok = !v.is_empty()
+        && v.len() <= 64
+        && !v.starts_with(['.', '-'])
+        && v.chars().all(|c| c.is_ascii_alphanumeric() || "._+-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("version {v:?} must be 1-64 characters of A-Z a-z 0-9 . _ + - (not starting with . or -)"))
+    }
+}
+
+/// `<version>-<8 hex digits of the manifest hash>`.
+pub fn release_id(version: &str, manifest_hash: &[u8]) -> String {
+    let short: String = manifest_hash.iter().take(4).map(|b| format!("{b:02x}")).collect();
+    format!("{version}-{short}")
+}
+
+/// Checks a release id as it appears in a request (it becomes a directory name).
+pub fn check_release_id(id: &str) -> Result<(), String> {
+    let (version, short) = id.rsplit_once('-').ok_or_else(|| format!("release id {id:?} has no hash suffix"))?;
+    check_version(version)?;
+    if short.len() != 8 || !short.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(format!("release id {id:?} does not end in 8 hex digits"));
+    }
+    Ok(())
+}
+
+/// A 32-byte hash in hex, for names and messages.
+pub struct Hex<'a>(pub &'a [u8]);
+
+impl fmt::Display for Hex<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+/// Total bytes of the manifest's files.
+pub fn total_bytes(m: &v1::Manifest) -> u64 {
+    m.entries.iter().map(|e| e.size).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::v1::{Chunk, Entry, Manifest};
+
+    fn dir(p: &str) -> Entry {
+        Entry { path: p.into(), kind: EntryKind::Dir as i32, mode: 0o755, ..Default::default() }
+    }
+    fn file(p: &str, data: &[u8]) -> Entry {
+        let h = blake3::hash(data).as_bytes().to_vec();
+        let chunks = if data.is_empty() { vec![] } else { vec![Chunk { hash: h.clone(), length: data.len() as u64 }] };
+        Entry {
+            path: p.into(),
+            kind: EntryKind::File as i32,
+            mode: 0o644,
+            size: data.len() as u64,
+            hash: h,
+            chunks,
+            ..Default::default()
+        }
+    }
+    fn link(p: &str, t: &str) -> Entry {
+        Entry {
+            path: p.into(),
+            kind: EntryKind::Symlink as i32,
+            mode: 0o777,
+            link_target: t.into(),
+            ..Default::default()
+        }
+    }
+    fn reason(entries: Vec<Entry>) -> String {
+        validate(&Manifest { entries }).expect_err("must be refused").to_string()
+    }
+
+    #[test]
+    fn a_good_manifest_passes() {
+        let m = Manifest {
+            entries: vec![
+                dir("bin"),
+                file("bin/app", b"x"),
+                link("current-bin", "bin/app"),
+                file("empty", b""),
+                dir("etc"),
+                link("etc/up", "../bin"),
+            ],
+        };
+        validate(&m).expect("valid");
+        assert_eq!(hash(&m), hash(&m.clone()));
+    }
+
+    #[test]
+    fn hostile_entries_are_refused_with_their_path() {
+        assert!(reason(vec![file("/etc/passwd", b"x")]).contains("\"/etc/passwd\": absolute path"));
+        assert!(reason(vec![dir("a"), file("a/../../x", b"x")]).contains("'..' path component"));
+        assert!(reason(vec![file("a//b", b"x")]).contains("empty path component"));
+        assert!(reason(vec![file("./a", b"x")]).contains("'.' path component"));
+        assert!(reason(vec![file("a", b"x"), file("a", b"y")]).contains("duplicate entry"));
+        assert!(reason(vec![file("b", b"x"), file("a", b"y")]).contains("not sorted"));
+        assert!(reason(vec![link("l", "/etc"), file("l/x", b"x")]).contains("outside the release"));
+        assert!(reason(vec![link("l", "."), file("l/x", b"x")]).contains("lies under the symlink"));
+        assert!(reason(vec![file("f", b"x"), file("f/x", b"x")]).contains("not a directory"));
+        assert!(reason(vec![file("d/x", b"x")]).contains("its directory \"d\" is not in the manifest"));
+        assert!(reason(vec![dir("d"), link("d/l", "../../x")]).contains("points outside the release"));
+        assert!(reason(vec![link("l", "")]).contains("outside the release"));
+        let mut dev = file("dev", b"");
+        dev.kind = 7;
+        assert!(reason(vec![dev]).contains("unknown entry kind"));
+        let mut m = file("m", b"x");
+        m.mode = 0o100644;
+        assert!(reason(vec![m]).contains("bits beyond 0o7777"));
+        let mut lie = file("lie", b"abc");
+        lie.size = 10;
+        assert!(reason(vec![lie]).contains("chunks add up to 3 bytes, the size says 10"));
+        let mut short = file("short", b"abc");
+        short.hash.truncate(5);
+        assert!(reason(vec![short]).contains("content hash is 5 bytes"));
+    }
+
+    #[test]
+    fn symlink_containment() {
+        assert!(symlink_stays_inside("a", "b"));
+        assert!(symlink_stays_inside("a/b/c", "../../x"));
+        assert!(!symlink_stays_inside("a/b/c", "../../../x"));
+        assert!(!symlink_stays_inside("a", "../a"));
+        assert!(!symlink_stays_inside("a", "/a"));
+        assert!(symlink_stays_inside("a", "./b/../c"));
+    }
+
+    #[test]
+    fn versions_and_ids() {
+        for good in ["1", "1.4.0", "2024-01-01_rc+3"] {
+            check_version(good).expect(good);
+        }
+        for bad in ["", ".x", "-x", "a/b", "a b", &"x".repeat(65)] {
+            assert!(check_version(bad).is_err(), "{bad}");
+        }
+        let id = release_id("1.4.0", &[0xab, 0xcd, 0xef, 0x01, 0x99]);
+        assert_eq!(id, "1.4.0-abcdef01");
+        check_release_id(&id).expect("valid id");
+        for bad in ["1.4.0", "../x-abcdef01", "1-abc", "1-abcdefgz"] {
+            assert!(check_release_id(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn hash_changes_with_every_field() {
+        let base = Manifest { entries: vec![file("a", b"x")] };
+        let h = hash(&base);
+        let mut m = base.clone();
+        m.entries[0].mode = 0o600;
+        assert_ne!(hash(&m), h);
+        let mut m = base.clone();
+        m.entries[0].path = "b".into();
+        assert_ne!(hash(&m), h);
+        let mut m = base;
+        m.entries[0].hash[0] ^= 1;
+        assert_ne!(hash(&m), h);
+    }
+
+    /// Arbitrary byte soup decoded as a manifest never panics the validator (a cheap fuzz run;
+    /// deterministic, so a failure reproduces).
+    #[test]
+    fn random_manifests_never_panic() {
+        use prost::Message;
+        let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let good = Manifest { entries: vec![dir("a"), file("a/b", b"hello"), link("c", "a/b")] }.encode_to_vec();
+        for _ in 0..20_000 {
+            let mut bytes = good.clone();
+            let flips = (next() % 8) as usize + 1;
+            for _ in 0..flips {
+                let i = (next() % bytes.len() as u64) as usize;
+                bytes[i] = next() as u8;
+            }
+            if let Ok(m) = Manifest::decode(bytes.as_slice()) {
+                let _ = validate(&m);
+                let _ = hash(&m);
+            }
+        }
+    }
+}
