@@ -3,7 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/deps.sh
-cargo build --release --locked --bins
+# Only the two products: the test crate would switch on the agent's test-only failpoints.
+cargo build --release --locked -p ferry-agent -p ferry-coordinator
 prefix=${PREFIX:-/usr/local}
 sudo=()
 [ -w "$prefix/bin" ] || sudo=(sudo)

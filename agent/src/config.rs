@@ -145,6 +145,12 @@ impl AgentConfig {
     pub fn app_dir(&self, app: &str) -> PathBuf {
         self.data_dir.join("apps").join(app)
     }
+
+    /// The release store of a declared app.
+    pub fn store(&self, app: &str) -> Option<crate::store::AppStore> {
+        let cfg = self.apps.get(app)?;
+        Some(crate::store::AppStore::with_root(self.app_dir(app), cfg.root.clone()))
+    }
 }
 
 fn valid_app_name(name: &str) -> bool {

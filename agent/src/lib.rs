@@ -6,7 +6,8 @@
 //! - [`server`]: accept loop (handshake, refusal log), tonic server, graceful shutdown.
 //! - [`service`]: the `ferry.agent.v1.Agent` gRPC service.
 //! - [`facts`]: host facts for `GetStatus` (sysinfo, statvfs).
-//! - [`store`]: each app's release store on disk.
+//! - [`store`]: each app's release store: staging, content index, promotion, atomic swap, pruning.
+//! - [`failpoint`]: named crash points for crash-safety tests (test builds only).
 //! - [`notify`]: systemd readiness, stopping and watchdog notifications.
 //!
 //! The binary (`main.rs`) only parses flags, sets up logging and calls [`run`].
@@ -14,6 +15,7 @@
 
 pub mod config;
 pub mod facts;
+pub mod failpoint;
 pub mod notify;
 pub mod server;
 pub mod service;

@@ -131,6 +131,19 @@ impl Server {
     /// Loads the TLS material and binds the listen address. Nothing is served yet.
     pub async fn bind(config: AgentConfig) -> Result<Server, StartError> {
         let tls = tls::server_config(&config.tls)?;
+        // Staging leftovers of an earlier run are never resumed: a partial release must not
+        // become visible, and the coordinator re-prepares anyway.
+        for app in config.apps.keys() {
+            if let Some(store) = config.store(app) {
+                match store.recover() {
+                    Ok(removed) if !removed.is_empty() => {
+                        tracing::info!(app, ?removed, "removed leftovers of an earlier run")
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(app, "cannot clean the release store: {e}"),
+                }
+            }
+        }
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|source| StartError::Bind { addr: config.listen, source })?;

@@ -11,7 +11,8 @@ use tonic::{Request, Response, Status};
 use crate::config::AgentConfig;
 use crate::facts;
 use crate::server::PeerInfo;
-use crate::store::AppStore;
+use crate::store::{AppStore, StoreError, Swap};
+use std::time::Instant;
 
 /// Server streaming response for the step-event RPCs.
 pub type StepStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<v1::StepEvent, Status>> + Send>>;
@@ -20,6 +21,8 @@ pub struct AgentService {
     config: Arc<AgentConfig>,
     /// Our own certificate's name, reported in `GetStatus`.
     name: String,
+    /// One lock per app: staging, promotion and swaps of one app never interleave.
+    locks: std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>,
 }
 
 impl AgentService {
@@ -29,7 +32,19 @@ impl AgentService {
             .and_then(|c| c.first().and_then(|c| ferry_proto::identity::CertIdentity::from_der(c).ok()))
             .map(|id| id.name().to_string())
             .unwrap_or_default();
-        AgentService { config, name }
+        let locks = config.apps.keys().map(|a| (a.clone(), Arc::new(tokio::sync::Mutex::new(())))).collect();
+        AgentService { config, name, locks }
+    }
+
+    /// The app's store and lock, or NotFound for an app this agent does not manage.
+    fn app(&self, app: &str) -> Result<(AppStore, Arc<tokio::sync::Mutex<()>>), Status> {
+        match (self.config.store(app), self.locks.get(app)) {
+            (Some(store), Some(lock)) => Ok((store, lock.clone())),
+            _ => Err(Status::not_found(format!(
+                "app {app:?} is not declared in this agent's config (declared: {})",
+                self.config.apps.keys().cloned().collect::<Vec<_>>().join(", ")
+            ))),
+        }
     }
 }
 
@@ -37,12 +52,40 @@ fn caller<T>(req: &Request<T>) -> String {
     req.extensions().get::<PeerInfo>().map(|p| format!("{} ({})", p.name, p.addr)).unwrap_or_default()
 }
 
-/// The answer for RPCs of the contract that this agent version does not implement yet.
-fn not_yet(rpc: &str) -> Status {
-    Status::unimplemented(format!(
-        "{rpc} is not available in ferry-agent {}: the release engine is not part of this version",
-        env!("CARGO_PKG_VERSION")
-    ))
+/// The one place store errors become gRPC statuses.
+fn status_of(e: StoreError) -> Status {
+    let msg = e.to_string();
+    match e {
+        StoreError::NoSpace { .. } => Status::resource_exhausted(msg),
+        StoreError::Refused(_) => Status::invalid_argument(msg),
+        StoreError::NoSuchRelease(_) => Status::not_found(msg),
+        StoreError::NotPrepared(_) | StoreError::Incomplete(_) | StoreError::Conflict(_) => {
+            Status::failed_precondition(msg)
+        }
+        StoreError::Corrupt(_) => Status::data_loss(msg),
+        StoreError::Io { .. } => Status::internal(msg),
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, StoreError> + Send + 'static) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(format!("worker failed: {e}")))?
+        .map_err(status_of)
+}
+
+fn event(step: v1::Step, state: v1::StepState, started: Instant, message: impl Into<String>) -> v1::StepEvent {
+    v1::StepEvent {
+        step: step as i32,
+        state: state as i32,
+        message: message.into(),
+        elapsed_ms: started.elapsed().as_millis() as u64,
+        ..Default::default()
+    }
+}
+
+fn stream_of(events: Vec<v1::StepEvent>) -> StepStream {
+    Box::pin(tokio_stream::iter(events.into_iter().map(Ok)))
 }
 
 #[tonic::async_trait]
@@ -62,41 +105,177 @@ impl Agent for AgentService {
         request: Request<v1::ListReleasesRequest>,
     ) -> Result<Response<v1::ListReleasesResponse>, Status> {
         tracing::debug!(caller = caller(&request), "ListReleases");
-        let app = request.into_inner().app;
-        if !self.config.apps.contains_key(&app) {
-            return Err(Status::not_found(format!("app {app:?} is not declared in this agent's config")));
-        }
-        let store = AppStore::new(self.config.app_dir(&app));
+        let (store, _) = self.app(&request.get_ref().app)?;
         let releases = tokio::task::spawn_blocking(move || store.releases())
             .await
             .map_err(|e| Status::internal(format!("listing releases failed: {e}")))?
-            .map_err(|e| Status::internal(format!("cannot read the release store of app {app}: {e}")))?;
+            .map_err(|e| Status::internal(format!("cannot read the release store: {e}")))?;
         Ok(Response::new(v1::ListReleasesResponse { releases }))
     }
 
-    async fn prepare(&self, _: Request<v1::PrepareRequest>) -> Result<Response<v1::PrepareResponse>, Status> {
-        Err(not_yet("Prepare"))
+    async fn prepare(&self, request: Request<v1::PrepareRequest>) -> Result<Response<v1::PrepareResponse>, Status> {
+        let who = caller(&request);
+        let req = request.into_inner();
+        let (store, lock) = self.app(&req.app)?;
+        let _guard = lock.lock().await;
+        let m = req.manifest.unwrap_or_default();
+        let free = facts::disk_space(&self.config.data_dir).0;
+        tracing::info!(
+            caller = who,
+            app = req.app,
+            version = req.version,
+            deployment = req.deployment_id,
+            entries = m.entries.len(),
+            "Prepare"
+        );
+        let version = req.version.clone();
+        let p = blocking(move || store.prepare(&version, &m, &req.manifest_hash, free)).await?;
+        tracing::info!(release = p.release_id, missing = p.missing.len(), missing_bytes = p.missing_bytes, "prepared");
+        Ok(Response::new(v1::PrepareResponse {
+            stage_id: p.release_id.clone(),
+            missing_chunks: p.missing,
+            missing_bytes: p.missing_bytes,
+            already_present: p.already_present,
+            release_id: p.release_id,
+        }))
     }
 
     async fn upload(
         &self,
-        _: Request<tonic::Streaming<v1::UploadRequest>>,
+        request: Request<tonic::Streaming<v1::UploadRequest>>,
     ) -> Result<Response<v1::UploadResponse>, Status> {
-        Err(not_yet("Upload"))
+        let who = caller(&request);
+        let mut stream = request.into_inner();
+        let first = stream.message().await?.and_then(|m| m.msg);
+        let Some(v1::upload_request::Msg::Start(start)) = first else {
+            return Err(Status::invalid_argument("an upload must begin with a start message naming the app and stage"));
+        };
+        let (store, lock) = self.app(&start.app)?;
+        let _guard = lock.lock().await;
+        tracing::info!(caller = who, app = start.app, stage = start.stage_id, "Upload");
+        let stage = start.stage_id.clone();
+        let mut upload = blocking(move || store.upload(&stage)).await?;
+        while let Some(msg) = stream.message().await? {
+            match msg.msg {
+                Some(v1::upload_request::Msg::Chunk(chunk)) => {
+                    upload = tokio::task::spawn_blocking(move || upload.put(&chunk).map(|()| upload))
+                        .await
+                        .map_err(|e| Status::internal(format!("worker failed: {e}")))?
+                        .map_err(status_of)?;
+                }
+                Some(v1::upload_request::Msg::Finish(_)) => break,
+                Some(v1::upload_request::Msg::Start(_)) | None => {
+                    return Err(Status::invalid_argument("unexpected message in an upload: only chunks, then finish"));
+                }
+            }
+        }
+        tracing::info!(chunks = upload.chunks_received, bytes = upload.bytes_received, "upload finished");
+        Ok(Response::new(v1::UploadResponse {
+            chunks_received: upload.chunks_received,
+            bytes_received: upload.bytes_received,
+            chunks_missing: 0,
+        }))
     }
 
     type CommitStream = StepStream;
-    async fn commit(&self, _: Request<v1::CommitRequest>) -> Result<Response<StepStream>, Status> {
-        Err(not_yet("Commit"))
+    async fn commit(&self, request: Request<v1::CommitRequest>) -> Result<Response<StepStream>, Status> {
+        let who = caller(&request);
+        let req = request.into_inner();
+        let (store, lock) = self.app(&req.app)?;
+        let _guard = lock.lock().await;
+        tracing::info!(caller = who, app = req.app, stage = req.stage_id, deployment = req.deployment_id, "Commit");
+        let started = Instant::now();
+        let stage = req.stage_id.clone();
+        let id = blocking(move || store.commit(&stage, |_, _| {})).await?;
+        let mut done = event(v1::Step::Promote, v1::StepState::Succeeded, started, format!("release {id} is on disk"));
+        done.step_ms = done.elapsed_ms;
+        done.r#final = Some(v1::Final { outcome: v1::Outcome::Committed as i32, release_id: id, ..Default::default() });
+        Ok(Response::new(stream_of(vec![done])))
     }
 
     type ActivateStream = StepStream;
-    async fn activate(&self, _: Request<v1::ActivateRequest>) -> Result<Response<StepStream>, Status> {
-        Err(not_yet("Activate"))
+    async fn activate(&self, request: Request<v1::ActivateRequest>) -> Result<Response<StepStream>, Status> {
+        let who = caller(&request);
+        let req = request.into_inner();
+        let (store, lock) = self.app(&req.app)?;
+        if let Some(app) = self.config.apps.get(&req.app)
+            && let Some(unit) = req.units.iter().find(|u| !app.units.contains(u))
+        {
+            return Err(Status::permission_denied(format!(
+                "unit {unit:?} is not declared for app {} in this agent's config; nothing was changed",
+                req.app
+            )));
+        }
+        if !req.units.is_empty() || !req.probes.is_empty() {
+            return Err(Status::unimplemented(format!(
+                "restarting units and health probes are not available in ferry-agent {}",
+                env!("CARGO_PKG_VERSION")
+            )));
+        }
+        let _guard = lock.lock().await;
+        tracing::info!(
+            caller = who,
+            app = req.app,
+            release = req.release_id,
+            deployment = req.deployment_id,
+            "Activate"
+        );
+        let started = Instant::now();
+        let keep = if req.keep_releases == 0 { 5 } else { req.keep_releases as usize };
+        let (release, deployment) = (req.release_id.clone(), req.deployment_id.clone());
+        let (swap, pruned) = blocking(move || {
+            let swap = store.activate(&release, &deployment)?;
+            let pruned = store.prune(keep)?;
+            Ok((swap, pruned))
+        })
+        .await?;
+        Ok(Response::new(stream_of(swap_events(swap, pruned, started))))
     }
 
     type RollbackStream = StepStream;
-    async fn rollback(&self, _: Request<v1::RollbackRequest>) -> Result<Response<StepStream>, Status> {
-        Err(not_yet("Rollback"))
+    async fn rollback(&self, request: Request<v1::RollbackRequest>) -> Result<Response<StepStream>, Status> {
+        let who = caller(&request);
+        let req = request.into_inner();
+        let (store, lock) = self.app(&req.app)?;
+        if !req.units.is_empty() || !req.probes.is_empty() {
+            return Err(Status::unimplemented(format!(
+                "restarting units and health probes are not available in ferry-agent {}",
+                env!("CARGO_PKG_VERSION")
+            )));
+        }
+        let _guard = lock.lock().await;
+        tracing::info!(caller = who, app = req.app, to = req.to_release, deployment = req.deployment_id, "Rollback");
+        let started = Instant::now();
+        let deployment = req.deployment_id.clone();
+        let to = (!req.to_release.is_empty()).then_some(req.to_release);
+        let swap = blocking(move || store.rollback(to.as_deref(), &deployment)).await?;
+        Ok(Response::new(stream_of(swap_events(swap, Vec::new(), started))))
     }
+}
+
+fn swap_events(swap: Swap, pruned: Vec<String>, started: Instant) -> Vec<v1::StepEvent> {
+    let mut events = Vec::new();
+    let (outcome, message) = if swap.changed {
+        (v1::Outcome::Healthy, format!("current: {} -> {}", swap.from.as_deref().unwrap_or("(none)"), swap.to))
+    } else {
+        (v1::Outcome::Unchanged, format!("{} was already current", swap.to))
+    };
+    events.push(event(v1::Step::Swap, v1::StepState::Succeeded, started, message));
+    if !pruned.is_empty() {
+        events.push(event(
+            v1::Step::Prune,
+            v1::StepState::Succeeded,
+            started,
+            format!("removed {}", pruned.join(", ")),
+        ));
+    }
+    if let Some(last) = events.last_mut() {
+        last.r#final = Some(v1::Final {
+            outcome: outcome as i32,
+            release_id: swap.to,
+            previous_release_id: swap.from.unwrap_or_default(),
+            ..Default::default()
+        });
+    }
+    events
 }

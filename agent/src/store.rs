@@ -1,103 +1,724 @@
-//! The release store of each app: `<data_dir>/apps/<app>/{releases/, current, staging/, journal}`.
+//! The release store of one app: `<data_dir>/apps/<app>/`.
 //!
-//! This version reads the store (what `current` points at, which releases are kept); staging,
-//! promotion and the atomic swap arrive with the release engine. Invariant relied on by readers:
-//! `current` is a symlink `releases/<release-id>`, replaced only by `rename(2)`, so it is always
-//! either absent or a complete release.
+//! ```text
+//! releases/<id>/          complete releases, never modified (files read-only)
+//! manifests/<id>.manifest the manifest of each release: the index of what content the host has
+//! current -> releases/<id> replaced only by rename(2) of a fresh symlink; directory fsync'd
+//! staging/<id>/            manifest, received chunks, the tree being built; removed at start-up
+//! journal                  one JSON line per activation (append-only, fsync'd)
+//! ```
+//!
+//! Invariants:
+//! - A release is visible in `releases/` only once complete: the tree is built and fsync'd in
+//!   staging, its manifest written durably, then the tree is renamed into `releases/`.
+//! - `current` always names a complete release (or does not exist yet). A kill at any point leaves
+//!   the old or the new target, never a dangling or partial one.
+//! - Pruning never removes `current` or the release before it, and deletes a release's manifest
+//!   (the index entry) before its files, so content is never borrowed from a half-deleted release.
+//! - Unchanged files are hard links to the same inode in an earlier release; files are read-only so
+//!   no release can change another's content.
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use ferry_proto::v1;
+use ferry_proto::durable::{self, Existing};
+use ferry_proto::manifest::{self, CHUNK_MAX, HASH_LEN, Hex};
+use ferry_proto::v1::{self, EntryKind};
+use prost::Message;
+
+use crate::failpoint;
 
 /// A release id is `<version>-<short manifest hash>`; the version is everything before the last '-'.
 pub fn version_of(release_id: &str) -> &str {
     release_id.rsplit_once('-').map_or(release_id, |(v, _)| v)
 }
 
+/// Extra room required beyond the bytes a release adds: a fixed floor plus 1 % of the release.
+pub fn margin(release_bytes: u64) -> u64 {
+    (16 << 20) + release_bytes / 100
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "not enough disk space in {dir}: {free} bytes free, staging needs {need} ({new} bytes of new content plus a margin of {margin}); free space or lower keep_releases"
+    )]
+    NoSpace { dir: PathBuf, free: u64, need: u64, new: u64, margin: u64 },
+    #[error("refused: {0}")]
+    Refused(String),
+    #[error("release {0} is not on this host")]
+    NoSuchRelease(String),
+    #[error("nothing prepared under staging id {0:?} (call Prepare first; staging is cleared when the agent restarts)")]
+    NotPrepared(String),
+    #[error("{0} chunk(s) of the release were never uploaded")]
+    Incomplete(usize),
+    #[error("content check failed: {0}")]
+    Corrupt(String),
+    #[error("{0}")]
+    Conflict(String),
+}
+
+impl StoreError {
+    fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
+        move |source| {
+            if source.raw_os_error() == Some(nix::libc::ENOSPC) {
+                StoreError::Refused(format!(
+                    "the disk holding {} is full (ENOSPC) while trying to {what}",
+                    path.display()
+                ))
+            } else {
+                StoreError::Io { what, path: path.to_owned(), source }
+            }
+        }
+    }
+}
+
+type R<T> = Result<T, StoreError>;
+
+/// Where known content lives on this host.
+#[derive(Default)]
+struct Index {
+    /// whole-file hash → (file path, permission bits)
+    files: HashMap<[u8; HASH_LEN], (PathBuf, u32)>,
+    /// chunk hash → (file path, offset, length)
+    chunks: HashMap<[u8; HASH_LEN], (PathBuf, u64, u64)>,
+}
+
+fn key(h: &[u8]) -> Option<[u8; HASH_LEN]> {
+    h.try_into().ok()
+}
+
+/// What a Prepare found.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub release_id: String,
+    pub already_present: bool,
+    pub missing: Vec<Vec<u8>>,
+    pub missing_bytes: u64,
+}
+
+/// An activation or rollback that happened (or did not need to).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Swap {
+    pub from: Option<String>,
+    pub to: String,
+    pub changed: bool,
+}
+
 /// One app's store on disk.
 pub struct AppStore {
     dir: PathBuf,
+    /// The app's public path, kept a symlink to `<dir>/current`.
+    root: Option<PathBuf>,
 }
 
 impl AppStore {
     pub fn new(dir: PathBuf) -> Self {
-        AppStore { dir }
+        AppStore { dir, root: None }
+    }
+
+    pub fn with_root(dir: PathBuf, root: PathBuf) -> Self {
+        AppStore { dir, root: Some(root) }
     }
 
     fn releases_dir(&self) -> PathBuf {
         self.dir.join("releases")
     }
-
-    /// The release id `current` points at, if any.
-    pub fn current(&self) -> std::io::Result<Option<String>> {
-        link_target_name(&self.dir.join("current"))
+    fn manifests_dir(&self) -> PathBuf {
+        self.dir.join("manifests")
+    }
+    fn staging_dir(&self) -> PathBuf {
+        self.dir.join("staging")
+    }
+    fn manifest_path(&self, id: &str) -> PathBuf {
+        self.manifests_dir().join(format!("{id}.manifest"))
+    }
+    pub fn release_path(&self, id: &str) -> PathBuf {
+        self.releases_dir().join(id)
     }
 
-    /// Release ids kept on disk, newest first (by directory mtime, then id).
-    pub fn releases(&self) -> std::io::Result<Vec<v1::Release>> {
+    fn ensure_dirs(&self) -> R<()> {
+        for d in [self.releases_dir(), self.manifests_dir(), self.staging_dir()] {
+            fs::create_dir_all(&d).map_err(StoreError::io("create", &d))?;
+        }
+        Ok(())
+    }
+
+    /// Start-up clean-up: staging leftovers, stray temp links, half-pruned releases, manifests
+    /// whose release never got promoted.
+    pub fn recover(&self) -> R<Vec<String>> {
+        let mut removed = Vec::new();
+        if !self.dir.exists() {
+            return Ok(removed);
+        }
+        self.ensure_dirs()?;
+        for entry in read_names(&self.staging_dir())? {
+            let p = self.staging_dir().join(&entry);
+            fs::remove_dir_all(&p).map_err(StoreError::io("remove staging", &p))?;
+            removed.push(format!("staging/{entry}"));
+        }
+        for entry in read_names(&self.dir)? {
+            if entry.starts_with(".current.tmp") {
+                let p = self.dir.join(&entry);
+                fs::remove_file(&p).map_err(StoreError::io("remove", &p))?;
+                removed.push(entry);
+            }
+        }
+        for entry in read_names(&self.releases_dir())? {
+            if entry.starts_with('.') {
+                let p = self.releases_dir().join(&entry);
+                fs::remove_dir_all(&p).map_err(StoreError::io("remove", &p))?;
+                removed.push(format!("releases/{entry}"));
+            }
+        }
+        for entry in read_names(&self.manifests_dir())? {
+            if let Some(id) = entry.strip_suffix(".manifest")
+                && !self.release_path(id).is_dir()
+            {
+                let p = self.manifests_dir().join(&entry);
+                fs::remove_file(&p).map_err(StoreError::io("remove", &p))?;
+                removed.push(format!("manifests/{entry}"));
+            }
+        }
+        durable::sync_dir(&self.dir).map_err(StoreError::io("sync", &self.dir))?;
+        Ok(removed)
+    }
+
+    /// The release id `current` points at, if any.
+    pub fn current(&self) -> io::Result<Option<String>> {
+        match fs::read_link(self.dir.join("current")) {
+            Ok(target) => Ok(target.file_name().map(|n| n.to_string_lossy().into_owned())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Complete releases (those with a manifest), newest promotion first.
+    pub fn releases(&self) -> io::Result<Vec<v1::Release>> {
         let current = self.current()?;
+        let previous = self.previous().ok().flatten();
         let mut out = Vec::new();
-        let entries = match std::fs::read_dir(self.releases_dir()) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        let names = match fs::read_dir(self.manifests_dir()) {
+            Ok(d) => d,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
             Err(e) => return Err(e),
         };
-        for entry in entries {
+        for entry in names {
             let entry = entry?;
-            let meta = entry.metadata()?;
-            if !meta.is_dir() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(id) = name.strip_suffix(".manifest") else { continue };
+            if !self.release_path(id).is_dir() {
                 continue;
             }
-            let id = entry.file_name().to_string_lossy().into_owned();
-            let created = meta
-                .modified()
-                .ok()
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map_or(0, |d| d.as_secs() as i64);
+            let meta = entry.metadata()?;
+            let m = self.load_manifest(id).ok();
             out.push(v1::Release {
-                version: version_of(&id).to_string(),
-                current: current.as_deref() == Some(id.as_str()),
-                id,
-                created_unix: created,
-                ..Default::default()
+                id: id.to_string(),
+                version: version_of(id).to_string(),
+                manifest_hash: m.as_ref().map(|m| manifest::hash(m).to_vec()).unwrap_or_default(),
+                created_unix: meta.mtime(),
+                size_bytes: m.as_ref().map(manifest::total_bytes).unwrap_or(0),
+                current: current.as_deref() == Some(id),
+                previous: previous.as_deref() == Some(id),
             });
         }
         out.sort_by(|a, b| b.created_unix.cmp(&a.created_unix).then_with(|| b.id.cmp(&a.id)));
         Ok(out)
     }
-}
 
-fn link_target_name(link: &Path) -> std::io::Result<Option<String>> {
-    match std::fs::read_link(link) {
-        Ok(target) => Ok(target.file_name().map(|n| n.to_string_lossy().into_owned())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e),
+    fn load_manifest(&self, id: &str) -> R<v1::Manifest> {
+        let p = self.manifest_path(id);
+        let bytes = fs::read(&p).map_err(StoreError::io("read manifest", &p))?;
+        v1::Manifest::decode(bytes.as_slice())
+            .map_err(|e| StoreError::Corrupt(format!("manifest {}: {e}", p.display())))
+    }
+
+    fn index(&self) -> R<Index> {
+        let mut idx = Index::default();
+        for rel in self.releases().map_err(StoreError::io("list releases", &self.dir))? {
+            let m = self.load_manifest(&rel.id)?;
+            let base = self.release_path(&rel.id);
+            for e in &m.entries {
+                if e.kind != EntryKind::File as i32 {
+                    continue;
+                }
+                let path = base.join(&e.path);
+                if let Some(h) = key(&e.hash) {
+                    idx.files.entry(h).or_insert_with(|| (path.clone(), stored_mode(EntryKind::File, e.mode)));
+                }
+                let mut offset = 0;
+                for c in &e.chunks {
+                    if let Some(h) = key(&c.hash) {
+                        idx.chunks.entry(h).or_insert_with(|| (path.clone(), offset, c.length));
+                    }
+                    offset += c.length;
+                }
+            }
+        }
+        Ok(idx)
+    }
+
+    fn stage_dir(&self, stage_id: &str) -> R<PathBuf> {
+        manifest::check_release_id(stage_id).map_err(StoreError::Refused)?;
+        Ok(self.staging_dir().join(stage_id))
+    }
+
+    fn received(&self, stage: &Path) -> R<HashSet<[u8; HASH_LEN]>> {
+        let dir = stage.join("chunks");
+        Ok(read_names(&dir)?.iter().filter_map(|n| hex::decode(n).ok()).filter_map(|h| key(&h)).collect())
+    }
+
+    /// Validates a manifest and answers which chunks the host lacks. `free` reports the free bytes
+    /// of the data dir's filesystem.
+    pub fn prepare(&self, version: &str, m: &v1::Manifest, claimed_hash: &[u8], free: u64) -> R<Prepared> {
+        manifest::check_version(version).map_err(StoreError::Refused)?;
+        manifest::validate(m).map_err(|e| StoreError::Refused(e.to_string()))?;
+        let hash = manifest::hash(m);
+        if !claimed_hash.is_empty() && claimed_hash != hash {
+            return Err(StoreError::Refused(format!(
+                "manifest hash mismatch: the request says {}, the manifest hashes to {}",
+                Hex(claimed_hash),
+                Hex(&hash)
+            )));
+        }
+        let release_id = manifest::release_id(version, &hash);
+        self.ensure_dirs()?;
+        if self.manifest_path(&release_id).exists() && self.release_path(&release_id).is_dir() {
+            return Ok(Prepared { release_id, already_present: true, missing: vec![], missing_bytes: 0 });
+        }
+        let idx = self.index()?;
+        let stage = self.staging_dir().join(&release_id);
+        fs::create_dir_all(stage.join("chunks")).map_err(StoreError::io("create staging", &stage))?;
+        let mpath = stage.join("manifest");
+        fs::write(&mpath, m.encode_to_vec()).map_err(StoreError::io("write staging manifest", &mpath))?;
+        let have = self.received(&stage)?;
+
+        let mut missing = Vec::new();
+        let mut seen = HashSet::new();
+        let (mut missing_bytes, mut new_file_bytes) = (0u64, 0u64);
+        for e in &m.entries {
+            if e.kind != EntryKind::File as i32 || key(&e.hash).is_some_and(|h| idx.files.contains_key(&h)) {
+                continue;
+            }
+            new_file_bytes += e.size;
+            for c in &e.chunks {
+                let Some(h) = key(&c.hash) else { continue };
+                if idx.chunks.contains_key(&h) || have.contains(&h) || !seen.insert(h) {
+                    continue;
+                }
+                missing.push(c.hash.clone());
+                missing_bytes += c.length;
+            }
+        }
+        // Room for the received chunks and the files written from them.
+        let new = missing_bytes + new_file_bytes;
+        let margin = margin(manifest::total_bytes(m));
+        if free < new + margin {
+            let _ = fs::remove_dir_all(&stage);
+            return Err(StoreError::NoSpace { dir: self.dir.clone(), free, need: new + margin, new, margin });
+        }
+        Ok(Prepared { release_id, already_present: false, missing, missing_bytes })
+    }
+
+    /// Starts receiving chunks for a prepared stage.
+    pub fn upload(&self, stage_id: &str) -> R<Upload> {
+        let stage = self.stage_dir(stage_id)?;
+        let mpath = stage.join("manifest");
+        let bytes = match fs::read(&mpath) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StoreError::NotPrepared(stage_id.to_string())),
+            Err(e) => return Err(StoreError::io("read staging manifest", &mpath)(e)),
+        };
+        let m = v1::Manifest::decode(bytes.as_slice())
+            .map_err(|e| StoreError::Corrupt(format!("staging manifest: {e}")))?;
+        let wanted: HashSet<[u8; HASH_LEN]> =
+            m.entries.iter().flat_map(|e| e.chunks.iter()).filter_map(|c| key(&c.hash)).collect();
+        let have = self.received(&stage)?;
+        Ok(Upload { dir: stage.join("chunks"), wanted, have, chunks_received: 0, bytes_received: 0 })
+    }
+
+    /// Builds the release from staging and promotes it into `releases/`. Idempotent. On failure
+    /// the half-built tree is removed (the received chunks stay, so a retry resumes).
+    pub fn commit(&self, stage_id: &str, progress: impl FnMut(u64, u64)) -> R<String> {
+        let result = self.commit_inner(stage_id, progress);
+        if result.is_err()
+            && let Ok(stage) = self.stage_dir(stage_id)
+        {
+            let _ = fs::remove_dir_all(stage.join("tree"));
+        }
+        result
+    }
+
+    fn commit_inner(&self, stage_id: &str, mut progress: impl FnMut(u64, u64)) -> R<String> {
+        let stage = self.stage_dir(stage_id)?;
+        if self.manifest_path(stage_id).exists() && self.release_path(stage_id).is_dir() {
+            return Ok(stage_id.to_string());
+        }
+        failpoint::hit("after-upload");
+        let mpath = stage.join("manifest");
+        let bytes = match fs::read(&mpath) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StoreError::NotPrepared(stage_id.to_string())),
+            Err(e) => return Err(StoreError::io("read staging manifest", &mpath)(e)),
+        };
+        let m = v1::Manifest::decode(bytes.as_slice())
+            .map_err(|e| StoreError::Corrupt(format!("staging manifest: {e}")))?;
+        let idx = self.index()?;
+        let chunk_dir = stage.join("chunks");
+        let have = self.received(&stage)?;
+        let absent = m
+            .entries
+            .iter()
+            .filter(|e| !key(&e.hash).is_some_and(|h| idx.files.contains_key(&h)))
+            .flat_map(|e| e.chunks.iter())
+            .filter_map(|c| key(&c.hash))
+            .filter(|h| !idx.chunks.contains_key(h) && !have.contains(h))
+            .collect::<HashSet<_>>()
+            .len();
+        if absent > 0 {
+            return Err(StoreError::Incomplete(absent));
+        }
+
+        let tree = stage.join("tree");
+        if tree.exists() {
+            fs::remove_dir_all(&tree).map_err(StoreError::io("remove", &tree))?;
+        }
+        fs::create_dir(&tree).map_err(StoreError::io("create", &tree))?;
+        let total = manifest::total_bytes(&m);
+        let mut done = 0u64;
+        let mut dirs = vec![tree.clone()];
+        let files = m.entries.iter().filter(|e| e.kind == EntryKind::File as i32).count();
+        let mut files_done = 0usize;
+        for e in &m.entries {
+            let dst = tree.join(&e.path);
+            match EntryKind::try_from(e.kind).unwrap_or(EntryKind::Unspecified) {
+                EntryKind::Dir => {
+                    fs::create_dir(&dst).map_err(StoreError::io("create directory", &dst))?;
+                    dirs.push(dst);
+                }
+                EntryKind::Symlink => {
+                    std::os::unix::fs::symlink(&e.link_target, &dst).map_err(StoreError::io("create symlink", &dst))?;
+                }
+                EntryKind::File => {
+                    let mode = stored_mode(EntryKind::File, e.mode);
+                    match key(&e.hash).and_then(|h| idx.files.get(&h)) {
+                        Some((src, src_mode)) if *src_mode == mode => {
+                            fs::hard_link(src, &dst).map_err(StoreError::io("hard-link", &dst))?;
+                        }
+                        _ => write_file(&dst, e, mode, &idx, &chunk_dir)?,
+                    }
+                    done += e.size;
+                    files_done += 1;
+                    progress(done, total);
+                    if files_done == files / 2 {
+                        failpoint::hit("mid-materialize");
+                    }
+                }
+                EntryKind::Unspecified => return Err(StoreError::Refused(format!("{}: unknown entry kind", e.path))),
+            }
+        }
+        // Directory modes last (a read-only directory would refuse its own entries), then fsync
+        // every directory so the names survive a power loss.
+        for e in m.entries.iter().filter(|e| e.kind == EntryKind::Dir as i32) {
+            let p = tree.join(&e.path);
+            fs::set_permissions(&p, fs::Permissions::from_mode(stored_mode(EntryKind::Dir, e.mode)))
+                .map_err(StoreError::io("set mode", &p))?;
+        }
+        for d in dirs.iter().rev() {
+            durable::sync_dir(d).map_err(StoreError::io("sync", d))?;
+        }
+        verify_tree(&tree, &m)?;
+
+        failpoint::hit("before-promote");
+        let mbytes = m.encode_to_vec();
+        durable::write(&self.manifest_path(stage_id), &mbytes, 0o644, Existing::Replace)
+            .map_err(StoreError::io("write manifest", &self.manifests_dir()))?;
+        let dst = self.release_path(stage_id);
+        fs::rename(&tree, &dst).map_err(StoreError::io("promote", &dst))?;
+        durable::sync_dir(&self.releases_dir()).map_err(StoreError::io("sync", &self.releases_dir()))?;
+        fs::remove_dir_all(&stage).map_err(StoreError::io("remove staging", &stage))?;
+        Ok(stage_id.to_string())
+    }
+
+    /// Points `current` at `release_id` (and the app root at `current`). O(1): one rename.
+    pub fn activate(&self, release_id: &str, deployment_id: &str) -> R<Swap> {
+        self.swap_to(release_id, deployment_id, "activate")
+    }
+
+    fn swap_to(&self, release_id: &str, deployment_id: &str, action: &str) -> R<Swap> {
+        manifest::check_release_id(release_id).map_err(StoreError::Refused)?;
+        if !(self.release_path(release_id).is_dir() && self.manifest_path(release_id).exists()) {
+            return Err(StoreError::NoSuchRelease(release_id.to_string()));
+        }
+        let from = self.current().map_err(StoreError::io("read", &self.dir))?;
+        self.ensure_root()?;
+        if from.as_deref() == Some(release_id) {
+            return Ok(Swap { from: from.clone(), to: release_id.to_string(), changed: false });
+        }
+        let tmp = self.dir.join(format!(".current.tmp-{}", std::process::id()));
+        let _ = fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(Path::new("releases").join(release_id), &tmp)
+            .map_err(StoreError::io("create symlink", &tmp))?;
+        failpoint::hit("before-swap-rename");
+        fs::rename(&tmp, self.dir.join("current")).map_err(StoreError::io("swap current", &self.dir))?;
+        durable::sync_dir(&self.dir).map_err(StoreError::io("sync", &self.dir))?;
+        let swap = Swap { from, to: release_id.to_string(), changed: true };
+        self.journal(deployment_id, action, &swap)?;
+        Ok(swap)
+    }
+
+    /// Swaps back to `to`, or to the release active before the current one.
+    pub fn rollback(&self, to: Option<&str>, deployment_id: &str) -> R<Swap> {
+        let target = match to {
+            Some(t) => t.to_string(),
+            None => self.previous()?.ok_or_else(|| {
+                StoreError::Conflict("there is no previous release on this host to roll back to".into())
+            })?,
+        };
+        self.swap_to(&target, deployment_id, "rollback")
+    }
+
+    /// The release that was current before the current one, from the journal.
+    pub fn previous(&self) -> R<Option<String>> {
+        let current = self.current().map_err(StoreError::io("read", &self.dir))?;
+        let path = self.dir.join("journal");
+        let text = match fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(StoreError::io("read journal", &path)(e)),
+        };
+        for line in text.lines().rev() {
+            let Ok(rec) = serde_json::from_str::<JournalRecord>(line) else { continue };
+            if Some(&rec.to) == current.as_ref() {
+                return Ok(rec.from.filter(|f| self.release_path(f).is_dir()));
+            }
+        }
+        Ok(None)
+    }
+
+    fn journal(&self, deployment_id: &str, action: &str, swap: &Swap) -> R<()> {
+        let rec = JournalRecord {
+            time_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            deployment_id: deployment_id.to_string(),
+            action: action.to_string(),
+            from: swap.from.clone(),
+            to: swap.to.clone(),
+        };
+        let path = self.dir.join("journal");
+        let mut line = serde_json::to_string(&rec).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        line.push('\n');
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o644)
+            .open(&path)
+            .map_err(StoreError::io("open journal", &path))?;
+        f.write_all(line.as_bytes()).map_err(StoreError::io("write journal", &path))?;
+        f.sync_all().map_err(StoreError::io("sync journal", &path))
+    }
+
+    /// Keeps the newest `keep` releases, and always `current` and the one before it.
+    pub fn prune(&self, keep: usize) -> R<Vec<String>> {
+        let releases = self.releases().map_err(StoreError::io("list releases", &self.dir))?;
+        let mut removed = Vec::new();
+        let mut kept = 0usize;
+        for r in releases {
+            if r.current || r.previous || kept < keep {
+                kept += 1;
+                continue;
+            }
+            // Index entry first: nothing will borrow content from this release any more.
+            let m = self.manifest_path(&r.id);
+            fs::remove_file(&m).map_err(StoreError::io("remove manifest", &m))?;
+            durable::sync_dir(&self.manifests_dir()).map_err(StoreError::io("sync", &self.manifests_dir()))?;
+            let trash = self.releases_dir().join(format!(".trash-{}", r.id));
+            let src = self.release_path(&r.id);
+            fs::rename(&src, &trash).map_err(StoreError::io("remove release", &src))?;
+            fs::remove_dir_all(&trash).map_err(StoreError::io("remove release", &trash))?;
+            removed.push(r.id);
+        }
+        Ok(removed)
+    }
+
+    /// Makes the app's public path a symlink to `<dir>/current` (once; then it never changes).
+    fn ensure_root(&self) -> R<()> {
+        let Some(root) = &self.root else { return Ok(()) };
+        let want = self.dir.join("current");
+        match fs::symlink_metadata(root) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                if fs::read_link(root).ok().as_deref() == Some(want.as_path()) {
+                    return Ok(());
+                }
+            }
+            Ok(_) => {
+                return Err(StoreError::Conflict(format!(
+                    "the app root {} exists and is not a symlink; move it away so ferry can manage it",
+                    root.display()
+                )));
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(StoreError::io("inspect", root)(e)),
+        }
+        let parent = root.parent().unwrap_or(Path::new("/"));
+        fs::create_dir_all(parent).map_err(StoreError::io("create", parent))?;
+        let tmp = root.with_file_name(format!(".ferry-root.tmp-{}", std::process::id()));
+        let _ = fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(&want, &tmp).map_err(StoreError::io("create symlink", &tmp))?;
+        fs::rename(&tmp, root).map_err(StoreError::io("replace", root))?;
+        durable::sync_dir(parent).map_err(StoreError::io("sync", parent))
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+#[derive(serde::Serialize, serde::Deserialize)]
+struct JournalRecord {
+    time_unix: u64,
+    deployment_id: String,
+    action: String,
+    from: Option<String>,
+    to: String,
+}
 
-    #[test]
-    fn version_is_id_without_hash() {
-        assert_eq!(version_of("1.4.0-3f2a9c1d"), "1.4.0");
-        assert_eq!(version_of("1.4.0-rc1-3f2a9c1d"), "1.4.0-rc1");
-        assert_eq!(version_of("plain"), "plain");
+/// The permission bits a release stores: files lose their write bits (releases are immutable and
+/// share inodes through hard links).
+fn stored_mode(kind: EntryKind, mode: u32) -> u32 {
+    match kind {
+        EntryKind::File => mode & 0o7777 & !0o222,
+        _ => mode & 0o7777,
+    }
+}
+
+/// Receives chunks into a stage.
+pub struct Upload {
+    dir: PathBuf,
+    wanted: HashSet<[u8; HASH_LEN]>,
+    have: HashSet<[u8; HASH_LEN]>,
+    pub chunks_received: u64,
+    pub bytes_received: u64,
+}
+
+impl Upload {
+    /// Verifies and stores one chunk. Blocking.
+    pub fn put(&mut self, c: &v1::ContentChunk) -> R<()> {
+        let h = key(&c.hash).ok_or_else(|| StoreError::Refused("a chunk hash is not 32 bytes".into()))?;
+        if !self.wanted.contains(&h) {
+            return Err(StoreError::Refused(format!("chunk {} is not part of the prepared release", Hex(&c.hash))));
+        }
+        if c.raw_length == 0 || c.raw_length > u64::from(CHUNK_MAX) {
+            return Err(StoreError::Refused(format!("chunk length {} outside 1..={CHUNK_MAX}", c.raw_length)));
+        }
+        let raw_len = usize::try_from(c.raw_length).unwrap_or(0);
+        let data = match v1::Compression::try_from(c.compression) {
+            Ok(v1::Compression::None) => c.data.clone(),
+            // The capacity bounds the output: a decompression bomb fails instead of growing.
+            Ok(v1::Compression::Zstd) => zstd::bulk::decompress(&c.data, raw_len)
+                .map_err(|e| StoreError::Corrupt(format!("chunk {}: zstd: {e}", Hex(&c.hash))))?,
+            Err(_) => return Err(StoreError::Refused(format!("unknown compression {}", c.compression))),
+        };
+        if data.len() != raw_len || blake3::hash(&data).as_bytes() != &h {
+            return Err(StoreError::Corrupt(format!(
+                "chunk {} does not match its hash (or its length {} differs from {})",
+                Hex(&c.hash),
+                data.len(),
+                raw_len
+            )));
+        }
+        self.bytes_received += c.data.len() as u64;
+        self.chunks_received += 1;
+        if self.have.contains(&h) {
+            return Ok(());
+        }
+        let name = hex::encode(h);
+        let tmp = self.dir.join(format!(".{name}.tmp"));
+        let dst = self.dir.join(&name);
+        fs::write(&tmp, &data).map_err(StoreError::io("store chunk", &tmp))?;
+        fs::rename(&tmp, &dst).map_err(StoreError::io("store chunk", &dst))?;
+        self.have.insert(h);
+        Ok(())
     }
 
-    #[test]
-    fn reads_current_and_releases() {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let store = AppStore::new(tmp.path().to_owned());
-        assert_eq!(store.current().expect("read"), None);
-        assert!(store.releases().expect("read").is_empty());
-        std::fs::create_dir_all(tmp.path().join("releases/1.0-aaaa")).expect("mkdir");
-        std::fs::create_dir_all(tmp.path().join("releases/2.0-bbbb")).expect("mkdir");
-        std::os::unix::fs::symlink("releases/2.0-bbbb", tmp.path().join("current")).expect("symlink");
-        assert_eq!(store.current().expect("read").as_deref(), Some("2.0-bbbb"));
-        let rels = store.releases().expect("read");
-        assert_eq!(rels.len(), 2);
-        assert!(rels.iter().any(|r| r.id == "2.0-bbbb" && r.current && r.version == "2.0"));
-        assert!(rels.iter().any(|r| r.id == "1.0-aaaa" && !r.current));
+    /// Chunks of the release not received yet (some may exist in earlier releases).
+    pub fn received(&self) -> usize {
+        self.have.len()
+    }
+}
+
+fn write_file(dst: &Path, e: &v1::Entry, mode: u32, idx: &Index, chunk_dir: &Path) -> R<()> {
+    let mut out = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(dst)
+        .map_err(StoreError::io("create file", dst))?;
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = Vec::with_capacity(CHUNK_MAX as usize);
+    for c in &e.chunks {
+        let h = key(&c.hash).ok_or_else(|| StoreError::Refused(format!("{}: bad chunk hash", e.path)))?;
+        buf.clear();
+        let staged = chunk_dir.join(hex::encode(h));
+        match File::open(&staged) {
+            Ok(mut f) => {
+                f.read_to_end(&mut buf).map_err(StoreError::io("read chunk", &staged))?;
+            }
+            Err(_) => {
+                let (src, offset, len) = idx.chunks.get(&h).ok_or_else(|| StoreError::Incomplete(1))?;
+                let mut f = File::open(src).map_err(StoreError::io("read", src))?;
+                f.seek(SeekFrom::Start(*offset)).map_err(StoreError::io("read", src))?;
+                buf.resize(usize::try_from(*len).unwrap_or(0), 0);
+                f.read_exact(&mut buf).map_err(StoreError::io("read", src))?;
+            }
+        }
+        if buf.len() as u64 != c.length || blake3::hash(&buf).as_bytes() != &h {
+            return Err(StoreError::Corrupt(format!("{}: a chunk's content does not match its hash", e.path)));
+        }
+        hasher.update(&buf);
+        out.write_all(&buf).map_err(StoreError::io("write", dst))?;
+    }
+    if hasher.finalize().as_bytes().as_slice() != e.hash.as_slice() {
+        return Err(StoreError::Corrupt(format!("{}: the assembled file does not match its hash", e.path)));
+    }
+    out.set_permissions(fs::Permissions::from_mode(mode)).map_err(StoreError::io("set mode", dst))?;
+    out.sync_all().map_err(StoreError::io("sync", dst))
+}
+
+/// Checks every manifest entry exists in the tree with the right kind and size.
+fn verify_tree(tree: &Path, m: &v1::Manifest) -> R<()> {
+    for e in &m.entries {
+        let p = tree.join(&e.path);
+        let meta = fs::symlink_metadata(&p)
+            .map_err(|_| StoreError::Corrupt(format!("{} is missing after staging", e.path)))?;
+        let ok = match EntryKind::try_from(e.kind).unwrap_or(EntryKind::Unspecified) {
+            EntryKind::File => meta.is_file() && meta.len() == e.size,
+            EntryKind::Dir => meta.is_dir(),
+            EntryKind::Symlink => meta.file_type().is_symlink(),
+            EntryKind::Unspecified => false,
+        };
+        if !ok {
+            return Err(StoreError::Corrupt(format!("{} does not match the manifest after staging", e.path)));
+        }
+    }
+    Ok(())
+}
+
+fn read_names(dir: &Path) -> R<Vec<String>> {
+    match fs::read_dir(dir) {
+        Ok(d) => {
+            let mut names = Vec::new();
+            for e in d {
+                let e = e.map_err(StoreError::io("list", dir))?;
+                names.push(e.file_name().to_string_lossy().into_owned());
+            }
+            Ok(names)
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(StoreError::io("list", dir)(e)),
     }
 }

@@ -19,7 +19,7 @@ use crate::ui::{self, Format};
 /// Exit codes: 0 success; 1 the deployment failed (halted or rolled back); 2 usage or
 /// configuration error; 3 a host could not be reached or authenticated.
 #[derive(Debug, Parser)]
-#[command(name = "ferry", version, about, long_about, propagate_version = true)]
+#[command(name = "ferry", version, about, long_about)]
 pub struct Cli {
     /// Log filter for diagnostics on stderr (tracing EnvFilter syntax), e.g. "debug".
     #[arg(long, global = true, default_value = "warn", env = "FERRY_LOG")]
@@ -39,6 +39,47 @@ pub enum Command {
     /// Show every host of an environment: reachable or why not, agent, OS, resources, current
     /// release. Exits 3 if any host could not be reached or authenticated.
     Status(StatusArgs),
+    /// Deploy an artifact (a directory, .tar, .tar.gz or .tar.zst) as VERSION to every host of an
+    /// environment, one host at a time: each host receives only the content it lacks, builds the
+    /// release beside the current one and switches to it atomically. Halts at the first host that
+    /// fails (exit 1; exit 3 if it could not be reached); later hosts are left untouched.
+    Deploy(DeployArgs),
+    /// Switch every host of an environment back to the release before its current one (or to
+    /// `--to VERSION`), which is already on disk: no transfer. Hosts already there are untouched.
+    Rollback(RollbackArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DeployArgs {
+    /// The fleet description.
+    #[arg(long, short, default_value = "fleet.toml", env = "FERRY_CONFIG")]
+    pub config: PathBuf,
+    /// Environment of fleet.toml to deploy to.
+    #[arg(long, short)]
+    pub env: String,
+    /// Build output to deploy: a directory, or a .tar / .tar.gz / .tar.zst archive.
+    #[arg(long, short)]
+    pub artifact: PathBuf,
+    /// Version label of this release (A-Z a-z 0-9 . _ + -), e.g. 1.4.0 or a git commit.
+    #[arg(long, short)]
+    pub version: String,
+    #[arg(long, value_enum, default_value = "human")]
+    pub output: Format,
+}
+
+#[derive(Debug, Args)]
+pub struct RollbackArgs {
+    /// The fleet description.
+    #[arg(long, short, default_value = "fleet.toml", env = "FERRY_CONFIG")]
+    pub config: PathBuf,
+    /// Environment of fleet.toml to roll back.
+    #[arg(long, short)]
+    pub env: String,
+    /// Version to return to (must still be kept on the hosts); default: each host's previous release.
+    #[arg(long)]
+    pub to: Option<String>,
+    #[arg(long, value_enum, default_value = "human")]
+    pub output: Format,
 }
 
 #[derive(Debug, Subcommand)]
@@ -155,6 +196,57 @@ pub async fn run(cli: Cli) -> u8 {
                 Err(e) => fail(exit::USAGE, &e),
             }
         }
+        Command::Deploy(args) => {
+            let (config, tls) = match load(&args.config) {
+                Ok(v) => v,
+                Err(e) => return fail(exit::USAGE, &e),
+            };
+            if let Err(e) = ferry_proto::manifest::check_version(&args.version) {
+                return fail(exit::USAGE, &anyhow::anyhow!("--version: {e}"));
+            }
+            if let Err(e) = config.hosts(&args.env) {
+                return fail(exit::USAGE, &e.into());
+            }
+            let path = args.artifact.clone();
+            let scanned = tokio::task::spawn_blocking(move || crate::artifact::Artifact::scan(&path)).await;
+            let artifact = match scanned {
+                Ok(Ok(a)) => std::sync::Arc::new(a),
+                Ok(Err(e)) => return fail(exit::USAGE, &e.into()),
+                Err(e) => return fail(exit::USAGE, &e.into()),
+            };
+            ui::deploy_start(&artifact, &args.version, &args.env, args.output);
+            let progress = ui::progress_printer(args.output);
+            match commands::deploy::deploy(&config, &args.env, &tls, artifact, &args.version, &progress).await {
+                Ok(report) => {
+                    ui::deploy_report(&report, args.output);
+                    deploy_exit(&report)
+                }
+                Err(e) => fail(exit::USAGE, &e),
+            }
+        }
+        Command::Rollback(args) => {
+            let (config, tls) = match load(&args.config) {
+                Ok(v) => v,
+                Err(e) => return fail(exit::USAGE, &e),
+            };
+            let progress = ui::progress_printer(args.output);
+            match commands::deploy::rollback(&config, &args.env, &tls, args.to.as_deref(), &progress).await {
+                Ok(report) => {
+                    ui::deploy_report(&report, args.output);
+                    deploy_exit(&report)
+                }
+                Err(e) => fail(exit::USAGE, &e),
+            }
+        }
+    }
+}
+
+fn deploy_exit(report: &commands::deploy::DeployReport) -> u8 {
+    use commands::deploy::DeploymentStatus;
+    match report.status {
+        DeploymentStatus::Succeeded => exit::SUCCESS,
+        _ if report.any_unreachable() => exit::UNREACHABLE,
+        _ => exit::FAILED,
     }
 }
 
@@ -163,4 +255,43 @@ fn load(path: &std::path::Path) -> anyhow::Result<(FleetConfig, ClientTls)> {
     let config = FleetConfig::load(path)?;
     let tls = ClientTls::load(&config.tls).map_err(|e| anyhow::anyhow!("{}: [tls]: {e}", path.display()))?;
     Ok((config, tls))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        // clap's own checks (duplicate flags, bad defaults) run here rather than at a user's
+        // first invocation of a subcommand.
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn deploy_takes_the_contract_flags() {
+        let cli = Cli::try_parse_from([
+            "ferry",
+            "deploy",
+            "--config",
+            "f.toml",
+            "--env",
+            "prod",
+            "--artifact",
+            "./build",
+            "--version",
+            "1.4.0",
+            "--output",
+            "json",
+        ])
+        .expect("parses");
+        match cli.command {
+            Command::Deploy(a) => {
+                assert_eq!((a.env.as_str(), a.version.as_str()), ("prod", "1.4.0"));
+                assert_eq!(a.output, Format::Json);
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+    }
 }

@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use crate::commands::ca::CaInitOutcome;
 use crate::commands::cert::{CertInfo, IssueOutcome};
+use crate::commands::deploy::{DeployReport, DeploymentStatus, HostOutcome};
 use crate::commands::status::StatusReport;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -166,6 +167,63 @@ pub fn status(r: &StatusReport, format: Format) {
         r.environment,
         total - down.len(),
         if down.is_empty() { String::new() } else { format!(", {} unreachable", down.len()) }
+    ));
+}
+
+/// Prints one progress line per host step while a rollout runs (human output only; JSON output
+/// prints the final object alone).
+pub fn progress_printer(format: Format) -> impl Fn(&str, &str) + Sync {
+    move |host: &str, msg: &str| {
+        if format == Format::Human {
+            out(&format!("  {host}: {msg}"));
+        }
+    }
+}
+
+pub fn deploy_start(a: &crate::artifact::Artifact, version: &str, env: &str, format: Format) {
+    if format == Format::Human {
+        out(&format!(
+            "deploying {} as {version} ({} entries, {}) to {env}",
+            a.source.display(),
+            a.manifest.entries.len(),
+            bytes(a.total_bytes)
+        ));
+    }
+}
+
+pub fn deploy_report(r: &DeployReport, format: Format) {
+    if format == Format::Json {
+        return json(r);
+    }
+    let mut table = Table::new();
+    table.load_style(presets::NOTHING).set_content_arrangement(ContentArrangement::Disabled);
+    table.set_header(vec!["HOST", "RESULT", "RELEASE", "SENT", "TIME"]);
+    for h in &r.hosts {
+        table.add_row(vec![
+            h.name.clone(),
+            serde_json::to_value(h.status).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(),
+            h.release.clone().unwrap_or_else(|| "-".into()),
+            bytes(h.bytes_sent),
+            format!("{:.1}s", h.duration_ms as f64 / 1000.0),
+        ]);
+    }
+    out(&table.to_string());
+    for h in r.hosts.iter().filter(|h| h.error.is_some()) {
+        out(&format!("{}", h.error.as_deref().unwrap_or_default()));
+    }
+    let done = r.hosts.iter().filter(|h| matches!(h.status, HostOutcome::Succeeded | HostOutcome::Unchanged)).count();
+    let state = match r.status {
+        DeploymentStatus::Succeeded => "succeeded",
+        DeploymentStatus::Failed => "FAILED (halted)",
+        DeploymentStatus::RolledBack => "rolled back",
+    };
+    out(&format!(
+        "deployment {} of {} to {}: {state}: {done} of {} host(s) on the release, {} sent",
+        r.deployment_id,
+        r.version,
+        r.environment,
+        r.hosts.len(),
+        bytes(r.bytes_sent)
     ));
 }
 

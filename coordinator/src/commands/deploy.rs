@@ -1,0 +1,502 @@
+//! `ferry deploy` and `ferry rollback`: move a release onto an environment's hosts, one host at a
+//! time, and switch it in; or switch hosts back to a release they already have.
+//!
+//! Per host: connect (mTLS, identity checked) → `Prepare` (the host answers which chunks it lacks)
+//! → `Upload` only those, zstd-compressed, through a bounded channel (backpressure: at most a few
+//! chunks in memory) → `Commit` (the host builds and verifies the release) → `Activate` (atomic
+//! swap of `current`). The rollout halts at the first host that fails; hosts after it are not
+//! touched. (Batches, canaries, health-based halts and automatic rollback belong to the rollout
+//! engine.)
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use ferry_proto::v1::{self, agent_client::AgentClient};
+use serde::Serialize;
+use tonic::transport::Channel;
+
+use crate::artifact::Artifact;
+use crate::client::{Agent, ErrorKind, HostError, Timeouts, classify_status};
+use crate::config::{FleetConfig, Host};
+use crate::tls::ClientTls;
+
+/// How a host ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HostOutcome {
+    /// The new release is current.
+    Succeeded,
+    /// It already was current: nothing changed.
+    Unchanged,
+    /// The release failed on this host; its previous release is still current.
+    Failed,
+    /// Could not connect or authenticate.
+    Unreachable,
+    /// Not attempted because the rollout halted earlier.
+    Skipped,
+}
+
+#[derive(Debug, Serialize)]
+pub struct HostResult {
+    pub name: String,
+    pub status: HostOutcome,
+    pub bytes_sent: u64,
+    pub duration_ms: u64,
+    pub release: Option<String>,
+    pub previous_release: Option<String>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeploymentStatus {
+    Succeeded,
+    Failed,
+    RolledBack,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DeployReport {
+    pub deployment_id: String,
+    pub environment: String,
+    pub version: String,
+    pub release_id: String,
+    pub status: DeploymentStatus,
+    pub bytes_sent: u64,
+    pub total_bytes: u64,
+    pub hosts: Vec<HostResult>,
+}
+
+impl DeployReport {
+    pub fn any_unreachable(&self) -> bool {
+        self.hosts.iter().any(|h| h.status == HostOutcome::Unreachable)
+    }
+}
+
+/// Live progress of one host's step, for the output layer.
+pub type Progress<'a> = &'a (dyn Fn(&str, &str) + Sync);
+
+/// A short unique deployment id: `d-<unix seconds>-<6 hex>`.
+pub fn new_deployment_id() -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let seed = format!("{}-{}-{}", now.as_nanos(), std::process::id(), now.subsec_nanos());
+    format!("d-{}-{}", now.as_secs(), &blake3::hash(seed.as_bytes()).to_hex()[..6])
+}
+
+fn timeouts(config: &FleetConfig) -> Timeouts {
+    Timeouts { connect: config.connect_timeout, request: config.request_timeout }
+}
+
+/// Deploys `artifact` as `version` to every host of `env`, one host at a time.
+pub async fn deploy(
+    config: &FleetConfig,
+    env: &str,
+    tls: &ClientTls,
+    artifact: Arc<Artifact>,
+    version: &str,
+    progress: Progress<'_>,
+) -> anyhow::Result<DeployReport> {
+    ferry_proto::manifest::check_version(version).map_err(|e| anyhow::anyhow!("--version: {e}"))?;
+    let hosts = config.hosts(env)?;
+    let deployment_id = new_deployment_id();
+    let release_id = artifact.release_id(version);
+    let mut results = Vec::new();
+    let mut halted = false;
+    for host in &hosts {
+        if halted {
+            results.push(HostResult {
+                name: host.name.clone(),
+                status: HostOutcome::Skipped,
+                bytes_sent: 0,
+                duration_ms: 0,
+                release: None,
+                previous_release: None,
+                error: None,
+            });
+            continue;
+        }
+        let started = Instant::now();
+        let sent = AtomicU64::new(0);
+        let outcome = deploy_host(config, host, tls, &artifact, version, &deployment_id, &sent, progress).await;
+        let duration_ms = started.elapsed().as_millis() as u64;
+        let bytes_sent = sent.load(Ordering::Relaxed);
+        let result = match outcome {
+            Ok(swap) => {
+                let status = if swap.changed { HostOutcome::Succeeded } else { HostOutcome::Unchanged };
+                progress(
+                    &host.name,
+                    &format!("{} ({})", if swap.changed { "activated" } else { "unchanged" }, swap.summary()),
+                );
+                HostResult {
+                    name: host.name.clone(),
+                    status,
+                    bytes_sent,
+                    duration_ms,
+                    release: Some(swap.to),
+                    previous_release: swap.from,
+                    error: None,
+                }
+            }
+            Err(e) => {
+                halted = true;
+                let status = if e.is_unreachable() { HostOutcome::Unreachable } else { HostOutcome::Failed };
+                progress(&host.name, &format!("FAILED: {}", e.message));
+                HostResult {
+                    name: host.name.clone(),
+                    status,
+                    bytes_sent,
+                    duration_ms,
+                    release: None,
+                    previous_release: None,
+                    error: Some(e.to_string()),
+                }
+            }
+        };
+        results.push(result);
+    }
+    Ok(DeployReport {
+        deployment_id,
+        environment: env.to_string(),
+        version: version.to_string(),
+        release_id,
+        status: if halted { DeploymentStatus::Failed } else { DeploymentStatus::Succeeded },
+        bytes_sent: results.iter().map(|h| h.bytes_sent).sum(),
+        total_bytes: artifact.total_bytes,
+        hosts: results,
+    })
+}
+
+/// The result of a swap on one host.
+#[derive(Debug, Clone)]
+pub struct SwapResult {
+    pub from: Option<String>,
+    pub to: String,
+    pub changed: bool,
+}
+
+impl SwapResult {
+    fn summary(&self) -> String {
+        match (&self.from, self.changed) {
+            (_, false) => format!("{} was already current", self.to),
+            (Some(f), true) => format!("{f} -> {}", self.to),
+            (None, true) => format!("first release {}", self.to),
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn deploy_host(
+    config: &FleetConfig,
+    host: &Host,
+    tls: &ClientTls,
+    artifact: &Arc<Artifact>,
+    version: &str,
+    deployment_id: &str,
+    sent: &AtomicU64,
+    progress: Progress<'_>,
+) -> Result<SwapResult, HostError> {
+    let fail = |kind: ErrorKind, message: String| HostError {
+        host: host.name.clone(),
+        endpoint: host.endpoint(),
+        kind,
+        message,
+    };
+    let agent = Agent::connect(host, tls, timeouts(config)).await?;
+    let mut client = agent.client;
+    let app = config.app.name.clone();
+
+    let prepared = client
+        .prepare(v1::PrepareRequest {
+            app: app.clone(),
+            version: version.to_string(),
+            deployment_id: deployment_id.to_string(),
+            manifest: Some(artifact.manifest.clone()),
+            manifest_hash: artifact.manifest_hash.to_vec(),
+        })
+        .await
+        .map_err(|s| step_error(host, "prepare", &s))?
+        .into_inner();
+    if prepared.already_present {
+        progress(&host.name, &format!("release {} is already on the host", prepared.release_id));
+    } else {
+        progress(
+            &host.name,
+            &format!(
+                "prepared: {} chunk(s) missing ({} of {})",
+                prepared.missing_chunks.len(),
+                crate::ui::bytes(prepared.missing_bytes),
+                crate::ui::bytes(artifact.total_bytes)
+            ),
+        );
+        if !prepared.missing_chunks.is_empty() {
+            upload(&mut client, host, &app, &prepared.stage_id, artifact.clone(), prepared.missing_chunks, sent)
+                .await?;
+            progress(&host.name, &format!("uploaded {}", crate::ui::bytes(sent.load(Ordering::Relaxed))));
+        }
+        let fin = run_steps(
+            client.commit(v1::CommitRequest {
+                app: app.clone(),
+                stage_id: prepared.stage_id.clone(),
+                deployment_id: deployment_id.to_string(),
+            }),
+            host,
+            "commit",
+        )
+        .await?;
+        if fin.outcome != v1::Outcome::Committed as i32 {
+            return Err(fail(ErrorKind::Rpc, format!("commit ended with {:?}: {}", fin.outcome, fin.cause)));
+        }
+        progress(&host.name, &format!("committed {}", fin.release_id));
+    }
+    let fin = run_steps(
+        client.activate(v1::ActivateRequest {
+            app,
+            release_id: prepared.release_id.clone(),
+            deployment_id: deployment_id.to_string(),
+            version: version.to_string(),
+            keep_releases: 5,
+            rollback_on_failure: true,
+            ..Default::default()
+        }),
+        host,
+        "activate",
+    )
+    .await?;
+    match v1::Outcome::try_from(fin.outcome) {
+        Ok(v1::Outcome::Healthy) | Ok(v1::Outcome::Unchanged) => Ok(SwapResult {
+            from: (!fin.previous_release_id.is_empty()).then_some(fin.previous_release_id),
+            to: fin.release_id,
+            changed: fin.outcome == v1::Outcome::Healthy as i32,
+        }),
+        other => Err(fail(ErrorKind::Rpc, format!("activation ended with {other:?}: {}", fin.cause))),
+    }
+}
+
+fn step_error(host: &Host, step: &str, s: &tonic::Status) -> HostError {
+    let mut e = classify_status(host, s);
+    e.message = format!("{step}: {}", e.message);
+    e
+}
+
+/// Runs a step-event RPC to its end and returns its final event.
+async fn run_steps(
+    call: impl std::future::Future<Output = Result<tonic::Response<tonic::Streaming<v1::StepEvent>>, tonic::Status>>,
+    host: &Host,
+    step: &str,
+) -> Result<v1::Final, HostError> {
+    let mut stream = call.await.map_err(|s| step_error(host, step, &s))?.into_inner();
+    let mut last = None;
+    while let Some(ev) = stream.message().await.map_err(|s| step_error(host, step, &s))? {
+        if let Some(f) = ev.r#final {
+            last = Some(f);
+        }
+    }
+    last.ok_or_else(|| HostError {
+        host: host.name.clone(),
+        endpoint: host.endpoint(),
+        kind: ErrorKind::Protocol,
+        message: format!("{step}: the agent ended the stream without a final result"),
+    })
+}
+
+/// Streams the missing chunks: a blocking producer reads and compresses, a channel of a few
+/// messages applies backpressure, tonic sends.
+async fn upload(
+    client: &mut AgentClient<Channel>,
+    host: &Host,
+    app: &str,
+    stage_id: &str,
+    artifact: Arc<Artifact>,
+    missing: Vec<Vec<u8>>,
+    sent: &AtomicU64,
+) -> Result<(), HostError> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<v1::UploadRequest>(4);
+    let start = v1::UploadRequest {
+        msg: Some(v1::upload_request::Msg::Start(v1::UploadStart {
+            app: app.to_string(),
+            stage_id: stage_id.to_string(),
+        })),
+    };
+    let counter = Arc::new(AtomicU64::new(0));
+    let produced = counter.clone();
+    let producer = tokio::task::spawn_blocking(move || -> Result<(), String> {
+        if tx.blocking_send(start).is_err() {
+            return Ok(()); // the RPC ended early; its error is reported by the caller
+        }
+        for hash in missing {
+            let raw = artifact.read_chunk(&hash).map_err(|e| e.to_string())?;
+            let compressed = zstd::bulk::compress(&raw, 3).map_err(|e| format!("zstd: {e}"))?;
+            let (compression, data) = if compressed.len() < raw.len() {
+                (v1::Compression::Zstd, compressed)
+            } else {
+                (v1::Compression::None, raw.clone())
+            };
+            produced.fetch_add(data.len() as u64, Ordering::Relaxed);
+            let msg = v1::UploadRequest {
+                msg: Some(v1::upload_request::Msg::Chunk(v1::ContentChunk {
+                    hash,
+                    raw_length: raw.len() as u64,
+                    compression: compression as i32,
+                    data,
+                })),
+            };
+            if tx.blocking_send(msg).is_err() {
+                return Ok(());
+            }
+        }
+        let _ = tx.blocking_send(v1::UploadRequest { msg: Some(v1::upload_request::Msg::Finish(v1::UploadFinish {})) });
+        Ok(())
+    });
+    let result = client.upload(tokio_stream::wrappers::ReceiverStream::new(rx)).await;
+    let produced_ok = producer.await;
+    sent.fetch_add(counter.load(Ordering::Relaxed), Ordering::Relaxed);
+    match produced_ok {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            return Err(HostError {
+                host: host.name.clone(),
+                endpoint: host.endpoint(),
+                kind: ErrorKind::Rpc,
+                message: format!("upload: {e}"),
+            });
+        }
+        Err(e) => {
+            return Err(HostError {
+                host: host.name.clone(),
+                endpoint: host.endpoint(),
+                kind: ErrorKind::Rpc,
+                message: format!("upload: {e}"),
+            });
+        }
+    }
+    result.map_err(|s| step_error(host, "upload", &s))?;
+    Ok(())
+}
+
+/// `ferry rollback`: every host of `env` back to the release before its current one, or to the
+/// newest release of `to_version` it keeps. Hosts already there are not touched.
+pub async fn rollback(
+    config: &FleetConfig,
+    env: &str,
+    tls: &ClientTls,
+    to_version: Option<&str>,
+    progress: Progress<'_>,
+) -> anyhow::Result<DeployReport> {
+    let hosts = config.hosts(env)?;
+    let deployment_id = new_deployment_id();
+    let mut results = Vec::new();
+    let mut halted = false;
+    for host in &hosts {
+        if halted {
+            results.push(HostResult {
+                name: host.name.clone(),
+                status: HostOutcome::Skipped,
+                bytes_sent: 0,
+                duration_ms: 0,
+                release: None,
+                previous_release: None,
+                error: None,
+            });
+            continue;
+        }
+        let started = Instant::now();
+        let outcome = rollback_host(config, host, tls, to_version, &deployment_id).await;
+        let duration_ms = started.elapsed().as_millis() as u64;
+        results.push(match outcome {
+            Ok(swap) => {
+                progress(
+                    &host.name,
+                    &format!("{} ({})", if swap.changed { "rolled back" } else { "unchanged" }, swap.summary()),
+                );
+                HostResult {
+                    name: host.name.clone(),
+                    status: if swap.changed { HostOutcome::Succeeded } else { HostOutcome::Unchanged },
+                    bytes_sent: 0,
+                    duration_ms,
+                    release: Some(swap.to),
+                    previous_release: swap.from,
+                    error: None,
+                }
+            }
+            Err(e) => {
+                halted = true;
+                progress(&host.name, &format!("FAILED: {}", e.message));
+                HostResult {
+                    name: host.name.clone(),
+                    status: if e.is_unreachable() { HostOutcome::Unreachable } else { HostOutcome::Failed },
+                    bytes_sent: 0,
+                    duration_ms,
+                    release: None,
+                    previous_release: None,
+                    error: Some(e.to_string()),
+                }
+            }
+        });
+    }
+    Ok(DeployReport {
+        deployment_id,
+        environment: env.to_string(),
+        version: to_version.unwrap_or("previous").to_string(),
+        release_id: String::new(),
+        status: if halted { DeploymentStatus::Failed } else { DeploymentStatus::Succeeded },
+        bytes_sent: 0,
+        total_bytes: 0,
+        hosts: results,
+    })
+}
+
+async fn rollback_host(
+    config: &FleetConfig,
+    host: &Host,
+    tls: &ClientTls,
+    to_version: Option<&str>,
+    deployment_id: &str,
+) -> Result<SwapResult, HostError> {
+    let fail = |kind: ErrorKind, message: String| HostError {
+        host: host.name.clone(),
+        endpoint: host.endpoint(),
+        kind,
+        message,
+    };
+    let agent = Agent::connect(host, tls, timeouts(config)).await?;
+    let mut client = agent.client;
+    let app = config.app.name.clone();
+    let to_release = match to_version {
+        None => String::new(),
+        Some(v) => {
+            let releases = client
+                .list_releases(v1::ListReleasesRequest { app: app.clone() })
+                .await
+                .map_err(|s| step_error(host, "list releases", &s))?
+                .into_inner()
+                .releases;
+            // Newest first: the most recent release of that version.
+            match releases.iter().find(|r| r.version == v) {
+                Some(r) => r.id.clone(),
+                None => {
+                    let kept: Vec<_> = releases.iter().map(|r| r.id.as_str()).collect();
+                    return Err(fail(
+                        ErrorKind::Rpc,
+                        format!("no release of version {v} is kept on this host (it keeps: {})", kept.join(", ")),
+                    ));
+                }
+            }
+        }
+    };
+    let fin = run_steps(
+        client.rollback(v1::RollbackRequest {
+            app,
+            to_release,
+            deployment_id: deployment_id.to_string(),
+            ..Default::default()
+        }),
+        host,
+        "rollback",
+    )
+    .await?;
+    Ok(SwapResult {
+        from: (!fin.previous_release_id.is_empty()).then_some(fin.previous_release_id),
+        to: fin.release_id,
+        changed: fin.outcome == v1::Outcome::Healthy as i32,
+    })
+}
