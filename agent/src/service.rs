@@ -56,7 +56,7 @@ fn caller<T>(req: &Request<T>) -> String {
 fn status_of(e: StoreError) -> Status {
     let msg = e.to_string();
     match e {
-        StoreError::NoSpace { .. } => Status::resource_exhausted(msg),
+        StoreError::NoSpace { .. } | StoreError::DiskFull(_) => Status::resource_exhausted(msg),
         StoreError::Refused(_) => Status::invalid_argument(msg),
         StoreError::NoSuchRelease(_) => Status::not_found(msg),
         StoreError::NotPrepared(_) | StoreError::Incomplete(_) | StoreError::Conflict(_) => {

@@ -55,6 +55,8 @@ pub enum StoreError {
     NoSpace { dir: PathBuf, free: u64, need: u64, new: u64, margin: u64 },
     #[error("refused: {0}")]
     Refused(String),
+    #[error("{0}; the current release is untouched")]
+    DiskFull(String),
     #[error("release {0} is not on this host")]
     NoSuchRelease(String),
     #[error("nothing prepared under staging id {0:?} (call Prepare first; staging is cleared when the agent restarts)")]
@@ -71,7 +73,7 @@ impl StoreError {
     fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
         move |source| {
             if source.raw_os_error() == Some(nix::libc::ENOSPC) {
-                StoreError::Refused(format!(
+                StoreError::DiskFull(format!(
                     "the disk holding {} is full (ENOSPC) while trying to {what}",
                     path.display()
                 ))
@@ -207,6 +209,7 @@ impl AppStore {
         let current = self.current()?;
         let previous = self.previous().ok().flatten();
         let mut out = Vec::new();
+        let mut order = HashMap::new();
         let names = match fs::read_dir(self.manifests_dir()) {
             Ok(d) => d,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
@@ -221,6 +224,10 @@ impl AppStore {
             }
             let meta = entry.metadata()?;
             let m = self.load_manifest(id).ok();
+            // Promotion order at full timestamp precision (several releases can land in a second).
+            let promoted =
+                meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).unwrap_or_default();
+            order.insert(id.to_string(), promoted);
             out.push(v1::Release {
                 id: id.to_string(),
                 version: version_of(id).to_string(),
@@ -231,7 +238,7 @@ impl AppStore {
                 previous: previous.as_deref() == Some(id),
             });
         }
-        out.sort_by(|a, b| b.created_unix.cmp(&a.created_unix).then_with(|| b.id.cmp(&a.id)));
+        out.sort_by(|a, b| order.get(&b.id).cmp(&order.get(&a.id)).then_with(|| b.id.cmp(&a.id)));
         Ok(out)
     }
 
@@ -291,15 +298,13 @@ impl AppStore {
             )));
         }
         let release_id = manifest::release_id(version, &hash);
-        self.ensure_dirs()?;
         if self.manifest_path(&release_id).exists() && self.release_path(&release_id).is_dir() {
             return Ok(Prepared { release_id, already_present: true, missing: vec![], missing_bytes: 0 });
         }
+        // Work out what is missing and whether it fits before writing anything: on a full disk
+        // the answer must be "not enough space", not an ENOSPC from our own bookkeeping.
         let idx = self.index()?;
         let stage = self.staging_dir().join(&release_id);
-        fs::create_dir_all(stage.join("chunks")).map_err(StoreError::io("create staging", &stage))?;
-        let mpath = stage.join("manifest");
-        fs::write(&mpath, m.encode_to_vec()).map_err(StoreError::io("write staging manifest", &mpath))?;
         let have = self.received(&stage)?;
 
         let mut missing = Vec::new();
@@ -323,9 +328,12 @@ impl AppStore {
         let new = missing_bytes + new_file_bytes;
         let margin = margin(manifest::total_bytes(m));
         if free < new + margin {
-            let _ = fs::remove_dir_all(&stage);
             return Err(StoreError::NoSpace { dir: self.dir.clone(), free, need: new + margin, new, margin });
         }
+        self.ensure_dirs()?;
+        fs::create_dir_all(stage.join("chunks")).map_err(StoreError::io("create staging", &stage))?;
+        let mpath = stage.join("manifest");
+        fs::write(&mpath, m.encode_to_vec()).map_err(StoreError::io("write staging manifest", &mpath))?;
         Ok(Prepared { release_id, already_present: false, missing, missing_bytes })
     }
 
@@ -669,7 +677,7 @@ fn write_file(dst: &Path, e: &v1::Entry, mode: u32, idx: &Index, chunk_dir: &Pat
                 f.read_to_end(&mut buf).map_err(StoreError::io("read chunk", &staged))?;
             }
             Err(_) => {
-                let (src, offset, len) = idx.chunks.get(&h).ok_or_else(|| StoreError::Incomplete(1))?;
+                let (src, offset, len) = idx.chunks.get(&h).ok_or(StoreError::Incomplete(1))?;
                 let mut f = File::open(src).map_err(StoreError::io("read", src))?;
                 f.seek(SeekFrom::Start(*offset)).map_err(StoreError::io("read", src))?;
                 buf.resize(usize::try_from(*len).unwrap_or(0), 0);

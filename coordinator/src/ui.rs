@@ -209,7 +209,7 @@ pub fn deploy_report(r: &DeployReport, format: Format) {
     }
     out(&table.to_string());
     for h in r.hosts.iter().filter(|h| h.error.is_some()) {
-        out(&format!("{}", h.error.as_deref().unwrap_or_default()));
+        out(h.error.as_deref().unwrap_or_default());
     }
     let done = r.hosts.iter().filter(|h| matches!(h.status, HostOutcome::Succeeded | HostOutcome::Unchanged)).count();
     let state = match r.status {

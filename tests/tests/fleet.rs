@@ -154,3 +154,132 @@ fn faults_take_effect_and_heal() {
     assert!(v["hosts"][0]["data_dir_free_bytes"].as_u64().unwrap_or(u64::MAX) < 1 << 20, "{v}");
     host.free_disk();
 }
+
+fn versions(fleet: &ferry_tests::fleet::Fleet) -> Vec<String> {
+    fleet
+        .hosts
+        .iter()
+        .map(|h| {
+            h.exec(&["cat", "/srv/web/VERSION"])
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+#[test]
+fn deploy_v1_then_v2_then_rollback_across_three_hosts() {
+    let fleet = fleet_or_skip!(3);
+    let toml = fleet.fleet_toml();
+    let config = toml.to_str().unwrap_or_default();
+    for (v, variant) in [("1", Variant::Healthy), ("2", Variant::Healthy)] {
+        let dir = fleet.dir.join(format!("demo-v{v}"));
+        demo_app::write_release(&dir, v, variant).expect("write release");
+        let out = fleet.ferry(&[
+            "deploy",
+            "--config",
+            config,
+            "--env",
+            "test",
+            "--artifact",
+            dir.to_str().unwrap_or_default(),
+            "--version",
+            v,
+        ]);
+        let text = stdout(&out);
+        assert_eq!(out.status.code(), Some(0), "{text}{}", stderr(&out));
+        assert!(text.contains("succeeded: 3 of 3 host(s) on the release"), "{text}");
+        // Progress per host is shown while it runs.
+        assert!(text.contains("web-2: prepared:") && text.contains("web-3: activated"), "{text}");
+        assert_eq!(versions(&fleet), [v, v, v]);
+    }
+    // ferry status shows the new release everywhere.
+    let out = fleet.ferry(&["status", "--config", config, "--env", "test", "--output", "json"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    for i in 0..3 {
+        assert_eq!(json["hosts"][i]["apps"][0]["current_version"], "2", "{json}");
+    }
+    // Rollback returns the fleet to v1 without a transfer.
+    let out = fleet.ferry(&["rollback", "--config", config, "--env", "test", "--output", "json"]);
+    assert_eq!(out.status.code(), Some(0), "{}{}", stdout(&out), stderr(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(json["status"], "succeeded");
+    assert_eq!(json["bytes_sent"], 0);
+    assert_eq!(versions(&fleet), ["1", "1", "1"]);
+}
+
+#[test]
+fn a_dead_host_halts_the_deploy_and_is_named() {
+    let mut fleet = fleet_or_skip!(3);
+    fleet.hard_kill("web-2");
+    let toml = fleet.fleet_toml();
+    let dir = fleet.dir.join("demo-v1");
+    demo_app::write_release(&dir, "1", Variant::Healthy).expect("write release");
+    let out = fleet.ferry(&[
+        "deploy",
+        "--config",
+        toml.to_str().unwrap_or_default(),
+        "--env",
+        "test",
+        "--artifact",
+        dir.to_str().unwrap_or_default(),
+        "--version",
+        "1",
+        "--output",
+        "json",
+    ]);
+    assert_eq!(out.status.code(), Some(3), "{}{}", stdout(&out), stderr(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(json["status"], "failed");
+    assert_eq!(json["hosts"][0]["status"], "succeeded");
+    assert_eq!(json["hosts"][1]["status"], "unreachable");
+    assert!(
+        json["hosts"][1]["error"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("host web-2 (10.199.0.12:7443): TCP connect timed out"),
+        "{json}"
+    );
+    assert_eq!(json["hosts"][2]["status"], "skipped");
+    // The host after the dead one was not touched.
+    let untouched = fleet.host("web-3").exec(&["test", "-e", "/srv/web"]).map(|o| o.status.success()).unwrap_or(true);
+    assert!(!untouched, "web-3 must not have been deployed to");
+}
+
+#[test]
+fn a_full_disk_is_refused_before_staging_with_free_and_needed_space() {
+    let fleet = fleet_or_skip!(1);
+    let host = &fleet.hosts[0];
+    let toml = fleet.fleet_toml();
+    let dir = fleet.dir.join("demo-v1");
+    demo_app::write_release(&dir, "1", Variant::Healthy).expect("write release");
+    host.fill_disk();
+    let out = fleet.ferry(&[
+        "deploy",
+        "--config",
+        toml.to_str().unwrap_or_default(),
+        "--env",
+        "test",
+        "--artifact",
+        dir.to_str().unwrap_or_default(),
+        "--version",
+        "1",
+    ]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}{}", stderr(&out));
+    assert!(text.contains("host web-1 (10.199.0.11:7443): prepare: the agent answered ResourceExhausted: not enough disk space in /var/lib/ferry/apps/web"), "{text}");
+    assert!(text.contains("bytes free, staging needs"), "{text}");
+    host.free_disk();
+    let out = fleet.ferry(&[
+        "deploy",
+        "--config",
+        toml.to_str().unwrap_or_default(),
+        "--env",
+        "test",
+        "--artifact",
+        dir.to_str().unwrap_or_default(),
+        "--version",
+        "1",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "after freeing space the deploy goes through: {}", stdout(&out));
+}

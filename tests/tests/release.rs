@@ -1,0 +1,504 @@
+//! The release engine over real mTLS gRPC on loopback: what crosses the wire, what lands on disk,
+//! how hostile or broken input is refused without touching the current release, and what a
+//! kill -9 at each failpoint leaves behind.
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_coordinator::artifact::Artifact;
+use ferry_coordinator::client::{Agent, Timeouts};
+use ferry_coordinator::commands::deploy::{self, DeployReport, DeploymentStatus, HostOutcome};
+use ferry_coordinator::config::{FleetConfig, Host, TlsFiles};
+use ferry_coordinator::tls::ClientTls;
+use ferry_proto::identity::Role;
+use ferry_proto::v1;
+use ferry_tests::agents::{TestAgent, agent_toml, fleet_config};
+use ferry_tests::pki::{CertFiles, TestPki};
+
+const TIMEOUTS: Timeouts = Timeouts { connect: Duration::from_secs(3), request: Duration::from_secs(10) };
+
+fn quiet(_: &str, _: &str) {}
+
+fn tls(files: &CertFiles) -> ClientTls {
+    ClientTls::load(&TlsFiles { ca: files.ca.clone(), cert: files.cert.clone(), key: files.key.clone() }).expect("tls")
+}
+
+/// A build output: `files` (path, content) written under a fresh directory.
+fn build(dir: &Path, name: &str, files: &[(&str, Vec<u8>)]) -> PathBuf {
+    let root = dir.join(name);
+    for (p, data) in files {
+        let path = root.join(p);
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&path, data).expect("write");
+    }
+    root
+}
+
+fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut s = seed | 1;
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s as u8
+        })
+        .collect()
+}
+
+async fn deploy_dir(config: &FleetConfig, tls: &ClientTls, dir: &Path, version: &str) -> DeployReport {
+    let artifact = Arc::new(Artifact::scan(dir).expect("scan"));
+    deploy::deploy(config, "test", tls, artifact, version, &quiet).await.expect("deploy runs")
+}
+
+fn current(app_root: &Path) -> String {
+    std::fs::read_to_string(app_root.join("VERSION")).expect("VERSION through the app root").trim().to_string()
+}
+
+struct Setup {
+    _pki: TestPki,
+    dir: tempfile::TempDir,
+    agent: TestAgent,
+    config: FleetConfig,
+    tls: ClientTls,
+}
+
+impl Setup {
+    async fn new() -> Setup {
+        let pki = TestPki::new();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let agent = TestAgent::start(&pki.issue("web-1", Role::Agent, &["127.0.0.1"]), &dir.path().join("data"))
+            .await
+            .expect("start agent");
+        let ctl = pki.issue("ctl", Role::Coordinator, &[]);
+        let config = fleet_config(dir.path(), &ctl, &[("web-1", agent.addr.to_string())]);
+        Setup { tls: tls(&ctl), _pki: pki, dir, agent, config }
+    }
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data/apps/web")
+    }
+    fn app_root(&self) -> PathBuf {
+        PathBuf::from(format!("{}-web", self.dir.path().join("data").display()))
+    }
+    async fn client(&self) -> v1::agent_client::AgentClient<tonic::transport::Channel> {
+        let host = Host { name: "web-1".into(), address: "127.0.0.1".into(), port: self.agent.addr.port() };
+        Agent::connect(&host, &self.tls, TIMEOUTS).await.expect("connect").client
+    }
+}
+
+fn tree_v(n: u32) -> Vec<(&'static str, Vec<u8>)> {
+    let mut files: Vec<(&str, Vec<u8>)> = vec![
+        ("VERSION", format!("{n}\n").into_bytes()),
+        ("bin/app", pseudo_random(2_000_000, 7)),
+        ("static/a.css", pseudo_random(50_000, 8)),
+    ];
+    for (i, name) in ["lib/1.so", "lib/2.so", "lib/3.so", "lib/4.so"].iter().enumerate() {
+        files.push((name, pseudo_random(100_000, 100 + i as u64)));
+    }
+    files
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_sends_only_what_changed_and_rollback_is_a_swap() {
+    let s = Setup::new().await;
+    let v1 = build(s.dir.path(), "v1", &tree_v(1));
+    let r1 = deploy_dir(&s.config, &s.tls, &v1, "1").await;
+    assert_eq!(r1.status, DeploymentStatus::Succeeded, "{r1:?}");
+    assert!(r1.bytes_sent > 2_000_000 / 2, "the first deploy sends the content (compressed): {}", r1.bytes_sent);
+    assert_eq!(current(&s.app_root()), "1");
+
+    // v2: one small file changed.
+    let v2 = build(s.dir.path(), "v2", &tree_v(2));
+    let r2 = deploy_dir(&s.config, &s.tls, &v2, "2").await;
+    assert_eq!(r2.status, DeploymentStatus::Succeeded, "{r2:?}");
+    assert!(r2.bytes_sent < 100, "only the changed file crosses the wire: {} bytes", r2.bytes_sent);
+    assert_eq!(current(&s.app_root()), "2");
+    // Unchanged files are the same inode in both releases, and read-only.
+    let ino = |rel: &str| std::fs::metadata(s.data().join("releases").join(rel).join("bin/app")).expect("stat");
+    let (a, b) = (ino(&r1.release_id), ino(&r2.release_id));
+    assert_eq!(a.ino(), b.ino());
+    assert_eq!(b.mode() & 0o222, 0, "release files are read-only");
+
+    // Deploying the same release again changes nothing and sends nothing.
+    let again = deploy_dir(&s.config, &s.tls, &v2, "2").await;
+    assert_eq!(again.hosts[0].status, HostOutcome::Unchanged);
+    assert_eq!(again.bytes_sent, 0);
+
+    // Rollback: no transfer, previous release current again; then forward to a named version.
+    let rb = deploy::rollback(&s.config, "test", &s.tls, None, &quiet).await.expect("rollback");
+    assert_eq!(rb.status, DeploymentStatus::Succeeded);
+    assert_eq!(current(&s.app_root()), "1");
+    let fwd = deploy::rollback(&s.config, "test", &s.tls, Some("2"), &quiet).await.expect("to 2");
+    assert_eq!(fwd.hosts[0].status, HostOutcome::Succeeded);
+    assert_eq!(current(&s.app_root()), "2");
+    let same = deploy::rollback(&s.config, "test", &s.tls, Some("2"), &quiet).await.expect("to 2 again");
+    assert_eq!(same.hosts[0].status, HostOutcome::Unchanged, "a host already on the target is not touched");
+    let journal = std::fs::read_to_string(s.data().join("journal")).expect("journal");
+    assert_eq!(journal.lines().count(), 4, "{journal}");
+    assert!(journal.lines().nth(2).unwrap_or_default().contains("\"action\":\"rollback\""), "{journal}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_change_inside_a_large_file_sends_only_changed_chunks() {
+    let s = Setup::new().await;
+    let mut big = pseudo_random(8_000_000, 42);
+    let v1 = build(s.dir.path(), "v1", &[("VERSION", b"1\n".to_vec()), ("big.bin", big.clone())]);
+    assert_eq!(deploy_dir(&s.config, &s.tls, &v1, "1").await.status, DeploymentStatus::Succeeded);
+    // Overwrite 64 KiB in the middle.
+    let mid = big.len() / 2;
+    big[mid..mid + 65_536].copy_from_slice(&pseudo_random(65_536, 43));
+    let v2 = build(s.dir.path(), "v2", &[("VERSION", b"2\n".to_vec()), ("big.bin", big.clone())]);
+    let r = deploy_dir(&s.config, &s.tls, &v2, "2").await;
+    assert_eq!(r.status, DeploymentStatus::Succeeded, "{r:?}");
+    assert!(r.bytes_sent < 1_000_000, "a 64 KiB change in 8 MB sent {} bytes", r.bytes_sent);
+    let on_host = std::fs::read(s.app_root().join("big.bin")).expect("read");
+    assert!(on_host == big, "the assembled file equals the artifact");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_releases_prunes_old_releases_but_never_current_or_previous() {
+    let s = Setup::new().await;
+    for n in 1..=7 {
+        let d = build(s.dir.path(), &format!("v{n}"), &[("VERSION", format!("{n}\n").into_bytes())]);
+        assert_eq!(deploy_dir(&s.config, &s.tls, &d, &n.to_string()).await.status, DeploymentStatus::Succeeded);
+    }
+    let kept: Vec<String> = std::fs::read_dir(s.data().join("releases"))
+        .expect("ls")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(kept.len(), 5, "{kept:?}");
+    // Roll back to 6, then deploy 8: 7 (the previous of 8's predecessor chain) and 6 are kept.
+    deploy::rollback(&s.config, "test", &s.tls, Some("6"), &quiet).await.expect("rollback");
+    let d = build(s.dir.path(), "v8", &[("VERSION", b"8\n".to_vec())]);
+    deploy_dir(&s.config, &s.tls, &d, "8").await;
+    let names = std::fs::read_dir(s.data().join("releases"))
+        .expect("ls")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect::<Vec<_>>();
+    assert!(names.iter().any(|n| n.starts_with("8-")) && names.iter().any(|n| n.starts_with("6-")), "{names:?}");
+    assert_eq!(names.len(), 5, "{names:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_requests_are_refused_and_the_current_release_is_untouched() {
+    let s = Setup::new().await;
+    let v1 = build(s.dir.path(), "v1", &tree_v(1));
+    assert_eq!(deploy_dir(&s.config, &s.tls, &v1, "1").await.status, DeploymentStatus::Succeeded);
+    let mut c = s.client().await;
+
+    let good = Artifact::scan(&build(s.dir.path(), "v2", &tree_v(2))).expect("scan");
+    let prepare = |m: v1::Manifest, version: &str| v1::PrepareRequest {
+        app: "web".into(),
+        version: version.into(),
+        deployment_id: "d-test".into(),
+        manifest_hash: ferry_proto::manifest::hash(&m).to_vec(),
+        manifest: Some(m),
+    };
+    let code_and_message = |r: Result<tonic::Response<v1::PrepareResponse>, tonic::Status>| {
+        let e = r.expect_err("must be refused");
+        (e.code(), e.message().to_string())
+    };
+
+    // Path traversal, absolute path, symlink escape, unknown (device) kind.
+    for (path, kind, target, needle) in [
+        ("../../etc/cron.d/x", v1::EntryKind::File, "", "'..' path component"),
+        ("/etc/passwd", v1::EntryKind::File, "", "absolute path"),
+        ("escape", v1::EntryKind::Symlink, "../../../../etc", "points outside the release"),
+        ("dev", v1::EntryKind::Unspecified, "", "unknown entry kind"),
+    ] {
+        let mut m = good.manifest.clone();
+        let mut e = m.entries.iter().find(|e| e.path == "VERSION").cloned().expect("VERSION entry");
+        e.path = path.into();
+        e.kind = kind as i32;
+        if kind != v1::EntryKind::File {
+            e.hash.clear();
+            e.chunks.clear();
+            e.size = 0;
+            e.link_target = target.into();
+        }
+        m.entries.insert(0, e);
+        m.entries.sort_by(|a, b| a.path.cmp(&b.path));
+        let (code, msg) = code_and_message(c.prepare(prepare(m, "2")).await);
+        assert_eq!(code, tonic::Code::InvalidArgument, "{msg}");
+        assert!(msg.contains(needle) && msg.contains(path), "{path}: {msg}");
+    }
+    // A manifest hash that does not match the manifest.
+    let mut req = prepare(good.manifest.clone(), "2");
+    req.manifest_hash[0] ^= 1;
+    let (code, msg) = code_and_message(c.prepare(req).await);
+    assert_eq!(code, tonic::Code::InvalidArgument);
+    assert!(msg.contains("manifest hash mismatch"), "{msg}");
+    // An app this agent does not manage.
+    let mut req = prepare(good.manifest.clone(), "2");
+    req.app = "db".into();
+    let (code, msg) = code_and_message(c.prepare(req).await);
+    assert_eq!(code, tonic::Code::NotFound);
+    assert!(msg.contains("app \"db\" is not declared"), "{msg}");
+
+    // Uploads: for a stage never prepared; a chunk not requested; a chunk whose bytes lie.
+    let upload = |stage: &str, chunks: Vec<v1::ContentChunk>| {
+        let mut msgs = vec![v1::UploadRequest {
+            msg: Some(v1::upload_request::Msg::Start(v1::UploadStart { app: "web".into(), stage_id: stage.into() })),
+        }];
+        msgs.extend(chunks.into_iter().map(|c| v1::UploadRequest { msg: Some(v1::upload_request::Msg::Chunk(c)) }));
+        msgs.push(v1::UploadRequest { msg: Some(v1::upload_request::Msg::Finish(v1::UploadFinish {})) });
+        tokio_stream_iter(msgs)
+    };
+    let e = c.upload(upload("9.9-abcdef01", vec![])).await.expect_err("never prepared");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    assert!(e.message().contains("nothing prepared"), "{}", e.message());
+
+    let p = c.prepare(prepare(good.manifest.clone(), "2")).await.expect("prepare v2").into_inner();
+    assert!(!p.missing_chunks.is_empty());
+    let stranger = v1::ContentChunk {
+        hash: blake3::hash(b"not in v2").as_bytes().to_vec(),
+        raw_length: 9,
+        compression: 0,
+        data: b"not in v2".to_vec(),
+    };
+    let e = c.upload(upload(&p.stage_id, vec![stranger])).await.expect_err("not requested");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("not part of the prepared release"), "{}", e.message());
+
+    let wanted = p.missing_chunks[0].clone();
+    let liar = v1::ContentChunk { hash: wanted, raw_length: 5, compression: 0, data: b"bogus".to_vec() };
+    let e = c.upload(upload(&p.stage_id, vec![liar])).await.expect_err("corrupt");
+    assert_eq!(e.code(), tonic::Code::DataLoss);
+    assert!(e.message().contains("does not match its hash"), "{}", e.message());
+
+    // A decompression bomb: claims 10 bytes, inflates to far more.
+    let bomb = zstd::bulk::compress(&vec![0u8; 200_000], 19).expect("compress");
+    let b = v1::ContentChunk { hash: p.missing_chunks[0].clone(), raw_length: 10, compression: 1, data: bomb };
+    let e = c.upload(upload(&p.stage_id, vec![b])).await.expect_err("bomb");
+    assert_eq!(e.code(), tonic::Code::DataLoss, "{}", e.message());
+
+    // Commit before the content arrived.
+    let stream = c
+        .commit(v1::CommitRequest { app: "web".into(), stage_id: p.stage_id.clone(), deployment_id: "d".into() })
+        .await;
+    let e = match stream {
+        Err(e) => e,
+        Ok(s) => s.into_inner().message().await.expect_err("commit must fail"),
+    };
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    assert!(e.message().contains("were never uploaded"), "{}", e.message());
+
+    // Activate an unknown release; roll back where there is nothing to roll back to.
+    let e = c
+        .activate(v1::ActivateRequest { app: "web".into(), release_id: "7-00000000".into(), ..Default::default() })
+        .await
+        .map(|_| ())
+        .expect_err("unknown release");
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    // A unit the agent's config does not declare.
+    let e = c
+        .activate(v1::ActivateRequest {
+            app: "web".into(),
+            release_id: "1-00000000".into(),
+            units: vec!["ssh.service".into()],
+            ..Default::default()
+        })
+        .await
+        .map(|_| ())
+        .expect_err("undeclared unit");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    assert!(e.message().contains("\"ssh.service\" is not declared"), "{}", e.message());
+
+    // Through all of it, v1 stayed current and intact.
+    assert_eq!(current(&s.app_root()), "1");
+    let app = std::fs::read(s.app_root().join("bin/app")).expect("read");
+    assert!(app == pseudo_random(2_000_000, 7));
+}
+
+fn tokio_stream_iter(msgs: Vec<v1::UploadRequest>) -> impl tokio_stream::Stream<Item = v1::UploadRequest> {
+    tokio_stream::iter(msgs)
+}
+
+#[test]
+fn a_full_disk_is_refused_early_with_numbers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let art = Artifact::scan(&build(dir.path(), "v1", &tree_v(1))).expect("scan");
+    let store = ferry_agent::store::AppStore::new(dir.path().join("store"));
+    let err = store.prepare("1", &art.manifest, &art.manifest_hash, 1_000_000).expect_err("no room").to_string();
+    assert!(err.contains("not enough disk space") && err.contains("1000000 bytes free"), "{err}");
+    assert!(err.contains("staging needs"), "{err}");
+    // Nothing was written: the refusal comes before any bookkeeping.
+    assert!(!dir.path().join("store/staging").exists());
+}
+
+#[test]
+fn enospc_during_staging_fails_cleanly() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("!!! SKIPPED enospc_during_staging_fails_cleanly: needs root to mount a small tmpfs");
+        assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "CI=true must run this test as root");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let small = dir.path().join("small");
+    std::fs::create_dir(&small).expect("mkdir");
+    let mounted =
+        Command::new("mount").args(["-t", "tmpfs", "-o", "size=3m", "tmpfs"]).arg(&small).status().expect("mount");
+    assert!(mounted.success());
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _guard = Unmount(small.clone());
+
+    // v1 (small) is current; v2 lies about the free space so staging starts, then hits ENOSPC.
+    let store = ferry_agent::store::AppStore::new(small.join("store"));
+    let v1 = Artifact::scan(&build(dir.path(), "v1", &[("VERSION", b"1\n".to_vec())])).expect("scan");
+    let p = store.prepare("1", &v1.manifest, &v1.manifest_hash, u64::MAX).expect("prepare");
+    let mut up = store.upload(&p.release_id).expect("upload");
+    for h in &p.missing {
+        let data = v1.read_chunk(h).expect("chunk");
+        up.put(&v1::ContentChunk { hash: h.clone(), raw_length: data.len() as u64, compression: 0, data })
+            .expect("put");
+    }
+    store.commit(&p.release_id, |_, _| {}).expect("commit v1");
+    store.activate(&p.release_id, "d1").expect("activate v1");
+
+    let v2 =
+        Artifact::scan(&build(dir.path(), "v2", &[("VERSION", b"2\n".to_vec()), ("big", pseudo_random(2_500_000, 9))]))
+            .expect("scan");
+    let p2 = store.prepare("2", &v2.manifest, &v2.manifest_hash, u64::MAX).expect("prepare v2");
+    let mut up = store.upload(&p2.release_id).expect("upload");
+    let mut failed = None;
+    for h in &p2.missing {
+        let data = v2.read_chunk(h).expect("chunk");
+        if let Err(e) =
+            up.put(&v1::ContentChunk { hash: h.clone(), raw_length: data.len() as u64, compression: 0, data })
+        {
+            failed = Some(e.to_string());
+            break;
+        }
+    }
+    let err = match failed {
+        Some(e) => e,
+        None => store.commit(&p2.release_id, |_, _| {}).expect_err("the disk fills while building").to_string(),
+    };
+    assert!(err.contains("is full (ENOSPC)"), "{err}");
+    assert_eq!(store.current().expect("current").as_deref(), Some(p.release_id.as_str()), "v1 stays current");
+    assert_eq!(std::fs::read_to_string(small.join("store/current/VERSION")).expect("read"), "1\n");
+}
+
+// ---- crash safety -------------------------------------------------------------------------------
+
+struct AgentProcess {
+    child: Child,
+}
+
+impl AgentProcess {
+    fn start(config: &Path, failpoint: Option<&str>) -> AgentProcess {
+        let mut cmd = Command::new(ferry_tests::bin("ferry-agent"));
+        cmd.arg("--config").arg(config).env_remove("NOTIFY_SOCKET").stdout(Stdio::null()).stderr(Stdio::null());
+        if let Some(fp) = failpoint {
+            cmd.env("FERRY_FAILPOINTS", fp);
+        }
+        AgentProcess { child: cmd.spawn().expect("spawn ferry-agent") }
+    }
+    /// Waits (bounded) for the process to have died, and says whether it was SIGKILL.
+    fn wait_killed(&mut self) -> bool {
+        use std::os::unix::process::ExitStatusExt;
+        let status = ferry_tests::fleet::poll(Duration::from_secs(20), || self.child.try_wait().ok().flatten());
+        status.and_then(|s| s.signal()) == Some(9)
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Every entry of the current release matches the manifest the agent recorded for it.
+fn assert_release_intact(data: &Path) {
+    use prost::Message;
+    let id = std::fs::read_link(data.join("current")).expect("current exists");
+    let id = id.file_name().expect("name").to_string_lossy().into_owned();
+    let bytes = std::fs::read(data.join("manifests").join(format!("{id}.manifest"))).expect("manifest of current");
+    let m = v1::Manifest::decode(bytes.as_slice()).expect("decode");
+    for e in &m.entries {
+        let p = data.join("releases").join(&id).join(&e.path);
+        if e.kind == v1::EntryKind::File as i32 {
+            let content = std::fs::read(&p).expect("file of the current release");
+            assert_eq!(blake3::hash(&content).as_bytes().as_slice(), e.hash.as_slice(), "{}", e.path);
+        } else {
+            assert!(std::fs::symlink_metadata(&p).is_ok(), "{} missing", e.path);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_each_failpoint_leaves_the_old_or_the_new_release() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let files = pki.issue("web-1", Role::Agent, &["127.0.0.1"]);
+    // A fixed port: the agent is restarted between phases.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+        l.local_addr().expect("addr").port()
+    };
+    let config_path = dir.path().join("agent.toml");
+    std::fs::write(
+        &config_path,
+        agent_toml(&files, &dir.path().join("data")).replace("127.0.0.1:0", &format!("127.0.0.1:{port}")),
+    )
+    .expect("write config");
+    let ctl = pki.issue("ctl", Role::Coordinator, &[]);
+    let config = fleet_config(dir.path(), &ctl, &[("web-1", format!("127.0.0.1:{port}"))]);
+    let tls = tls(&ctl);
+    let data = dir.path().join("data/apps/web");
+    let wait_up = || async {
+        let host = Host { name: "web-1".into(), address: "127.0.0.1".into(), port };
+        for _ in 0..100 {
+            if Agent::connect(&host, &tls, TIMEOUTS).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the agent did not come up");
+    };
+
+    let v1 = build(dir.path(), "v1", &tree_v(1));
+    {
+        let _agent = AgentProcess::start(&config_path, None);
+        wait_up().await;
+        assert_eq!(deploy_dir(&config, &tls, &v1, "1").await.status, DeploymentStatus::Succeeded);
+    }
+    for (n, failpoint) in ["after-upload", "mid-materialize", "before-promote", "before-swap-rename"].iter().enumerate()
+    {
+        let version = format!("{}", n + 2);
+        let tree = build(dir.path(), &format!("v{version}"), &tree_v(n as u32 + 2));
+        {
+            let mut agent = AgentProcess::start(&config_path, Some(failpoint));
+            wait_up().await;
+            let r = deploy_dir(&config, &tls, &tree, &version).await;
+            assert_eq!(r.status, DeploymentStatus::Failed, "{failpoint}: {r:?}");
+            assert!(agent.wait_killed(), "{failpoint}: the agent was not killed at the failpoint");
+        }
+        // On disk right after the kill: current still names a complete, intact release.
+        assert_release_intact(&data);
+        let _agent = AgentProcess::start(&config_path, None);
+        wait_up().await;
+        // The restarted agent cleaned staging and serves the old release.
+        assert_eq!(std::fs::read_dir(data.join("staging")).expect("ls").count(), 0, "{failpoint}: staging not cleaned");
+        assert!(
+            !std::fs::read_dir(data.join("releases"))
+                .expect("ls")
+                .any(|e| e.map(|e| e.file_name().to_string_lossy().starts_with('.')).unwrap_or(false)),
+            "{failpoint}: a hidden partial release remains"
+        );
+        let cur = std::fs::read_to_string(data.join("current/VERSION")).expect("read");
+        assert_eq!(cur.trim(), format!("{}", n + 1), "{failpoint}: the old release must still be current");
+        // And the same deployment now goes through.
+        let r = deploy_dir(&config, &tls, &tree, &version).await;
+        assert_eq!(r.status, DeploymentStatus::Succeeded, "{failpoint}: {r:?}");
+        assert_release_intact(&data);
+    }
+}
