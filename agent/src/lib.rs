@@ -5,6 +5,9 @@
 //! - [`tls`]: the agent's mTLS: fleet CA only, coordinator-role clients only.
 //! - [`server`]: accept loop (handshake, refusal log), tonic server, graceful shutdown.
 //! - [`service`]: the `ferry.agent.v1.Agent` gRPC service.
+//! - [`activate`]: the activation sequence: swap, restart units, probe, roll back on failure.
+//! - [`systemd`]: unit control over D-Bus and journal lines of a unit.
+//! - [`probe`]: http, tcp and exec health probes.
 //! - [`facts`]: host facts for `GetStatus` (sysinfo, statvfs).
 //! - [`store`]: each app's release store: staging, content index, promotion, atomic swap, pruning.
 //! - [`failpoint`]: named crash points for crash-safety tests (test builds only).
@@ -13,13 +16,16 @@
 //! The binary (`main.rs`) only parses flags, sets up logging and calls [`run`].
 #![forbid(unsafe_code)]
 
+pub mod activate;
 pub mod config;
 pub mod facts;
 pub mod failpoint;
 pub mod notify;
+pub mod probe;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod systemd;
 pub mod tls;
 
 use tokio_util::sync::CancellationToken;

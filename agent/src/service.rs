@@ -8,10 +8,11 @@ use std::sync::Arc;
 use ferry_proto::v1::{self, agent_server::Agent};
 use tonic::{Request, Response, Status};
 
+use crate::activate;
 use crate::config::AgentConfig;
 use crate::facts;
 use crate::server::PeerInfo;
-use crate::store::{AppStore, StoreError, Swap};
+use crate::store::{AppStore, StoreError};
 use std::time::Instant;
 
 /// Server streaming response for the step-event RPCs.
@@ -198,21 +199,13 @@ impl Agent for AgentService {
         let who = caller(&request);
         let req = request.into_inner();
         let (store, lock) = self.app(&req.app)?;
-        if let Some(app) = self.config.apps.get(&req.app)
-            && let Some(unit) = req.units.iter().find(|u| !app.units.contains(u))
-        {
-            return Err(Status::permission_denied(format!(
-                "unit {unit:?} is not declared for app {} in this agent's config; nothing was changed",
-                req.app
+        self.check_units(&req.app, &req.units)?;
+        if !store.has_release(&req.release_id) {
+            return Err(Status::not_found(format!(
+                "release {} is not on this host (Prepare, Upload and Commit it first)",
+                req.release_id
             )));
         }
-        if !req.units.is_empty() || !req.probes.is_empty() {
-            return Err(Status::unimplemented(format!(
-                "restarting units and health probes are not available in ferry-agent {}",
-                env!("CARGO_PKG_VERSION")
-            )));
-        }
-        let _guard = lock.lock().await;
         tracing::info!(
             caller = who,
             app = req.app,
@@ -220,16 +213,18 @@ impl Agent for AgentService {
             deployment = req.deployment_id,
             "Activate"
         );
-        let started = Instant::now();
         let keep = if req.keep_releases == 0 { 5 } else { req.keep_releases as usize };
-        let (release, deployment) = (req.release_id.clone(), req.deployment_id.clone());
-        let (swap, pruned) = blocking(move || {
-            let swap = store.activate(&release, &deployment)?;
-            let pruned = store.prune(keep)?;
-            Ok((swap, pruned))
-        })
-        .await?;
-        Ok(Response::new(stream_of(swap_events(swap, pruned, started))))
+        let plan = activate::Plan {
+            app: req.app,
+            target: Some(req.release_id),
+            deployment_id: req.deployment_id,
+            units: req.units,
+            probes: req.probes,
+            keep: Some(keep),
+            rollback_on_failure: req.rollback_on_failure,
+            unit_timeout: UNIT_TIMEOUT,
+        };
+        Ok(Response::new(self.spawn_plan(plan, lock)))
     }
 
     type RollbackStream = StepStream;
@@ -237,45 +232,50 @@ impl Agent for AgentService {
         let who = caller(&request);
         let req = request.into_inner();
         let (store, lock) = self.app(&req.app)?;
-        if !req.units.is_empty() || !req.probes.is_empty() {
-            return Err(Status::unimplemented(format!(
-                "restarting units and health probes are not available in ferry-agent {}",
-                env!("CARGO_PKG_VERSION")
-            )));
+        self.check_units(&req.app, &req.units)?;
+        if !req.to_release.is_empty() && !store.has_release(&req.to_release) {
+            return Err(Status::not_found(format!("release {} is not kept on this host", req.to_release)));
         }
-        let _guard = lock.lock().await;
         tracing::info!(caller = who, app = req.app, to = req.to_release, deployment = req.deployment_id, "Rollback");
-        let started = Instant::now();
-        let deployment = req.deployment_id.clone();
-        let to = (!req.to_release.is_empty()).then_some(req.to_release);
-        let swap = blocking(move || store.rollback(to.as_deref(), &deployment)).await?;
-        Ok(Response::new(stream_of(swap_events(swap, Vec::new(), started))))
+        let plan = activate::Plan {
+            app: req.app,
+            target: (!req.to_release.is_empty()).then_some(req.to_release),
+            deployment_id: req.deployment_id,
+            units: req.units,
+            probes: req.probes,
+            keep: None,
+            // Going back is the recovery; if the target is unhealthy too there is nothing to undo to.
+            rollback_on_failure: false,
+            unit_timeout: UNIT_TIMEOUT,
+        };
+        Ok(Response::new(self.spawn_plan(plan, lock)))
     }
 }
 
-fn swap_events(swap: Swap, pruned: Vec<String>, started: Instant) -> Vec<v1::StepEvent> {
-    let mut events = Vec::new();
-    let (outcome, message) = if swap.changed {
-        (v1::Outcome::Healthy, format!("current: {} -> {}", swap.from.as_deref().unwrap_or("(none)"), swap.to))
-    } else {
-        (v1::Outcome::Unchanged, format!("{} was already current", swap.to))
-    };
-    events.push(event(v1::Step::Swap, v1::StepState::Succeeded, started, message));
-    if !pruned.is_empty() {
-        events.push(event(
-            v1::Step::Prune,
-            v1::StepState::Succeeded,
-            started,
-            format!("removed {}", pruned.join(", ")),
-        ));
+/// How long one unit restart may take.
+const UNIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(90);
+
+impl AgentService {
+    /// Every unit must be declared for the app in this agent's own config.
+    fn check_units(&self, app: &str, units: &[String]) -> Result<(), Status> {
+        let declared = self.config.apps.get(app).map(|a| a.units.as_slice()).unwrap_or_default();
+        match units.iter().find(|u| !declared.contains(u)) {
+            Some(unit) => Err(Status::permission_denied(format!(
+                "unit {unit:?} is not declared for app {app} in this agent's config; nothing was changed"
+            ))),
+            None => Ok(()),
+        }
     }
-    if let Some(last) = events.last_mut() {
-        last.r#final = Some(v1::Final {
-            outcome: outcome as i32,
-            release_id: swap.to,
-            previous_release_id: swap.from.unwrap_or_default(),
-            ..Default::default()
+
+    /// Runs an activation plan under the app's lock; its events are the response stream. The
+    /// plan runs to its end even if the coordinator goes away (a host is never left half-way).
+    fn spawn_plan(&self, plan: activate::Plan, lock: Arc<tokio::sync::Mutex<()>>) -> StepStream {
+        let (tx, rx) = tokio::sync::mpsc::channel(32);
+        let config = self.config.clone();
+        tokio::spawn(async move {
+            let _guard = lock.lock().await;
+            activate::run(config, plan, tx).await;
         });
+        Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
     }
-    events
 }

@@ -457,6 +457,13 @@ impl AppStore {
         Ok(stage_id.to_string())
     }
 
+    /// Whether a complete release of that id is kept.
+    pub fn has_release(&self, release_id: &str) -> bool {
+        manifest::check_release_id(release_id).is_ok()
+            && self.release_path(release_id).is_dir()
+            && self.manifest_path(release_id).exists()
+    }
+
     /// Points `current` at `release_id` (and the app root at `current`). O(1): one rename.
     pub fn activate(&self, release_id: &str, deployment_id: &str) -> R<Swap> {
         self.swap_to(release_id, deployment_id, "activate")

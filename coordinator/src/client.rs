@@ -39,6 +39,10 @@ pub enum ErrorKind {
     Protocol,
     /// The agent answered the request with an error.
     Rpc,
+    /// The release failed on the host, which went back to its previous release (healthy).
+    RolledBack,
+    /// The release failed on the host and it could not restore a healthy release.
+    Failed,
 }
 
 impl ErrorKind {
@@ -52,6 +56,8 @@ impl ErrorKind {
             ErrorKind::Identity => "identity",
             ErrorKind::Protocol => "protocol",
             ErrorKind::Rpc => "rpc",
+            ErrorKind::RolledBack => "rolled_back",
+            ErrorKind::Failed => "failed",
         }
     }
 }
@@ -71,7 +77,7 @@ impl HostError {
     /// Whether the host could not be reached or authenticated (exit code 3), as opposed to an
     /// agent that answered with an error.
     pub fn is_unreachable(&self) -> bool {
-        self.kind != ErrorKind::Rpc
+        !matches!(self.kind, ErrorKind::Rpc | ErrorKind::RolledBack | ErrorKind::Failed)
     }
 }
 

@@ -35,6 +35,113 @@ pub struct AppConfig {
     /// The systemd units a deployment restarts (each must be allowed in the agents' agent.toml).
     #[serde(default)]
     pub units: Vec<String>,
+    /// Releases each host keeps (current and its predecessor are always kept).
+    #[serde(default = "default_keep_releases")]
+    pub keep_releases: u32,
+    /// Health probes each host runs after restarting the units; all must pass.
+    #[serde(default)]
+    pub health: Vec<ProbeConfig>,
+}
+
+/// One health probe, run by the agent on its own host. Exactly one of `http`, `tcp`, `exec`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeConfig {
+    pub name: Option<String>,
+    /// URL on the host, e.g. "http://127.0.0.1:8080/health".
+    pub http: Option<String>,
+    /// "address:port" to connect to.
+    pub tcp: Option<String>,
+    /// Command and arguments, run in the release directory; must exit 0.
+    pub exec: Option<Vec<String>>,
+    /// HTTP status expected (default: any 2xx).
+    pub expect_status: Option<u16>,
+    /// Top-level JSON field of the HTTP body that must equal `json_value`.
+    pub json_field: Option<String>,
+    pub json_value: Option<String>,
+    #[serde(default = "default_probe_interval", with = "config_file::duration")]
+    pub interval: Duration,
+    #[serde(default = "default_probe_timeout", with = "config_file::duration")]
+    pub timeout: Duration,
+    /// Failed attempts before the probe fails.
+    #[serde(default = "default_probe_retries")]
+    pub retries: u32,
+    /// After the first success, how long the probe must keep passing.
+    #[serde(default, with = "config_file::duration")]
+    pub min_healthy_time: Duration,
+}
+
+fn default_keep_releases() -> u32 {
+    5
+}
+fn default_probe_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_probe_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_probe_retries() -> u32 {
+    10
+}
+
+impl ProbeConfig {
+    fn problems(&self, key: &str, p: &mut Vec<Problem>) {
+        let kinds = [self.http.is_some(), self.tcp.is_some(), self.exec.is_some()].iter().filter(|k| **k).count();
+        if kinds != 1 {
+            p.push(Problem::new(key, "set exactly one of http, tcp or exec"));
+        }
+        if let Some(url) = &self.http
+            && !url.starts_with("http://")
+        {
+            p.push(Problem::new(format!("{key}.http"), format!("{url:?} must be an http:// URL on the host")));
+        }
+        if let Some(cmd) = &self.exec
+            && cmd.is_empty()
+        {
+            p.push(Problem::new(format!("{key}.exec"), "names no command"));
+        }
+        if self.json_field.is_some() != self.json_value.is_some() {
+            p.push(Problem::new(key, "json_field and json_value go together"));
+        }
+        if (self.json_field.is_some() || self.expect_status.is_some()) && self.http.is_none() {
+            p.push(Problem::new(key, "expect_status and json_field apply to http probes only"));
+        }
+        if self.timeout.is_zero() {
+            p.push(Problem::new(format!("{key}.timeout"), "must be greater than 0"));
+        }
+        if self.retries == 0 {
+            p.push(Problem::new(format!("{key}.retries"), "must be at least 1"));
+        }
+    }
+
+    /// The probe as sent to agents.
+    pub fn to_wire(&self, index: usize) -> ferry_proto::v1::HealthProbe {
+        use ferry_proto::v1::{ExecProbe, HealthProbe, HttpProbe, TcpProbe, health_probe::Kind};
+        let kind = if let Some(url) = &self.http {
+            Kind::Http(HttpProbe {
+                url: url.clone(),
+                expect_status: self.expect_status.map_or(0, u32::from),
+                json_field: self.json_field.clone().unwrap_or_default(),
+                json_value: self.json_value.clone().unwrap_or_default(),
+            })
+        } else if let Some(addr) = &self.tcp {
+            Kind::Tcp(TcpProbe { address: addr.clone() })
+        } else {
+            let cmd = self.exec.clone().unwrap_or_default();
+            Kind::Exec(ExecProbe {
+                command: cmd.first().cloned().unwrap_or_default(),
+                args: cmd.iter().skip(1).cloned().collect(),
+            })
+        };
+        HealthProbe {
+            name: self.name.clone().unwrap_or_else(|| format!("health[{index}]")),
+            kind: Some(kind),
+            interval_ms: self.interval.as_millis() as u64,
+            timeout_ms: self.timeout.as_millis() as u64,
+            retries: self.retries,
+            min_healthy_time_ms: self.min_healthy_time.as_millis() as u64,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -144,6 +251,15 @@ impl FleetConfig {
         let mut p = Vec::new();
         if self.app.name.is_empty() {
             p.push(Problem::new("app.name", "must not be empty"));
+        }
+        if self.app.keep_releases < 2 {
+            p.push(Problem::new(
+                "app.keep_releases",
+                "must be at least 2 (the current release and the one to roll back to)",
+            ));
+        }
+        for (i, probe) in self.app.health.iter().enumerate() {
+            probe.problems(&format!("app.health[{i}]"), &mut p);
         }
         for (key, path) in [("tls.ca", &self.tls.ca), ("tls.cert", &self.tls.cert), ("tls.key", &self.tls.key)] {
             if path.as_os_str().is_empty() {
@@ -268,6 +384,29 @@ hosts = { web-1 = "10.0.0.11:7443", web-2 = "10.0.0.12", web-3 = "web-3.example.
         assert!(err.contains("unknown field `verify`"), "{err}");
         let err = load(&GOOD.replace("[app]", "connect_timeout = 5\n[app]")).expect_err("must be refused");
         assert!(err.contains("connect_timeout") || err.contains("invalid type"), "{err}");
+    }
+
+    #[test]
+    fn health_probes_are_validated() {
+        let text = GOOD.replace(
+            "[tls]",
+            "keep_releases = 1\n[[app.health]]\nhttp = \"https://x/health\"\ntcp = \"x:1\"\n\n[[app.health]]\nexec = [\"true\"]\njson_field = \"status\"\nretries = 0\n\n[tls]",
+        );
+        let err = load(&text).expect_err("must be refused");
+        assert!(err.contains("app.keep_releases: must be at least 2"), "{err}");
+        assert!(err.contains("app.health[0]: set exactly one of http, tcp or exec"), "{err}");
+        assert!(err.contains("app.health[0].http: \"https://x/health\" must be an http:// URL"), "{err}");
+        assert!(err.contains("app.health[1]: json_field and json_value go together"), "{err}");
+        assert!(err.contains("app.health[1].retries: must be at least 1"), "{err}");
+
+        let ok = GOOD.replace(
+            "[tls]",
+            "[[app.health]]\nname = \"web\"\nhttp = \"http://127.0.0.1:8080/health\"\njson_field = \"status\"\njson_value = \"healthy\"\ninterval = \"500ms\"\n\n[tls]",
+        );
+        let c = load(&ok).expect("valid");
+        let wire = c.app.health[0].to_wire(0);
+        assert_eq!(wire.name, "web");
+        assert_eq!((wire.interval_ms, wire.timeout_ms, wire.retries), (500, 2000, 10));
     }
 
     #[test]

@@ -99,28 +99,6 @@ fn certificates_from_another_ca_are_refused_on_both_sides() {
 }
 
 #[test]
-fn demo_app_runs_under_systemd_and_answers_from_its_release() {
-    let fleet = fleet_or_skip!(1);
-    let host = &fleet.hosts[0];
-    // Until the release engine lands, place a release by hand where the agent will put them.
-    let release = fleet.dir.join("release-v1");
-    demo_app::write_release(&release, "1", Variant::Healthy).expect("write release");
-    host.exec(&["mkdir", "-p", "/srv"]).expect("mkdir");
-    let staged = host.dir.join("state").join("v1");
-    std::fs::create_dir_all(&staged).expect("mkdir");
-    for f in ["app.py", "VERSION", "health.json"] {
-        std::fs::copy(release.join(f), staged.join(f)).expect("copy");
-    }
-    host.exec(&["ln", "-sfn", "/var/lib/ferry/v1", "/srv/web"]).expect("link");
-    host.systemctl(&["start", "web.service"]).expect("start web.service");
-    let url = format!("http://{}:{}/health", host.ip, demo_app::PORT);
-    let answer = ferry_tests::fleet::poll(std::time::Duration::from_secs(10), || fleet.http_get(&url).ok());
-    let (status, body) = answer.expect("the demo app answers");
-    assert_eq!(status, 200, "{body}");
-    assert!(body.contains("\"version\": \"1\""), "{body}");
-}
-
-#[test]
 fn faults_take_effect_and_heal() {
     let fleet = fleet_or_skip!(1);
     let host = &fleet.hosts[0];
@@ -192,6 +170,13 @@ fn deploy_v1_then_v2_then_rollback_across_three_hosts() {
         // Progress per host is shown while it runs.
         assert!(text.contains("web-2: prepared:") && text.contains("web-3: activated"), "{text}");
         assert_eq!(versions(&fleet), [v, v, v]);
+        // The agent restarted the demo unit: every host's app now answers from the new release.
+        for h in &fleet.hosts {
+            let (status, body) =
+                fleet.http_get(&format!("http://{}:{}/health", h.ip, demo_app::PORT)).expect("GET /health");
+            assert_eq!(status, 200, "{}: {body}", h.name);
+            assert!(body.contains(&format!("\"version\": \"{v}\"")), "{}: {body}", h.name);
+        }
     }
     // ferry status shows the new release everywhere.
     let out = fleet.ferry(&["status", "--config", config, "--env", "test", "--output", "json"]);
@@ -282,4 +267,89 @@ fn a_full_disk_is_refused_before_staging_with_free_and_needed_space() {
         "1",
     ]);
     assert_eq!(out.status.code(), Some(0), "after freeing space the deploy goes through: {}", stdout(&out));
+}
+
+fn deploy(
+    fleet: &ferry_tests::fleet::Fleet,
+    config: &str,
+    v: &str,
+    variant: Variant,
+) -> (Option<i32>, serde_json::Value, String) {
+    let dir = fleet.dir.join(format!("demo-v{v}"));
+    demo_app::write_release(&dir, v, variant).expect("write release");
+    let out = fleet.ferry(&[
+        "deploy",
+        "--config",
+        config,
+        "--env",
+        "test",
+        "--artifact",
+        dir.to_str().unwrap_or_default(),
+        "--version",
+        v,
+        "--output",
+        "json",
+    ]);
+    let json = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    (out.status.code(), json, stderr(&out))
+}
+
+fn served(fleet: &ferry_tests::fleet::Fleet) -> Vec<String> {
+    fleet
+        .hosts
+        .iter()
+        .map(|h| match fleet.http_get(&format!("http://{}:{}/", h.ip, demo_app::PORT)) {
+            Ok((_, body)) => body,
+            Err(e) => format!("unreachable: {e}"),
+        })
+        .collect()
+}
+
+#[test]
+fn broken_releases_are_rolled_back_on_the_host_and_the_rollout_halts() {
+    let fleet = fleet_or_skip!(2);
+    let toml = fleet.fleet_toml();
+    let config = toml.to_str().unwrap_or_default();
+    for v in ["1", "2"] {
+        let (code, json, err) = deploy(&fleet, config, v, Variant::Healthy);
+        assert_eq!(code, Some(0), "{json}{err}");
+    }
+    let pid_v2 = fleet.hosts[0].main_pid("web.service");
+    assert_eq!(served(&fleet), ["2", "2"]);
+
+    // v3 answers /health with 503 "unhealthy": web-1 goes back to v2 by itself, the rollout halts.
+    let (code, json, err) = deploy(&fleet, config, "3", Variant::Unhealthy);
+    assert_eq!(code, Some(1), "{json}{err}");
+    assert_eq!(json["status"], "failed", "{json}");
+    assert_eq!(json["hosts"][0]["status"], "rolled_back", "{json}");
+    let cause = json["hosts"][0]["error"].as_str().unwrap_or_default();
+    assert!(
+        cause.contains("health probe demo failed after 10 attempt(s): GET http://127.0.0.1:8080/health answered 503"),
+        "{cause}"
+    );
+    assert!(cause.contains("broken on purpose") && cause.contains("rolled back to 2-"), "{cause}");
+    assert_eq!(json["hosts"][1]["status"], "skipped", "{json}");
+    assert_eq!(served(&fleet), ["2", "2"], "both hosts serve v2 again");
+    assert_ne!(fleet.hosts[0].main_pid("web.service"), pid_v2, "web-1's unit was restarted (onto v3, then back)");
+
+    // v4 exits at start: rolled back, and the report carries the unit's journal lines.
+    let (code, json, err) = deploy(&fleet, config, "4", Variant::CrashOnStart);
+    assert_eq!(code, Some(1), "{json}{err}");
+    assert_eq!(json["hosts"][0]["status"], "rolled_back", "{json}");
+    let cause = json["hosts"][0]["error"].as_str().unwrap_or_default();
+    assert!(cause.contains("restart: unit web.service"), "{cause}");
+    assert!(cause.contains("this release is built to fail at start"), "the journal lines: {cause}");
+    assert_eq!(served(&fleet), ["2", "2"]);
+
+    // A unit the agents do not declare: refused before anything changes.
+    let bad =
+        std::fs::read_to_string(&toml).expect("read").replace("units = [\"web.service\"]", "units = [\"ssh.service\"]");
+    let bad_path = fleet.dir.join("bad-unit.toml");
+    std::fs::write(&bad_path, bad).expect("write");
+    let (code, json, err) = deploy(&fleet, bad_path.to_str().unwrap_or_default(), "5", Variant::Healthy);
+    assert_eq!(code, Some(1), "{json}{err}");
+    let cause = json["hosts"][0]["error"].as_str().unwrap_or_default();
+    assert!(cause.contains("unit \"ssh.service\" is not declared for app web"), "{cause}");
+    assert_eq!(served(&fleet), ["2", "2"]);
+    assert_eq!(versions(&fleet), ["2", "2"]);
 }

@@ -28,7 +28,11 @@ pub enum HostOutcome {
     Succeeded,
     /// It already was current: nothing changed.
     Unchanged,
-    /// The release failed on this host; its previous release is still current.
+    /// The release failed on this host after the switch; the host went back to its previous
+    /// release, which is healthy.
+    RolledBack,
+    /// The release failed on this host (before the switch, or the host could not go back to a
+    /// healthy release: see the error).
     Failed,
     /// Could not connect or authenticate.
     Unreachable,
@@ -139,8 +143,13 @@ pub async fn deploy(
             }
             Err(e) => {
                 halted = true;
-                let status = if e.is_unreachable() { HostOutcome::Unreachable } else { HostOutcome::Failed };
-                progress(&host.name, &format!("FAILED: {}", e.message));
+                let status = match e.kind {
+                    ErrorKind::RolledBack => HostOutcome::RolledBack,
+                    _ if e.is_unreachable() => HostOutcome::Unreachable,
+                    _ => HostOutcome::Failed,
+                };
+                let label = if status == HostOutcome::RolledBack { "ROLLED BACK" } else { "FAILED" };
+                progress(&host.name, &format!("{label}: {}", e.message));
                 HostResult {
                     name: host.name.clone(),
                     status,
@@ -254,21 +263,39 @@ async fn deploy_host(
             release_id: prepared.release_id.clone(),
             deployment_id: deployment_id.to_string(),
             version: version.to_string(),
-            keep_releases: 5,
+            units: config.app.units.clone(),
+            probes: probes(config),
+            hooks: None,
+            keep_releases: config.app.keep_releases,
             rollback_on_failure: true,
-            ..Default::default()
         }),
         host,
         "activate",
     )
     .await?;
+    final_result(fin, &fail)
+}
+
+fn probes(config: &FleetConfig) -> Vec<v1::HealthProbe> {
+    config.app.health.iter().enumerate().map(|(i, p)| p.to_wire(i)).collect()
+}
+
+/// Turns an activation's final event into the host's result.
+fn final_result(fin: v1::Final, fail: &dyn Fn(ErrorKind, String) -> HostError) -> Result<SwapResult, HostError> {
     match v1::Outcome::try_from(fin.outcome) {
         Ok(v1::Outcome::Healthy) | Ok(v1::Outcome::Unchanged) => Ok(SwapResult {
             from: (!fin.previous_release_id.is_empty()).then_some(fin.previous_release_id),
             to: fin.release_id,
             changed: fin.outcome == v1::Outcome::Healthy as i32,
         }),
-        other => Err(fail(ErrorKind::Rpc, format!("activation ended with {other:?}: {}", fin.cause))),
+        Ok(v1::Outcome::RolledBack) => Err(fail(
+            ErrorKind::RolledBack,
+            format!("{} (rolled back to {}, which is healthy)", fin.cause, fin.release_id),
+        )),
+        other => Err(fail(
+            ErrorKind::Failed,
+            format!("activation ended {:?}: {}", other.unwrap_or(v1::Outcome::Unspecified), fin.cause),
+        )),
     }
 }
 
@@ -488,15 +515,12 @@ async fn rollback_host(
             app,
             to_release,
             deployment_id: deployment_id.to_string(),
-            ..Default::default()
+            units: config.app.units.clone(),
+            probes: probes(config),
         }),
         host,
         "rollback",
     )
     .await?;
-    Ok(SwapResult {
-        from: (!fin.previous_release_id.is_empty()).then_some(fin.previous_release_id),
-        to: fin.release_id,
-        changed: fin.outcome == v1::Outcome::Healthy as i32,
-    })
+    final_result(fin, &fail)
 }

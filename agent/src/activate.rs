@@ -1,0 +1,363 @@
+//! Activation on this host (shared/DESIGN.md §4): swap → restart the app's units → health probes →
+//! prune; streamed as step events.
+//!
+//! Any failure after the swap puts the previous release back (swap, restart, probe) and ends
+//! `ROLLED_BACK` with the cause: the failed step and the unit's state and journal lines, or the
+//! probe's last answer. If the previous release does not come back healthy either, the end is
+//! `FAILED`, said loudly: the host needs a human. Activating the release that is already current,
+//! with its units running and its probes passing, does nothing (`UNCHANGED`).
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_proto::v1::{self, Outcome, Step, StepState};
+use tokio::sync::mpsc;
+use tonic::Status;
+
+use crate::config::AgentConfig;
+use crate::store::Swap;
+use crate::systemd::{Systemd, UnitError};
+use crate::{failpoint, probe};
+
+/// What to do.
+pub struct Plan {
+    pub app: String,
+    /// `None`: the release before the current one (rollback).
+    pub target: Option<String>,
+    pub deployment_id: String,
+    pub units: Vec<String>,
+    pub probes: Vec<v1::HealthProbe>,
+    /// Prune to this many releases after a success (activations only).
+    pub keep: Option<usize>,
+    pub rollback_on_failure: bool,
+    pub unit_timeout: Duration,
+}
+
+type Tx = mpsc::Sender<Result<v1::StepEvent, Status>>;
+
+struct Emitter {
+    tx: Tx,
+    started: Instant,
+}
+
+impl Emitter {
+    async fn send(&self, step: Step, state: StepState, message: impl Into<String>, step_started: Option<Instant>) {
+        let ev = v1::StepEvent {
+            step: step as i32,
+            state: state as i32,
+            message: message.into(),
+            elapsed_ms: self.started.elapsed().as_millis() as u64,
+            step_ms: step_started.map_or(0, |s| s.elapsed().as_millis() as u64),
+            ..Default::default()
+        };
+        let _ = self.tx.send(Ok(ev)).await;
+    }
+
+    async fn finish(&self, fin: v1::Final) {
+        let ev = v1::StepEvent {
+            elapsed_ms: self.started.elapsed().as_millis() as u64,
+            message: fin.cause.clone(),
+            r#final: Some(fin),
+            ..Default::default()
+        };
+        let _ = self.tx.send(Ok(ev)).await;
+    }
+}
+
+/// A step that failed: what to tell the coordinator.
+struct Failure {
+    cause: String,
+    units: Vec<v1::UnitState>,
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, crate::store::StoreError> + Send + 'static,
+) -> Result<T, String> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(e) => Err(format!("worker failed: {e}")),
+    }
+}
+
+/// Runs the plan, sending step events and a final event into `tx`. Errors before anything
+/// changed on the host are returned as a status instead.
+pub async fn run(config: Arc<AgentConfig>, plan: Plan, tx: Tx) {
+    let em = Emitter { tx, started: Instant::now() };
+    let Some(store) = config.store(&plan.app) else {
+        let _ = em.tx.send(Err(Status::not_found(format!("app {:?} is not declared", plan.app)))).await;
+        return;
+    };
+    // Exec probes run in the release that is current at the time.
+    let root = config.app_dir(&plan.app).join("current");
+    let systemd = if plan.units.is_empty() {
+        None
+    } else {
+        match Systemd::connect().await {
+            Ok(s) => Some(s),
+            Err(e) => {
+                let _ = em.tx.send(Err(Status::unavailable(format!("{e}; nothing was changed")))).await;
+                return;
+            }
+        }
+    };
+
+    // Resolve what to switch to.
+    let current = store.current().ok().flatten();
+    let target = match &plan.target {
+        Some(t) => t.clone(),
+        None => match store.previous() {
+            Ok(Some(p)) => p,
+            Ok(None) => {
+                let _ = em
+                    .tx
+                    .send(Err(Status::failed_precondition("there is no previous release on this host to roll back to")))
+                    .await;
+                return;
+            }
+            Err(e) => {
+                let _ = em.tx.send(Err(Status::internal(e.to_string()))).await;
+                return;
+            }
+        },
+    };
+
+    // Idempotence: already current, running and healthy → nothing to do.
+    if current.as_deref() == Some(target.as_str()) {
+        let units_up = match &systemd {
+            Some(sd) => {
+                let mut all = true;
+                for u in &plan.units {
+                    all &= sd.state(u).await.active_state == "active";
+                }
+                all
+            }
+            None => true,
+        };
+        if units_up && health(&em, &plan.probes, &root, Step::Health).await.is_ok() {
+            em.send(Step::Swap, StepState::Skipped, format!("{target} is already current and healthy"), None).await;
+            em.finish(v1::Final {
+                outcome: Outcome::Unchanged as i32,
+                release_id: target,
+                previous_release_id: store.previous().ok().flatten().unwrap_or_default(),
+                ..Default::default()
+            })
+            .await;
+            return;
+        }
+    }
+
+    // Swap.
+    let t = Instant::now();
+    em.send(Step::Swap, StepState::Started, format!("switching to {target}"), None).await;
+    let (t2, dep) = (target.clone(), plan.deployment_id.clone());
+    let store2 = config.store(&plan.app);
+    let action_is_rollback = plan.target.is_none();
+    let swap: Swap = match blocking(move || {
+        let s = store2.ok_or_else(|| crate::store::StoreError::NoSuchRelease(t2.clone()))?;
+        if action_is_rollback { s.rollback(Some(&t2), &dep) } else { s.activate(&t2, &dep) }
+    })
+    .await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            em.send(Step::Swap, StepState::Failed, e.clone(), Some(t)).await;
+            em.finish(v1::Final {
+                outcome: Outcome::Failed as i32,
+                release_id: current.unwrap_or_default(),
+                cause: format!("swap: {e} (nothing was changed)"),
+                ..Default::default()
+            })
+            .await;
+            return;
+        }
+    };
+    let swap_us = t.elapsed().as_micros();
+    tracing::info!(app = plan.app, from = ?swap.from, to = swap.to, swap_us, "swapped current");
+    em.send(
+        Step::Swap,
+        StepState::Succeeded,
+        format!("current: {} -> {} in {swap_us} µs", swap.from.as_deref().unwrap_or("(none)"), swap.to),
+        Some(t),
+    )
+    .await;
+    failpoint::hit("after-swap");
+
+    // Restart, probe.
+    let result = match restart(&em, systemd.as_ref(), &plan.units, plan.unit_timeout, Step::RestartUnits).await {
+        Ok(()) => health(&em, &plan.probes, &root, Step::Health).await,
+        Err(f) => Err(f),
+    };
+    match result {
+        Ok(()) => {
+            let mut pruned = Vec::new();
+            if let Some(keep) = plan.keep {
+                let t = Instant::now();
+                let store3 = config.store(&plan.app);
+                match blocking(move || store3.map_or(Ok(Vec::new()), |s| s.prune(keep))).await {
+                    Ok(p) => pruned = p,
+                    Err(e) => tracing::warn!(app = plan.app, "pruning old releases failed: {e}"),
+                }
+                if !pruned.is_empty() {
+                    em.send(Step::Prune, StepState::Succeeded, format!("removed {}", pruned.join(", ")), Some(t)).await;
+                }
+            }
+            em.finish(v1::Final {
+                outcome: Outcome::Healthy as i32,
+                release_id: swap.to,
+                previous_release_id: swap.from.unwrap_or_default(),
+                ..Default::default()
+            })
+            .await;
+        }
+        Err(failure) => {
+            let Some(previous) = swap.from.clone().filter(|_| plan.rollback_on_failure) else {
+                em.finish(v1::Final {
+                    outcome: Outcome::Failed as i32,
+                    release_id: swap.to,
+                    previous_release_id: swap.from.unwrap_or_default(),
+                    cause: format!(
+                        "{} (no previous release to go back to: the host runs the failed release)",
+                        failure.cause
+                    ),
+                    units: failure.units,
+                })
+                .await;
+                return;
+            };
+            roll_back(&em, &config, &plan, systemd.as_ref(), &root, &swap, &previous, failure).await;
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn roll_back(
+    em: &Emitter,
+    config: &Arc<AgentConfig>,
+    plan: &Plan,
+    systemd: Option<&Systemd>,
+    root: &std::path::Path,
+    swap: &Swap,
+    previous: &str,
+    failure: Failure,
+) {
+    let t = Instant::now();
+    em.send(Step::RollbackSwap, StepState::Started, format!("going back to {previous}"), None).await;
+    let (p, dep, store) = (previous.to_string(), plan.deployment_id.clone(), config.store(&plan.app));
+    let back = blocking(move || {
+        let s = store.ok_or_else(|| crate::store::StoreError::NoSuchRelease(p.clone()))?;
+        s.rollback(Some(&p), &dep)
+    })
+    .await;
+    if let Err(e) = back {
+        em.send(Step::RollbackSwap, StepState::Failed, e.clone(), Some(t)).await;
+        em.finish(v1::Final {
+            outcome: Outcome::Failed as i32,
+            release_id: swap.to.clone(),
+            previous_release_id: previous.to_string(),
+            cause: format!("{}; AND swapping back to {previous} failed: {e}", failure.cause),
+            units: failure.units,
+        })
+        .await;
+        return;
+    }
+    em.send(Step::RollbackSwap, StepState::Succeeded, format!("current: {} -> {previous}", swap.to), Some(t)).await;
+    let again = match restart(em, systemd, &plan.units, plan.unit_timeout, Step::RollbackRestart).await {
+        Ok(()) => health(em, &plan.probes, root, Step::RollbackHealth).await,
+        Err(f) => Err(f),
+    };
+    match again {
+        Ok(()) => {
+            em.finish(v1::Final {
+                outcome: Outcome::RolledBack as i32,
+                release_id: previous.to_string(),
+                previous_release_id: swap.to.clone(),
+                cause: failure.cause,
+                units: failure.units,
+            })
+            .await;
+        }
+        Err(second) => {
+            tracing::error!(app = plan.app, "the previous release {previous} is unhealthy too: {}", second.cause);
+            let mut units = failure.units;
+            units.extend(second.units);
+            em.finish(v1::Final {
+                outcome: Outcome::Failed as i32,
+                release_id: previous.to_string(),
+                previous_release_id: swap.to.clone(),
+                cause: format!(
+                    "{}; rolled back to {previous}, but it is UNHEALTHY TOO: {} — this host needs attention",
+                    failure.cause, second.cause
+                ),
+                units,
+            })
+            .await;
+        }
+    }
+}
+
+async fn restart(
+    em: &Emitter,
+    systemd: Option<&Systemd>,
+    units: &[String],
+    timeout: Duration,
+    step: Step,
+) -> Result<(), Failure> {
+    let Some(sd) = systemd else { return Ok(()) };
+    for unit in units {
+        let t = Instant::now();
+        em.send(step, StepState::Started, format!("restarting {unit}"), None).await;
+        match sd.restart(unit, timeout).await {
+            Ok(()) => em.send(step, StepState::Succeeded, format!("{unit} is active"), Some(t)).await,
+            Err(e) => {
+                em.send(step, StepState::Failed, e.to_string(), Some(t)).await;
+                let units = match &e {
+                    UnitError::Bus(_) => Vec::new(),
+                    other => other.state().cloned().into_iter().collect(),
+                };
+                let journal = units.first().map(|s| s.journal.join("\n")).unwrap_or_default();
+                let state = units
+                    .first()
+                    .map(|s| {
+                        format!(
+                            " [ActiveState={} SubState={} Result={} ExecMainStatus={}]",
+                            s.active_state, s.sub_state, s.result, s.exec_main_status
+                        )
+                    })
+                    .unwrap_or_default();
+                return Err(Failure {
+                    cause: format!(
+                        "{}: {e}{state}{}",
+                        step_name(step),
+                        if journal.is_empty() { String::new() } else { format!("\nlast journal lines:\n{journal}") }
+                    ),
+                    units,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn health(em: &Emitter, probes: &[v1::HealthProbe], cwd: &std::path::Path, step: Step) -> Result<(), Failure> {
+    for p in probes {
+        let t = Instant::now();
+        em.send(step, StepState::Started, format!("probing {}", p.name), None).await;
+        match probe::run(p, cwd).await {
+            Ok(()) => em.send(step, StepState::Succeeded, format!("{} is healthy", p.name), Some(t)).await,
+            Err(e) => {
+                em.send(step, StepState::Failed, e.to_string(), Some(t)).await;
+                return Err(Failure { cause: format!("{}: {e}", step_name(step)), units: Vec::new() });
+            }
+        }
+    }
+    Ok(())
+}
+
+fn step_name(step: Step) -> &'static str {
+    match step {
+        Step::RestartUnits => "restart",
+        Step::Health => "health",
+        Step::RollbackRestart => "restart after rollback",
+        Step::RollbackHealth => "health after rollback",
+        _ => "step",
+    }
+}

@@ -1,0 +1,199 @@
+//! systemd unit control over D-Bus (`org.freedesktop.systemd1` on the system bus).
+//!
+//! A restart subscribes to `JobRemoved` *before* asking for the job (so the signal cannot be
+//! missed), waits for the job's result, then watches `ActiveState` through a short settle window:
+//! for `Type=simple`/`exec` units the job is done at exec time, and a process that dies right after
+//! must still count as a failed start. A failure carries the unit's `ActiveState`, `SubState`,
+//! `Result`, `ExecMainStatus` and its last journal lines.
+//!
+//! Before a restart the unit's failed state and start-rate counter are reset: a deploy's restart
+//! must not be refused because earlier restarts used up `StartLimitBurst`.
+//!
+//! Callers only ever pass units that the app declares in `agent.toml` (checked by the service).
+use std::time::Duration;
+
+use ferry_proto::v1;
+use tokio_stream::StreamExt;
+use zbus_systemd::systemd1::{ManagerProxy, ServiceProxy, UnitProxy};
+
+/// How long a freshly started unit must stay up before its start counts as done.
+pub const SETTLE: Duration = Duration::from_millis(500);
+
+#[derive(Debug, thiserror::Error)]
+pub enum UnitError {
+    #[error("cannot reach systemd over D-Bus: {0}")]
+    Bus(String),
+    #[error("unit {unit}: {action} failed: {reason}")]
+    Failed { unit: String, action: &'static str, reason: String, state: Box<v1::UnitState> },
+    #[error("unit {unit}: {action} did not finish within {timeout:?}")]
+    Timeout { unit: String, action: &'static str, timeout: Duration, state: Box<v1::UnitState> },
+}
+
+impl UnitError {
+    pub fn state(&self) -> Option<&v1::UnitState> {
+        match self {
+            UnitError::Bus(_) => None,
+            UnitError::Failed { state, .. } | UnitError::Timeout { state, .. } => Some(state),
+        }
+    }
+}
+
+fn bus(e: impl std::fmt::Display) -> UnitError {
+    UnitError::Bus(e.to_string())
+}
+
+/// A connection to the host's systemd.
+pub struct Systemd {
+    conn: zbus::Connection,
+}
+
+impl Systemd {
+    pub async fn connect() -> Result<Systemd, UnitError> {
+        let conn = zbus::Connection::system().await.map_err(bus)?;
+        // Job signals are only sent to subscribed clients; systemd refuses a second Subscribe on
+        // the same connection, so it is done once, here.
+        ManagerProxy::new(&conn).await.map_err(bus)?.subscribe().await.map_err(bus)?;
+        Ok(Systemd { conn })
+    }
+
+    async fn manager(&self) -> Result<ManagerProxy<'_>, UnitError> {
+        ManagerProxy::new(&self.conn).await.map_err(bus)
+    }
+
+    /// Restarts `unit` (starting it if it was stopped) and waits until it runs.
+    pub async fn restart(&self, unit: &str, timeout: Duration) -> Result<(), UnitError> {
+        self.job(unit, "restart", timeout).await
+    }
+
+    /// Stops `unit` and waits for the job.
+    pub async fn stop(&self, unit: &str, timeout: Duration) -> Result<(), UnitError> {
+        self.job(unit, "stop", timeout).await
+    }
+
+    async fn job(&self, unit: &str, action: &'static str, timeout: Duration) -> Result<(), UnitError> {
+        let manager = self.manager().await?;
+        if action == "restart" {
+            // A deliberate restart must not be refused by the start rate limit that earlier
+            // deploys (or a crash loop of the broken release) used up: reset it, like
+            // `systemctl reset-failed`. Fails harmlessly for a unit that is not failed.
+            let _ = manager.reset_failed_unit(unit.to_string()).await;
+        }
+        let mut removed = manager.receive_job_removed().await.map_err(bus)?;
+        let job = match action {
+            "stop" => manager.stop_unit(unit.to_string(), "replace".into()).await,
+            _ => manager.restart_unit(unit.to_string(), "replace".into()).await,
+        }
+        .map_err(|e| UnitError::Failed {
+            unit: unit.to_string(),
+            action,
+            reason: format!("systemd refused the job: {e}"),
+            state: Box::new(v1::UnitState { unit: unit.to_string(), ..Default::default() }),
+        })?;
+        let result = tokio::time::timeout(timeout, async {
+            while let Some(signal) = removed.next().await {
+                if let Ok(args) = signal.args()
+                    && args.job == job
+                {
+                    return Some(args.result.clone());
+                }
+            }
+            None
+        })
+        .await;
+        let result = match result {
+            Ok(Some(r)) => r,
+            Ok(None) => return Err(bus("the JobRemoved signal stream ended")),
+            Err(_) => {
+                return Err(UnitError::Timeout {
+                    unit: unit.to_string(),
+                    action,
+                    timeout,
+                    state: Box::new(self.state(unit).await),
+                });
+            }
+        };
+        if result != "done" {
+            return Err(UnitError::Failed {
+                unit: unit.to_string(),
+                action,
+                reason: format!("the job ended with result {result:?}"),
+                state: Box::new(self.state(unit).await),
+            });
+        }
+        if action == "stop" {
+            return Ok(());
+        }
+        // The job is done at exec time for simple/exec units: make sure the process stays up.
+        let settle_until = tokio::time::Instant::now() + SETTLE;
+        loop {
+            let state = self.state(unit).await;
+            match state.active_state.as_str() {
+                "active" | "activating" | "reloading" => {}
+                _ => {
+                    return Err(UnitError::Failed {
+                        unit: unit.to_string(),
+                        action,
+                        reason: format!("it is {} ({}) right after starting", state.active_state, state.sub_state),
+                        state: Box::new(state),
+                    });
+                }
+            }
+            if tokio::time::Instant::now() >= settle_until && state.active_state == "active" {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= settle_until + timeout {
+                return Err(UnitError::Timeout { unit: unit.to_string(), action, timeout, state: Box::new(state) });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The unit's state and its last journal lines (best effort: missing fields stay empty).
+    pub async fn state(&self, unit: &str) -> v1::UnitState {
+        let mut s = v1::UnitState { unit: unit.to_string(), ..Default::default() };
+        if let Ok(manager) = self.manager().await
+            && let Ok(path) = manager.load_unit(unit.to_string()).await
+        {
+            if let Ok(u) = UnitProxy::builder(&self.conn).path(path.clone()).build().await {
+                s.active_state = u.active_state().await.unwrap_or_default();
+                s.sub_state = u.sub_state().await.unwrap_or_default();
+            }
+            if unit.ends_with(".service")
+                && let Ok(svc) = ServiceProxy::builder(&self.conn).path(path).build().await
+            {
+                s.result = svc.result().await.unwrap_or_default();
+                s.exec_main_status = svc.exec_main_status().await.unwrap_or_default();
+            }
+        }
+        let name = unit.to_string();
+        s.journal = tokio::task::spawn_blocking(move || journal_tail(&name, 15)).await.unwrap_or_default();
+        s
+    }
+}
+
+/// The last `n` journal lines of `unit` (oldest first), from the system journal.
+pub fn journal_tail(unit: &str, n: usize) -> Vec<String> {
+    use systemd::journal;
+    let Ok(mut j) = journal::OpenOptions::default().system(true).local_only(true).open() else {
+        return Vec::new();
+    };
+    // The unit's own output (_SYSTEMD_UNIT) or systemd's messages about it (UNIT), as `journalctl -u`.
+    let matched =
+        j.match_add("_SYSTEMD_UNIT", unit).is_ok() && j.match_or().is_ok() && j.match_add("UNIT", unit).is_ok();
+    if !matched || j.seek_tail().is_err() {
+        return Vec::new();
+    }
+    let mut lines = Vec::new();
+    while lines.len() < n {
+        match j.previous_entry() {
+            Ok(Some(entry)) => {
+                if let Some(msg) = entry.get("MESSAGE") {
+                    lines.push(msg.clone());
+                }
+            }
+            _ => break,
+        }
+    }
+    lines.reverse();
+    lines
+}
