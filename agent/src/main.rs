@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use ferry_agent::AgentConfig;
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::prelude::*;
 
@@ -70,10 +71,16 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async {
+        // Handlers are registered here, before READY=1 can be sent: a SIGTERM that follows
+        // readiness at once must still mean a graceful stop, never the default kill.
+        let (Ok(term), Ok(int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            eprintln!("ferry-agent: cannot install signal handlers");
+            return ExitCode::FAILURE;
+        };
         let shutdown = CancellationToken::new();
         let signals = shutdown.clone();
         tokio::spawn(async move {
-            wait_for_signal().await;
+            wait_for_signal(term, int).await;
             signals.cancel();
         });
         match ferry_agent::run(config, shutdown).await {
@@ -87,12 +94,7 @@ fn main() -> ExitCode {
     })
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        tracing::error!("cannot install signal handlers; stop the agent with SIGKILL");
-        return std::future::pending().await;
-    };
+async fn wait_for_signal(mut term: Signal, mut int: Signal) {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = int.recv() => tracing::info!("SIGINT received"),

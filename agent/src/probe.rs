@@ -97,7 +97,7 @@ async fn http(h: &v1::HttpProbe) -> Result<String, String> {
     let mut buf = Vec::new();
     s.take(MAX_RESPONSE as u64).read_to_end(&mut buf).await.map_err(|e| format!("read response: {e}"))?;
     let (status, body) = parse_response(&buf)?;
-    let brief = String::from_utf8_lossy(&body).chars().take(300).collect::<String>();
+    let brief = String::from_utf8_lossy(&body).trim().chars().take(300).collect::<String>();
     let status_ok =
         if h.expect_status == 0 { (200..300).contains(&status) } else { u32::from(status) == h.expect_status };
     if !status_ok {

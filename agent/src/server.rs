@@ -169,6 +169,9 @@ impl Server {
     pub async fn serve(self, shutdown: CancellationToken) -> Result<(), tonic::transport::Error> {
         let Server { listener, acceptor, config, refusals } = self;
         let (tx, rx) = mpsc::channel::<AuthenticatedConn>(64);
+        // Holds the incoming stream open until tonic returns: if it ended when the accept loop
+        // stops, tonic could finish without running its graceful shutdown (and STOPPING=1).
+        let keep_incoming_open = tx.clone();
         let handshakes = TaskTracker::new();
         let accept_stop = shutdown.child_token();
         let stop_accepting = accept_stop.clone();
@@ -242,6 +245,7 @@ impl Server {
                 Ok(())
             }
         };
+        drop(keep_incoming_open);
         // Stop accepting even if tonic returned on its own; handshakes still running are dropped.
         stop_accepting.cancel();
         let _ = accept_loop.await;

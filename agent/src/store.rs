@@ -337,8 +337,8 @@ impl AppStore {
         Ok(Prepared { release_id, already_present: false, missing, missing_bytes })
     }
 
-    /// Starts receiving chunks for a prepared stage.
-    pub fn upload(&self, stage_id: &str) -> R<Upload> {
+    /// The staging directory and manifest of a prepared stage.
+    fn staged(&self, stage_id: &str) -> R<(PathBuf, v1::Manifest)> {
         let stage = self.stage_dir(stage_id)?;
         let mpath = stage.join("manifest");
         let bytes = match fs::read(&mpath) {
@@ -348,6 +348,12 @@ impl AppStore {
         };
         let m = v1::Manifest::decode(bytes.as_slice())
             .map_err(|e| StoreError::Corrupt(format!("staging manifest: {e}")))?;
+        Ok((stage, m))
+    }
+
+    /// Starts receiving chunks for a prepared stage.
+    pub fn upload(&self, stage_id: &str) -> R<Upload> {
+        let (stage, m) = self.staged(stage_id)?;
         let wanted: HashSet<[u8; HASH_LEN]> =
             m.entries.iter().flat_map(|e| e.chunks.iter()).filter_map(|c| key(&c.hash)).collect();
         let have = self.received(&stage)?;
@@ -372,14 +378,7 @@ impl AppStore {
             return Ok(stage_id.to_string());
         }
         failpoint::hit("after-upload");
-        let mpath = stage.join("manifest");
-        let bytes = match fs::read(&mpath) {
-            Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StoreError::NotPrepared(stage_id.to_string())),
-            Err(e) => return Err(StoreError::io("read staging manifest", &mpath)(e)),
-        };
-        let m = v1::Manifest::decode(bytes.as_slice())
-            .map_err(|e| StoreError::Corrupt(format!("staging manifest: {e}")))?;
+        let (_, m) = self.staged(stage_id)?;
         let idx = self.index()?;
         let chunk_dir = stage.join("chunks");
         let have = self.received(&stage)?;

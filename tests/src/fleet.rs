@@ -101,6 +101,8 @@ pub struct Fleet {
     pub ctl_ns: String,
     ferry: PathBuf,
     agent: PathBuf,
+    /// Left running when dropped (the newcomer's demo).
+    keep: bool,
 }
 
 fn run_cmd(cmd: &mut Command) -> Result<Output, String> {
@@ -140,12 +142,21 @@ impl Fleet {
     /// Creates the network, the PKI and `hosts` hosts, and waits until every host's systemd is up
     /// and its ferry-agent is active.
     pub fn boot(hosts: usize) -> Result<Fleet, String> {
-        assert!((1..=200).contains(&hosts), "1 to 200 hosts");
         reap_stale();
         let run = format!("fy{}x{}", std::process::id(), FLEETS.fetch_add(1, Ordering::Relaxed));
+        Fleet::boot_named(&run, hosts)
+    }
+
+    /// Boots a fleet under a fixed run name (not reaped as stale: see [`reap_stale`]).
+    /// `FERRY_BIN` / `FERRY_AGENT_BIN` choose other binaries than the workspace's build.
+    pub fn boot_named(run: &str, hosts: usize) -> Result<Fleet, String> {
+        assert!((1..=200).contains(&hosts), "1 to 200 hosts");
+        let run = run.to_string();
+        let binary =
+            |var: &str, name: &str| std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| crate::bin(name));
         let dir = Path::new(WORK_ROOT).join(&run);
         std::fs::create_dir_all(&dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
-        let pki = TestPki::new();
+        let pki = TestPki::in_dir(&dir.join("pki"));
         let coordinator = pki.issue("ctl", Role::Coordinator, &[]);
         let mut fleet = Fleet {
             sw_ns: format!("{run}-sw"),
@@ -155,8 +166,9 @@ impl Fleet {
             pki,
             coordinator,
             hosts: Vec::new(),
-            ferry: crate::bin("ferry"),
-            agent: crate::bin("ferry-agent"),
+            ferry: binary("FERRY_BIN", "ferry"),
+            agent: binary("FERRY_AGENT_BIN", "ferry-agent"),
+            keep: false,
         };
         // On any error below, dropping `fleet` tears down what was created so far.
         fleet.make_network()?;
@@ -580,8 +592,23 @@ pub fn poll<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     }
 }
 
+impl Fleet {
+    /// Leaves the fleet running after this process exits; `teardown(run)` removes it.
+    pub fn keep_running(mut self) {
+        self.keep = true;
+    }
+
+    /// The `ferry` binary the fleet's coordinator namespace runs.
+    pub fn ferry_bin(&self) -> &Path {
+        &self.ferry
+    }
+}
+
 impl Drop for Fleet {
     fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
         for h in &mut self.hosts {
             h.kill();
         }

@@ -26,9 +26,12 @@ use std::path::PathBuf;
 /// needs `cargo build --workspace --bins` first.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
-    // target/<profile>/deps/<test-binary> → target/<profile>/<name>
-    let dir = exe.parent().and_then(|deps| deps.parent()).map(PathBuf::from).unwrap_or_default();
-    let path = dir.join(name);
+    // A test runs from target/<profile>/deps/, a binary of this crate from target/<profile>/.
+    let here = exe.parent().map(PathBuf::from).unwrap_or_default();
+    let path = [here.join(name), here.parent().map(|p| p.join(name)).unwrap_or_default()]
+        .into_iter()
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| here.join(name));
     assert!(
         path.is_file(),
         "{} is not built: run `cargo build --workspace --bins` first (scripts/test.sh does)",

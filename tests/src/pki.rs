@@ -5,9 +5,10 @@ use ferry_coordinator::pki::{self, CertRequest, Validity};
 use ferry_proto::identity::Role;
 use tempfile::TempDir;
 
-/// A CA in a temp dir (removed on drop).
+/// A CA in a directory: a temp dir removed on drop, or a directory the caller owns.
 pub struct TestPki {
-    pub dir: TempDir,
+    dir: PathBuf,
+    _temp: Option<TempDir>,
 }
 
 /// The three files a holder needs.
@@ -20,13 +21,20 @@ pub struct CertFiles {
 
 impl TestPki {
     pub fn new() -> TestPki {
-        let dir = tempfile::tempdir().expect("temp dir for the test CA");
-        pki::init_ca(dir.path(), false, Validity::days_from_now(30)).expect("create the test CA");
-        TestPki { dir }
+        let temp = tempfile::tempdir().expect("temp dir for the test CA");
+        pki::init_ca(temp.path(), false, Validity::days_from_now(30)).expect("create the test CA");
+        TestPki { dir: temp.path().to_owned(), _temp: Some(temp) }
+    }
+
+    /// A CA in `dir`, which outlives this value (the fleet keeps its PKI in its own work dir, so
+    /// a fleet left running keeps working certificates).
+    pub fn in_dir(dir: &Path) -> TestPki {
+        pki::init_ca(dir, false, Validity::days_from_now(30)).expect("create the test CA");
+        TestPki { dir: dir.to_owned(), _temp: None }
     }
 
     pub fn ca_cert(&self) -> PathBuf {
-        self.dir.path().join(pki::CA_CERT_FILE)
+        self.dir.as_path().join(pki::CA_CERT_FILE)
     }
 
     /// Issues a certificate valid from an hour ago for a day.
@@ -43,14 +51,14 @@ impl TestPki {
     }
 
     pub fn issue_with(&self, name: &str, role: Role, sans: &[&str], validity: Validity) -> CertFiles {
-        let out = self.dir.path().join("issued").join(name);
+        let out = self.dir.as_path().join("issued").join(name);
         let req = CertRequest { name: name.into(), role, sans: sans.iter().map(|s| s.to_string()).collect(), validity };
-        let issued = pki::issue(self.dir.path(), &req, &out, true).expect("issue a test certificate");
+        let issued = pki::issue(self.dir.as_path(), &req, &out, true).expect("issue a test certificate");
         CertFiles { ca: self.ca_cert(), cert: issued.cert, key: issued.key }
     }
 
     pub fn path(&self) -> &Path {
-        self.dir.path()
+        self.dir.as_path()
     }
 }
 

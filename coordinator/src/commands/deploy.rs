@@ -104,65 +104,12 @@ pub async fn deploy(
     let hosts = config.hosts(env)?;
     let deployment_id = new_deployment_id();
     let release_id = artifact.release_id(version);
-    let mut results = Vec::new();
-    let mut halted = false;
-    for host in &hosts {
-        if halted {
-            results.push(HostResult {
-                name: host.name.clone(),
-                status: HostOutcome::Skipped,
-                bytes_sent: 0,
-                duration_ms: 0,
-                release: None,
-                previous_release: None,
-                error: None,
-            });
-            continue;
-        }
-        let started = Instant::now();
-        let sent = AtomicU64::new(0);
-        let outcome = deploy_host(config, host, tls, &artifact, version, &deployment_id, &sent, progress).await;
-        let duration_ms = started.elapsed().as_millis() as u64;
-        let bytes_sent = sent.load(Ordering::Relaxed);
-        let result = match outcome {
-            Ok(swap) => {
-                let status = if swap.changed { HostOutcome::Succeeded } else { HostOutcome::Unchanged };
-                progress(
-                    &host.name,
-                    &format!("{} ({})", if swap.changed { "activated" } else { "unchanged" }, swap.summary()),
-                );
-                HostResult {
-                    name: host.name.clone(),
-                    status,
-                    bytes_sent,
-                    duration_ms,
-                    release: Some(swap.to),
-                    previous_release: swap.from,
-                    error: None,
-                }
-            }
-            Err(e) => {
-                halted = true;
-                let status = match e.kind {
-                    ErrorKind::RolledBack => HostOutcome::RolledBack,
-                    _ if e.is_unreachable() => HostOutcome::Unreachable,
-                    _ => HostOutcome::Failed,
-                };
-                let label = if status == HostOutcome::RolledBack { "ROLLED BACK" } else { "FAILED" };
-                progress(&host.name, &format!("{label}: {}", e.message));
-                HostResult {
-                    name: host.name.clone(),
-                    status,
-                    bytes_sent,
-                    duration_ms,
-                    release: None,
-                    previous_release: None,
-                    error: Some(e.to_string()),
-                }
-            }
-        };
-        results.push(result);
-    }
+    let (artifact_ref, deployment) = (&artifact, deployment_id.as_str());
+    let results = host_by_host(&hosts, progress, "activated", |host, sent| async move {
+        deploy_host(config, host, tls, artifact_ref, version, deployment, &sent, progress).await
+    })
+    .await;
+    let halted = results.iter().any(|h| !matches!(h.status, HostOutcome::Succeeded | HostOutcome::Unchanged));
     Ok(DeployReport {
         deployment_id,
         environment: env.to_string(),
@@ -173,6 +120,57 @@ pub async fn deploy(
         total_bytes: artifact.total_bytes,
         hosts: results,
     })
+}
+
+/// Runs `one` on each host in order, reporting progress; once a host fails, the rest are
+/// skipped (not touched). `one` adds the bytes it sends to the counter it is given.
+async fn host_by_host<'h, F, Fut>(hosts: &'h [Host], progress: Progress<'_>, verb: &str, mut one: F) -> Vec<HostResult>
+where
+    F: FnMut(&'h Host, Arc<AtomicU64>) -> Fut,
+    Fut: std::future::Future<Output = Result<SwapResult, HostError>>,
+{
+    let mut results = Vec::with_capacity(hosts.len());
+    let mut halted = false;
+    for host in hosts {
+        let sent = Arc::new(AtomicU64::new(0));
+        let mut result = HostResult {
+            name: host.name.clone(),
+            status: HostOutcome::Skipped,
+            bytes_sent: 0,
+            duration_ms: 0,
+            release: None,
+            previous_release: None,
+            error: None,
+        };
+        if !halted {
+            let started = Instant::now();
+            let outcome = one(host, sent.clone()).await;
+            result.duration_ms = started.elapsed().as_millis() as u64;
+            result.bytes_sent = sent.load(Ordering::Relaxed);
+            match outcome {
+                Ok(swap) => {
+                    result.status = if swap.changed { HostOutcome::Succeeded } else { HostOutcome::Unchanged };
+                    let what = if swap.changed { verb } else { "unchanged" };
+                    progress(&host.name, &format!("{what} ({})", swap.summary()));
+                    result.release = Some(swap.to);
+                    result.previous_release = swap.from;
+                }
+                Err(e) => {
+                    halted = true;
+                    result.status = match e.kind {
+                        ErrorKind::RolledBack => HostOutcome::RolledBack,
+                        _ if e.is_unreachable() => HostOutcome::Unreachable,
+                        _ => HostOutcome::Failed,
+                    };
+                    let label = if result.status == HostOutcome::RolledBack { "ROLLED BACK" } else { "FAILED" };
+                    progress(&host.name, &format!("{label}: {}", e.message));
+                    result.error = Some(e.to_string());
+                }
+            }
+        }
+        results.push(result);
+    }
+    results
 }
 
 /// The result of a swap on one host.
@@ -411,55 +409,11 @@ pub async fn rollback(
 ) -> anyhow::Result<DeployReport> {
     let hosts = config.hosts(env)?;
     let deployment_id = new_deployment_id();
-    let mut results = Vec::new();
-    let mut halted = false;
-    for host in &hosts {
-        if halted {
-            results.push(HostResult {
-                name: host.name.clone(),
-                status: HostOutcome::Skipped,
-                bytes_sent: 0,
-                duration_ms: 0,
-                release: None,
-                previous_release: None,
-                error: None,
-            });
-            continue;
-        }
-        let started = Instant::now();
-        let outcome = rollback_host(config, host, tls, to_version, &deployment_id).await;
-        let duration_ms = started.elapsed().as_millis() as u64;
-        results.push(match outcome {
-            Ok(swap) => {
-                progress(
-                    &host.name,
-                    &format!("{} ({})", if swap.changed { "rolled back" } else { "unchanged" }, swap.summary()),
-                );
-                HostResult {
-                    name: host.name.clone(),
-                    status: if swap.changed { HostOutcome::Succeeded } else { HostOutcome::Unchanged },
-                    bytes_sent: 0,
-                    duration_ms,
-                    release: Some(swap.to),
-                    previous_release: swap.from,
-                    error: None,
-                }
-            }
-            Err(e) => {
-                halted = true;
-                progress(&host.name, &format!("FAILED: {}", e.message));
-                HostResult {
-                    name: host.name.clone(),
-                    status: if e.is_unreachable() { HostOutcome::Unreachable } else { HostOutcome::Failed },
-                    bytes_sent: 0,
-                    duration_ms,
-                    release: None,
-                    previous_release: None,
-                    error: Some(e.to_string()),
-                }
-            }
-        });
-    }
+    let results = host_by_host(&hosts, progress, "rolled back", |host, _| {
+        rollback_host(config, host, tls, to_version, &deployment_id)
+    })
+    .await;
+    let halted = results.iter().any(|h| !matches!(h.status, HostOutcome::Succeeded | HostOutcome::Unchanged));
     Ok(DeployReport {
         deployment_id,
         environment: env.to_string(),
