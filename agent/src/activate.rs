@@ -16,7 +16,7 @@ use tonic::Status;
 use crate::config::AgentConfig;
 use crate::store::Swap;
 use crate::systemd::{Systemd, UnitError};
-use crate::{failpoint, probe};
+use crate::{failpoint, hooks, probe};
 
 /// What to do.
 pub struct Plan {
@@ -30,6 +30,11 @@ pub struct Plan {
     pub keep: Option<usize>,
     pub rollback_on_failure: bool,
     pub unit_timeout: Duration,
+    /// "restart", "reload" or "reload-or-restart".
+    pub unit_action: String,
+    /// Lifecycle hooks of the release being activated (activations only).
+    pub hooks: Option<v1::Hooks>,
+    pub version: String,
 }
 
 type Tx = mpsc::Sender<Result<v1::StepEvent, Status>>;
@@ -47,6 +52,26 @@ impl Emitter {
             message: message.into(),
             elapsed_ms: self.started.elapsed().as_millis() as u64,
             step_ms: step_started.map_or(0, |s| s.elapsed().as_millis() as u64),
+            ..Default::default()
+        };
+        let _ = self.tx.send(Ok(ev)).await;
+    }
+
+    async fn send_output(
+        &self,
+        step: Step,
+        state: StepState,
+        message: String,
+        step_started: Option<Instant>,
+        output: String,
+    ) {
+        let ev = v1::StepEvent {
+            step: step as i32,
+            state: state as i32,
+            message,
+            elapsed_ms: self.started.elapsed().as_millis() as u64,
+            step_ms: step_started.map_or(0, |s| s.elapsed().as_millis() as u64),
+            output,
             ..Default::default()
         };
         let _ = self.tx.send(Ok(ev)).await;
@@ -145,6 +170,34 @@ pub async fn run(config: Arc<AgentConfig>, plan: Plan, tx: Tx) {
         }
     }
 
+    // Hooks before anything changes: a failure here leaves the host as it was.
+    let release_dir = config.app_dir(&plan.app).join("releases").join(&target);
+    let previous_dir = current.as_ref().map(|c| config.app_dir(&plan.app).join("releases").join(c));
+    let hook_env = hooks::HookEnv {
+        app: &plan.app,
+        version: &plan.version,
+        release_dir: &release_dir,
+        previous_release_dir: previous_dir.as_deref(),
+        deployment_id: &plan.deployment_id,
+    };
+    let hook_plan = plan.hooks.clone().unwrap_or_default();
+    let hook_timeout = Duration::from_millis(if hook_plan.timeout_ms == 0 { 60_000 } else { hook_plan.timeout_ms });
+    for (step, name, rel) in [
+        (Step::BeforeBlockTraffic, "before_block_traffic", &hook_plan.before_block_traffic),
+        (Step::BeforeInstall, "before_install", &hook_plan.before_install),
+    ] {
+        if let Err(f) = hook(&em, step, name, rel, &hook_env, hook_timeout).await {
+            em.finish(v1::Final {
+                outcome: Outcome::Failed as i32,
+                release_id: current.clone().unwrap_or_default(),
+                cause: format!("{} (nothing was changed: {target} was not switched in)", f.cause),
+                ..Default::default()
+            })
+            .await;
+            return;
+        }
+    }
+
     // Swap.
     let t = Instant::now();
     em.send(Step::Swap, StepState::Started, format!("switching to {target}"), None).await;
@@ -181,11 +234,23 @@ pub async fn run(config: Arc<AgentConfig>, plan: Plan, tx: Tx) {
     .await;
     failpoint::hit("after-swap");
 
-    // Restart, probe.
-    let result = match restart(&em, systemd.as_ref(), &plan.units, plan.unit_timeout, Step::RestartUnits).await {
-        Ok(()) => health(&em, &plan.probes, &root, Step::Health).await,
-        Err(f) => Err(f),
-    };
+    // after_install, restart, validate, probe, after_allow_traffic: any failure rolls back.
+    let result = async {
+        hook(&em, Step::AfterInstall, "after_install", &hook_plan.after_install, &hook_env, hook_timeout).await?;
+        restart(&em, systemd.as_ref(), &plan.units, &plan.unit_action, plan.unit_timeout, Step::RestartUnits).await?;
+        hook(&em, Step::Validate, "validate", &hook_plan.validate, &hook_env, hook_timeout).await?;
+        health(&em, &plan.probes, &root, Step::Health).await?;
+        hook(
+            &em,
+            Step::AfterAllowTraffic,
+            "after_allow_traffic",
+            &hook_plan.after_allow_traffic,
+            &hook_env,
+            hook_timeout,
+        )
+        .await
+    }
+    .await;
     match result {
         Ok(()) => {
             let mut pruned = Vec::new();
@@ -260,7 +325,8 @@ async fn roll_back(
         return;
     }
     em.send(Step::RollbackSwap, StepState::Succeeded, format!("current: {} -> {previous}", swap.to), Some(t)).await;
-    let again = match restart(em, systemd, &plan.units, plan.unit_timeout, Step::RollbackRestart).await {
+    // Going back always restarts: a reload could leave the failed release's code running.
+    let again = match restart(em, systemd, &plan.units, "restart", plan.unit_timeout, Step::RollbackRestart).await {
         Ok(()) => health(em, &plan.probes, root, Step::RollbackHealth).await,
         Err(f) => Err(f),
     };
@@ -298,14 +364,15 @@ async fn restart(
     em: &Emitter,
     systemd: Option<&Systemd>,
     units: &[String],
+    action: &str,
     timeout: Duration,
     step: Step,
 ) -> Result<(), Failure> {
     let Some(sd) = systemd else { return Ok(()) };
     for unit in units {
         let t = Instant::now();
-        em.send(step, StepState::Started, format!("restarting {unit}"), None).await;
-        match sd.restart(unit, timeout).await {
+        em.send(step, StepState::Started, format!("{action} {unit}"), None).await;
+        match sd.apply(action, unit, timeout).await {
             Ok(()) => em.send(step, StepState::Succeeded, format!("{unit} is active"), Some(t)).await,
             Err(e) => {
                 em.send(step, StepState::Failed, e.to_string(), Some(t)).await;
@@ -352,11 +419,37 @@ async fn health(em: &Emitter, probes: &[v1::HealthProbe], cwd: &std::path::Path,
     Ok(())
 }
 
+/// Runs one hook if the release configures it (an empty path means none).
+async fn hook(
+    em: &Emitter,
+    step: Step,
+    name: &str,
+    rel: &str,
+    env: &hooks::HookEnv<'_>,
+    timeout: Duration,
+) -> Result<(), Failure> {
+    if rel.is_empty() {
+        return Ok(());
+    }
+    let t = Instant::now();
+    em.send(step, StepState::Started, format!("running {name} hook {rel}"), None).await;
+    match hooks::run(name, rel, env, timeout).await {
+        Ok(run) => {
+            em.send_output(step, StepState::Succeeded, format!("{name} hook passed"), Some(t), run.output).await;
+            Ok(())
+        }
+        Err(e) => {
+            em.send_output(step, StepState::Failed, e.to_string(), Some(t), e.output.clone()).await;
+            Err(Failure { cause: e.to_string(), units: Vec::new() })
+        }
+    }
+}
+
 fn step_name(step: Step) -> &'static str {
     match step {
-        Step::RestartUnits => "restart",
+        Step::RestartUnits => "units",
         Step::Health => "health",
-        Step::RollbackRestart => "restart after rollback",
+        Step::RollbackRestart => "units after rollback",
         Step::RollbackHealth => "health after rollback",
         _ => "step",
     }

@@ -8,6 +8,7 @@
 //! - [`activate`]: the activation sequence: swap, restart units, probe, roll back on failure.
 //! - [`systemd`]: unit control over D-Bus and journal lines of a unit.
 //! - [`probe`]: http, tcp and exec health probes.
+//! - [`hooks`]: lifecycle hooks from the release, bounded in time and output.
 //! - [`facts`]: host facts for `GetStatus` (sysinfo, statvfs).
 //! - [`store`]: each app's release store: staging, content index, promotion, atomic swap, pruning.
 //! - [`failpoint`]: named crash points for crash-safety tests (test builds only).
@@ -20,6 +21,7 @@ pub mod activate;
 pub mod config;
 pub mod facts;
 pub mod failpoint;
+pub mod hooks;
 pub mod notify;
 pub mod probe;
 pub mod server;

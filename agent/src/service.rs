@@ -200,6 +200,12 @@ impl Agent for AgentService {
         let req = request.into_inner();
         let (store, lock) = self.app(&req.app)?;
         self.check_units(&req.app, &req.units)?;
+        if !matches!(req.unit_action.as_str(), "" | "restart" | "reload" | "reload-or-restart") {
+            return Err(Status::invalid_argument(format!(
+                "unit_action {:?} is not one of restart, reload, reload-or-restart",
+                req.unit_action
+            )));
+        }
         if !store.has_release(&req.release_id) {
             return Err(Status::not_found(format!(
                 "release {} is not on this host (Prepare, Upload and Commit it first)",
@@ -223,6 +229,9 @@ impl Agent for AgentService {
             keep: Some(keep),
             rollback_on_failure: req.rollback_on_failure,
             unit_timeout: UNIT_TIMEOUT,
+            unit_action: req.unit_action,
+            hooks: req.hooks,
+            version: req.version,
         };
         Ok(Response::new(self.spawn_plan(plan, lock)))
     }
@@ -247,6 +256,10 @@ impl Agent for AgentService {
             // Going back is the recovery; if the target is unhealthy too there is nothing to undo to.
             rollback_on_failure: false,
             unit_timeout: UNIT_TIMEOUT,
+            // Going back to a release means restarting onto it: a reload might keep old code.
+            unit_action: "restart".into(),
+            hooks: None,
+            version: String::new(),
         };
         Ok(Response::new(self.spawn_plan(plan, lock)))
     }

@@ -65,6 +65,25 @@ impl Systemd {
         self.job(unit, "restart", timeout).await
     }
 
+    /// Reloads `unit` (its ExecReload) and waits until it is active again.
+    pub async fn reload(&self, unit: &str, timeout: Duration) -> Result<(), UnitError> {
+        self.job(unit, "reload", timeout).await
+    }
+
+    /// Reloads `unit` if it supports reloading, else restarts it.
+    pub async fn reload_or_restart(&self, unit: &str, timeout: Duration) -> Result<(), UnitError> {
+        self.job(unit, "reload-or-restart", timeout).await
+    }
+
+    /// Runs `action` ("restart", "reload" or "reload-or-restart") on `unit`.
+    pub async fn apply(&self, action: &str, unit: &str, timeout: Duration) -> Result<(), UnitError> {
+        match action {
+            "reload" => self.reload(unit, timeout).await,
+            "reload-or-restart" => self.reload_or_restart(unit, timeout).await,
+            _ => self.restart(unit, timeout).await,
+        }
+    }
+
     /// Stops `unit` and waits for the job.
     pub async fn stop(&self, unit: &str, timeout: Duration) -> Result<(), UnitError> {
         self.job(unit, "stop", timeout).await
@@ -72,7 +91,7 @@ impl Systemd {
 
     async fn job(&self, unit: &str, action: &'static str, timeout: Duration) -> Result<(), UnitError> {
         let manager = self.manager().await?;
-        if action == "restart" {
+        if action != "stop" {
             // A deliberate restart must not be refused by the start rate limit that earlier
             // deploys (or a crash loop of the broken release) used up: reset it, like
             // `systemctl reset-failed`. Fails harmlessly for a unit that is not failed.
@@ -81,6 +100,8 @@ impl Systemd {
         let mut removed = manager.receive_job_removed().await.map_err(bus)?;
         let job = match action {
             "stop" => manager.stop_unit(unit.to_string(), "replace".into()).await,
+            "reload" => manager.reload_unit(unit.to_string(), "replace".into()).await,
+            "reload-or-restart" => manager.reload_or_restart_unit(unit.to_string(), "replace".into()).await,
             _ => manager.restart_unit(unit.to_string(), "replace".into()).await,
         }
         .map_err(|e| UnitError::Failed {

@@ -35,12 +35,81 @@ pub struct AppConfig {
     /// The systemd units a deployment restarts (each must be allowed in the agents' agent.toml).
     #[serde(default)]
     pub units: Vec<String>,
+    /// How the units pick up a new release: "restart" (default), "reload" (their ExecReload) or
+    /// "reload-or-restart". Rollbacks always restart.
+    #[serde(default = "default_unit_action")]
+    pub unit_action: String,
     /// Releases each host keeps (current and its predecessor are always kept).
     #[serde(default = "default_keep_releases")]
     pub keep_releases: u32,
     /// Health probes each host runs after restarting the units; all must pass.
     #[serde(default)]
     pub health: Vec<ProbeConfig>,
+    /// Lifecycle hooks: executables inside the release, run by each host's agent.
+    #[serde(default)]
+    pub hooks: HooksConfig,
+}
+
+/// Paths inside the release of executables run at each point of an activation.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HooksConfig {
+    /// Before anything changes, e.g. take the host out of a load balancer pool.
+    pub before_block_traffic: Option<String>,
+    /// Before the switch (nothing changed yet if it fails).
+    pub before_install: Option<String>,
+    /// After the switch, before the units restart.
+    pub after_install: Option<String>,
+    /// After the restart, before the health probes; failing rolls the host back.
+    pub validate: Option<String>,
+    /// After the probes pass, e.g. put the host back in the pool.
+    pub after_allow_traffic: Option<String>,
+    /// Time limit of each hook.
+    #[serde(default = "default_hook_timeout", with = "config_file::duration")]
+    pub timeout: Duration,
+}
+
+fn default_hook_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+
+// By hand: a derived Default would give a zero timeout when [app.hooks] is absent.
+impl Default for HooksConfig {
+    fn default() -> Self {
+        HooksConfig {
+            before_block_traffic: None,
+            before_install: None,
+            after_install: None,
+            validate: None,
+            after_allow_traffic: None,
+            timeout: default_hook_timeout(),
+        }
+    }
+}
+
+impl HooksConfig {
+    fn entries(&self) -> [(&'static str, &Option<String>); 5] {
+        [
+            ("before_block_traffic", &self.before_block_traffic),
+            ("before_install", &self.before_install),
+            ("after_install", &self.after_install),
+            ("validate", &self.validate),
+            ("after_allow_traffic", &self.after_allow_traffic),
+        ]
+    }
+
+    /// The hooks as sent to agents.
+    pub fn to_wire(&self) -> ferry_proto::v1::Hooks {
+        let get = |v: &Option<String>| v.clone().unwrap_or_default();
+        ferry_proto::v1::Hooks {
+            before_block_traffic: get(&self.before_block_traffic),
+            before_install: get(&self.before_install),
+            after_install: get(&self.after_install),
+            validate: get(&self.validate),
+            after_allow_traffic: get(&self.after_allow_traffic),
+            timeout_ms: self.timeout.as_millis() as u64,
+        }
+    }
 }
 
 /// One health probe, run by the agent on its own host. Exactly one of `http`, `tcp`, `exec`.
@@ -71,6 +140,9 @@ pub struct ProbeConfig {
     pub min_healthy_time: Duration,
 }
 
+fn default_unit_action() -> String {
+    "restart".into()
+}
 fn default_keep_releases() -> u32 {
     5
 }
@@ -252,6 +324,12 @@ impl FleetConfig {
         if self.app.name.is_empty() {
             p.push(Problem::new("app.name", "must not be empty"));
         }
+        if !matches!(self.app.unit_action.as_str(), "restart" | "reload" | "reload-or-restart") {
+            p.push(Problem::new(
+                "app.unit_action",
+                format!("{:?} is not one of restart, reload, reload-or-restart", self.app.unit_action),
+            ));
+        }
         if self.app.keep_releases < 2 {
             p.push(Problem::new(
                 "app.keep_releases",
@@ -260,6 +338,19 @@ impl FleetConfig {
         }
         for (i, probe) in self.app.health.iter().enumerate() {
             probe.problems(&format!("app.health[{i}]"), &mut p);
+        }
+        for (name, path) in self.app.hooks.entries() {
+            if let Some(path) = path
+                && let Err(e) = ferry_proto::manifest::check_path(path)
+            {
+                p.push(Problem::new(
+                    format!("app.hooks.{name}"),
+                    format!("{path:?} must be a path inside the release: {e}"),
+                ));
+            }
+        }
+        if self.app.hooks.timeout.is_zero() {
+            p.push(Problem::new("app.hooks.timeout", "must be greater than 0"));
         }
         for (key, path) in [("tls.ca", &self.tls.ca), ("tls.cert", &self.tls.cert), ("tls.key", &self.tls.key)] {
             if path.as_os_str().is_empty() {
@@ -392,8 +483,10 @@ hosts = { web-1 = "10.0.0.11:7443", web-2 = "10.0.0.12", web-3 = "web-3.example.
             "[tls]",
             "keep_releases = 1\n[[app.health]]\nhttp = \"https://x/health\"\ntcp = \"x:1\"\n\n[[app.health]]\nexec = [\"true\"]\njson_field = \"status\"\nretries = 0\n\n[tls]",
         );
-        let err = load(&text).expect_err("must be refused");
+        let err = load(&text.replace("keep_releases = 1", "keep_releases = 1\nunit_action = \"bounce\""))
+            .expect_err("must be refused");
         assert!(err.contains("app.keep_releases: must be at least 2"), "{err}");
+        assert!(err.contains("app.unit_action: \"bounce\" is not one of restart, reload, reload-or-restart"), "{err}");
         assert!(err.contains("app.health[0]: set exactly one of http, tcp or exec"), "{err}");
         assert!(err.contains("app.health[0].http: \"https://x/health\" must be an http:// URL"), "{err}");
         assert!(err.contains("app.health[1]: json_field and json_value go together"), "{err}");
@@ -407,6 +500,18 @@ hosts = { web-1 = "10.0.0.11:7443", web-2 = "10.0.0.12", web-3 = "web-3.example.
         let wire = c.app.health[0].to_wire(0);
         assert_eq!(wire.name, "web");
         assert_eq!((wire.interval_ms, wire.timeout_ms, wire.retries), (500, 2000, 10));
+    }
+
+    #[test]
+    fn hook_paths_must_stay_inside_the_release() {
+        let text = GOOD
+            .replace("[tls]", "[app.hooks]\nvalidate = \"../../usr/bin/evil\"\nbefore_install = \"/bin/sh\"\n\n[tls]");
+        let err = load(&text).expect_err("must be refused");
+        assert!(err.contains("app.hooks.validate: \"../../usr/bin/evil\" must be a path inside the release"), "{err}");
+        assert!(err.contains("app.hooks.before_install: \"/bin/sh\" must be a path inside the release"), "{err}");
+        let ok = load(&GOOD.replace("[tls]", "[app.hooks]\nvalidate = \"hooks/validate\"\ntimeout = \"5s\"\n\n[tls]"))
+            .expect("valid");
+        assert_eq!(ok.app.hooks.to_wire().timeout_ms, 5000);
     }
 
     #[test]

@@ -53,6 +53,8 @@ pub enum Variant {
     Healthy,
     Unhealthy,
     CrashOnStart,
+    /// Healthy, but its `validate` hook (a smoke test) fails.
+    FailingValidate,
 }
 
 /// Writes a release of the demo app for `version` into `dir` (created).
@@ -63,8 +65,25 @@ pub fn write_release(dir: &Path, version: &str, variant: Variant) -> std::io::Re
     std::fs::write(&app, APP)?;
     std::fs::set_permissions(&app, std::fs::Permissions::from_mode(0o755))?;
     std::fs::write(dir.join("VERSION"), format!("{version}\n"))?;
+    // The validate hook the test fleet's fleet.toml configures: a smoke test of the release.
+    std::fs::create_dir_all(dir.join("hooks"))?;
+    let validate = dir.join("hooks/validate");
+    let verdict = if variant == Variant::FailingValidate {
+        "echo \"smoke test: /api/orders answered 500\" >&2\nexit 1"
+    } else {
+        "exit 0"
+    };
+    std::fs::write(
+        &validate,
+        format!(
+            "#!/bin/sh\necho \"validate $FERRY_APP $FERRY_VERSION ($FERRY_DEPLOYMENT_ID) in $FERRY_RELEASE_DIR\"\n{verdict}\n"
+        ),
+    )?;
+    std::fs::set_permissions(&validate, std::fs::Permissions::from_mode(0o755))?;
     let health = match variant {
-        Variant::Healthy => format!("{{\"status\": \"healthy\", \"version\": \"{version}\"}}"),
+        Variant::Healthy | Variant::FailingValidate => {
+            format!("{{\"status\": \"healthy\", \"version\": \"{version}\"}}")
+        }
         Variant::Unhealthy => format!(
             "{{\"status\": \"unhealthy\", \"version\": \"{version}\", \"reason\": \"demo: broken on purpose\"}}"
         ),

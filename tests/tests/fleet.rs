@@ -50,6 +50,27 @@ fn agent_killed_is_restarted_by_systemd_and_seen_again() {
 }
 
 #[test]
+fn a_powered_off_host_is_unreachable_and_its_container_is_gone() {
+    let mut fleet = fleet_or_skip!(2);
+    fleet.power_off("web-2");
+    let toml = fleet.fleet_toml();
+    let out = fleet.ferry(&["status", "--config", toml.to_str().unwrap_or_default(), "--env", "test"]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(3), "{text}");
+    // Powered off cleanly, its network namespace still exists but nothing listens: refused.
+    assert!(text.contains("web-2 (10.199.0.12:7443): connection refused"), "{text}");
+    assert!(text.contains("1 of 2 host(s) reachable"), "{text}");
+    // Its systemd (the container's PID 1) has exited (a zombie counts: this machine reaps late).
+    let leader = fleet.host("web-2").leader;
+    let gone = ferry_tests::fleet::poll(Duration::from_secs(10), || {
+        let stat = std::fs::read_to_string(format!("/proc/{leader}/stat")).unwrap_or_default();
+        (stat.is_empty() || stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
+            .then_some(())
+    });
+    assert!(gone.is_some(), "the powered-off host's PID 1 ({leader}) is still running");
+}
+
+#[test]
 fn dead_and_cut_off_hosts_are_reported_unreachable_by_name() {
     let mut fleet = fleet_or_skip!(3);
     fleet.hard_kill("web-2");
@@ -337,8 +358,19 @@ fn broken_releases_are_rolled_back_on_the_host_and_the_rollout_halts() {
     assert_eq!(code, Some(1), "{json}{err}");
     assert_eq!(json["hosts"][0]["status"], "rolled_back", "{json}");
     let cause = json["hosts"][0]["error"].as_str().unwrap_or_default();
-    assert!(cause.contains("restart: unit web.service"), "{cause}");
+    assert!(cause.contains("units: unit web.service: restart failed"), "{cause}");
     assert!(cause.contains("this release is built to fail at start"), "the journal lines: {cause}");
+    assert_eq!(served(&fleet), ["2", "2"]);
+
+    // v5's validate hook (a smoke test shipped in the release) exits 1: rolled back, and the report
+    // carries the hook's output, including what the agent told it about the deployment.
+    let (code, json, err) = deploy(&fleet, config, "5", Variant::FailingValidate);
+    assert_eq!(code, Some(1), "{json}{err}");
+    assert_eq!(json["hosts"][0]["status"], "rolled_back", "{json}");
+    let cause = json["hosts"][0]["error"].as_str().unwrap_or_default();
+    assert!(cause.contains("hook validate (hooks/validate) failed (exit status: 1)"), "{cause}");
+    assert!(cause.contains("smoke test: /api/orders answered 500"), "{cause}");
+    assert!(cause.contains("validate web 5 (d-") && cause.contains("/var/lib/ferry/apps/web/releases/5-"), "{cause}");
     assert_eq!(served(&fleet), ["2", "2"]);
 
     // A unit the agents do not declare: refused before anything changes.
@@ -346,10 +378,43 @@ fn broken_releases_are_rolled_back_on_the_host_and_the_rollout_halts() {
         std::fs::read_to_string(&toml).expect("read").replace("units = [\"web.service\"]", "units = [\"ssh.service\"]");
     let bad_path = fleet.dir.join("bad-unit.toml");
     std::fs::write(&bad_path, bad).expect("write");
-    let (code, json, err) = deploy(&fleet, bad_path.to_str().unwrap_or_default(), "5", Variant::Healthy);
+    let (code, json, err) = deploy(&fleet, bad_path.to_str().unwrap_or_default(), "6", Variant::Healthy);
     assert_eq!(code, Some(1), "{json}{err}");
     let cause = json["hosts"][0]["error"].as_str().unwrap_or_default();
     assert!(cause.contains("unit \"ssh.service\" is not declared for app web"), "{cause}");
     assert_eq!(served(&fleet), ["2", "2"]);
     assert_eq!(versions(&fleet), ["2", "2"]);
+}
+
+#[test]
+fn unit_action_reload_goes_through_systemd() {
+    let fleet = fleet_or_skip!(1);
+    let base = std::fs::read_to_string(fleet.fleet_toml()).expect("read");
+    let with_action = |action: &str| {
+        let path = fleet.dir.join(format!("{action}.toml"));
+        std::fs::write(
+            &path,
+            base.replace(
+                "units = [\"web.service\"]",
+                &format!("units = [\"web.service\"]\nunit_action = \"{action}\""),
+            ),
+        )
+        .expect("write");
+        path
+    };
+    // reload-or-restart: the demo unit has no ExecReload, so systemd restarts it.
+    let cfg = with_action("reload-or-restart");
+    for v in ["1", "2"] {
+        let (code, json, err) = deploy(&fleet, cfg.to_str().unwrap_or_default(), v, Variant::Healthy);
+        assert_eq!(code, Some(0), "{json}{err}");
+    }
+    assert_eq!(served(&fleet), ["2"]);
+    // reload: systemd refuses it for this unit; the host goes back to v2 and says why.
+    let cfg = with_action("reload");
+    let (code, json, err) = deploy(&fleet, cfg.to_str().unwrap_or_default(), "3", Variant::Healthy);
+    assert_eq!(code, Some(1), "{json}{err}");
+    assert_eq!(json["hosts"][0]["status"], "rolled_back", "{json}");
+    let cause = json["hosts"][0]["error"].as_str().unwrap_or_default();
+    assert!(cause.contains("unit web.service: reload failed: systemd refused the job"), "{cause}");
+    assert_eq!(served(&fleet), ["2"]);
 }
