@@ -31,6 +31,7 @@ pub async fn run(p: &v1::HealthProbe, cwd: &std::path::Path) -> Result<(), Probe
     let min_healthy = Duration::from_millis(p.min_healthy_time_ms);
     let mut attempts = 0;
     let mut healthy_since: Option<tokio::time::Instant> = None;
+    let mut flapped = false;
     loop {
         attempts += 1;
         let outcome = match tokio::time::timeout(timeout, attempt(p, cwd)).await {
@@ -45,11 +46,13 @@ pub async fn run(p: &v1::HealthProbe, cwd: &std::path::Path) -> Result<(), Probe
                 }
             }
             Err(e) => {
-                let mut last = e;
-                if healthy_since.take().is_some() {
-                    last = format!("{last} (after having been healthy: it did not stay healthy for {min_healthy:?})");
-                }
+                flapped |= healthy_since.take().is_some();
                 if attempts >= retries {
+                    let last = if flapped {
+                        format!("{e} (it had been healthy, but did not stay healthy for {min_healthy:?})")
+                    } else {
+                        e
+                    };
                     return Err(ProbeFailure { name: p.name.clone(), attempts, last });
                 }
             }
@@ -232,6 +235,35 @@ mod tests {
         let e = run(&never, std::path::Path::new("/")).await.expect_err("nothing listens on port 1");
         assert_eq!(e.attempts, 2);
         assert!(e.to_string().contains("health probe web failed after 2 attempt(s): connect 127.0.0.1:1"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn min_healthy_time_requires_staying_healthy() {
+        // A port that accepts once, then closes: healthy at first, not for long.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let _ = listener.accept().await;
+            drop(listener);
+        });
+        let p = v1::HealthProbe {
+            name: "flappy".into(),
+            kind: Some(v1::health_probe::Kind::Tcp(v1::TcpProbe { address: addr.to_string() })),
+            interval_ms: 20,
+            timeout_ms: 500,
+            retries: 3,
+            min_healthy_time_ms: 60_000,
+        };
+        let e = run(&p, std::path::Path::new("/")).await.expect_err("it does not stay healthy");
+        assert!(e.last.contains("it had been healthy, but did not stay healthy for 60s"), "{e}");
+        // Without min_healthy_time the first success is enough.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let mut once = p.clone();
+        once.kind = Some(v1::health_probe::Kind::Tcp(v1::TcpProbe {
+            address: listener.local_addr().expect("addr").to_string(),
+        }));
+        once.min_healthy_time_ms = 0;
+        run(&once, std::path::Path::new("/")).await.expect("healthy");
     }
 
     #[tokio::test]

@@ -418,3 +418,44 @@ fn unit_action_reload_goes_through_systemd() {
     assert!(cause.contains("unit web.service: reload failed: systemd refused the job"), "{cause}");
     assert_eq!(served(&fleet), ["2"]);
 }
+
+#[test]
+fn redeploying_the_current_release_restarts_nothing() {
+    let fleet = fleet_or_skip!(1);
+    let toml = fleet.fleet_toml();
+    let config = toml.to_str().unwrap_or_default();
+    let (code, json, err) = deploy(&fleet, config, "1", Variant::Healthy);
+    assert_eq!(code, Some(0), "{json}{err}");
+    let pid = fleet.hosts[0].main_pid("web.service");
+    let (code, json, err) = deploy(&fleet, config, "1", Variant::Healthy);
+    assert_eq!(code, Some(0), "{json}{err}");
+    assert_eq!(json["hosts"][0]["status"], "unchanged", "{json}");
+    assert_eq!(json["bytes_sent"], 0);
+    assert_eq!(fleet.hosts[0].main_pid("web.service"), pid, "the unit was not restarted");
+}
+
+#[test]
+fn when_the_previous_release_is_unhealthy_too_the_host_is_reported_failed_loudly() {
+    let fleet = fleet_or_skip!(1);
+    let host = &fleet.hosts[0];
+    // An extra probe that fails while /run/ferry-break exists on the host, whatever the release.
+    let base = std::fs::read_to_string(fleet.fleet_toml()).expect("read");
+    let cfg = fleet.dir.join("breakable.toml");
+    let probe = "[[app.health]]\nname = \"breaker\"\nexec = [\"/bin/sh\", \"-c\", \"test ! -e /run/ferry-break\"]\ninterval = \"100ms\"\nretries = 3\n\n[app.hooks]";
+    std::fs::write(&cfg, base.replacen("[app.hooks]", probe, 1)).expect("write");
+    let config = cfg.to_str().unwrap_or_default();
+    for v in ["1", "2"] {
+        let (code, json, err) = deploy(&fleet, config, v, Variant::Healthy);
+        assert_eq!(code, Some(0), "{json}{err}");
+    }
+    host.exec(&["touch", "/run/ferry-break"]).expect("touch");
+    let (code, json, err) = deploy(&fleet, config, "3", Variant::Healthy);
+    assert_eq!(code, Some(1), "{json}{err}");
+    assert_eq!(json["hosts"][0]["status"], "failed", "failed, not rolled_back: {json}");
+    let cause = json["hosts"][0]["error"].as_str().unwrap_or_default();
+    assert!(cause.contains("health probe breaker failed"), "{cause}");
+    assert!(
+        cause.contains("rolled back to 2-") && cause.contains("UNHEALTHY TOO") && cause.contains("needs attention"),
+        "{cause}"
+    );
+}
