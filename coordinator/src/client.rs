@@ -74,6 +74,10 @@ pub struct HostError {
 }
 
 impl HostError {
+    pub fn new(host: &Host, kind: ErrorKind, message: impl Into<String>) -> HostError {
+        HostError { host: host.name.clone(), endpoint: host.endpoint(), kind, message: message.into() }
+    }
+
     /// Whether the host could not be reached or authenticated (exit code 3), as opposed to an
     /// agent that answered with an error.
     pub fn is_unreachable(&self) -> bool {
@@ -190,12 +194,7 @@ impl Agent {
     /// Connects to `host`, completes mTLS and probes the agent with `GetStatus`.
     pub async fn connect(host: &Host, tls: &ClientTls, timeouts: Timeouts) -> Result<Agent, HostError> {
         let endpoint_str = host.endpoint();
-        let err = |kind, message: String| HostError {
-            host: host.name.clone(),
-            endpoint: endpoint_str.clone(),
-            kind,
-            message,
-        };
+        let err = |kind, message: String| HostError::new(host, kind, message);
         let (config, server_name) =
             tls.config_for(host).map_err(|e| err(ErrorKind::Tls, format!("cannot set up TLS for this host: {e}")))?;
         let connector = TlsConnector::from(config);
@@ -262,7 +261,7 @@ pub fn classify_status(host: &Host, status: &tonic::Status) -> HostError {
 
 /// Finds the root cause of a transport or RPC failure and words it for an operator.
 pub fn classify(host: &Host, err: &(dyn std::error::Error + 'static)) -> HostError {
-    let mk = |kind, message: String| HostError { host: host.name.clone(), endpoint: host.endpoint(), kind, message };
+    let mk = |kind, message: String| HostError::new(host, kind, message);
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(e) = cur {
         if let Some(c) = e.downcast_ref::<ConnectError>() {
@@ -323,12 +322,12 @@ fn io_error(host: &Host, io: &std::io::Error) -> HostError {
         K::HostUnreachable | K::NetworkUnreachable => (ErrorKind::Network, format!("{io} (check routing to the host)")),
         _ => (ErrorKind::Network, io.to_string()),
     };
-    HostError { host: host.name.clone(), endpoint: host.endpoint(), kind, message }
+    HostError::new(host, kind, message)
 }
 
 fn tls_error(host: &Host, tls: &rustls::Error) -> HostError {
     use rustls::Error as E;
-    let mk = |kind, message: String| HostError { host: host.name.clone(), endpoint: host.endpoint(), kind, message };
+    let mk = |kind, message: String| HostError::new(host, kind, message);
     match tls {
         E::InvalidCertificate(CertificateError::Other(o)) => {
             let inner: &(dyn std::error::Error + 'static) = &*o.0;

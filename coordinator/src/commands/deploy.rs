@@ -202,12 +202,7 @@ async fn deploy_host(
     sent: &AtomicU64,
     progress: Progress<'_>,
 ) -> Result<SwapResult, HostError> {
-    let fail = |kind: ErrorKind, message: String| HostError {
-        host: host.name.clone(),
-        endpoint: host.endpoint(),
-        kind,
-        message,
-    };
+    let fail = |kind: ErrorKind, message: String| HostError::new(host, kind, message);
     let agent = Agent::connect(host, tls, timeouts(config)).await?;
     let mut client = agent.client;
     let app = config.app.name.clone();
@@ -317,11 +312,8 @@ async fn run_steps(
             last = Some(f);
         }
     }
-    last.ok_or_else(|| HostError {
-        host: host.name.clone(),
-        endpoint: host.endpoint(),
-        kind: ErrorKind::Protocol,
-        message: format!("{step}: the agent ended the stream without a final result"),
+    last.ok_or_else(|| {
+        HostError::new(host, ErrorKind::Protocol, format!("{step}: the agent ended the stream without a final result"))
     })
 }
 
@@ -379,20 +371,10 @@ async fn upload(
     match produced_ok {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
-            return Err(HostError {
-                host: host.name.clone(),
-                endpoint: host.endpoint(),
-                kind: ErrorKind::Rpc,
-                message: format!("upload: {e}"),
-            });
+            return Err(HostError::new(host, ErrorKind::Rpc, format!("upload: {e}")));
         }
         Err(e) => {
-            return Err(HostError {
-                host: host.name.clone(),
-                endpoint: host.endpoint(),
-                kind: ErrorKind::Rpc,
-                message: format!("upload: {e}"),
-            });
+            return Err(HostError::new(host, ErrorKind::Rpc, format!("upload: {e}")));
         }
     }
     result.map_err(|s| step_error(host, "upload", &s))?;
@@ -434,12 +416,7 @@ async fn rollback_host(
     to_version: Option<&str>,
     deployment_id: &str,
 ) -> Result<SwapResult, HostError> {
-    let fail = |kind: ErrorKind, message: String| HostError {
-        host: host.name.clone(),
-        endpoint: host.endpoint(),
-        kind,
-        message,
-    };
+    let fail = |kind: ErrorKind, message: String| HostError::new(host, kind, message);
     let agent = Agent::connect(host, tls, timeouts(config)).await?;
     let mut client = agent.client;
     let app = config.app.name.clone();
