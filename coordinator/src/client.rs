@@ -92,10 +92,23 @@ pub struct Timeouts {
     pub request: Duration,
 }
 
+/// How often an idle or streaming connection is pinged, and how long a ping may go unanswered.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A request with a deadline, for unary calls (status, prepare, list).
+pub fn unary<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.set_timeout(timeout);
+    req
+}
+
 /// A connected, authenticated agent.
 pub struct Agent {
     pub host: Host,
     pub client: AgentClient<Channel>,
+    /// Deadline for unary requests (fleet.toml `request_timeout`).
+    pub request_timeout: Duration,
     /// What the agent said when probed at connect time.
     pub status: HostStatus,
 }
@@ -205,7 +218,12 @@ impl Agent {
             // Our connector times TCP connect and TLS handshake separately (to say which hung);
             // tonic's limit is only a backstop behind both.
             .connect_timeout(timeouts.connect * 3)
-            .timeout(timeouts.request)
+            // No channel-wide deadline: uploads and activations (restarts, probes) may honestly
+            // take long. Unary calls carry their own deadline (`unary`); a dead or frozen agent is
+            // found by HTTP/2 keepalive pings, which only a live agent process answers.
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
             .connect_with_connector(tower::service_fn(move |_: Uri| {
                 let connector = connector.clone();
                 let server_name = server_name.clone();
@@ -232,14 +250,12 @@ impl Agent {
             .map_err(|e| classify(host, &e))?;
         let mut client = AgentClient::new(channel);
         let status = probe(&mut client, timeouts.request).await.map_err(|e| classify_status(host, &e))?;
-        Ok(Agent { host: host.clone(), client, status })
+        Ok(Agent { host: host.clone(), client, status, request_timeout: timeouts.request })
     }
 }
 
 async fn probe(client: &mut AgentClient<Channel>, timeout: Duration) -> Result<HostStatus, tonic::Status> {
-    let mut req = tonic::Request::new(GetStatusRequest {});
-    req.set_timeout(timeout);
-    match tokio::time::timeout(timeout, client.get_status(req)).await {
+    match tokio::time::timeout(timeout, client.get_status(unary(GetStatusRequest {}, timeout))).await {
         Ok(r) => r.map(tonic::Response::into_inner),
         Err(_) => Err(tonic::Status::deadline_exceeded(format!("no answer to GetStatus within {timeout:?}"))),
     }

@@ -459,3 +459,41 @@ fn when_the_previous_release_is_unhealthy_too_the_host_is_reported_failed_loudly
         "{cause}"
     );
 }
+
+/// Regression: `request_timeout` (meant for unary calls) bounded the whole Upload stream, so a
+/// release that took longer than it to send over a slow link failed while nothing was wrong.
+#[test]
+fn an_upload_slower_than_request_timeout_succeeds_on_a_slow_link() {
+    let fleet = fleet_or_skip!(1);
+    let base = std::fs::read_to_string(fleet.fleet_toml()).expect("read");
+    let cfg = fleet.dir.join("short-timeout.toml");
+    std::fs::write(&cfg, base.replace("request_timeout = \"10s\"", "request_timeout = \"1s\"")).expect("write");
+    let dir = fleet.dir.join("demo-big");
+    demo_app::write_release(&dir, "1", Variant::Healthy).expect("write release");
+    // 1 MB that does not compress, over a 2 Mbit/s link: about 4 s on the wire.
+    let mut noise = vec![0u8; 1_000_000];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom").expect("urandom"), &mut noise)
+        .expect("random bytes");
+    std::fs::write(dir.join("payload.bin"), noise).expect("write payload");
+    fleet.slow_link("web-1", 2000);
+    let out = fleet.ferry(&[
+        "deploy",
+        "--config",
+        cfg.to_str().unwrap_or_default(),
+        "--env",
+        "test",
+        "--artifact",
+        dir.to_str().unwrap_or_default(),
+        "--version",
+        "1",
+        "--output",
+        "json",
+    ]);
+    fleet.unslow_link("web-1");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    assert_eq!(out.status.code(), Some(0), "{json}{}", stderr(&out));
+    assert!(
+        json["hosts"][0]["duration_ms"].as_u64().unwrap_or(0) > 1000,
+        "the upload really took longer than the timeout: {json}"
+    );
+}

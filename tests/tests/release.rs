@@ -502,3 +502,26 @@ async fn kill_9_at_each_failpoint_leaves_the_old_or_the_new_release() {
         assert_release_intact(&data);
     }
 }
+
+/// `request_timeout` bounds unary calls only: an activation that honestly takes longer (slow hooks,
+/// restarts, probes) must not fail on the coordinator while the agent carries on. (The upload
+/// variant of this, which did fail before, is proven on the fleet with a rate-limited link.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_activation_longer_than_request_timeout_succeeds() {
+    let s = Setup::new().await;
+    let toml_path = s.dir.path().join("fleet.toml");
+    let text = std::fs::read_to_string(&toml_path)
+        .expect("read")
+        .replace("request_timeout = \"5s\"", "request_timeout = \"1s\"")
+        .replace("[tls]", "[app.hooks]\nvalidate = \"hooks/slow\"\n\n[tls]");
+    std::fs::write(&toml_path, &text).expect("write");
+    let config = FleetConfig::from_toml(&toml_path, &text).expect("valid");
+    let mut files = tree_v(1);
+    files.push(("hooks/slow", b"#!/bin/sh\nsleep 2\necho slow but fine\n".to_vec()));
+    let dir = build(s.dir.path(), "v1", &files);
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.join("hooks/slow"), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let r = deploy_dir(&config, &s.tls, &dir, "1").await;
+    assert_eq!(r.status, DeploymentStatus::Succeeded, "{r:?}");
+    assert!(r.hosts[0].duration_ms >= 2000, "the hook ran: {r:?}");
+}

@@ -16,7 +16,7 @@ use serde::Serialize;
 use tonic::transport::Channel;
 
 use crate::artifact::Artifact;
-use crate::client::{Agent, ErrorKind, HostError, Timeouts, classify_status};
+use crate::client::{Agent, ErrorKind, HostError, Timeouts, classify_status, unary};
 use crate::config::{FleetConfig, Host};
 use crate::tls::ClientTls;
 
@@ -204,17 +204,21 @@ async fn deploy_host(
 ) -> Result<SwapResult, HostError> {
     let fail = |kind: ErrorKind, message: String| HostError::new(host, kind, message);
     let agent = Agent::connect(host, tls, timeouts(config)).await?;
+    let agent_timeout = agent.request_timeout;
     let mut client = agent.client;
     let app = config.app.name.clone();
 
     let prepared = client
-        .prepare(v1::PrepareRequest {
-            app: app.clone(),
-            version: version.to_string(),
-            deployment_id: deployment_id.to_string(),
-            manifest: Some(artifact.manifest.clone()),
-            manifest_hash: artifact.manifest_hash.to_vec(),
-        })
+        .prepare(unary(
+            v1::PrepareRequest {
+                app: app.clone(),
+                version: version.to_string(),
+                deployment_id: deployment_id.to_string(),
+                manifest: Some(artifact.manifest.clone()),
+                manifest_hash: artifact.manifest_hash.to_vec(),
+            },
+            agent_timeout,
+        ))
         .await
         .map_err(|s| step_error(host, "prepare", &s))?
         .into_inner();
@@ -418,13 +422,14 @@ async fn rollback_host(
 ) -> Result<SwapResult, HostError> {
     let fail = |kind: ErrorKind, message: String| HostError::new(host, kind, message);
     let agent = Agent::connect(host, tls, timeouts(config)).await?;
+    let agent_timeout = agent.request_timeout;
     let mut client = agent.client;
     let app = config.app.name.clone();
     let to_release = match to_version {
         None => String::new(),
         Some(v) => {
             let releases = client
-                .list_releases(v1::ListReleasesRequest { app: app.clone() })
+                .list_releases(unary(v1::ListReleasesRequest { app: app.clone() }, agent_timeout))
                 .await
                 .map_err(|s| step_error(host, "list releases", &s))?
                 .into_inner()
