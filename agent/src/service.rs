@@ -174,7 +174,6 @@ impl Agent for AgentService {
         Ok(Response::new(v1::UploadResponse {
             chunks_received: upload.chunks_received,
             bytes_received: upload.bytes_received,
-            chunks_missing: 0,
         }))
     }
 

@@ -658,11 +658,6 @@ impl Upload {
         self.have.insert(h);
         Ok(())
     }
-
-    /// Chunks of the release not received yet (some may exist in earlier releases).
-    pub fn received(&self) -> usize {
-        self.have.len()
-    }
 }
 
 fn write_file(dst: &Path, e: &v1::Entry, mode: u32, idx: &Index, chunk_dir: &Path) -> R<()> {

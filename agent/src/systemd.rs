@@ -84,22 +84,14 @@ impl Systemd {
         }
     }
 
-    /// Stops `unit` and waits for the job.
-    pub async fn stop(&self, unit: &str, timeout: Duration) -> Result<(), UnitError> {
-        self.job(unit, "stop", timeout).await
-    }
-
     async fn job(&self, unit: &str, action: &'static str, timeout: Duration) -> Result<(), UnitError> {
         let manager = self.manager().await?;
-        if action != "stop" {
-            // A deliberate restart must not be refused by the start rate limit that earlier
-            // deploys (or a crash loop of the broken release) used up: reset it, like
-            // `systemctl reset-failed`. Fails harmlessly for a unit that is not failed.
-            let _ = manager.reset_failed_unit(unit.to_string()).await;
-        }
+        // A deliberate restart must not be refused by the start rate limit that earlier deploys
+        // (or a crash loop of the broken release) used up: reset it, like `systemctl
+        // reset-failed`. Fails harmlessly for a unit that is not failed.
+        let _ = manager.reset_failed_unit(unit.to_string()).await;
         let mut removed = manager.receive_job_removed().await.map_err(bus)?;
         let job = match action {
-            "stop" => manager.stop_unit(unit.to_string(), "replace".into()).await,
             "reload" => manager.reload_unit(unit.to_string(), "replace".into()).await,
             "reload-or-restart" => manager.reload_or_restart_unit(unit.to_string(), "replace".into()).await,
             _ => manager.restart_unit(unit.to_string(), "replace".into()).await,
@@ -140,9 +132,6 @@ impl Systemd {
                 reason: format!("the job ended with result {result:?}"),
                 state: Box::new(self.state(unit).await),
             });
-        }
-        if action == "stop" {
-            return Ok(());
         }
         // The job is done at exec time for simple/exec units: make sure the process stays up.
         let settle_until = tokio::time::Instant::now() + SETTLE;
