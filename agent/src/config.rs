@@ -235,6 +235,16 @@ units = ["web.service", "web-worker@1.service"]
         assert!(err.contains("overlaps the root of app"), "{err}");
     }
 
+    /// The agent.toml shown in README.md is a valid config (docs and code agree).
+    #[test]
+    fn readme_agent_toml_parses() {
+        let readme = include_str!("../../README.md");
+        let start = readme.find("```toml\nlisten").expect("README shows an agent.toml") + "```toml\n".len();
+        let block = &readme[start..start + readme[start..].find("```").expect("block ends")];
+        let c = load(block).expect("README's agent.toml is valid");
+        assert_eq!(c.apps["web"].units, ["web.service"]);
+    }
+
     #[test]
     fn unit_names() {
         for good in ["web.service", "a@b.service", "x.timer", "foo-bar_baz.socket"] {

@@ -514,6 +514,18 @@ hosts = { web-1 = "10.0.0.11:7443", web-2 = "10.0.0.12", web-3 = "web-3.example.
         assert_eq!(ok.app.hooks.to_wire().timeout_ms, 5000);
     }
 
+    /// The fleet.toml shown in README.md is a valid config (docs and code agree).
+    #[test]
+    fn readme_fleet_toml_parses() {
+        let readme = include_str!("../../README.md");
+        let start = readme.find("```toml\nconnect_timeout").expect("README shows a fleet.toml") + "```toml\n".len();
+        let block = &readme[start..start + readme[start..].find("```").expect("block ends")];
+        let c = load(block).expect("README's fleet.toml is valid");
+        assert_eq!(c.app.health.len(), 1);
+        assert_eq!(c.app.hooks.validate.as_deref(), Some("hooks/smoke_test"));
+        assert_eq!(c.hosts("prod").expect("prod").len(), 2);
+    }
+
     #[test]
     fn host_address_forms() {
         assert_eq!(parse_host_address("1.2.3.4"), Ok(("1.2.3.4".into(), 7443)));
