@@ -481,3 +481,26 @@ mod tests {
         }
     }
 }
+
+/// Property test: no byte string, whatever its compression magic, panics the archive scanner.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+        #[test]
+        fn arbitrary_archives_never_panic(
+            magic in prop_oneof![Just(vec![]), Just(vec![0x1f, 0x8b]), Just(vec![0x28, 0xb5, 0x2f, 0xfd])],
+            body in prop::collection::vec(any::<u8>(), 0..4096),
+        ) {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let p = dir.path().join("a.tar");
+            let mut bytes = magic;
+            bytes.extend_from_slice(&body);
+            std::fs::write(&p, &bytes).expect("write");
+            let _ = Artifact::scan(&p);
+        }
+    }
+}

@@ -382,3 +382,101 @@ mod tests {
         }
     }
 }
+
+/// Property tests: the validator never panics, and whatever it accepts is actually safe.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use crate::v1::{Chunk, Entry, Manifest};
+    use proptest::prelude::*;
+
+    fn component() -> impl Strategy<Value = String> {
+        prop_oneof![
+            6 => "[a-z]{1,3}",
+            1 => Just("..".to_string()),
+            1 => Just(".".to_string()),
+            1 => Just(String::new()),
+        ]
+    }
+
+    fn path() -> impl Strategy<Value = String> {
+        (any::<bool>(), prop::collection::vec(component(), 1..4))
+            .prop_map(|(abs, parts)| format!("{}{}", if abs { "/" } else { "" }, parts.join("/")))
+    }
+
+    fn entry() -> impl Strategy<Value = Entry> {
+        (
+            path(),
+            0i32..5,
+            prop_oneof![Just(0o644u32), Just(0o755), Just(0o100644), any::<u32>()],
+            prop_oneof![Just(0usize), Just(5), Just(HASH_LEN)],
+            path(),
+            prop::collection::vec((prop_oneof![Just(HASH_LEN), Just(3usize)], 0u64..300_000), 0..3),
+        )
+            .prop_map(|(path, kind, mode, hash_len, target, chunks)| {
+                let chunks: Vec<Chunk> =
+                    chunks.into_iter().map(|(l, length)| Chunk { hash: vec![7; l], length }).collect();
+                Entry {
+                    path,
+                    kind,
+                    mode,
+                    size: chunks.iter().map(|c| c.length).sum(),
+                    hash: vec![1; hash_len],
+                    link_target: if kind == EntryKind::Symlink as i32 { target } else { String::new() },
+                    chunks,
+                }
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+        #[test]
+        fn accepted_manifests_are_safe(mut entries in prop::collection::vec(entry(), 0..12), sort in any::<bool>()) {
+            if sort {
+                entries.sort_by(|a, b| a.path.cmp(&b.path));
+            }
+            let m = Manifest { entries };
+            let verdict = validate(&m);
+            let _ = hash(&m);
+            if verdict.is_ok() {
+                let kinds: std::collections::HashMap<&str, i32> = m.entries.iter().map(|e| (e.path.as_str(), e.kind)).collect();
+                for (i, e) in m.entries.iter().enumerate() {
+                    prop_assert!(!e.path.starts_with('/'), "absolute {:?}", e.path);
+                    prop_assert!(e.path.split('/').all(|c| !c.is_empty() && c != "." && c != ".."), "{:?}", e.path);
+                    prop_assert!((1..=3).contains(&e.kind), "kind {}", e.kind);
+                    prop_assert!(e.mode <= 0o7777);
+                    if i > 0 {
+                        prop_assert!(m.entries[i - 1].path < e.path, "sorted and unique");
+                    }
+                    if let Some((parent, _)) = e.path.rsplit_once('/') {
+                        prop_assert_eq!(kinds.get(parent).copied(), Some(EntryKind::Dir as i32), "{:?} under a non-directory", e.path);
+                    }
+                    if e.kind == EntryKind::Symlink as i32 {
+                        prop_assert!(symlink_stays_inside(&e.path, &e.link_target));
+                        prop_assert!(!e.link_target.starts_with('/'));
+                    }
+                    if e.kind == EntryKind::File as i32 {
+                        prop_assert_eq!(e.chunks.iter().map(|c| c.length).sum::<u64>(), e.size);
+                    }
+                }
+            }
+        }
+
+        /// Lexical containment agrees with a direct walk of the target from the link's directory.
+        #[test]
+        fn symlink_containment_matches_a_walk(link in "[a-z]{1,2}(/[a-z]{1,2}){0,3}", target in "(\\.\\.|[a-z]|\\.)(/(\\.\\.|[a-z]|\\.)){0,5}") {
+            let mut stack: Vec<&str> = link.split('/').collect();
+            stack.pop();
+            let mut escaped = false;
+            for c in target.split('/') {
+                match c {
+                    "." | "" => {}
+                    ".." => if stack.pop().is_none() { escaped = true; break },
+                    other => stack.push(other),
+                }
+            }
+            prop_assert_eq!(symlink_stays_inside(&link, &target), !escaped);
+        }
+    }
+}
