@@ -13,8 +13,9 @@ use crate::ui::{self, Format};
 /// ferry: SSH-less rolling deployments for a fleet of Linux servers.
 ///
 /// `ferry` talks to the `ferry-agent` on each host over mutually authenticated TLS. Start with
-/// `ferry ca init` and `ferry cert issue` to give the fleet its certificates, then describe the
-/// fleet in a fleet.toml and check it with `ferry status`.
+/// `ferry ca init` and `ferry cert issue` to give the fleet its certificates, describe the fleet
+/// in a fleet.toml, check it with `ferry status`, then `ferry deploy` releases to it and `ferry
+/// rollback` when needed.
 ///
 /// Exit codes: 0 success; 1 the deployment failed (halted or rolled back); 2 usage or
 /// configuration error; 3 a host could not be reached or authenticated.
@@ -41,8 +42,10 @@ pub enum Command {
     Status(StatusArgs),
     /// Deploy an artifact (a directory, .tar, .tar.gz or .tar.zst) as VERSION to every host of an
     /// environment, one host at a time: each host receives only the content it lacks, builds the
-    /// release beside the current one and switches to it atomically. Halts at the first host that
-    /// fails (exit 1; exit 3 if it could not be reached); later hosts are left untouched.
+    /// release beside the current one, switches to it atomically, restarts the app's units and
+    /// runs its hooks and health probes; a host that fails goes back to its previous release by
+    /// itself. Halts at the first host that fails (exit 1; exit 3 if it could not be reached);
+    /// later hosts are left untouched.
     Deploy(DeployArgs),
     /// Switch every host of an environment back to the release before its current one (or to
     /// `--to VERSION`), which is already on disk: no transfer. Hosts already there are untouched.
@@ -63,6 +66,7 @@ pub struct DeployArgs {
     /// Version label of this release (A-Z a-z 0-9 . _ + -), e.g. 1.4.0 or a git commit.
     #[arg(long, short)]
     pub version: String,
+    /// Result format: human (live progress, then a table) or json (one object at the end).
     #[arg(long, value_enum, default_value = "human")]
     pub output: Format,
 }
@@ -78,6 +82,7 @@ pub struct RollbackArgs {
     /// Version to return to (must still be kept on the hosts); default: each host's previous release.
     #[arg(long)]
     pub to: Option<String>,
+    /// Result format: human (live progress, then a table) or json (one object at the end).
     #[arg(long, value_enum, default_value = "human")]
     pub output: Format,
 }
@@ -96,6 +101,7 @@ pub enum CaCommand {
         /// Validity in days.
         #[arg(long, default_value_t = crate::pki::CA_VALIDITY_DAYS)]
         days: u32,
+        /// Result format: human-readable text, or one JSON object.
         #[arg(long, value_enum, default_value = "human")]
         output: Format,
     },
@@ -128,6 +134,7 @@ pub enum CertCommand {
         /// Validity in days.
         #[arg(long, default_value_t = crate::pki::CERT_VALIDITY_DAYS)]
         days: u32,
+        /// Result format: human-readable text, or one JSON object.
         #[arg(long, value_enum, default_value = "human")]
         output: Format,
     },
@@ -135,6 +142,7 @@ pub enum CertCommand {
     Show {
         /// PEM certificate file.
         file: PathBuf,
+        /// Result format: human-readable text, or one JSON object.
         #[arg(long, value_enum, default_value = "human")]
         output: Format,
     },
@@ -148,6 +156,7 @@ pub struct StatusArgs {
     /// Environment of fleet.toml to query.
     #[arg(long, short)]
     pub env: String,
+    /// Result format: human (a table, then the reasons of unreachable hosts) or json (one object).
     #[arg(long, value_enum, default_value = "human")]
     pub output: Format,
 }
