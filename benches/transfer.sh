@@ -120,7 +120,7 @@ key = "pki/ctl.key"
 hosts = { bench = "127.0.0.1:17443" }
 EOF
 # Started with `ip netns exec` directly (it execs), so $! is the agent itself.
-ip netns exec "$ns" "$agent" --config "$work/agent.toml" --log warn >/dev/null 2>"$work/agent.log" &
+ip netns exec "$ns" "$agent" --config "$work/agent.toml" --log info >/dev/null 2>"$work/agent.log" &
 agent_pid=$!
 
 # --- rsync daemon -------------------------------------------------------------------------------
@@ -178,7 +178,10 @@ rollback_ms() { # release dir of the given size in MB
   t0=$(now)
   in_ns bash -c "cd '$work' && '$ferry' rollback --config fleet.toml --env bench --output json" > "$work/rb.json"
   t1=$(now)
-  results+=("$(printf '%-34s %-10s %14s %9.3f   (agent: %s ms incl. connect)' "r rollback, ${mb} MB release" ferry - "$(echo "$t1 - $t0" | bc)" "$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["hosts"][0]["duration_ms"])' "$work/rb.json")")")
+  # The swap itself, as the agent measured it (its log line for the last swap).
+  local swap_us
+  swap_us=$(grep -o 'swap_us=[0-9]*' "$work/agent.log" | tail -1 | cut -d= -f2)
+  results+=("$(printf '%-34s %-10s %14s %9.3f   (host: %s ms incl. connect; the swap itself: %s us)' "r rollback, ${mb} MB release" ferry - "$(echo "$t1 - $t0" | bc)" "$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["hosts"][0]["duration_ms"])' "$work/rb.json")" "$swap_us")")
   rm -rf "$d"
 }
 rollback_ms $((10 / scale > 0 ? 10 / scale : 1))
