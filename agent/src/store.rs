@@ -508,11 +508,12 @@ impl AppStore {
     pub fn previous(&self) -> R<Option<String>> {
         let current = self.current().map_err(StoreError::io("read", &self.dir))?;
         let path = self.dir.join("journal");
-        let text = match fs::read_to_string(&path) {
+        let text = match read_tail(&path, JOURNAL_TAIL) {
             Ok(t) => t,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(StoreError::io("read journal", &path)(e)),
         };
+        // The journal only grows: its tail (hundreds of the latest swaps) is all this needs.
         for line in text.lines().rev() {
             let Ok(rec) = serde_json::from_str::<JournalRecord>(line) else { continue };
             if Some(&rec.to) == current.as_ref() {
@@ -720,6 +721,25 @@ fn verify_tree(tree: &Path, m: &v1::Manifest) -> R<()> {
     Ok(())
 }
 
+/// How much of the journal's end `previous` reads.
+const JOURNAL_TAIL: u64 = 64 * 1024;
+
+/// The last `max` bytes of a file, starting at a line boundary.
+fn read_tail(path: &Path, max: u64) -> io::Result<String> {
+    let mut f = File::open(path)?;
+    let len = f.metadata()?.len();
+    let start = len.saturating_sub(max);
+    f.seek(SeekFrom::Start(start))?;
+    let mut buf = Vec::new();
+    f.read_to_end(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    Ok(match (start, text.find('\n')) {
+        (0, _) => text,
+        (_, Some(nl)) => text[nl + 1..].to_string(),
+        (_, None) => String::new(),
+    })
+}
+
 fn read_names(dir: &Path) -> R<Vec<String>> {
     match fs::read_dir(dir) {
         Ok(d) => {
@@ -732,5 +752,49 @@ fn read_names(dir: &Path) -> R<Vec<String>> {
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
         Err(e) => Err(StoreError::io("list", dir)(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn previous_reads_only_the_journal_tail() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = AppStore::new(tmp.path().to_owned());
+        store.ensure_dirs().expect("dirs");
+        for id in ["1-00000001", "2-00000002"] {
+            fs::create_dir(store.release_path(id)).expect("release");
+        }
+        std::os::unix::fs::symlink("releases/2-00000002", tmp.path().join("current")).expect("current");
+        // A long history: far more than the tail that is read.
+        let mut journal = String::new();
+        for i in 0..5000 {
+            journal.push_str(&format!(
+                "{{\"time_unix\":{i},\"deployment_id\":\"d\",\"action\":\"activate\",\"from\":\"0-0000000{}\",\"to\":\"9-00000009\"}}\n",
+                i % 10
+            ));
+        }
+        journal.push_str("{\"time_unix\":1,\"deployment_id\":\"d\",\"action\":\"activate\",\"from\":\"1-00000001\",\"to\":\"2-00000002\"}\n");
+        fs::write(tmp.path().join("journal"), &journal).expect("journal");
+        assert!(journal.len() as u64 > JOURNAL_TAIL);
+        assert_eq!(store.previous().expect("previous").as_deref(), Some("1-00000001"));
+    }
+
+    #[test]
+    fn version_is_the_id_without_its_hash() {
+        assert_eq!(version_of("1.4.0-3f2a9c1d"), "1.4.0");
+        assert_eq!(version_of("1.4.0-rc1-3f2a9c1d"), "1.4.0-rc1");
+        assert_eq!(version_of("plain"), "plain");
+    }
+
+    #[test]
+    fn tail_starts_at_a_line_boundary() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let p = tmp.path().join("f");
+        fs::write(&p, "aaaa\nbbbb\ncccc\n").expect("write");
+        assert_eq!(read_tail(&p, 7).expect("tail"), "cccc\n");
+        assert_eq!(read_tail(&p, 100).expect("tail"), "aaaa\nbbbb\ncccc\n");
     }
 }
