@@ -329,6 +329,18 @@ impl Fleet {
             .unwrap_or_else(|e| panic!("run ferry {args:?}: {e}"))
     }
 
+    /// `ferry deploy` of `artifact` as `version` to environment `test`, with `config`; `json`
+    /// adds `--output json`.
+    pub fn deploy(&self, config: &str, artifact: &Path, version: &str, json: bool) -> Output {
+        let artifact = artifact.to_string_lossy();
+        let mut args =
+            vec!["deploy", "--config", config, "--env", "test", "--artifact", &artifact, "--version", version];
+        if json {
+            args.extend(["--output", "json"]);
+        }
+        self.ferry(&args)
+    }
+
     /// An HTTP GET from the coordinator's namespace; `(status, body)`, or the error text.
     pub fn http_get(&self, url: &str) -> Result<(u16, String), String> {
         const SCRIPT: &str = "import sys, urllib.request, urllib.error\n\

@@ -174,17 +174,7 @@ fn deploy_v1_then_v2_then_rollback_across_three_hosts() {
     for (v, variant) in [("1", Variant::Healthy), ("2", Variant::Healthy)] {
         let dir = fleet.dir.join(format!("demo-v{v}"));
         demo_app::write_release(&dir, v, variant).expect("write release");
-        let out = fleet.ferry(&[
-            "deploy",
-            "--config",
-            config,
-            "--env",
-            "test",
-            "--artifact",
-            dir.to_str().unwrap_or_default(),
-            "--version",
-            v,
-        ]);
+        let out = fleet.deploy(config, &dir, v, false);
         let text = stdout(&out);
         assert_eq!(out.status.code(), Some(0), "{text}{}", stderr(&out));
         assert!(text.contains("succeeded: 3 of 3 host(s) on the release"), "{text}");
@@ -221,19 +211,7 @@ fn a_dead_host_halts_the_deploy_and_is_named() {
     let toml = fleet.fleet_toml();
     let dir = fleet.dir.join("demo-v1");
     demo_app::write_release(&dir, "1", Variant::Healthy).expect("write release");
-    let out = fleet.ferry(&[
-        "deploy",
-        "--config",
-        toml.to_str().unwrap_or_default(),
-        "--env",
-        "test",
-        "--artifact",
-        dir.to_str().unwrap_or_default(),
-        "--version",
-        "1",
-        "--output",
-        "json",
-    ]);
+    let out = fleet.deploy(toml.to_str().unwrap_or_default(), &dir, "1", true);
     assert_eq!(out.status.code(), Some(3), "{}{}", stdout(&out), stderr(&out));
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(json["status"], "failed");
@@ -260,33 +238,13 @@ fn a_full_disk_is_refused_before_staging_with_free_and_needed_space() {
     let dir = fleet.dir.join("demo-v1");
     demo_app::write_release(&dir, "1", Variant::Healthy).expect("write release");
     host.fill_disk();
-    let out = fleet.ferry(&[
-        "deploy",
-        "--config",
-        toml.to_str().unwrap_or_default(),
-        "--env",
-        "test",
-        "--artifact",
-        dir.to_str().unwrap_or_default(),
-        "--version",
-        "1",
-    ]);
+    let out = fleet.deploy(toml.to_str().unwrap_or_default(), &dir, "1", false);
     let text = stdout(&out);
     assert_eq!(out.status.code(), Some(1), "{text}{}", stderr(&out));
     assert!(text.contains("host web-1 (10.199.0.11:7443): prepare: the agent answered ResourceExhausted: not enough disk space in /var/lib/ferry/apps/web"), "{text}");
     assert!(text.contains("bytes free, staging needs"), "{text}");
     host.free_disk();
-    let out = fleet.ferry(&[
-        "deploy",
-        "--config",
-        toml.to_str().unwrap_or_default(),
-        "--env",
-        "test",
-        "--artifact",
-        dir.to_str().unwrap_or_default(),
-        "--version",
-        "1",
-    ]);
+    let out = fleet.deploy(toml.to_str().unwrap_or_default(), &dir, "1", false);
     assert_eq!(out.status.code(), Some(0), "after freeing space the deploy goes through: {}", stdout(&out));
 }
 
@@ -298,19 +256,7 @@ fn deploy(
 ) -> (Option<i32>, serde_json::Value, String) {
     let dir = fleet.dir.join(format!("demo-v{v}"));
     demo_app::write_release(&dir, v, variant).expect("write release");
-    let out = fleet.ferry(&[
-        "deploy",
-        "--config",
-        config,
-        "--env",
-        "test",
-        "--artifact",
-        dir.to_str().unwrap_or_default(),
-        "--version",
-        v,
-        "--output",
-        "json",
-    ]);
+    let out = fleet.deploy(config, &dir, v, true);
     let json = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
     (out.status.code(), json, stderr(&out))
 }
@@ -476,19 +422,7 @@ fn an_upload_slower_than_request_timeout_succeeds_on_a_slow_link() {
         .expect("random bytes");
     std::fs::write(dir.join("payload.bin"), noise).expect("write payload");
     fleet.slow_link("web-1", 2000);
-    let out = fleet.ferry(&[
-        "deploy",
-        "--config",
-        cfg.to_str().unwrap_or_default(),
-        "--env",
-        "test",
-        "--artifact",
-        dir.to_str().unwrap_or_default(),
-        "--version",
-        "1",
-        "--output",
-        "json",
-    ]);
+    let out = fleet.deploy(cfg.to_str().unwrap_or_default(), &dir, "1", true);
     fleet.unslow_link("web-1");
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
     assert_eq!(out.status.code(), Some(0), "{json}{}", stderr(&out));

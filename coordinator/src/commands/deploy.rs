@@ -9,7 +9,7 @@
 //! engine.)
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ferry_proto::v1::{self, agent_client::AgentClient};
 use serde::Serialize;
@@ -203,10 +203,7 @@ async fn deploy_host(
     progress: Progress<'_>,
 ) -> Result<SwapResult, HostError> {
     let fail = |kind: ErrorKind, message: String| HostError::new(host, kind, message);
-    let agent = Agent::connect(host, tls, timeouts(config)).await?;
-    let agent_timeout = agent.request_timeout;
-    let mut client = agent.client;
-    let app = config.app.name.clone();
+    let (mut client, agent_timeout, app) = open(config, host, tls).await?;
 
     let prepared = client
         .prepare(unary(
@@ -295,6 +292,16 @@ fn final_result(fin: v1::Final, fail: &dyn Fn(ErrorKind, String) -> HostError) -
             format!("activation ended {:?}: {}", other.unwrap_or(v1::Outcome::Unspecified), fin.cause),
         )),
     }
+}
+
+/// Connects to `host` (mTLS, identity checked, probed): the client, the unary deadline, the app.
+async fn open(
+    config: &FleetConfig,
+    host: &Host,
+    tls: &ClientTls,
+) -> Result<(AgentClient<Channel>, Duration, String), HostError> {
+    let agent = Agent::connect(host, tls, timeouts(config)).await?;
+    Ok((agent.client, agent.request_timeout, config.app.name.clone()))
 }
 
 fn step_error(host: &Host, step: &str, s: &tonic::Status) -> HostError {
@@ -421,10 +428,7 @@ async fn rollback_host(
     deployment_id: &str,
 ) -> Result<SwapResult, HostError> {
     let fail = |kind: ErrorKind, message: String| HostError::new(host, kind, message);
-    let agent = Agent::connect(host, tls, timeouts(config)).await?;
-    let agent_timeout = agent.request_timeout;
-    let mut client = agent.client;
-    let app = config.app.name.clone();
+    let (mut client, agent_timeout, app) = open(config, host, tls).await?;
     let to_release = match to_version {
         None => String::new(),
         Some(v) => {
