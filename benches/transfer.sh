@@ -8,7 +8,9 @@
 #
 # Scenarios (shared/DESIGN.md, issue "release engine"):
 #   a  first deploy of a ~200 MB tree of mixed files (text-like and random; many small files)
-#   b  redeploy with 1 % of the files changed (a 4 KiB region rewritten in each)
+#   b  redeploy with 1 % of the files changed (a 4 KiB region rewritten in each), twice:
+#      in place (the build directory deployed before is edited: ferry's scan cache applies) and
+#      in a fresh copy of the tree (new inodes: ferry reads and hashes every file again)
 #   c  a 100 MB file with 1 MB changed in the middle
 #   r  rollback swap with 10 MB and 1 GB releases (`ferry rollback`, wall time)
 #
@@ -77,11 +79,11 @@ with open(os.path.join(work, "c2", "big.bin"), "wb") as f: f.write(changed)
 PY
 # rsync's quick check skips files of equal size and mtime: the changed copy must look changed.
 touch -d '+1 minute' "$work/c2/big.bin"
-cp -a "$work/a" "$work/b"
-# b: 1 % of the files get a 4 KiB region rewritten in the middle.
-python3 - "$work/b" <<'PY'
+# b: 1 % of the files of a tree get a 4 KiB region rewritten in the middle (and a later mtime).
+change_one_percent() { # dir seed
+  python3 - "$1" "$2" <<'PY'
 import os, random, sys
-rnd = random.Random(2)
+rnd = random.Random(int(sys.argv[2]))
 files = sorted(os.path.join(d, f) for d, _, fs in os.walk(sys.argv[1]) for f in fs)
 for p in rnd.sample(files, max(1, len(files) // 100)):
     size = os.path.getsize(p)
@@ -91,6 +93,7 @@ for p in rnd.sample(files, max(1, len(files) // 100)):
     st = os.stat(p)
     os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 60_000_000_000))
 PY
+}
 files_a=$(find "$work/a" -type f | wc -l)
 size_a=$(du -sb "$work/a" | cut -f1)
 
@@ -110,6 +113,7 @@ root = "$work/agent-root"
 EOF
 cat > "$work/fleet.toml" <<EOF
 request_timeout = "600s"
+cache_dir = "cache"
 [app]
 name = "web"
 [tls]
@@ -157,9 +161,15 @@ rs() { echo "rsync -a --delete $*"; }
 measure "a first deploy (${size_a} B, ${files_a} files)" ferry "$(ferry_deploy "$work/a" a)"
 measure "a first deploy" "rsync -a" "$(rs "$work/a/" rsync://127.0.0.1:18730/plain/)"
 measure "a first deploy" "rsync -az" "$(rs -z "$work/a/" rsync://127.0.0.1:18730/z/)"
-measure "b redeploy, 1% of files changed" ferry "$(ferry_deploy "$work/b" b)"
-measure "b redeploy, 1% of files changed" "rsync -a" "$(rs "$work/b/" rsync://127.0.0.1:18730/plain/)"
-measure "b redeploy, 1% of files changed" "rsync -az" "$(rs -z "$work/b/" rsync://127.0.0.1:18730/z/)"
+change_one_percent "$work/a" 2
+measure "b 1% changed, in place" ferry "$(ferry_deploy "$work/a" b)"
+measure "b 1% changed, in place" "rsync -a" "$(rs "$work/a/" rsync://127.0.0.1:18730/plain/)"
+measure "b 1% changed, in place" "rsync -az" "$(rs -z "$work/a/" rsync://127.0.0.1:18730/z/)"
+cp -a "$work/a" "$work/b"
+change_one_percent "$work/b" 3
+measure "b 1% changed, fresh copy" ferry "$(ferry_deploy "$work/b" b2)"
+measure "b 1% changed, fresh copy" "rsync -a" "$(rs "$work/b/" rsync://127.0.0.1:18730/plain/)"
+measure "b 1% changed, fresh copy" "rsync -az" "$(rs -z "$work/b/" rsync://127.0.0.1:18730/z/)"
 measure "c 100 MB file: first copy" ferry "$(ferry_deploy "$work/c1" c1)"
 measure "c 100 MB file: first copy" "rsync -a" "$(rs "$work/c1/" rsync://127.0.0.1:18730/plain/)"
 measure "c 100 MB file, 1 MB changed" ferry "$(ferry_deploy "$work/c2" c2)"

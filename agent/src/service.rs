@@ -12,7 +12,7 @@ use crate::activate;
 use crate::config::AgentConfig;
 use crate::facts;
 use crate::server::PeerInfo;
-use crate::store::{AppStore, StoreError};
+use crate::store::{AppStore, ManifestSource, StoreError};
 use std::time::Instant;
 
 /// Server streaming response for the step-event RPCs.
@@ -60,7 +60,7 @@ fn status_of(e: StoreError) -> Status {
         StoreError::NoSpace { .. } | StoreError::DiskFull(_) => Status::resource_exhausted(msg),
         StoreError::Refused(_) => Status::invalid_argument(msg),
         StoreError::NoSuchRelease(_) => Status::not_found(msg),
-        StoreError::NotPrepared(_) | StoreError::Incomplete(_) | StoreError::Conflict(_) => {
+        StoreError::NotPrepared(_) | StoreError::Incomplete(_) | StoreError::Conflict(_) | StoreError::Base(_) => {
             Status::failed_precondition(msg)
         }
         StoreError::Corrupt(_) => Status::data_loss(msg),
@@ -119,25 +119,51 @@ impl Agent for AgentService {
         let req = request.into_inner();
         let (store, lock) = self.app(&req.app)?;
         let _guard = lock.lock().await;
-        let m = req.manifest.unwrap_or_default();
         let free = facts::disk_space(&self.config.data_dir).0;
+        let (source, entries) = match (req.manifest, req.delta) {
+            (Some(m), None) if req.base_release.is_empty() => {
+                let n = m.entries.len();
+                (ManifestSource::Whole(m), format!("{n} entries"))
+            }
+            (None, Some(delta)) if !req.base_release.is_empty() => {
+                let what = format!(
+                    "delta from {}: {} changed, {} removed",
+                    req.base_release,
+                    delta.upserts.len(),
+                    delta.removed.len()
+                );
+                (ManifestSource::Delta { base: req.base_release, delta }, what)
+            }
+            _ => {
+                return Err(Status::invalid_argument(
+                    "a Prepare carries either a manifest, or a base release and a manifest delta",
+                ));
+            }
+        };
         tracing::info!(
             caller = who,
             app = req.app,
             version = req.version,
             deployment = req.deployment_id,
-            entries = m.entries.len(),
+            manifest = entries,
             "Prepare"
         );
         let version = req.version.clone();
-        let p = blocking(move || store.prepare(&version, &m, &req.manifest_hash, free)).await?;
-        tracing::info!(release = p.release_id, missing = p.missing.len(), missing_bytes = p.missing_bytes, "prepared");
+        let p = blocking(move || store.prepare(&version, source, &req.manifest_hash, free)).await?;
+        tracing::info!(
+            release = p.release_id,
+            missing = p.missing.len(),
+            missing_bytes = p.missing_bytes,
+            bases = p.bases.len(),
+            "prepared"
+        );
         Ok(Response::new(v1::PrepareResponse {
             stage_id: p.release_id.clone(),
             missing_chunks: p.missing,
             missing_bytes: p.missing_bytes,
             already_present: p.already_present,
             release_id: p.release_id,
+            bases: p.bases,
         }))
     }
 
@@ -170,7 +196,12 @@ impl Agent for AgentService {
                 }
             }
         }
-        tracing::info!(chunks = upload.chunks_received, bytes = upload.bytes_received, "upload finished");
+        tracing::info!(
+            chunks = upload.chunks_received,
+            rebuilt_from_bases = upload.rebuilt,
+            bytes = upload.bytes_received,
+            "upload finished"
+        );
         Ok(Response::new(v1::UploadResponse {
             chunks_received: upload.chunks_received,
             bytes_received: upload.bytes_received,

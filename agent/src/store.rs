@@ -4,7 +4,8 @@
 //! releases/<id>/          complete releases, never modified (files read-only)
 //! manifests/<id>.manifest the manifest of each release: the index of what content the host has
 //! current -> releases/<id> replaced only by rename(2) of a fresh symlink; directory fsync'd
-//! staging/<id>/            manifest, received chunks, the tree being built; removed at start-up
+//! staging/<id>/            manifest, received chunks, the bases offered for deltas, the tree
+//!                          being built; removed at start-up
 //! journal                  one JSON line per activation (append-only, fsync'd)
 //! ```
 //!
@@ -67,6 +68,9 @@ pub enum StoreError {
     Corrupt(String),
     #[error("{0}")]
     Conflict(String),
+    /// A manifest delta this host cannot apply (the coordinator then sends the whole manifest).
+    #[error("{0}")]
+    Base(String),
 }
 
 impl StoreError {
@@ -106,7 +110,20 @@ pub struct Prepared {
     pub already_present: bool,
     pub missing: Vec<Vec<u8>>,
     pub missing_bytes: u64,
+    /// Old content offered for rebuilding missing chunks (see `ferry_proto::delta`).
+    pub bases: Vec<v1::Basis>,
 }
+
+/// The manifest a Prepare names: whole, or as changes from a release this host keeps.
+pub enum ManifestSource {
+    Whole(v1::Manifest),
+    Delta { base: String, delta: v1::ManifestDelta },
+}
+
+/// Old content offered as bases in one Prepare is bounded (reading and fingerprinting it costs
+/// the host a read of every byte).
+const BASES_MAX_BYTES: u64 = 256 << 20;
+const BASIS_ID_LEN: usize = 16;
 
 /// An activation or rollback that happened (or did not need to).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -284,10 +301,32 @@ impl AppStore {
         Ok(read_names(&dir)?.iter().filter_map(|n| hex::decode(n).ok()).filter_map(|h| key(&h)).collect())
     }
 
+    /// Rebuilds the manifest of a delta from the base release's manifest.
+    fn apply_delta(&self, base: &str, delta: &v1::ManifestDelta, claimed_hash: &[u8]) -> R<v1::Manifest> {
+        manifest::check_release_id(base).map_err(StoreError::Refused)?;
+        if !self.has_release(base) {
+            return Err(StoreError::Base(format!("the base release {base} of the manifest delta is not kept here")));
+        }
+        let m = manifest::apply_delta(&self.load_manifest(base)?, delta)
+            .map_err(|e| StoreError::Base(format!("the manifest delta does not apply to {base}: {e}")))?;
+        if claimed_hash != manifest::hash(&m) {
+            return Err(StoreError::Base(format!(
+                "the manifest delta applied to {base} does not give the manifest hash {}",
+                Hex(claimed_hash)
+            )));
+        }
+        Ok(m)
+    }
+
     /// Validates a manifest and answers which chunks the host lacks. `free` reports the free bytes
     /// of the data dir's filesystem.
-    pub fn prepare(&self, version: &str, m: &v1::Manifest, claimed_hash: &[u8], free: u64) -> R<Prepared> {
+    pub fn prepare(&self, version: &str, source: ManifestSource, claimed_hash: &[u8], free: u64) -> R<Prepared> {
         manifest::check_version(version).map_err(StoreError::Refused)?;
+        let (m, base) = match source {
+            ManifestSource::Whole(m) => (m, None),
+            ManifestSource::Delta { base, delta } => (self.apply_delta(&base, &delta, claimed_hash)?, Some(base)),
+        };
+        let m = &m;
         manifest::validate(m).map_err(|e| StoreError::Refused(e.to_string()))?;
         let hash = manifest::hash(m);
         if !claimed_hash.is_empty() && claimed_hash != hash {
@@ -299,7 +338,13 @@ impl AppStore {
         }
         let release_id = manifest::release_id(version, &hash);
         if self.manifest_path(&release_id).exists() && self.release_path(&release_id).is_dir() {
-            return Ok(Prepared { release_id, already_present: true, missing: vec![], missing_bytes: 0 });
+            return Ok(Prepared {
+                release_id,
+                already_present: true,
+                missing: vec![],
+                missing_bytes: 0,
+                bases: vec![],
+            });
         }
         // Work out what is missing and whether it fits before writing anything: on a full disk
         // the answer must be "not enough space", not an ENOSPC from our own bookkeeping.
@@ -334,7 +379,97 @@ impl AppStore {
         fs::create_dir_all(stage.join("chunks")).map_err(StoreError::io("create staging", &stage))?;
         let mpath = stage.join("manifest");
         fs::write(&mpath, m.encode_to_vec()).map_err(StoreError::io("write staging manifest", &mpath))?;
-        Ok(Prepared { release_id, already_present: false, missing, missing_bytes })
+        let base = match base {
+            Some(b) => Some(b),
+            None => self.current().map_err(StoreError::io("read", &self.dir))?,
+        };
+        let bases = match base {
+            Some(base) if !missing.is_empty() => self.offer_bases(&stage, &base, m, &missing, &idx)?,
+            _ => Vec::new(),
+        };
+        Ok(Prepared { release_id, already_present: false, missing, missing_bytes, bases })
+    }
+
+    /// Bases for the missing chunks of files that `base` has an older version of (same path): the
+    /// old file's chunks that the new file no longer has, fingerprinted piece by piece. Remembered
+    /// in the stage (`bases`) so the upload can rebuild chunks from them.
+    fn offer_bases(
+        &self,
+        stage: &Path,
+        base: &str,
+        m: &v1::Manifest,
+        missing: &[Vec<u8>],
+        idx: &Index,
+    ) -> R<Vec<v1::Basis>> {
+        let old = match self.load_manifest(base) {
+            Ok(old) => old,
+            Err(e) => {
+                tracing::warn!(base, error = %e, "cannot read the base release's manifest; sending no delta bases");
+                return Ok(Vec::new());
+            }
+        };
+        let old_files: HashMap<&str, &v1::Entry> =
+            old.entries.iter().filter(|e| e.kind == EntryKind::File as i32).map(|e| (e.path.as_str(), e)).collect();
+        let mut unassigned: HashSet<[u8; HASH_LEN]> = missing.iter().filter_map(|h| key(h)).collect();
+        let mut bases = Vec::new();
+        let mut stored = Vec::new();
+        let mut budget = BASES_MAX_BYTES;
+        for e in m.entries.iter().filter(|e| e.kind == EntryKind::File as i32) {
+            let wanted: Vec<&v1::Chunk> =
+                e.chunks.iter().filter(|c| key(&c.hash).is_some_and(|h| unassigned.contains(&h))).collect();
+            let Some(prev) = old_files.get(e.path.as_str()) else { continue };
+            if wanted.is_empty() {
+                continue;
+            }
+            let now: HashSet<&[u8]> = e.chunks.iter().map(|c| c.hash.as_slice()).collect();
+            let mut seen = HashSet::new();
+            let basis: Vec<([u8; HASH_LEN], u64)> = prev
+                .chunks
+                .iter()
+                .filter(|c| !now.contains(c.hash.as_slice()))
+                .filter_map(|c| key(&c.hash).map(|h| (h, c.length)))
+                .filter(|(h, _)| seen.insert(*h))
+                .collect();
+            let basis_bytes: u64 = basis.iter().map(|(_, l)| l).sum();
+            let wanted_bytes: u64 = wanted.iter().map(|c| c.length).sum();
+            // An old version much larger than what changed would cost more fingerprints than it
+            // could save.
+            if basis.is_empty() || basis_bytes > 4 * wanted_bytes + u64::from(CHUNK_MAX) || basis_bytes > budget {
+                continue;
+            }
+            let Some(bytes) = read_basis(&basis, idx) else { continue };
+            budget -= basis_bytes;
+            let (piece_hashes, piece_lengths) = ferry_proto::delta::signature(&bytes);
+            let id = basis_id(basis.iter().map(|(h, _)| h));
+            for c in &wanted {
+                if let Some(h) = key(&c.hash) {
+                    unassigned.remove(&h);
+                }
+            }
+            stored.push((id, basis.iter().map(|(h, _)| *h).collect::<Vec<_>>()));
+            bases.push(v1::Basis {
+                id: id.to_vec(),
+                chunks: wanted.iter().map(|c| c.hash.clone()).collect(),
+                piece_hashes,
+                piece_lengths,
+            });
+        }
+        if !stored.is_empty() {
+            // Bases offered by an earlier Prepare of the same stage stay valid.
+            let mut all = read_bases(stage)?;
+            all.extend(stored);
+            let text: String = all
+                .iter()
+                .map(|(id, chunks)| {
+                    let hashes: Vec<String> = chunks.iter().map(hex::encode).collect();
+                    format!("{} {}\n", hex::encode(id), hashes.join(" "))
+                })
+                .collect();
+            let (tmp, dst) = (stage.join(".bases.tmp"), stage.join("bases"));
+            fs::write(&tmp, text).map_err(StoreError::io("write staging bases", &tmp))?;
+            fs::rename(&tmp, &dst).map_err(StoreError::io("write staging bases", &dst))?;
+        }
+        Ok(bases)
     }
 
     /// The staging directory and manifest of a prepared stage.
@@ -357,7 +492,19 @@ impl AppStore {
         let wanted: HashSet<[u8; HASH_LEN]> =
             m.entries.iter().flat_map(|e| e.chunks.iter()).filter_map(|c| key(&c.hash)).collect();
         let have = self.received(&stage)?;
-        Ok(Upload { dir: stage.join("chunks"), wanted, have, chunks_received: 0, bytes_received: 0 })
+        let bases: HashMap<[u8; BASIS_ID_LEN], Vec<[u8; HASH_LEN]>> = read_bases(&stage)?.into_iter().collect();
+        let idx = if bases.is_empty() { Index::default() } else { self.index()? };
+        Ok(Upload {
+            dir: stage.join("chunks"),
+            wanted,
+            have,
+            bases,
+            idx,
+            basis: None,
+            chunks_received: 0,
+            bytes_received: 0,
+            rebuilt: 0,
+        })
     }
 
     /// Builds the release from staging and promotes it into `releases/`. Idempotent. On failure
@@ -619,8 +766,15 @@ pub struct Upload {
     dir: PathBuf,
     wanted: HashSet<[u8; HASH_LEN]>,
     have: HashSet<[u8; HASH_LEN]>,
+    /// The bases this stage offered, by id: the old chunks each concatenates.
+    bases: HashMap<[u8; BASIS_ID_LEN], Vec<[u8; HASH_LEN]>>,
+    idx: Index,
+    /// The basis used last (consecutive chunks of one file share it).
+    basis: Option<([u8; BASIS_ID_LEN], Vec<u8>)>,
     pub chunks_received: u64,
     pub bytes_received: u64,
+    /// Chunks rebuilt from a basis.
+    pub rebuilt: u64,
 }
 
 impl Upload {
@@ -634,13 +788,19 @@ impl Upload {
             return Err(StoreError::Refused(format!("chunk length {} outside 1..={CHUNK_MAX}", c.raw_length)));
         }
         let raw_len = usize::try_from(c.raw_length).unwrap_or(0);
-        let data = match v1::Compression::try_from(c.compression) {
+        let mut data = match v1::Compression::try_from(c.compression) {
             Ok(v1::Compression::None) => c.data.clone(),
             // The capacity bounds the output: a decompression bomb fails instead of growing.
             Ok(v1::Compression::Zstd) => zstd::bulk::decompress(&c.data, raw_len)
                 .map_err(|e| StoreError::Corrupt(format!("chunk {}: zstd: {e}", Hex(&c.hash))))?,
             Err(_) => return Err(StoreError::Refused(format!("unknown compression {}", c.compression))),
         };
+        if !c.basis.is_empty() {
+            let basis = self.basis(&c.basis)?;
+            data = ferry_proto::delta::apply(basis, &c.ops, &data, raw_len)
+                .map_err(|e| StoreError::Refused(format!("chunk {}: {e}", Hex(&c.hash))))?;
+            self.rebuilt += 1;
+        }
         if data.len() != raw_len || blake3::hash(&data).as_bytes() != &h {
             return Err(StoreError::Corrupt(format!(
                 "chunk {} does not match its hash (or its length {} differs from {})",
@@ -662,6 +822,76 @@ impl Upload {
         self.have.insert(h);
         Ok(())
     }
+
+    /// The bytes of a basis this stage offered.
+    fn basis(&mut self, id: &[u8]) -> R<&[u8]> {
+        let id: [u8; BASIS_ID_LEN] =
+            id.try_into().map_err(|_| StoreError::Refused(format!("basis id {} is not 16 bytes", Hex(id))))?;
+        if self.basis.as_ref().is_none_or(|(cached, _)| *cached != id) {
+            let chunks = self.bases.get(&id).ok_or_else(|| {
+                StoreError::Refused(format!("basis {} was not offered for this stage (prepare again)", Hex(&id)))
+            })?;
+            let sized: Vec<_> = chunks
+                .iter()
+                .map(|h| self.idx.chunks.get(h).map(|(_, _, len)| (*h, *len)))
+                .collect::<Option<_>>()
+                .ok_or_else(|| StoreError::Refused(format!("basis {} is no longer on this host", Hex(&id))))?;
+            let bytes = read_basis(&sized, &self.idx)
+                .ok_or_else(|| StoreError::Refused(format!("basis {} could not be read", Hex(&id))))?;
+            self.basis = Some((id, bytes));
+        }
+        Ok(self.basis.as_ref().map_or(&[], |(_, b)| b.as_slice()))
+    }
+}
+
+/// Names a basis by the old chunks it concatenates.
+fn basis_id<'a>(chunks: impl Iterator<Item = &'a [u8; HASH_LEN]>) -> [u8; BASIS_ID_LEN] {
+    let mut h = blake3::Hasher::new();
+    for c in chunks {
+        h.update(c);
+    }
+    let mut id = [0u8; BASIS_ID_LEN];
+    id.copy_from_slice(&h.finalize().as_bytes()[..BASIS_ID_LEN]);
+    id
+}
+
+/// Reads old chunks from the releases that hold them, concatenated; None if one cannot be read
+/// (a basis is an optimisation: without it the chunk is sent whole).
+fn read_basis(chunks: &[([u8; HASH_LEN], u64)], idx: &Index) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(chunks.iter().map(|(_, l)| *l as usize).sum());
+    for (h, _) in chunks {
+        let (path, offset, len) = idx.chunks.get(h)?;
+        let mut f = File::open(path).ok()?;
+        f.seek(SeekFrom::Start(*offset)).ok()?;
+        let start = out.len();
+        out.resize(start + usize::try_from(*len).ok()?, 0);
+        f.read_exact(&mut out[start..]).ok()?;
+    }
+    Some(out)
+}
+
+/// A basis as a stage records it: its id and the old chunks it concatenates.
+type StagedBasis = ([u8; BASIS_ID_LEN], Vec<[u8; HASH_LEN]>);
+
+/// The bases recorded in a stage: `<id hex> <chunk hex>...` per line.
+fn read_bases(stage: &Path) -> R<Vec<StagedBasis>> {
+    let p = stage.join("bases");
+    let text = match fs::read_to_string(&p) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(StoreError::io("read staging bases", &p)(e)),
+    };
+    let corrupt = || StoreError::Corrupt(format!("{}: unreadable line", p.display()));
+    text.lines()
+        .map(|line| {
+            let mut words = line.split(' ');
+            let id =
+                words.next().and_then(|w| hex::decode(w).ok()).and_then(|b| b.try_into().ok()).ok_or_else(corrupt)?;
+            let chunks =
+                words.map(|w| hex::decode(w).ok().and_then(|b| key(&b)).ok_or_else(corrupt)).collect::<R<Vec<_>>>()?;
+            Ok((id, chunks))
+        })
+        .collect()
 }
 
 fn write_file(dst: &Path, e: &v1::Entry, mode: u32, idx: &Index, chunk_dir: &Path) -> R<()> {

@@ -6,6 +6,9 @@
 //! devices, hard links, duplicates) before a byte lands on disk; a truncated archive is an error
 //! naming the file. Every file is cut into content-defined chunks (FastCDC, parameters in
 //! `ferry_proto::manifest`) so a small change in a large file costs only the changed chunks.
+//!
+//! Files are hashed on every core. A directory artifact's files whose stat is unchanged since the
+//! last scan are not read again (see [`crate::cache`]).
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -14,6 +17,8 @@ use std::path::{Path, PathBuf};
 
 use ferry_proto::manifest::{self, CHUNK_AVG, CHUNK_MAX, CHUNK_MIN, HASH_LEN};
 use ferry_proto::v1::{self, EntryKind};
+
+use crate::cache::{Cache, ScanRecord};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ArtifactError {
@@ -65,9 +70,10 @@ impl std::fmt::Debug for Artifact {
 }
 
 impl Artifact {
-    /// Scans a directory or archive. Blocking (reads and hashes every byte): call it from
-    /// `spawn_blocking` in async code.
-    pub fn scan(path: &Path) -> Result<Artifact, ArtifactError> {
+    /// Scans a directory or archive. Blocking (reads and hashes every byte that the cache does
+    /// not vouch for): call it from `spawn_blocking` in async code.
+    pub fn scan(path: &Path, cache: Option<&Cache>) -> Result<Artifact, ArtifactError> {
+        let started = std::time::SystemTime::now();
         let io = |source| ArtifactError::Io { path: path.to_owned(), source };
         let meta = std::fs::metadata(path).map_err(io)?;
         let (root, extracted) = if meta.is_dir() {
@@ -83,14 +89,52 @@ impl Artifact {
             return Err(ArtifactError::Empty(path.to_owned()));
         }
         entries.sort_by(|a, b| a.0.path.cmp(&b.0.path));
+        // An extracted archive is new on every run: only a directory's stat can vouch for content.
+        let cache = cache.filter(|_| extracted.is_none());
+        let known = cache.map(|c| c.scan_records(path)).unwrap_or_default();
+        let mut todo = Vec::new();
+        for (i, (entry, file)) in entries.iter_mut().enumerate() {
+            let Some(file) = file else { continue };
+            match known.get(&entry.path).filter(|r| file.stat.vouches_for(r)) {
+                Some(r) => {
+                    entry.hash = r.hash.clone();
+                    entry.chunks = r.chunks.clone();
+                }
+                None => todo.push(i),
+            }
+        }
+        let hashed = hash_files(path, &entries, &todo)?;
+        for (i, (hash, chunks, size)) in todo.into_iter().zip(hashed) {
+            let entry = &mut entries[i].0;
+            // The size is what was read, not what stat said before (the file may be growing).
+            (entry.hash, entry.chunks, entry.size) = (hash, chunks, size);
+        }
         let mut chunks = HashMap::new();
         let mut manifest = v1::Manifest::default();
+        let mut records = Vec::new();
+        // Timestamps this close to the scan could still hide a write in the same clock tick.
+        let settled = started.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64) - 1_000_000_000;
         for (entry, file) in entries {
-            let mut entry = entry;
             if let Some(file) = file {
-                chunk_file(path, &file, &mut entry, &mut chunks)?;
+                let mut offset = 0;
+                for c in &entry.chunks {
+                    if let Ok(h) = <[u8; HASH_LEN]>::try_from(c.hash.as_slice()) {
+                        chunks.entry(h).or_insert_with(|| ChunkLoc {
+                            file: file.path.clone(),
+                            offset,
+                            length: c.length,
+                        });
+                    }
+                    offset += c.length;
+                }
+                if file.stat.mtime_ns < settled && file.stat.ctime_ns < settled && file.stat.size == entry.size {
+                    records.push(file.stat.record(&entry));
+                }
             }
             manifest.entries.push(entry);
+        }
+        if let Some(cache) = cache {
+            cache.save_scan(path, records);
         }
         manifest::validate(&manifest)
             .map_err(|source| ArtifactError::Manifest { artifact: path.to_owned(), source })?;
@@ -143,7 +187,7 @@ fn walk(
     artifact: &Path,
     dir: &Path,
     rel: &str,
-    out: &mut Vec<(v1::Entry, Option<PathBuf>)>,
+    out: &mut Vec<(v1::Entry, Option<FileRef>)>,
 ) -> Result<(), ArtifactError> {
     let io = |source| ArtifactError::Io { path: dir.to_owned(), source };
     for item in std::fs::read_dir(dir).map_err(io)? {
@@ -191,7 +235,7 @@ fn walk(
                 size: meta.size(),
                 ..Default::default()
             };
-            out.push((entry, Some(path)));
+            out.push((entry, Some(FileRef { path, stat: Stat::of(&meta) })));
         } else {
             return Err(ArtifactError::Refused {
                 artifact: artifact.to_owned(),
@@ -204,36 +248,123 @@ fn walk(
     Ok(())
 }
 
-fn chunk_file(
+/// A file of the artifact tree and its stat at the walk.
+struct FileRef {
+    path: PathBuf,
+    stat: Stat,
+}
+
+/// What identifies a file's content without reading it (see [`crate::cache`]).
+#[derive(Debug, Clone, Copy)]
+struct Stat {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mode: u32,
+    mtime_ns: i64,
+    ctime_ns: i64,
+}
+
+impl Stat {
+    fn of(meta: &std::fs::Metadata) -> Stat {
+        Stat {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mode: meta.mode(),
+            mtime_ns: meta.mtime().saturating_mul(1_000_000_000).saturating_add(meta.mtime_nsec()),
+            ctime_ns: meta.ctime().saturating_mul(1_000_000_000).saturating_add(meta.ctime_nsec()),
+        }
+    }
+
+    fn vouches_for(&self, r: &ScanRecord) -> bool {
+        (self.dev, self.ino, self.size, self.mode, self.mtime_ns, self.ctime_ns)
+            == (r.dev, r.ino, r.size, r.mode, r.mtime_ns, r.ctime_ns)
+            && r.hash.len() == HASH_LEN
+            && r.chunks.iter().map(|c| c.length).sum::<u64>() == r.size
+    }
+
+    fn record(&self, entry: &v1::Entry) -> ScanRecord {
+        ScanRecord {
+            path: entry.path.clone(),
+            dev: self.dev,
+            ino: self.ino,
+            size: self.size,
+            mode: self.mode,
+            mtime_ns: self.mtime_ns,
+            ctime_ns: self.ctime_ns,
+            hash: entry.hash.clone(),
+            chunks: entry.chunks.clone(),
+        }
+    }
+}
+
+type Hashed = (Vec<u8>, Vec<v1::Chunk>, u64);
+
+/// Hashes the files `todo` (indexes into `entries`) on every core, in the order given.
+fn hash_files(
     artifact: &Path,
-    file: &Path,
-    entry: &mut v1::Entry,
-    chunks: &mut HashMap<[u8; HASH_LEN], ChunkLoc>,
-) -> Result<(), ArtifactError> {
+    entries: &[(v1::Entry, Option<FileRef>)],
+    todo: &[usize],
+) -> Result<Vec<Hashed>, ArtifactError> {
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8).min(todo.len().max(1));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut results: Vec<Option<Result<Hashed, ArtifactError>>> = (0..todo.len()).map(|_| None).collect();
+    let slots = std::sync::Mutex::new(&mut results);
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| {
+                loop {
+                    let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(&i) = todo.get(k) else { break };
+                    let (entry, file) = &entries[i];
+                    let result = match file {
+                        Some(file) => chunk_file(artifact, &file.path, &entry.path),
+                        None => Ok((Vec::new(), Vec::new(), 0)),
+                    };
+                    if let Ok(mut slots) = slots.lock() {
+                        slots[k] = Some(result);
+                    }
+                }
+            });
+        }
+    });
+    results
+        .into_iter()
+        .map(|r| {
+            r.unwrap_or_else(|| {
+                Err(ArtifactError::Refused {
+                    artifact: artifact.to_owned(),
+                    entry: String::new(),
+                    reason: "a hashing thread failed".into(),
+                })
+            })
+        })
+        .collect()
+}
+
+/// Reads a file once: its blake3 hash, its content-defined chunks and the bytes read.
+fn chunk_file(artifact: &Path, file: &Path, rel: &str) -> Result<Hashed, ArtifactError> {
     let io = |source| ArtifactError::Io { path: file.to_owned(), source };
     let f = File::open(file).map_err(io)?;
     let mut whole = blake3::Hasher::new();
+    let mut chunks = Vec::new();
     let mut size = 0u64;
     for piece in fastcdc::v2020::StreamCDC::new(f, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX) {
         let piece = piece.map_err(|e| match e {
             fastcdc::v2020::Error::IoError(source) => io(source),
             other => ArtifactError::Refused {
                 artifact: artifact.to_owned(),
-                entry: entry.path.clone(),
+                entry: rel.to_string(),
                 reason: format!("chunking failed: {other:?}"),
             },
         })?;
         whole.update(&piece.data);
-        let hash = *blake3::hash(&piece.data).as_bytes();
         let length = piece.length as u64;
-        chunks.entry(hash).or_insert_with(|| ChunkLoc { file: file.to_owned(), offset: piece.offset, length });
-        entry.chunks.push(v1::Chunk { hash: hash.to_vec(), length });
+        chunks.push(v1::Chunk { hash: blake3::hash(&piece.data).as_bytes().to_vec(), length });
         size += length;
     }
-    // The size is what was read, not what stat said before (the file may be growing).
-    entry.size = size;
-    entry.hash = whole.finalize().as_bytes().to_vec();
-    Ok(())
+    Ok((whole.finalize().as_bytes().to_vec(), chunks, size))
 }
 
 /// Extracts a tar archive (plain, gzip or zstd, by magic number) into `dest`.
@@ -365,9 +496,53 @@ mod tests {
     }
 
     #[test]
+    fn the_scan_cache_vouches_only_for_files_whose_stat_is_unchanged() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let cache_dir = tempfile::tempdir().expect("tempdir");
+        let cache = Cache::new(cache_dir.path().to_owned());
+        std::fs::write(d.path().join("a"), b"alpha").expect("write");
+        std::fs::write(d.path().join("b"), b"bravo").expect("write");
+        let hash_of = |art: &Artifact, path: &str| {
+            art.manifest.entries.iter().find(|e| e.path == path).map(|e| e.hash.clone()).expect("entry")
+        };
+        // Files changed within the last second are not remembered.
+        Artifact::scan(d.path(), Some(&cache)).expect("scan");
+        assert!(cache.scan_records(d.path()).is_empty());
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        let first = Artifact::scan(d.path(), Some(&cache)).expect("scan");
+        let mut records = cache.scan_records(d.path());
+        assert_eq!(records.len(), 2);
+
+        // A record whose stat matches is believed without reading the file: plant a different
+        // hash for "a" and the scan reports it.
+        let planted = blake3::hash(b"planted").as_bytes().to_vec();
+        if let Some(r) = records.get_mut("a") {
+            r.hash = planted.clone();
+        }
+        cache.save_scan(d.path(), records.into_values().collect());
+        let second = Artifact::scan(d.path(), Some(&cache)).expect("scan");
+        assert_eq!(hash_of(&second, "a"), planted);
+
+        // Rewriting "b" in place with the same size and its old mtime still changes its ctime:
+        // it is read again.
+        let b = d.path().join("b");
+        let mtime = std::fs::metadata(&b).and_then(|m| m.modified()).expect("mtime");
+        std::fs::write(&b, b"BRAVO").expect("rewrite");
+        File::options().write(true).open(&b).and_then(|f| f.set_modified(mtime)).expect("restore mtime");
+        let third = Artifact::scan(d.path(), Some(&cache)).expect("scan");
+        assert_ne!(hash_of(&third, "b"), hash_of(&first, "b"));
+        assert_eq!(hash_of(&third, "b"), blake3::hash(b"BRAVO").as_bytes().to_vec());
+        // Without a cache nothing is believed.
+        assert_eq!(
+            hash_of(&Artifact::scan(d.path(), None).expect("scan"), "a"),
+            blake3::hash(b"alpha").as_bytes().to_vec()
+        );
+    }
+
+    #[test]
     fn directory_and_archives_give_the_same_manifest() {
         let d = tree();
-        let a = Artifact::scan(d.path()).expect("scan dir");
+        let a = Artifact::scan(d.path(), None).expect("scan dir");
         assert_eq!(
             a.manifest.entries.iter().map(|e| e.path.as_str()).collect::<Vec<_>>(),
             ["README", "app", "bin", "bin/app"]
@@ -383,7 +558,7 @@ mod tests {
         for (name, level) in [("a.tar", None), ("a.tar.zst", Some(3))] {
             let p = out.path().join(name);
             tar_of(d.path(), &p, level);
-            let t = Artifact::scan(&p).expect("scan archive");
+            let t = Artifact::scan(&p, None).expect("scan archive");
             assert_eq!(t.manifest_hash, a.manifest_hash, "{name}");
         }
     }
@@ -438,7 +613,7 @@ mod tests {
             ),
         ];
         for (what, path, needle) in cases {
-            let e = Artifact::scan(&path).expect_err(what).to_string();
+            let e = Artifact::scan(&path, None).expect_err(what).to_string();
             assert!(e.contains(needle), "{what}: {e}");
             assert!(e.contains(&path.display().to_string()), "{what}: {e}");
         }
@@ -454,7 +629,7 @@ mod tests {
         tar_of(d.path(), &p, None);
         let bytes = std::fs::read(&p).expect("read");
         std::fs::write(&p, &bytes[..bytes.len() / 3]).expect("truncate");
-        let e = Artifact::scan(&p).expect_err("truncated").to_string();
+        let e = Artifact::scan(&p, None).expect_err("truncated").to_string();
         assert!(e.contains("t.tar") && e.contains("truncated"), "{e}");
     }
 
@@ -477,7 +652,7 @@ mod tests {
             }
             let q = out.path().join(format!("m{i}.tar"));
             std::fs::write(&q, &bytes).expect("write");
-            let _ = Artifact::scan(&q);
+            let _ = Artifact::scan(&q, None);
         }
     }
 }
@@ -500,7 +675,7 @@ mod props {
             let mut bytes = magic;
             bytes.extend_from_slice(&body);
             std::fs::write(&p, &bytes).expect("write");
-            let _ = Artifact::scan(&p);
+            let _ = Artifact::scan(&p, None);
         }
     }
 }

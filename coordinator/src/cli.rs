@@ -217,7 +217,10 @@ pub async fn run(cli: Cli) -> u8 {
                 return fail(exit::USAGE, &e.into());
             }
             let path = args.artifact.clone();
-            let scanned = tokio::task::spawn_blocking(move || crate::artifact::Artifact::scan(&path)).await;
+            let cache = config.cache_dir().map(crate::cache::Cache::new);
+            let scan_cache = cache.clone();
+            let scanned =
+                tokio::task::spawn_blocking(move || crate::artifact::Artifact::scan(&path, scan_cache.as_ref())).await;
             let artifact = match scanned {
                 Ok(Ok(a)) => std::sync::Arc::new(a),
                 Ok(Err(e)) => return fail(exit::USAGE, &e.into()),
@@ -225,7 +228,9 @@ pub async fn run(cli: Cli) -> u8 {
             };
             ui::deploy_start(&artifact, &args.version, &args.env, args.output);
             let progress = ui::progress_printer(args.output);
-            match commands::deploy::deploy(&config, &args.env, &tls, artifact, &args.version, &progress).await {
+            match commands::deploy::deploy(&config, &args.env, &tls, artifact, &args.version, cache.as_ref(), &progress)
+                .await
+            {
                 Ok(report) => {
                     ui::deploy_report(&report, args.output);
                     deploy_exit(&report)

@@ -24,6 +24,11 @@ pub struct FleetConfig {
     /// How many hosts are contacted at once.
     #[serde(default = "default_parallelism")]
     pub parallelism: usize,
+    /// Where `ferry` keeps what it learnt from earlier runs: the manifests it sent (so the next
+    /// deploy sends only the changes) and the hashes of scanned files (so unchanged files are not
+    /// read again). Default `$XDG_CACHE_HOME/ferry` or `~/.cache/ferry`. Safe to delete.
+    #[serde(default)]
+    pub cache_dir: Option<PathBuf>,
     pub environments: BTreeMap<String, Environment>,
 }
 
@@ -311,12 +316,24 @@ impl FleetConfig {
         let mut config: FleetConfig = config_file::parse_toml(path, text)?;
         config_file::check(path, config.problems())?;
         let base = path.parent().unwrap_or(Path::new("."));
-        for p in [&mut config.tls.ca, &mut config.tls.cert, &mut config.tls.key] {
+        for p in
+            [&mut config.tls.ca, &mut config.tls.cert, &mut config.tls.key].into_iter().chain(config.cache_dir.as_mut())
+        {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
         }
         Ok(config)
+    }
+
+    /// The cache directory: the configured one, else the user's cache directory (None without a
+    /// home: then nothing is cached).
+    pub fn cache_dir(&self) -> Option<PathBuf> {
+        let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+        self.cache_dir
+            .clone()
+            .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("ferry")))
+            .or_else(|| env("HOME").map(|d| d.join(".cache/ferry")))
     }
 
     pub fn problems(&self) -> Vec<Problem> {

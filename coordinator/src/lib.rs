@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 pub mod artifact;
+pub mod cache;
 pub mod cli;
 pub mod client;
 pub mod commands;

@@ -8,6 +8,7 @@
 //! - [`identity`]: what a fleet certificate says about its holder (name, addresses, role) and how
 //!   both sides read certificates and keys from PEM files with errors that name the file.
 //!
+//! - [`delta`]: piece deltas that rebuild a changed chunk from old content the host keeps.
 //! - [`manifest`]: the release manifest rules (the one gate for untrusted manifests), its
 //!   canonical hash, release ids, and the chunking parameters both sides share.
 //!
@@ -16,6 +17,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config_file;
+pub mod delta;
 pub mod durable;
 pub mod identity;
 pub mod manifest;

@@ -236,6 +236,41 @@ pub fn total_bytes(m: &v1::Manifest) -> u64 {
     m.entries.iter().map(|e| e.size).sum()
 }
 
+/// The changes from `base` to `new` (both sorted by path, as [`validate`] demands): the entries
+/// added or changed, whole, and the paths removed.
+pub fn diff(base: &v1::Manifest, new: &v1::Manifest) -> v1::ManifestDelta {
+    let old: std::collections::HashMap<&str, &v1::Entry> = base.entries.iter().map(|e| (e.path.as_str(), e)).collect();
+    let now: std::collections::HashSet<&str> = new.entries.iter().map(|e| e.path.as_str()).collect();
+    v1::ManifestDelta {
+        upserts: new.entries.iter().filter(|e| old.get(e.path.as_str()) != Some(e)).cloned().collect(),
+        removed: base.entries.iter().filter(|e| !now.contains(e.path.as_str())).map(|e| e.path.clone()).collect(),
+    }
+}
+
+/// Applies a delta to `base`: the manifest it describes, sorted by path. Refuses a delta that
+/// removes a path the base lacks or names a path twice; the result still has to pass
+/// [`validate`] and match the claimed hash.
+pub fn apply_delta(base: &v1::Manifest, delta: &v1::ManifestDelta) -> Result<v1::Manifest, ManifestError> {
+    let mut entries: std::collections::BTreeMap<String, v1::Entry> =
+        base.entries.iter().map(|e| (e.path.clone(), e.clone())).collect();
+    let mut named = std::collections::HashSet::new();
+    for path in &delta.removed {
+        if !named.insert(path.as_str()) {
+            return Err(err(path, "named twice in the delta"));
+        }
+        if entries.remove(path).is_none() {
+            return Err(err(path, "the delta removes it, but the base release has no such entry"));
+        }
+    }
+    for e in &delta.upserts {
+        if !named.insert(e.path.as_str()) {
+            return Err(err(&e.path, "named twice in the delta"));
+        }
+        entries.insert(e.path.clone(), e.clone());
+    }
+    Ok(v1::Manifest { entries: entries.into_values().collect() })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -461,6 +496,27 @@ mod props {
                     }
                 }
             }
+        }
+
+        /// A delta applied to its base gives back exactly the new manifest.
+        #[test]
+        fn diff_then_apply_gives_the_new_manifest(
+            a in prop::collection::vec(entry(), 0..12),
+            b in prop::collection::vec(entry(), 0..12),
+            keep in prop::collection::vec(any::<bool>(), 12),
+        ) {
+            let sorted = |mut v: Vec<Entry>| {
+                v.sort_by(|x, y| x.path.cmp(&y.path));
+                v.dedup_by(|x, y| x.path == y.path);
+                Manifest { entries: v }
+            };
+            let base = sorted(a.clone());
+            // The new manifest shares some entries with the base, changes or adds others.
+            let mixed: Vec<Entry> = a.into_iter().zip(&keep).filter(|(_, k)| **k).map(|(e, _)| e).chain(b).collect();
+            let new = sorted(mixed);
+            let delta = diff(&base, &new);
+            prop_assert!(delta.upserts.len() <= new.entries.len());
+            prop_assert_eq!(apply_delta(&base, &delta), Ok(new));
         }
 
         /// Lexical containment agrees with a direct walk of the target from the link's directory.

@@ -7,7 +7,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferry_agent::store::ManifestSource;
 use ferry_coordinator::artifact::Artifact;
+use ferry_coordinator::cache::Cache;
 use ferry_coordinator::client::{Agent, Timeouts};
 use ferry_coordinator::commands::deploy::{self, DeployReport, DeploymentStatus, HostOutcome};
 use ferry_coordinator::config::{FleetConfig, Host, TlsFiles};
@@ -49,8 +51,8 @@ fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
 }
 
 async fn deploy_dir(config: &FleetConfig, tls: &ClientTls, dir: &Path, version: &str) -> DeployReport {
-    let artifact = Arc::new(Artifact::scan(dir).expect("scan"));
-    deploy::deploy(config, "test", tls, artifact, version, &quiet).await.expect("deploy runs")
+    let artifact = Arc::new(Artifact::scan(dir, None).expect("scan"));
+    deploy::deploy(config, "test", tls, artifact, version, None, &quiet).await.expect("deploy runs")
 }
 
 fn current(app_root: &Path) -> String {
@@ -158,6 +160,39 @@ async fn a_small_change_inside_a_large_file_sends_only_changed_chunks() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redeploy_sends_manifest_changes_and_piece_deltas() {
+    let s = Setup::new().await;
+    let cache = Cache::new(s.dir.path().join("cache"));
+    let deploy_cached = |dir: PathBuf, version: &'static str| {
+        let (config, tls, cache) = (&s.config, &s.tls, &cache);
+        async move {
+            let artifact = Arc::new(Artifact::scan(&dir, Some(cache)).expect("scan"));
+            deploy::deploy(config, "test", tls, artifact, version, Some(cache), &quiet).await.expect("deploy runs")
+        }
+    };
+    let mut files = tree_v(1);
+    let r1 = deploy_cached(build(s.dir.path(), "v1", &files), "1").await;
+    assert_eq!(r1.status, DeploymentStatus::Succeeded, "{r1:?}");
+    assert!(!r1.hosts[0].manifest_delta, "nothing to send changes against yet");
+
+    // v2: 4 KiB rewritten in the middle of the 2 MB binary and of a 100 KB library.
+    files[0].1 = b"2\n".to_vec();
+    files[1].1[1_000_000..1_004_096].copy_from_slice(&pseudo_random(4096, 77));
+    files[4].1[50_000..54_096].copy_from_slice(&pseudo_random(4096, 78));
+    let r2 = deploy_cached(build(s.dir.path(), "v2", &files), "2").await;
+    assert_eq!(r2.status, DeploymentStatus::Succeeded, "{r2:?}");
+    let host = &r2.hosts[0];
+    assert!(host.manifest_delta, "the host runs a release the cache knows: {host:?}");
+    assert_eq!(host.delta_chunks, 2, "both edited chunks go as deltas: {host:?}");
+    // Whole chunks would be ~2 x 64 KiB of random bytes; deltas are the 2 x 4 KiB edits plus the
+    // pieces they straddle.
+    assert!(host.bytes_sent < 2 * 4096 + 4 * 4096, "sent {} bytes", host.bytes_sent);
+    for (path, content) in &files {
+        assert!(std::fs::read(s.app_root().join(path)).expect("read") == *content, "{path} on the host");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keep_releases_prunes_old_releases_but_never_current_or_previous() {
     let s = Setup::new().await;
     for n in 1..=7 {
@@ -185,16 +220,18 @@ async fn keep_releases_prunes_old_releases_but_never_current_or_previous() {
 async fn hostile_requests_are_refused_and_the_current_release_is_untouched() {
     let s = Setup::new().await;
     let v1 = build(s.dir.path(), "v1", &tree_v(1));
-    assert_eq!(deploy_dir(&s.config, &s.tls, &v1, "1").await.status, DeploymentStatus::Succeeded);
+    let r1 = deploy_dir(&s.config, &s.tls, &v1, "1").await;
+    assert_eq!(r1.status, DeploymentStatus::Succeeded);
     let mut c = s.client().await;
 
-    let good = Artifact::scan(&build(s.dir.path(), "v2", &tree_v(2))).expect("scan");
+    let good = Artifact::scan(&build(s.dir.path(), "v2", &tree_v(2)), None).expect("scan");
     let prepare = |m: v1::Manifest, version: &str| v1::PrepareRequest {
         app: "web".into(),
         version: version.into(),
         deployment_id: "d-test".into(),
         manifest_hash: ferry_proto::manifest::hash(&m).to_vec(),
         manifest: Some(m),
+        ..Default::default()
     };
     let code_and_message = |r: Result<tonic::Response<v1::PrepareResponse>, tonic::Status>| {
         let e = r.expect_err("must be refused");
@@ -250,6 +287,31 @@ async fn hostile_requests_are_refused_and_the_current_release_is_untouched() {
     assert_eq!(e.code(), tonic::Code::FailedPrecondition);
     assert!(e.message().contains("nothing prepared"), "{}", e.message());
 
+    // Manifest deltas: against a release the host does not keep, or that do not give the claimed
+    // manifest, the host asks for the whole manifest; a request with both is malformed.
+    let base = Artifact::scan(&v1, None).expect("scan v1").manifest;
+    let delta = ferry_proto::manifest::diff(&base, &good.manifest);
+    let with_delta = |base_release: &str, hash: Vec<u8>| v1::PrepareRequest {
+        app: "web".into(),
+        version: "2".into(),
+        manifest_hash: hash,
+        base_release: base_release.into(),
+        delta: Some(delta.clone()),
+        ..Default::default()
+    };
+    let (code, msg) = code_and_message(c.prepare(with_delta("9-00000000", good.manifest_hash.to_vec())).await);
+    assert_eq!(code, tonic::Code::FailedPrecondition, "{msg}");
+    assert!(msg.contains("9-00000000 of the manifest delta is not kept"), "{msg}");
+    let (code, msg) = code_and_message(c.prepare(with_delta(&r1.release_id, vec![7; 32])).await);
+    assert_eq!(code, tonic::Code::FailedPrecondition, "{msg}");
+    assert!(msg.contains("does not give the manifest hash"), "{msg}");
+    let mut both = with_delta(&r1.release_id, good.manifest_hash.to_vec());
+    both.manifest = Some(good.manifest.clone());
+    let (code, _) = code_and_message(c.prepare(both).await);
+    assert_eq!(code, tonic::Code::InvalidArgument);
+    let by_delta = c.prepare(with_delta(&r1.release_id, good.manifest_hash.to_vec())).await.expect("delta applies");
+    assert_eq!(by_delta.into_inner().release_id, good.release_id("2"));
+
     let p = c.prepare(prepare(good.manifest.clone(), "2")).await.expect("prepare v2").into_inner();
     assert!(!p.missing_chunks.is_empty());
     let stranger = v1::ContentChunk {
@@ -257,20 +319,41 @@ async fn hostile_requests_are_refused_and_the_current_release_is_untouched() {
         raw_length: 9,
         compression: 0,
         data: b"not in v2".to_vec(),
+        ..Default::default()
     };
     let e = c.upload(upload(&p.stage_id, vec![stranger])).await.expect_err("not requested");
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert!(e.message().contains("not part of the prepared release"), "{}", e.message());
 
     let wanted = p.missing_chunks[0].clone();
-    let liar = v1::ContentChunk { hash: wanted, raw_length: 5, compression: 0, data: b"bogus".to_vec() };
+    let liar =
+        v1::ContentChunk { hash: wanted, raw_length: 5, compression: 0, data: b"bogus".to_vec(), ..Default::default() };
     let e = c.upload(upload(&p.stage_id, vec![liar])).await.expect_err("corrupt");
     assert_eq!(e.code(), tonic::Code::DataLoss);
     assert!(e.message().contains("does not match its hash"), "{}", e.message());
 
+    // A delta against a basis the host never offered.
+    let unknown = v1::ContentChunk {
+        hash: p.missing_chunks[0].clone(),
+        raw_length: 4,
+        data: b"abcd".to_vec(),
+        basis: vec![9; 16],
+        ops: vec![v1::DeltaOp { basis_offset: 0, length: 4, literal: true }],
+        ..Default::default()
+    };
+    let e = c.upload(upload(&p.stage_id, vec![unknown])).await.expect_err("unknown basis");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("was not offered"), "{}", e.message());
+
     // A decompression bomb: claims 10 bytes, inflates to far more.
     let bomb = zstd::bulk::compress(&vec![0u8; 200_000], 19).expect("compress");
-    let b = v1::ContentChunk { hash: p.missing_chunks[0].clone(), raw_length: 10, compression: 1, data: bomb };
+    let b = v1::ContentChunk {
+        hash: p.missing_chunks[0].clone(),
+        raw_length: 10,
+        compression: 1,
+        data: bomb,
+        ..Default::default()
+    };
     let e = c.upload(upload(&p.stage_id, vec![b])).await.expect_err("bomb");
     assert_eq!(e.code(), tonic::Code::DataLoss, "{}", e.message());
 
@@ -319,9 +402,12 @@ fn tokio_stream_iter(msgs: Vec<v1::UploadRequest>) -> impl tokio_stream::Stream<
 #[test]
 fn a_full_disk_is_refused_early_with_numbers() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let art = Artifact::scan(&build(dir.path(), "v1", &tree_v(1))).expect("scan");
+    let art = Artifact::scan(&build(dir.path(), "v1", &tree_v(1)), None).expect("scan");
     let store = ferry_agent::store::AppStore::new(dir.path().join("store"));
-    let err = store.prepare("1", &art.manifest, &art.manifest_hash, 1_000_000).expect_err("no room").to_string();
+    let err = store
+        .prepare("1", ManifestSource::Whole(art.manifest.clone()), &art.manifest_hash, 1_000_000)
+        .expect_err("no room")
+        .to_string();
     assert!(err.contains("not enough disk space") && err.contains("1000000 bytes free"), "{err}");
     assert!(err.contains("staging needs"), "{err}");
     // Nothing was written: the refusal comes before any bookkeeping.
@@ -351,28 +437,43 @@ fn enospc_during_staging_fails_cleanly() {
 
     // v1 (small) is current; v2 lies about the free space so staging starts, then hits ENOSPC.
     let store = ferry_agent::store::AppStore::new(small.join("store"));
-    let v1 = Artifact::scan(&build(dir.path(), "v1", &[("VERSION", b"1\n".to_vec())])).expect("scan");
-    let p = store.prepare("1", &v1.manifest, &v1.manifest_hash, u64::MAX).expect("prepare");
+    let v1 = Artifact::scan(&build(dir.path(), "v1", &[("VERSION", b"1\n".to_vec())]), None).expect("scan");
+    let p =
+        store.prepare("1", ManifestSource::Whole(v1.manifest.clone()), &v1.manifest_hash, u64::MAX).expect("prepare");
     let mut up = store.upload(&p.release_id).expect("upload");
     for h in &p.missing {
         let data = v1.read_chunk(h).expect("chunk");
-        up.put(&v1::ContentChunk { hash: h.clone(), raw_length: data.len() as u64, compression: 0, data })
-            .expect("put");
+        up.put(&v1::ContentChunk {
+            hash: h.clone(),
+            raw_length: data.len() as u64,
+            compression: 0,
+            data,
+            ..Default::default()
+        })
+        .expect("put");
     }
     store.commit(&p.release_id, |_, _| {}).expect("commit v1");
     store.activate(&p.release_id, "d1").expect("activate v1");
 
-    let v2 =
-        Artifact::scan(&build(dir.path(), "v2", &[("VERSION", b"2\n".to_vec()), ("big", pseudo_random(2_500_000, 9))]))
-            .expect("scan");
-    let p2 = store.prepare("2", &v2.manifest, &v2.manifest_hash, u64::MAX).expect("prepare v2");
+    let v2 = Artifact::scan(
+        &build(dir.path(), "v2", &[("VERSION", b"2\n".to_vec()), ("big", pseudo_random(2_500_000, 9))]),
+        None,
+    )
+    .expect("scan");
+    let p2 = store
+        .prepare("2", ManifestSource::Whole(v2.manifest.clone()), &v2.manifest_hash, u64::MAX)
+        .expect("prepare v2");
     let mut up = store.upload(&p2.release_id).expect("upload");
     let mut failed = None;
     for h in &p2.missing {
         let data = v2.read_chunk(h).expect("chunk");
-        if let Err(e) =
-            up.put(&v1::ContentChunk { hash: h.clone(), raw_length: data.len() as u64, compression: 0, data })
-        {
+        if let Err(e) = up.put(&v1::ContentChunk {
+            hash: h.clone(),
+            raw_length: data.len() as u64,
+            compression: 0,
+            data,
+            ..Default::default()
+        }) {
             failed = Some(e.to_string());
             break;
         }

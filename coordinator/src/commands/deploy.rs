@@ -1,10 +1,12 @@
 //! `ferry deploy` and `ferry rollback`: move a release onto an environment's hosts, one host at a
 //! time, and switch it in; or switch hosts back to a release they already have.
 //!
-//! Per host: connect (mTLS, identity checked) → `Prepare` (the host answers which chunks it lacks)
-//! → `Upload` only those, zstd-compressed, through a bounded channel (backpressure: at most a few
-//! chunks in memory) → `Commit` (the host builds and verifies the release) → `Activate` (atomic
-//! swap of `current`). The rollout halts at the first host that fails; hosts after it are not
+//! Per host: connect (mTLS, identity checked) → `Prepare` (the host answers which chunks it lacks;
+//! when the cache holds the manifest of the host's current release, only the manifest's changes
+//! are sent) → `Upload` only those, zstd-compressed, through a bounded channel (backpressure: at
+//! most a few chunks in memory); a chunk the host can rebuild from its old version of the file
+//! goes as a piece delta → `Commit` (the host builds and verifies the release) → `Activate`
+//! (atomic swap of `current`). The rollout halts at the first host that fails; hosts after it are not
 //! touched. (Batches, canaries, health-based halts and automatic rollback belong to the rollout
 //! engine.)
 use std::sync::Arc;
@@ -16,6 +18,7 @@ use serde::Serialize;
 use tonic::transport::Channel;
 
 use crate::artifact::Artifact;
+use crate::cache::Cache;
 use crate::client::{Agent, ErrorKind, HostError, Timeouts, classify_status, unary};
 use crate::config::{FleetConfig, Host};
 use crate::tls::ClientTls;
@@ -44,7 +47,12 @@ pub enum HostOutcome {
 pub struct HostResult {
     pub name: String,
     pub status: HostOutcome,
+    /// Content bytes sent (compressed chunks and deltas; not the manifest or protocol overhead).
     pub bytes_sent: u64,
+    /// The manifest went as changes from the host's current release.
+    pub manifest_delta: bool,
+    /// Chunks sent as deltas against the host's previous version of their file.
+    pub delta_chunks: u64,
     pub duration_ms: u64,
     pub release: Option<String>,
     pub previous_release: Option<String>,
@@ -77,6 +85,14 @@ impl DeployReport {
     }
 }
 
+/// What was sent to one host, counted while it happens.
+#[derive(Debug, Default)]
+pub struct Transfer {
+    pub bytes: AtomicU64,
+    pub manifest_delta: std::sync::atomic::AtomicBool,
+    pub delta_chunks: AtomicU64,
+}
+
 /// Live progress of one host's step, for the output layer.
 pub type Progress<'a> = &'a (dyn Fn(&str, &str) + Sync);
 
@@ -98,15 +114,20 @@ pub async fn deploy(
     tls: &ClientTls,
     artifact: Arc<Artifact>,
     version: &str,
+    cache: Option<&Cache>,
     progress: Progress<'_>,
 ) -> anyhow::Result<DeployReport> {
     ferry_proto::manifest::check_version(version).map_err(|e| anyhow::anyhow!("--version: {e}"))?;
     let hosts = config.hosts(env)?;
     let deployment_id = new_deployment_id();
     let release_id = artifact.release_id(version);
+    if let Some(cache) = cache {
+        cache.save_manifest(&release_id, &artifact.manifest);
+    }
     let (artifact_ref, deployment) = (&artifact, deployment_id.as_str());
-    let results = host_by_host(&hosts, progress, "activated", |host, sent| async move {
-        deploy_host(config, host, tls, artifact_ref, version, deployment, &sent, progress).await
+    let results = host_by_host(&hosts, progress, "activated", |host, sent: Arc<Transfer>| async move {
+        let send = Send { artifact: artifact_ref, version, deployment_id: deployment, cache };
+        deploy_host(config, host, tls, &send, &sent, progress).await
     })
     .await;
     let halted = results.iter().any(|h| !matches!(h.status, HostOutcome::Succeeded | HostOutcome::Unchanged));
@@ -123,20 +144,22 @@ pub async fn deploy(
 }
 
 /// Runs `one` on each host in order, reporting progress; once a host fails, the rest are
-/// skipped (not touched). `one` adds the bytes it sends to the counter it is given.
+/// skipped (not touched). `one` counts what it sends in the `Transfer` it is given.
 async fn host_by_host<'h, F, Fut>(hosts: &'h [Host], progress: Progress<'_>, verb: &str, mut one: F) -> Vec<HostResult>
 where
-    F: FnMut(&'h Host, Arc<AtomicU64>) -> Fut,
+    F: FnMut(&'h Host, Arc<Transfer>) -> Fut,
     Fut: std::future::Future<Output = Result<SwapResult, HostError>>,
 {
     let mut results = Vec::with_capacity(hosts.len());
     let mut halted = false;
     for host in hosts {
-        let sent = Arc::new(AtomicU64::new(0));
+        let sent = Arc::new(Transfer::default());
         let mut result = HostResult {
             name: host.name.clone(),
             status: HostOutcome::Skipped,
             bytes_sent: 0,
+            manifest_delta: false,
+            delta_chunks: 0,
             duration_ms: 0,
             release: None,
             previous_release: None,
@@ -146,7 +169,9 @@ where
             let started = Instant::now();
             let outcome = one(host, sent.clone()).await;
             result.duration_ms = started.elapsed().as_millis() as u64;
-            result.bytes_sent = sent.load(Ordering::Relaxed);
+            result.bytes_sent = sent.bytes.load(Ordering::Relaxed);
+            result.manifest_delta = sent.manifest_delta.load(Ordering::Relaxed);
+            result.delta_chunks = sent.delta_chunks.load(Ordering::Relaxed);
             match outcome {
                 Ok(swap) => {
                     result.status = if swap.changed { HostOutcome::Succeeded } else { HostOutcome::Unchanged };
@@ -191,34 +216,81 @@ impl SwapResult {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What a deployment sends to each host.
+struct Send<'a> {
+    artifact: &'a Arc<Artifact>,
+    version: &'a str,
+    deployment_id: &'a str,
+    cache: Option<&'a Cache>,
+}
+
+/// `Prepare`, with the manifest as changes from the host's current release when the cache knows
+/// that release (and the changes are smaller); the whole manifest when not, or when the host
+/// cannot use the changes. Also says whether the whole manifest went.
+async fn prepare(
+    client: &mut AgentClient<Channel>,
+    host: &Host,
+    app: &str,
+    send: &Send<'_>,
+    current: &str,
+    timeout: Duration,
+    progress: Progress<'_>,
+) -> Result<(v1::PrepareResponse, bool), HostError> {
+    let request = |manifest, base_release: &str, delta| v1::PrepareRequest {
+        app: app.to_string(),
+        version: send.version.to_string(),
+        deployment_id: send.deployment_id.to_string(),
+        manifest,
+        manifest_hash: send.artifact.manifest_hash.to_vec(),
+        base_release: base_release.to_string(),
+        delta,
+    };
+    let manifest = &send.artifact.manifest;
+    let base = if current.is_empty() { None } else { send.cache.and_then(|c| c.manifest(current)) };
+    if let Some(base) = base {
+        let delta = ferry_proto::manifest::diff(&base, manifest);
+        if prost::Message::encoded_len(&delta) < prost::Message::encoded_len(manifest) {
+            let (changed, removed) = (delta.upserts.len(), delta.removed.len());
+            match client.prepare(unary(request(None, current, Some(delta)), timeout)).await {
+                Ok(r) => {
+                    progress(
+                        &host.name,
+                        &format!("manifest sent as changes from {current}: {changed} changed, {removed} removed"),
+                    );
+                    return Ok((r.into_inner(), false));
+                }
+                Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+                    progress(&host.name, &format!("sending the whole manifest: {}", s.message()));
+                }
+                Err(s) => return Err(step_error(host, "prepare", &s)),
+            }
+        }
+    }
+    let whole = client
+        .prepare(unary(request(Some(manifest.clone()), "", None), timeout))
+        .await
+        .map_err(|s| step_error(host, "prepare", &s))?;
+    Ok((whole.into_inner(), true))
+}
+
 async fn deploy_host(
     config: &FleetConfig,
     host: &Host,
     tls: &ClientTls,
-    artifact: &Arc<Artifact>,
-    version: &str,
-    deployment_id: &str,
-    sent: &AtomicU64,
+    send: &Send<'_>,
+    sent: &Transfer,
     progress: Progress<'_>,
 ) -> Result<SwapResult, HostError> {
     let fail = |kind: ErrorKind, message: String| HostError::new(host, kind, message);
-    let (mut client, agent_timeout, app) = open(config, host, tls).await?;
+    let (artifact, version, deployment_id) = (send.artifact, send.version, send.deployment_id);
+    let agent = Agent::connect(host, tls, timeouts(config)).await?;
+    let (mut client, agent_timeout, app) = (agent.client, agent.request_timeout, config.app.name.clone());
+    let current =
+        agent.status.apps.iter().find(|a| a.name == app).map(|a| a.current_release.clone()).unwrap_or_default();
 
-    let prepared = client
-        .prepare(unary(
-            v1::PrepareRequest {
-                app: app.clone(),
-                version: version.to_string(),
-                deployment_id: deployment_id.to_string(),
-                manifest: Some(artifact.manifest.clone()),
-                manifest_hash: artifact.manifest_hash.to_vec(),
-            },
-            agent_timeout,
-        ))
-        .await
-        .map_err(|s| step_error(host, "prepare", &s))?
-        .into_inner();
+    let prepared = prepare(&mut client, host, &app, send, &current, agent_timeout, progress).await?;
+    sent.manifest_delta.store(!prepared.1, Ordering::Relaxed);
+    let prepared = prepared.0;
     if prepared.already_present {
         progress(&host.name, &format!("release {} is already on the host", prepared.release_id));
     } else {
@@ -232,9 +304,19 @@ async fn deploy_host(
             ),
         );
         if !prepared.missing_chunks.is_empty() {
-            upload(&mut client, host, &app, &prepared.stage_id, artifact.clone(), prepared.missing_chunks, sent)
-                .await?;
-            progress(&host.name, &format!("uploaded {}", crate::ui::bytes(sent.load(Ordering::Relaxed))));
+            let missing = Missing { chunks: prepared.missing_chunks, bases: prepared.bases };
+            let rebuilt =
+                upload(&mut client, host, &app, &prepared.stage_id, artifact.clone(), missing, &sent.bytes).await?;
+            sent.delta_chunks.store(rebuilt, Ordering::Relaxed);
+            let from_bases = if rebuilt > 0 {
+                format!(" ({rebuilt} chunk(s) as deltas against the host's previous version of the file)")
+            } else {
+                String::new()
+            };
+            progress(
+                &host.name,
+                &format!("uploaded {}{from_bases}", crate::ui::bytes(sent.bytes.load(Ordering::Relaxed))),
+            );
         }
         let fin = run_steps(
             client.commit(v1::CommitRequest {
@@ -328,17 +410,54 @@ async fn run_steps(
     })
 }
 
+/// What a host lacks: chunk hashes, and the bases it offers to rebuild some of them from.
+struct Missing {
+    chunks: Vec<Vec<u8>>,
+    bases: Vec<v1::Basis>,
+}
+
+/// One chunk as sent: whole (compressed if that is smaller), or as a delta against a basis the
+/// host offered when that is smaller still.
+fn encode_chunk(hash: Vec<u8>, raw: &[u8], basis: Option<&v1::Basis>) -> Result<v1::ContentChunk, String> {
+    let compress = |bytes: &[u8]| -> Result<(v1::Compression, Vec<u8>), String> {
+        let compressed = zstd::bulk::compress(bytes, 3).map_err(|e| format!("zstd: {e}"))?;
+        Ok(if compressed.len() < bytes.len() {
+            (v1::Compression::Zstd, compressed)
+        } else {
+            (v1::Compression::None, bytes.to_vec())
+        })
+    };
+    let (compression, data) = compress(raw)?;
+    let mut chunk = v1::ContentChunk {
+        hash,
+        raw_length: raw.len() as u64,
+        compression: compression as i32,
+        data,
+        basis: Vec::new(),
+        ops: Vec::new(),
+    };
+    if let Some(b) = basis {
+        let (ops, literal) = ferry_proto::delta::encode(raw, &b.piece_hashes, &b.piece_lengths);
+        let (compression, data) = compress(&literal)?;
+        // An op costs a few bytes on the wire.
+        if data.len() + 8 * ops.len() < chunk.data.len() {
+            (chunk.compression, chunk.data, chunk.basis, chunk.ops) = (compression as i32, data, b.id.clone(), ops);
+        }
+    }
+    Ok(chunk)
+}
+
 /// Streams the missing chunks: a blocking producer reads and compresses, a channel of a few
-/// messages applies backpressure, tonic sends.
+/// messages applies backpressure, tonic sends. Returns how many went as deltas.
 async fn upload(
     client: &mut AgentClient<Channel>,
     host: &Host,
     app: &str,
     stage_id: &str,
     artifact: Arc<Artifact>,
-    missing: Vec<Vec<u8>>,
+    missing: Missing,
     sent: &AtomicU64,
-) -> Result<(), HostError> {
+) -> Result<u64, HostError> {
     let (tx, rx) = tokio::sync::mpsc::channel::<v1::UploadRequest>(4);
     let start = v1::UploadRequest {
         msg: Some(v1::upload_request::Msg::Start(v1::UploadStart {
@@ -348,27 +467,22 @@ async fn upload(
     };
     let counter = Arc::new(AtomicU64::new(0));
     let produced = counter.clone();
+    let rebuilt = Arc::new(AtomicU64::new(0));
+    let as_delta = rebuilt.clone();
     let producer = tokio::task::spawn_blocking(move || -> Result<(), String> {
         if tx.blocking_send(start).is_err() {
             return Ok(()); // the RPC ended early; its error is reported by the caller
         }
-        for hash in missing {
-            let raw = artifact.read_chunk(&hash).map_err(|e| e.to_string())?;
-            let compressed = zstd::bulk::compress(&raw, 3).map_err(|e| format!("zstd: {e}"))?;
-            let (compression, data) = if compressed.len() < raw.len() {
-                (v1::Compression::Zstd, compressed)
-            } else {
-                (v1::Compression::None, raw.clone())
-            };
-            produced.fetch_add(data.len() as u64, Ordering::Relaxed);
-            let msg = v1::UploadRequest {
-                msg: Some(v1::upload_request::Msg::Chunk(v1::ContentChunk {
-                    hash,
-                    raw_length: raw.len() as u64,
-                    compression: compression as i32,
-                    data,
-                })),
-            };
+        let basis_of: std::collections::HashMap<&[u8], &v1::Basis> =
+            missing.bases.iter().flat_map(|b| b.chunks.iter().map(move |c| (c.as_slice(), b))).collect();
+        for hash in &missing.chunks {
+            let raw = artifact.read_chunk(hash).map_err(|e| e.to_string())?;
+            let chunk = encode_chunk(hash.clone(), &raw, basis_of.get(hash.as_slice()).copied())?;
+            produced.fetch_add((chunk.data.len() + 8 * chunk.ops.len()) as u64, Ordering::Relaxed);
+            if !chunk.basis.is_empty() {
+                as_delta.fetch_add(1, Ordering::Relaxed);
+            }
+            let msg = v1::UploadRequest { msg: Some(v1::upload_request::Msg::Chunk(chunk)) };
             if tx.blocking_send(msg).is_err() {
                 return Ok(());
             }
@@ -389,7 +503,7 @@ async fn upload(
         }
     }
     result.map_err(|s| step_error(host, "upload", &s))?;
-    Ok(())
+    Ok(rebuilt.load(Ordering::Relaxed))
 }
 
 /// `ferry rollback`: every host of `env` back to the release before its current one, or to the
