@@ -191,6 +191,11 @@ impl Server {
                         }
                     },
                 };
+                // Small writes (handshake flights, h2 frames) must not wait for delayed ACKs:
+                // with Nagle on, each connection paid ~40 ms before its first request.
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::debug!(peer = %addr, error = %e, "cannot set TCP_NODELAY");
+                }
                 let acceptor = acceptor.clone();
                 let tx = tx.clone();
                 let refusals = refusals.clone();
