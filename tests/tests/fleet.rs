@@ -180,6 +180,10 @@ fn deploy_v1_then_v2_then_rollback_across_three_hosts() {
         assert!(text.contains("succeeded: 3 of 3 host(s) on the release"), "{text}");
         // Progress per host is shown while it runs.
         assert!(text.contains("web-2: prepared:") && text.contains("web-3: activated"), "{text}");
+        if v == "2" {
+            // The coordinator's cache knows release 1: each host gets only the manifest's changes.
+            assert_eq!(text.matches("manifest sent as changes from 1-").count(), 3, "{text}");
+        }
         assert_eq!(versions(&fleet), [v, v, v]);
         // The agent restarted the demo unit: every host's app now answers from the new release.
         for h in &fleet.hosts {
