@@ -10,6 +10,8 @@ use std::time::Duration;
 use ferry_proto::config_file::{self, ConfigError, Problem};
 use serde::Deserialize;
 
+use crate::plan::{Pause, Size, Strategy};
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FleetConfig {
@@ -235,6 +237,101 @@ pub struct Environment {
     /// `name = "address:port"`; the port defaults to 7443. The agent's certificate must name the
     /// host (its inventory name, or the address).
     pub hosts: BTreeMap<String, String>,
+    /// "rolling" (default), "canary" or "all-at-once".
+    #[serde(default = "default_strategy")]
+    pub strategy: String,
+    /// rolling: hosts per batch: a count, "25%", or a list such as [1, 5, "20%"] (the last repeats).
+    #[serde(default)]
+    pub batch: Option<OneOrMany>,
+    /// canary: cumulative targets, e.g. [1, "50%"] (the rest follows after the last step).
+    #[serde(default)]
+    pub steps: Option<Vec<Size>>,
+    /// canary: the wait after each step: a duration, or "manual" (until `ferry promote`).
+    #[serde(default)]
+    pub pause: Option<Pause>,
+    /// Hosts that may fail before the rollout halts (default 0: halt at the first failure).
+    #[serde(default)]
+    pub max_failures: usize,
+    /// On halt, roll every host this rollout updated back to its previous release.
+    #[serde(default)]
+    pub auto_rollback: bool,
+    /// Commands run where `ferry` runs, before and after each host's activation (e.g. drain it at
+    /// a load balancer), with FERRY_HOST, FERRY_ADDR, FERRY_VERSION, FERRY_ENV set. A failing
+    /// `before_host` fails that host before it is touched.
+    #[serde(default)]
+    pub before_host: Option<String>,
+    #[serde(default)]
+    pub after_host: Option<String>,
+}
+
+/// A single batch size or a list of them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(Size),
+    Many(Vec<Size>),
+}
+
+fn default_strategy() -> String {
+    "rolling".into()
+}
+
+impl Environment {
+    /// The strategy these keys describe, or the problems with them (keys named relative to the
+    /// environment).
+    pub fn strategy(&self) -> Result<Strategy, Vec<Problem>> {
+        let mut p = Vec::new();
+        let misplaced = |key: &str, set: bool, p: &mut Vec<Problem>| {
+            if set {
+                p.push(Problem::new(key, format!("does not apply to strategy {:?}", self.strategy)));
+            }
+        };
+        let strategy = match self.strategy.as_str() {
+            "rolling" => {
+                misplaced("steps", self.steps.is_some(), &mut p);
+                misplaced("pause", self.pause.is_some(), &mut p);
+                let batch = match &self.batch {
+                    None => vec![Size::Count(1)],
+                    Some(OneOrMany::One(s)) => vec![*s],
+                    Some(OneOrMany::Many(v)) if v.is_empty() => {
+                        p.push(Problem::new("batch", "an empty list; give at least one size"));
+                        vec![Size::Count(1)]
+                    }
+                    Some(OneOrMany::Many(v)) => v.clone(),
+                };
+                Strategy::Rolling { batch }
+            }
+            "canary" => {
+                misplaced("batch", self.batch.is_some(), &mut p);
+                let steps = self.steps.clone().unwrap_or_default();
+                if steps.is_empty() {
+                    p.push(Problem::new("steps", "a canary needs steps, e.g. [1, \"50%\"]"));
+                }
+                let n = self.hosts.len();
+                if steps.windows(2).any(|w| w[0].resolve(n) >= w[1].resolve(n)) {
+                    p.push(Problem::new(
+                        "steps",
+                        format!("must grow from step to step (cumulative host counts; this environment has {n} hosts)"),
+                    ));
+                }
+                let pause = self.pause.unwrap_or(Pause::Manual);
+                Strategy::Canary { steps, pause }
+            }
+            "all-at-once" => {
+                for (key, set) in
+                    [("batch", self.batch.is_some()), ("steps", self.steps.is_some()), ("pause", self.pause.is_some())]
+                {
+                    misplaced(key, set, &mut p);
+                }
+                Strategy::AllAtOnce
+            }
+            other => {
+                p.push(Problem::new("strategy", format!("{other:?} is not one of rolling, canary, all-at-once")));
+                Strategy::default()
+            }
+        };
+        if p.is_empty() { Ok(strategy) } else { Err(p) }
+    }
 }
 
 fn default_connect_timeout() -> Duration {
@@ -389,6 +486,9 @@ impl FleetConfig {
         for (env, e) in &self.environments {
             if e.hosts.is_empty() {
                 p.push(Problem::new(format!("environments.{env}.hosts"), "has no hosts"));
+            }
+            if let Err(problems) = e.strategy() {
+                p.extend(problems.into_iter().map(|q| q.prefixed(&format!("environments.{env}."))));
             }
             let mut seen: BTreeMap<(String, u16), &str> = BTreeMap::new();
             for (name, addr) in &e.hosts {

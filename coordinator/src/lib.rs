@@ -4,6 +4,8 @@
 //! - [`artifact`]: scanning a build (directory or tar archive) into a manifest + chunk source.
 //! - [`cli`]: flags, dispatch, exit codes ([`exit`]).
 //! - [`config`]: `fleet.toml`: the app, TLS files, environments and their hosts.
+//! - [`plan`]: rollout strategies and the batches they make (pure).
+//! - [`registry`]: the SQLite record of every deployment, host step and event; environment locks.
 //! - [`pki`]: the fleet CA; issuing and reading certificates.
 //! - [`tls`]: the coordinator's mTLS (fleet CA only; agent must match the host dialled).
 //! - [`client`]: connecting to agents and turning every failure into a `HostError` a human can act on.
@@ -19,5 +21,7 @@ pub mod commands;
 pub mod config;
 pub mod exit;
 pub mod pki;
+pub mod plan;
+pub mod registry;
 pub mod tls;
 pub mod ui;

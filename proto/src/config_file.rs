@@ -19,6 +19,11 @@ impl Problem {
     pub fn new(key: impl Into<String>, reason: impl Into<String>) -> Self {
         Problem { key: key.into(), reason: reason.into() }
     }
+
+    /// The same problem with its key under `prefix` (e.g. "environments.prod.").
+    pub fn prefixed(self, prefix: &str) -> Self {
+        Problem { key: format!("{prefix}{}", self.key), reason: self.reason }
+    }
 }
 
 impl fmt::Display for Problem {

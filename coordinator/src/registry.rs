@@ -1,0 +1,632 @@
+//! The registry: every deployment, its hosts' steps (with timings and bytes) and events, in an
+//! embedded SQLite database (`registry` in fleet.toml; default `~/.local/state/ferry/registry.db`).
+//!
+//! Every state transition is committed (WAL, `synchronous=FULL`) before the coordinator acts on
+//! it, so a killed coordinator leaves a registry that says exactly which hosts may have been
+//! touched; `ferry resume` continues from there. One rollout per environment at a time: the
+//! `locks` table names the deployment holding the environment, its owner, process and host.
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use rusqlite_migration::{M, Migrations};
+use serde::Serialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("registry {path}: {source}")]
+    Sql {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("registry {path}: cannot prepare the database: {reason}")]
+    Open { path: PathBuf, reason: String },
+    #[error(
+        "environment {env} is locked by deployment {} ({} on {}, pid {}, since {}){}; run `ferry resume` to continue it, `ferry rollback` to unwind it, or pass --force-unlock if it is gone",
+        lock.deployment_id, lock.owner, lock.hostname, lock.pid, crate::registry::when(lock.since_ms),
+        if lock.stale() { ": that process is gone" } else { "" }
+    )]
+    Locked { env: String, lock: Lock },
+}
+
+fn migrations() -> Migrations<'static> {
+    Migrations::new(vec![M::up(
+        "CREATE TABLE deployments (
+            id TEXT PRIMARY KEY,
+            kind TEXT NOT NULL,
+            environment TEXT NOT NULL,
+            version TEXT NOT NULL,
+            release_id TEXT NOT NULL,
+            artifact TEXT NOT NULL,
+            manifest_hash TEXT NOT NULL,
+            strategy TEXT NOT NULL,
+            status TEXT NOT NULL,
+            started_ms INTEGER NOT NULL,
+            finished_ms INTEGER,
+            error TEXT
+        );
+        CREATE INDEX deployments_by_env ON deployments (environment, started_ms);
+        CREATE TABLE hosts (
+            deployment_id TEXT NOT NULL REFERENCES deployments (id),
+            host TEXT NOT NULL,
+            batch INTEGER NOT NULL,
+            state TEXT NOT NULL,
+            previous_release TEXT,
+            started_ms INTEGER,
+            finished_ms INTEGER,
+            bytes_sent INTEGER NOT NULL DEFAULT 0,
+            error TEXT,
+            PRIMARY KEY (deployment_id, host)
+        );
+        CREATE TABLE events (
+            id INTEGER PRIMARY KEY,
+            deployment_id TEXT NOT NULL REFERENCES deployments (id),
+            time_ms INTEGER NOT NULL,
+            host TEXT,
+            kind TEXT NOT NULL,
+            message TEXT NOT NULL
+        );
+        CREATE INDEX events_by_deployment ON events (deployment_id, id);
+        CREATE TABLE locks (
+            environment TEXT PRIMARY KEY,
+            deployment_id TEXT NOT NULL,
+            owner TEXT NOT NULL,
+            hostname TEXT NOT NULL,
+            pid INTEGER NOT NULL,
+            since_ms INTEGER NOT NULL
+        );",
+    )])
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// A unix-milliseconds time as RFC 3339 (UTC), for messages and tables.
+pub fn when(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(ms / 1000)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| ms.to_string())
+}
+
+fn this_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
+/// Who holds an environment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Lock {
+    pub deployment_id: String,
+    pub owner: String,
+    pub hostname: String,
+    pub pid: u32,
+    pub since_ms: i64,
+}
+
+impl Lock {
+    /// The holder ran on this machine and its process is gone.
+    pub fn stale(&self) -> bool {
+        self.hostname == this_hostname() && !Path::new(&format!("/proc/{}", self.pid)).exists()
+    }
+
+    /// The holder is this process.
+    pub fn mine(&self) -> bool {
+        self.hostname == this_hostname() && self.pid == std::process::id()
+    }
+}
+
+/// A deployment as recorded.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeploymentRow {
+    pub id: String,
+    /// "deploy" or "rollback".
+    pub kind: String,
+    pub environment: String,
+    pub version: String,
+    pub release_id: String,
+    pub artifact: String,
+    pub manifest_hash: String,
+    /// The strategy, as JSON (see `plan::Strategy`), plus max_failures and auto_rollback.
+    pub strategy: String,
+    pub status: String,
+    pub started_ms: i64,
+    pub finished_ms: Option<i64>,
+    pub error: Option<String>,
+    pub bytes_sent: i64,
+    pub hosts_failed: i64,
+}
+
+/// A host of a deployment as recorded.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostRow {
+    pub host: String,
+    pub batch: i64,
+    pub state: String,
+    pub previous_release: Option<String>,
+    pub started_ms: Option<i64>,
+    pub finished_ms: Option<i64>,
+    pub bytes_sent: i64,
+    pub error: Option<String>,
+}
+
+/// Per-environment figures for `ferry report`.
+#[derive(Debug, Clone, Serialize)]
+pub struct EnvReport {
+    pub environment: String,
+    pub deployments: u64,
+    /// Deployments (not rollbacks) started in the last 28 days, divided by 4.
+    pub deployments_per_week: f64,
+    pub succeeded: u64,
+    pub failed: u64,
+    pub rolled_back: u64,
+    pub cancelled: u64,
+    /// Succeeded / finished.
+    pub success_rate: f64,
+    /// Deployments in which any host went back to its previous release / finished.
+    pub rollback_rate: f64,
+    pub mean_duration_ms: u64,
+    pub p95_duration_ms: u64,
+    /// Hosts by mean time per deployment, slowest first (at most 3).
+    pub slowest_hosts: Vec<SlowHost>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SlowHost {
+    pub host: String,
+    pub mean_ms: u64,
+}
+
+pub struct Registry {
+    conn: Connection,
+    path: PathBuf,
+}
+
+/// What a new deployment records.
+pub struct NewDeployment<'a> {
+    pub id: &'a str,
+    pub kind: &'a str,
+    pub environment: &'a str,
+    pub version: &'a str,
+    pub release_id: &'a str,
+    pub artifact: &'a str,
+    pub manifest_hash: &'a str,
+    pub strategy: &'a str,
+    /// (host, batch index), in plan order.
+    pub hosts: &'a [(String, usize)],
+}
+
+impl Registry {
+    /// Opens (creating it and its directory if needed) and migrates the registry.
+    pub fn open(path: &Path) -> Result<Registry, RegistryError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| RegistryError::Open {
+                path: path.to_owned(),
+                reason: format!("cannot create {}: {e}", dir.display()),
+            })?;
+        }
+        let sql = |source| RegistryError::Sql { path: path.to_owned(), source };
+        let mut conn = Connection::open(path).map_err(sql)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(sql)?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(sql)?;
+        conn.pragma_update(None, "synchronous", "FULL").map_err(sql)?;
+        conn.pragma_update(None, "foreign_keys", "ON").map_err(sql)?;
+        migrations()
+            .to_latest(&mut conn)
+            .map_err(|e| RegistryError::Open { path: path.to_owned(), reason: format!("migration failed: {e}") })?;
+        Ok(Registry { conn, path: path.to_owned() })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn sql(&self) -> impl Fn(rusqlite::Error) -> RegistryError + '_ {
+        move |source| RegistryError::Sql { path: self.path.clone(), source }
+    }
+
+    /// The lock of an environment, if held.
+    pub fn lock_of(&self, env: &str) -> Result<Option<Lock>, RegistryError> {
+        self.conn
+            .query_row(
+                "SELECT deployment_id, owner, hostname, pid, since_ms FROM locks WHERE environment = ?1",
+                [env],
+                |r| {
+                    Ok(Lock {
+                        deployment_id: r.get(0)?,
+                        owner: r.get(1)?,
+                        hostname: r.get(2)?,
+                        pid: r.get(3)?,
+                        since_ms: r.get(4)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(self.sql())
+    }
+
+    /// Takes the environment for `deployment_id`. A lock held by the same deployment whose process
+    /// is gone is taken over (resume); any other lock refuses, unless `force`, which breaks it and
+    /// returns it (the caller warns).
+    pub fn lock(&mut self, env: &str, deployment_id: &str, force: bool) -> Result<Option<Lock>, RegistryError> {
+        let path = self.path.clone();
+        let sql = |source| RegistryError::Sql { path: path.clone(), source };
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql)?;
+        let held: Option<Lock> = tx
+            .query_row(
+                "SELECT deployment_id, owner, hostname, pid, since_ms FROM locks WHERE environment = ?1",
+                [env],
+                |r| {
+                    Ok(Lock {
+                        deployment_id: r.get(0)?,
+                        owner: r.get(1)?,
+                        hostname: r.get(2)?,
+                        pid: r.get(3)?,
+                        since_ms: r.get(4)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(sql)?;
+        let broken = match held {
+            Some(l) if l.mine() && l.deployment_id == deployment_id => None,
+            Some(l) if l.deployment_id == deployment_id && l.stale() => None,
+            Some(l) if force => Some(l),
+            Some(lock) => return Err(RegistryError::Locked { env: env.to_string(), lock }),
+            None => None,
+        };
+        let owner = std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| "unknown".into());
+        tx.execute(
+            "INSERT OR REPLACE INTO locks (environment, deployment_id, owner, hostname, pid, since_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![env, deployment_id, owner, this_hostname(), std::process::id(), now_ms()],
+        )
+        .map_err(sql)?;
+        tx.commit().map_err(sql)?;
+        Ok(broken)
+    }
+
+    /// Releases the environment if `deployment_id` holds it.
+    pub fn unlock(&self, env: &str, deployment_id: &str) -> Result<(), RegistryError> {
+        self.conn
+            .execute("DELETE FROM locks WHERE environment = ?1 AND deployment_id = ?2", [env, deployment_id])
+            .map_err(self.sql())?;
+        Ok(())
+    }
+
+    /// Records a new deployment (status `pending`) and its hosts (`pending`), in one transaction.
+    pub fn create(&mut self, d: &NewDeployment<'_>) -> Result<(), RegistryError> {
+        let path = self.path.clone();
+        let sql = |source| RegistryError::Sql { path: path.clone(), source };
+        let tx = self.conn.transaction().map_err(sql)?;
+        let now = now_ms();
+        tx.execute(
+            "INSERT INTO deployments (id, kind, environment, version, release_id, artifact, manifest_hash, strategy, status, started_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'pending', ?9)",
+            params![d.id, d.kind, d.environment, d.version, d.release_id, d.artifact, d.manifest_hash, d.strategy, now],
+        )
+        .map_err(sql)?;
+        for (host, batch) in d.hosts {
+            tx.execute(
+                "INSERT INTO hosts (deployment_id, host, batch, state) VALUES (?1, ?2, ?3, 'pending')",
+                params![d.id, host, *batch as i64],
+            )
+            .map_err(sql)?;
+        }
+        tx.execute(
+            "INSERT INTO events (deployment_id, time_ms, host, kind, message) VALUES (?1, ?2, NULL, 'created', ?3)",
+            params![d.id, now, format!("{} of {} to {} ({} hosts)", d.kind, d.version, d.environment, d.hosts.len())],
+        )
+        .map_err(sql)?;
+        tx.commit().map_err(sql)
+    }
+
+    /// Sets a deployment's status (terminal ones also set `finished_ms`) and logs the event.
+    pub fn set_status(&self, id: &str, status: &str, error: Option<&str>) -> Result<(), RegistryError> {
+        let now = now_ms();
+        let terminal = matches!(status, "succeeded" | "failed" | "rolled_back" | "cancelled");
+        self.conn
+            .execute(
+                "UPDATE deployments SET status = ?2, error = COALESCE(?3, error),
+                 finished_ms = CASE WHEN ?4 THEN ?5 ELSE NULL END WHERE id = ?1",
+                params![id, status, error, terminal, now],
+            )
+            .map_err(self.sql())?;
+        self.event(id, None, status, error.unwrap_or(""))
+    }
+
+    /// Moves a host to `state`, with what is known so far. `staging` and `activating` (re)start
+    /// its clock; terminal states stop it.
+    pub fn set_host(&self, id: &str, host: &str, state: &str, update: &HostUpdate<'_>) -> Result<(), RegistryError> {
+        let now = now_ms();
+        let starts = matches!(state, "staging");
+        let ends =
+            matches!(state, "staged" | "healthy" | "unchanged" | "failed" | "rolled_back" | "unreachable" | "skipped");
+        self.conn
+            .execute(
+                "UPDATE hosts SET state = ?3,
+                   previous_release = COALESCE(?4, previous_release),
+                   bytes_sent = bytes_sent + ?5,
+                   error = COALESCE(?6, error),
+                   started_ms = CASE WHEN ?7 OR started_ms IS NULL THEN ?9 ELSE started_ms END,
+                   finished_ms = CASE WHEN ?8 THEN ?9 ELSE finished_ms END
+                 WHERE deployment_id = ?1 AND host = ?2",
+                params![id, host, state, update.previous_release, update.bytes as i64, update.error, starts, ends, now],
+            )
+            .map_err(self.sql())?;
+        self.event(id, Some(host), state, update.error.unwrap_or(""))
+    }
+
+    pub fn event(&self, id: &str, host: Option<&str>, kind: &str, message: &str) -> Result<(), RegistryError> {
+        self.conn
+            .execute(
+                "INSERT INTO events (deployment_id, time_ms, host, kind, message) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![id, now_ms(), host, kind, message],
+            )
+            .map_err(self.sql())?;
+        Ok(())
+    }
+
+    const DEPLOYMENT_COLUMNS: &'static str = "d.id, d.kind, d.environment, d.version, d.release_id, d.artifact,
+        d.manifest_hash, d.strategy, d.status, d.started_ms, d.finished_ms, d.error,
+        (SELECT COALESCE(SUM(bytes_sent), 0) FROM hosts h WHERE h.deployment_id = d.id),
+        (SELECT COUNT(*) FROM hosts h WHERE h.deployment_id = d.id AND h.state IN ('failed', 'rolled_back', 'unreachable'))";
+
+    fn deployment_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeploymentRow> {
+        Ok(DeploymentRow {
+            id: r.get(0)?,
+            kind: r.get(1)?,
+            environment: r.get(2)?,
+            version: r.get(3)?,
+            release_id: r.get(4)?,
+            artifact: r.get(5)?,
+            manifest_hash: r.get(6)?,
+            strategy: r.get(7)?,
+            status: r.get(8)?,
+            started_ms: r.get(9)?,
+            finished_ms: r.get(10)?,
+            error: r.get(11)?,
+            bytes_sent: r.get(12)?,
+            hosts_failed: r.get(13)?,
+        })
+    }
+
+    pub fn deployment(&self, id: &str) -> Result<Option<DeploymentRow>, RegistryError> {
+        let q = format!("SELECT {} FROM deployments d WHERE d.id = ?1", Self::DEPLOYMENT_COLUMNS);
+        self.conn.query_row(&q, [id], Self::deployment_row).optional().map_err(self.sql())
+    }
+
+    /// The hosts of a deployment, in plan order.
+    pub fn hosts(&self, id: &str) -> Result<Vec<HostRow>, RegistryError> {
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT host, batch, state, previous_release, started_ms, finished_ms, bytes_sent, error
+                 FROM hosts WHERE deployment_id = ?1 ORDER BY rowid",
+            )
+            .map_err(self.sql())?;
+        let rows = st
+            .query_map([id], |r| {
+                Ok(HostRow {
+                    host: r.get(0)?,
+                    batch: r.get(1)?,
+                    state: r.get(2)?,
+                    previous_release: r.get(3)?,
+                    started_ms: r.get(4)?,
+                    finished_ms: r.get(5)?,
+                    bytes_sent: r.get(6)?,
+                    error: r.get(7)?,
+                })
+            })
+            .map_err(self.sql())?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(self.sql())
+    }
+
+    /// The newest deployments, newest first.
+    pub fn history(&self, env: Option<&str>, limit: usize) -> Result<Vec<DeploymentRow>, RegistryError> {
+        let q = format!(
+            "SELECT {} FROM deployments d WHERE ?1 IS NULL OR d.environment = ?1 ORDER BY d.started_ms DESC, d.rowid DESC LIMIT ?2",
+            Self::DEPLOYMENT_COLUMNS
+        );
+        let mut st = self.conn.prepare(&q).map_err(self.sql())?;
+        let rows = st.query_map(params![env, limit as i64], Self::deployment_row).map_err(self.sql())?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(self.sql())
+    }
+
+    /// Per-environment success and rollback rates and durations of finished deployments.
+    pub fn report(&self, env: Option<&str>) -> Result<Vec<EnvReport>, RegistryError> {
+        let finished: Vec<DeploymentRow> = self
+            .history(env, usize::MAX >> 1)?
+            .into_iter()
+            .filter(|d| d.kind == "deploy" && d.finished_ms.is_some())
+            .collect();
+        let mut envs: Vec<String> = finished.iter().map(|d| d.environment.clone()).collect();
+        envs.sort();
+        envs.dedup();
+        let now = now_ms();
+        let mut out = Vec::new();
+        for e in envs {
+            let ds: Vec<&DeploymentRow> = finished.iter().filter(|d| d.environment == e).collect();
+            let count = |s: &str| ds.iter().filter(|d| d.status == s).count() as u64;
+            let mut rolled_back = 0;
+            for d in &ds {
+                let any = d.status == "rolled_back" || self.hosts(&d.id)?.iter().any(|h| h.state == "rolled_back");
+                rolled_back += u64::from(any);
+            }
+            let mut durations: Vec<u64> =
+                ds.iter().map(|d| (d.finished_ms.unwrap_or(d.started_ms) - d.started_ms).max(0) as u64).collect();
+            durations.sort_unstable();
+            let n = ds.len() as u64;
+            let recent = ds.iter().filter(|d| now - d.started_ms <= 28 * 86_400_000).count();
+            let mut st = self
+                .conn
+                .prepare(
+                    "SELECT h.host, AVG(h.finished_ms - h.started_ms) AS mean FROM hosts h JOIN deployments d ON d.id = h.deployment_id
+                     WHERE d.environment = ?1 AND d.kind = 'deploy' AND h.started_ms IS NOT NULL AND h.finished_ms IS NOT NULL
+                     GROUP BY h.host ORDER BY mean DESC LIMIT 3",
+                )
+                .map_err(self.sql())?;
+            let slowest = st
+                .query_map([&e], |r| Ok(SlowHost { host: r.get(0)?, mean_ms: r.get::<_, f64>(1)?.max(0.0) as u64 }))
+                .map_err(self.sql())?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(self.sql())?;
+            out.push(EnvReport {
+                environment: e,
+                deployments: n,
+                deployments_per_week: recent as f64 / 4.0,
+                succeeded: count("succeeded"),
+                failed: count("failed"),
+                rolled_back: count("rolled_back"),
+                cancelled: count("cancelled"),
+                success_rate: count("succeeded") as f64 / n.max(1) as f64,
+                rollback_rate: rolled_back as f64 / n.max(1) as f64,
+                mean_duration_ms: durations.iter().sum::<u64>() / n.max(1),
+                p95_duration_ms: percentile(&durations, 95),
+                slowest_hosts: slowest,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// What a host transition records besides its state.
+#[derive(Debug, Default)]
+pub struct HostUpdate<'a> {
+    pub previous_release: Option<&'a str>,
+    pub bytes: u64,
+    pub error: Option<&'a str>,
+}
+
+/// Nearest-rank percentile of sorted values.
+fn percentile(sorted: &[u64], p: usize) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = (sorted.len() * p).div_ceil(100).max(1);
+    sorted[rank - 1]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open() -> (tempfile::TempDir, Registry) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let reg = Registry::open(&dir.path().join("state/registry.db")).expect("open");
+        (dir, reg)
+    }
+
+    fn new<'a>(id: &'a str, hosts: &'a [(String, usize)]) -> NewDeployment<'a> {
+        NewDeployment {
+            id,
+            kind: "deploy",
+            environment: "prod",
+            version: "2",
+            release_id: "2-0000000a",
+            artifact: "/build",
+            manifest_hash: "ab",
+            strategy: "{}",
+            hosts,
+        }
+    }
+
+    #[test]
+    fn transitions_are_recorded_with_timings_and_bytes() {
+        let (_d, mut reg) = open();
+        let hosts = vec![("web-1".to_string(), 0), ("web-2".to_string(), 1)];
+        reg.create(&new("d-1", &hosts)).expect("create");
+        reg.set_status("d-1", "running", None).expect("running");
+        reg.set_host("d-1", "web-1", "staging", &HostUpdate::default()).expect("staging");
+        reg.set_host(
+            "d-1",
+            "web-1",
+            "staged",
+            &HostUpdate { bytes: 100, previous_release: Some("1-0000000b"), error: None },
+        )
+        .expect("staged");
+        reg.set_host("d-1", "web-1", "healthy", &HostUpdate::default()).expect("healthy");
+        reg.set_host("d-1", "web-2", "failed", &HostUpdate { error: Some("probe"), ..Default::default() })
+            .expect("failed");
+        reg.set_status("d-1", "failed", Some("web-2 failed")).expect("failed");
+        let d = reg.deployment("d-1").expect("query").expect("row");
+        assert_eq!((d.status.as_str(), d.bytes_sent, d.hosts_failed), ("failed", 100, 1));
+        assert!(d.finished_ms.is_some());
+        let h = reg.hosts("d-1").expect("hosts");
+        assert_eq!(h.iter().map(|h| h.host.as_str()).collect::<Vec<_>>(), ["web-1", "web-2"]);
+        assert_eq!(h[0].previous_release.as_deref(), Some("1-0000000b"));
+        assert!(h[0].started_ms.is_some() && h[0].finished_ms >= h[0].started_ms);
+        // Reopening keeps everything (migrations are not re-run destructively).
+        let path = reg.path().to_owned();
+        drop(reg);
+        let reg = Registry::open(&path).expect("reopen");
+        assert_eq!(reg.history(Some("prod"), 10).expect("history").len(), 1);
+    }
+
+    #[test]
+    fn one_rollout_per_environment() {
+        let (_d, mut reg) = open();
+        assert_eq!(reg.lock("prod", "d-1", false).expect("lock"), None);
+        // The same process may take its own lock again (resume in-process).
+        reg.lock("prod", "d-1", false).expect("relock");
+        // A live holder (this process, for another deployment) refuses...
+        let e = reg.lock("prod", "d-2", false).expect_err("held").to_string();
+        assert!(e.contains("locked by deployment d-1") && e.contains("--force-unlock"), "{e}");
+        // ...other environments are free...
+        reg.lock("staging", "d-3", false).expect("other env");
+        // ...and --force-unlock breaks it, returning what it broke.
+        let broken = reg.lock("prod", "d-2", true).expect("forced").expect("was held");
+        assert_eq!(broken.deployment_id, "d-1");
+        reg.unlock("prod", "d-1").expect("not the holder: no-op");
+        assert_eq!(reg.lock_of("prod").expect("q").map(|l| l.deployment_id), Some("d-2".into()));
+        reg.unlock("prod", "d-2").expect("unlock");
+        assert_eq!(reg.lock_of("prod").expect("q"), None);
+    }
+
+    #[test]
+    fn a_dead_holder_is_stale_and_only_its_deployment_takes_over() {
+        let (_d, mut reg) = open();
+        reg.lock("prod", "d-1", false).expect("lock");
+        // Pretend the holder was a process that has exited.
+        let mut child = std::process::Command::new("true").spawn().expect("spawn");
+        let pid = child.id();
+        child.wait().expect("wait");
+        reg.conn.execute("UPDATE locks SET pid = ?1", [pid]).expect("fake pid");
+        let lock = reg.lock_of("prod").expect("q").expect("held");
+        assert!(lock.stale());
+        assert!(
+            reg.lock("prod", "d-9", false).expect_err("other deployment").to_string().contains("that process is gone")
+        );
+        reg.lock("prod", "d-1", false).expect("resume takes over");
+        assert!(reg.lock_of("prod").expect("q").expect("held").mine());
+    }
+
+    #[test]
+    fn report_rates_and_percentiles() {
+        let (_d, mut reg) = open();
+        let hosts = vec![("web-1".to_string(), 0)];
+        for (i, status) in ["succeeded", "succeeded", "rolled_back", "failed"].iter().enumerate() {
+            let id = format!("d-{i}");
+            reg.create(&new(&id, &hosts)).expect("create");
+            reg.set_host(&id, "web-1", "staging", &HostUpdate::default()).expect("host");
+            let end = if *status == "succeeded" { "healthy" } else { "rolled_back" };
+            reg.set_host(&id, "web-1", end, &HostUpdate::default()).expect("host");
+            reg.set_status(&id, status, None).expect("status");
+        }
+        // Unfinished deployments do not count.
+        reg.create(&new("d-running", &hosts)).expect("create");
+        let r = reg.report(None).expect("report");
+        assert_eq!(r.len(), 1);
+        let r = &r[0];
+        assert_eq!((r.deployments, r.succeeded, r.failed, r.rolled_back), (4, 2, 1, 1));
+        assert!((r.success_rate - 0.5).abs() < 1e-9);
+        // The failed deployment's host went back too: 2 of 4 involved a rollback.
+        assert!((r.rollback_rate - 0.5).abs() < 1e-9);
+        assert!((r.deployments_per_week - 1.0).abs() < 1e-9);
+        assert_eq!(r.slowest_hosts.len(), 1);
+        assert_eq!(percentile(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 95), 10);
+        assert_eq!(percentile(&[5], 95), 5);
+        assert_eq!(percentile(&[], 95), 0);
+    }
+}
