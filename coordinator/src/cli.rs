@@ -4,7 +4,12 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use ferry_proto::identity::Role;
 
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use crate::commands;
+use crate::commands::rollout;
+use crate::registry::Registry;
 use crate::config::FleetConfig;
 use crate::exit;
 use crate::tls::ClientTls;
@@ -40,16 +45,80 @@ pub enum Command {
     /// Show every host of an environment: reachable or why not, agent, OS, resources, current
     /// release. Exits 3 if any host could not be reached or authenticated.
     Status(StatusArgs),
-    /// Deploy an artifact (a directory, .tar, .tar.gz or .tar.zst) as VERSION to every host of an
-    /// environment, one host at a time: each host receives only the content it lacks, builds the
-    /// release beside the current one, switches to it atomically, restarts the app's units and
-    /// runs its hooks and health probes; a host that fails goes back to its previous release by
-    /// itself. Halts at the first host that fails (exit 1; exit 3 if it could not be reached);
-    /// later hosts are left untouched.
+    /// Deploy an artifact (a directory, .tar, .tar.gz or .tar.zst) as VERSION to an environment,
+    /// following its strategy (see `ferry plan`): every host first receives, in parallel, only the
+    /// content it lacks and builds the release beside the current one; then, batch by batch, each
+    /// host switches to it atomically, restarts the app's units and runs its hooks and health
+    /// probes; a host that fails goes back to its previous release by itself. More than
+    /// max_failures failed hosts halt the rollout (exit 1; exit 3 if a host could not be reached);
+    /// with auto_rollback the updated hosts go back too. A canary with pause = "manual" stops
+    /// after each step until `ferry promote`. Ctrl-C finishes the batch in flight, then stops.
+    /// Every step is recorded in the registry (`ferry history`).
     Deploy(DeployArgs),
-    /// Switch every host of an environment back to the release before its current one (or to
-    /// `--to VERSION`), which is already on disk: no transfer. Hosts already there are untouched.
+    /// Switch an environment back, immediately (no transfer, no canary steps or pauses): if a
+    /// deployment is unfinished (paused, or its coordinator died), the hosts it updated go back to
+    /// what they ran before; otherwise every host goes to the release before its current one (or
+    /// to `--to VERSION`), in batches of the strategy's first batch size. Hosts already there are
+    /// untouched.
     Rollback(RollbackArgs),
+    /// Continue the environment's deployment whose coordinator died (killed, machine lost), from
+    /// what the registry recorded: healthy hosts are left alone, the rest follow the plan.
+    Resume(ResumeArgs),
+    /// Continue a canary paused at a step (pause = "manual") with its next batch.
+    Promote(ResumeArgs),
+    /// Show what a deployment to an environment would do: strategy, batches and pauses. Contacts
+    /// no host.
+    Plan(EnvArgs),
+    /// List recorded deployments and rollbacks, newest first.
+    History(HistoryArgs),
+    /// Per environment: deployments per week, success and rollback rates, mean and p95 duration,
+    /// slowest hosts.
+    Report(HistoryArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ResumeArgs {
+    /// The fleet description.
+    #[arg(long, short, default_value = "fleet.toml", env = "FERRY_CONFIG")]
+    pub config: PathBuf,
+    /// Environment whose deployment to continue.
+    #[arg(long, short)]
+    pub env: String,
+    /// Take over even if the deployment's coordinator seems alive (a warning names it).
+    #[arg(long)]
+    pub force_unlock: bool,
+    /// Result format: human (live progress, then a table) or json (one object at the end).
+    #[arg(long, value_enum, default_value = "human")]
+    pub output: Format,
+}
+
+#[derive(Debug, Args)]
+pub struct EnvArgs {
+    /// The fleet description.
+    #[arg(long, short, default_value = "fleet.toml", env = "FERRY_CONFIG")]
+    pub config: PathBuf,
+    /// Environment of fleet.toml.
+    #[arg(long, short)]
+    pub env: String,
+    /// Result format: human text or one JSON object.
+    #[arg(long, value_enum, default_value = "human")]
+    pub output: Format,
+}
+
+#[derive(Debug, Args)]
+pub struct HistoryArgs {
+    /// The fleet description (names the registry).
+    #[arg(long, short, default_value = "fleet.toml", env = "FERRY_CONFIG")]
+    pub config: PathBuf,
+    /// Only this environment.
+    #[arg(long, short)]
+    pub env: Option<String>,
+    /// At most this many deployments (history only).
+    #[arg(long, default_value_t = 20)]
+    pub limit: usize,
+    /// Result format: human (a table) or json.
+    #[arg(long, value_enum, default_value = "human")]
+    pub output: Format,
 }
 
 #[derive(Debug, Args)]
@@ -66,6 +135,10 @@ pub struct DeployArgs {
     /// Version label of this release (A-Z a-z 0-9 . _ + -), e.g. 1.4.0 or a git commit.
     #[arg(long, short)]
     pub version: String,
+    /// Break another deployment's lock on the environment (a warning names it). Only when that
+    /// deployment's coordinator is gone for good: two rollouts must never touch one environment.
+    #[arg(long)]
+    pub force_unlock: bool,
     /// Result format: human (live progress, then a table) or json (one object at the end).
     #[arg(long, value_enum, default_value = "human")]
     pub output: Format,
@@ -82,6 +155,9 @@ pub struct RollbackArgs {
     /// Version to return to (must still be kept on the hosts); default: each host's previous release.
     #[arg(long)]
     pub to: Option<String>,
+    /// Break another deployment's lock on the environment (a warning names it).
+    #[arg(long)]
+    pub force_unlock: bool,
     /// Result format: human (live progress, then a table) or json (one object at the end).
     #[arg(long, value_enum, default_value = "human")]
     pub output: Format,
@@ -168,6 +244,7 @@ fn fail(code: u8, err: &anyhow::Error) -> u8 {
 
 /// Runs one command and returns the process exit code.
 pub async fn run(cli: Cli) -> u8 {
+    let cli_kind = if matches!(cli.command, Command::Promote(_)) { Kind::Promote } else { Kind::Other };
     match cli.command {
         Command::Ca(CaCommand::Init { out, force, days, output }) => match commands::ca::init(&out, force, days) {
             Ok(o) => {
@@ -228,37 +305,181 @@ pub async fn run(cli: Cli) -> u8 {
             };
             ui::deploy_start(&artifact, &args.version, &args.env, args.output);
             let progress = ui::progress_printer(args.output);
-            match commands::deploy::deploy(&config, &args.env, &tls, artifact, &args.version, cache.as_ref(), &progress)
-                .await
-            {
-                Ok(report) => {
-                    ui::deploy_report(&report, args.output);
-                    deploy_exit(&report)
-                }
-                Err(e) => fail(exit::USAGE, &e),
-            }
+            let registry = match open_registry(&config) {
+                Ok(r) => r,
+                Err(e) => return fail(exit::USAGE, &e),
+            };
+            let cancel = cancel_on_signal();
+            let ctx = rollout::Ctx {
+                config: &config,
+                env: &args.env,
+                tls: &tls,
+                registry: &registry,
+                progress: &progress,
+                cancel,
+                force_unlock: args.force_unlock,
+            };
+            finish(rollout::deploy(&ctx, artifact, &args.version, cache.as_ref()).await, args.output)
         }
         Command::Rollback(args) => {
-            let (config, tls) = match load(&args.config) {
+            let (config, tls, registry) = match load_with_registry(&args.config, &args.env) {
                 Ok(v) => v,
                 Err(e) => return fail(exit::USAGE, &e),
             };
             let progress = ui::progress_printer(args.output);
-            match commands::deploy::rollback(&config, &args.env, &tls, args.to.as_deref(), &progress).await {
-                Ok(report) => {
-                    ui::deploy_report(&report, args.output);
-                    deploy_exit(&report)
+            let cancel = cancel_on_signal();
+            let ctx = rollout::Ctx {
+                config: &config,
+                env: &args.env,
+                tls: &tls,
+                registry: &registry,
+                progress: &progress,
+                cancel,
+                force_unlock: args.force_unlock,
+            };
+            finish(rollout::rollback(&ctx, args.to.as_deref()).await, args.output)
+        }
+        Command::Resume(args) | Command::Promote(args) => {
+            let paused_only = matches!(cli_kind, Kind::Promote);
+            let (config, tls, registry) = match load_with_registry(&args.config, &args.env) {
+                Ok(v) => v,
+                Err(e) => return fail(exit::USAGE, &e),
+            };
+            let cache = config.cache_dir().map(crate::cache::Cache::new);
+            let progress = ui::progress_printer(args.output);
+            let cancel = cancel_on_signal();
+            let ctx = rollout::Ctx {
+                config: &config,
+                env: &args.env,
+                tls: &tls,
+                registry: &registry,
+                progress: &progress,
+                cancel,
+                force_unlock: args.force_unlock,
+            };
+            finish(rollout::resume(&ctx, cache.as_ref(), paused_only).await, args.output)
+        }
+        Command::Plan(args) => {
+            let config = match FleetConfig::load(&args.config) {
+                Ok(c) => c,
+                Err(e) => return fail(exit::USAGE, &e.into()),
+            };
+            match plan_view(&config, &args.env) {
+                Ok(p) => {
+                    ui::plan(&p, args.output);
+                    exit::SUCCESS
                 }
                 Err(e) => fail(exit::USAGE, &e),
             }
         }
+        Command::History(args) => match history_registry(&args.config) {
+            Ok(reg) => match reg.history(args.env.as_deref(), args.limit) {
+                Ok(rows) => {
+                    ui::history(&rows, args.output);
+                    exit::SUCCESS
+                }
+                Err(e) => fail(exit::USAGE, &e.into()),
+            },
+            Err(e) => fail(exit::USAGE, &e),
+        },
+        Command::Report(args) => match history_registry(&args.config) {
+            Ok(reg) => match reg.report(args.env.as_deref()) {
+                Ok(rows) => {
+                    ui::report(&rows, args.output);
+                    exit::SUCCESS
+                }
+                Err(e) => fail(exit::USAGE, &e.into()),
+            },
+            Err(e) => fail(exit::USAGE, &e),
+        },
+    }
+}
+
+enum Kind {
+    Promote,
+    Other,
+}
+
+/// The registry fleet.toml names.
+fn open_registry(config: &FleetConfig) -> anyhow::Result<Mutex<Registry>> {
+    let path = config
+        .registry_path()
+        .ok_or_else(|| anyhow::anyhow!("no registry: set `registry` in fleet.toml (there is no HOME to default to)"))?;
+    Ok(Mutex::new(Registry::open(&path)?))
+}
+
+fn load_with_registry(path: &std::path::Path, env: &str) -> anyhow::Result<(FleetConfig, ClientTls, Mutex<Registry>)> {
+    let (config, tls) = load(path)?;
+    config.hosts(env)?;
+    let registry = open_registry(&config)?;
+    Ok((config, tls, registry))
+}
+
+fn history_registry(path: &std::path::Path) -> anyhow::Result<Registry> {
+    let config = FleetConfig::load(path)?;
+    let reg = open_registry(&config)?;
+    reg.into_inner().map_err(|_| anyhow::anyhow!("registry lock poisoned"))
+}
+
+fn plan_view(config: &FleetConfig, env: &str) -> anyhow::Result<ui::PlanView> {
+    let hosts = config.hosts(env)?;
+    let e = &config.environments[env];
+    let strategy = e.strategy().map_err(|p| anyhow::anyhow!("environments.{env}: {}", p[0]))?;
+    let batches = crate::plan::plan(&strategy, hosts.len())
+        .into_iter()
+        .map(|b| ui::PlanBatch {
+            hosts: b.hosts.iter().map(|&i| hosts[i].name.clone()).collect(),
+            pause_after: b.pause_after.map(String::from),
+        })
+        .collect();
+    Ok(ui::PlanView {
+        environment: env.to_string(),
+        strategy: strategy.to_string(),
+        max_failures: e.max_failures,
+        auto_rollback: e.auto_rollback,
+        batches,
+    })
+}
+
+/// A flag set by the first Ctrl-C or SIGTERM: the rollout finishes the batch in flight, then
+/// stops and records `cancelled`. A second signal exits at once.
+fn cancel_on_signal() -> &'static AtomicBool {
+    tokio::spawn(async {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => return,
+        };
+        for _ in 0..2 {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            if CANCEL.swap(true, Ordering::SeqCst) {
+                eprintln!("ferry: stopping now; `ferry resume` or `ferry rollback` picks up from the registry");
+                std::process::exit(i32::from(exit::FAILED));
+            }
+            eprintln!("ferry: cancelling after the hosts in flight finish (press again to stop at once)");
+        }
+    });
+    &CANCEL
+}
+
+static CANCEL: AtomicBool = AtomicBool::new(false);
+
+fn finish(result: anyhow::Result<commands::deploy::DeployReport>, format: Format) -> u8 {
+    match result {
+        Ok(report) => {
+            ui::deploy_report(&report, format);
+            deploy_exit(&report)
+        }
+        Err(e) => fail(exit::USAGE, &e),
     }
 }
 
 fn deploy_exit(report: &commands::deploy::DeployReport) -> u8 {
     use commands::deploy::DeploymentStatus;
     match report.status {
-        DeploymentStatus::Succeeded => exit::SUCCESS,
+        DeploymentStatus::Succeeded | DeploymentStatus::Paused => exit::SUCCESS,
         _ if report.any_unreachable() => exit::UNREACHABLE,
         _ => exit::FAILED,
     }

@@ -31,6 +31,11 @@ pub struct FleetConfig {
     /// read again). Default `$XDG_CACHE_HOME/ferry` or `~/.cache/ferry`. Safe to delete.
     #[serde(default)]
     pub cache_dir: Option<PathBuf>,
+    /// The registry of deployments (SQLite). Default `$XDG_STATE_HOME/ferry/registry.db` or
+    /// `~/.local/state/ferry/registry.db`. Keep it where every run of `ferry` for this fleet sees
+    /// it: the environment locks and `ferry resume` depend on it.
+    #[serde(default)]
+    pub registry: Option<PathBuf>,
     pub environments: BTreeMap<String, Environment>,
 }
 
@@ -414,7 +419,7 @@ impl FleetConfig {
         config_file::check(path, config.problems())?;
         let base = path.parent().unwrap_or(Path::new("."));
         for p in
-            [&mut config.tls.ca, &mut config.tls.cert, &mut config.tls.key].into_iter().chain(config.cache_dir.as_mut())
+            [&mut config.tls.ca, &mut config.tls.cert, &mut config.tls.key].into_iter().chain(config.cache_dir.as_mut()).chain(config.registry.as_mut())
         {
             if p.is_relative() {
                 *p = base.join(&*p);
@@ -431,6 +436,15 @@ impl FleetConfig {
             .clone()
             .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("ferry")))
             .or_else(|| env("HOME").map(|d| d.join(".cache/ferry")))
+    }
+
+    /// The registry file: the configured one, else the user's state directory.
+    pub fn registry_path(&self) -> Option<PathBuf> {
+        let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+        self.registry
+            .clone()
+            .or_else(|| env("XDG_STATE_HOME").map(|d| d.join("ferry/registry.db")))
+            .or_else(|| env("HOME").map(|d| d.join(".local/state/ferry/registry.db")))
     }
 
     pub fn problems(&self) -> Vec<Problem> {

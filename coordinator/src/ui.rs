@@ -215,7 +215,9 @@ pub fn deploy_report(r: &DeployReport, format: Format) {
     let state = match r.status {
         DeploymentStatus::Succeeded => "succeeded",
         DeploymentStatus::Failed => "FAILED (halted)",
-        DeploymentStatus::RolledBack => "rolled back",
+        DeploymentStatus::RolledBack => "FAILED, rolled back",
+        DeploymentStatus::Cancelled => "CANCELLED",
+        DeploymentStatus::Paused => "paused",
     };
     out(&format!(
         "deployment {} of {} to {}: {state}: {done} of {} host(s) on the release, {} sent",
@@ -225,6 +227,100 @@ pub fn deploy_report(r: &DeployReport, format: Format) {
         r.hosts.len(),
         bytes(r.bytes_sent)
     ));
+}
+
+/// `ferry plan`: the batches a deployment would run.
+#[derive(Debug, Serialize)]
+pub struct PlanView {
+    pub environment: String,
+    pub strategy: String,
+    pub max_failures: usize,
+    pub auto_rollback: bool,
+    pub batches: Vec<PlanBatch>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PlanBatch {
+    pub hosts: Vec<String>,
+    /// "manual", a duration, or null.
+    pub pause_after: Option<String>,
+}
+
+pub fn plan(p: &PlanView, format: Format) {
+    if format == Format::Json {
+        return json(p);
+    }
+    out(&format!(
+        "environment {}: {} ({} batch(es)); halt after more than {} failed host(s){}",
+        p.environment,
+        p.strategy,
+        p.batches.len(),
+        p.max_failures,
+        if p.auto_rollback { ", then roll back every updated host" } else { "" }
+    ));
+    out("every host is staged first (in parallel); then, batch by batch:");
+    for (i, b) in p.batches.iter().enumerate() {
+        let pause = match b.pause_after.as_deref() {
+            Some("manual") => " -> pause until `ferry promote`".to_string(),
+            Some(d) => format!(" -> pause {d}"),
+            None => String::new(),
+        };
+        out(&format!("  batch {}: {}{pause}", i + 1, b.hosts.join(", ")));
+    }
+}
+
+pub fn history(rows: &[crate::registry::DeploymentRow], format: Format) {
+    if format == Format::Json {
+        return json(&rows);
+    }
+    let mut table = Table::new();
+    table.load_style(presets::NOTHING).set_content_arrangement(ContentArrangement::Disabled);
+    table.set_header(vec!["DEPLOYMENT", "KIND", "ENV", "VERSION", "STATUS", "STARTED", "TIME", "SENT", "FAILED HOSTS"]);
+    for d in rows {
+        let time = d.finished_ms.map_or("-".to_string(), |f| format!("{:.1}s", (f - d.started_ms) as f64 / 1000.0));
+        table.add_row(vec![
+            d.id.clone(),
+            d.kind.clone(),
+            d.environment.clone(),
+            d.version.clone(),
+            d.status.clone(),
+            crate::registry::when(d.started_ms),
+            time,
+            bytes(u64::try_from(d.bytes_sent).unwrap_or(0)),
+            d.hosts_failed.to_string(),
+        ]);
+    }
+    out(&table.to_string());
+    if rows.is_empty() {
+        out("no deployments recorded");
+    }
+}
+
+pub fn report(rows: &[crate::registry::EnvReport], format: Format) {
+    if format == Format::Json {
+        return json(&rows);
+    }
+    let mut table = Table::new();
+    table.load_style(presets::NOTHING).set_content_arrangement(ContentArrangement::Disabled);
+    table.set_header(vec!["ENV", "DEPLOYS", "PER WEEK", "SUCCESS", "ROLLBACK", "MEAN", "P95", "SLOWEST HOSTS"]);
+    for r in rows {
+        let slowest: Vec<String> =
+            r.slowest_hosts.iter().map(|h| format!("{} {:.1}s", h.host, h.mean_ms as f64 / 1000.0)).collect();
+        table.add_row(vec![
+            r.environment.clone(),
+            r.deployments.to_string(),
+            format!("{:.1}", r.deployments_per_week),
+            format!("{:.0}%", r.success_rate * 100.0),
+            format!("{:.0}%", r.rollback_rate * 100.0),
+            format!("{:.1}s", r.mean_duration_ms as f64 / 1000.0),
+            format!("{:.1}s", r.p95_duration_ms as f64 / 1000.0),
+            slowest.join(", "),
+        ]);
+    }
+    out(&table.to_string());
+    if rows.is_empty() {
+        out("no finished deployments recorded");
+    }
 }
 
 #[cfg(test)]

@@ -85,6 +85,8 @@ pub fn fleet_config(dir: &Path, coordinator: &CertFiles, hosts: &[(&str, String)
     let text = format!(
         r#"connect_timeout = "2s"
 request_timeout = "5s"
+registry = "registry.db"
+cache_dir = "cache"
 [app]
 name = "web"
 [tls]

@@ -299,7 +299,7 @@ impl Fleet {
             let _ = write!(hosts, "{sep}{} = \"{}:{AGENT_PORT}\"", h.name, h.ip);
         }
         let text = format!(
-            "connect_timeout = \"3s\"\nrequest_timeout = \"10s\"\ncache_dir = \"cache\"\n\n[app]\nname = \"web\"\nunits = [\"web.service\"]\n\n\
+            "connect_timeout = \"3s\"\nrequest_timeout = \"10s\"\ncache_dir = \"cache\"\nregistry = \"registry.db\"\n\n[app]\nname = \"web\"\nunits = [\"web.service\"]\n\n\
              [[app.health]]\nname = \"demo\"\nhttp = \"http://127.0.0.1:8080/health\"\njson_field = \"status\"\n\
              json_value = \"healthy\"\ninterval = \"200ms\"\nretries = 10\n\n\
              [app.hooks]\nvalidate = \"hooks/validate\"\ntimeout = \"20s\"\n\n\

@@ -4,14 +4,17 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferry_agent::store::ManifestSource;
 use ferry_coordinator::artifact::Artifact;
 use ferry_coordinator::cache::Cache;
 use ferry_coordinator::client::{Agent, Timeouts};
-use ferry_coordinator::commands::deploy::{self, DeployReport, DeploymentStatus, HostOutcome};
+use ferry_coordinator::commands::deploy::{DeployReport, DeploymentStatus, HostOutcome};
+use ferry_coordinator::commands::rollout;
+use ferry_coordinator::registry::Registry;
 use ferry_coordinator::config::{FleetConfig, Host, TlsFiles};
 use ferry_coordinator::tls::ClientTls;
 use ferry_proto::identity::Role;
@@ -50,9 +53,33 @@ fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+fn registry(config: &FleetConfig) -> Mutex<Registry> {
+    Mutex::new(Registry::open(&config.registry_path().expect("registry path")).expect("registry"))
+}
+
+static NOT_CANCELLED: AtomicBool = AtomicBool::new(false);
+
+fn ctx<'a>(config: &'a FleetConfig, tls: &'a ClientTls, registry: &'a Mutex<Registry>) -> rollout::Ctx<'a> {
+    rollout::Ctx {
+        config,
+        env: "test",
+        tls,
+        registry,
+        progress: &quiet,
+        cancel: &NOT_CANCELLED,
+        force_unlock: false,
+    }
+}
+
 async fn deploy_dir(config: &FleetConfig, tls: &ClientTls, dir: &Path, version: &str) -> DeployReport {
     let artifact = Arc::new(Artifact::scan(dir, None).expect("scan"));
-    deploy::deploy(config, "test", tls, artifact, version, None, &quiet).await.expect("deploy runs")
+    let reg = registry(config);
+    rollout::deploy(&ctx(config, tls, &reg), artifact, version, None).await.expect("deploy runs")
+}
+
+async fn rollback(config: &FleetConfig, tls: &ClientTls, to: Option<&str>) -> DeployReport {
+    let reg = registry(config);
+    rollout::rollback(&ctx(config, tls, &reg), to).await.expect("rollback runs")
 }
 
 fn current(app_root: &Path) -> String {
@@ -129,13 +156,13 @@ async fn deploy_sends_only_what_changed_and_rollback_is_a_swap() {
     assert_eq!(again.bytes_sent, 0);
 
     // Rollback: no transfer, previous release current again; then forward to a named version.
-    let rb = deploy::rollback(&s.config, "test", &s.tls, None, &quiet).await.expect("rollback");
+    let rb = rollback(&s.config, &s.tls, None).await;
     assert_eq!(rb.status, DeploymentStatus::Succeeded);
     assert_eq!(current(&s.app_root()), "1");
-    let fwd = deploy::rollback(&s.config, "test", &s.tls, Some("2"), &quiet).await.expect("to 2");
+    let fwd = rollback(&s.config, &s.tls, Some("2")).await;
     assert_eq!(fwd.hosts[0].status, HostOutcome::Succeeded);
     assert_eq!(current(&s.app_root()), "2");
-    let same = deploy::rollback(&s.config, "test", &s.tls, Some("2"), &quiet).await.expect("to 2 again");
+    let same = rollback(&s.config, &s.tls, Some("2")).await;
     assert_eq!(same.hosts[0].status, HostOutcome::Unchanged, "a host already on the target is not touched");
     let journal = std::fs::read_to_string(s.data().join("journal")).expect("journal");
     assert_eq!(journal.lines().count(), 4, "{journal}");
@@ -167,7 +194,8 @@ async fn a_redeploy_sends_manifest_changes_and_piece_deltas() {
         let (config, tls, cache) = (&s.config, &s.tls, &cache);
         async move {
             let artifact = Arc::new(Artifact::scan(&dir, Some(cache)).expect("scan"));
-            deploy::deploy(config, "test", tls, artifact, version, Some(cache), &quiet).await.expect("deploy runs")
+            let reg = registry(config);
+            rollout::deploy(&ctx(config, tls, &reg), artifact, version, Some(cache)).await.expect("deploy runs")
         }
     };
     let mut files = tree_v(1);
@@ -205,7 +233,7 @@ async fn keep_releases_prunes_old_releases_but_never_current_or_previous() {
         .collect();
     assert_eq!(kept.len(), 5, "{kept:?}");
     // Roll back to 6, then deploy 8: 7 (the previous of 8's predecessor chain) and 6 are kept.
-    deploy::rollback(&s.config, "test", &s.tls, Some("6"), &quiet).await.expect("rollback");
+    rollback(&s.config, &s.tls, Some("6")).await;
     let d = build(s.dir.path(), "v8", &[("VERSION", b"8\n".to_vec())]);
     deploy_dir(&s.config, &s.tls, &d, "8").await;
     let names = std::fs::read_dir(s.data().join("releases"))

@@ -1,17 +1,16 @@
-//! `ferry deploy` and `ferry rollback`: move a release onto an environment's hosts, one host at a
-//! time, and switch it in; or switch hosts back to a release they already have.
+//! What a rollout does to one host: stage a release on it, activate it, or roll it back. The
+//! rollout engine ([`super::rollout`]) sequences these over an environment and records them.
 //!
-//! Per host: connect (mTLS, identity checked) → `Prepare` (the host answers which chunks it lacks;
+//! Staging: connect (mTLS, identity checked) → `Prepare` (the host answers which chunks it lacks;
 //! when the cache holds the manifest of the host's current release, only the manifest's changes
 //! are sent) → `Upload` only those, zstd-compressed, through a bounded channel (backpressure: at
 //! most a few chunks in memory); a chunk the host can rebuild from its old version of the file
-//! goes as a piece delta → `Commit` (the host builds and verifies the release) → `Activate`
-//! (atomic swap of `current`). The rollout halts at the first host that fails; hosts after it are not
-//! touched. (Batches, canaries, health-based halts and automatic rollback belong to the rollout
-//! engine.)
+//! goes as a piece delta → `Commit` (the host builds and verifies the release; nothing changes
+//! for the running app). Activation: `Activate` (atomic swap of `current`, restart, probes; the
+//! host swaps itself back on failure).
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ferry_proto::v1::{self, agent_client::AgentClient};
 use serde::Serialize;
@@ -64,12 +63,19 @@ pub struct HostResult {
 pub enum DeploymentStatus {
     Succeeded,
     Failed,
+    /// Halted, and every host it had updated went back to its previous release.
     RolledBack,
+    /// Stopped by the operator (Ctrl-C); hosts not yet activated were not touched.
+    Cancelled,
+    /// Waiting at a canary step for `ferry promote`.
+    Paused,
 }
 
 #[derive(Debug, Serialize)]
 pub struct DeployReport {
     pub deployment_id: String,
+    /// "deploy" or "rollback".
+    pub kind: String,
     pub environment: String,
     pub version: String,
     pub release_id: String,
@@ -103,99 +109,8 @@ pub fn new_deployment_id() -> String {
     format!("d-{}-{}", now.as_secs(), &blake3::hash(seed.as_bytes()).to_hex()[..6])
 }
 
-fn timeouts(config: &FleetConfig) -> Timeouts {
+pub(crate) fn timeouts(config: &FleetConfig) -> Timeouts {
     Timeouts { connect: config.connect_timeout, request: config.request_timeout }
-}
-
-/// Deploys `artifact` as `version` to every host of `env`, one host at a time.
-pub async fn deploy(
-    config: &FleetConfig,
-    env: &str,
-    tls: &ClientTls,
-    artifact: Arc<Artifact>,
-    version: &str,
-    cache: Option<&Cache>,
-    progress: Progress<'_>,
-) -> anyhow::Result<DeployReport> {
-    ferry_proto::manifest::check_version(version).map_err(|e| anyhow::anyhow!("--version: {e}"))?;
-    let hosts = config.hosts(env)?;
-    let deployment_id = new_deployment_id();
-    let release_id = artifact.release_id(version);
-    if let Some(cache) = cache {
-        cache.save_manifest(&release_id, &artifact.manifest);
-    }
-    let (artifact_ref, deployment) = (&artifact, deployment_id.as_str());
-    let results = host_by_host(&hosts, progress, "activated", |host, sent: Arc<Transfer>| async move {
-        let send = Send { artifact: artifact_ref, version, deployment_id: deployment, cache };
-        deploy_host(config, host, tls, &send, &sent, progress).await
-    })
-    .await;
-    let halted = results.iter().any(|h| !matches!(h.status, HostOutcome::Succeeded | HostOutcome::Unchanged));
-    Ok(DeployReport {
-        deployment_id,
-        environment: env.to_string(),
-        version: version.to_string(),
-        release_id,
-        status: if halted { DeploymentStatus::Failed } else { DeploymentStatus::Succeeded },
-        bytes_sent: results.iter().map(|h| h.bytes_sent).sum(),
-        total_bytes: artifact.total_bytes,
-        hosts: results,
-    })
-}
-
-/// Runs `one` on each host in order, reporting progress; once a host fails, the rest are
-/// skipped (not touched). `one` counts what it sends in the `Transfer` it is given.
-async fn host_by_host<'h, F, Fut>(hosts: &'h [Host], progress: Progress<'_>, verb: &str, mut one: F) -> Vec<HostResult>
-where
-    F: FnMut(&'h Host, Arc<Transfer>) -> Fut,
-    Fut: std::future::Future<Output = Result<SwapResult, HostError>>,
-{
-    let mut results = Vec::with_capacity(hosts.len());
-    let mut halted = false;
-    for host in hosts {
-        let sent = Arc::new(Transfer::default());
-        let mut result = HostResult {
-            name: host.name.clone(),
-            status: HostOutcome::Skipped,
-            bytes_sent: 0,
-            manifest_delta: false,
-            delta_chunks: 0,
-            duration_ms: 0,
-            release: None,
-            previous_release: None,
-            error: None,
-        };
-        if !halted {
-            let started = Instant::now();
-            let outcome = one(host, sent.clone()).await;
-            result.duration_ms = started.elapsed().as_millis() as u64;
-            result.bytes_sent = sent.bytes.load(Ordering::Relaxed);
-            result.manifest_delta = sent.manifest_delta.load(Ordering::Relaxed);
-            result.delta_chunks = sent.delta_chunks.load(Ordering::Relaxed);
-            match outcome {
-                Ok(swap) => {
-                    result.status = if swap.changed { HostOutcome::Succeeded } else { HostOutcome::Unchanged };
-                    let what = if swap.changed { verb } else { "unchanged" };
-                    progress(&host.name, &format!("{what} ({})", swap.summary()));
-                    result.release = Some(swap.to);
-                    result.previous_release = swap.from;
-                }
-                Err(e) => {
-                    halted = true;
-                    result.status = match e.kind {
-                        ErrorKind::RolledBack => HostOutcome::RolledBack,
-                        _ if e.is_unreachable() => HostOutcome::Unreachable,
-                        _ => HostOutcome::Failed,
-                    };
-                    let label = if result.status == HostOutcome::RolledBack { "ROLLED BACK" } else { "FAILED" };
-                    progress(&host.name, &format!("{label}: {}", e.message));
-                    result.error = Some(e.to_string());
-                }
-            }
-        }
-        results.push(result);
-    }
-    results
 }
 
 /// The result of a swap on one host.
@@ -207,7 +122,7 @@ pub struct SwapResult {
 }
 
 impl SwapResult {
-    fn summary(&self) -> String {
+    pub fn summary(&self) -> String {
         match (&self.from, self.changed) {
             (_, false) => format!("{} was already current", self.to),
             (Some(f), true) => format!("{f} -> {}", self.to),
@@ -217,11 +132,19 @@ impl SwapResult {
 }
 
 /// What a deployment sends to each host.
-struct Send<'a> {
-    artifact: &'a Arc<Artifact>,
-    version: &'a str,
-    deployment_id: &'a str,
-    cache: Option<&'a Cache>,
+pub struct Send<'a> {
+    pub artifact: &'a Arc<Artifact>,
+    pub version: &'a str,
+    pub deployment_id: &'a str,
+    pub cache: Option<&'a Cache>,
+}
+
+/// A release staged on a host.
+#[derive(Debug, Clone)]
+pub struct Staged {
+    /// What the host ran when it was staged ("" before its first release).
+    pub current: String,
+    pub release_id: String,
 }
 
 /// `Prepare`, with the manifest as changes from the host's current release when the cache knows
@@ -273,16 +196,17 @@ async fn prepare(
     Ok((whole.into_inner(), true))
 }
 
-async fn deploy_host(
+/// Puts the release on a host (`Prepare`, `Upload`, `Commit`) without activating it.
+pub async fn stage_host(
     config: &FleetConfig,
     host: &Host,
     tls: &ClientTls,
     send: &Send<'_>,
     sent: &Transfer,
     progress: Progress<'_>,
-) -> Result<SwapResult, HostError> {
+) -> Result<Staged, HostError> {
     let fail = |kind: ErrorKind, message: String| HostError::new(host, kind, message);
-    let (artifact, version, deployment_id) = (send.artifact, send.version, send.deployment_id);
+    let (artifact, deployment_id) = (send.artifact, send.deployment_id);
     let agent = Agent::connect(host, tls, timeouts(config)).await?;
     let (mut client, agent_timeout, app) = (agent.client, agent.request_timeout, config.app.name.clone());
     let current =
@@ -333,10 +257,25 @@ async fn deploy_host(
         }
         progress(&host.name, &format!("committed {}", fin.release_id));
     }
+    Ok(Staged { current, release_id: prepared.release_id })
+}
+
+/// Activates a staged release on a host: swap, restart, probes; the host swaps itself back when
+/// that fails (`RolledBack`).
+pub async fn activate_host(
+    config: &FleetConfig,
+    host: &Host,
+    tls: &ClientTls,
+    release_id: &str,
+    version: &str,
+    deployment_id: &str,
+) -> Result<SwapResult, HostError> {
+    let fail = |kind: ErrorKind, message: String| HostError::new(host, kind, message);
+    let (mut client, _, app) = open(config, host, tls).await?;
     let fin = run_steps(
         client.activate(v1::ActivateRequest {
             app,
-            release_id: prepared.release_id.clone(),
+            release_id: release_id.to_string(),
             deployment_id: deployment_id.to_string(),
             version: version.to_string(),
             units: config.app.units.clone(),
@@ -506,46 +445,31 @@ async fn upload(
     Ok(rebuilt.load(Ordering::Relaxed))
 }
 
-/// `ferry rollback`: every host of `env` back to the release before its current one, or to the
-/// newest release of `to_version` it keeps. Hosts already there are not touched.
-pub async fn rollback(
-    config: &FleetConfig,
-    env: &str,
-    tls: &ClientTls,
-    to_version: Option<&str>,
-    progress: Progress<'_>,
-) -> anyhow::Result<DeployReport> {
-    let hosts = config.hosts(env)?;
-    let deployment_id = new_deployment_id();
-    let results = host_by_host(&hosts, progress, "rolled back", |host, _| {
-        rollback_host(config, host, tls, to_version, &deployment_id)
-    })
-    .await;
-    let halted = results.iter().any(|h| !matches!(h.status, HostOutcome::Succeeded | HostOutcome::Unchanged));
-    Ok(DeployReport {
-        deployment_id,
-        environment: env.to_string(),
-        version: to_version.unwrap_or("previous").to_string(),
-        release_id: String::new(),
-        status: if halted { DeploymentStatus::Failed } else { DeploymentStatus::Succeeded },
-        bytes_sent: 0,
-        total_bytes: 0,
-        hosts: results,
-    })
+/// Where a rollback goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// The release before the host's current one.
+    Previous,
+    /// The newest kept release of this version.
+    Version(String),
+    /// This release.
+    Release(String),
 }
 
-async fn rollback_host(
+/// Switches a host to a release it keeps: no transfer.
+pub async fn rollback_host(
     config: &FleetConfig,
     host: &Host,
     tls: &ClientTls,
-    to_version: Option<&str>,
+    target: &Target,
     deployment_id: &str,
 ) -> Result<SwapResult, HostError> {
     let fail = |kind: ErrorKind, message: String| HostError::new(host, kind, message);
     let (mut client, agent_timeout, app) = open(config, host, tls).await?;
-    let to_release = match to_version {
-        None => String::new(),
-        Some(v) => {
+    let to_release = match target {
+        Target::Previous => String::new(),
+        Target::Release(id) => id.clone(),
+        Target::Version(v) => {
             let releases = client
                 .list_releases(unary(v1::ListReleasesRequest { app: app.clone() }, agent_timeout))
                 .await
@@ -553,7 +477,7 @@ async fn rollback_host(
                 .into_inner()
                 .releases;
             // Newest first: the most recent release of that version.
-            match releases.iter().find(|r| r.version == v) {
+            match releases.iter().find(|r| &r.version == v) {
                 Some(r) => r.id.clone(),
                 None => {
                     let kept: Vec<_> = releases.iter().map(|r| r.id.as_str()).collect();

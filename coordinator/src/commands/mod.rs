@@ -2,4 +2,5 @@
 pub mod ca;
 pub mod cert;
 pub mod deploy;
+pub mod rollout;
 pub mod status;

@@ -1,0 +1,572 @@
+//! The rollout engine: `ferry deploy`, `ferry resume` / `ferry promote` and `ferry rollback` over an
+//! environment, following its strategy, recorded in the registry.
+//!
+//! A deployment first stages the release on every host in parallel (bounded by `parallelism`;
+//! staging changes nothing a host runs), then activates batch by batch as the plan says, pausing
+//! where a canary pauses. Every host transition is committed to the registry before it is acted
+//! on (`staging` before the transfer, `activating` before the swap), so a coordinator killed at
+//! any point leaves a record that `ferry resume` continues from: hosts already healthy are left
+//! alone, a host caught `activating` is activated again (the agent treats a repeated activation of
+//! its current release as a no-op). More than `max_failures` failed hosts halt the rollout; with
+//! `auto_rollback` every host it updated goes back to its previous release. Ctrl-C lets the batch
+//! in flight finish (each host ends healthy or rolled back by its agent) and records `cancelled`.
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+use super::deploy::{
+    DeployReport, DeploymentStatus, HostOutcome, HostResult, Progress, Send, Target, Transfer, activate_host,
+    new_deployment_id, rollback_host, stage_host,
+};
+use crate::artifact::Artifact;
+use crate::cache::Cache;
+use crate::client::{ErrorKind, HostError};
+use crate::config::{FleetConfig, Host};
+use crate::plan::{self, Batch, Pause, Strategy};
+use crate::registry::{HostRow, HostUpdate, NewDeployment, Registry};
+use crate::tls::ClientTls;
+
+/// Everything a rollout command works with.
+pub struct Ctx<'a> {
+    pub config: &'a FleetConfig,
+    pub env: &'a str,
+    pub tls: &'a ClientTls,
+    pub registry: &'a Mutex<Registry>,
+    pub progress: Progress<'a>,
+    /// Set by Ctrl-C: finish the batch in flight, then stop.
+    pub cancel: &'a AtomicBool,
+    /// Break another deployment's lock on the environment (it is named in a warning).
+    pub force_unlock: bool,
+}
+
+/// How a deployment was planned, as the registry keeps it (so `resume` follows the same plan).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Stored {
+    #[serde(flatten)]
+    strategy: Strategy,
+    max_failures: usize,
+    auto_rollback: bool,
+    total_bytes: u64,
+}
+
+impl Ctx<'_> {
+    fn reg<T>(&self, f: impl FnOnce(&mut Registry) -> Result<T, crate::registry::RegistryError>) -> anyhow::Result<T> {
+        let mut reg = self.registry.lock().map_err(|_| anyhow::anyhow!("the registry is poisoned by a panic"))?;
+        Ok(f(&mut reg)?)
+    }
+
+    fn host_state(&self, id: &str, host: &str, state: &str, update: &HostUpdate<'_>) -> anyhow::Result<()> {
+        self.reg(|r| r.set_host(id, host, state, update))
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed)
+    }
+
+    /// The hosts of the environment, by name.
+    fn inventory(&self) -> anyhow::Result<HashMap<String, Host>> {
+        Ok(self.config.hosts(self.env)?.into_iter().map(|h| (h.name.clone(), h)).collect())
+    }
+
+    fn take_lock(&self, id: &str) -> anyhow::Result<()> {
+        if let Some(broken) = self.reg(|r| r.lock(self.env, id, self.force_unlock))? {
+            (self.progress)(
+                "ferry",
+                &format!(
+                    "WARNING: broke the lock of deployment {} ({} on {}, pid {}); if it is still running, two rollouts now touch {}",
+                    broken.deployment_id, broken.owner, broken.hostname, broken.pid, self.env
+                ),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// `ferry deploy`: a new deployment of `artifact` as `version`.
+pub async fn deploy(
+    ctx: &Ctx<'_>,
+    artifact: Arc<Artifact>,
+    version: &str,
+    cache: Option<&Cache>,
+) -> anyhow::Result<DeployReport> {
+    ferry_proto::manifest::check_version(version).map_err(|e| anyhow::anyhow!("--version: {e}"))?;
+    let env = ctx.config.environments.get(ctx.env).context("unknown environment")?;
+    let strategy = env.strategy().map_err(|p| anyhow::anyhow!("environments.{}: {}", ctx.env, p[0]))?;
+    let hosts = ctx.config.hosts(ctx.env)?;
+    let batches = plan::plan(&strategy, hosts.len());
+    let id = new_deployment_id();
+    let release_id = artifact.release_id(version);
+    if let Some(cache) = cache {
+        cache.save_manifest(&release_id, &artifact.manifest);
+    }
+    ctx.take_lock(&id)?;
+    let stored = Stored {
+        strategy,
+        max_failures: env.max_failures,
+        auto_rollback: env.auto_rollback,
+        total_bytes: artifact.total_bytes,
+    };
+    let placed: Vec<(String, usize)> =
+        batches.iter().enumerate().flat_map(|(b, batch)| batch.hosts.iter().map(move |&i| (i, b))).map(|(i, b)| (hosts[i].name.clone(), b)).collect();
+    let artifact_path = std::fs::canonicalize(&artifact.source).unwrap_or_else(|_| artifact.source.clone());
+    ctx.reg(|r| {
+        r.create(&NewDeployment {
+            id: &id,
+            kind: "deploy",
+            environment: ctx.env,
+            version,
+            release_id: &release_id,
+            artifact: &artifact_path.to_string_lossy(),
+            manifest_hash: &hex::encode(artifact.manifest_hash),
+            strategy: &serde_json::to_string(&stored).unwrap_or_default(),
+            hosts: &placed,
+        })
+    })?;
+    run(ctx, &id, artifact, cache).await
+}
+
+/// `ferry resume` / `ferry promote`: continues the environment's unfinished deployment (one whose
+/// coordinator died, or one paused at a canary step) from what the registry says.
+pub async fn resume(ctx: &Ctx<'_>, cache: Option<&Cache>, paused_only: bool) -> anyhow::Result<DeployReport> {
+    let lock = ctx.reg(|r| r.lock_of(ctx.env))?.with_context(|| format!("no deployment of {} is in progress", ctx.env))?;
+    let d = ctx
+        .reg(|r| r.deployment(&lock.deployment_id))?
+        .with_context(|| format!("the lock names deployment {}, which the registry does not know", lock.deployment_id))?;
+    if d.kind != "deploy" || !matches!(d.status.as_str(), "pending" | "running" | "paused") {
+        anyhow::bail!("deployment {} is {} ({}); there is nothing to continue", d.id, d.status, d.kind);
+    }
+    if paused_only && d.status != "paused" {
+        anyhow::bail!("deployment {} is {}, not paused at a canary step (use `ferry resume` if its coordinator died)", d.id, d.status);
+    }
+    if !paused_only && d.status != "paused" && !lock.stale() && !lock.mine() && !ctx.force_unlock {
+        anyhow::bail!(
+            "deployment {} is still running ({} on {}, pid {}); resume only what a dead coordinator left (or pass --force-unlock)",
+            d.id,
+            lock.owner,
+            lock.hostname,
+            lock.pid
+        );
+    }
+    let path = std::path::PathBuf::from(&d.artifact);
+    let scan_cache = cache.cloned();
+    let artifact = tokio::task::spawn_blocking(move || Artifact::scan(&path, scan_cache.as_ref()))
+        .await?
+        .with_context(|| format!("deployment {} needs its artifact {} again", d.id, d.artifact))?;
+    if hex::encode(artifact.manifest_hash) != d.manifest_hash {
+        anyhow::bail!(
+            "artifact {} changed since deployment {} started (its manifest no longer hashes to the release {}); deploy it as a new version instead",
+            d.artifact,
+            d.id,
+            d.release_id
+        );
+    }
+    // Taking over: the holder is gone (or paused, which leaves the lock with its deployment).
+    let broken = ctx.reg(|r| {
+        if lock.mine() || lock.stale() || d.status == "paused" {
+            r.unlock(ctx.env, &d.id)?;
+        }
+        r.lock(ctx.env, &d.id, ctx.force_unlock)
+    })?;
+    if let Some(b) = broken {
+        (ctx.progress)("ferry", &format!("WARNING: broke the lock of deployment {}", b.deployment_id));
+    }
+    (ctx.progress)("ferry", &format!("continuing deployment {} of {} to {}", d.id, d.version, d.environment));
+    ctx.reg(|r| r.event(&d.id, None, "resumed", &format!("by pid {}", std::process::id())))?;
+    run(ctx, &d.id, Arc::new(artifact), cache).await
+}
+
+fn stored(strategy: &str) -> anyhow::Result<Stored> {
+    serde_json::from_str(strategy).context("the registry's record of the rollout plan is unreadable")
+}
+
+const TERMINAL: [&str; 6] = ["healthy", "unchanged", "failed", "rolled_back", "unreachable", "skipped"];
+
+fn failures(rows: &[HostRow]) -> usize {
+    rows.iter().filter(|h| matches!(h.state.as_str(), "failed" | "rolled_back" | "unreachable")).count()
+}
+
+/// Drives a recorded deployment to its end (or to a pause) from whatever state it is in.
+async fn run(ctx: &Ctx<'_>, id: &str, artifact: Arc<Artifact>, cache: Option<&Cache>) -> anyhow::Result<DeployReport> {
+    let d = ctx.reg(|r| r.deployment(id))?.context("deployment vanished from the registry")?;
+    let plan = stored(&d.strategy)?;
+    let inventory = ctx.inventory()?;
+    let rows = ctx.reg(|r| r.hosts(id))?;
+    let missing: Vec<&str> = rows.iter().filter(|h| !inventory.contains_key(&h.host)).map(|h| h.host.as_str()).collect();
+    if !missing.is_empty() {
+        anyhow::bail!("deployment {id} includes hosts no longer in environment {}: {}", ctx.env, missing.join(", "));
+    }
+    ctx.reg(|r| r.set_status(id, "running", None))?;
+    let transfers: HashMap<String, Arc<Transfer>> =
+        rows.iter().map(|h| (h.host.clone(), Arc::new(Transfer::default()))).collect();
+    let send = Send { artifact: &artifact, version: &d.version, deployment_id: id, cache };
+
+    // Stage everywhere first: a transfer changes nothing a host runs.
+    let limit = Arc::new(tokio::sync::Semaphore::new(ctx.config.parallelism.max(1)));
+    let staging = rows.iter().filter(|h| matches!(h.state.as_str(), "pending" | "staging")).map(|h| {
+        let (host, transfer, limit, send) = (&inventory[&h.host], transfers[&h.host].clone(), limit.clone(), &send);
+        async move {
+            let _permit = limit.acquire().await;
+            ctx.host_state(id, &host.name, "staging", &HostUpdate::default())?;
+            let staged = stage_host(ctx.config, host, ctx.tls, send, &transfer, ctx.progress).await;
+            let bytes = transfer.bytes.load(Ordering::Relaxed);
+            match staged {
+                Ok(s) => {
+                    let state = if s.current == s.release_id { "unchanged" } else { "staged" };
+                    let previous = (!s.current.is_empty()).then_some(s.current.as_str());
+                    ctx.host_state(id, &host.name, state, &HostUpdate { previous_release: previous, bytes, error: None })
+                }
+                Err(e) => host_failed(ctx, id, host, &e, bytes),
+            }
+        }
+    });
+    for r in futures_util::future::join_all(staging).await {
+        r?;
+    }
+
+    let batches = plan_batches(&d.id, ctx)?;
+    let total = batches.len();
+    for (n, batch) in batches.iter().enumerate() {
+        let rows = ctx.reg(|r| r.hosts(id))?;
+        if failures(&rows) > plan.max_failures {
+            return halt(ctx, id, &plan, &transfers, None).await;
+        }
+        let todo: Vec<&HostRow> = batch
+            .iter()
+            .filter_map(|name| rows.iter().find(|h| &h.host == name))
+            .filter(|h| matches!(h.state.as_str(), "staged" | "activating"))
+            .collect();
+        if todo.is_empty() {
+            continue;
+        }
+        if ctx.cancelled() {
+            return finish(ctx, id, "cancelled", Some("cancelled by the operator"), &transfers);
+        }
+        (ctx.progress)("ferry", &format!("batch {} of {total}: {}", n + 1, batch.join(", ")));
+        let activations = todo.iter().map(|h| activate_one(ctx, id, &d.version, &d.release_id, &inventory[&h.host]));
+        for r in futures_util::future::join_all(activations).await {
+            r?;
+        }
+        let rows = ctx.reg(|r| r.hosts(id))?;
+        if failures(&rows) > plan.max_failures {
+            return halt(ctx, id, &plan, &transfers, None).await;
+        }
+        let remaining = rows.iter().any(|h| !TERMINAL.contains(&h.state.as_str()));
+        match pause_after(&plan.strategy, n, total) {
+            Some(_) if !remaining => {}
+            Some(Pause::Manual) => {
+                ctx.reg(|r| r.set_status(id, "paused", None))?;
+                (ctx.progress)(
+                    "ferry",
+                    &format!("paused after batch {} of {total}: check it, then `ferry promote --env {}` to go on (or `ferry rollback --env {}`)", n + 1, ctx.env, ctx.env),
+                );
+                return report(ctx, id, &transfers);
+            }
+            Some(Pause::For(wait)) => {
+                (ctx.progress)("ferry", &format!("pausing {} before the next batch", humantime::format_duration(wait)));
+                ctx.reg(|r| r.event(id, None, "pause", &humantime::format_duration(wait).to_string()))?;
+                let until = tokio::time::Instant::now() + wait;
+                while tokio::time::Instant::now() < until && !ctx.cancelled() {
+                    tokio::time::sleep(Duration::from_millis(200).min(until - tokio::time::Instant::now())).await;
+                }
+            }
+            None => {}
+        }
+    }
+    let rows = ctx.reg(|r| r.hosts(id))?;
+    if failures(&rows) > plan.max_failures {
+        return halt(ctx, id, &plan, &transfers, None).await;
+    }
+    let status = if failures(&rows) > 0 { "failed" } else { "succeeded" };
+    finish(ctx, id, status, None, &transfers)
+}
+
+/// The pause after batch `n` of `total` under `strategy`.
+fn pause_after(strategy: &Strategy, n: usize, total: usize) -> Option<Pause> {
+    if n + 1 >= total {
+        return None;
+    }
+    match strategy {
+        Strategy::Canary { pause, .. } => Some(*pause),
+        _ => None,
+    }
+}
+
+/// The recorded batches (host names by batch index, in plan order).
+fn plan_batches(id: &str, ctx: &Ctx<'_>) -> anyhow::Result<Vec<Vec<String>>> {
+    let rows = ctx.reg(|r| r.hosts(id))?;
+    let mut batches: Vec<Vec<String>> = Vec::new();
+    for h in rows {
+        let b = usize::try_from(h.batch).unwrap_or(0);
+        if batches.len() <= b {
+            batches.resize(b + 1, Vec::new());
+        }
+        batches[b].push(h.host);
+    }
+    Ok(batches)
+}
+
+fn host_failed(ctx: &Ctx<'_>, id: &str, host: &Host, e: &HostError, bytes: u64) -> anyhow::Result<()> {
+    let state = match e.kind {
+        ErrorKind::RolledBack => "rolled_back",
+        _ if e.is_unreachable() => "unreachable",
+        _ => "failed",
+    };
+    let label = if state == "rolled_back" { "ROLLED BACK" } else { "FAILED" };
+    (ctx.progress)(&host.name, &format!("{label}: {}", e.message));
+    ctx.host_state(id, &host.name, state, &HostUpdate { bytes, error: Some(&e.to_string()), ..Default::default() })
+}
+
+/// before_host hook → activate → after_host hook, recorded.
+async fn activate_one(ctx: &Ctx<'_>, id: &str, version: &str, release_id: &str, host: &Host) -> anyhow::Result<()> {
+    let env = &ctx.config.environments[ctx.env];
+    if let Some(cmd) = &env.before_host
+        && let Err(e) = run_hook(ctx, "before_host", cmd, host, version).await
+    {
+        return host_failed(ctx, id, host, &HostError::new(host, ErrorKind::Failed, e), 0);
+    }
+    ctx.host_state(id, &host.name, "activating", &HostUpdate::default())?;
+    match activate_host(ctx.config, host, ctx.tls, release_id, version, id).await {
+        Ok(swap) => {
+            (ctx.progress)(&host.name, &format!("activated ({})", swap.summary()));
+            ctx.host_state(id, &host.name, "healthy", &HostUpdate::default())?;
+        }
+        Err(e) => return host_failed(ctx, id, host, &e, 0),
+    }
+    if let Some(cmd) = &env.after_host
+        && let Err(e) = run_hook(ctx, "after_host", cmd, host, version).await
+    {
+        return host_failed(ctx, id, host, &HostError::new(host, ErrorKind::Failed, e), 0);
+    }
+    Ok(())
+}
+
+/// How long a coordinator hook may run.
+const HOOK_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Runs a coordinator hook (`sh -c`) with the host in its environment.
+async fn run_hook(ctx: &Ctx<'_>, name: &str, cmd: &str, host: &Host, version: &str) -> Result<(), String> {
+    let child = tokio::process::Command::new("/bin/sh")
+        .args(["-c", cmd])
+        .env("FERRY_HOST", &host.name)
+        .env("FERRY_ADDR", format!("{}:{}", host.address, host.port))
+        .env("FERRY_VERSION", version)
+        .env("FERRY_ENV", ctx.env)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    match tokio::time::timeout(HOOK_TIMEOUT, child).await {
+        Err(_) => Err(format!("{name} hook {cmd:?} did not finish within {HOOK_TIMEOUT:?}")),
+        Ok(Err(e)) => Err(format!("{name} hook {cmd:?} could not start: {e}")),
+        Ok(Ok(out)) if out.status.success() => Ok(()),
+        Ok(Ok(out)) => {
+            let tail = String::from_utf8_lossy(&out.stderr);
+            let tail: String = tail.chars().rev().take(500).collect::<Vec<_>>().into_iter().rev().collect();
+            Err(format!("{name} hook {cmd:?} failed ({}): {}", out.status, tail.trim()))
+        }
+    }
+}
+
+/// Too many failures: stop; with auto_rollback, send every host this deployment updated back to
+/// its previous release.
+async fn halt(
+    ctx: &Ctx<'_>,
+    id: &str,
+    plan: &Stored,
+    transfers: &HashMap<String, Arc<Transfer>>,
+    reason: Option<&str>,
+) -> anyhow::Result<DeployReport> {
+    let rows = ctx.reg(|r| r.hosts(id))?;
+    let reason = reason.map_or_else(
+        || format!("{} host(s) failed, more than max_failures = {}", failures(&rows), plan.max_failures),
+        str::to_string,
+    );
+    (ctx.progress)("ferry", &format!("halting: {reason}"));
+    if !plan.auto_rollback {
+        return finish(ctx, id, "failed", Some(&reason), transfers);
+    }
+    let inventory = ctx.inventory()?;
+    let updated: Vec<&HostRow> = rows.iter().filter(|h| matches!(h.state.as_str(), "healthy" | "activating")).collect();
+    let mut all_back = true;
+    for h in updated {
+        let host = &inventory[&h.host];
+        let Some(previous) = h.previous_release.as_deref() else {
+            (ctx.progress)(&h.host, "has no previous release to go back to; left on the new one");
+            all_back = false;
+            continue;
+        };
+        ctx.host_state(id, &h.host, "rolling_back", &HostUpdate::default())?;
+        match rollback_host(ctx.config, host, ctx.tls, &Target::Release(previous.to_string()), id).await {
+            Ok(swap) => {
+                (ctx.progress)(&h.host, &format!("rolled back ({})", swap.summary()));
+                ctx.host_state(id, &h.host, "rolled_back", &HostUpdate { error: Some("rolled back: the rollout halted"), ..Default::default() })?;
+            }
+            Err(e) => {
+                all_back = false;
+                host_failed(ctx, id, host, &e, 0)?;
+            }
+        }
+    }
+    let status = if all_back { "rolled_back" } else { "failed" };
+    finish(ctx, id, status, Some(&reason), transfers)
+}
+
+/// Ends a deployment: untouched hosts are skipped, the status recorded, the environment released.
+fn finish(
+    ctx: &Ctx<'_>,
+    id: &str,
+    status: &str,
+    error: Option<&str>,
+    transfers: &HashMap<String, Arc<Transfer>>,
+) -> anyhow::Result<DeployReport> {
+    for h in ctx.reg(|r| r.hosts(id))? {
+        if matches!(h.state.as_str(), "pending" | "staging" | "staged") {
+            ctx.host_state(id, &h.host, "skipped", &HostUpdate::default())?;
+        }
+    }
+    ctx.reg(|r| {
+        r.set_status(id, status, error)?;
+        r.unlock(ctx.env, id)
+    })?;
+    report(ctx, id, transfers)
+}
+
+/// The deployment as the registry records it.
+fn report(ctx: &Ctx<'_>, id: &str, transfers: &HashMap<String, Arc<Transfer>>) -> anyhow::Result<DeployReport> {
+    let d = ctx.reg(|r| r.deployment(id))?.context("deployment vanished from the registry")?;
+    let rows = ctx.reg(|r| r.hosts(id))?;
+    let total_bytes = stored(&d.strategy).map(|s| s.total_bytes).unwrap_or(0);
+    let hosts = rows
+        .into_iter()
+        .map(|h| {
+            let t = transfers.get(&h.host);
+            let status = match h.state.as_str() {
+                "healthy" => HostOutcome::Succeeded,
+                "unchanged" => HostOutcome::Unchanged,
+                "rolled_back" => HostOutcome::RolledBack,
+                "failed" | "rolling_back" => HostOutcome::Failed,
+                "unreachable" => HostOutcome::Unreachable,
+                _ => HostOutcome::Skipped,
+            };
+            let on_new = matches!(status, HostOutcome::Succeeded | HostOutcome::Unchanged);
+            HostResult {
+                name: h.host,
+                status,
+                bytes_sent: u64::try_from(h.bytes_sent).unwrap_or(0),
+                manifest_delta: t.is_some_and(|t| t.manifest_delta.load(Ordering::Relaxed)),
+                delta_chunks: t.map_or(0, |t| t.delta_chunks.load(Ordering::Relaxed)),
+                duration_ms: match (h.started_ms, h.finished_ms) {
+                    (Some(s), Some(f)) => u64::try_from(f - s).unwrap_or(0),
+                    _ => 0,
+                },
+                release: if on_new && !d.release_id.is_empty() { Some(d.release_id.clone()) } else { h.previous_release.clone() },
+                previous_release: h.previous_release,
+                error: h.error,
+            }
+        })
+        .collect();
+    let status = match d.status.as_str() {
+        "succeeded" => DeploymentStatus::Succeeded,
+        "rolled_back" => DeploymentStatus::RolledBack,
+        "cancelled" => DeploymentStatus::Cancelled,
+        "paused" => DeploymentStatus::Paused,
+        _ => DeploymentStatus::Failed,
+    };
+    Ok(DeployReport {
+        deployment_id: d.id,
+        kind: d.kind,
+        environment: d.environment,
+        version: d.version,
+        release_id: d.release_id,
+        status,
+        bytes_sent: u64::try_from(d.bytes_sent).unwrap_or(0),
+        total_bytes,
+        hosts,
+    })
+}
+
+/// `ferry rollback`: immediate, no transfer. If a deployment of the environment is unfinished
+/// (paused, or its coordinator died), unwinds it: the hosts it activated go back to the release
+/// they ran before. Otherwise every host goes back to its previous release (or to `to_version`),
+/// in batches the size of the rollout's first batch; hosts already there are not touched.
+pub async fn rollback(ctx: &Ctx<'_>, to_version: Option<&str>) -> anyhow::Result<DeployReport> {
+    let env = ctx.config.environments.get(ctx.env).context("unknown environment")?;
+    let strategy = env.strategy().map_err(|p| anyhow::anyhow!("environments.{}: {}", ctx.env, p[0]))?;
+    if to_version.is_none()
+        && let Some(lock) = ctx.reg(|r| r.lock_of(ctx.env))?
+        && let Some(d) = ctx.reg(|r| r.deployment(&lock.deployment_id))?
+        && d.kind == "deploy"
+        && matches!(d.status.as_str(), "pending" | "running" | "paused")
+    {
+        if !(lock.stale() || lock.mine() || d.status == "paused" || ctx.force_unlock) {
+            anyhow::bail!(
+                "deployment {} is still running ({} on {}, pid {}); stop it first (Ctrl-C), or pass --force-unlock",
+                d.id,
+                lock.owner,
+                lock.hostname,
+                lock.pid
+            );
+        }
+        ctx.reg(|r| {
+            r.unlock(ctx.env, &d.id)?;
+            r.lock(ctx.env, &d.id, false)
+        })?;
+        (ctx.progress)("ferry", &format!("unwinding deployment {} of {}", d.id, d.version));
+        let plan = Stored { auto_rollback: true, ..stored(&d.strategy)? };
+        return halt(ctx, &d.id, &plan, &HashMap::new(), Some("unwound by `ferry rollback`")).await;
+    }
+    let hosts = ctx.config.hosts(ctx.env)?;
+    let size = plan::rollback_batch(&strategy, hosts.len());
+    let id = new_deployment_id();
+    ctx.take_lock(&id)?;
+    let placed: Vec<(String, usize)> = hosts.iter().enumerate().map(|(i, h)| (h.name.clone(), i / size)).collect();
+    let what = to_version.unwrap_or("previous");
+    let stored = Stored { strategy: Strategy::Rolling { batch: vec![plan::Size::Count(size)] }, max_failures: env.max_failures, auto_rollback: false, total_bytes: 0 };
+    ctx.reg(|r| {
+        r.create(&NewDeployment {
+            id: &id,
+            kind: "rollback",
+            environment: ctx.env,
+            version: what,
+            release_id: "",
+            artifact: "",
+            manifest_hash: "",
+            strategy: &serde_json::to_string(&stored).unwrap_or_default(),
+            hosts: &placed,
+        })?;
+        r.set_status(&id, "running", None)
+    })?;
+    let target = to_version.map_or(Target::Previous, |v| Target::Version(v.to_string()));
+    let batches: Vec<Batch> = plan::plan(&stored.strategy, hosts.len());
+    let none = HashMap::new();
+    for batch in &batches {
+        if failures(&ctx.reg(|r| r.hosts(&id))?) > stored.max_failures {
+            return finish(ctx, &id, "failed", Some("a host could not be rolled back"), &none);
+        }
+        if ctx.cancelled() {
+            return finish(ctx, &id, "cancelled", Some("cancelled by the operator"), &none);
+        }
+        let swaps = batch.hosts.iter().map(|&i| {
+            let (host, target, id) = (&hosts[i], &target, &id);
+            async move {
+                ctx.host_state(id, &host.name, "activating", &HostUpdate::default())?;
+                match rollback_host(ctx.config, host, ctx.tls, target, id).await {
+                    Ok(swap) => {
+                        let (state, verb) = if swap.changed { ("healthy", "rolled back") } else { ("unchanged", "unchanged") };
+                        (ctx.progress)(&host.name, &format!("{verb} ({})", swap.summary()));
+                        ctx.host_state(id, &host.name, state, &HostUpdate { previous_release: swap.from.as_deref(), ..Default::default() })
+                    }
+                    Err(e) => host_failed(ctx, id, host, &e, 0),
+                }
+            }
+        });
+        for r in futures_util::future::join_all(swaps).await {
+            r?;
+        }
+    }
+    let status = if failures(&ctx.reg(|r| r.hosts(&id))?) > stored.max_failures { "failed" } else { "succeeded" };
+    finish(ctx, &id, status, None, &none)
+}
