@@ -9,9 +9,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::commands;
 use crate::commands::rollout;
-use crate::registry::Registry;
 use crate::config::FleetConfig;
 use crate::exit;
+use crate::registry::Registry;
 use crate::tls::ClientTls;
 use crate::ui::{self, Format};
 

@@ -418,8 +418,10 @@ impl FleetConfig {
         let mut config: FleetConfig = config_file::parse_toml(path, text)?;
         config_file::check(path, config.problems())?;
         let base = path.parent().unwrap_or(Path::new("."));
-        for p in
-            [&mut config.tls.ca, &mut config.tls.cert, &mut config.tls.key].into_iter().chain(config.cache_dir.as_mut()).chain(config.registry.as_mut())
+        for p in [&mut config.tls.ca, &mut config.tls.cert, &mut config.tls.key]
+            .into_iter()
+            .chain(config.cache_dir.as_mut())
+            .chain(config.registry.as_mut())
         {
             if p.is_relative() {
                 *p = base.join(&*p);

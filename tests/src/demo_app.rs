@@ -55,6 +55,8 @@ pub enum Variant {
     CrashOnStart,
     /// Healthy, but its `validate` hook (a smoke test) fails.
     FailingValidate,
+    /// Like `FailingValidate`, on the named host only (its /etc/hostname).
+    FailingValidateOn(&'static str),
 }
 
 /// Writes a release of the demo app for `version` into `dir` (created).
@@ -68,10 +70,13 @@ pub fn write_release(dir: &Path, version: &str, variant: Variant) -> std::io::Re
     // The validate hook the test fleet's fleet.toml configures: a smoke test of the release.
     std::fs::create_dir_all(dir.join("hooks"))?;
     let validate = dir.join("hooks/validate");
-    let verdict = if variant == Variant::FailingValidate {
-        "echo \"smoke test: /api/orders answered 500\" >&2\nexit 1"
-    } else {
-        "exit 0"
+    let fail = "echo \"smoke test: /api/orders answered 500\" >&2\nexit 1";
+    let verdict = match variant {
+        Variant::FailingValidate => fail.to_string(),
+        Variant::FailingValidateOn(host) => {
+            format!("if [ \"$(cat /etc/hostname)\" = {host} ]; then\n{fail}\nfi\nexit 0")
+        }
+        _ => "exit 0".to_string(),
     };
     std::fs::write(
         &validate,
@@ -81,7 +86,7 @@ pub fn write_release(dir: &Path, version: &str, variant: Variant) -> std::io::Re
     )?;
     std::fs::set_permissions(&validate, std::fs::Permissions::from_mode(0o755))?;
     let health = match variant {
-        Variant::Healthy | Variant::FailingValidate => {
+        Variant::Healthy | Variant::FailingValidate | Variant::FailingValidateOn(_) => {
             format!("{{\"status\": \"healthy\", \"version\": \"{version}\"}}")
         }
         Variant::Unhealthy => format!(

@@ -279,7 +279,17 @@ impl Fleet {
             matches!(s.as_str(), "running" | "degraded").then_some(s)
         });
         if state.is_none() {
-            return Err(format!("{} did not finish booting (see {})", h.name, h.console_path().display()));
+            let show = |args: &[&str]| {
+                h.exec(args).map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_else(|e| e)
+            };
+            return Err(format!(
+                "{} did not finish booting (see {}): state {}; jobs:\n{}failed units:\n{}",
+                h.name,
+                h.console_path().display(),
+                show(&["systemctl", "is-system-running"]).trim(),
+                show(&["systemctl", "list-jobs", "--no-pager"]),
+                show(&["systemctl", "--failed", "--no-pager"])
+            ));
         }
         if !h.wait_unit_active("ferry-agent.service", Duration::from_secs(30)) {
             return Err(format!(
@@ -311,6 +321,36 @@ impl Fleet {
         let path = self.dir.join(file);
         std::fs::write(&path, text).map_err(|e| format!("write {}: {e}", path.display()))?;
         Ok(path)
+    }
+
+    /// A fleet.toml (`file` in the run's directory) with `extra` lines added to
+    /// `[environments.test]`: strategy keys, coordinator hooks. It shares the run's registry.
+    pub fn fleet_toml_with(&self, file: &str, extra: &str) -> PathBuf {
+        let path = self.write_fleet_toml(file, &self.coordinator.clone()).unwrap_or_else(|e| panic!("{e}"));
+        let mut text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+        text.push_str(extra);
+        text.push('\n');
+        std::fs::write(&path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+        path
+    }
+
+    /// Starts the real `ferry` CLI in the coordinator's namespace, in its own process group
+    /// (so a test can kill it and everything it started), output to `log`.
+    pub fn spawn_ferry(&self, args: &[&str], log: &Path) -> std::process::Child {
+        use std::os::unix::process::CommandExt;
+        let out = std::fs::File::create(log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
+        let err = out.try_clone().unwrap_or_else(|e| panic!("dup: {e}"));
+        Command::new("ip")
+            .args(["netns", "exec", &self.ctl_ns])
+            .arg(&self.ferry)
+            .args(args)
+            .current_dir(&self.dir)
+            .env_remove("FERRY_LOG")
+            .stdout(out)
+            .stderr(err)
+            .process_group(0)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn ferry {args:?}: {e}"))
     }
 
     pub fn fleet_toml(&self) -> PathBuf {
@@ -586,9 +626,14 @@ fn write_host_etc(etc: &Path, name: &str, certs: &CertFiles) -> Result<(), Strin
 }
 
 /// The first child process of `pid`, if it has one yet.
+/// The container's PID 1: the child of systemd-nspawn that runs systemd. (nspawn forks a
+/// short-lived intermediate child first; under load, taking the first child picked that one,
+/// whose pid was gone by the time the test entered the "host" with nsenter.)
 fn first_child(pid: u32) -> Option<i32> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
-    text.split_whitespace().next()?.parse().ok()
+    text.split_whitespace()
+        .filter_map(|c| c.parse::<i32>().ok())
+        .find(|c| std::fs::read_to_string(format!("/proc/{c}/comm")).is_ok_and(|comm| comm.trim() == "systemd"))
 }
 
 /// Calls `f` every 100 ms until it returns `Some` or `limit` passes.

@@ -14,8 +14,8 @@ use ferry_coordinator::cache::Cache;
 use ferry_coordinator::client::{Agent, Timeouts};
 use ferry_coordinator::commands::deploy::{DeployReport, DeploymentStatus, HostOutcome};
 use ferry_coordinator::commands::rollout;
-use ferry_coordinator::registry::Registry;
 use ferry_coordinator::config::{FleetConfig, Host, TlsFiles};
+use ferry_coordinator::registry::Registry;
 use ferry_coordinator::tls::ClientTls;
 use ferry_proto::identity::Role;
 use ferry_proto::v1;
@@ -60,15 +60,7 @@ fn registry(config: &FleetConfig) -> Mutex<Registry> {
 static NOT_CANCELLED: AtomicBool = AtomicBool::new(false);
 
 fn ctx<'a>(config: &'a FleetConfig, tls: &'a ClientTls, registry: &'a Mutex<Registry>) -> rollout::Ctx<'a> {
-    rollout::Ctx {
-        config,
-        env: "test",
-        tls,
-        registry,
-        progress: &quiet,
-        cancel: &NOT_CANCELLED,
-        force_unlock: false,
-    }
+    rollout::Ctx { config, env: "test", tls, registry, progress: &quiet, cancel: &NOT_CANCELLED, force_unlock: false }
 }
 
 async fn deploy_dir(config: &FleetConfig, tls: &ClientTls, dir: &Path, version: &str) -> DeployReport {

@@ -110,8 +110,12 @@ pub async fn deploy(
         auto_rollback: env.auto_rollback,
         total_bytes: artifact.total_bytes,
     };
-    let placed: Vec<(String, usize)> =
-        batches.iter().enumerate().flat_map(|(b, batch)| batch.hosts.iter().map(move |&i| (i, b))).map(|(i, b)| (hosts[i].name.clone(), b)).collect();
+    let placed: Vec<(String, usize)> = batches
+        .iter()
+        .enumerate()
+        .flat_map(|(b, batch)| batch.hosts.iter().map(move |&i| (i, b)))
+        .map(|(i, b)| (hosts[i].name.clone(), b))
+        .collect();
     let artifact_path = std::fs::canonicalize(&artifact.source).unwrap_or_else(|_| artifact.source.clone());
     ctx.reg(|r| {
         r.create(&NewDeployment {
@@ -132,15 +136,20 @@ pub async fn deploy(
 /// `ferry resume` / `ferry promote`: continues the environment's unfinished deployment (one whose
 /// coordinator died, or one paused at a canary step) from what the registry says.
 pub async fn resume(ctx: &Ctx<'_>, cache: Option<&Cache>, paused_only: bool) -> anyhow::Result<DeployReport> {
-    let lock = ctx.reg(|r| r.lock_of(ctx.env))?.with_context(|| format!("no deployment of {} is in progress", ctx.env))?;
-    let d = ctx
-        .reg(|r| r.deployment(&lock.deployment_id))?
-        .with_context(|| format!("the lock names deployment {}, which the registry does not know", lock.deployment_id))?;
+    let lock =
+        ctx.reg(|r| r.lock_of(ctx.env))?.with_context(|| format!("no deployment of {} is in progress", ctx.env))?;
+    let d = ctx.reg(|r| r.deployment(&lock.deployment_id))?.with_context(|| {
+        format!("the lock names deployment {}, which the registry does not know", lock.deployment_id)
+    })?;
     if d.kind != "deploy" || !matches!(d.status.as_str(), "pending" | "running" | "paused") {
         anyhow::bail!("deployment {} is {} ({}); there is nothing to continue", d.id, d.status, d.kind);
     }
     if paused_only && d.status != "paused" {
-        anyhow::bail!("deployment {} is {}, not paused at a canary step (use `ferry resume` if its coordinator died)", d.id, d.status);
+        anyhow::bail!(
+            "deployment {} is {}, not paused at a canary step (use `ferry resume` if its coordinator died)",
+            d.id,
+            d.status
+        );
     }
     if !paused_only && d.status != "paused" && !lock.stale() && !lock.mine() && !ctx.force_unlock {
         anyhow::bail!(
@@ -195,7 +204,8 @@ async fn run(ctx: &Ctx<'_>, id: &str, artifact: Arc<Artifact>, cache: Option<&Ca
     let plan = stored(&d.strategy)?;
     let inventory = ctx.inventory()?;
     let rows = ctx.reg(|r| r.hosts(id))?;
-    let missing: Vec<&str> = rows.iter().filter(|h| !inventory.contains_key(&h.host)).map(|h| h.host.as_str()).collect();
+    let missing: Vec<&str> =
+        rows.iter().filter(|h| !inventory.contains_key(&h.host)).map(|h| h.host.as_str()).collect();
     if !missing.is_empty() {
         anyhow::bail!("deployment {id} includes hosts no longer in environment {}: {}", ctx.env, missing.join(", "));
     }
@@ -217,7 +227,12 @@ async fn run(ctx: &Ctx<'_>, id: &str, artifact: Arc<Artifact>, cache: Option<&Ca
                 Ok(s) => {
                     let state = if s.current == s.release_id { "unchanged" } else { "staged" };
                     let previous = (!s.current.is_empty()).then_some(s.current.as_str());
-                    ctx.host_state(id, &host.name, state, &HostUpdate { previous_release: previous, bytes, error: None })
+                    ctx.host_state(
+                        id,
+                        &host.name,
+                        state,
+                        &HostUpdate { previous_release: previous, bytes, error: None },
+                    )
                 }
                 Err(e) => host_failed(ctx, id, host, &e, bytes),
             }
@@ -261,7 +276,12 @@ async fn run(ctx: &Ctx<'_>, id: &str, artifact: Arc<Artifact>, cache: Option<&Ca
                 ctx.reg(|r| r.set_status(id, "paused", None))?;
                 (ctx.progress)(
                     "ferry",
-                    &format!("paused after batch {} of {total}: check it, then `ferry promote --env {}` to go on (or `ferry rollback --env {}`)", n + 1, ctx.env, ctx.env),
+                    &format!(
+                        "paused after batch {} of {total}: check it, then `ferry promote --env {}` to go on (or `ferry rollback --env {}`)",
+                        n + 1,
+                        ctx.env,
+                        ctx.env
+                    ),
                 );
                 return report(ctx, id, &transfers);
             }
@@ -402,7 +422,12 @@ async fn halt(
         match rollback_host(ctx.config, host, ctx.tls, &Target::Release(previous.to_string()), id).await {
             Ok(swap) => {
                 (ctx.progress)(&h.host, &format!("rolled back ({})", swap.summary()));
-                ctx.host_state(id, &h.host, "rolled_back", &HostUpdate { error: Some("rolled back: the rollout halted"), ..Default::default() })?;
+                ctx.host_state(
+                    id,
+                    &h.host,
+                    "rolled_back",
+                    &HostUpdate { error: Some("rolled back: the rollout halted"), ..Default::default() },
+                )?;
             }
             Err(e) => {
                 all_back = false;
@@ -462,7 +487,11 @@ fn report(ctx: &Ctx<'_>, id: &str, transfers: &HashMap<String, Arc<Transfer>>) -
                     (Some(s), Some(f)) => u64::try_from(f - s).unwrap_or(0),
                     _ => 0,
                 },
-                release: if on_new && !d.release_id.is_empty() { Some(d.release_id.clone()) } else { h.previous_release.clone() },
+                release: if on_new && !d.release_id.is_empty() {
+                    Some(d.release_id.clone())
+                } else {
+                    h.previous_release.clone()
+                },
                 previous_release: h.previous_release,
                 error: h.error,
             }
@@ -524,7 +553,12 @@ pub async fn rollback(ctx: &Ctx<'_>, to_version: Option<&str>) -> anyhow::Result
     ctx.take_lock(&id)?;
     let placed: Vec<(String, usize)> = hosts.iter().enumerate().map(|(i, h)| (h.name.clone(), i / size)).collect();
     let what = to_version.unwrap_or("previous");
-    let stored = Stored { strategy: Strategy::Rolling { batch: vec![plan::Size::Count(size)] }, max_failures: env.max_failures, auto_rollback: false, total_bytes: 0 };
+    let stored = Stored {
+        strategy: Strategy::Rolling { batch: vec![plan::Size::Count(size)] },
+        max_failures: env.max_failures,
+        auto_rollback: false,
+        total_bytes: 0,
+    };
     ctx.reg(|r| {
         r.create(&NewDeployment {
             id: &id,
@@ -555,9 +589,15 @@ pub async fn rollback(ctx: &Ctx<'_>, to_version: Option<&str>) -> anyhow::Result
                 ctx.host_state(id, &host.name, "activating", &HostUpdate::default())?;
                 match rollback_host(ctx.config, host, ctx.tls, target, id).await {
                     Ok(swap) => {
-                        let (state, verb) = if swap.changed { ("healthy", "rolled back") } else { ("unchanged", "unchanged") };
+                        let (state, verb) =
+                            if swap.changed { ("healthy", "rolled back") } else { ("unchanged", "unchanged") };
                         (ctx.progress)(&host.name, &format!("{verb} ({})", swap.summary()));
-                        ctx.host_state(id, &host.name, state, &HostUpdate { previous_release: swap.from.as_deref(), ..Default::default() })
+                        ctx.host_state(
+                            id,
+                            &host.name,
+                            state,
+                            &HostUpdate { previous_release: swap.from.as_deref(), ..Default::default() },
+                        )
                     }
                     Err(e) => host_failed(ctx, id, host, &e, 0),
                 }
