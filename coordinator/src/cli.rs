@@ -309,16 +309,7 @@ pub async fn run(cli: Cli) -> u8 {
                 Ok(r) => r,
                 Err(e) => return fail(exit::USAGE, &e),
             };
-            let cancel = cancel_on_signal();
-            let ctx = rollout::Ctx {
-                config: &config,
-                env: &args.env,
-                tls: &tls,
-                registry: &registry,
-                progress: &progress,
-                cancel,
-                force_unlock: args.force_unlock,
-            };
+            let ctx = rollout_ctx(&config, &args.env, &tls, &registry, &progress, args.force_unlock);
             finish(rollout::deploy(&ctx, artifact, &args.version, cache.as_ref()).await, args.output)
         }
         Command::Rollback(args) => {
@@ -327,16 +318,7 @@ pub async fn run(cli: Cli) -> u8 {
                 Err(e) => return fail(exit::USAGE, &e),
             };
             let progress = ui::progress_printer(args.output);
-            let cancel = cancel_on_signal();
-            let ctx = rollout::Ctx {
-                config: &config,
-                env: &args.env,
-                tls: &tls,
-                registry: &registry,
-                progress: &progress,
-                cancel,
-                force_unlock: args.force_unlock,
-            };
+            let ctx = rollout_ctx(&config, &args.env, &tls, &registry, &progress, args.force_unlock);
             finish(rollout::rollback(&ctx, args.to.as_deref()).await, args.output)
         }
         Command::Resume(args) | Command::Promote(args) => {
@@ -347,16 +329,7 @@ pub async fn run(cli: Cli) -> u8 {
             };
             let cache = config.cache_dir().map(crate::cache::Cache::new);
             let progress = ui::progress_printer(args.output);
-            let cancel = cancel_on_signal();
-            let ctx = rollout::Ctx {
-                config: &config,
-                env: &args.env,
-                tls: &tls,
-                registry: &registry,
-                progress: &progress,
-                cancel,
-                force_unlock: args.force_unlock,
-            };
+            let ctx = rollout_ctx(&config, &args.env, &tls, &registry, &progress, args.force_unlock);
             finish(rollout::resume(&ctx, cache.as_ref(), paused_only).await, args.output)
         }
         Command::Plan(args) => {
@@ -398,6 +371,17 @@ pub async fn run(cli: Cli) -> u8 {
 enum Kind {
     Promote,
     Other,
+}
+
+fn rollout_ctx<'a>(
+    config: &'a FleetConfig,
+    env: &'a str,
+    tls: &'a ClientTls,
+    registry: &'a Mutex<Registry>,
+    progress: &'a (dyn Fn(&str, &str) + Sync),
+    force_unlock: bool,
+) -> rollout::Ctx<'a> {
+    rollout::Ctx { config, env, tls, registry, progress, cancel: cancel_on_signal(), force_unlock }
 }
 
 /// The registry fleet.toml names.

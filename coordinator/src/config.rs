@@ -10,7 +10,7 @@ use std::time::Duration;
 use ferry_proto::config_file::{self, ConfigError, Problem};
 use serde::Deserialize;
 
-use crate::plan::{Pause, Size, Strategy};
+use crate::plan::{Pause, Size, Sizes, Strategy};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -247,10 +247,10 @@ pub struct Environment {
     pub strategy: String,
     /// rolling: hosts per batch: a count, "25%", or a list such as [1, 5, "20%"] (the last repeats).
     #[serde(default)]
-    pub batch: Option<OneOrMany>,
+    pub batch: Option<Sizes>,
     /// canary: cumulative targets, e.g. [1, "50%"] (the rest follows after the last step).
     #[serde(default)]
-    pub steps: Option<Vec<Size>>,
+    pub steps: Option<Sizes>,
     /// canary: the wait after each step: a duration, or "manual" (until `ferry promote`).
     #[serde(default)]
     pub pause: Option<Pause>,
@@ -267,14 +267,6 @@ pub struct Environment {
     pub before_host: Option<String>,
     #[serde(default)]
     pub after_host: Option<String>,
-}
-
-/// A single batch size or a list of them.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
-pub enum OneOrMany {
-    One(Size),
-    Many(Vec<Size>),
 }
 
 fn default_strategy() -> String {
@@ -297,27 +289,30 @@ impl Environment {
                 misplaced("pause", self.pause.is_some(), &mut p);
                 let batch = match &self.batch {
                     None => vec![Size::Count(1)],
-                    Some(OneOrMany::One(s)) => vec![*s],
-                    Some(OneOrMany::Many(v)) if v.is_empty() => {
+                    Some(Sizes(v)) if v.is_empty() => {
                         p.push(Problem::new("batch", "an empty list; give at least one size"));
                         vec![Size::Count(1)]
                     }
-                    Some(OneOrMany::Many(v)) => v.clone(),
+                    Some(Sizes(v)) => v.clone(),
                 };
                 Strategy::Rolling { batch }
             }
             "canary" => {
                 misplaced("batch", self.batch.is_some(), &mut p);
-                let steps = self.steps.clone().unwrap_or_default();
+                let steps = self.steps.clone().map(|s| s.0).unwrap_or_default();
                 if steps.is_empty() {
                     p.push(Problem::new("steps", "a canary needs steps, e.g. [1, \"50%\"]"));
                 }
-                let n = self.hosts.len();
-                if steps.windows(2).any(|w| w[0].resolve(n) >= w[1].resolve(n)) {
-                    p.push(Problem::new(
-                        "steps",
-                        format!("must grow from step to step (cumulative host counts; this environment has {n} hosts)"),
-                    ));
+                // Steps are cumulative: each must reach further than the one before. (Between a
+                // count and a percentage that depends on the fleet's size; the plan then drops a
+                // step that adds no host.)
+                let shrinks = steps.windows(2).any(|w| match (w[0], w[1]) {
+                    (Size::Count(a), Size::Count(b)) => a >= b,
+                    (Size::Percent(a), Size::Percent(b)) => a >= b,
+                    _ => false,
+                });
+                if shrinks {
+                    p.push(Problem::new("steps", "are cumulative targets: each must be larger than the one before"));
                 }
                 let pause = self.pause.unwrap_or(Pause::Manual);
                 Strategy::Canary { steps, pause }
@@ -645,6 +640,37 @@ hosts = { web-1 = "10.0.0.11:7443", web-2 = "10.0.0.12", web-3 = "web-3.example.
         let ok = load(&GOOD.replace("[tls]", "[app.hooks]\nvalidate = \"hooks/validate\"\ntimeout = \"5s\"\n\n[tls]"))
             .expect("valid");
         assert_eq!(ok.app.hooks.to_wire().timeout_ms, 5000);
+    }
+
+    #[test]
+    fn strategy_keys_are_checked_per_environment() {
+        let with = |extra: &str| GOOD.trim_end().to_string() + "\n" + extra + "\n";
+        let c = load(&with("strategy = \"canary\"\nsteps = [1, \"50%\"]\npause = \"10m\"")).expect("valid");
+        let s = c.environments["prod"].strategy().expect("strategy");
+        assert_eq!(
+            s,
+            Strategy::Canary {
+                steps: vec![Size::Count(1), Size::Percent(50)],
+                pause: Pause::For(Duration::from_secs(600))
+            }
+        );
+        assert_eq!(
+            load(&with("batch = [1, \"25%\"]")).map(|c| c.environments["prod"].strategy().ok()),
+            Ok(Some(Strategy::Rolling { batch: vec![Size::Count(1), Size::Percent(25)] }))
+        );
+        for (extra, want) in [
+            ("strategy = \"blue\"", "environments.prod.strategy: \"blue\" is not one of rolling, canary, all-at-once"),
+            ("strategy = \"canary\"", "environments.prod.steps: a canary needs steps"),
+            ("strategy = \"canary\"\nsteps = [3, 2]", "environments.prod.steps: are cumulative targets"),
+            ("steps = [1]", "environments.prod.steps: does not apply to strategy \"rolling\""),
+            ("strategy = \"all-at-once\"\nbatch = 2", "environments.prod.batch: does not apply"),
+            ("batch = 0", "at least 1"),
+            ("batch = \"150%\"", "percentage"),
+            ("pause = \"soon\"", "manual"),
+        ] {
+            let err = load(&with(extra)).expect_err(extra);
+            assert!(err.contains(want), "{extra}: {err}");
+        }
     }
 
     /// The fleet.toml shown in README.md is a valid config (docs and code agree).

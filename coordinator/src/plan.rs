@@ -73,6 +73,30 @@ impl std::fmt::Display for Size {
     }
 }
 
+/// One size or a list of sizes (`batch = 2` or `batch = [1, 5, "20%"]`), each checked with a
+/// message that names the bad value.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "SizesText")]
+pub struct Sizes(pub Vec<Size>);
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum SizesText {
+    One(SizeText),
+    Many(Vec<SizeText>),
+}
+
+impl TryFrom<SizesText> for Sizes {
+    type Error = String;
+    fn try_from(t: SizesText) -> Result<Sizes, String> {
+        let list = match t {
+            SizesText::One(s) => vec![s],
+            SizesText::Many(v) => v,
+        };
+        list.into_iter().map(Size::try_from).collect::<Result<Vec<_>, _>>().map(Sizes)
+    }
+}
+
 /// Where a rollout waits after a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]

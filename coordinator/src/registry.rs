@@ -228,22 +228,7 @@ impl Registry {
 
     /// The lock of an environment, if held.
     pub fn lock_of(&self, env: &str) -> Result<Option<Lock>, RegistryError> {
-        self.conn
-            .query_row(
-                "SELECT deployment_id, owner, hostname, pid, since_ms FROM locks WHERE environment = ?1",
-                [env],
-                |r| {
-                    Ok(Lock {
-                        deployment_id: r.get(0)?,
-                        owner: r.get(1)?,
-                        hostname: r.get(2)?,
-                        pid: r.get(3)?,
-                        since_ms: r.get(4)?,
-                    })
-                },
-            )
-            .optional()
-            .map_err(self.sql())
+        read_lock(&self.conn, env).map_err(self.sql())
     }
 
     /// Takes the environment for `deployment_id`. A lock held by the same deployment whose process
@@ -253,22 +238,7 @@ impl Registry {
         let path = self.path.clone();
         let sql = |source| RegistryError::Sql { path: path.clone(), source };
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql)?;
-        let held: Option<Lock> = tx
-            .query_row(
-                "SELECT deployment_id, owner, hostname, pid, since_ms FROM locks WHERE environment = ?1",
-                [env],
-                |r| {
-                    Ok(Lock {
-                        deployment_id: r.get(0)?,
-                        owner: r.get(1)?,
-                        hostname: r.get(2)?,
-                        pid: r.get(3)?,
-                        since_ms: r.get(4)?,
-                    })
-                },
-            )
-            .optional()
-            .map_err(sql)?;
+        let held = read_lock(&tx, env).map_err(sql)?;
         let broken = match held {
             Some(l) if l.mine() && l.deployment_id == deployment_id => None,
             Some(l) if l.deployment_id == deployment_id && l.stale() => None,
@@ -489,6 +459,23 @@ impl Registry {
         }
         Ok(out)
     }
+}
+
+fn read_lock(conn: &Connection, env: &str) -> rusqlite::Result<Option<Lock>> {
+    conn.query_row(
+        "SELECT deployment_id, owner, hostname, pid, since_ms FROM locks WHERE environment = ?1",
+        [env],
+        |r| {
+            Ok(Lock {
+                deployment_id: r.get(0)?,
+                owner: r.get(1)?,
+                hostname: r.get(2)?,
+                pid: r.get(3)?,
+                since_ms: r.get(4)?,
+            })
+        },
+    )
+    .optional()
 }
 
 /// What a host transition records besides its state.

@@ -340,12 +340,7 @@ impl Fleet {
         use std::os::unix::process::CommandExt;
         let out = std::fs::File::create(log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
         let err = out.try_clone().unwrap_or_else(|e| panic!("dup: {e}"));
-        Command::new("ip")
-            .args(["netns", "exec", &self.ctl_ns])
-            .arg(&self.ferry)
-            .args(args)
-            .current_dir(&self.dir)
-            .env_remove("FERRY_LOG")
+        self.ferry_command(args)
             .stdout(out)
             .stderr(err)
             .process_group(0)
@@ -357,16 +352,31 @@ impl Fleet {
         self.dir.join("fleet.toml")
     }
 
-    /// Runs the real `ferry` CLI in the coordinator's namespace.
-    pub fn ferry(&self, args: &[&str]) -> Output {
-        Command::new("ip")
-            .args(["netns", "exec", &self.ctl_ns])
+    fn ferry_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ctl_ns])
             .arg(&self.ferry)
             .args(args)
             .current_dir(&self.dir)
-            .env_remove("FERRY_LOG")
-            .output()
-            .unwrap_or_else(|e| panic!("run ferry {args:?}: {e}"))
+            .env_remove("FERRY_LOG");
+        cmd
+    }
+
+    /// Runs the real `ferry` CLI in the coordinator's namespace.
+    pub fn ferry(&self, args: &[&str]) -> Output {
+        self.ferry_command(args).output().unwrap_or_else(|e| panic!("run ferry {args:?}: {e}"))
+    }
+
+    /// The demo app's VERSION each host serves from its app root ("" where it has none).
+    pub fn versions(&self) -> Vec<String> {
+        self.hosts
+            .iter()
+            .map(|h| {
+                h.exec(&["cat", "/srv/web/VERSION"])
+                    .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+                    .unwrap_or_default()
+            })
+            .collect()
     }
 
     /// `ferry deploy` of `artifact` as `version` to environment `test`, with `config`; `json`

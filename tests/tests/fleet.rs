@@ -155,15 +155,7 @@ fn faults_take_effect_and_heal() {
 }
 
 fn versions(fleet: &ferry_tests::fleet::Fleet) -> Vec<String> {
-    fleet
-        .hosts
-        .iter()
-        .map(|h| {
-            h.exec(&["cat", "/srv/web/VERSION"])
-                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-                .unwrap_or_default()
-        })
-        .collect()
+    fleet.versions()
 }
 
 #[test]

@@ -13,15 +13,7 @@ fn text(o: &std::process::Output) -> String {
 }
 
 fn versions(fleet: &Fleet) -> Vec<String> {
-    fleet
-        .hosts
-        .iter()
-        .map(|h| {
-            h.exec(&["cat", "/srv/web/VERSION"])
-                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-                .unwrap_or_default()
-        })
-        .collect()
+    fleet.versions()
 }
 
 fn json(o: &std::process::Output) -> serde_json::Value {
