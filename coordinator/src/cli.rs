@@ -1,7 +1,7 @@
 //! Command-line interface of `ferry`: flags, dispatch to the verbs, exit codes.
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use ferry_proto::identity::Role;
 
 use crate::commands;
@@ -50,6 +50,13 @@ pub enum Command {
     /// Switch every host of an environment back to the release before its current one (or to
     /// `--to VERSION`), which is already on disk: no transfer. Hosts already there are untouched.
     Rollback(RollbackArgs),
+    /// Print a shell completion script for ferry, e.g. `ferry completions bash >
+    /// /etc/bash_completion.d/ferry` (the Debian package installs them for bash, zsh and fish).
+    Completions {
+        /// The shell to complete in.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -233,6 +240,10 @@ pub async fn run(cli: Cli) -> u8 {
                 Err(e) => fail(exit::USAGE, &e),
             }
         }
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "ferry", &mut std::io::stdout());
+            exit::SUCCESS
+        }
         Command::Rollback(args) => {
             let (config, tls) = match load(&args.config) {
                 Ok(v) => v,
@@ -276,6 +287,22 @@ mod tests {
         // clap's own checks (duplicate flags, bad defaults) run here rather than at a user's
         // first invocation of a subcommand.
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn completions_cover_every_verb_in_each_shell() {
+        for shell in ["bash", "zsh", "fish"] {
+            let cli = Cli::try_parse_from(["ferry", "completions", shell]).expect("parses");
+            let Command::Completions { shell } = cli.command else { panic!("not the completions verb") };
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "ferry", &mut script);
+            let script = String::from_utf8(script).expect("utf-8");
+            for verb in ["deploy", "rollback", "status", "cert", "completions"] {
+                assert!(script.contains(verb), "{shell} completion lacks {verb}");
+            }
+            assert!(script.contains("--artifact"), "{shell} completion lacks deploy's flags");
+        }
+        assert!(Cli::try_parse_from(["ferry", "completions", "tcsh"]).is_err());
     }
 
     #[test]
