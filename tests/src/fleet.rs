@@ -566,7 +566,8 @@ fn write_host_etc(etc: &Path, name: &str, certs: &CertFiles) -> Result<(), Strin
     link("../ferry-agent.service", wants.join("ferry-agent.service"))?;
     w(
         dropin.join("test.conf"),
-        "# The test fleet runs the freshly built binary, bind-mounted at /opt/ferry.\n[Service]\nExecStartPre=\n\
+        "# The test fleet runs the freshly built binary, bind-mounted at /opt/ferry.\n[Service]\nExecCondition=\n\
+         ExecCondition=/opt/ferry/ferry-agent --config /etc/ferry/agent.toml --configured\nExecStartPre=\n\
          ExecStartPre=/opt/ferry/ferry-agent --config /etc/ferry/agent.toml --check\nExecStart=\n\
          ExecStart=/opt/ferry/ferry-agent --config /etc/ferry/agent.toml\n",
     )?;
