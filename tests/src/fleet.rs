@@ -12,6 +12,12 @@
 //!   its `/var/lib/ferry` (a size-capped tmpfs, so "fill the disk" never fills the machine's) and
 //!   its console log.
 //!
+//! Hosts that must install packages boot from a Debian root of their own instead
+//! ([`Fleet::boot_own_root`], roots from [`crate::debroot`]): `--volatile=overlay` over the cached
+//! root, so every write lands in a tmpfs of that boot and the cache is never changed; no agent is
+//! preinstalled; `<run>/<host>/drop/` is bind-mounted read-only at `/opt/ferry-test` to hand it
+//! packages, certificates and configs. Same network, cgroups and teardown as the others.
+//!
 //! Teardown (on drop, and for runs whose owning process died: [`reap_stale`]) kills every
 //! container through its cgroup, unmounts, removes the cgroups and deletes the namespaces.
 //! Every packet stays inside the namespaces of the run.
@@ -103,6 +109,8 @@ pub struct Fleet {
     agent: PathBuf,
     /// Left running when dropped (the newcomer's demo).
     keep: bool,
+    /// Hosts boot from this Debian root (volatile overlay) instead of the machine's own.
+    own_root: Option<PathBuf>,
 }
 
 fn run_cmd(cmd: &mut Command) -> Result<Output, String> {
@@ -150,6 +158,20 @@ impl Fleet {
     /// Boots a fleet under a fixed run name (not reaped as stale: see [`reap_stale`]).
     /// `FERRY_BIN` / `FERRY_AGENT_BIN` choose other binaries than the workspace's build.
     pub fn boot_named(run: &str, hosts: usize) -> Result<Fleet, String> {
+        Fleet::boot_inner(run, hosts, None)
+    }
+
+    /// Boots `hosts` hosts from the Debian root `root` (see [`crate::debroot`]), in the same
+    /// network layout, with nothing of ferry installed: a test installs the packages itself from
+    /// each host's [`FleetHost::drop_dir`] (`/opt/ferry-test` inside). Waits until each host's
+    /// systemd is up.
+    pub fn boot_own_root(root: &Path, hosts: usize) -> Result<Fleet, String> {
+        reap_stale();
+        let run = format!("fy{}x{}", std::process::id(), FLEETS.fetch_add(1, Ordering::Relaxed));
+        Fleet::boot_inner(&run, hosts, Some(root.to_path_buf()))
+    }
+
+    fn boot_inner(run: &str, hosts: usize, own_root: Option<PathBuf>) -> Result<Fleet, String> {
         assert!((1..=200).contains(&hosts), "1 to 200 hosts");
         let run = run.to_string();
         let binary =
@@ -169,6 +191,7 @@ impl Fleet {
             ferry: binary("FERRY_BIN", "ferry"),
             agent: binary("FERRY_AGENT_BIN", "ferry-agent"),
             keep: false,
+            own_root,
         };
         // On any error below, dropping `fleet` tears down what was created so far.
         fleet.make_network()?;
@@ -212,14 +235,30 @@ impl Fleet {
 
         let dir = self.dir.join(&name);
         let certs = self.pki.issue(&name, Role::Agent, &[&host_ip.to_string()]);
-        write_host_etc(&dir.join("etc"), &name, &certs)?;
         let state = dir.join("state");
-        std::fs::create_dir_all(&state).map_err(|e| e.to_string())?;
-        run_cmd(
-            Command::new("mount")
-                .args(["-t", "tmpfs", "-o", &format!("size={STATE_SIZE_MB}m,mode=0755"), "tmpfs"])
-                .arg(&state),
-        )?;
+        let root_args = match &self.own_root {
+            None => {
+                write_host_etc(&dir.join("etc"), &name, &certs)?;
+                std::fs::create_dir_all(&state).map_err(|e| e.to_string())?;
+                run_cmd(
+                    Command::new("mount")
+                        .args(["-t", "tmpfs", "-o", &format!("size={STATE_SIZE_MB}m,mode=0755"), "tmpfs"])
+                        .arg(&state),
+                )?;
+                format!(
+                    "--volatile=yes -D / --bind={etc}:/etc --bind={state}:/var/lib/ferry \
+                     --bind-ro={agent}:/opt/ferry/ferry-agent",
+                    etc = dir.join("etc").display(),
+                    state = state.display(),
+                    agent = self.agent.display(),
+                )
+            }
+            Some(root) => {
+                let drop = dir.join("drop");
+                std::fs::create_dir_all(&drop).map_err(|e| format!("mkdir {}: {e}", drop.display()))?;
+                format!("--volatile=overlay -D {} --bind-ro={}:/opt/ferry-test", root.display(), drop.display())
+            }
+        };
 
         let cgroup_systemd = cgroup_dir("systemd", &self.run).join(&name);
         let cgroup_unified = cgroup_dir("unified", &self.run).join(&name);
@@ -232,17 +271,12 @@ impl Fleet {
         // container and everything it starts lives under them.
         let script = format!(
             "echo $$ > {sd}/cgroup.procs && echo $$ > {un}/cgroup.procs && exec systemd-nspawn \
-             --register=no --keep-unit --volatile=yes -D / -M {machine} --quiet \
+             --register=no --keep-unit {root_args} -M {machine} --quiet \
              --network-namespace-path=/run/netns/{ns} \
-             --bind={etc}:/etc --bind={state}:/var/lib/ferry \
-             --bind-ro={agent}:/opt/ferry/ferry-agent \
              -b --console=pipe",
             sd = cgroup_systemd.display(),
             un = cgroup_unified.display(),
             machine = ns,
-            etc = dir.join("etc").display(),
-            state = state.display(),
-            agent = self.agent.display(),
         );
         let child = Command::new("sh")
             .arg("-c")
@@ -280,6 +314,10 @@ impl Fleet {
         });
         if state.is_none() {
             return Err(format!("{} did not finish booting (see {})", h.name, h.console_path().display()));
+        }
+        if self.own_root.is_some() {
+            // Nothing of ferry is installed yet.
+            return Ok(());
         }
         if !h.wait_unit_active("ferry-agent.service", Duration::from_secs(30)) {
             return Err(format!(
@@ -463,6 +501,17 @@ impl Fleet {
 impl FleetHost {
     fn console_path(&self) -> PathBuf {
         self.dir.join("console.log")
+    }
+
+    /// On a host of [`Fleet::boot_own_root`]: the directory seen read-only at `/opt/ferry-test`
+    /// inside the host.
+    pub fn drop_dir(&self) -> PathBuf {
+        self.dir.join("drop")
+    }
+
+    /// A path inside the host's root, as the machine sees it (through its systemd's `/proc` entry).
+    pub fn path(&self, inside: &str) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/root{inside}", self.leader))
     }
 
     /// Runs a command in all of the host's namespaces (as the machine's root; for a process of the
