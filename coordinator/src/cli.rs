@@ -241,8 +241,13 @@ pub async fn run(cli: Cli) -> u8 {
             }
         }
         Command::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "ferry", &mut std::io::stdout());
-            exit::SUCCESS
+            // Into a buffer first: clap_complete panics on a write error (a closed pipe, a full disk).
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "ferry", &mut script);
+            match std::io::Write::write_all(&mut std::io::stdout().lock(), &script) {
+                Ok(()) => exit::SUCCESS,
+                Err(e) => fail(exit::USAGE, &anyhow::anyhow!("writing the {shell} completion script: {e}")),
+            }
         }
         Command::Rollback(args) => {
             let (config, tls) = match load(&args.config) {
@@ -300,7 +305,9 @@ mod tests {
             for verb in ["deploy", "rollback", "status", "cert", "completions"] {
                 assert!(script.contains(verb), "{shell} completion lacks {verb}");
             }
-            assert!(script.contains("--artifact"), "{shell} completion lacks deploy's flags");
+            // bash and zsh spell flags "--artifact", fish "-l artifact".
+            let flag = if shell == clap_complete::Shell::Fish { "-l artifact" } else { "--artifact" };
+            assert!(script.contains(flag), "{shell} completion lacks deploy's {flag}");
         }
         assert!(Cli::try_parse_from(["ferry", "completions", "tcsh"]).is_err());
     }
