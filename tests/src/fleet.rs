@@ -122,6 +122,10 @@ fn run_cmd(cmd: &mut Command) -> Result<Output, String> {
     }
 }
 
+fn text_of(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
 fn ip(args: &[&str]) -> Result<(), String> {
     run_cmd(Command::new("ip").args(args)).map(|_| ())
 }
@@ -313,7 +317,17 @@ impl Fleet {
             matches!(s.as_str(), "running" | "degraded").then_some(s)
         });
         if state.is_none() {
-            return Err(format!("{} did not finish booting (see {})", h.name, h.console_path().display()));
+            let now = h.exec(&["systemctl", "is-system-running"]).map(|o| text_of(&o)).unwrap_or_else(|e| e);
+            let jobs = h.exec(&["systemctl", "list-jobs", "--no-pager"]).map(|o| text_of(&o)).unwrap_or_else(|e| e);
+            let console = std::fs::read_to_string(h.console_path()).unwrap_or_default();
+            let tail: Vec<&str> = console.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect();
+            return Err(format!(
+                "{} did not finish booting: state {}; jobs:\n{jobs}\nconsole ({}):\n{}",
+                h.name,
+                now.trim(),
+                h.console_path().display(),
+                tail.join("\n")
+            ));
         }
         if self.own_root.is_some() {
             // Nothing of ferry is installed yet.
@@ -635,10 +649,14 @@ fn write_host_etc(etc: &Path, name: &str, certs: &CertFiles) -> Result<(), Strin
     Ok(())
 }
 
-/// The first child process of `pid`, if it has one yet.
+/// The host's systemd: the child of `pid` (systemd-nspawn) that has exec'd systemd. Its first child
+/// can be nspawn's short-lived outer helper, which exits once PID 1 is forked: taking it as the
+/// leader made a loaded machine report "did not finish booting" (nsenter on a gone PID).
 fn first_child(pid: u32) -> Option<i32> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
-    text.split_whitespace().next()?.parse().ok()
+    text.split_whitespace()
+        .filter_map(|c| c.parse::<i32>().ok())
+        .find(|c| std::fs::read_to_string(format!("/proc/{c}/comm")).is_ok_and(|comm| comm.trim() == "systemd"))
 }
 
 /// Calls `f` every 100 ms until it returns `Some` or `limit` passes.
