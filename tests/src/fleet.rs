@@ -51,11 +51,7 @@ pub fn check_supported() -> Result<(), Unsupported> {
     if !nix::unistd::geteuid().is_root() {
         return Err(Unsupported("the test fleet needs root (network namespaces, cgroups, systemd-nspawn)".into()));
     }
-    for tool in ["systemd-nspawn", "ip", "nsenter", "tc"] {
-        if !which(tool) {
-            return Err(Unsupported(format!("{tool} is not installed (scripts/deps.sh installs it)")));
-        }
-    }
+    require_tools(&["systemd-nspawn", "ip", "nsenter", "tc"])?;
     for tree in ["systemd", "unified"] {
         if !Path::new("/sys/fs/cgroup").join(tree).join("cgroup.procs").exists() {
             return Err(Unsupported(format!("/sys/fs/cgroup/{tree} is not mounted (hybrid cgroups expected)")));
@@ -64,9 +60,26 @@ pub fn check_supported() -> Result<(), Unsupported> {
     Ok(())
 }
 
+/// Every one of `tools` is installed (on `PATH` or in `/usr/sbin`).
+pub fn require_tools(tools: &[&str]) -> Result<(), Unsupported> {
+    match tools.iter().find(|t| !which(t)) {
+        Some(tool) => Err(Unsupported(format!("{tool} is not installed (scripts/deps.sh installs it)"))),
+        None => Ok(()),
+    }
+}
+
 fn which(tool: &str) -> bool {
     std::env::var_os("PATH").map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file())).unwrap_or(false)
         || Path::new("/usr/sbin").join(tool).is_file()
+}
+
+/// A test that cannot run here: locally it is skipped with a loud message; under `CI=true` this
+/// panics (CI must never skip the real-host suites silently).
+pub fn skip_unless_ci(why: &Unsupported, what: &str) {
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("CI=true but {what} cannot run here: {}", why.0);
+    }
+    eprintln!("\n!!! SKIPPED: {what}: {}\n!!! (under CI=true this is a failure)\n", why.0);
 }
 
 /// Boots a fleet, or explains why not: locally a missing capability skips the test with a loud
@@ -122,7 +135,8 @@ fn run_cmd(cmd: &mut Command) -> Result<Output, String> {
     }
 }
 
-fn text_of(out: &Output) -> String {
+/// A command's stdout and stderr, as text.
+pub fn text_of(out: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
 
@@ -138,11 +152,8 @@ impl Fleet {
     /// [`Fleet::boot`] when the machine supports it; `None` (after a loud message) when it does
     /// not and `CI` is not `true`. Panics on any other failure.
     pub fn boot_or_skip(hosts: usize) -> Option<Fleet> {
-        if let Err(Unsupported(why)) = check_supported() {
-            if std::env::var("CI").as_deref() == Ok("true") {
-                panic!("CI=true but the real-host test fleet cannot run here: {why}");
-            }
-            eprintln!("\n!!! SKIPPED: real-host fleet test: {why}\n!!! (under CI=true this is a failure)\n");
+        if let Err(why) = check_supported() {
+            skip_unless_ci(&why, "the real-host fleet test");
             return None;
         }
         match Fleet::boot(hosts) {

@@ -5,39 +5,19 @@
 //! starts once configured, deploys, survives a crash, upgrades in the middle of a deployment
 //! without cutting it, and uninstalls leaving the releases and the app running.
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Duration;
 
 use ferry_tests::debroot;
 use ferry_tests::demo_app::{self, Variant};
-use ferry_tests::fleet::{self, Fleet, FleetHost, Unsupported, poll};
+use ferry_tests::fleet::{
+    self, Fleet, FleetHost, poll, require_tools as tools, skip_unless_ci as skip, text_of as text,
+};
 
 /// lintian warnings packaging/README.md explains; any other warning fails the test.
 const EXPLAINED_WARNINGS: &[&str] = &["initial-upload-closes-no-bugs"];
 /// The agent unit's `systemd-analyze security` exposure must not rise above this.
 const MAX_EXPOSURE: f64 = 3.5;
-
-/// Skips loudly (or fails under `CI=true`) when `why` is set.
-fn skip(why: Unsupported, what: &str) {
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("CI=true but {what} cannot run here: {}", why.0);
-    }
-    eprintln!("\n!!! SKIPPED: {what}: {}\n!!! (under CI=true this is a failure)\n", why.0);
-}
-
-fn tools(names: &[&str]) -> Result<(), Unsupported> {
-    for t in names {
-        let found = ["/usr/bin", "/usr/sbin", "/bin", "/sbin"].iter().any(|d| Path::new(d).join(t).is_file());
-        if !found {
-            return Err(Unsupported(format!("{t} is not installed (scripts/deps.sh installs it)")));
-        }
-    }
-    Ok(())
-}
-
-fn text(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-}
 
 /// `(ferry-agent .deb, ferry .deb)` of revision `revision`, from the binaries the tests run.
 fn build_debs(out: &Path, revision: u32) -> (PathBuf, PathBuf) {
@@ -66,7 +46,7 @@ fn build_debs(out: &Path, revision: u32) -> (PathBuf, PathBuf) {
 #[test]
 fn packages_pass_lintian_and_hold_what_they_promise() {
     if let Err(why) = tools(&["lintian", "dpkg-deb", "dpkg-shlibdeps", "help2man", "systemd-analyze"]) {
-        return skip(why, "the packaging test");
+        return skip(&why, "the packaging test");
     }
     let dir = tempfile::tempdir().expect("tempdir");
     let (agent, ferry) = build_debs(dir.path(), 1);
@@ -149,7 +129,7 @@ fn agent_package_installs_deploys_restarts_upgrades_mid_deployment_and_uninstall
         .and_then(|()| debroot::check_supported())
         .and_then(|()| tools(&["dpkg-deb", "dpkg-shlibdeps", "help2man"]))
     {
-        return skip(why, "the package test on a Debian host");
+        return skip(&why, "the package test on a Debian host");
     }
     let root = debroot::cached_root().unwrap_or_else(|e| panic!("the Debian root for package tests: {e}"));
     let fleet = Fleet::boot_own_root(&root, 1).unwrap_or_else(|e| panic!("booting a Debian host: {e}"));
