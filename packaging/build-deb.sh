@@ -24,7 +24,7 @@ while [ $# -gt 0 ]; do
     --out) mkdir -p "$2"; out=$(cd "$2" && pwd); shift 2 ;;
     --revision) revision=$2; shift 2 ;;
     --fast) compress=(-Zgzip -z1); shift ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
     *) echo "build-deb: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -83,7 +83,7 @@ manpage() {
   chmod 0644 "$dir/$2.$3.gz"
 }
 
-# control PACKAGE DESCRIPTION...: DEBIAN/control, md5sums; then dpkg-deb --build.
+# finish PACKAGE SYNOPSIS LINE...: DEBIAN/control (Depends from dpkg-shlibdeps), md5sums, dpkg-deb --build.
 finish() {
   local pkg=$1 root="$work/$1" depends
   shift
@@ -141,9 +141,9 @@ binary $pkg $bin
 {
   echo "[COMMANDS]"
   for verb in "ca init" "cert issue" "cert show" status deploy rollback completions; do
-    # shellcheck disable=SC2086 # the verb is two words on purpose
     echo ".SS \"ferry $verb\""
     echo ".nf"
+    # shellcheck disable=SC2086 # $verb may be two words ("ca init") on purpose
     "$work/$pkg/usr/bin/ferry" $verb --help | sed 's/\\/\\\\/g; s/^\./\\\&./'
     echo ".fi"
   done
