@@ -4,8 +4,12 @@
 #   systemd-container, iproute2, nftables, python3
 #                               the real-host test fleet (systemd-nspawn, namespaces, packet loss,
 #                               the demo app)
+#   dpkg-dev, help2man, binutils
+#                               packaging/build-deb.sh (dpkg-shlibdeps, man pages, strip)
+#   lintian, debootstrap        the package tests (lintian; a Debian host of its own to dpkg -i on)
 set -euo pipefail
-pkgs=(pkg-config libsystemd-dev systemd-container iproute2 nftables python3)
+pkgs=(pkg-config libsystemd-dev systemd-container iproute2 nftables python3 dpkg-dev help2man binutils lintian
+  debootstrap)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

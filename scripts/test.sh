@@ -8,8 +8,10 @@ cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The integration tests run the built `ferry` and `ferry-agent` binaries; the fleet tests boot
-# real systemd hosts (systemd-nspawn) and need root. Whatever a killed test run left behind is
-# removed on exit.
+# real systemd hosts (systemd-nspawn) and need root; the package tests package these same binaries
+# (packaging/build-deb.sh --bin-dir target/debug) and install them on a Debian host of its own,
+# built once with debootstrap and cached in /var/cache/ferry-test. Whatever a killed test run left
+# behind is removed on exit.
 cargo build --workspace --bins --locked
 trap 'target/debug/ferry-fleet clean || true' EXIT
 if cargo nextest --version >/dev/null 2>&1; then

@@ -245,6 +245,29 @@ units = ["web.service", "web-worker@1.service"]
         assert_eq!(c.apps["web"].units, ["web.service"]);
     }
 
+    /// The packaged /etc/ferry/agent.toml sets nothing (so the unit stays skipped until an operator
+    /// fills it in), and with its settings uncommented it is a valid config (template and code
+    /// agree on every key and default).
+    #[test]
+    fn packaged_template_is_empty_and_valid_when_uncommented() {
+        let template = include_str!("../../packaging/agent.toml");
+        let table: toml::Table = template.parse().expect("the template is TOML");
+        assert!(table.is_empty(), "the packaged config must set nothing: {table:?}");
+        let uncommented: String = template
+            .lines()
+            .filter_map(|l| l.strip_prefix('#'))
+            .filter(|l| l.starts_with('[') || l.split_once(" = ").is_some_and(|(k, _)| !k.contains(' ')))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let c = load(&uncommented).unwrap_or_else(|e| panic!("{e}\n{uncommented}"));
+        assert_eq!(c.listen.port(), 7443);
+        assert_eq!(c.data_dir, default_data_dir());
+        assert_eq!(c.handshake_timeout, default_handshake_timeout());
+        assert_eq!(c.shutdown_grace, default_shutdown_grace());
+        assert_eq!(c.apps["web"].root, PathBuf::from("/srv/web"));
+        assert_eq!(c.apps["web"].units, ["web.service"]);
+    }
+
     #[test]
     fn unit_names() {
         for good in ["web.service", "a@b.service", "x.timer", "foo-bar_baz.socket"] {

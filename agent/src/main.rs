@@ -19,6 +19,11 @@ struct Cli {
     /// Check the configuration and TLS files, then exit without serving.
     #[arg(long)]
     check: bool,
+    /// Exit 0 if the config file sets anything, 1 if it is missing or only comments (the packaged
+    /// template): the unit's ExecCondition, so an unconfigured host skips the agent instead of
+    /// failing it. Whether the settings are valid is --check's job.
+    #[arg(long, conflicts_with = "check")]
+    configured: bool,
     /// Log filter (tracing EnvFilter syntax), e.g. "info" or "ferry_agent=debug".
     #[arg(long, default_value = "info", env = "FERRY_LOG")]
     log: String,
@@ -41,8 +46,36 @@ fn init_logging(filter: &str) {
     }
 }
 
+/// `--configured`: is there anything in the config file yet?
+fn configured(path: &std::path::Path) -> ExitCode {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            eprintln!("ferry-agent: not configured yet: {} does not exist", path.display());
+            return ExitCode::from(1);
+        }
+        // Unreadable: let --check say why, loudly.
+        Err(_) => return ExitCode::SUCCESS,
+    };
+    match text.parse::<toml::Table>() {
+        Ok(table) if table.is_empty() => {
+            eprintln!(
+                "ferry-agent: not configured yet: {} sets nothing (write listen, [tls] and [apps], put the \
+                 certificates in place, then `systemctl start ferry-agent`)",
+                path.display()
+            );
+            ExitCode::from(1)
+        }
+        // Settings, or a syntax error that --check reports with its line.
+        _ => ExitCode::SUCCESS,
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.configured {
+        return configured(&cli.config);
+    }
     init_logging(&cli.log);
     // One crypto provider for the whole process, chosen before any TLS object exists.
     let _ = rustls::crypto::ring::default_provider().install_default();

@@ -22,6 +22,13 @@ pub fn stopping() {
     send(&[("STOPPING", "1"), ("STATUS", "shutting down: finishing in-flight requests")]);
 }
 
+/// Tells systemd the agent is still stopping, and why: it gets `extend` more time before the
+/// unit's stop timeout (`TimeoutStopSec=`) would kill it.
+pub fn still_stopping(extend: Duration, status: &str) {
+    let usec = extend.as_micros().to_string();
+    send(&[("EXTEND_TIMEOUT_USEC", usec.as_str()), ("STATUS", status)]);
+}
+
 /// The watchdog interval systemd expects pings at, if it set one for this process.
 pub fn watchdog_interval() -> Option<Duration> {
     match systemd::daemon::watchdog_enabled() {

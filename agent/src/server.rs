@@ -2,8 +2,11 @@
 //!
 //! The accept loop owns the handshake (with a timeout) so that every refused peer is logged with
 //! its address and the precise reason, and so that the service sees each caller's certificate
-//! name ([`PeerInfo`]) in its request extensions. Shutdown: stop accepting, let in-flight requests
-//! finish (tonic's graceful shutdown), and give up after `shutdown_grace`.
+//! name ([`PeerInfo`]) in its request extensions. Shutdown: stop accepting, refuse activations not
+//! yet begun, wait for every activation in progress to end (they are bounded by their own unit,
+//! hook and probe limits; systemd is told to extend its stop timeout meanwhile), let the other
+//! in-flight requests finish (tonic's graceful shutdown), and give up on those after
+//! `shutdown_grace`.
 use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
@@ -24,7 +27,7 @@ use tokio_util::task::TaskTracker;
 use tonic::transport::server::Connected;
 
 use crate::config::AgentConfig;
-use crate::service::AgentService;
+use crate::service::{Activations, AgentService};
 use crate::tls::{self, TlsError};
 
 /// Who is on the other end of a connection, as its verified certificate says.
@@ -230,31 +233,76 @@ impl Server {
         });
 
         let incoming = tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<_, io::Error>);
-        let service = AgentServer::new(AgentService::new(config.clone()));
+        let activations = Activations::default();
+        let service = AgentServer::new(AgentService::with_activations(config.clone(), activations.clone()));
         let grace = config.shutdown_grace;
         let stop = shutdown.clone();
+        let refuse_new = activations.clone();
         let serve = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
             .add_service(service)
             .serve_with_incoming_shutdown(incoming, async move {
                 stop.cancelled().await;
+                refuse_new.stop_new();
                 // Said before tonic starts draining, so systemd knows at once.
                 tracing::info!("shutting down: no new connections; finishing in-flight requests");
                 crate::notify::stopping();
             });
         tokio::pin!(serve);
+        // The grace period starts once the activations have ended: their response streams stay
+        // open until then, so coordinators still connected get each activation's final event.
         let result = tokio::select! {
             r = &mut serve => r,
-            _ = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
+            _ = async {
+                shutdown.cancelled().await;
+                finish_activations(&activations).await;
+                tokio::time::sleep(grace).await
+            } => {
                 tracing::warn!("in-flight requests did not finish within {grace:?} of shutdown; exiting anyway");
                 Ok(())
             }
         };
+        // tonic returns early when the coordinators of running activations have gone away: the
+        // activations still run to their end.
+        finish_activations(&activations).await;
         drop(keep_incoming_open);
         // Stop accepting even if tonic returned on its own; handshakes still running are dropped.
         stop_accepting.cancel();
         let _ = accept_loop.await;
         handshakes.close();
         result
+    }
+}
+
+/// How often, while activations are still running at shutdown, systemd hears about it.
+const STOP_REPORT_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+/// The longest the agent waits for activations at shutdown; past it, it exits anyway (a wedged
+/// activation must not make the agent unstoppable).
+const MAX_ACTIVATION_WAIT: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+
+/// Refuses new activations and waits for the running ones, telling systemd (status text and a
+/// longer stop timeout) while it waits.
+async fn finish_activations(activations: &Activations) {
+    activations.stop_new();
+    let started = tokio::time::Instant::now();
+    while activations.in_progress() > 0 {
+        if started.elapsed() >= MAX_ACTIVATION_WAIT {
+            tracing::error!(
+                running = activations.in_progress(),
+                "activations still running {MAX_ACTIVATION_WAIT:?} after shutdown began; exiting anyway \
+                 (check the app's hooks and units on this host)"
+            );
+            return;
+        }
+        let status = format!(
+            "stopping: waiting for {} activation(s) in progress to finish before exiting",
+            activations.in_progress()
+        );
+        tracing::info!("{status}");
+        crate::notify::still_stopping(STOP_REPORT_EVERY * 3, &status);
+        tokio::select! {
+            _ = activations.finished() => {}
+            _ = tokio::time::sleep(STOP_REPORT_EVERY) => {}
+        }
     }
 }

@@ -3,9 +3,16 @@
 //! Every request arrives over a connection whose certificate was checked in the handshake (role
 //! coordinator, fleet CA); the caller's name is in the request's [`PeerInfo`] and is logged with
 //! each call. Errors become `tonic::Status` here and nowhere else.
+//!
+//! Activations and rollbacks run as tasks of their own, tracked in [`Activations`]: once the agent
+//! is stopping (SIGTERM: `systemctl stop`/`restart`, a package upgrade), one already running is
+//! finished, never abandoned half-way (the server waits for them), and one not yet begun is refused
+//! with nothing changed.
 use std::sync::Arc;
 
 use ferry_proto::v1::{self, agent_server::Agent};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 
 use crate::activate;
@@ -24,17 +31,56 @@ pub struct AgentService {
     name: String,
     /// One lock per app: staging, promotion and swaps of one app never interleave.
     locks: std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>,
+    activations: Activations,
+}
+
+/// The activation and rollback plans in progress, and whether the agent is stopping.
+#[derive(Debug, Clone, Default)]
+pub struct Activations {
+    tasks: TaskTracker,
+    stopping: CancellationToken,
+}
+
+impl Activations {
+    /// From now on, plans not yet begun are refused; the ones running go on.
+    pub fn stop_new(&self) {
+        self.stopping.cancel();
+        self.tasks.close();
+    }
+
+    /// How many plans are still running (or waiting for their app's lock).
+    pub fn in_progress(&self) -> usize {
+        self.tasks.len()
+    }
+
+    /// Resolves when every plan has ended; call [`Activations::stop_new`] first.
+    pub async fn finished(&self) {
+        self.tasks.wait().await
+    }
+
+    fn refusal() -> Status {
+        Status::unavailable(
+            "ferry-agent is stopping (service stop, restart or package upgrade); nothing was changed: \
+             retry once it is back",
+        )
+    }
 }
 
 impl AgentService {
     pub fn new(config: Arc<AgentConfig>) -> Self {
+        Self::with_activations(config, Activations::default())
+    }
+
+    /// A service whose activation tasks are tracked in `activations` (the server waits for them
+    /// on shutdown).
+    pub fn with_activations(config: Arc<AgentConfig>, activations: Activations) -> Self {
         let name = ferry_proto::identity::load_certs(&config.tls.cert)
             .ok()
             .and_then(|c| c.first().and_then(|c| ferry_proto::identity::CertIdentity::from_der(c).ok()))
             .map(|id| id.name().to_string())
             .unwrap_or_default();
         let locks = config.apps.keys().map(|a| (a.clone(), Arc::new(tokio::sync::Mutex::new(())))).collect();
-        AgentService { config, name, locks }
+        AgentService { config, name, locks, activations }
     }
 
     /// The app's store and lock, or NotFound for an app this agent does not manage.
@@ -263,7 +309,7 @@ impl Agent for AgentService {
             hooks: req.hooks,
             version: req.version,
         };
-        Ok(Response::new(self.spawn_plan(plan, lock)))
+        Ok(Response::new(self.spawn_plan(plan, lock)?))
     }
 
     type RollbackStream = StepStream;
@@ -291,7 +337,7 @@ impl Agent for AgentService {
             hooks: None,
             version: String::new(),
         };
-        Ok(Response::new(self.spawn_plan(plan, lock)))
+        Ok(Response::new(self.spawn_plan(plan, lock)?))
     }
 }
 
@@ -311,14 +357,25 @@ impl AgentService {
     }
 
     /// Runs an activation plan under the app's lock; its events are the response stream. The
-    /// plan runs to its end even if the coordinator goes away (a host is never left half-way).
-    fn spawn_plan(&self, plan: activate::Plan, lock: Arc<tokio::sync::Mutex<()>>) -> StepStream {
+    /// plan runs to its end even if the coordinator goes away or the agent is told to stop (a
+    /// host is never left half-way); a plan that has not begun when the agent starts stopping is
+    /// refused instead.
+    fn spawn_plan(&self, plan: activate::Plan, lock: Arc<tokio::sync::Mutex<()>>) -> Result<StepStream, Status> {
+        if self.activations.stopping.is_cancelled() {
+            return Err(Activations::refusal());
+        }
         let (tx, rx) = tokio::sync::mpsc::channel(32);
         let config = self.config.clone();
-        tokio::spawn(async move {
+        let stopping = self.activations.stopping.clone();
+        self.activations.tasks.spawn(async move {
             let _guard = lock.lock().await;
+            if stopping.is_cancelled() {
+                tracing::info!(app = plan.app, deployment = plan.deployment_id, "refused: the agent is stopping");
+                let _ = tx.send(Err(Activations::refusal())).await;
+                return;
+            }
             activate::run(config, plan, tx).await;
         });
-        Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+        Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
     }
 }

@@ -1,7 +1,7 @@
 //! Command-line interface of `ferry`: flags, dispatch to the verbs, exit codes.
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use ferry_proto::identity::Role;
 
 use std::sync::Mutex;
@@ -74,6 +74,13 @@ pub enum Command {
     /// Per environment: deployments per week, success and rollback rates, mean and p95 duration,
     /// slowest hosts.
     Report(HistoryArgs),
+    /// Print a shell completion script for ferry, e.g. `ferry completions bash >
+    /// /etc/bash_completion.d/ferry` (the Debian package installs them for bash, zsh and fish).
+    Completions {
+        /// The shell to complete in.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -312,6 +319,15 @@ pub async fn run(cli: Cli) -> u8 {
             let ctx = rollout_ctx(&config, &args.env, &tls, &registry, &progress, args.force_unlock);
             finish(rollout::deploy(&ctx, artifact, &args.version, cache.as_ref()).await, args.output)
         }
+        Command::Completions { shell } => {
+            // Into a buffer first: clap_complete panics on a write error (a closed pipe, a full disk).
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "ferry", &mut script);
+            match std::io::Write::write_all(&mut std::io::stdout().lock(), &script) {
+                Ok(()) => exit::SUCCESS,
+                Err(e) => fail(exit::USAGE, &anyhow::anyhow!("writing the {shell} completion script: {e}")),
+            }
+        }
         Command::Rollback(args) => {
             let (config, tls, registry) = match load_with_registry(&args.config, &args.env) {
                 Ok(v) => v,
@@ -486,6 +502,24 @@ mod tests {
         // clap's own checks (duplicate flags, bad defaults) run here rather than at a user's
         // first invocation of a subcommand.
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn completions_cover_every_verb_in_each_shell() {
+        for shell in ["bash", "zsh", "fish"] {
+            let cli = Cli::try_parse_from(["ferry", "completions", shell]).expect("parses");
+            let Command::Completions { shell } = cli.command else { panic!("not the completions verb") };
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "ferry", &mut script);
+            let script = String::from_utf8(script).expect("utf-8");
+            for verb in ["deploy", "rollback", "status", "cert", "completions"] {
+                assert!(script.contains(verb), "{shell} completion lacks {verb}");
+            }
+            // bash and zsh spell flags "--artifact", fish "-l artifact".
+            let flag = if shell == clap_complete::Shell::Fish { "-l artifact" } else { "--artifact" };
+            assert!(script.contains(flag), "{shell} completion lacks deploy's {flag}");
+        }
+        assert!(Cli::try_parse_from(["ferry", "completions", "tcsh"]).is_err());
     }
 
     #[test]

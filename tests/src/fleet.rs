@@ -12,6 +12,12 @@
 //!   its `/var/lib/ferry` (a size-capped tmpfs, so "fill the disk" never fills the machine's) and
 //!   its console log.
 //!
+//! Hosts that must install packages boot from a Debian root of their own instead
+//! ([`Fleet::boot_own_root`], roots from [`crate::debroot`]): `--volatile=overlay` over the cached
+//! root, so every write lands in a tmpfs of that boot and the cache is never changed; no agent is
+//! preinstalled; `<run>/<host>/drop/` is bind-mounted read-only at `/opt/ferry-test` to hand it
+//! packages, certificates and configs. Same network, cgroups and teardown as the others.
+//!
 //! Teardown (on drop, and for runs whose owning process died: [`reap_stale`]) kills every
 //! container through its cgroup, unmounts, removes the cgroups and deletes the namespaces.
 //! Every packet stays inside the namespaces of the run.
@@ -45,11 +51,7 @@ pub fn check_supported() -> Result<(), Unsupported> {
     if !nix::unistd::geteuid().is_root() {
         return Err(Unsupported("the test fleet needs root (network namespaces, cgroups, systemd-nspawn)".into()));
     }
-    for tool in ["systemd-nspawn", "ip", "nsenter", "tc"] {
-        if !which(tool) {
-            return Err(Unsupported(format!("{tool} is not installed (scripts/deps.sh installs it)")));
-        }
-    }
+    require_tools(&["systemd-nspawn", "ip", "nsenter", "tc"])?;
     for tree in ["systemd", "unified"] {
         if !Path::new("/sys/fs/cgroup").join(tree).join("cgroup.procs").exists() {
             return Err(Unsupported(format!("/sys/fs/cgroup/{tree} is not mounted (hybrid cgroups expected)")));
@@ -58,9 +60,26 @@ pub fn check_supported() -> Result<(), Unsupported> {
     Ok(())
 }
 
+/// Every one of `tools` is installed (on `PATH` or in `/usr/sbin`).
+pub fn require_tools(tools: &[&str]) -> Result<(), Unsupported> {
+    match tools.iter().find(|t| !which(t)) {
+        Some(tool) => Err(Unsupported(format!("{tool} is not installed (scripts/deps.sh installs it)"))),
+        None => Ok(()),
+    }
+}
+
 fn which(tool: &str) -> bool {
     std::env::var_os("PATH").map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file())).unwrap_or(false)
         || Path::new("/usr/sbin").join(tool).is_file()
+}
+
+/// A test that cannot run here: locally it is skipped with a loud message; under `CI=true` this
+/// panics (CI must never skip the real-host suites silently).
+pub fn skip_unless_ci(why: &Unsupported, what: &str) {
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("CI=true but {what} cannot run here: {}", why.0);
+    }
+    eprintln!("\n!!! SKIPPED: {what}: {}\n!!! (under CI=true this is a failure)\n", why.0);
 }
 
 /// Boots a fleet, or explains why not: locally a missing capability skips the test with a loud
@@ -103,6 +122,8 @@ pub struct Fleet {
     agent: PathBuf,
     /// Left running when dropped (the newcomer's demo).
     keep: bool,
+    /// Hosts boot from this Debian root (volatile overlay) instead of the machine's own.
+    own_root: Option<PathBuf>,
 }
 
 fn run_cmd(cmd: &mut Command) -> Result<Output, String> {
@@ -112,6 +133,11 @@ fn run_cmd(cmd: &mut Command) -> Result<Output, String> {
     } else {
         Err(format!("{cmd:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim()))
     }
+}
+
+/// A command's stdout and stderr, as text.
+pub fn text_of(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
 
 fn ip(args: &[&str]) -> Result<(), String> {
@@ -126,11 +152,8 @@ impl Fleet {
     /// [`Fleet::boot`] when the machine supports it; `None` (after a loud message) when it does
     /// not and `CI` is not `true`. Panics on any other failure.
     pub fn boot_or_skip(hosts: usize) -> Option<Fleet> {
-        if let Err(Unsupported(why)) = check_supported() {
-            if std::env::var("CI").as_deref() == Ok("true") {
-                panic!("CI=true but the real-host test fleet cannot run here: {why}");
-            }
-            eprintln!("\n!!! SKIPPED: real-host fleet test: {why}\n!!! (under CI=true this is a failure)\n");
+        if let Err(why) = check_supported() {
+            skip_unless_ci(&why, "the real-host fleet test");
             return None;
         }
         match Fleet::boot(hosts) {
@@ -150,6 +173,20 @@ impl Fleet {
     /// Boots a fleet under a fixed run name (not reaped as stale: see [`reap_stale`]).
     /// `FERRY_BIN` / `FERRY_AGENT_BIN` choose other binaries than the workspace's build.
     pub fn boot_named(run: &str, hosts: usize) -> Result<Fleet, String> {
+        Fleet::boot_inner(run, hosts, None)
+    }
+
+    /// Boots `hosts` hosts from the Debian root `root` (see [`crate::debroot`]), in the same
+    /// network layout, with nothing of ferry installed: a test installs the packages itself from
+    /// each host's [`FleetHost::drop_dir`] (`/opt/ferry-test` inside). Waits until each host's
+    /// systemd is up.
+    pub fn boot_own_root(root: &Path, hosts: usize) -> Result<Fleet, String> {
+        reap_stale();
+        let run = format!("fy{}x{}", std::process::id(), FLEETS.fetch_add(1, Ordering::Relaxed));
+        Fleet::boot_inner(&run, hosts, Some(root.to_path_buf()))
+    }
+
+    fn boot_inner(run: &str, hosts: usize, own_root: Option<PathBuf>) -> Result<Fleet, String> {
         assert!((1..=200).contains(&hosts), "1 to 200 hosts");
         let run = run.to_string();
         let binary =
@@ -169,6 +206,7 @@ impl Fleet {
             ferry: binary("FERRY_BIN", "ferry"),
             agent: binary("FERRY_AGENT_BIN", "ferry-agent"),
             keep: false,
+            own_root,
         };
         // On any error below, dropping `fleet` tears down what was created so far.
         fleet.make_network()?;
@@ -212,14 +250,30 @@ impl Fleet {
 
         let dir = self.dir.join(&name);
         let certs = self.pki.issue(&name, Role::Agent, &[&host_ip.to_string()]);
-        write_host_etc(&dir.join("etc"), &name, &certs)?;
         let state = dir.join("state");
-        std::fs::create_dir_all(&state).map_err(|e| e.to_string())?;
-        run_cmd(
-            Command::new("mount")
-                .args(["-t", "tmpfs", "-o", &format!("size={STATE_SIZE_MB}m,mode=0755"), "tmpfs"])
-                .arg(&state),
-        )?;
+        let root_args = match &self.own_root {
+            None => {
+                write_host_etc(&dir.join("etc"), &name, &certs)?;
+                std::fs::create_dir_all(&state).map_err(|e| e.to_string())?;
+                run_cmd(
+                    Command::new("mount")
+                        .args(["-t", "tmpfs", "-o", &format!("size={STATE_SIZE_MB}m,mode=0755"), "tmpfs"])
+                        .arg(&state),
+                )?;
+                format!(
+                    "--volatile=yes -D / --bind={etc}:/etc --bind={state}:/var/lib/ferry \
+                     --bind-ro={agent}:/opt/ferry/ferry-agent",
+                    etc = dir.join("etc").display(),
+                    state = state.display(),
+                    agent = self.agent.display(),
+                )
+            }
+            Some(root) => {
+                let drop = dir.join("drop");
+                std::fs::create_dir_all(&drop).map_err(|e| format!("mkdir {}: {e}", drop.display()))?;
+                format!("--volatile=overlay -D {} --bind-ro={}:/opt/ferry-test", root.display(), drop.display())
+            }
+        };
 
         let cgroup_systemd = cgroup_dir("systemd", &self.run).join(&name);
         let cgroup_unified = cgroup_dir("unified", &self.run).join(&name);
@@ -232,17 +286,12 @@ impl Fleet {
         // container and everything it starts lives under them.
         let script = format!(
             "echo $$ > {sd}/cgroup.procs && echo $$ > {un}/cgroup.procs && exec systemd-nspawn \
-             --register=no --keep-unit --volatile=yes -D / -M {machine} --quiet \
+             --register=no --keep-unit {root_args} -M {machine} --quiet \
              --network-namespace-path=/run/netns/{ns} \
-             --bind={etc}:/etc --bind={state}:/var/lib/ferry \
-             --bind-ro={agent}:/opt/ferry/ferry-agent \
              -b --console=pipe",
             sd = cgroup_systemd.display(),
             un = cgroup_unified.display(),
             machine = ns,
-            etc = dir.join("etc").display(),
-            state = state.display(),
-            agent = self.agent.display(),
         );
         let child = Command::new("sh")
             .arg("-c")
@@ -279,17 +328,21 @@ impl Fleet {
             matches!(s.as_str(), "running" | "degraded").then_some(s)
         });
         if state.is_none() {
-            let show = |args: &[&str]| {
-                h.exec(args).map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_else(|e| e)
-            };
+            let now = h.exec(&["systemctl", "is-system-running"]).map(|o| text_of(&o)).unwrap_or_else(|e| e);
+            let jobs = h.exec(&["systemctl", "list-jobs", "--no-pager"]).map(|o| text_of(&o)).unwrap_or_else(|e| e);
+            let console = std::fs::read_to_string(h.console_path()).unwrap_or_default();
+            let tail: Vec<&str> = console.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect();
             return Err(format!(
-                "{} did not finish booting (see {}): state {}; jobs:\n{}failed units:\n{}",
+                "{} did not finish booting: state {}; jobs:\n{jobs}\nconsole ({}):\n{}",
                 h.name,
+                now.trim(),
                 h.console_path().display(),
-                show(&["systemctl", "is-system-running"]).trim(),
-                show(&["systemctl", "list-jobs", "--no-pager"]),
-                show(&["systemctl", "--failed", "--no-pager"])
+                tail.join("\n")
             ));
+        }
+        if self.own_root.is_some() {
+            // Nothing of ferry is installed yet.
+            return Ok(());
         }
         if !h.wait_unit_active("ferry-agent.service", Duration::from_secs(30)) {
             return Err(format!(
@@ -515,6 +568,17 @@ impl FleetHost {
         self.dir.join("console.log")
     }
 
+    /// On a host of [`Fleet::boot_own_root`]: the directory seen read-only at `/opt/ferry-test`
+    /// inside the host.
+    pub fn drop_dir(&self) -> PathBuf {
+        self.dir.join("drop")
+    }
+
+    /// A path inside the host's root, as the machine sees it (through its systemd's `/proc` entry).
+    pub fn path(&self, inside: &str) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/root{inside}", self.leader))
+    }
+
     /// Runs a command in all of the host's namespaces (as the machine's root; for a process of the
     /// host itself use `systemd-run --wait --pipe`).
     pub fn exec(&self, args: &[&str]) -> Result<Output, String> {
@@ -616,7 +680,8 @@ fn write_host_etc(etc: &Path, name: &str, certs: &CertFiles) -> Result<(), Strin
     link("../ferry-agent.service", wants.join("ferry-agent.service"))?;
     w(
         dropin.join("test.conf"),
-        "# The test fleet runs the freshly built binary, bind-mounted at /opt/ferry.\n[Service]\nExecStartPre=\n\
+        "# The test fleet runs the freshly built binary, bind-mounted at /opt/ferry.\n[Service]\nExecCondition=\n\
+         ExecCondition=/opt/ferry/ferry-agent --config /etc/ferry/agent.toml --configured\nExecStartPre=\n\
          ExecStartPre=/opt/ferry/ferry-agent --config /etc/ferry/agent.toml --check\nExecStart=\n\
          ExecStart=/opt/ferry/ferry-agent --config /etc/ferry/agent.toml\n",
     )?;
@@ -635,10 +700,9 @@ fn write_host_etc(etc: &Path, name: &str, certs: &CertFiles) -> Result<(), Strin
     Ok(())
 }
 
-/// The first child process of `pid`, if it has one yet.
-/// The container's PID 1: the child of systemd-nspawn that runs systemd. (nspawn forks a
-/// short-lived intermediate child first; under load, taking the first child picked that one,
-/// whose pid was gone by the time the test entered the "host" with nsenter.)
+/// The host's systemd: the child of `pid` (systemd-nspawn) that has exec'd systemd. Its first child
+/// can be nspawn's short-lived outer helper, which exits once PID 1 is forked: taking it as the
+/// leader made a loaded machine report "did not finish booting" (nsenter on a gone PID).
 fn first_child(pid: u32) -> Option<i32> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
     text.split_whitespace()

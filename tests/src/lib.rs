@@ -7,6 +7,7 @@
 //!   ports, and fleet configs pointing at them.
 //! - [`fleet`]: real hosts (systemd-nspawn, systemd as PID 1, own network namespace) running the
 //!   built agent from the real unit file; fault injection; teardown and stale-run reaping.
+//! - [`debroot`]: a cached minimal Debian root (debootstrap) for hosts that install packages.
 //! - [`demo_app`]: the app the fleet runs, whose `/health` tells versions apart.
 //! - [`bin`]: paths of the built `ferry` and `ferry-agent` binaries for CLI-level tests.
 //! - [`wait_for`]: polling for an asynchronous effect with a bounded number of tries (never a
@@ -14,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agents;
+pub mod debroot;
 pub mod demo_app;
 pub mod fleet;
 pub mod pki;

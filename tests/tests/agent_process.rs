@@ -115,3 +115,137 @@ fn notifies_systemd_and_stops_cleanly_on_sigterm() {
     assert_eq!(status.code(), Some(0), "{stderr}");
     assert!(stderr.contains("SIGTERM received") && stderr.contains("ferry-agent stopped"), "{stderr}");
 }
+
+fn quiet(_: &str, _: &str) {}
+
+/// What a package upgrade (or any `systemctl restart`) does to a deployment in progress: SIGTERM
+/// in the middle of an activation. The agent refuses new connections, tells systemd it is still
+/// stopping and why (extending its stop timeout), lets the activation run to its end (well past
+/// `shutdown_grace`), the coordinator gets the activation's final event, and only then it exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_an_activation_finishes_it_before_exiting() {
+    use ferry_coordinator::commands::deploy::DeploymentStatus;
+    use ferry_coordinator::commands::rollout;
+    use ferry_coordinator::config::{FleetConfig, Host};
+    use std::os::unix::fs::PermissionsExt;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = TestPki::new();
+    let files = pki.issue("web-1", Role::Agent, &["127.0.0.1"]);
+    // A free port for the agent (it must be known before the agent starts).
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
+    let path = dir.path().join("agent.toml");
+    let app_root = dir.path().join("web");
+    std::fs::write(
+        &path,
+        agent_toml(&files, &dir.path().join("data"))
+            .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"))
+            .replace("shutdown_grace = \"2s\"", "shutdown_grace = \"100ms\"")
+            .replace(
+                &format!("root = \"{}-web\"", dir.path().join("data").display()),
+                &format!("root = \"{}\"", app_root.display()),
+            )
+            .replace("units = [\"web.service\"]", "units = []"),
+    )
+    .expect("write agent.toml");
+
+    // The release's validate hook says it started, then waits for a gate the test opens.
+    let (started, gate) = (dir.path().join("hook-started"), dir.path().join("gate"));
+    let release = dir.path().join("v1");
+    std::fs::create_dir_all(release.join("hooks")).expect("mkdir");
+    std::fs::write(release.join("VERSION"), "1\n").expect("write");
+    let hook = release.join("hooks/validate");
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\ntouch '{}'\ni=0\nwhile [ ! -e '{}' ]; do i=$((i+1)); [ $i -gt 600 ] && exit 1; sleep 0.05; done\n",
+            started.display(),
+            gate.display()
+        ),
+    )
+    .expect("write hook");
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+
+    let ctl = pki.issue("ctl", Role::Coordinator, &[]);
+    let fleet_text = format!(
+        "registry = \"registry.db\"\n[app]\nname = \"web\"\n[app.hooks]\nvalidate = \"hooks/validate\"\ntimeout = \"60s\"\n[tls]\nca = \"{}\"\n\
+         cert = \"{}\"\nkey = \"{}\"\n[environments.test]\nhosts = {{ web-1 = \"127.0.0.1:{port}\" }}\n",
+        ctl.ca.display(),
+        ctl.cert.display(),
+        ctl.key.display()
+    );
+    let config = FleetConfig::from_toml(&dir.path().join("fleet.toml"), &fleet_text).expect("fleet.toml");
+    let tls = ferry_coordinator::tls::ClientTls::load(&config.tls).expect("coordinator TLS");
+
+    let sock_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).expect("bind notify socket");
+    sock.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    let mut child =
+        agent(&path).env("NOTIFY_SOCKET", &sock_path).stderr(Stdio::piped()).spawn().expect("spawn ferry-agent");
+    let mut buf = [0u8; 1024];
+    let n = sock.recv(&mut buf).expect("READY=1");
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("READY=1"));
+
+    let artifact = std::sync::Arc::new(ferry_coordinator::artifact::Artifact::scan(&release, None).expect("scan"));
+    let deployment = tokio::spawn({
+        let (config, tls) = (config.clone(), tls.clone());
+        async move {
+            static NOT_CANCELLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            let path = config.registry_path().expect("registry path");
+            let registry = std::sync::Mutex::new(ferry_coordinator::registry::Registry::open(&path).expect("registry"));
+            let ctx = rollout::Ctx {
+                config: &config,
+                env: "test",
+                tls: &tls,
+                registry: &registry,
+                progress: &quiet,
+                cancel: &NOT_CANCELLED,
+                force_unlock: false,
+            };
+            rollout::deploy(&ctx, artifact, "1", None).await
+        }
+    });
+    let hook_running = ferry_tests::wait_for(600, || started.exists().then_some(())).await;
+    assert!(hook_running.is_some(), "the validate hook never started");
+
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid fits"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("send SIGTERM");
+    // The agent says it is waiting for the activation (and asks systemd for more time) instead of
+    // exiting after shutdown_grace.
+    let waiting = tokio::task::spawn_blocking(move || {
+        let mut seen = Vec::new();
+        loop {
+            let n = match sock.recv(&mut buf) {
+                Ok(n) => n,
+                Err(e) => return Err(format!("{e}; notifications: {seen:?}")),
+            };
+            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if msg.contains("waiting for 1 activation(s)") {
+                return Ok(msg);
+            }
+            seen.push(msg);
+        }
+    })
+    .await
+    .expect("join");
+    let waiting = waiting.unwrap_or_else(|e| {
+        let _ = child.kill();
+        panic!("the stopping agent never said it waits for the activation: {e}")
+    });
+    assert!(waiting.contains("EXTEND_TIMEOUT_USEC="), "{waiting}");
+    // No new work while it stops: new connections are refused.
+    let host = Host { name: "web-1".into(), address: "127.0.0.1".into(), port };
+    let timeouts =
+        ferry_coordinator::client::Timeouts { connect: Duration::from_secs(3), request: Duration::from_secs(5) };
+    assert!(ferry_coordinator::client::Agent::connect(&host, &tls, timeouts).await.is_err());
+    assert_eq!(child.try_wait().expect("try_wait"), None, "the agent exited with an activation in progress");
+
+    std::fs::write(&gate, "").expect("open the gate");
+    let report = deployment.await.expect("join").expect("deploy runs");
+    assert_eq!(report.status, DeploymentStatus::Succeeded, "{report:?}");
+    let status = tokio::task::spawn_blocking(move || child.wait_with_output()).await.expect("join").expect("wait");
+    let stderr = String::from_utf8_lossy(&status.stderr);
+    assert_eq!(status.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("ferry-agent stopped"), "{stderr}");
+    assert_eq!(std::fs::read_to_string(app_root.join("VERSION")).expect("current release").trim(), "1");
+}
