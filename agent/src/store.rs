@@ -302,12 +302,22 @@ impl AppStore {
     }
 
     /// Rebuilds the manifest of a delta from the base release's manifest.
-    fn apply_delta(&self, base: &str, delta: &v1::ManifestDelta, claimed_hash: &[u8]) -> R<v1::Manifest> {
+    fn load_manifest_checked(&self, base: &str) -> R<v1::Manifest> {
         manifest::check_release_id(base).map_err(StoreError::Refused)?;
         if !self.has_release(base) {
             return Err(StoreError::Base(format!("the base release {base} of the manifest delta is not kept here")));
         }
-        let m = manifest::apply_delta(&self.load_manifest(base)?, delta)
+        self.load_manifest(base)
+    }
+
+    fn apply_delta(
+        &self,
+        base: &str,
+        old: &v1::Manifest,
+        delta: &v1::ManifestDelta,
+        claimed_hash: &[u8],
+    ) -> R<v1::Manifest> {
+        let m = manifest::apply_delta(old, delta)
             .map_err(|e| StoreError::Base(format!("the manifest delta does not apply to {base}: {e}")))?;
         if claimed_hash != manifest::hash(&m) {
             return Err(StoreError::Base(format!(
@@ -322,9 +332,13 @@ impl AppStore {
     /// of the data dir's filesystem.
     pub fn prepare(&self, version: &str, source: ManifestSource, claimed_hash: &[u8], free: u64) -> R<Prepared> {
         manifest::check_version(version).map_err(StoreError::Refused)?;
+        // The base release's manifest, when the delta already read it: the bases come from it.
         let (m, base) = match source {
             ManifestSource::Whole(m) => (m, None),
-            ManifestSource::Delta { base, delta } => (self.apply_delta(&base, &delta, claimed_hash)?, Some(base)),
+            ManifestSource::Delta { base, delta } => {
+                let old = self.load_manifest_checked(&base)?;
+                (self.apply_delta(&base, &old, &delta, claimed_hash)?, Some((base, old)))
+            }
         };
         let m = &m;
         manifest::validate(m).map_err(|e| StoreError::Refused(e.to_string()))?;
@@ -379,35 +393,37 @@ impl AppStore {
         fs::create_dir_all(stage.join("chunks")).map_err(StoreError::io("create staging", &stage))?;
         let mpath = stage.join("manifest");
         fs::write(&mpath, m.encode_to_vec()).map_err(StoreError::io("write staging manifest", &mpath))?;
-        let base = match base {
-            Some(b) => Some(b),
-            None => self.current().map_err(StoreError::io("read", &self.dir))?,
-        };
-        let bases = match base {
-            Some(base) if !missing.is_empty() => self.offer_bases(&stage, &base, m, &missing, &idx)?,
-            _ => Vec::new(),
+        let bases = if missing.is_empty() {
+            Vec::new()
+        } else {
+            let old = match base {
+                Some((_, old)) => Some(old),
+                None => match self.current().map_err(StoreError::io("read", &self.dir))? {
+                    Some(current) => self.load_manifest(&current).inspect_err(|e| {
+                        tracing::warn!(base = current, error = %e, "cannot read the current release's manifest; sending no delta bases");
+                    }).ok(),
+                    None => None,
+                },
+            };
+            match old {
+                Some(old) => self.offer_bases(&stage, &old, m, &missing, &idx)?,
+                None => Vec::new(),
+            }
         };
         Ok(Prepared { release_id, already_present: false, missing, missing_bytes, bases })
     }
 
-    /// Bases for the missing chunks of files that `base` has an older version of (same path): the
+    /// Bases for the missing chunks of files that `old` (the base or current release) has an older version of (same path): the
     /// old file's chunks that the new file no longer has, fingerprinted piece by piece. Remembered
     /// in the stage (`bases`) so the upload can rebuild chunks from them.
     fn offer_bases(
         &self,
         stage: &Path,
-        base: &str,
+        old: &v1::Manifest,
         m: &v1::Manifest,
         missing: &[Vec<u8>],
         idx: &Index,
     ) -> R<Vec<v1::Basis>> {
-        let old = match self.load_manifest(base) {
-            Ok(old) => old,
-            Err(e) => {
-                tracing::warn!(base, error = %e, "cannot read the base release's manifest; sending no delta bases");
-                return Ok(Vec::new());
-            }
-        };
         let old_files: HashMap<&str, &v1::Entry> =
             old.entries.iter().filter(|e| e.kind == EntryKind::File as i32).map(|e| (e.path.as_str(), e)).collect();
         let mut unassigned: HashSet<[u8; HASH_LEN]> = missing.iter().filter_map(|h| key(h)).collect();

@@ -251,7 +251,6 @@ fn fail(code: u8, err: &anyhow::Error) -> u8 {
 
 /// Runs one command and returns the process exit code.
 pub async fn run(cli: Cli) -> u8 {
-    let cli_kind = if matches!(cli.command, Command::Promote(_)) { Kind::Promote } else { Kind::Other };
     match cli.command {
         Command::Ca(CaCommand::Init { out, force, days, output }) => match commands::ca::init(&out, force, days) {
             Ok(o) => {
@@ -337,17 +336,8 @@ pub async fn run(cli: Cli) -> u8 {
             let ctx = rollout_ctx(&config, &args.env, &tls, &registry, &progress, args.force_unlock);
             finish(rollout::rollback(&ctx, args.to.as_deref()).await, args.output)
         }
-        Command::Resume(args) | Command::Promote(args) => {
-            let paused_only = matches!(cli_kind, Kind::Promote);
-            let (config, tls, registry) = match load_with_registry(&args.config, &args.env) {
-                Ok(v) => v,
-                Err(e) => return fail(exit::USAGE, &e),
-            };
-            let cache = config.cache_dir().map(crate::cache::Cache::new);
-            let progress = ui::progress_printer(args.output);
-            let ctx = rollout_ctx(&config, &args.env, &tls, &registry, &progress, args.force_unlock);
-            finish(rollout::resume(&ctx, cache.as_ref(), paused_only).await, args.output)
-        }
+        Command::Resume(args) => resume(&args, false).await,
+        Command::Promote(args) => resume(&args, true).await,
         Command::Plan(args) => {
             let config = match FleetConfig::load(&args.config) {
                 Ok(c) => c,
@@ -384,9 +374,17 @@ pub async fn run(cli: Cli) -> u8 {
     }
 }
 
-enum Kind {
-    Promote,
-    Other,
+/// `ferry resume` (a dead coordinator's deployment) or `ferry promote` (`paused_only`: a canary
+/// waiting at a step).
+async fn resume(args: &ResumeArgs, paused_only: bool) -> u8 {
+    let (config, tls, registry) = match load_with_registry(&args.config, &args.env) {
+        Ok(v) => v,
+        Err(e) => return fail(exit::USAGE, &e),
+    };
+    let cache = config.cache_dir().map(crate::cache::Cache::new);
+    let progress = ui::progress_printer(args.output);
+    let ctx = rollout_ctx(&config, &args.env, &tls, &registry, &progress, args.force_unlock);
+    finish(rollout::resume(&ctx, cache.as_ref(), paused_only).await, args.output)
 }
 
 fn rollout_ctx<'a>(
