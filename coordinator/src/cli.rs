@@ -146,6 +146,10 @@ pub struct DeployArgs {
     /// deployment's coordinator is gone for good: two rollouts must never touch one environment.
     #[arg(long)]
     pub force_unlock: bool,
+    /// Stage each batch just before activating it, instead of staging every host first. Slower
+    /// (transfers no longer overlap activations); for hosts short of disk, or to compare.
+    #[arg(long)]
+    pub no_prestage: bool,
     /// Result format: human (live progress, then a table) or json (one object at the end).
     #[arg(long, value_enum, default_value = "human")]
     pub output: Format,
@@ -310,13 +314,14 @@ pub async fn run(cli: Cli) -> u8 {
                 Err(e) => return fail(exit::USAGE, &e.into()),
             };
             ui::deploy_start(&artifact, &args.version, &args.env, args.output);
-            let progress = ui::progress_printer(args.output);
             let registry = match open_registry(&config) {
                 Ok(r) => r,
                 Err(e) => return fail(exit::USAGE, &e),
             };
-            let ctx = rollout_ctx(&config, &args.env, &tls, &registry, &progress, args.force_unlock);
-            finish(rollout::deploy(&ctx, artifact, &args.version, cache.as_ref()).await, args.output)
+            let live = ui::progress(args.output);
+            let ctx = rollout_ctx(&config, &args.env, &tls, &registry, live.as_deref(), args.force_unlock);
+            let done = rollout::deploy(&ctx, artifact, &args.version, cache.as_ref(), !args.no_prestage).await;
+            finish(done, live.as_deref(), args.output)
         }
         Command::Completions { shell } => {
             // Into a buffer first: clap_complete panics on a write error (a closed pipe, a full disk).
@@ -332,9 +337,9 @@ pub async fn run(cli: Cli) -> u8 {
                 Ok(v) => v,
                 Err(e) => return fail(exit::USAGE, &e),
             };
-            let progress = ui::progress_printer(args.output);
-            let ctx = rollout_ctx(&config, &args.env, &tls, &registry, &progress, args.force_unlock);
-            finish(rollout::rollback(&ctx, args.to.as_deref()).await, args.output)
+            let live = ui::progress(args.output);
+            let ctx = rollout_ctx(&config, &args.env, &tls, &registry, live.as_deref(), args.force_unlock);
+            finish(rollout::rollback(&ctx, args.to.as_deref()).await, live.as_deref(), args.output)
         }
         Command::Resume(args) => resume(&args, false).await,
         Command::Promote(args) => resume(&args, true).await,
@@ -382,9 +387,9 @@ async fn resume(args: &ResumeArgs, paused_only: bool) -> u8 {
         Err(e) => return fail(exit::USAGE, &e),
     };
     let cache = config.cache_dir().map(crate::cache::Cache::new);
-    let progress = ui::progress_printer(args.output);
-    let ctx = rollout_ctx(&config, &args.env, &tls, &registry, &progress, args.force_unlock);
-    finish(rollout::resume(&ctx, cache.as_ref(), paused_only).await, args.output)
+    let live = ui::progress(args.output);
+    let ctx = rollout_ctx(&config, &args.env, &tls, &registry, live.as_deref(), args.force_unlock);
+    finish(rollout::resume(&ctx, cache.as_ref(), paused_only).await, live.as_deref(), args.output)
 }
 
 fn rollout_ctx<'a>(
@@ -392,9 +397,13 @@ fn rollout_ctx<'a>(
     env: &'a str,
     tls: &'a ClientTls,
     registry: &'a Mutex<Registry>,
-    progress: &'a (dyn Fn(&str, &str) + Sync),
+    live: Option<&'a ui::Live>,
     force_unlock: bool,
 ) -> rollout::Ctx<'a> {
+    let progress: &dyn crate::commands::deploy::Observer = match live {
+        Some(live) => live,
+        None => &ui::quiet,
+    };
     rollout::Ctx { config, env, tls, registry, progress, cancel: cancel_on_signal(), force_unlock }
 }
 
@@ -464,7 +473,10 @@ fn cancel_on_signal() -> &'static AtomicBool {
 
 static CANCEL: AtomicBool = AtomicBool::new(false);
 
-fn finish(result: anyhow::Result<commands::deploy::DeployReport>, format: Format) -> u8 {
+fn finish(result: anyhow::Result<commands::deploy::DeployReport>, live: Option<&ui::Live>, format: Format) -> u8 {
+    if let Some(live) = live {
+        live.finish();
+    }
     match result {
         Ok(report) => {
             ui::deploy_report(&report, format);

@@ -240,8 +240,8 @@ pub struct TlsFiles {
 #[serde(deny_unknown_fields)]
 pub struct Environment {
     /// `name = "address:port"`; the port defaults to 7443. The agent's certificate must name the
-    /// host (its inventory name, or the address).
-    pub hosts: BTreeMap<String, String>,
+    /// host (its inventory name, or the address). Hosts roll out in the order written.
+    pub hosts: indexmap::IndexMap<String, String>,
     /// "rolling" (default), "canary" or "all-at-once".
     #[serde(default = "default_strategy")]
     pub strategy: String,
@@ -520,7 +520,7 @@ impl FleetConfig {
         p
     }
 
-    /// The hosts of one environment, in inventory order (sorted by name).
+    /// The hosts of one environment, in inventory order (as written in fleet.toml).
     pub fn hosts(&self, env: &str) -> Result<Vec<Host>, UnknownEnvironment> {
         let e = self.environments.get(env).ok_or_else(|| UnknownEnvironment {
             name: env.to_string(),
@@ -558,7 +558,7 @@ cert = "pki/coordinator.pem"
 key = "/abs/coordinator.key"
 
 [environments.prod]
-hosts = { web-1 = "10.0.0.11:7443", web-2 = "10.0.0.12", web-3 = "web-3.example.com:9000", web-4 = "[fd00::4]:7443" }
+hosts = { web-1 = "10.0.0.11:7443", web-2 = "10.0.0.12", web-4 = "[fd00::4]:7443", web-3 = "web-3.example.com:9000" }
 "#;
 
     fn load(text: &str) -> Result<FleetConfig, String> {
@@ -573,8 +573,9 @@ hosts = { web-1 = "10.0.0.11:7443", web-2 = "10.0.0.12", web-3 = "web-3.example.
         let hosts = c.hosts("prod").expect("env");
         assert_eq!(hosts.len(), 4);
         assert_eq!(hosts[1], Host { name: "web-2".into(), address: "10.0.0.12".into(), port: 7443 });
-        assert_eq!(hosts[2].endpoint(), "web-3.example.com:9000");
-        assert_eq!(hosts[3].endpoint(), "[fd00::4]:7443");
+        // In the order written, not sorted: the inventory's order is the rollout's.
+        assert_eq!(hosts[2].endpoint(), "[fd00::4]:7443");
+        assert_eq!(hosts[3].endpoint(), "web-3.example.com:9000");
     }
 
     #[test]

@@ -23,5 +23,6 @@ pub mod exit;
 pub mod pki;
 pub mod plan;
 pub mod registry;
+pub mod state;
 pub mod tls;
 pub mod ui;

@@ -12,6 +12,8 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use rusqlite_migration::{M, Migrations};
 use serde::Serialize;
 
+use crate::state::{HostState, legal};
+
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     #[error("registry {path}: {source}")]
@@ -28,6 +30,10 @@ pub enum RegistryError {
         if lock.stale() { ": that process is gone" } else { "" }
     )]
     Locked { env: String, lock: Lock },
+    #[error(
+        "registry: deployment {deployment} host {host}: {from} → {to} is not a legal step (a bug, or two coordinators on one deployment)"
+    )]
+    Illegal { deployment: String, host: String, from: String, to: HostState },
 }
 
 fn migrations() -> Migrations<'static> {
@@ -308,11 +314,20 @@ impl Registry {
 
     /// Moves a host to `state`, with what is known so far. `staging` and `activating` (re)start
     /// its clock; terminal states stop it.
-    pub fn set_host(&self, id: &str, host: &str, state: &str, update: &HostUpdate<'_>) -> Result<(), RegistryError> {
+    pub fn set_host(&self, id: &str, host: &str, to: HostState, update: &HostUpdate<'_>) -> Result<(), RegistryError> {
+        let from: String = self
+            .conn
+            .query_row("SELECT state FROM hosts WHERE deployment_id = ?1 AND host = ?2", params![id, host], |r| {
+                r.get(0)
+            })
+            .map_err(self.sql())?;
+        if !HostState::parse(&from).is_some_and(|f| legal(f, to)) {
+            return Err(RegistryError::Illegal { deployment: id.into(), host: host.into(), from, to });
+        }
         let now = now_ms();
-        let starts = matches!(state, "staging");
-        let ends =
-            matches!(state, "staged" | "healthy" | "unchanged" | "failed" | "rolled_back" | "unreachable" | "skipped");
+        let starts = to == HostState::Staging;
+        let ends = to.is_terminal() || to == HostState::Staged;
+        let state = to.as_str();
         self.conn
             .execute(
                 "UPDATE hosts SET state = ?3,
@@ -391,6 +406,16 @@ impl Registry {
             })
             .map_err(self.sql())?;
         rows.collect::<Result<Vec<_>, _>>().map_err(self.sql())
+    }
+
+    /// The hosts of a deployment whose activation began (they may run its release).
+    pub fn activated_hosts(&self, id: &str) -> Result<std::collections::HashSet<String>, RegistryError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT DISTINCT host FROM events WHERE deployment_id = ?1 AND kind = 'activating' AND host IS NOT NULL")
+            .map_err(self.sql())?;
+        let rows = st.query_map([id], |r| r.get(0)).map_err(self.sql())?;
+        rows.collect::<Result<_, _>>().map_err(self.sql())
     }
 
     /// The newest deployments, newest first.
@@ -525,16 +550,21 @@ mod tests {
         let hosts = vec![("web-1".to_string(), 0), ("web-2".to_string(), 1)];
         reg.create(&new("d-1", &hosts)).expect("create");
         reg.set_status("d-1", "running", None).expect("running");
-        reg.set_host("d-1", "web-1", "staging", &HostUpdate::default()).expect("staging");
+        reg.set_host("d-1", "web-1", HostState::Staging, &HostUpdate::default()).expect("staging");
         reg.set_host(
             "d-1",
             "web-1",
-            "staged",
+            HostState::Staged,
             &HostUpdate { bytes: 100, previous_release: Some("1-0000000b"), error: None },
         )
         .expect("staged");
-        reg.set_host("d-1", "web-1", "healthy", &HostUpdate::default()).expect("healthy");
-        reg.set_host("d-1", "web-2", "failed", &HostUpdate { error: Some("probe"), ..Default::default() })
+        // The state machine's rules hold: a staged host is activated before it is healthy.
+        let e = reg.set_host("d-1", "web-1", HostState::Healthy, &HostUpdate::default()).expect_err("skips a step");
+        assert!(e.to_string().contains("web-1: staged → healthy is not a legal step"), "{e}");
+        reg.set_host("d-1", "web-1", HostState::Activating, &HostUpdate::default()).expect("activating");
+        reg.set_host("d-1", "web-1", HostState::Healthy, &HostUpdate::default()).expect("healthy");
+        reg.set_host("d-1", "web-2", HostState::Staging, &HostUpdate::default()).expect("staging");
+        reg.set_host("d-1", "web-2", HostState::Failed, &HostUpdate { error: Some("probe"), ..Default::default() })
             .expect("failed");
         reg.set_status("d-1", "failed", Some("web-2 failed")).expect("failed");
         let d = reg.deployment("d-1").expect("query").expect("row");
@@ -596,9 +626,10 @@ mod tests {
         for (i, status) in ["succeeded", "succeeded", "rolled_back", "failed"].iter().enumerate() {
             let id = format!("d-{i}");
             reg.create(&new(&id, &hosts)).expect("create");
-            reg.set_host(&id, "web-1", "staging", &HostUpdate::default()).expect("host");
-            let end = if *status == "succeeded" { "healthy" } else { "rolled_back" };
-            reg.set_host(&id, "web-1", end, &HostUpdate::default()).expect("host");
+            let end = if *status == "succeeded" { HostState::Healthy } else { HostState::RolledBack };
+            for state in [HostState::Staging, HostState::Staged, HostState::Activating, end] {
+                reg.set_host(&id, "web-1", state, &HostUpdate::default()).expect("host");
+            }
             reg.set_status(&id, status, None).expect("status");
         }
         // Unfinished deployments do not count.

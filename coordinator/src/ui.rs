@@ -170,15 +170,17 @@ pub fn status(r: &StatusReport, format: Format) {
     ));
 }
 
-/// Prints one progress line per host step while a rollout runs (human output only; JSON output
+mod live;
+pub use live::Live;
+
+/// What a rollout shows while it runs: the live view for human output, nothing for JSON (which
 /// prints the final object alone).
-pub fn progress_printer(format: Format) -> impl Fn(&str, &str) + Sync {
-    move |host: &str, msg: &str| {
-        if format == Format::Human {
-            out(&format!("  {host}: {msg}"));
-        }
-    }
+pub fn progress(format: Format) -> Option<std::sync::Arc<Live>> {
+    (format == Format::Human).then(Live::stdout)
 }
+
+/// Reports nothing (JSON output).
+pub fn quiet(_: &str, _: &str) {}
 
 pub fn deploy_start(a: &crate::artifact::Artifact, version: &str, env: &str, format: Format) {
     if format == Format::Human {

@@ -202,7 +202,7 @@ async fn sigterm_during_an_activation_finishes_it_before_exiting() {
                 cancel: &NOT_CANCELLED,
                 force_unlock: false,
             };
-            rollout::deploy(&ctx, artifact, "1", None).await
+            rollout::deploy(&ctx, artifact, "1", None, true).await
         }
     });
     let hook_running = ferry_tests::wait_for(600, || started.exists().then_some(())).await;

@@ -66,7 +66,7 @@ fn ctx<'a>(config: &'a FleetConfig, tls: &'a ClientTls, registry: &'a Mutex<Regi
 async fn deploy_dir(config: &FleetConfig, tls: &ClientTls, dir: &Path, version: &str) -> DeployReport {
     let artifact = Arc::new(Artifact::scan(dir, None).expect("scan"));
     let reg = registry(config);
-    rollout::deploy(&ctx(config, tls, &reg), artifact, version, None).await.expect("deploy runs")
+    rollout::deploy(&ctx(config, tls, &reg), artifact, version, None, true).await.expect("deploy runs")
 }
 
 async fn rollback(config: &FleetConfig, tls: &ClientTls, to: Option<&str>) -> DeployReport {
@@ -187,7 +187,7 @@ async fn a_redeploy_sends_manifest_changes_and_piece_deltas() {
         async move {
             let artifact = Arc::new(Artifact::scan(&dir, Some(cache)).expect("scan"));
             let reg = registry(config);
-            rollout::deploy(&ctx(config, tls, &reg), artifact, version, Some(cache)).await.expect("deploy runs")
+            rollout::deploy(&ctx(config, tls, &reg), artifact, version, Some(cache), true).await.expect("deploy runs")
         }
     };
     let mut files = tree_v(1);

@@ -99,8 +99,24 @@ pub struct Transfer {
     pub delta_chunks: AtomicU64,
 }
 
-/// Live progress of one host's step, for the output layer.
-pub type Progress<'a> = &'a (dyn Fn(&str, &str) + Sync);
+/// Where a rollout reports what it does, for the output layer (`ui`): lines, host states and
+/// transfer counters. A plain `Fn(host, line)` is one, for callers that want lines only.
+pub trait Observer: Sync {
+    /// A line about `host` (`"ferry"`: about the rollout itself).
+    fn line(&self, host: &str, msg: &str);
+    /// `host` moved to `state` (committed to the registry).
+    fn state(&self, _host: &str, _state: crate::state::HostState) {}
+    /// The live byte counters of `host`'s transfer.
+    fn transfer(&self, _host: &str, _transfer: &std::sync::Arc<Transfer>) {}
+}
+
+impl<F: Fn(&str, &str) + Sync> Observer for F {
+    fn line(&self, host: &str, msg: &str) {
+        self(host, msg);
+    }
+}
+
+pub type Progress<'a> = &'a dyn Observer;
 
 /// A short unique deployment id: `d-<unix seconds>-<6 hex>`.
 pub fn new_deployment_id() -> String {
@@ -176,14 +192,14 @@ async fn prepare(
             let (changed, removed) = (delta.upserts.len(), delta.removed.len());
             match client.prepare(unary(request(None, current, Some(delta)), timeout)).await {
                 Ok(r) => {
-                    progress(
+                    progress.line(
                         &host.name,
                         &format!("manifest sent as changes from {current}: {changed} changed, {removed} removed"),
                     );
                     return Ok((r.into_inner(), false));
                 }
                 Err(s) if s.code() == tonic::Code::FailedPrecondition => {
-                    progress(&host.name, &format!("sending the whole manifest: {}", s.message()));
+                    progress.line(&host.name, &format!("sending the whole manifest: {}", s.message()));
                 }
                 Err(s) => return Err(step_error(host, "prepare", &s)),
             }
@@ -216,9 +232,9 @@ pub async fn stage_host(
     sent.manifest_delta.store(!prepared.1, Ordering::Relaxed);
     let prepared = prepared.0;
     if prepared.already_present {
-        progress(&host.name, &format!("release {} is already on the host", prepared.release_id));
+        progress.line(&host.name, &format!("release {} is already on the host", prepared.release_id));
     } else {
-        progress(
+        progress.line(
             &host.name,
             &format!(
                 "prepared: {} chunk(s) missing ({} of {})",
@@ -237,7 +253,7 @@ pub async fn stage_host(
             } else {
                 String::new()
             };
-            progress(
+            progress.line(
                 &host.name,
                 &format!("uploaded {}{from_bases}", crate::ui::bytes(sent.bytes.load(Ordering::Relaxed))),
             );
@@ -255,7 +271,7 @@ pub async fn stage_host(
         if fin.outcome != v1::Outcome::Committed as i32 {
             return Err(fail(ErrorKind::Rpc, format!("commit ended with {:?}: {}", fin.outcome, fin.cause)));
         }
-        progress(&host.name, &format!("committed {}", fin.release_id));
+        progress.line(&host.name, &format!("committed {}", fin.release_id));
     }
     Ok(Staged { current, release_id: prepared.release_id })
 }

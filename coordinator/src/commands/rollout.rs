@@ -28,6 +28,7 @@ use crate::client::{ErrorKind, HostError};
 use crate::config::{FleetConfig, Host};
 use crate::plan::{self, Batch, Pause, Strategy};
 use crate::registry::{HostRow, HostUpdate, NewDeployment, Registry};
+use crate::state::{self, HostState, Next, Outcome};
 use crate::tls::ClientTls;
 
 /// Everything a rollout command works with.
@@ -51,6 +52,13 @@ struct Stored {
     max_failures: usize,
     auto_rollback: bool,
     total_bytes: u64,
+    /// Stage every host before the first activation (`--no-prestage`: each batch just before it).
+    #[serde(default = "yes")]
+    prestage: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Ctx<'_> {
@@ -59,8 +67,10 @@ impl Ctx<'_> {
         Ok(f(&mut reg)?)
     }
 
-    fn host_state(&self, id: &str, host: &str, state: &str, update: &HostUpdate<'_>) -> anyhow::Result<()> {
-        self.reg(|r| r.set_host(id, host, state, update))
+    fn host_state(&self, id: &str, host: &str, state: HostState, update: &HostUpdate<'_>) -> anyhow::Result<()> {
+        self.reg(|r| r.set_host(id, host, state, update))?;
+        self.progress.state(host, state);
+        Ok(())
     }
 
     fn cancelled(&self) -> bool {
@@ -74,7 +84,7 @@ impl Ctx<'_> {
 
     fn take_lock(&self, id: &str) -> anyhow::Result<()> {
         if let Some(broken) = self.reg(|r| r.lock(self.env, id, self.force_unlock))? {
-            (self.progress)(
+            self.progress.line(
                 "ferry",
                 &format!(
                     "WARNING: broke the lock of deployment {} ({} on {}, pid {}); if it is still running, two rollouts now touch {}",
@@ -92,6 +102,7 @@ pub async fn deploy(
     artifact: Arc<Artifact>,
     version: &str,
     cache: Option<&Cache>,
+    prestage: bool,
 ) -> anyhow::Result<DeployReport> {
     ferry_proto::manifest::check_version(version).map_err(|e| anyhow::anyhow!("--version: {e}"))?;
     let env = ctx.config.environments.get(ctx.env).context("unknown environment")?;
@@ -109,6 +120,7 @@ pub async fn deploy(
         max_failures: env.max_failures,
         auto_rollback: env.auto_rollback,
         total_bytes: artifact.total_bytes,
+        prestage,
     };
     let placed: Vec<(String, usize)> = batches
         .iter()
@@ -181,9 +193,9 @@ pub async fn resume(ctx: &Ctx<'_>, cache: Option<&Cache>, paused_only: bool) -> 
         r.lock(ctx.env, &d.id, ctx.force_unlock)
     })?;
     if let Some(b) = broken {
-        (ctx.progress)("ferry", &format!("WARNING: broke the lock of deployment {}", b.deployment_id));
+        ctx.progress.line("ferry", &format!("WARNING: broke the lock of deployment {}", b.deployment_id));
     }
-    (ctx.progress)("ferry", &format!("continuing deployment {} of {} to {}", d.id, d.version, d.environment));
+    ctx.progress.line("ferry", &format!("continuing deployment {} of {} to {}", d.id, d.version, d.environment));
     ctx.reg(|r| r.event(&d.id, None, "resumed", &format!("by pid {}", std::process::id())))?;
     run(ctx, &d.id, Arc::new(artifact), cache).await
 }
@@ -192,13 +204,23 @@ fn stored(strategy: &str) -> anyhow::Result<Stored> {
     serde_json::from_str(strategy).context("the registry's record of the rollout plan is unreadable")
 }
 
-const TERMINAL: [&str; 6] = ["healthy", "unchanged", "failed", "rolled_back", "unreachable", "skipped"];
-
 fn failures(rows: &[HostRow]) -> usize {
-    rows.iter().filter(|h| matches!(h.state.as_str(), "failed" | "rolled_back" | "unreachable")).count()
+    rows.iter().filter(|h| HostState::parse(&h.state).is_some_and(HostState::is_failure)).count()
 }
 
-/// Drives a recorded deployment to its end (or to a pause) from whatever state it is in.
+/// The registry's host rows as the state machine sees them.
+fn machine_view(rows: &[HostRow]) -> anyhow::Result<Vec<state::Host>> {
+    rows.iter()
+        .map(|h| {
+            let state = HostState::parse(&h.state)
+                .with_context(|| format!("the registry records host {} in an unknown state {:?}", h.host, h.state))?;
+            Ok(state::Host { state, batch: usize::try_from(h.batch).unwrap_or(0) })
+        })
+        .collect()
+}
+
+/// Drives a recorded deployment to its end (or to a pause) from whatever state it is in: asks the
+/// state machine what is next, does it, records it, asks again.
 async fn run(ctx: &Ctx<'_>, id: &str, artifact: Arc<Artifact>, cache: Option<&Cache>) -> anyhow::Result<DeployReport> {
     let d = ctx.reg(|r| r.deployment(id))?.context("deployment vanished from the registry")?;
     let plan = stored(&d.strategy)?;
@@ -212,20 +234,88 @@ async fn run(ctx: &Ctx<'_>, id: &str, artifact: Arc<Artifact>, cache: Option<&Ca
     ctx.reg(|r| r.set_status(id, "running", None))?;
     let transfers: HashMap<String, Arc<Transfer>> =
         rows.iter().map(|h| (h.host.clone(), Arc::new(Transfer::default()))).collect();
+    for (host, t) in &transfers {
+        ctx.progress.transfer(host, t);
+    }
     let send = Send { artifact: &artifact, version: &d.version, deployment_id: id, cache };
+    let total = rows.iter().map(|h| h.batch + 1).max().unwrap_or(0);
+    let rules = state::Rules {
+        max_failures: plan.max_failures,
+        prestage: plan.prestage,
+        pauses: (0..usize::try_from(total).unwrap_or(0))
+            .map(|n| pause_after(&plan.strategy, n, total as usize))
+            .collect(),
+    };
+    let mut just_activated = None;
+    loop {
+        let rows = ctx.reg(|r| r.hosts(id))?;
+        let next = state::next(&machine_view(&rows)?, &rules, just_activated, ctx.cancelled());
+        match next {
+            Next::Stage(ix) => {
+                let hosts: Vec<&Host> = ix.iter().map(|&i| &inventory[&rows[i].host]).collect();
+                stage_all(ctx, id, &hosts, &send, &transfers).await?;
+            }
+            Next::Activate { batch, hosts } => {
+                let names: Vec<&str> = hosts.iter().map(|&i| rows[i].host.as_str()).collect();
+                ctx.progress.line("ferry", &format!("batch {} of {total}: {}", batch + 1, names.join(", ")));
+                let activations =
+                    names.iter().map(|name| activate_one(ctx, id, &d.version, &d.release_id, &inventory[*name]));
+                for r in futures_util::future::join_all(activations).await {
+                    r?;
+                }
+                just_activated = Some(batch);
+            }
+            Next::Pause { after, pause: Pause::Manual } => {
+                ctx.reg(|r| r.set_status(id, "paused", None))?;
+                ctx.progress.line(
+                    "ferry",
+                    &format!(
+                        "paused after batch {} of {total}: check it, then `ferry promote --env {}` to go on (or `ferry rollback --env {}`)",
+                        after + 1,
+                        ctx.env,
+                        ctx.env
+                    ),
+                );
+                return report(ctx, id, &transfers);
+            }
+            Next::Pause { pause: Pause::For(wait), .. } => {
+                ctx.progress
+                    .line("ferry", &format!("pausing {} before the next batch", humantime::format_duration(wait)));
+                ctx.reg(|r| r.event(id, None, "pause", &humantime::format_duration(wait).to_string()))?;
+                let until = tokio::time::Instant::now() + wait;
+                while tokio::time::Instant::now() < until && !ctx.cancelled() {
+                    tokio::time::sleep(Duration::from_millis(200).min(until - tokio::time::Instant::now())).await;
+                }
+                just_activated = None;
+            }
+            Next::Halt => return halt(ctx, id, &plan, &transfers, None).await,
+            Next::Cancel => return finish(ctx, id, "cancelled", Some("cancelled by the operator"), &transfers),
+            Next::Finish(Outcome::Failed) => return finish(ctx, id, "failed", None, &transfers),
+            Next::Finish(Outcome::Succeeded) => return finish(ctx, id, "succeeded", None, &transfers),
+        }
+    }
+}
 
-    // Stage everywhere first: a transfer changes nothing a host runs.
+/// Stages the release on `hosts` in parallel (at most `parallelism` at once). Staging changes
+/// nothing a host runs.
+async fn stage_all(
+    ctx: &Ctx<'_>,
+    id: &str,
+    hosts: &[&Host],
+    send: &Send<'_>,
+    transfers: &HashMap<String, Arc<Transfer>>,
+) -> anyhow::Result<()> {
     let limit = Arc::new(tokio::sync::Semaphore::new(ctx.config.parallelism.max(1)));
-    let staging = rows.iter().filter(|h| matches!(h.state.as_str(), "pending" | "staging")).map(|h| {
-        let (host, transfer, limit, send) = (&inventory[&h.host], transfers[&h.host].clone(), limit.clone(), &send);
+    let staging = hosts.iter().map(|&host| {
+        let (transfer, limit) = (transfers[&host.name].clone(), limit.clone());
         async move {
             let _permit = limit.acquire().await;
-            ctx.host_state(id, &host.name, "staging", &HostUpdate::default())?;
+            ctx.host_state(id, &host.name, HostState::Staging, &HostUpdate::default())?;
             let staged = stage_host(ctx.config, host, ctx.tls, send, &transfer, ctx.progress).await;
             let bytes = transfer.bytes.load(Ordering::Relaxed);
             match staged {
                 Ok(s) => {
-                    let state = if s.current == s.release_id { "unchanged" } else { "staged" };
+                    let state = if s.current == s.release_id { HostState::Unchanged } else { HostState::Staged };
                     let previous = (!s.current.is_empty()).then_some(s.current.as_str());
                     ctx.host_state(
                         id,
@@ -241,67 +331,7 @@ async fn run(ctx: &Ctx<'_>, id: &str, artifact: Arc<Artifact>, cache: Option<&Ca
     for r in futures_util::future::join_all(staging).await {
         r?;
     }
-
-    let batches = plan_batches(&d.id, ctx)?;
-    let total = batches.len();
-    for (n, batch) in batches.iter().enumerate() {
-        let rows = ctx.reg(|r| r.hosts(id))?;
-        if failures(&rows) > plan.max_failures {
-            return halt(ctx, id, &plan, &transfers, None).await;
-        }
-        let todo: Vec<&HostRow> = batch
-            .iter()
-            .filter_map(|name| rows.iter().find(|h| &h.host == name))
-            .filter(|h| matches!(h.state.as_str(), "staged" | "activating"))
-            .collect();
-        if todo.is_empty() {
-            continue;
-        }
-        if ctx.cancelled() {
-            return finish(ctx, id, "cancelled", Some("cancelled by the operator"), &transfers);
-        }
-        (ctx.progress)("ferry", &format!("batch {} of {total}: {}", n + 1, batch.join(", ")));
-        let activations = todo.iter().map(|h| activate_one(ctx, id, &d.version, &d.release_id, &inventory[&h.host]));
-        for r in futures_util::future::join_all(activations).await {
-            r?;
-        }
-        let rows = ctx.reg(|r| r.hosts(id))?;
-        if failures(&rows) > plan.max_failures {
-            return halt(ctx, id, &plan, &transfers, None).await;
-        }
-        let remaining = rows.iter().any(|h| !TERMINAL.contains(&h.state.as_str()));
-        match pause_after(&plan.strategy, n, total) {
-            Some(_) if !remaining => {}
-            Some(Pause::Manual) => {
-                ctx.reg(|r| r.set_status(id, "paused", None))?;
-                (ctx.progress)(
-                    "ferry",
-                    &format!(
-                        "paused after batch {} of {total}: check it, then `ferry promote --env {}` to go on (or `ferry rollback --env {}`)",
-                        n + 1,
-                        ctx.env,
-                        ctx.env
-                    ),
-                );
-                return report(ctx, id, &transfers);
-            }
-            Some(Pause::For(wait)) => {
-                (ctx.progress)("ferry", &format!("pausing {} before the next batch", humantime::format_duration(wait)));
-                ctx.reg(|r| r.event(id, None, "pause", &humantime::format_duration(wait).to_string()))?;
-                let until = tokio::time::Instant::now() + wait;
-                while tokio::time::Instant::now() < until && !ctx.cancelled() {
-                    tokio::time::sleep(Duration::from_millis(200).min(until - tokio::time::Instant::now())).await;
-                }
-            }
-            None => {}
-        }
-    }
-    let rows = ctx.reg(|r| r.hosts(id))?;
-    if failures(&rows) > plan.max_failures {
-        return halt(ctx, id, &plan, &transfers, None).await;
-    }
-    let status = if failures(&rows) > 0 { "failed" } else { "succeeded" };
-    finish(ctx, id, status, None, &transfers)
+    Ok(())
 }
 
 /// The pause after batch `n` of `total` under `strategy`.
@@ -315,28 +345,14 @@ fn pause_after(strategy: &Strategy, n: usize, total: usize) -> Option<Pause> {
     }
 }
 
-/// The recorded batches (host names by batch index, in plan order).
-fn plan_batches(id: &str, ctx: &Ctx<'_>) -> anyhow::Result<Vec<Vec<String>>> {
-    let rows = ctx.reg(|r| r.hosts(id))?;
-    let mut batches: Vec<Vec<String>> = Vec::new();
-    for h in rows {
-        let b = usize::try_from(h.batch).unwrap_or(0);
-        if batches.len() <= b {
-            batches.resize(b + 1, Vec::new());
-        }
-        batches[b].push(h.host);
-    }
-    Ok(batches)
-}
-
 fn host_failed(ctx: &Ctx<'_>, id: &str, host: &Host, e: &HostError, bytes: u64) -> anyhow::Result<()> {
     let state = match e.kind {
-        ErrorKind::RolledBack => "rolled_back",
-        _ if e.is_unreachable() => "unreachable",
-        _ => "failed",
+        ErrorKind::RolledBack => HostState::RolledBack,
+        _ if e.is_unreachable() => HostState::Unreachable,
+        _ => HostState::Failed,
     };
-    let label = if state == "rolled_back" { "ROLLED BACK" } else { "FAILED" };
-    (ctx.progress)(&host.name, &format!("{label}: {}", e.message));
+    let label = if state == HostState::RolledBack { "ROLLED BACK" } else { "FAILED" };
+    ctx.progress.line(&host.name, &format!("{label}: {}", e.message));
     ctx.host_state(id, &host.name, state, &HostUpdate { bytes, error: Some(&e.to_string()), ..Default::default() })
 }
 
@@ -348,11 +364,11 @@ async fn activate_one(ctx: &Ctx<'_>, id: &str, version: &str, release_id: &str, 
     {
         return host_failed(ctx, id, host, &HostError::new(host, ErrorKind::Failed, e), 0);
     }
-    ctx.host_state(id, &host.name, "activating", &HostUpdate::default())?;
+    ctx.host_state(id, &host.name, HostState::Activating, &HostUpdate::default())?;
     match activate_host(ctx.config, host, ctx.tls, release_id, version, id).await {
         Ok(swap) => {
-            (ctx.progress)(&host.name, &format!("activated ({})", swap.summary()));
-            ctx.host_state(id, &host.name, "healthy", &HostUpdate::default())?;
+            ctx.progress.line(&host.name, &format!("activated ({})", swap.summary()));
+            ctx.host_state(id, &host.name, HostState::Healthy, &HostUpdate::default())?;
         }
         Err(e) => return host_failed(ctx, id, host, &e, 0),
     }
@@ -404,28 +420,39 @@ async fn halt(
         || format!("{} host(s) failed, more than max_failures = {}", failures(&rows), plan.max_failures),
         str::to_string,
     );
-    (ctx.progress)("ferry", &format!("halting: {reason}"));
+    ctx.progress.line("ferry", &format!("halting: {reason}"));
     if !plan.auto_rollback {
         return finish(ctx, id, "failed", Some(&reason), transfers);
     }
     let inventory = ctx.inventory()?;
-    let updated: Vec<&HostRow> = rows.iter().filter(|h| matches!(h.state.as_str(), "healthy" | "activating")).collect();
+    // Every host whose swap began may run the new release: healthy ones, ones caught mid-swap or
+    // mid-rollback, and ones that failed or went silent after it (an after_host hook, a lost
+    // connection). Hosts that failed before (staging, before_host) were never changed.
+    let activated = ctx.reg(|r| r.activated_hosts(id))?;
+    let updated: Vec<&HostRow> = rows
+        .iter()
+        .filter(|h| match h.state.as_str() {
+            "healthy" | "activating" | "rolling_back" => true,
+            "failed" | "unreachable" => activated.contains(&h.host),
+            _ => false,
+        })
+        .collect();
     let mut all_back = true;
     for h in updated {
         let host = &inventory[&h.host];
         let Some(previous) = h.previous_release.as_deref() else {
-            (ctx.progress)(&h.host, "has no previous release to go back to; left on the new one");
+            ctx.progress.line(&h.host, "has no previous release to go back to; left on the new one");
             all_back = false;
             continue;
         };
-        ctx.host_state(id, &h.host, "rolling_back", &HostUpdate::default())?;
+        ctx.host_state(id, &h.host, HostState::RollingBack, &HostUpdate::default())?;
         match rollback_host(ctx.config, host, ctx.tls, &Target::Release(previous.to_string()), id).await {
             Ok(swap) => {
-                (ctx.progress)(&h.host, &format!("rolled back ({})", swap.summary()));
+                ctx.progress.line(&h.host, &format!("rolled back ({})", swap.summary()));
                 ctx.host_state(
                     id,
                     &h.host,
-                    "rolled_back",
+                    HostState::RolledBack,
                     &HostUpdate { error: Some("rolled back: the rollout halted"), ..Default::default() },
                 )?;
             }
@@ -449,7 +476,7 @@ fn finish(
 ) -> anyhow::Result<DeployReport> {
     for h in ctx.reg(|r| r.hosts(id))? {
         if matches!(h.state.as_str(), "pending" | "staging" | "staged") {
-            ctx.host_state(id, &h.host, "skipped", &HostUpdate::default())?;
+            ctx.host_state(id, &h.host, HostState::Skipped, &HostUpdate::default())?;
         }
     }
     ctx.reg(|r| {
@@ -543,7 +570,7 @@ pub async fn rollback(ctx: &Ctx<'_>, to_version: Option<&str>) -> anyhow::Result
             r.unlock(ctx.env, &d.id)?;
             r.lock(ctx.env, &d.id, false)
         })?;
-        (ctx.progress)("ferry", &format!("unwinding deployment {} of {}", d.id, d.version));
+        ctx.progress.line("ferry", &format!("unwinding deployment {} of {}", d.id, d.version));
         let plan = Stored { auto_rollback: true, ..stored(&d.strategy)? };
         return halt(ctx, &d.id, &plan, &HashMap::new(), Some("unwound by `ferry rollback`")).await;
     }
@@ -558,6 +585,7 @@ pub async fn rollback(ctx: &Ctx<'_>, to_version: Option<&str>) -> anyhow::Result
         max_failures: env.max_failures,
         auto_rollback: false,
         total_bytes: 0,
+        prestage: false,
     };
     ctx.reg(|r| {
         r.create(&NewDeployment {
@@ -586,12 +614,15 @@ pub async fn rollback(ctx: &Ctx<'_>, to_version: Option<&str>) -> anyhow::Result
         let swaps = batch.hosts.iter().map(|&i| {
             let (host, target, id) = (&hosts[i], &target, &id);
             async move {
-                ctx.host_state(id, &host.name, "activating", &HostUpdate::default())?;
+                ctx.host_state(id, &host.name, HostState::Activating, &HostUpdate::default())?;
                 match rollback_host(ctx.config, host, ctx.tls, target, id).await {
                     Ok(swap) => {
-                        let (state, verb) =
-                            if swap.changed { ("healthy", "rolled back") } else { ("unchanged", "unchanged") };
-                        (ctx.progress)(&host.name, &format!("{verb} ({})", swap.summary()));
+                        let (state, verb) = if swap.changed {
+                            (HostState::Healthy, "rolled back")
+                        } else {
+                            (HostState::Unchanged, "unchanged")
+                        };
+                        ctx.progress.line(&host.name, &format!("{verb} ({})", swap.summary()));
                         ctx.host_state(
                             id,
                             &host.name,
