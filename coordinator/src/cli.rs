@@ -429,9 +429,19 @@ fn history_registry(path: &std::path::Path) -> anyhow::Result<Registry> {
 }
 
 fn plan_view(config: &FleetConfig, env: &str) -> anyhow::Result<ui::PlanView> {
-    let hosts = config.hosts(env)?;
+    let mut hosts = config.hosts(env)?;
     let e = &config.environments[env];
     let strategy = e.strategy().map_err(|p| anyhow::anyhow!("environments.{env}: {}", p[0]))?;
+    let (mut live_group, mut switch_to) = (None, None);
+    if strategy == crate::plan::Strategy::BlueGreen {
+        // The registry knows which group is live; without one yet, the first group goes first.
+        let registry = config.registry_path().filter(|p| p.exists()).map(|p| Registry::open(&p)).transpose()?;
+        live_group = registry.map(|r| r.live_group(env)).transpose()?.flatten().map(|(group, _)| group);
+        if let Some((idle, members)) = e.idle_group(live_group.as_deref()) {
+            hosts.retain(|h| members.contains(&h.name));
+            switch_to = Some(idle);
+        }
+    }
     let batches = crate::plan::plan(&strategy, hosts.len())
         .into_iter()
         .map(|b| ui::PlanBatch {
@@ -445,6 +455,8 @@ fn plan_view(config: &FleetConfig, env: &str) -> anyhow::Result<ui::PlanView> {
         max_failures: e.max_failures,
         auto_rollback: e.auto_rollback,
         batches,
+        live_group,
+        switch_to,
     })
 }
 
@@ -463,6 +475,7 @@ fn cancel_on_signal() -> &'static AtomicBool {
             }
             if CANCEL.swap(true, Ordering::SeqCst) {
                 eprintln!("ferry: stopping now; `ferry resume` or `ferry rollback` picks up from the registry");
+                rollout::kill_hooks();
                 std::process::exit(i32::from(exit::FAILED));
             }
             eprintln!("ferry: cancelling after the hosts in flight finish (press again to stop at once)");

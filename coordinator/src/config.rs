@@ -242,7 +242,7 @@ pub struct Environment {
     /// `name = "address:port"`; the port defaults to 7443. The agent's certificate must name the
     /// host (its inventory name, or the address). Hosts roll out in the order written.
     pub hosts: indexmap::IndexMap<String, String>,
-    /// "rolling" (default), "canary" or "all-at-once".
+    /// "rolling" (default), "canary", "all-at-once" or "blue-green".
     #[serde(default = "default_strategy")]
     pub strategy: String,
     /// rolling: hosts per batch: a count, "25%", or a list such as [1, 5, "20%"] (the last repeats).
@@ -267,6 +267,69 @@ pub struct Environment {
     pub before_host: Option<String>,
     #[serde(default)]
     pub after_host: Option<String>,
+    /// blue-green: the two host groups, e.g. `{ blue = ["web-1", "web-2"], green = ["web-3",
+    /// "web-4"] }`. A deployment goes to the idle group; the live one keeps serving.
+    #[serde(default)]
+    pub groups: Option<indexmap::IndexMap<String, Vec<String>>>,
+    /// blue-green: the command that makes a group live (points the load balancer at it), run
+    /// where `ferry` runs with FERRY_GROUP, FERRY_PREVIOUS_GROUP, FERRY_HOSTS, FERRY_ADDRS,
+    /// FERRY_VERSION, FERRY_ENV set. It must be safe to run twice (a resumed deployment repeats it).
+    #[serde(default)]
+    pub switch: Option<String>,
+    /// blue-green: a check run right after the switch (e.g. a request through the load
+    /// balancer), same variables; if it fails, `switch` switches the previous group back in.
+    #[serde(default)]
+    pub after_switch: Option<String>,
+}
+
+impl Environment {
+    fn blue_green_problems(&self, p: &mut Vec<Problem>) {
+        if self.switch.as_deref().is_none_or(|s| s.trim().is_empty()) {
+            p.push(Problem::new(
+                "switch",
+                "blue-green needs the command that makes a group live, e.g. switch = \"lb-point-to $FERRY_GROUP\"",
+            ));
+        }
+        let Some(groups) = &self.groups else {
+            p.push(Problem::new("groups", "blue-green needs two host groups, e.g. { blue = [...], green = [...] }"));
+            return;
+        };
+        if groups.len() != 2 {
+            p.push(Problem::new("groups", format!("blue-green needs exactly two groups, not {}", groups.len())));
+        }
+        let mut owner: BTreeMap<&str, &str> = BTreeMap::new();
+        for (group, members) in groups {
+            if members.is_empty() {
+                p.push(Problem::new(format!("groups.{group}"), "has no hosts"));
+            }
+            for host in members {
+                if !self.hosts.contains_key(host) {
+                    p.push(Problem::new(format!("groups.{group}"), format!("names {host:?}, which is not in hosts")));
+                } else if let Some(other) = owner.insert(host, group) {
+                    p.push(Problem::new(format!("groups.{group}"), format!("{host} is already in group {other}")));
+                }
+            }
+        }
+        let loose: Vec<&str> = self.hosts.keys().map(String::as_str).filter(|h| !owner.contains_key(h)).collect();
+        if groups.len() == 2 && !loose.is_empty() {
+            p.push(Problem::new("groups", format!("every host must be in a group; not in one: {}", loose.join(", "))));
+        }
+    }
+
+    /// blue-green: the group to deploy to when `live` is live (the first group when none is yet),
+    /// and its hosts in inventory order.
+    pub fn idle_group(&self, live: Option<&str>) -> Option<(String, Vec<String>)> {
+        let groups = self.groups.as_ref()?;
+        let (name, members) = groups.iter().find(|(name, _)| Some(name.as_str()) != live)?;
+        let hosts = self.hosts.keys().filter(|h| members.contains(h)).cloned().collect();
+        Some((name.clone(), hosts))
+    }
+
+    /// blue-green: the hosts of `group`, in inventory order.
+    pub fn group_hosts(&self, group: &str) -> Vec<String> {
+        let members = self.groups.as_ref().and_then(|g| g.get(group));
+        self.hosts.keys().filter(|h| members.is_some_and(|m| m.contains(h))).cloned().collect()
+    }
 }
 
 fn default_strategy() -> String {
@@ -283,7 +346,25 @@ impl Environment {
                 p.push(Problem::new(key, format!("does not apply to strategy {:?}", self.strategy)));
             }
         };
+        if self.strategy != "blue-green" {
+            for (key, set) in [
+                ("groups", self.groups.is_some()),
+                ("switch", self.switch.is_some()),
+                ("after_switch", self.after_switch.is_some()),
+            ] {
+                misplaced(key, set, &mut p);
+            }
+        }
         let strategy = match self.strategy.as_str() {
+            "blue-green" => {
+                for (key, set) in
+                    [("batch", self.batch.is_some()), ("steps", self.steps.is_some()), ("pause", self.pause.is_some())]
+                {
+                    misplaced(key, set, &mut p);
+                }
+                self.blue_green_problems(&mut p);
+                Strategy::BlueGreen
+            }
             "rolling" => {
                 misplaced("steps", self.steps.is_some(), &mut p);
                 misplaced("pause", self.pause.is_some(), &mut p);
@@ -326,7 +407,10 @@ impl Environment {
                 Strategy::AllAtOnce
             }
             other => {
-                p.push(Problem::new("strategy", format!("{other:?} is not one of rolling, canary, all-at-once")));
+                p.push(Problem::new(
+                    "strategy",
+                    format!("{other:?} is not one of rolling, canary, all-at-once, blue-green"),
+                ));
                 Strategy::default()
             }
         };
@@ -644,6 +728,44 @@ hosts = { web-1 = "10.0.0.11:7443", web-2 = "10.0.0.12", web-4 = "[fd00::4]:7443
     }
 
     #[test]
+    fn blue_green_groups_cover_every_host_once() {
+        let with = |extra: &str| GOOD.trim_end().to_string() + "\nstrategy = \"blue-green\"\n" + extra + "\n";
+        let ok =
+            "switch = \"lb $FERRY_GROUP\"\ngroups = { blue = [\"web-1\", \"web-3\"], green = [\"web-2\", \"web-4\"] }";
+        let c = load(&with(ok)).expect("valid");
+        let e = &c.environments["prod"];
+        assert_eq!(e.strategy(), Ok(Strategy::BlueGreen));
+        // No group live yet: the first goes first; hosts in inventory order (web-4 before web-3).
+        assert_eq!(e.idle_group(None), Some(("blue".into(), vec!["web-1".into(), "web-3".into()])));
+        assert_eq!(e.idle_group(Some("blue")).map(|g| g.0), Some("green".into()));
+        assert_eq!(e.idle_group(Some("green")).map(|g| g.0), Some("blue".into()));
+        assert_eq!(e.group_hosts("green"), ["web-2", "web-4"]);
+        for (extra, want) in [
+            ("groups = { blue = [\"web-1\"], green = [\"web-2\"] }", "environments.prod.switch: blue-green needs"),
+            ("switch = \"x\"", "environments.prod.groups: blue-green needs two host groups"),
+            (
+                "switch = \"x\"\ngroups = { a = [\"web-1\", \"web-2\", \"web-3\", \"web-4\"] }",
+                "exactly two groups, not 1",
+            ),
+            (
+                "switch = \"x\"\ngroups = { a = [\"web-1\", \"web-2\"], b = [\"web-2\", \"web-3\", \"web-4\"] }",
+                "environments.prod.groups.b: web-2 is already in group a",
+            ),
+            (
+                "switch = \"x\"\ngroups = { a = [\"web-1\", \"db-1\"], b = [\"web-2\", \"web-3\", \"web-4\"] }",
+                "names \"db-1\", which is not in hosts",
+            ),
+            ("switch = \"x\"\ngroups = { a = [\"web-1\"], b = [\"web-2\"] }", "not in one: web-4, web-3"),
+            ("switch = \"x\"\ngroups = { a = [\"web-1\", \"web-2\"], b = [] }", "groups.b: has no hosts"),
+        ] {
+            let err = load(&with(extra)).expect_err(extra);
+            assert!(err.contains(want), "{extra}: {err}");
+        }
+        let err = load(&(GOOD.trim_end().to_string() + "\nswitch = \"x\"\n")).expect_err("rolling with switch");
+        assert!(err.contains("environments.prod.switch: does not apply to strategy \"rolling\""), "{err}");
+    }
+
+    #[test]
     fn strategy_keys_are_checked_per_environment() {
         let with = |extra: &str| GOOD.trim_end().to_string() + "\n" + extra + "\n";
         let c = load(&with("strategy = \"canary\"\nsteps = [1, \"50%\"]\npause = \"10m\"")).expect("valid");
@@ -660,7 +782,10 @@ hosts = { web-1 = "10.0.0.11:7443", web-2 = "10.0.0.12", web-4 = "[fd00::4]:7443
             Ok(Some(Strategy::Rolling { batch: vec![Size::Count(1), Size::Percent(25)] }))
         );
         for (extra, want) in [
-            ("strategy = \"blue\"", "environments.prod.strategy: \"blue\" is not one of rolling, canary, all-at-once"),
+            (
+                "strategy = \"blue\"",
+                "environments.prod.strategy: \"blue\" is not one of rolling, canary, all-at-once, blue-green",
+            ),
             ("strategy = \"canary\"", "environments.prod.steps: a canary needs steps"),
             ("strategy = \"canary\"\nsteps = [3, 2]", "environments.prod.steps: are cumulative targets"),
             ("steps = [1]", "environments.prod.steps: does not apply to strategy \"rolling\""),

@@ -131,9 +131,17 @@ impl From<Pause> for String {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "strategy", rename_all = "kebab-case")]
 pub enum Strategy {
-    Rolling { batch: Vec<Size> },
-    Canary { steps: Vec<Size>, pause: Pause },
+    Rolling {
+        batch: Vec<Size>,
+    },
+    Canary {
+        steps: Vec<Size>,
+        pause: Pause,
+    },
     AllAtOnce,
+    /// The idle group of two, all at once, then a switch makes it live (the hosts given to
+    /// [`plan`] are the idle group's).
+    BlueGreen,
 }
 
 impl Default for Strategy {
@@ -152,6 +160,7 @@ impl std::fmt::Display for Strategy {
                 write!(f, "canary, steps [{}], pause {}", list(steps), String::from(*pause))
             }
             Strategy::AllAtOnce => f.write_str("all-at-once"),
+            Strategy::BlueGreen => f.write_str("blue-green: the idle group at once, then switch"),
         }
     }
 }
@@ -168,7 +177,7 @@ pub fn plan(strategy: &Strategy, total: usize) -> Vec<Batch> {
     let mut batches = Vec::new();
     let mut next = 0;
     match strategy {
-        Strategy::AllAtOnce => {
+        Strategy::AllAtOnce | Strategy::BlueGreen => {
             if total > 0 {
                 batches.push(Batch { hosts: (0..total).collect(), pause_after: None });
             }
@@ -206,7 +215,7 @@ pub fn plan(strategy: &Strategy, total: usize) -> Vec<Batch> {
 /// steps and pauses; the previous release is already on every host).
 pub fn rollback_batch(strategy: &Strategy, total: usize) -> usize {
     match strategy {
-        Strategy::AllAtOnce => total.max(1),
+        Strategy::AllAtOnce | Strategy::BlueGreen => total.max(1),
         Strategy::Rolling { batch } => batch.first().map_or(1, |s| s.resolve(total)),
         Strategy::Canary { steps, .. } => steps.first().map_or(1, |s| s.resolve(total)),
     }

@@ -37,8 +37,9 @@ pub enum RegistryError {
 }
 
 fn migrations() -> Migrations<'static> {
-    Migrations::new(vec![M::up(
-        "CREATE TABLE deployments (
+    Migrations::new(vec![
+        M::up(
+            "CREATE TABLE deployments (
             id TEXT PRIMARY KEY,
             kind TEXT NOT NULL,
             environment TEXT NOT NULL,
@@ -82,7 +83,17 @@ fn migrations() -> Migrations<'static> {
             pid INTEGER NOT NULL,
             since_ms INTEGER NOT NULL
         );",
-    )])
+        ),
+        // blue-green: which group of an environment serves, and which deployment made it live.
+        M::up(
+            "CREATE TABLE live_groups (
+            environment TEXT PRIMARY KEY,
+            grp TEXT NOT NULL,
+            deployment_id TEXT NOT NULL,
+            since_ms INTEGER NOT NULL
+        );",
+        ),
+    ])
 }
 
 pub fn now_ms() -> i64 {
@@ -406,6 +417,28 @@ impl Registry {
             })
             .map_err(self.sql())?;
         rows.collect::<Result<Vec<_>, _>>().map_err(self.sql())
+    }
+
+    /// blue-green: the live group of `env` and the deployment that made it live.
+    pub fn live_group(&self, env: &str) -> Result<Option<(String, String)>, RegistryError> {
+        self.conn
+            .query_row("SELECT grp, deployment_id FROM live_groups WHERE environment = ?1", [env], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()
+            .map_err(self.sql())
+    }
+
+    /// blue-green: records `group` as the live group of `env`, switched by `deployment_id`.
+    pub fn set_live_group(&self, env: &str, group: &str, deployment_id: &str) -> Result<(), RegistryError> {
+        self.conn
+            .execute(
+                "INSERT INTO live_groups (environment, grp, deployment_id, since_ms) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (environment) DO UPDATE SET grp = ?2, deployment_id = ?3, since_ms = ?4",
+                params![env, group, deployment_id, now_ms()],
+            )
+            .map_err(self.sql())?;
+        self.event(deployment_id, None, "live", group)
     }
 
     /// The hosts of a deployment whose activation began (they may run its release).

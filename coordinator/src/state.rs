@@ -95,7 +95,8 @@ impl fmt::Display for HostState {
 pub fn legal(from: HostState, to: HostState) -> bool {
     use HostState::*;
     match from {
-        Pending => matches!(to, Staging | Activating | Skipped),
+        // Unchanged: already runs the target (a blue-green rollback's group, checked in place).
+        Pending => matches!(to, Staging | Activating | Unchanged | Skipped),
         Staging => matches!(to, Staging | Staged | Unchanged | Failed | Unreachable | Skipped),
         Staged => matches!(to, Activating | Failed | Unreachable | Skipped),
         Activating => matches!(to, Activating | Healthy | Unchanged | Failed | Unreachable | RolledBack | RollingBack),

@@ -239,6 +239,11 @@ pub struct PlanView {
     pub max_failures: usize,
     pub auto_rollback: bool,
     pub batches: Vec<PlanBatch>,
+    /// blue-green: the group live now (null: none yet) and the group the next deployment makes live.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub live_group: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub switch_to: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -268,6 +273,12 @@ pub fn plan(p: &PlanView, format: Format) {
             None => String::new(),
         };
         out(&format!("  batch {}: {}{pause}", i + 1, b.hosts.join(", ")));
+    }
+    if let Some(to) = &p.switch_to {
+        out(&format!(
+            "then `switch` makes {to} live (live now: {}); if it or `after_switch` fails, the live group is switched back",
+            p.live_group.as_deref().unwrap_or("none")
+        ));
     }
 }
 

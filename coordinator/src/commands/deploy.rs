@@ -213,6 +213,18 @@ async fn prepare(
 }
 
 /// Puts the release on a host (`Prepare`, `Upload`, `Commit`) without activating it.
+/// The release of the app `host` runs (empty: none yet).
+pub async fn current_release(config: &FleetConfig, host: &Host, tls: &ClientTls) -> Result<String, HostError> {
+    let agent = Agent::connect(host, tls, timeouts(config)).await?;
+    Ok(agent
+        .status
+        .apps
+        .iter()
+        .find(|a| a.name == config.app.name)
+        .map(|a| a.current_release.clone())
+        .unwrap_or_default())
+}
+
 pub async fn stage_host(
     config: &FleetConfig,
     host: &Host,

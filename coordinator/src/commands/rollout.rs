@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use super::deploy::{
     DeployReport, DeploymentStatus, HostOutcome, HostResult, Progress, Send, Target, Transfer, activate_host,
-    new_deployment_id, rollback_host, stage_host,
+    current_release, new_deployment_id, rollback_host, stage_host,
 };
 use crate::artifact::Artifact;
 use crate::cache::Cache;
@@ -55,6 +55,15 @@ struct Stored {
     /// Stage every host before the first activation (`--no-prestage`: each batch just before it).
     #[serde(default = "yes")]
     prestage: bool,
+    /// blue-green: the group this deployment makes live, and the one live before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    switch: Option<Switch>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Switch {
+    to: String,
+    from: Option<String>,
 }
 
 fn yes() -> bool {
@@ -107,7 +116,23 @@ pub async fn deploy(
     ferry_proto::manifest::check_version(version).map_err(|e| anyhow::anyhow!("--version: {e}"))?;
     let env = ctx.config.environments.get(ctx.env).context("unknown environment")?;
     let strategy = env.strategy().map_err(|p| anyhow::anyhow!("environments.{}: {}", ctx.env, p[0]))?;
-    let hosts = ctx.config.hosts(ctx.env)?;
+    let mut hosts = ctx.config.hosts(ctx.env)?;
+    let mut switch = None;
+    if strategy == Strategy::BlueGreen {
+        // Only the idle group is deployed to; the live one serves until the switch.
+        let live = ctx.reg(|r| r.live_group(ctx.env))?.map(|(group, _)| group);
+        let (idle, members) = env.idle_group(live.as_deref()).context("blue-green needs two groups")?;
+        hosts.retain(|h| members.contains(&h.name));
+        ctx.progress.line(
+            "ferry",
+            &format!(
+                "blue-green: {} is live; deploying to {idle} ({}), then switching",
+                live.as_deref().unwrap_or("no group"),
+                members.join(", ")
+            ),
+        );
+        switch = Some(Switch { to: idle, from: live });
+    }
     let batches = plan::plan(&strategy, hosts.len());
     let id = new_deployment_id();
     let release_id = artifact.release_id(version);
@@ -121,6 +146,7 @@ pub async fn deploy(
         auto_rollback: env.auto_rollback,
         total_bytes: artifact.total_bytes,
         prestage,
+        switch,
     };
     let placed: Vec<(String, usize)> = batches
         .iter()
@@ -290,8 +316,18 @@ async fn run(ctx: &Ctx<'_>, id: &str, artifact: Arc<Artifact>, cache: Option<&Ca
             }
             Next::Halt => return halt(ctx, id, &plan, &transfers, None).await,
             Next::Cancel => return finish(ctx, id, "cancelled", Some("cancelled by the operator"), &transfers),
-            Next::Finish(Outcome::Failed) => return finish(ctx, id, "failed", None, &transfers),
-            Next::Finish(Outcome::Succeeded) => return finish(ctx, id, "succeeded", None, &transfers),
+            Next::Finish(outcome) => {
+                return match (&plan.switch, outcome) {
+                    (None, Outcome::Failed) => finish(ctx, id, "failed", None, &transfers),
+                    (None, Outcome::Succeeded) => finish(ctx, id, "succeeded", None, &transfers),
+                    (Some(sw), Outcome::Succeeded) => switch_over(ctx, id, &plan, sw, &d.version, &transfers).await,
+                    // Never switch to a group with a failed host.
+                    (Some(sw), Outcome::Failed) => {
+                        let reason = format!("group {} is not healthy on every host: not switching", sw.to);
+                        halt(ctx, id, &plan, &transfers, Some(&reason)).await
+                    }
+                };
+            }
         }
     }
 }
@@ -383,18 +419,57 @@ async fn activate_one(ctx: &Ctx<'_>, id: &str, version: &str, release_id: &str, 
 /// How long a coordinator hook may run.
 const HOOK_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// Process groups of the coordinator hooks running now.
+static RUNNING_HOOKS: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+/// Kills every coordinator hook running now, with everything it started (the second Ctrl-C).
+pub fn kill_hooks() {
+    if let Ok(running) = RUNNING_HOOKS.lock() {
+        for &pgid in running.iter() {
+            if let Ok(pgid) = i32::try_from(pgid) {
+                let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+    }
+}
+
 /// Runs a coordinator hook (`sh -c`) with the host in its environment.
 async fn run_hook(ctx: &Ctx<'_>, name: &str, cmd: &str, host: &Host, version: &str) -> Result<(), String> {
+    let vars = [
+        ("FERRY_HOST", host.name.clone()),
+        ("FERRY_ADDR", host.endpoint()),
+        ("FERRY_VERSION", version.to_string()),
+        ("FERRY_ENV", ctx.env.to_string()),
+    ];
+    run_command(name, cmd, &vars).await
+}
+
+/// Runs a command of fleet.toml (`sh -c`) where `ferry` runs, with `vars` in its environment and
+/// [`HOOK_TIMEOUT`] to finish; a failure names the hook, the command and its stderr's tail.
+///
+/// Each hook runs in a process group of its own: a Ctrl-C at the terminal means "stop after the
+/// hosts in flight", so a drain or undrain hook in flight runs to its end instead of dying
+/// half-way (a second Ctrl-C kills them: [`kill_hooks`]).
+async fn run_command(name: &str, cmd: &str, vars: &[(&str, String)]) -> Result<(), String> {
     let child = tokio::process::Command::new("/bin/sh")
         .args(["-c", cmd])
-        .env("FERRY_HOST", &host.name)
-        .env("FERRY_ADDR", format!("{}:{}", host.address, host.port))
-        .env("FERRY_VERSION", version)
-        .env("FERRY_ENV", ctx.env)
+        .envs(vars.iter().map(|(k, v)| (k, v)))
         .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .process_group(0)
         .kill_on_drop(true)
-        .output();
-    match tokio::time::timeout(HOOK_TIMEOUT, child).await {
+        .spawn()
+        .map_err(|e| format!("{name} hook {cmd:?} could not start: {e}"))?;
+    let pid = child.id();
+    if let (Some(pid), Ok(mut running)) = (pid, RUNNING_HOOKS.lock()) {
+        running.push(pid);
+    }
+    let result = tokio::time::timeout(HOOK_TIMEOUT, child.wait_with_output()).await;
+    if let (Some(pid), Ok(mut running)) = (pid, RUNNING_HOOKS.lock()) {
+        running.retain(|&p| p != pid);
+    }
+    match result {
         Err(_) => Err(format!("{name} hook {cmd:?} did not finish within {HOOK_TIMEOUT:?}")),
         Ok(Err(e)) => Err(format!("{name} hook {cmd:?} could not start: {e}")),
         Ok(Ok(out)) if out.status.success() => Ok(()),
@@ -404,6 +479,75 @@ async fn run_hook(ctx: &Ctx<'_>, name: &str, cmd: &str, host: &Host, version: &s
             Err(format!("{name} hook {cmd:?} failed ({}): {}", out.status, tail.trim()))
         }
     }
+}
+
+/// blue-green: runs `switch` to make `to` live, `from` being the group live until now, and with
+/// `check`, `after_switch` after it. (A switch back to the group that served a moment ago is not
+/// checked: there is nothing further to fall back to.)
+async fn run_switch(ctx: &Ctx<'_>, to: &str, from: Option<&str>, version: &str, check: bool) -> Result<(), String> {
+    let env = &ctx.config.environments[ctx.env];
+    let members = env.group_hosts(to);
+    let inventory = ctx.inventory().map_err(|e| e.to_string())?;
+    let addrs: Vec<String> = members.iter().filter_map(|h| inventory.get(h)).map(Host::endpoint).collect();
+    let vars = [
+        ("FERRY_GROUP", to.to_string()),
+        ("FERRY_PREVIOUS_GROUP", from.unwrap_or_default().to_string()),
+        ("FERRY_HOSTS", members.join(" ")),
+        ("FERRY_ADDRS", addrs.join(" ")),
+        ("FERRY_VERSION", version.to_string()),
+        ("FERRY_ENV", ctx.env.to_string()),
+    ];
+    let cmd = env.switch.as_deref().ok_or("blue-green environment without a switch command")?;
+    run_command("switch", cmd, &vars).await?;
+    if let Some(after) = env.after_switch.as_deref().filter(|_| check) {
+        run_command("after_switch", after, &vars).await?;
+    }
+    Ok(())
+}
+
+/// blue-green: the idle group is healthy: make it live. If the switch or its check fails, the
+/// group live before is switched back in and the deployment halts (rolling the group back with
+/// auto_rollback).
+async fn switch_over(
+    ctx: &Ctx<'_>,
+    id: &str,
+    plan: &Stored,
+    sw: &Switch,
+    version: &str,
+    transfers: &HashMap<String, Arc<Transfer>>,
+) -> anyhow::Result<DeployReport> {
+    ctx.reg(|r| r.event(id, None, "switching", &sw.to))?;
+    ctx.progress.line("ferry", &format!("switching {} live", sw.to));
+    match run_switch(ctx, &sw.to, sw.from.as_deref(), version, true).await {
+        Ok(()) => {
+            ctx.reg(|r| r.set_live_group(ctx.env, &sw.to, id))?;
+            ctx.progress.line("ferry", &format!("{} is live", sw.to));
+            finish(ctx, id, "succeeded", None, transfers)
+        }
+        Err(e) => {
+            ctx.progress.line("ferry", &format!("switch to {} FAILED: {e}", sw.to));
+            let reason = switch_back(ctx, id, sw, version, &e).await?;
+            halt(ctx, id, plan, transfers, Some(&reason)).await
+        }
+    }
+}
+
+/// Switches `sw.from` back in after `why`; returns the whole story for the deployment's error.
+async fn switch_back(ctx: &Ctx<'_>, id: &str, sw: &Switch, version: &str, why: &str) -> anyhow::Result<String> {
+    let Some(from) = &sw.from else {
+        return Ok(format!("{why}; no group was live before, so none was switched back"));
+    };
+    Ok(match run_switch(ctx, from, Some(&sw.to), version, false).await {
+        Ok(()) => {
+            ctx.reg(|r| r.set_live_group(ctx.env, from, id))?;
+            ctx.progress.line("ferry", &format!("switched {from} back in"));
+            format!("{why}; switched {from} back in")
+        }
+        Err(back) => {
+            ctx.reg(|r| r.event(id, None, "switch_back_failed", &back))?;
+            format!("{why}; switching {from} back in FAILED too ({back}): check the load balancer by hand")
+        }
+    })
 }
 
 /// Too many failures: stop; with auto_rollback, send every host this deployment updated back to
@@ -421,6 +565,14 @@ async fn halt(
         str::to_string,
     );
     ctx.progress.line("ferry", &format!("halting: {reason}"));
+    // Unwinding a blue-green deployment whose switch went through: the old group goes back first.
+    let mut reason = reason;
+    if let Some(sw) = &plan.switch
+        && ctx.reg(|r| r.live_group(ctx.env))?.is_some_and(|(group, by)| group == sw.to && by == id)
+    {
+        let version = ctx.reg(|r| r.deployment(id))?.map(|d| d.version).unwrap_or_default();
+        reason = switch_back(ctx, id, sw, &version, &reason).await?;
+    }
     if !plan.auto_rollback {
         return finish(ctx, id, "failed", Some(&reason), transfers);
     }
@@ -574,6 +726,15 @@ pub async fn rollback(ctx: &Ctx<'_>, to_version: Option<&str>) -> anyhow::Result
         let plan = Stored { auto_rollback: true, ..stored(&d.strategy)? };
         return halt(ctx, &d.id, &plan, &HashMap::new(), Some("unwound by `ferry rollback`")).await;
     }
+    if strategy == Strategy::BlueGreen {
+        if let Some(v) = to_version {
+            anyhow::bail!(
+                "environment {} is blue-green: it rolls back by switching to the other group (`ferry rollback` without --to); to run {v} again, deploy it",
+                ctx.env
+            );
+        }
+        return switch_to_idle(ctx, env).await;
+    }
     let hosts = ctx.config.hosts(ctx.env)?;
     let size = plan::rollback_batch(&strategy, hosts.len());
     let id = new_deployment_id();
@@ -586,6 +747,7 @@ pub async fn rollback(ctx: &Ctx<'_>, to_version: Option<&str>) -> anyhow::Result
         auto_rollback: false,
         total_bytes: 0,
         prestage: false,
+        switch: None,
     };
     ctx.reg(|r| {
         r.create(&NewDeployment {
@@ -640,4 +802,71 @@ pub async fn rollback(ctx: &Ctx<'_>, to_version: Option<&str>) -> anyhow::Result
     }
     let status = if failures(&ctx.reg(|r| r.hosts(&id))?) > stored.max_failures { "failed" } else { "succeeded" };
     finish(ctx, &id, status, None, &none)
+}
+
+/// `ferry rollback` of a blue-green environment: the idle group still runs the release the live
+/// one ran before, so after checking that every host of it answers and runs a release, the switch
+/// makes it live again. No host is touched.
+async fn switch_to_idle(ctx: &Ctx<'_>, env: &crate::config::Environment) -> anyhow::Result<DeployReport> {
+    let (live, _) = ctx.reg(|r| r.live_group(ctx.env))?.with_context(|| {
+        format!("no group of {} has been made live by ferry yet: there is nothing to switch back to", ctx.env)
+    })?;
+    let (idle, members) = env.idle_group(Some(&live)).context("blue-green needs two groups")?;
+    let id = new_deployment_id();
+    ctx.take_lock(&id)?;
+    let sw = Switch { to: idle.clone(), from: Some(live.clone()) };
+    let stored = Stored {
+        strategy: Strategy::BlueGreen,
+        max_failures: 0,
+        auto_rollback: false,
+        total_bytes: 0,
+        prestage: false,
+        switch: Some(sw.clone()),
+    };
+    let placed: Vec<(String, usize)> = members.iter().map(|h| (h.clone(), 0)).collect();
+    ctx.reg(|r| {
+        r.create(&NewDeployment {
+            id: &id,
+            kind: "rollback",
+            environment: ctx.env,
+            version: "previous",
+            release_id: "",
+            artifact: "",
+            manifest_hash: "",
+            strategy: &serde_json::to_string(&stored).unwrap_or_default(),
+            hosts: &placed,
+        })?;
+        r.set_status(&id, "running", None)
+    })?;
+    ctx.progress
+        .line("ferry", &format!("blue-green: {live} is live; switching back to {idle} ({})", members.join(", ")));
+    let inventory = ctx.inventory()?;
+    let checks = members.iter().map(|name| {
+        let (host, id) = (&inventory[name], &id);
+        async move {
+            match current_release(ctx.config, host, ctx.tls).await {
+                Ok(current) if !current.is_empty() => {
+                    ctx.progress.line(&host.name, &format!("runs {current}"));
+                    let update = HostUpdate { previous_release: Some(&current), ..Default::default() };
+                    ctx.host_state(id, &host.name, HostState::Unchanged, &update)
+                }
+                Ok(_) => {
+                    let e =
+                        HostError::new(host, ErrorKind::Failed, format!("{} runs no release of the app", host.name));
+                    host_failed(ctx, id, host, &e, 0)
+                }
+                Err(e) => host_failed(ctx, id, host, &e, 0),
+            }
+        }
+    });
+    for r in futures_util::future::join_all(checks).await {
+        r?;
+    }
+    let none = HashMap::new();
+    if failures(&ctx.reg(|r| r.hosts(&id))?) > 0 {
+        let why =
+            format!("group {idle} cannot take over: not every host of it answers with a release; {live} stays live");
+        return finish(ctx, &id, "failed", Some(&why), &none);
+    }
+    switch_over(ctx, &id, &stored, &sw, "previous", &none).await
 }
