@@ -52,14 +52,17 @@ pub enum Command {
     /// probes; a host that fails goes back to its previous release by itself. More than
     /// max_failures failed hosts halt the rollout (exit 1; exit 3 if a host could not be reached);
     /// with auto_rollback the updated hosts go back too. A canary with pause = "manual" stops
-    /// after each step until `ferry promote`. Ctrl-C finishes the batch in flight, then stops.
-    /// Every step is recorded in the registry (`ferry history`).
+    /// after each step until `ferry promote`. blue-green deploys to the idle group, then runs
+    /// `switch` to make it live (and switches back if that or `after_switch` fails). Ctrl-C
+    /// finishes the batch in flight, then stops. Every step is recorded in the registry (`ferry
+    /// history`). On a terminal, a live view shows each host's state, bytes and time.
     Deploy(DeployArgs),
     /// Switch an environment back, immediately (no transfer, no canary steps or pauses): if a
     /// deployment is unfinished (paused, or its coordinator died), the hosts it updated go back to
     /// what they ran before; otherwise every host goes to the release before its current one (or
     /// to `--to VERSION`), in batches of the strategy's first batch size. Hosts already there are
-    /// untouched.
+    /// untouched. A blue-green environment switches its idle group (still on the release the live
+    /// one ran before) live again, touching no host.
     Rollback(RollbackArgs),
     /// Continue the environment's deployment whose coordinator died (killed, machine lost), from
     /// what the registry recorded: healthy hosts are left alone, the rest follow the plan.

@@ -93,6 +93,8 @@ fn migrations() -> Migrations<'static> {
             since_ms INTEGER NOT NULL
         );",
         ),
+        // The agent's own time for a host's activation (restarts and health probes included).
+        M::up("ALTER TABLE hosts ADD COLUMN activate_ms INTEGER;"),
     ])
 }
 
@@ -166,6 +168,7 @@ pub struct HostRow {
     pub finished_ms: Option<i64>,
     pub bytes_sent: i64,
     pub error: Option<String>,
+    pub activate_ms: Option<i64>,
 }
 
 /// Per-environment figures for `ferry report`.
@@ -346,9 +349,21 @@ impl Registry {
                    bytes_sent = bytes_sent + ?5,
                    error = COALESCE(?6, error),
                    started_ms = CASE WHEN ?7 OR started_ms IS NULL THEN ?9 ELSE started_ms END,
-                   finished_ms = CASE WHEN ?8 THEN ?9 ELSE finished_ms END
+                   finished_ms = CASE WHEN ?8 THEN ?9 ELSE finished_ms END,
+                   activate_ms = COALESCE(?10, activate_ms)
                  WHERE deployment_id = ?1 AND host = ?2",
-                params![id, host, state, update.previous_release, update.bytes as i64, update.error, starts, ends, now],
+                params![
+                    id,
+                    host,
+                    state,
+                    update.previous_release,
+                    update.bytes as i64,
+                    update.error,
+                    starts,
+                    ends,
+                    now,
+                    update.activate_ms.map(|ms| ms as i64)
+                ],
             )
             .map_err(self.sql())?;
         self.event(id, Some(host), state, update.error.unwrap_or(""))
@@ -398,7 +413,7 @@ impl Registry {
         let mut st = self
             .conn
             .prepare(
-                "SELECT host, batch, state, previous_release, started_ms, finished_ms, bytes_sent, error
+                "SELECT host, batch, state, previous_release, started_ms, finished_ms, bytes_sent, error, activate_ms
                  FROM hosts WHERE deployment_id = ?1 ORDER BY rowid",
             )
             .map_err(self.sql())?;
@@ -413,6 +428,7 @@ impl Registry {
                     finished_ms: r.get(5)?,
                     bytes_sent: r.get(6)?,
                     error: r.get(7)?,
+                    activate_ms: r.get(8)?,
                 })
             })
             .map_err(self.sql())?;
@@ -542,6 +558,8 @@ pub struct HostUpdate<'a> {
     pub previous_release: Option<&'a str>,
     pub bytes: u64,
     pub error: Option<&'a str>,
+    /// The agent's time for the activation.
+    pub activate_ms: Option<u64>,
 }
 
 /// Nearest-rank percentile of sorted values.
@@ -588,14 +606,15 @@ mod tests {
             "d-1",
             "web-1",
             HostState::Staged,
-            &HostUpdate { bytes: 100, previous_release: Some("1-0000000b"), error: None },
+            &HostUpdate { bytes: 100, previous_release: Some("1-0000000b"), ..Default::default() },
         )
         .expect("staged");
         // The state machine's rules hold: a staged host is activated before it is healthy.
         let e = reg.set_host("d-1", "web-1", HostState::Healthy, &HostUpdate::default()).expect_err("skips a step");
         assert!(e.to_string().contains("web-1: staged → healthy is not a legal step"), "{e}");
         reg.set_host("d-1", "web-1", HostState::Activating, &HostUpdate::default()).expect("activating");
-        reg.set_host("d-1", "web-1", HostState::Healthy, &HostUpdate::default()).expect("healthy");
+        reg.set_host("d-1", "web-1", HostState::Healthy, &HostUpdate { activate_ms: Some(420), ..Default::default() })
+            .expect("healthy");
         reg.set_host("d-1", "web-2", HostState::Staging, &HostUpdate::default()).expect("staging");
         reg.set_host("d-1", "web-2", HostState::Failed, &HostUpdate { error: Some("probe"), ..Default::default() })
             .expect("failed");
@@ -606,6 +625,7 @@ mod tests {
         let h = reg.hosts("d-1").expect("hosts");
         assert_eq!(h.iter().map(|h| h.host.as_str()).collect::<Vec<_>>(), ["web-1", "web-2"]);
         assert_eq!(h[0].previous_release.as_deref(), Some("1-0000000b"));
+        assert_eq!((h[0].activate_ms, h[1].activate_ms), (Some(420), None));
         assert!(h[0].started_ms.is_some() && h[0].finished_ms >= h[0].started_ms);
         // Reopening keeps everything (migrations are not re-run destructively).
         let path = reg.path().to_owned();

@@ -52,7 +52,11 @@ pub struct HostResult {
     pub manifest_delta: bool,
     /// Chunks sent as deltas against the host's previous version of their file.
     pub delta_chunks: u64,
+    /// From the host's first step to its last, waiting for its batch included.
     pub duration_ms: u64,
+    /// Time the agent spent on the activation (hooks, swap, restarts, health probes), as it
+    /// reported it; the rest of `duration_ms` is transfer, waiting and coordinator overhead.
+    pub activate_ms: u64,
     pub release: Option<String>,
     pub previous_release: Option<String>,
     pub error: Option<String>,
@@ -135,6 +139,8 @@ pub struct SwapResult {
     pub from: Option<String>,
     pub to: String,
     pub changed: bool,
+    /// The agent's own time for it (its final event's `elapsed_ms`).
+    pub agent_ms: u64,
 }
 
 impl SwapResult {
@@ -270,7 +276,7 @@ pub async fn stage_host(
                 &format!("uploaded {}{from_bases}", crate::ui::bytes(sent.bytes.load(Ordering::Relaxed))),
             );
         }
-        let fin = run_steps(
+        let (fin, _) = run_steps(
             client.commit(v1::CommitRequest {
                 app: app.clone(),
                 stage_id: prepared.stage_id.clone(),
@@ -325,12 +331,16 @@ fn probes(config: &FleetConfig) -> Vec<v1::HealthProbe> {
 }
 
 /// Turns an activation's final event into the host's result.
-fn final_result(fin: v1::Final, fail: &dyn Fn(ErrorKind, String) -> HostError) -> Result<SwapResult, HostError> {
+fn final_result(
+    (fin, agent_ms): (v1::Final, u64),
+    fail: &dyn Fn(ErrorKind, String) -> HostError,
+) -> Result<SwapResult, HostError> {
     match v1::Outcome::try_from(fin.outcome) {
         Ok(v1::Outcome::Healthy) | Ok(v1::Outcome::Unchanged) => Ok(SwapResult {
             from: (!fin.previous_release_id.is_empty()).then_some(fin.previous_release_id),
             to: fin.release_id,
             changed: fin.outcome == v1::Outcome::Healthy as i32,
+            agent_ms,
         }),
         Ok(v1::Outcome::RolledBack) => Err(fail(
             ErrorKind::RolledBack,
@@ -359,17 +369,17 @@ fn step_error(host: &Host, step: &str, s: &tonic::Status) -> HostError {
     e
 }
 
-/// Runs a step-event RPC to its end and returns its final event.
+/// Runs a step-event RPC to its end and returns its final event, with the agent's time for it.
 async fn run_steps(
     call: impl std::future::Future<Output = Result<tonic::Response<tonic::Streaming<v1::StepEvent>>, tonic::Status>>,
     host: &Host,
     step: &str,
-) -> Result<v1::Final, HostError> {
+) -> Result<(v1::Final, u64), HostError> {
     let mut stream = call.await.map_err(|s| step_error(host, step, &s))?.into_inner();
     let mut last = None;
     while let Some(ev) = stream.message().await.map_err(|s| step_error(host, step, &s))? {
         if let Some(f) = ev.r#final {
-            last = Some(f);
+            last = Some((f, ev.elapsed_ms));
         }
     }
     last.ok_or_else(|| {

@@ -260,8 +260,9 @@ async fn run(ctx: &Ctx<'_>, id: &str, artifact: Arc<Artifact>, cache: Option<&Ca
     ctx.reg(|r| r.set_status(id, "running", None))?;
     let transfers: HashMap<String, Arc<Transfer>> =
         rows.iter().map(|h| (h.host.clone(), Arc::new(Transfer::default()))).collect();
-    for (host, t) in &transfers {
-        ctx.progress.transfer(host, t);
+    for h in &rows {
+        // In plan order: the live view lists hosts as they come.
+        ctx.progress.transfer(&h.host, &transfers[&h.host]);
     }
     let send = Send { artifact: &artifact, version: &d.version, deployment_id: id, cache };
     let total = rows.iter().map(|h| h.batch + 1).max().unwrap_or(0);
@@ -357,7 +358,7 @@ async fn stage_all(
                         id,
                         &host.name,
                         state,
-                        &HostUpdate { previous_release: previous, bytes, error: None },
+                        &HostUpdate { previous_release: previous, bytes, ..Default::default() },
                     )
                 }
                 Err(e) => host_failed(ctx, id, host, &e, bytes),
@@ -404,7 +405,8 @@ async fn activate_one(ctx: &Ctx<'_>, id: &str, version: &str, release_id: &str, 
     match activate_host(ctx.config, host, ctx.tls, release_id, version, id).await {
         Ok(swap) => {
             ctx.progress.line(&host.name, &format!("activated ({})", swap.summary()));
-            ctx.host_state(id, &host.name, HostState::Healthy, &HostUpdate::default())?;
+            let update = HostUpdate { activate_ms: Some(swap.agent_ms), ..Default::default() };
+            ctx.host_state(id, &host.name, HostState::Healthy, &update)?;
         }
         Err(e) => return host_failed(ctx, id, host, &e, 0),
     }
@@ -666,6 +668,7 @@ fn report(ctx: &Ctx<'_>, id: &str, transfers: &HashMap<String, Arc<Transfer>>) -
                     (Some(s), Some(f)) => u64::try_from(f - s).unwrap_or(0),
                     _ => 0,
                 },
+                activate_ms: h.activate_ms.and_then(|ms| u64::try_from(ms).ok()).unwrap_or(0),
                 release: if on_new && !d.release_id.is_empty() {
                     Some(d.release_id.clone())
                 } else {
