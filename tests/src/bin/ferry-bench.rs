@@ -61,7 +61,13 @@ fn usage() -> ExitCode {
 }
 
 /// One `ferry deploy --output json`: its wall time and report.
-fn deploy(fleet: &Fleet, config: &Path, dir: &Path, version: &str, extra: &[&str]) -> Result<(f64, serde_json::Value), String> {
+fn deploy(
+    fleet: &Fleet,
+    config: &Path,
+    dir: &Path,
+    version: &str,
+    extra: &[&str],
+) -> Result<(f64, serde_json::Value), String> {
     let (cfg, art) = (config.to_string_lossy(), dir.to_string_lossy());
     let mut args = vec!["deploy", "--config", &cfg, "--env", "test", "--artifact", &art, "--version", version];
     args.extend(["--output", "json"]);
@@ -144,7 +150,11 @@ fn bench(mb: u64, mbit: u32) -> Result<(), String> {
             let dir = release(&fleet, &v, mb)?;
             let (wall, report) = deploy(&fleet, &config, &dir, &v, extra)?;
             let bytes = report["bytes_sent"].as_u64().unwrap_or(0);
-            eprintln!("   (v{v}{}: {wall:.2} s, {} MiB sent)", extra.first().map(|e| format!(" {e}")).unwrap_or_default(), bytes >> 20);
+            eprintln!(
+                "   (v{v}{}: {wall:.2} s, {} MiB sent)",
+                extra.first().map(|e| format!(" {e}")).unwrap_or_default(),
+                bytes >> 20
+            );
             walls.push(wall);
             let _ = std::fs::remove_dir_all(&dir);
         }
