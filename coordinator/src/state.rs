@@ -161,18 +161,22 @@ pub enum Next {
 /// last (a pause follows only a batch activated by this run, so `ferry promote` goes on);
 /// `cancelled` is set by Ctrl-C and honoured between steps, never inside one.
 pub fn next(hosts: &[Host], rules: &Rules, just_activated: Option<usize>, cancelled: bool) -> Next {
+    let indexes = |want: &dyn Fn(&Host) -> bool| -> Vec<usize> {
+        hosts.iter().enumerate().filter(|(_, h)| want(h)).map(|(i, _)| i).collect()
+    };
+    // A host caught mid-activation (its coordinator died) is finished first, whatever else holds:
+    // it may already run the release, and only its agent can say (a repeated activation of the
+    // current release is a no-op there). A halt or a cancel then starts from what is known.
+    if let Some(batch) = hosts.iter().filter(|h| h.state == HostState::Activating).map(|h| h.batch).min() {
+        return Next::Activate { batch, hosts: indexes(&|h| h.batch == batch && h.state == HostState::Activating) };
+    }
     let failures = hosts.iter().filter(|h| h.state.is_failure()).count();
     if failures > rules.max_failures {
         return Next::Halt;
     }
-    // A host caught mid-activation is finished first: it may already run the release.
-    let in_flight = |h: &Host| matches!(h.state, HostState::Activating | HostState::RollingBack);
-    if cancelled && !hosts.iter().any(in_flight) {
+    if cancelled {
         return Next::Cancel;
     }
-    let indexes = |want: &dyn Fn(&Host) -> bool| -> Vec<usize> {
-        hosts.iter().enumerate().filter(|(_, h)| want(h)).map(|(i, _)| i).collect()
-    };
     if rules.prestage {
         let stage = indexes(&|h| h.state.needs_staging());
         if !stage.is_empty() {
@@ -330,7 +334,8 @@ mod tests {
                 }
                 Next::Activate { batch, hosts } => {
                     let failures = self.hosts.iter().filter(|h| h.state.is_failure()).count();
-                    assert!(failures <= self.rules.max_failures, "activating past the failure budget");
+                    let resumes = hosts.iter().all(|&i| self.hosts[i].state == Activating);
+                    assert!(resumes || failures <= self.rules.max_failures, "activating past the failure budget");
                     for (i, h) in self.hosts.iter().enumerate() {
                         if h.batch < *batch {
                             assert!(h.state.is_terminal(), "batch {batch} before batch {} ended: {h:?}", h.batch);
@@ -373,8 +378,9 @@ mod tests {
 
     proptest! {
         /// Kill the coordinator after any transition, resume from what was persisted: the
-        /// resumed run ends every host, never activates a finished host again, follows the batch
-        /// order, and never activates past the failure budget.
+        /// resumed run finishes a host caught mid-activation, ends every host, never activates a
+        /// finished host again, follows the batch order, and never starts a host past the
+        /// failure budget.
         #[test]
         fn resume_from_every_persisted_state(
             (batch_sizes, max_failures, prestage, luck, kill_after, cancel_at) in gen_case()
@@ -430,7 +436,7 @@ mod tests {
                 Next::Halt => prop_assert!(failures > max_failures),
                 Next::Cancel => {
                     prop_assert!(cancel_at.is_some());
-                    prop_assert!(!m.hosts.iter().any(|h| matches!(h.state, Activating | RollingBack)));
+                    prop_assert!(!m.hosts.iter().any(|h| h.state == Activating));
                 }
                 other => prop_assert!(false, "ended on {other:?}"),
             }

@@ -752,20 +752,7 @@ pub async fn rollback(ctx: &Ctx<'_>, to_version: Option<&str>) -> anyhow::Result
         prestage: false,
         switch: None,
     };
-    ctx.reg(|r| {
-        r.create(&NewDeployment {
-            id: &id,
-            kind: "rollback",
-            environment: ctx.env,
-            version: what,
-            release_id: "",
-            artifact: "",
-            manifest_hash: "",
-            strategy: &serde_json::to_string(&stored).unwrap_or_default(),
-            hosts: &placed,
-        })?;
-        r.set_status(&id, "running", None)
-    })?;
+    start_rollback(ctx, &id, what, &stored, &placed)?;
     let target = to_version.map_or(Target::Previous, |v| Target::Version(v.to_string()));
     let batches: Vec<Batch> = plan::plan(&stored.strategy, hosts.len());
     let none = HashMap::new();
@@ -807,6 +794,30 @@ pub async fn rollback(ctx: &Ctx<'_>, to_version: Option<&str>) -> anyhow::Result
     finish(ctx, &id, status, None, &none)
 }
 
+/// Records a rollback (no transfer, no release of its own) and starts it.
+fn start_rollback(
+    ctx: &Ctx<'_>,
+    id: &str,
+    what: &str,
+    stored: &Stored,
+    placed: &[(String, usize)],
+) -> anyhow::Result<()> {
+    ctx.reg(|r| {
+        r.create(&NewDeployment {
+            id,
+            kind: "rollback",
+            environment: ctx.env,
+            version: what,
+            release_id: "",
+            artifact: "",
+            manifest_hash: "",
+            strategy: &serde_json::to_string(stored).unwrap_or_default(),
+            hosts: placed,
+        })?;
+        r.set_status(id, "running", None)
+    })
+}
+
 /// `ferry rollback` of a blue-green environment: the idle group still runs the release the live
 /// one ran before, so after checking that every host of it answers and runs a release, the switch
 /// makes it live again. No host is touched.
@@ -827,20 +838,7 @@ async fn switch_to_idle(ctx: &Ctx<'_>, env: &crate::config::Environment) -> anyh
         switch: Some(sw.clone()),
     };
     let placed: Vec<(String, usize)> = members.iter().map(|h| (h.clone(), 0)).collect();
-    ctx.reg(|r| {
-        r.create(&NewDeployment {
-            id: &id,
-            kind: "rollback",
-            environment: ctx.env,
-            version: "previous",
-            release_id: "",
-            artifact: "",
-            manifest_hash: "",
-            strategy: &serde_json::to_string(&stored).unwrap_or_default(),
-            hosts: &placed,
-        })?;
-        r.set_status(&id, "running", None)
-    })?;
+    start_rollback(ctx, &id, "previous", &stored, &placed)?;
     ctx.progress
         .line("ferry", &format!("blue-green: {live} is live; switching back to {idle} ({})", members.join(", ")));
     let inventory = ctx.inventory()?;
