@@ -1,5 +1,5 @@
-//! The agent's Prometheus metrics: a fixed set of families ([`ALL`]) and a hand-written encoder
-//! of the text exposition format (version 0.0.4).
+//! The agent's Prometheus metrics: a fixed set of families ([`ALL`]), encoded in the text
+//! exposition format by [`ferry_proto::prometheus`].
 //!
 //! Every family the agent exports is declared here once, with its help text, type and label
 //! names; nothing else can be recorded, so label sets stay bounded (apps come from `agent.toml`,
@@ -7,8 +7,9 @@
 //! `rate()` and `increase()` see the first event. Values that describe the host now (free disk,
 //! releases kept) are set just before each scrape ([`crate::http`]).
 use std::collections::{BTreeMap, HashMap};
-use std::fmt::Write as _;
 use std::sync::Mutex;
+
+use ferry_proto::prometheus::{TextWriter, Type};
 
 /// What a family is.
 #[derive(Debug)]
@@ -146,7 +147,12 @@ pub const OUTCOMES: &[&str] = &["healthy", "unchanged", "rolled_back", "failed",
 #[derive(Debug, Clone)]
 enum Sample {
     Value(f64),
-    Histogram { counts: Vec<u64>, sum: f64, count: u64 },
+    /// Observations per bucket (not cumulative), in all, and their sum.
+    Histogram {
+        counts: Vec<u64>,
+        sum: f64,
+        count: u64,
+    },
 }
 
 /// The agent's metric values. Cheap to update from any task (one short lock).
@@ -225,10 +231,8 @@ impl Metrics {
                 count: 0,
             });
             if let Sample::Histogram { counts, sum, count } = e {
-                for (c, b) in counts.iter_mut().zip(bounds) {
-                    if v <= *b {
-                        *c += 1;
-                    }
+                if let Some(i) = bounds.iter().position(|b| v <= *b) {
+                    counts[i] += 1;
                 }
                 *sum += v;
                 *count += 1;
@@ -248,71 +252,28 @@ impl Metrics {
     /// Everything, in the Prometheus text exposition format.
     pub fn encode(&self) -> String {
         let families = self.with(|f| f.clone());
-        let mut out = String::with_capacity(4096);
+        let mut w = TextWriter::new();
         for def in ALL {
             let kind = match def.kind {
-                Kind::Counter => "counter",
-                Kind::Gauge => "gauge",
-                Kind::Histogram(_) => "histogram",
+                Kind::Counter => Type::Counter,
+                Kind::Gauge => Type::Gauge,
+                Kind::Histogram(_) => Type::Histogram,
             };
-            let _ = writeln!(out, "# HELP {} {}", def.name, escape_help(def.help));
-            let _ = writeln!(out, "# TYPE {} {kind}", def.name);
+            w.family(def.name, def.help, kind);
             for (values, sample) in families.get(def.name).into_iter().flatten() {
                 let labels: Vec<(&str, &str)> =
                     def.labels.iter().copied().zip(values.iter().map(String::as_str)).collect();
-                match sample {
-                    Sample::Value(v) => line(&mut out, def.name, &labels, None, *v),
-                    Sample::Histogram { counts, sum, count } => {
-                        let Kind::Histogram(bounds) = def.kind else { continue };
-                        let bucket = format!("{}_bucket", def.name);
-                        for (b, c) in bounds.iter().zip(counts) {
-                            line(&mut out, &bucket, &labels, Some(&number(*b)), *c as f64);
-                        }
-                        line(&mut out, &bucket, &labels, Some("+Inf"), *count as f64);
-                        line(&mut out, &format!("{}_sum", def.name), &labels, None, *sum);
-                        line(&mut out, &format!("{}_count", def.name), &labels, None, *count as f64);
+                match (sample, &def.kind) {
+                    (Sample::Value(v), _) => w.sample(def.name, &labels, *v),
+                    (Sample::Histogram { counts, sum, count }, Kind::Histogram(bounds)) => {
+                        w.histogram(def.name, &labels, bounds, counts, *sum, *count)
                     }
+                    (Sample::Histogram { .. }, _) => {}
                 }
             }
         }
-        out
+        w.finish()
     }
-}
-
-fn line(out: &mut String, name: &str, labels: &[(&str, &str)], le: Option<&str>, v: f64) {
-    out.push_str(name);
-    if !labels.is_empty() || le.is_some() {
-        out.push('{');
-        let mut first = true;
-        for (k, val) in labels.iter().copied().chain(le.map(|le| ("le", le))) {
-            if !first {
-                out.push(',');
-            }
-            first = false;
-            let _ = write!(out, "{k}=\"{}\"", escape_label(val));
-        }
-        out.push('}');
-    }
-    let _ = writeln!(out, " {}", number(v));
-}
-
-/// A sample value as Prometheus spells it (`+Inf`, `-Inf`, `NaN`; integers without a fraction).
-fn number(v: f64) -> String {
-    if v.is_nan() {
-        "NaN".into()
-    } else if v.is_infinite() {
-        if v > 0.0 { "+Inf".into() } else { "-Inf".into() }
-    } else {
-        format!("{v}")
-    }
-}
-
-fn escape_label(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
-}
-
-fn escape_help(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('\n', "\\n")
 }
 
 #[cfg(test)]
@@ -393,7 +354,5 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("ferry_agent_data_dir_free_bytes +Inf\n"), "{text}");
-        assert_eq!(number(f64::NAN), "NaN");
-        assert_eq!(number(0.25), "0.25");
     }
 }
