@@ -94,34 +94,28 @@ pub struct AuditError {
     pub source: io::Error,
 }
 
-struct Writer {
-    file: Option<File>,
-    size: u64,
-}
-
 /// The append-only, rotated audit log of this agent.
+///
+/// The file is opened for each line and closed again: the agent holds no descriptor to it
+/// between commands, so an idle agent never keeps the filesystem busy (a remount, an unmount),
+/// and a file moved away by an outside tool is simply created anew.
 pub struct AuditLog {
     path: PathBuf,
     max_bytes: u64,
     keep: u32,
-    writer: Mutex<Writer>,
+    /// Serializes appends and rotations.
+    lock: Mutex<()>,
 }
 
 impl AuditLog {
-    /// Opens (creating it and its directory if needed) the log at `path`.
+    /// Opens (creating it and its directory if needed) the log at `path`: a start-up check that
+    /// the agent can write its audit log at all.
     pub fn open(path: &Path, max_bytes: u64, keep: u32) -> Result<AuditLog, AuditError> {
-        let log = AuditLog {
-            path: path.to_path_buf(),
-            max_bytes,
-            keep: keep.max(1),
-            writer: Mutex::new(Writer { file: None, size: 0 }),
-        };
+        let log = AuditLog { path: path.to_path_buf(), max_bytes, keep: keep.max(1), lock: Mutex::new(()) };
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| log.err("create its directory", e))?;
         }
-        let mut w = log.writer.lock().unwrap_or_else(|p| p.into_inner());
-        log.reopen(&mut w)?;
-        drop(w);
+        log.open_file()?;
         Ok(log)
     }
 
@@ -133,7 +127,8 @@ impl AuditLog {
         AuditError { path: self.path.clone(), action, source }
     }
 
-    fn reopen(&self, w: &mut Writer) -> Result<(), AuditError> {
+    /// The file, opened for appending, and its size.
+    fn open_file(&self) -> Result<(File, u64), AuditError> {
         let existed = self.path.exists();
         let file = OpenOptions::new()
             .append(true)
@@ -141,12 +136,11 @@ impl AuditLog {
             .mode(0o640)
             .open(&self.path)
             .map_err(|e| self.err("open", e))?;
-        w.size = file.metadata().map_err(|e| self.err("stat", e))?.len();
-        w.file = Some(file);
+        let size = file.metadata().map_err(|e| self.err("stat", e))?.len();
         if !existed {
             self.sync_dir()?;
         }
-        Ok(())
+        Ok((file, size))
     }
 
     fn sync_dir(&self) -> Result<(), AuditError> {
@@ -161,8 +155,7 @@ impl AuditLog {
         PathBuf::from(name)
     }
 
-    fn rotate(&self, w: &mut Writer) -> Result<(), AuditError> {
-        w.file = None;
+    fn rotate(&self) -> Result<(), AuditError> {
         let _ = std::fs::remove_file(Self::rotated(&self.path, self.keep));
         for n in (1..self.keep).rev() {
             let from = Self::rotated(&self.path, n);
@@ -171,48 +164,23 @@ impl AuditLog {
             }
         }
         std::fs::rename(&self.path, Self::rotated(&self.path, 1)).map_err(|e| self.err("rotate", e))?;
-        self.sync_dir()?;
-        self.reopen(w)
+        self.sync_dir()
     }
 
     /// Appends `entry` as one line and waits until it is on disk. Blocking: call from
-    /// `spawn_blocking` (or use [`AuditLog::record`]).
+    /// `spawn_blocking`.
     pub fn append(&self, entry: &Entry) -> Result<(), AuditError> {
         let mut line = serde_json::to_vec(entry)
             .map_err(|e| self.err("encode a record", io::Error::new(io::ErrorKind::InvalidData, e)))?;
         line.push(b'\n');
-        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        if w.size > 0 && w.size + line.len() as u64 > self.max_bytes {
-            self.rotate(&mut w)?;
+        let _serial = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut file, size) = self.open_file()?;
+        if size > 0 && size + line.len() as u64 > self.max_bytes {
+            drop(file);
+            self.rotate()?;
+            file = self.open_file()?.0;
         }
-        if w.file.is_none() {
-            // An earlier failure dropped the file: try again.
-            self.reopen(&mut w)?;
-        }
-        let Some(file) = w.file.as_mut() else {
-            return Err(self.err("open", io::Error::other("no open file")));
-        };
-        let written = file.write_all(&line).and_then(|()| file.sync_data());
-        match written {
-            Ok(()) => {
-                w.size += line.len() as u64;
-                Ok(())
-            }
-            Err(e) => {
-                // Start from a fresh descriptor (and a re-read size) next time.
-                w.file = None;
-                Err(self.err("append", e))
-            }
-        }
-    }
-
-    /// Appends `entry` off the async runtime.
-    pub async fn record(self: &std::sync::Arc<Self>, entry: Entry) -> Result<(), AuditError> {
-        let log = self.clone();
-        match tokio::task::spawn_blocking(move || log.append(&entry)).await {
-            Ok(r) => r,
-            Err(e) => Err(self.err("append", io::Error::other(e.to_string()))),
-        }
+        file.write_all(&line).and_then(|()| file.sync_data()).map_err(|e| self.err("append", e))
     }
 }
 

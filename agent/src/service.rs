@@ -43,12 +43,20 @@ pub struct AgentService {
     locks: std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>,
     activations: Activations,
     telemetry: Arc<Telemetry>,
-    /// When each stage in progress was prepared (app, stage id), for the stage duration.
-    stages: std::sync::Mutex<std::collections::HashMap<(String, String), Instant>>,
+    /// Each stage in progress (app, stage id): when it was prepared (for the stage duration) and
+    /// for which deployment and version (the audit line of its Upload, which names neither).
+    stages: std::sync::Mutex<std::collections::HashMap<(String, String), Stage>>,
 }
 
-/// Stages remembered for their duration; older ones (abandoned) are forgotten first.
+/// Stages remembered; older ones (abandoned) are forgotten first.
 const MAX_STAGES: usize = 256;
+
+#[derive(Debug, Clone)]
+struct Stage {
+    prepared: Instant,
+    deployment: String,
+    version: String,
+}
 
 /// The activation and rollback plans in progress, and whether the agent is stopping.
 #[derive(Debug, Clone, Default)]
@@ -364,10 +372,12 @@ impl AgentService {
             "Prepare"
         );
         let version = req.version.clone();
+        let stage =
+            Stage { prepared: Instant::now(), deployment: req.deployment_id.clone(), version: req.version.clone() };
         let app = req.app.clone();
         let p = blocking(move || store.prepare(&version, source, &req.manifest_hash, free)).await?;
         if !p.already_present {
-            self.stage_started(&app, &p.release_id);
+            self.stage_started(&app, &p.release_id, stage);
         }
         tracing::info!(
             release = p.release_id,
@@ -399,6 +409,9 @@ impl AgentService {
         };
         e.app = start.app.clone();
         e.release = start.stage_id.clone();
+        if let Some(stage) = self.stage(&start.app, &start.stage_id) {
+            (e.deployment, e.version) = (stage.deployment, stage.version);
+        }
         let (store, lock) = self.app(&start.app)?;
         let _guard = lock.lock().await;
         tracing::info!(caller = who, app = start.app, stage = start.stage_id, "Upload");
@@ -446,8 +459,10 @@ impl AgentService {
         let stage = req.stage_id.clone();
         let id = blocking(move || store.commit(&stage, |_, _| {})).await?;
         e.release = id.clone();
-        if let Some(since) = self.stage_finished(&req.app, &req.stage_id) {
-            self.telemetry.metrics.observe(&metrics::STAGE_SECONDS, &[&req.app], since.elapsed().as_secs_f64());
+        if let Some(stage) = self.stage_finished(&req.app, &req.stage_id) {
+            e.version = stage.version;
+            let secs = stage.prepared.elapsed().as_secs_f64();
+            self.telemetry.metrics.observe(&metrics::STAGE_SECONDS, &[&req.app], secs);
         }
         let mut done = event(v1::Step::Promote, v1::StepState::Succeeded, started, format!("release {id} is on disk"));
         done.step_ms = done.elapsed_ms;
@@ -529,20 +544,24 @@ impl AgentService {
         Ok((plan, lock))
     }
 
-    /// Remembers when a stage was prepared.
-    fn stage_started(&self, app: &str, stage: &str) {
+    /// Remembers a stage when it is first prepared.
+    fn stage_started(&self, app: &str, id: &str, stage: Stage) {
         let mut stages = self.stages.lock().unwrap_or_else(|p| p.into_inner());
         if stages.len() >= MAX_STAGES
-            && let Some(oldest) = stages.iter().min_by_key(|(_, t)| **t).map(|(k, _)| k.clone())
+            && let Some(oldest) = stages.iter().min_by_key(|(_, s)| s.prepared).map(|(k, _)| k.clone())
         {
             stages.remove(&oldest);
         }
-        stages.entry((app.to_string(), stage.to_string())).or_insert_with(Instant::now);
+        stages.insert((app.to_string(), id.to_string()), stage);
     }
 
-    /// When a stage now committed was prepared (unknown if this agent did not see its Prepare).
-    fn stage_finished(&self, app: &str, stage: &str) -> Option<Instant> {
-        self.stages.lock().unwrap_or_else(|p| p.into_inner()).remove(&(app.to_string(), stage.to_string()))
+    fn stage(&self, app: &str, id: &str) -> Option<Stage> {
+        self.stages.lock().unwrap_or_else(|p| p.into_inner()).get(&(app.to_string(), id.to_string())).cloned()
+    }
+
+    /// The stage now committed (unknown if this agent did not see its Prepare).
+    fn stage_finished(&self, app: &str, id: &str) -> Option<Stage> {
+        self.stages.lock().unwrap_or_else(|p| p.into_inner()).remove(&(app.to_string(), id.to_string()))
     }
 }
 
