@@ -155,6 +155,11 @@ install -d -m0755 "$work/$pkg/usr/share/bash-completion/completions" \
 "$work/$pkg/usr/bin/ferry" completions zsh >"$work/$pkg/usr/share/zsh/vendor-completions/_ferry"
 "$work/$pkg/usr/bin/ferry" completions fish >"$work/$pkg/usr/share/fish/vendor_completions.d/ferry.fish"
 chmod 0644 "$work/$pkg"/usr/share/*/*/ferry "$work/$pkg"/usr/share/*/*/_ferry "$work/$pkg"/usr/share/*/*/ferry.fish
+# Monitoring examples: Prometheus alert rules (with their promtool unit tests) and a Grafana
+# dashboard, for the agents' /metrics and `ferry --metrics-file`.
+for f in ferry-alerts.yml ferry-alerts.test.yml ferry-dashboard.json; do
+  install -D -m0644 "$top/packaging/monitoring/$f" "$work/$pkg/usr/share/doc/$pkg/examples/$f"
+done
 finish $pkg "SSH-less rolling deployments: the coordinator CLI" \
   "ferry issues a fleet's certificates and deploys releases to the ferry-agent" \
   "on every host, one host at a time, over gRPC with mutually authenticated" \

@@ -7,16 +7,38 @@
 #   dpkg-dev, help2man, binutils
 #                               packaging/build-deb.sh (dpkg-shlibdeps, man pages, strip)
 #   lintian, debootstrap        the package tests (lintian; a Debian host of its own to dpkg -i on)
+#   python3-yaml                the monitoring test reads the Prometheus alert rules
+# With --test (scripts/test.sh), also promtool (the monitoring test checks and unit-tests the alert
+# rules with it): only the binary, unpacked from Debian's prometheus package into
+# /var/cache/ferry-test/prometheus, so no Prometheus server is installed or started here.
 set -euo pipefail
 pkgs=(pkg-config libsystemd-dev systemd-container iproute2 nftables python3 dpkg-dev help2man binutils lintian
-  debootstrap)
+  debootstrap python3-yaml)
+promtool_dir=/var/cache/ferry-test/prometheus
+sudo=()
+[ "$(id -u)" -eq 0 ] || sudo=(sudo)
+updated=
+fetch_promtool() {
+  command -v promtool >/dev/null 2>&1 && return 0
+  [ -x "$promtool_dir/usr/bin/promtool" ] && return 0
+  echo "deps: fetching promtool (Debian's prometheus package, unpacked into $promtool_dir)" >&2
+  [ -n "$updated" ] || "${sudo[@]}" apt-get update -qq
+  local tmp
+  tmp=$(mktemp -d)
+  chmod 0755 "$tmp"
+  (cd "$tmp" && "${sudo[@]}" apt-get download -qq prometheus >/dev/null 2>&1)
+  "${sudo[@]}" mkdir -p "$promtool_dir"
+  "${sudo[@]}" dpkg-deb -x "$tmp"/prometheus_*.deb "$promtool_dir"
+  "${sudo[@]}" rm -rf "$tmp"
+}
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
-[ ${#missing[@]} -eq 0 ] && exit 0
-echo "deps: installing ${missing[*]}" >&2
-sudo=()
-[ "$(id -u)" -eq 0 ] || sudo=(sudo)
-"${sudo[@]}" apt-get update -qq
-DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "deps: installing ${missing[*]}" >&2
+  "${sudo[@]}" apt-get update -qq
+  updated=1
+  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+[ "${1:-}" != "--test" ] || fetch_promtool

@@ -4,7 +4,7 @@
 # tests on a fleet of real systemd hosts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-./scripts/deps.sh
+./scripts/deps.sh --test
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The integration tests run the built `ferry` and `ferry-agent` binaries; the fleet tests boot

@@ -42,9 +42,27 @@ type Tx = mpsc::Sender<Result<v1::StepEvent, Status>>;
 struct Emitter {
     tx: Tx,
     started: Instant,
+    /// The final event or refusal sent, for the caller's audit record and metrics.
+    ended: std::sync::Mutex<Option<Result<v1::Final, Status>>>,
+    probe_failures: std::sync::atomic::AtomicU32,
+}
+
+/// How a plan ended.
+#[derive(Debug)]
+pub struct Ended {
+    /// The final event, or the refusal sent before anything changed.
+    pub result: Result<v1::Final, Status>,
+    /// Health probes that failed along the way.
+    pub probe_failures: u32,
 }
 
 impl Emitter {
+    /// Refuses the plan before anything changed.
+    async fn refuse(&self, status: Status) {
+        *self.ended.lock().unwrap_or_else(|p| p.into_inner()) = Some(Err(status.clone()));
+        let _ = self.tx.send(Err(status)).await;
+    }
+
     async fn send(&self, step: Step, state: StepState, message: impl Into<String>, step_started: Option<Instant>) {
         let ev = v1::StepEvent {
             step: step as i32,
@@ -78,6 +96,7 @@ impl Emitter {
     }
 
     async fn finish(&self, fin: v1::Final) {
+        *self.ended.lock().unwrap_or_else(|p| p.into_inner()) = Some(Ok(fin.clone()));
         let ev = v1::StepEvent {
             elapsed_ms: self.started.elapsed().as_millis() as u64,
             message: fin.cause.clone(),
@@ -104,11 +123,25 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// Runs the plan, sending step events and a final event into `tx`. Errors before anything
-/// changed on the host are returned as a status instead.
-pub async fn run(config: Arc<AgentConfig>, plan: Plan, tx: Tx) {
-    let em = Emitter { tx, started: Instant::now() };
+/// changed on the host are sent as a status instead. Returns how it ended.
+pub async fn run(config: Arc<AgentConfig>, plan: Plan, tx: Tx) -> Ended {
+    let em = Emitter {
+        tx,
+        started: Instant::now(),
+        ended: std::sync::Mutex::new(None),
+        probe_failures: std::sync::atomic::AtomicU32::new(0),
+    };
+    run_plan(config, plan, &em).await;
+    let result = em.ended.lock().unwrap_or_else(|p| p.into_inner()).take();
+    Ended {
+        result: result.unwrap_or_else(|| Err(Status::internal("the activation ended without a result"))),
+        probe_failures: em.probe_failures.load(std::sync::atomic::Ordering::Relaxed),
+    }
+}
+
+async fn run_plan(config: Arc<AgentConfig>, plan: Plan, em: &Emitter) {
     let Some(store) = config.store(&plan.app) else {
-        let _ = em.tx.send(Err(Status::not_found(format!("app {:?} is not declared", plan.app)))).await;
+        em.refuse(Status::not_found(format!("app {:?} is not declared", plan.app))).await;
         return;
     };
     // Exec probes run in the release that is current at the time.
@@ -119,7 +152,7 @@ pub async fn run(config: Arc<AgentConfig>, plan: Plan, tx: Tx) {
         match Systemd::connect().await {
             Ok(s) => Some(s),
             Err(e) => {
-                let _ = em.tx.send(Err(Status::unavailable(format!("{e}; nothing was changed")))).await;
+                em.refuse(Status::unavailable(format!("{e}; nothing was changed"))).await;
                 return;
             }
         }
@@ -132,14 +165,12 @@ pub async fn run(config: Arc<AgentConfig>, plan: Plan, tx: Tx) {
         None => match store.previous() {
             Ok(Some(p)) => p,
             Ok(None) => {
-                let _ = em
-                    .tx
-                    .send(Err(Status::failed_precondition("there is no previous release on this host to roll back to")))
+                em.refuse(Status::failed_precondition("there is no previous release on this host to roll back to"))
                     .await;
                 return;
             }
             Err(e) => {
-                let _ = em.tx.send(Err(Status::internal(e.to_string()))).await;
+                em.refuse(Status::internal(e.to_string())).await;
                 return;
             }
         },
@@ -157,7 +188,7 @@ pub async fn run(config: Arc<AgentConfig>, plan: Plan, tx: Tx) {
             }
             None => true,
         };
-        if units_up && health(&em, &plan.probes, &root, Step::Health).await.is_ok() {
+        if units_up && health(em, &plan.probes, &root, Step::Health).await.is_ok() {
             em.send(Step::Swap, StepState::Skipped, format!("{target} is already current and healthy"), None).await;
             em.finish(v1::Final {
                 outcome: Outcome::Unchanged as i32,
@@ -186,7 +217,7 @@ pub async fn run(config: Arc<AgentConfig>, plan: Plan, tx: Tx) {
         (Step::BeforeBlockTraffic, "before_block_traffic", &hook_plan.before_block_traffic),
         (Step::BeforeInstall, "before_install", &hook_plan.before_install),
     ] {
-        if let Err(f) = hook(&em, step, name, rel, &hook_env, hook_timeout).await {
+        if let Err(f) = hook(em, step, name, rel, &hook_env, hook_timeout).await {
             em.finish(v1::Final {
                 outcome: Outcome::Failed as i32,
                 release_id: current.clone().unwrap_or_default(),
@@ -236,12 +267,12 @@ pub async fn run(config: Arc<AgentConfig>, plan: Plan, tx: Tx) {
 
     // after_install, restart, validate, probe, after_allow_traffic: any failure rolls back.
     let result = async {
-        hook(&em, Step::AfterInstall, "after_install", &hook_plan.after_install, &hook_env, hook_timeout).await?;
-        restart(&em, systemd.as_ref(), &plan.units, &plan.unit_action, plan.unit_timeout, Step::RestartUnits).await?;
-        hook(&em, Step::Validate, "validate", &hook_plan.validate, &hook_env, hook_timeout).await?;
-        health(&em, &plan.probes, &root, Step::Health).await?;
+        hook(em, Step::AfterInstall, "after_install", &hook_plan.after_install, &hook_env, hook_timeout).await?;
+        restart(em, systemd.as_ref(), &plan.units, &plan.unit_action, plan.unit_timeout, Step::RestartUnits).await?;
+        hook(em, Step::Validate, "validate", &hook_plan.validate, &hook_env, hook_timeout).await?;
+        health(em, &plan.probes, &root, Step::Health).await?;
         hook(
-            &em,
+            em,
             Step::AfterAllowTraffic,
             "after_allow_traffic",
             &hook_plan.after_allow_traffic,
@@ -288,7 +319,7 @@ pub async fn run(config: Arc<AgentConfig>, plan: Plan, tx: Tx) {
                 .await;
                 return;
             };
-            roll_back(&em, &config, &plan, systemd.as_ref(), &root, &swap, &previous, failure).await;
+            roll_back(em, &config, &plan, systemd.as_ref(), &root, &swap, &previous, failure).await;
         }
     }
 }
@@ -411,6 +442,7 @@ async fn health(em: &Emitter, probes: &[v1::HealthProbe], cwd: &std::path::Path,
         match probe::run(p, cwd).await {
             Ok(()) => em.send(step, StepState::Succeeded, format!("{} is healthy", p.name), Some(t)).await,
             Err(e) => {
+                em.probe_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 em.send(step, StepState::Failed, e.to_string(), Some(t)).await;
                 return Err(Failure { cause: format!("{}: {e}", step_name(step)), units: Vec::new() });
             }

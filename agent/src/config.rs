@@ -4,6 +4,10 @@
 //! Everything is parsed and validated before a port is bound; unknown keys are errors. The
 //! `[apps]` table is the agent's own boundary: a coordinator can never make it write outside these
 //! roots or restart a unit not listed here.
+//!
+//! `[http]` (off unless present; `127.0.0.1:9187` by default when it is) serves `/metrics`,
+//! `/health`, `/ready` and `/live` without TLS, so it never binds a public address by accident.
+//! `[audit]` places and rotates the audit log, which is always written.
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -32,6 +36,43 @@ pub struct AgentConfig {
     pub shutdown_grace: Duration,
     #[serde(default)]
     pub apps: BTreeMap<String, AppConfig>,
+    /// The plain-HTTP observability endpoint; none without an `[http]` table.
+    #[serde(default)]
+    pub http: Option<HttpConfig>,
+    #[serde(default)]
+    pub audit: AuditConfig,
+}
+
+/// `[http]`: Prometheus metrics and health endpoints, unauthenticated, on their own port.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address and port, e.g. `"127.0.0.1:9187"` (the default). Anything that can reach it can
+    /// read the metrics and health of this host: bind a non-loopback address only behind a firewall.
+    #[serde(default = "default_http_listen")]
+    pub listen: SocketAddr,
+}
+
+/// `[audit]`: where the audit log lives and when it is rotated.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// The log file; default `<data_dir>/audit.log`. Under the packaged unit it must lie in
+    /// `/var/lib/ferry` or `/srv`, the only places the agent may write.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// Rotate once the file would grow beyond this many bytes.
+    #[serde(default = "default_audit_max_bytes")]
+    pub max_bytes: u64,
+    /// Rotated files kept (`audit.log.1` is the newest); older ones are deleted.
+    #[serde(default = "default_audit_keep")]
+    pub keep: u32,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig { path: None, max_bytes: default_audit_max_bytes(), keep: default_audit_keep() }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -64,6 +105,19 @@ fn default_handshake_timeout() -> Duration {
 fn default_shutdown_grace() -> Duration {
     Duration::from_secs(30)
 }
+/// The default observability port (in the range exporters commonly use).
+pub const DEFAULT_HTTP_PORT: u16 = 9187;
+fn default_http_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], DEFAULT_HTTP_PORT))
+}
+fn default_audit_max_bytes() -> u64 {
+    10 * 1024 * 1024
+}
+fn default_audit_keep() -> u32 {
+    5
+}
+/// The smallest rotation size accepted: a line must fit, with room to spare.
+const MIN_AUDIT_BYTES: u64 = 64 * 1024;
 
 /// Suffixes of the unit types an app may declare.
 const UNIT_SUFFIXES: &[&str] = &[".service", ".socket", ".timer", ".target", ".path"];
@@ -96,6 +150,25 @@ impl AgentConfig {
         }
         if self.handshake_timeout.is_zero() {
             p.push(Problem::new("handshake_timeout", "must be greater than 0"));
+        }
+        if let Some(http) = &self.http
+            && http.listen == self.listen
+        {
+            p.push(Problem::new(
+                "http.listen",
+                format!("{} is the gRPC listen address too; pick another port", http.listen),
+            ));
+        }
+        if let Some(path) = &self.audit.path
+            && (!path.is_absolute() || path.file_name().is_none())
+        {
+            p.push(Problem::new("audit.path", format!("{} must be an absolute file path", path.display())));
+        }
+        if self.audit.max_bytes < MIN_AUDIT_BYTES {
+            p.push(Problem::new("audit.max_bytes", format!("must be at least {MIN_AUDIT_BYTES}")));
+        }
+        if self.audit.keep == 0 {
+            p.push(Problem::new("audit.keep", "must be at least 1 (the file rotated last)"));
         }
         let mut roots: Vec<(&str, &Path)> = Vec::new();
         for (name, app) in &self.apps {
@@ -139,6 +212,11 @@ impl AgentConfig {
             }
         }
         p
+    }
+
+    /// The audit log file.
+    pub fn audit_path(&self) -> PathBuf {
+        self.audit.path.clone().unwrap_or_else(|| self.data_dir.join("audit.log"))
     }
 
     /// The directory holding one app's release store.
@@ -223,6 +301,29 @@ units = ["web.service", "web-worker@1.service"]
     }
 
     #[test]
+    fn http_is_off_by_default_and_loopback_when_enabled() {
+        let c = load(GOOD).expect("valid");
+        assert!(c.http.is_none());
+        assert_eq!(c.audit_path(), PathBuf::from("/var/lib/ferry/audit.log"));
+        let c = load(&format!("{GOOD}\n[http]\n")).expect("valid");
+        assert_eq!(c.http.as_ref().map(|h| h.listen), Some(default_http_listen()));
+        assert!(default_http_listen().ip().is_loopback());
+    }
+
+    #[test]
+    fn bad_http_and_audit_settings_are_all_reported() {
+        let text = format!(
+            "{GOOD}\n[http]\nlisten = \"0.0.0.0:7443\"\n[audit]\npath = \"audit.log\"\nmax_bytes = 10\nkeep = 0\n"
+        );
+        let err = load(&text).expect_err("must be refused");
+        assert!(err.contains("4 problem(s)"), "{err}");
+        assert!(err.contains("http.listen: 0.0.0.0:7443 is the gRPC listen address too"), "{err}");
+        assert!(err.contains("audit.path: audit.log must be an absolute file path"), "{err}");
+        assert!(err.contains("audit.max_bytes: must be at least"), "{err}");
+        assert!(err.contains("audit.keep: must be at least 1"), "{err}");
+    }
+
+    #[test]
     fn bad_listen_address_is_a_parse_error() {
         let err = load(&GOOD.replace("0.0.0.0:7443", "localhost")).expect_err("must be refused");
         assert!(err.contains("listen") && err.contains("invalid socket address"), "{err}");
@@ -266,6 +367,9 @@ units = ["web.service", "web-worker@1.service"]
         assert_eq!(c.shutdown_grace, default_shutdown_grace());
         assert_eq!(c.apps["web"].root, PathBuf::from("/srv/web"));
         assert_eq!(c.apps["web"].units, ["web.service"]);
+        assert_eq!(c.http.as_ref().map(|h| h.listen), Some(default_http_listen()));
+        assert_eq!(c.audit_path(), default_data_dir().join("audit.log"));
+        assert_eq!((c.audit.max_bytes, c.audit.keep), (default_audit_max_bytes(), default_audit_keep()));
     }
 
     #[test]

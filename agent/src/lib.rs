@@ -13,21 +13,28 @@
 //! - [`store`]: each app's release store: staging, content index, promotion, atomic swap, pruning.
 //! - [`failpoint`]: named crash points for crash-safety tests (test builds only).
 //! - [`notify`]: systemd readiness, stopping and watchdog notifications.
+//! - [`telemetry`]: what the agent reports about itself: [`metrics`] (Prometheus), the
+//!   [`audit`] log (one JSON line per command), the serving state.
+//! - [`http`]: the optional plain-HTTP endpoint: `/metrics`, `/health`, `/ready`, `/live`.
 //!
 //! The binary (`main.rs`) only parses flags, sets up logging and calls [`run`].
 #![forbid(unsafe_code)]
 
 pub mod activate;
+pub mod audit;
 pub mod config;
 pub mod facts;
 pub mod failpoint;
 pub mod hooks;
+pub mod http;
+pub mod metrics;
 pub mod notify;
 pub mod probe;
 pub mod server;
 pub mod service;
 pub mod store;
 pub mod systemd;
+pub mod telemetry;
 pub mod tls;
 
 use tokio_util::sync::CancellationToken;
@@ -35,17 +42,34 @@ use tokio_util::sync::CancellationToken;
 pub use config::AgentConfig;
 pub use server::Server;
 
-/// Runs the agent until `shutdown` is cancelled: bind, tell systemd we are ready, serve, drain.
+/// Runs the agent until `shutdown` is cancelled: bind (gRPC, and the HTTP endpoint if
+/// configured), tell systemd we are ready, serve, drain.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let http = match &config.http {
+        Some(h) => Some(http::bind(h.listen).await?),
+        None => None,
+    };
     let server = Server::bind(config).await?;
     let addr = server.local_addr()?;
-    tracing::info!(%addr, version = env!("CARGO_PKG_VERSION"), "ferry-agent serving");
+    tracing::info!(%addr, version = env!("CARGO_PKG_VERSION"), audit = %server.telemetry().audit.path().display(), "ferry-agent serving");
+    let http_stop = shutdown.child_token();
+    let http_task = http.map(|listener| {
+        if let Ok(a) = listener.local_addr() {
+            tracing::info!(addr = %a, "serving /metrics, /health, /ready and /live over HTTP");
+        }
+        tokio::spawn(http::serve(listener, server.config(), server.telemetry(), http_stop.clone()))
+    });
     notify::ready();
     if let Some(interval) = notify::watchdog_interval() {
         tracing::info!(?interval, "systemd watchdog enabled");
         tokio::spawn(notify::watchdog(interval, shutdown.clone()));
     }
-    server.serve(shutdown).await?;
+    let served = server.serve(shutdown).await;
+    http_stop.cancel();
+    served?;
+    if let Some(task) = http_task {
+        let _ = task.await;
+    }
     tracing::info!("ferry-agent stopped");
     Ok(())
 }

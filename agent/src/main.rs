@@ -1,5 +1,6 @@
-//! `ferry-agent --config /etc/ferry/agent.toml`
-use std::path::PathBuf;
+//! `ferry-agent --config /etc/ferry/agent.toml [--check | --configured]`, and
+//! `ferry-agent audit tail [-n N] [--follow] [--output json]`.
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -14,7 +15,7 @@ use tracing_subscriber::prelude::*;
 #[command(name = "ferry-agent", version, about, long_about = None)]
 struct Cli {
     /// Agent configuration file.
-    #[arg(long, short, default_value = ferry_agent::config::DEFAULT_CONFIG_PATH, env = "FERRY_AGENT_CONFIG")]
+    #[arg(long, short, global = true, default_value = ferry_agent::config::DEFAULT_CONFIG_PATH, env = "FERRY_AGENT_CONFIG")]
     config: PathBuf,
     /// Check the configuration and TLS files, then exit without serving.
     #[arg(long)]
@@ -27,6 +28,100 @@ struct Cli {
     /// Log filter (tracing EnvFilter syntax), e.g. "info" or "ferry_agent=debug".
     #[arg(long, default_value = "info", env = "FERRY_LOG")]
     log: String,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Read the audit log: one line per command a coordinator sent (who, what, result) and per
+    /// connection refused.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(clap::Subcommand)]
+enum AuditCommand {
+    /// Print the newest records (reaching into rotated files), oldest first; --follow waits for
+    /// more.
+    Tail {
+        /// How many records.
+        #[arg(short = 'n', long, default_value_t = 20)]
+        lines: usize,
+        /// Keep printing records as they are written (across rotations) until interrupted.
+        #[arg(long, short)]
+        follow: bool,
+        /// human (one line per record) or json (the records as written, one JSON object a line).
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+        /// Read this log file instead of the one the config names.
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Output {
+    Human,
+    Json,
+}
+
+/// `ferry-agent audit tail`.
+fn audit_tail(config: &Path, file: Option<PathBuf>, lines: usize, follow: bool, output: Output) -> ExitCode {
+    let path = match file {
+        Some(f) => f,
+        None => match AgentConfig::load(config) {
+            Ok(c) => c.audit_path(),
+            Err(e) => {
+                eprintln!("ferry-agent: {e}");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let print = |line: &str| -> bool {
+        use std::io::Write;
+        let text = match output {
+            Output::Json => line.to_string(),
+            Output::Human => match serde_json::from_str::<ferry_agent::audit::Entry>(line) {
+                Ok(e) => e.human(),
+                Err(_) => format!("(unreadable record) {line}"),
+            },
+        };
+        // A closed stdout (`| head`) ends the command quietly.
+        writeln!(std::io::stdout().lock(), "{text}").is_ok()
+    };
+    let fail = |e: std::io::Error| {
+        eprintln!("ferry-agent: audit log {}: {e}", path.display());
+        ExitCode::FAILURE
+    };
+    let mut follower = match follow.then(|| ferry_agent::audit::Follower::open(&path)).transpose() {
+        Ok(f) => f,
+        Err(e) => return fail(e),
+    };
+    match ferry_agent::audit::tail(&path, lines) {
+        Ok(records) => {
+            for r in &records {
+                if !print(r) {
+                    return ExitCode::SUCCESS;
+                }
+            }
+        }
+        Err(e) => return fail(e),
+    }
+    while let Some(f) = follower.as_mut() {
+        match f.poll() {
+            Ok(new) => {
+                for r in &new {
+                    if !print(r) {
+                        return ExitCode::SUCCESS;
+                    }
+                }
+            }
+            Err(e) => return fail(e),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+    ExitCode::SUCCESS
 }
 
 fn init_logging(filter: &str) {
@@ -73,6 +168,13 @@ fn configured(path: &std::path::Path) -> ExitCode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Audit(AuditCommand::Tail { lines, follow, output, file })) = cli.command {
+        if cli.check || cli.configured {
+            eprintln!("ferry-agent: --check and --configured do not go with `audit tail`");
+            return ExitCode::from(2);
+        }
+        return audit_tail(&cli.config, file, lines, follow, output);
+    }
     if cli.configured {
         return configured(&cli.config);
     }

@@ -26,8 +26,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::server::Connected;
 
+use crate::audit::AuditError;
 use crate::config::AgentConfig;
 use crate::service::{Activations, AgentService};
+use crate::telemetry::{Serving, Telemetry};
 use crate::tls::{self, TlsError};
 
 /// Who is on the other end of a connection, as its verified certificate says.
@@ -79,7 +81,8 @@ impl AsyncWrite for AuthenticatedConn {
     }
 }
 
-/// A connection the agent refused, kept for inspection (tests, and later metrics and audit).
+/// A connection the agent refused, kept for inspection (tests; operators have the audit log and
+/// `ferry_agent_refused_connections_total`).
 #[derive(Debug, Clone)]
 pub struct Refusal {
     pub peer: SocketAddr,
@@ -114,6 +117,8 @@ impl Refusals {
 pub enum StartError {
     #[error("TLS setup: {0}")]
     Tls(#[from] TlsError),
+    #[error("{0} (under the packaged unit the agent may write only in /var/lib/ferry and /srv)")]
+    Audit(#[from] AuditError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -128,11 +133,19 @@ pub struct Server {
     acceptor: TlsAcceptor,
     config: Arc<AgentConfig>,
     refusals: Refusals,
+    telemetry: Arc<Telemetry>,
 }
 
 impl Server {
-    /// Loads the TLS material and binds the listen address. Nothing is served yet.
+    /// Loads the TLS material, opens the audit log and binds the listen address. Nothing is
+    /// served yet.
     pub async fn bind(config: AgentConfig) -> Result<Server, StartError> {
+        let telemetry = Telemetry::new(&config)?;
+        Server::bind_with(config, telemetry).await
+    }
+
+    /// [`Server::bind`] recording into `telemetry`.
+    pub async fn bind_with(config: AgentConfig, telemetry: Arc<Telemetry>) -> Result<Server, StartError> {
         let tls = tls::server_config(&config.tls)?;
         // Staging leftovers of an earlier run are never resumed: a partial release must not
         // become visible, and the coordinator re-prepares anyway.
@@ -155,7 +168,18 @@ impl Server {
             acceptor: TlsAcceptor::from(tls),
             config: Arc::new(config),
             refusals: Refusals::default(),
+            telemetry,
         })
+    }
+
+    /// The metrics and audit log this server records into.
+    pub fn telemetry(&self) -> Arc<Telemetry> {
+        self.telemetry.clone()
+    }
+
+    /// The validated config it serves.
+    pub fn config(&self) -> Arc<AgentConfig> {
+        self.config.clone()
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -170,7 +194,8 @@ impl Server {
     /// Serves until `shutdown` is cancelled, then drains in-flight requests for up to
     /// `shutdown_grace`.
     pub async fn serve(self, shutdown: CancellationToken) -> Result<(), tonic::transport::Error> {
-        let Server { listener, acceptor, config, refusals } = self;
+        let Server { listener, acceptor, config, refusals, telemetry } = self;
+        telemetry.set_serving(Serving::Serving, listener.local_addr().ok());
         let (tx, rx) = mpsc::channel::<AuthenticatedConn>(64);
         // Holds the incoming stream open until tonic returns: if it ended when the accept loop
         // stops, tonic could finish without running its graceful shutdown (and STOPPING=1).
@@ -180,6 +205,7 @@ impl Server {
         let stop_accepting = accept_stop.clone();
         let handshake_timeout = config.handshake_timeout;
         let accept_tracker = handshakes.clone();
+        let handshake_telemetry = telemetry.clone();
         let accept_loop = tokio::spawn(async move {
             loop {
                 let (tcp, addr) = tokio::select! {
@@ -202,8 +228,12 @@ impl Server {
                 let acceptor = acceptor.clone();
                 let tx = tx.clone();
                 let refusals = refusals.clone();
+                let telemetry = handshake_telemetry.clone();
                 accept_tracker.spawn(async move {
-                    match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                    let (handshake, presented) =
+                        tls::with_presented_name(tokio::time::timeout(handshake_timeout, acceptor.accept(tcp))).await;
+                    let presented = presented.unwrap_or_default();
+                    match handshake {
                         Ok(Ok(stream)) => {
                             let name = stream
                                 .get_ref()
@@ -218,12 +248,14 @@ impl Server {
                         }
                         Ok(Err(e)) => {
                             let reason = tls::describe_handshake_error(&e);
-                            tracing::warn!(peer = %addr, "refused connection: {reason}");
+                            tracing::warn!(peer = %addr, presented, "refused connection: {reason}");
+                            telemetry.refused(addr, &presented, tls::refusal_kind(&e), &reason).await;
                             refusals.push(Refusal { peer: addr, reason });
                         }
                         Err(_) => {
                             let reason = format!("TLS handshake did not finish within {handshake_timeout:?}");
-                            tracing::warn!(peer = %addr, "refused connection: {reason}");
+                            tracing::warn!(peer = %addr, presented, "refused connection: {reason}");
+                            telemetry.refused(addr, &presented, "timeout", &reason).await;
                             refusals.push(Refusal { peer: addr, reason });
                         }
                     }
@@ -234,15 +266,18 @@ impl Server {
 
         let incoming = tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<_, io::Error>);
         let activations = Activations::default();
-        let service = AgentServer::new(AgentService::with_activations(config.clone(), activations.clone()));
+        let service =
+            AgentServer::new(AgentService::with_activations(config.clone(), activations.clone(), telemetry.clone()));
         let grace = config.shutdown_grace;
         let stop = shutdown.clone();
         let refuse_new = activations.clone();
+        let stopping = telemetry.clone();
         let serve = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
             .add_service(service)
             .serve_with_incoming_shutdown(incoming, async move {
                 stop.cancelled().await;
+                stopping.set_serving(Serving::Stopping, None);
                 refuse_new.stop_new();
                 // Said before tonic starts draining, so systemd knows at once.
                 tracing::info!("shutting down: no new connections; finishing in-flight requests");

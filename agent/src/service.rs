@@ -4,6 +4,12 @@
 //! coordinator, fleet CA); the caller's name is in the request's [`PeerInfo`] and is logged with
 //! each call. Errors become `tonic::Status` here and nowhere else.
 //!
+//! Every command is recorded when it ends, before its answer goes out: one audit line (who, what,
+//! the result: [`crate::audit`]) and the request and outcome counters ([`crate::metrics`]). An
+//! activation's or rollback's line is written when its plan ends, with its outcome. Each command
+//! runs in a tracing span carrying `rpc`, `peer`, `app`, `version` and `deployment_id` (journald
+//! fields `F_RPC`, `F_PEER`, … under systemd).
+//!
 //! Activations and rollbacks run as tasks of their own, tracked in [`Activations`]: once the agent
 //! is stopping (SIGTERM: `systemctl stop`/`restart`, a package upgrade), one already running is
 //! finished, never abandoned half-way (the server waits for them), and one not yet begun is refused
@@ -16,11 +22,15 @@ use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 
 use crate::activate;
+use crate::audit::Entry;
 use crate::config::AgentConfig;
 use crate::facts;
+use crate::metrics;
 use crate::server::PeerInfo;
 use crate::store::{AppStore, ManifestSource, StoreError};
+use crate::telemetry::Telemetry;
 use std::time::Instant;
+use tracing::Instrument;
 
 /// Server streaming response for the step-event RPCs.
 pub type StepStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<v1::StepEvent, Status>> + Send>>;
@@ -32,6 +42,20 @@ pub struct AgentService {
     /// One lock per app: staging, promotion and swaps of one app never interleave.
     locks: std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>,
     activations: Activations,
+    telemetry: Arc<Telemetry>,
+    /// Each stage in progress (app, stage id): when it was prepared (for the stage duration) and
+    /// for which deployment and version (the audit line of its Upload, which names neither).
+    stages: std::sync::Mutex<std::collections::HashMap<(String, String), Stage>>,
+}
+
+/// Stages remembered; older ones (abandoned) are forgotten first.
+const MAX_STAGES: usize = 256;
+
+#[derive(Debug, Clone)]
+struct Stage {
+    prepared: Instant,
+    deployment: String,
+    version: String,
 }
 
 /// The activation and rollback plans in progress, and whether the agent is stopping.
@@ -67,20 +91,16 @@ impl Activations {
 }
 
 impl AgentService {
-    pub fn new(config: Arc<AgentConfig>) -> Self {
-        Self::with_activations(config, Activations::default())
-    }
-
     /// A service whose activation tasks are tracked in `activations` (the server waits for them
-    /// on shutdown).
-    pub fn with_activations(config: Arc<AgentConfig>, activations: Activations) -> Self {
+    /// on shutdown), recording into `telemetry`.
+    pub fn with_activations(config: Arc<AgentConfig>, activations: Activations, telemetry: Arc<Telemetry>) -> Self {
         let name = ferry_proto::identity::load_certs(&config.tls.cert)
             .ok()
             .and_then(|c| c.first().and_then(|c| ferry_proto::identity::CertIdentity::from_der(c).ok()))
             .map(|id| id.name().to_string())
             .unwrap_or_default();
         let locks = config.apps.keys().map(|a| (a.clone(), Arc::new(tokio::sync::Mutex::new(())))).collect();
-        AgentService { config, name, locks, activations }
+        AgentService { config, name, locks, activations, telemetry, stages: Default::default() }
     }
 
     /// The app's store and lock, or NotFound for an app this agent does not manage.
@@ -97,6 +117,39 @@ impl AgentService {
 
 fn caller<T>(req: &Request<T>) -> String {
     req.extensions().get::<PeerInfo>().map(|p| format!("{} ({})", p.name, p.addr)).unwrap_or_default()
+}
+
+/// The audit record of a request, before its result is known.
+fn entry<T>(req: &Request<T>, rpc: &str) -> Entry {
+    match req.extensions().get::<PeerInfo>() {
+        Some(p) => Entry::new(rpc, &p.name, &p.addr.to_string()),
+        None => Entry::new(rpc, "", ""),
+    }
+}
+
+/// The span a command runs in (its fields become journald fields under systemd).
+fn span_of(e: &Entry) -> tracing::Span {
+    tracing::info_span!(
+        "command",
+        rpc = e.rpc,
+        peer = e.peer,
+        app = e.app,
+        version = e.version,
+        deployment_id = e.deployment
+    )
+}
+
+/// A gRPC code as a metric label and audit result, e.g. `not_found`.
+fn code_label(code: tonic::Code) -> String {
+    let name = format!("{code:?}");
+    let mut out = String::with_capacity(name.len() + 4);
+    for (i, c) in name.chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_lowercase());
+    }
+    out
 }
 
 /// The one place store errors become gRPC statuses.
@@ -138,6 +191,127 @@ fn stream_of(events: Vec<v1::StepEvent>) -> StepStream {
 #[tonic::async_trait]
 impl Agent for AgentService {
     async fn get_status(&self, request: Request<v1::GetStatusRequest>) -> Result<Response<v1::HostStatus>, Status> {
+        let e = entry(&request, "GetStatus");
+        let r = self.get_status_inner(request).instrument(span_of(&e)).await;
+        self.done(e, r, |_, _| {}).await
+    }
+
+    async fn list_releases(
+        &self,
+        request: Request<v1::ListReleasesRequest>,
+    ) -> Result<Response<v1::ListReleasesResponse>, Status> {
+        let e = Entry { app: request.get_ref().app.clone(), ..entry(&request, "ListReleases") };
+        let r = self.list_releases_inner(request).instrument(span_of(&e)).await;
+        self.done(e, r, |r, e| e.detail = format!("{} release(s)", r.releases.len())).await
+    }
+
+    async fn prepare(&self, request: Request<v1::PrepareRequest>) -> Result<Response<v1::PrepareResponse>, Status> {
+        let r = request.get_ref();
+        let e = Entry {
+            app: r.app.clone(),
+            version: r.version.clone(),
+            deployment: r.deployment_id.clone(),
+            ..entry(&request, "Prepare")
+        };
+        let r = self.prepare_inner(request).instrument(span_of(&e)).await;
+        self.done(e, r, |r, e| {
+            e.release = r.release_id.clone();
+            e.detail = if r.already_present {
+                "already on this host".into()
+            } else {
+                format!("{} chunk(s) missing, {} bytes", r.missing_chunks.len(), r.missing_bytes)
+            };
+        })
+        .await
+    }
+
+    async fn upload(
+        &self,
+        request: Request<tonic::Streaming<v1::UploadRequest>>,
+    ) -> Result<Response<v1::UploadResponse>, Status> {
+        let mut e = entry(&request, "Upload");
+        let span = span_of(&e);
+        let r = self.upload_inner(request, &mut e).instrument(span).await;
+        self.done(e, r, |r, e| e.detail = format!("{} chunk(s), {} bytes", r.chunks_received, r.bytes_received)).await
+    }
+
+    type CommitStream = StepStream;
+    async fn commit(&self, request: Request<v1::CommitRequest>) -> Result<Response<StepStream>, Status> {
+        let r = request.get_ref();
+        let mut e = Entry {
+            app: r.app.clone(),
+            release: r.stage_id.clone(),
+            deployment: r.deployment_id.clone(),
+            ..entry(&request, "Commit")
+        };
+        let span = span_of(&e);
+        let r = self.commit_inner(request, &mut e).instrument(span).await;
+        self.done(e, r, |_, _| {}).await
+    }
+
+    type ActivateStream = StepStream;
+    async fn activate(&self, request: Request<v1::ActivateRequest>) -> Result<Response<StepStream>, Status> {
+        let r = request.get_ref();
+        let e = Entry {
+            app: r.app.clone(),
+            version: r.version.clone(),
+            release: r.release_id.clone(),
+            deployment: r.deployment_id.clone(),
+            ..entry(&request, "Activate")
+        };
+        let span = span_of(&e);
+        match self.activate_inner(request).instrument(span.clone()).await {
+            Ok(plan) => self.spawn_plan(plan, e, span),
+            Err(s) => self.done(e, Err(s), |_, _| {}).await,
+        }
+    }
+
+    type RollbackStream = StepStream;
+    async fn rollback(&self, request: Request<v1::RollbackRequest>) -> Result<Response<StepStream>, Status> {
+        let r = request.get_ref();
+        let e = Entry {
+            app: r.app.clone(),
+            release: r.to_release.clone(),
+            deployment: r.deployment_id.clone(),
+            ..entry(&request, "Rollback")
+        };
+        let span = span_of(&e);
+        match self.rollback_inner(request).instrument(span.clone()).await {
+            Ok(plan) => self.spawn_plan(plan, e, span),
+            Err(s) => self.done(e, Err(s), |_, _| {}).await,
+        }
+    }
+}
+
+impl AgentService {
+    /// Records how a command ended (counter and audit line, durably), then hands its result back.
+    async fn done<T>(
+        &self,
+        mut e: Entry,
+        result: Result<Response<T>, Status>,
+        describe: impl FnOnce(&T, &mut Entry),
+    ) -> Result<Response<T>, Status> {
+        let label = match &result {
+            Ok(r) => {
+                e.result = "ok".into();
+                describe(r.get_ref(), &mut e);
+                "ok".to_string()
+            }
+            Err(s) => {
+                e.result = format!("error: {}", code_label(s.code()));
+                e.detail = s.message().to_string();
+                code_label(s.code())
+            }
+        };
+        self.telemetry.metrics.inc(&metrics::REQUESTS, &[&e.rpc, &label]);
+        self.telemetry.audit(e).await;
+        result
+    }
+
+    async fn get_status_inner(
+        &self,
+        request: Request<v1::GetStatusRequest>,
+    ) -> Result<Response<v1::HostStatus>, Status> {
         tracing::debug!(caller = caller(&request), "GetStatus");
         let config = self.config.clone();
         let name = self.name.clone();
@@ -147,7 +321,7 @@ impl Agent for AgentService {
         Ok(Response::new(status))
     }
 
-    async fn list_releases(
+    async fn list_releases_inner(
         &self,
         request: Request<v1::ListReleasesRequest>,
     ) -> Result<Response<v1::ListReleasesResponse>, Status> {
@@ -160,7 +334,10 @@ impl Agent for AgentService {
         Ok(Response::new(v1::ListReleasesResponse { releases }))
     }
 
-    async fn prepare(&self, request: Request<v1::PrepareRequest>) -> Result<Response<v1::PrepareResponse>, Status> {
+    async fn prepare_inner(
+        &self,
+        request: Request<v1::PrepareRequest>,
+    ) -> Result<Response<v1::PrepareResponse>, Status> {
         let who = caller(&request);
         let req = request.into_inner();
         let (store, lock) = self.app(&req.app)?;
@@ -195,7 +372,13 @@ impl Agent for AgentService {
             "Prepare"
         );
         let version = req.version.clone();
+        let stage =
+            Stage { prepared: Instant::now(), deployment: req.deployment_id.clone(), version: req.version.clone() };
+        let app = req.app.clone();
         let p = blocking(move || store.prepare(&version, source, &req.manifest_hash, free)).await?;
+        if !p.already_present {
+            self.stage_started(&app, &p.release_id, stage);
+        }
         tracing::info!(
             release = p.release_id,
             missing = p.missing.len(),
@@ -213,9 +396,10 @@ impl Agent for AgentService {
         }))
     }
 
-    async fn upload(
+    async fn upload_inner(
         &self,
         request: Request<tonic::Streaming<v1::UploadRequest>>,
+        e: &mut Entry,
     ) -> Result<Response<v1::UploadResponse>, Status> {
         let who = caller(&request);
         let mut stream = request.into_inner();
@@ -223,6 +407,11 @@ impl Agent for AgentService {
         let Some(v1::upload_request::Msg::Start(start)) = first else {
             return Err(Status::invalid_argument("an upload must begin with a start message naming the app and stage"));
         };
+        e.app = start.app.clone();
+        e.release = start.stage_id.clone();
+        if let Some(stage) = self.stage(&start.app, &start.stage_id) {
+            (e.deployment, e.version) = (stage.deployment, stage.version);
+        }
         let (store, lock) = self.app(&start.app)?;
         let _guard = lock.lock().await;
         tracing::info!(caller = who, app = start.app, stage = start.stage_id, "Upload");
@@ -231,10 +420,12 @@ impl Agent for AgentService {
         while let Some(msg) = stream.message().await? {
             match msg.msg {
                 Some(v1::upload_request::Msg::Chunk(chunk)) => {
+                    let received = chunk.data.len() as f64;
                     upload = tokio::task::spawn_blocking(move || upload.put(&chunk).map(|()| upload))
                         .await
                         .map_err(|e| Status::internal(format!("worker failed: {e}")))?
                         .map_err(status_of)?;
+                    self.telemetry.metrics.add(&metrics::RECEIVED_BYTES, &[&e.app], received);
                 }
                 Some(v1::upload_request::Msg::Finish(_)) => break,
                 Some(v1::upload_request::Msg::Start(_)) | None => {
@@ -254,8 +445,11 @@ impl Agent for AgentService {
         }))
     }
 
-    type CommitStream = StepStream;
-    async fn commit(&self, request: Request<v1::CommitRequest>) -> Result<Response<StepStream>, Status> {
+    async fn commit_inner(
+        &self,
+        request: Request<v1::CommitRequest>,
+        e: &mut Entry,
+    ) -> Result<Response<StepStream>, Status> {
         let who = caller(&request);
         let req = request.into_inner();
         let (store, lock) = self.app(&req.app)?;
@@ -264,14 +458,22 @@ impl Agent for AgentService {
         let started = Instant::now();
         let stage = req.stage_id.clone();
         let id = blocking(move || store.commit(&stage, |_, _| {})).await?;
+        e.release = id.clone();
+        if let Some(stage) = self.stage_finished(&req.app, &req.stage_id) {
+            e.version = stage.version;
+            let secs = stage.prepared.elapsed().as_secs_f64();
+            self.telemetry.metrics.observe(&metrics::STAGE_SECONDS, &[&req.app], secs);
+        }
         let mut done = event(v1::Step::Promote, v1::StepState::Succeeded, started, format!("release {id} is on disk"));
         done.step_ms = done.elapsed_ms;
         done.r#final = Some(v1::Final { outcome: v1::Outcome::Committed as i32, release_id: id, ..Default::default() });
         Ok(Response::new(stream_of(vec![done])))
     }
 
-    type ActivateStream = StepStream;
-    async fn activate(&self, request: Request<v1::ActivateRequest>) -> Result<Response<StepStream>, Status> {
+    async fn activate_inner(
+        &self,
+        request: Request<v1::ActivateRequest>,
+    ) -> Result<(activate::Plan, Arc<tokio::sync::Mutex<()>>), Status> {
         let who = caller(&request);
         let req = request.into_inner();
         let (store, lock) = self.app(&req.app)?;
@@ -309,11 +511,13 @@ impl Agent for AgentService {
             hooks: req.hooks,
             version: req.version,
         };
-        Ok(Response::new(self.spawn_plan(plan, lock)?))
+        Ok((plan, lock))
     }
 
-    type RollbackStream = StepStream;
-    async fn rollback(&self, request: Request<v1::RollbackRequest>) -> Result<Response<StepStream>, Status> {
+    async fn rollback_inner(
+        &self,
+        request: Request<v1::RollbackRequest>,
+    ) -> Result<(activate::Plan, Arc<tokio::sync::Mutex<()>>), Status> {
         let who = caller(&request);
         let req = request.into_inner();
         let (store, lock) = self.app(&req.app)?;
@@ -337,7 +541,27 @@ impl Agent for AgentService {
             hooks: None,
             version: String::new(),
         };
-        Ok(Response::new(self.spawn_plan(plan, lock)?))
+        Ok((plan, lock))
+    }
+
+    /// Remembers a stage when it is first prepared.
+    fn stage_started(&self, app: &str, id: &str, stage: Stage) {
+        let mut stages = self.stages.lock().unwrap_or_else(|p| p.into_inner());
+        if stages.len() >= MAX_STAGES
+            && let Some(oldest) = stages.iter().min_by_key(|(_, s)| s.prepared).map(|(k, _)| k.clone())
+        {
+            stages.remove(&oldest);
+        }
+        stages.insert((app.to_string(), id.to_string()), stage);
+    }
+
+    fn stage(&self, app: &str, id: &str) -> Option<Stage> {
+        self.stages.lock().unwrap_or_else(|p| p.into_inner()).get(&(app.to_string(), id.to_string())).cloned()
+    }
+
+    /// The stage now committed (unknown if this agent did not see its Prepare).
+    fn stage_finished(&self, app: &str, id: &str) -> Option<Stage> {
+        self.stages.lock().unwrap_or_else(|p| p.into_inner()).remove(&(app.to_string(), id.to_string()))
     }
 }
 
@@ -359,23 +583,91 @@ impl AgentService {
     /// Runs an activation plan under the app's lock; its events are the response stream. The
     /// plan runs to its end even if the coordinator goes away or the agent is told to stop (a
     /// host is never left half-way); a plan that has not begun when the agent starts stopping is
-    /// refused instead.
-    fn spawn_plan(&self, plan: activate::Plan, lock: Arc<tokio::sync::Mutex<()>>) -> Result<StepStream, Status> {
+    /// refused instead. Its audit line and metrics are recorded when it ends.
+    fn spawn_plan(
+        &self,
+        (plan, lock): (activate::Plan, Arc<tokio::sync::Mutex<()>>),
+        mut e: Entry,
+        span: tracing::Span,
+    ) -> Result<Response<StepStream>, Status> {
+        let metrics = &self.telemetry.metrics;
         if self.activations.stopping.is_cancelled() {
+            metrics.inc(&metrics::REQUESTS, &[&e.rpc, &code_label(tonic::Code::Unavailable)]);
+            let telemetry = self.telemetry.clone();
+            e.result = "refused".into();
+            e.detail = Activations::refusal().message().to_string();
+            tokio::spawn(async move { telemetry.audit(e).await });
             return Err(Activations::refusal());
         }
+        metrics.inc(&metrics::REQUESTS, &[&e.rpc, "ok"]);
+        metrics.add(&metrics::IN_PROGRESS, &[], 1.0);
         let (tx, rx) = tokio::sync::mpsc::channel(32);
         let config = self.config.clone();
         let stopping = self.activations.stopping.clone();
-        self.activations.tasks.spawn(async move {
-            let _guard = lock.lock().await;
-            if stopping.is_cancelled() {
-                tracing::info!(app = plan.app, deployment = plan.deployment_id, "refused: the agent is stopping");
-                let _ = tx.send(Err(Activations::refusal())).await;
-                return;
+        let telemetry = self.telemetry.clone();
+        self.activations.tasks.spawn(
+            async move {
+                let _guard = lock.lock().await;
+                let app = plan.app.clone();
+                let requested_rollback = e.rpc == "Rollback";
+                let started = Instant::now();
+                let ended = if stopping.is_cancelled() {
+                    tracing::info!(app = plan.app, deployment = plan.deployment_id, "refused: the agent is stopping");
+                    let _ = tx.send(Err(Activations::refusal())).await;
+                    activate::Ended { result: Err(Activations::refusal()), probe_failures: 0 }
+                } else {
+                    activate::run(config, plan, tx).await
+                };
+                record_plan(&telemetry, &mut e, &app, requested_rollback, started, &ended);
+                telemetry.metrics.add(&metrics::IN_PROGRESS, &[], -1.0);
+                telemetry.audit(e).await;
             }
-            activate::run(config, plan, tx).await;
-        });
-        Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+            .instrument(span),
+        );
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+}
+
+/// Counts an ended activation or rollback and completes its audit record.
+fn record_plan(
+    telemetry: &Telemetry,
+    e: &mut Entry,
+    app: &str,
+    requested_rollback: bool,
+    started: Instant,
+    ended: &activate::Ended,
+) {
+    let m = &telemetry.metrics;
+    let outcome = match &ended.result {
+        Ok(fin) => {
+            e.release = fin.release_id.clone();
+            e.detail = fin.cause.clone();
+            match v1::Outcome::try_from(fin.outcome) {
+                Ok(v1::Outcome::Healthy) => "healthy",
+                Ok(v1::Outcome::Unchanged) => "unchanged",
+                Ok(v1::Outcome::RolledBack) => "rolled_back",
+                _ => "failed",
+            }
+        }
+        Err(s) => {
+            e.detail = s.message().to_string();
+            "refused"
+        }
+    };
+    e.result = outcome.to_string();
+    m.add(&metrics::PROBE_FAILURES, &[app], f64::from(ended.probe_failures));
+    if requested_rollback {
+        // A rollback that switched the host (its "healthy" is the earlier release, running).
+        if outcome == "healthy" {
+            m.inc(&metrics::ROLLBACKS, &[app, "requested"]);
+        }
+    } else {
+        m.inc(&metrics::ACTIVATIONS, &[app, outcome]);
+        if outcome == "rolled_back" {
+            m.inc(&metrics::ROLLBACKS, &[app, "automatic"]);
+        }
+    }
+    if outcome != "refused" {
+        m.observe(&metrics::ACTIVATE_SECONDS, &[app, outcome], started.elapsed().as_secs_f64());
     }
 }

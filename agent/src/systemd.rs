@@ -42,6 +42,12 @@ fn bus(e: impl std::fmt::Display) -> UnitError {
     UnitError::Bus(e.to_string())
 }
 
+/// Whether the host's systemd answers on the system bus: its version (for `/health`).
+pub async fn ping() -> Result<String, UnitError> {
+    let conn = zbus::Connection::system().await.map_err(bus)?;
+    ManagerProxy::new(&conn).await.map_err(bus)?.version().await.map_err(bus)
+}
+
 /// A connection to the host's systemd.
 pub struct Systemd {
     conn: zbus::Connection,

@@ -108,6 +108,10 @@ impl ClientCertVerifier for CoordinatorOnly {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         let peer = CertIdentity::from_der(end_entity).ok();
+        if let Some(p) = &peer {
+            // Outside a handshake started by the server (no scope), there is no one to tell.
+            let _ = PRESENTED.try_with(|cell| *cell.borrow_mut() = Some(p.name().to_string()));
+        }
         let role = peer.as_ref().and_then(|p| p.role);
         let refuse_role = || {
             tracing::warn!(
@@ -153,6 +157,43 @@ impl ClientCertVerifier for CoordinatorOnly {
     fn client_auth_mandatory(&self) -> bool {
         true
     }
+}
+
+/// A handshake failure as a metric label: `unknown_ca`, `wrong_role`, `no_certificate`,
+/// `bad_certificate`, `not_tls`, `incompatible`, `client_refused` (the client distrusts us), `eof`
+/// or `other`. Bounded, unlike [`describe_handshake_error`]'s text.
+pub fn refusal_kind(err: &std::io::Error) -> &'static str {
+    let Some(tls) = err.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) else {
+        return if err.kind() == std::io::ErrorKind::UnexpectedEof { "eof" } else { "other" };
+    };
+    use rustls::Error as E;
+    match tls {
+        E::InvalidCertificate(CertificateError::ApplicationVerificationFailure) => "wrong_role",
+        E::InvalidCertificate(CertificateError::UnknownIssuer) => "unknown_ca",
+        E::InvalidCertificate(_) => "bad_certificate",
+        E::NoCertificatesPresented => "no_certificate",
+        E::InvalidMessage(_) => "not_tls",
+        E::PeerIncompatible(_) => "incompatible",
+        E::AlertReceived(_) => "client_refused",
+        _ => "other",
+    }
+}
+
+tokio::task_local! {
+    /// The name on the client certificate of the handshake in progress, set by the verifier
+    /// whether or not it accepts the certificate, so a refusal can say who was refused.
+    static PRESENTED: std::cell::RefCell<Option<String>>;
+}
+
+/// Runs a handshake future and returns its result with the name of the certificate the client
+/// presented, if it presented a readable one.
+pub async fn with_presented_name<F: std::future::Future>(handshake: F) -> (F::Output, Option<String>) {
+    PRESENTED
+        .scope(std::cell::RefCell::new(None), async {
+            let out = handshake.await;
+            (out, PRESENTED.with(|p| p.borrow_mut().take()))
+        })
+        .await
 }
 
 /// A handshake failure in words for the agent's log: what the client did wrong.

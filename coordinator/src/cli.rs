@@ -30,8 +30,23 @@ pub struct Cli {
     /// Log filter for diagnostics on stderr (tracing EnvFilter syntax), e.g. "debug".
     #[arg(long, global = true, default_value = "warn", env = "FERRY_LOG")]
     pub log: String,
+    /// Diagnostics as text, or as JSON lines (each with the fields of its spans: deployment_id,
+    /// environment, app, host, version) for log shippers.
+    #[arg(long, global = true, value_enum, default_value = "text", env = "FERRY_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    /// deploy, rollback, resume and promote: write the environment's deployment metrics
+    /// (Prometheus text format, atomically) to this file when the run starts and when it ends,
+    /// e.g. for node_exporter's textfile collector. One file per environment.
+    #[arg(long, global = true, value_name = "PATH", env = "FERRY_METRICS_FILE")]
+    pub metrics_file: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -256,9 +271,56 @@ fn fail(code: u8, err: &anyhow::Error) -> u8 {
     code
 }
 
-/// Runs one command and returns the process exit code.
+/// Runs one command and returns the process exit code. A rollout command runs in a span naming
+/// it, its environment and the app, and writes `--metrics-file` when it starts and ends.
 pub async fn run(cli: Cli) -> u8 {
-    match cli.command {
+    use tracing::Instrument;
+    let Some((command, config, env)) = rollout_target(&cli.command) else {
+        if let Some(path) = &cli.metrics_file {
+            eprintln!(
+                "ferry: warning: --metrics-file {} is written only by deploy, rollback, resume and promote",
+                path.display()
+            );
+        }
+        return run_command(cli.command).await;
+    };
+    let app = FleetConfig::load(&config).map(|c| c.app.name).unwrap_or_default();
+    let span = tracing::info_span!("run", command, environment = env, app);
+    let mut observed =
+        crate::metrics::Run { command, environment: env.clone(), started: crate::metrics::now(), ended: None };
+    write_metrics(cli.metrics_file.as_deref(), &config, &observed);
+    let code = run_command(cli.command).instrument(span).await;
+    observed.ended = Some((crate::metrics::now(), code));
+    write_metrics(cli.metrics_file.as_deref(), &config, &observed);
+    code
+}
+
+/// The verb, fleet.toml and environment of a rollout command.
+fn rollout_target(command: &Command) -> Option<(&'static str, PathBuf, String)> {
+    match command {
+        Command::Deploy(a) => Some(("deploy", a.config.clone(), a.env.clone())),
+        Command::Rollback(a) => Some(("rollback", a.config.clone(), a.env.clone())),
+        Command::Resume(a) => Some(("resume", a.config.clone(), a.env.clone())),
+        Command::Promote(a) => Some(("promote", a.config.clone(), a.env.clone())),
+        _ => None,
+    }
+}
+
+/// `--metrics-file`: a failure to write it is reported, never a reason to fail the rollout.
+fn write_metrics(path: Option<&std::path::Path>, config: &std::path::Path, run: &crate::metrics::Run) {
+    let Some(path) = path else { return };
+    let written = FleetConfig::load(config)
+        .map_err(anyhow::Error::from)
+        .and_then(|c| open_registry(&c))
+        .and_then(|r| r.into_inner().map_err(|_| anyhow::anyhow!("registry lock poisoned")))
+        .and_then(|r| crate::metrics::write(path, &r, run));
+    if let Err(e) = written {
+        eprintln!("ferry: warning: cannot write the metrics file: {e:#}");
+    }
+}
+
+async fn run_command(command: Command) -> u8 {
+    match command {
         Command::Ca(CaCommand::Init { out, force, days, output }) => match commands::ca::init(&out, force, days) {
             Ok(o) => {
                 ui::ca_init(&o, output);

@@ -5,6 +5,7 @@
 //! - [`cli`]: flags, dispatch, exit codes ([`exit`]).
 //! - [`config`]: `fleet.toml`: the app, TLS files, environments and their hosts.
 //! - [`plan`]: rollout strategies and the batches they make (pure).
+//! - [`metrics`]: `--metrics-file`: an environment's deployments as Prometheus metrics.
 //! - [`registry`]: the SQLite record of every deployment, host step and event; environment locks.
 //! - [`pki`]: the fleet CA; issuing and reading certificates.
 //! - [`tls`]: the coordinator's mTLS (fleet CA only; agent must match the host dialled).
@@ -20,6 +21,7 @@ pub mod client;
 pub mod commands;
 pub mod config;
 pub mod exit;
+pub mod metrics;
 pub mod pki;
 pub mod plan;
 pub mod registry;

@@ -9,6 +9,8 @@
 //!   both sides read certificates and keys from PEM files with errors that name the file.
 //!
 //! - [`delta`]: piece deltas that rebuild a changed chunk from old content the host keeps.
+//! - [`prometheus`]: the Prometheus text format both sides write (agent `/metrics`, `ferry
+//!   --metrics-file`), and a reader of it for checks.
 //! - [`manifest`]: the release manifest rules (the one gate for untrusted manifests), its
 //!   canonical hash, release ids, and the chunking parameters both sides share.
 //!
@@ -21,6 +23,7 @@ pub mod delta;
 pub mod durable;
 pub mod identity;
 pub mod manifest;
+pub mod prometheus;
 
 /// Generated code for package `ferry.agent.v1`.
 pub mod v1 {

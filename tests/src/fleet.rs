@@ -37,6 +37,9 @@ const WORK_ROOT: &str = "/tmp/ferry-test";
 const SUBNET: &str = "10.199.0";
 pub const CTL_IP: Ipv4Addr = Ipv4Addr::new(10, 199, 0, 2);
 pub const AGENT_PORT: u16 = 7443;
+/// Where each host's agent serves `/metrics` and `/health` (loopback: reach it with
+/// [`FleetHost::http_get`]).
+pub const AGENT_HTTP_PORT: u16 = 9187;
 /// Size of each host's `/var/lib/ferry`.
 pub const STATE_SIZE_MB: u32 = 256;
 
@@ -446,19 +449,7 @@ impl Fleet {
 
     /// An HTTP GET from the coordinator's namespace; `(status, body)`, or the error text.
     pub fn http_get(&self, url: &str) -> Result<(u16, String), String> {
-        const SCRIPT: &str = "import sys, urllib.request, urllib.error\n\
-            try:\n    r = urllib.request.urlopen(sys.argv[1], timeout=5); print(r.status); print(r.read().decode())\n\
-            except urllib.error.HTTPError as e:\n    print(e.code); print(e.read().decode())\n";
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.ctl_ns, "/usr/bin/python3", "-c", SCRIPT, url])
-            .output()
-            .map_err(|e| e.to_string())?;
-        if !out.status.success() {
-            return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
-        }
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (status, body) = text.split_once('\n').unwrap_or((text.as_str(), ""));
-        Ok((status.trim().parse().map_err(|_| format!("bad status line {status:?}"))?, body.trim().to_string()))
+        http_get_in(&self.ctl_ns, url)
     }
 
     pub fn host(&self, name: &str) -> &FleetHost {
@@ -563,7 +554,38 @@ impl Fleet {
     }
 }
 
+/// An HTTP GET from inside network namespace `ns`; `(status, body)`, or the error text.
+fn http_get_in(ns: &str, url: &str) -> Result<(u16, String), String> {
+    const SCRIPT: &str = "import sys, urllib.request, urllib.error\n\
+        try:\n    r = urllib.request.urlopen(sys.argv[1], timeout=5); print(r.status); print(r.read().decode())\n\
+        except urllib.error.HTTPError as e:\n    print(e.code); print(e.read().decode())\n";
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "/usr/bin/python3", "-c", SCRIPT, url])
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+    }
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (status, body) = text.split_once('\n').unwrap_or((text.as_str(), ""));
+    Ok((status.trim().parse().map_err(|_| format!("bad status line {status:?}"))?, body.trim().to_string()))
+}
+
 impl FleetHost {
+    /// A GET of the agent's observability endpoint (`/metrics`, `/health`, …) from the host's own
+    /// loopback; `(status, body)`.
+    pub fn http_get(&self, path: &str) -> Result<(u16, String), String> {
+        http_get_in(&self.ns, &format!("http://127.0.0.1:{AGENT_HTTP_PORT}{path}"))
+    }
+
+    /// Makes the host's `/var/lib/ferry` read-only (`true`) or writable again (`false`): the
+    /// filesystem itself is remounted, so no process of the host, root included, can write it.
+    pub fn data_dir_read_only(&self, read_only: bool) {
+        let state = self.dir.join("state");
+        let mode = if read_only { "remount,ro" } else { "remount,rw" };
+        run_cmd(Command::new("mount").args(["-o", mode]).arg(&state)).unwrap_or_else(|e| panic!("{e}"));
+    }
+
     fn console_path(&self) -> PathBuf {
         self.dir.join("console.log")
     }
@@ -693,7 +715,8 @@ fn write_host_etc(etc: &Path, name: &str, certs: &CertFiles) -> Result<(), Strin
         &format!(
             "listen = \"0.0.0.0:{AGENT_PORT}\"\ndata_dir = \"/var/lib/ferry\"\nshutdown_grace = \"5s\"\n\n[tls]\n\
              ca = \"/etc/ferry/ca.pem\"\ncert = \"/etc/ferry/agent.pem\"\nkey = \"/etc/ferry/agent.key\"\n\n\
-             [apps.web]\nroot = \"/srv/web\"\nunits = [\"web.service\"]\n"
+             [apps.web]\nroot = \"/srv/web\"\nunits = [\"web.service\"]\n\n\
+             [http]\nlisten = \"127.0.0.1:{AGENT_HTTP_PORT}\"\n"
         ),
     )?;
     w(unit_dir.join("web.service"), crate::demo_app::UNIT)?;

@@ -82,6 +82,8 @@ fn packages_pass_lintian_and_hold_what_they_promise() {
         "./usr/share/bash-completion/completions/ferry",
         "./usr/share/zsh/vendor-completions/_ferry",
         "./usr/share/fish/vendor_completions.d/ferry.fish",
+        "./usr/share/doc/ferry/examples/ferry-alerts.yml",
+        "./usr/share/doc/ferry/examples/ferry-dashboard.json",
     ] {
         assert!(ferry_files.contains(path), "ferry lacks {path}:\n{ferry_files}");
     }

@@ -231,6 +231,7 @@ pub async fn current_release(config: &FleetConfig, host: &Host, tls: &ClientTls)
         .unwrap_or_default())
 }
 
+#[tracing::instrument(name = "host", skip_all, fields(step = "stage", host = %host.name, app = %config.app.name, version = send.version, deployment_id = send.deployment_id))]
 pub async fn stage_host(
     config: &FleetConfig,
     host: &Host,
@@ -291,11 +292,13 @@ pub async fn stage_host(
         }
         progress.line(&host.name, &format!("committed {}", fin.release_id));
     }
+    tracing::info!(release = prepared.release_id, bytes_sent = sent.bytes.load(Ordering::Relaxed), "staged");
     Ok(Staged { current, release_id: prepared.release_id })
 }
 
 /// Activates a staged release on a host: swap, restart, probes; the host swaps itself back when
 /// that fails (`RolledBack`).
+#[tracing::instrument(name = "host", skip_all, fields(step = "activate", host = %host.name, app = %config.app.name, version, deployment_id))]
 pub async fn activate_host(
     config: &FleetConfig,
     host: &Host,
@@ -323,7 +326,18 @@ pub async fn activate_host(
         "activate",
     )
     .await?;
-    final_result(fin, &fail)
+    logged(final_result(fin, &fail), "activated")
+}
+
+/// Logs how a host's activation or rollback ended (in its span), and passes the result on.
+fn logged(result: Result<SwapResult, HostError>, what: &str) -> Result<SwapResult, HostError> {
+    match &result {
+        Ok(swap) => {
+            tracing::info!(from = swap.from.as_deref().unwrap_or(""), to = swap.to, changed = swap.changed, "{what}")
+        }
+        Err(e) => tracing::warn!(kind = ?e.kind, "{}", e.message),
+    }
+    result
 }
 
 fn probes(config: &FleetConfig) -> Vec<v1::HealthProbe> {
@@ -495,6 +509,7 @@ pub enum Target {
 }
 
 /// Switches a host to a release it keeps: no transfer.
+#[tracing::instrument(name = "host", skip_all, fields(step = "rollback", host = %host.name, app = %config.app.name, target = ?target, deployment_id))]
 pub async fn rollback_host(
     config: &FleetConfig,
     host: &Host,
@@ -539,5 +554,5 @@ pub async fn rollback_host(
         "rollback",
     )
     .await?;
-    final_result(fin, &fail)
+    logged(final_result(fin, &fail), "rolled back")
 }

@@ -247,8 +247,10 @@ fn machine_view(rows: &[HostRow]) -> anyhow::Result<Vec<state::Host>> {
 
 /// Drives a recorded deployment to its end (or to a pause) from whatever state it is in: asks the
 /// state machine what is next, does it, records it, asks again.
+#[tracing::instrument(name = "deployment", skip_all, fields(deployment_id = id, environment = ctx.env, app = %ctx.config.app.name, version = tracing::field::Empty))]
 async fn run(ctx: &Ctx<'_>, id: &str, artifact: Arc<Artifact>, cache: Option<&Cache>) -> anyhow::Result<DeployReport> {
     let d = ctx.reg(|r| r.deployment(id))?.context("deployment vanished from the registry")?;
+    tracing::Span::current().record("version", d.version.as_str());
     let plan = stored(&d.strategy)?;
     let inventory = ctx.inventory()?;
     let rows = ctx.reg(|r| r.hosts(id))?;

@@ -1,0 +1,95 @@
+//! What the agent tells operators about itself: its [`Metrics`], its [`AuditLog`], and whether
+//! the gRPC server is serving (for `/ready` and `/health`). One [`Telemetry`] per agent, shared
+//! by the server, the service and the HTTP endpoint.
+//!
+//! Recording never fails a command: an audit line that cannot be written is logged as an error
+//! with its content (so the journal still has it), counted, and turns `/health` unhealthy until a
+//! later line is written.
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+
+use crate::audit::{AuditError, AuditLog, Entry};
+use crate::config::AgentConfig;
+use crate::metrics::{self, Metrics};
+
+/// The gRPC server's state, as `/ready` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Serving {
+    Starting = 0,
+    Serving = 1,
+    Stopping = 2,
+}
+
+pub struct Telemetry {
+    pub metrics: Metrics,
+    pub audit: AuditLog,
+    audit_ok: AtomicBool,
+    serving: AtomicU8,
+    /// The gRPC address, for `/health`.
+    grpc_addr: std::sync::Mutex<Option<SocketAddr>>,
+}
+
+impl Telemetry {
+    /// Metrics for the configured apps, and the audit log opened (created if needed).
+    pub fn new(config: &AgentConfig) -> Result<Arc<Telemetry>, AuditError> {
+        let audit = AuditLog::open(&config.audit_path(), config.audit.max_bytes, config.audit.keep)?;
+        Ok(Arc::new(Telemetry {
+            metrics: Metrics::new(config.apps.keys().map(String::as_str)),
+            audit,
+            audit_ok: AtomicBool::new(true),
+            serving: AtomicU8::new(Serving::Starting as u8),
+            grpc_addr: std::sync::Mutex::new(None),
+        }))
+    }
+
+    pub fn set_serving(&self, state: Serving, addr: Option<SocketAddr>) {
+        self.serving.store(state as u8, Ordering::SeqCst);
+        if let Some(a) = addr {
+            *self.grpc_addr.lock().unwrap_or_else(|p| p.into_inner()) = Some(a);
+        }
+    }
+
+    pub fn serving(&self) -> (Serving, Option<SocketAddr>) {
+        let state = match self.serving.load(Ordering::SeqCst) {
+            1 => Serving::Serving,
+            2 => Serving::Stopping,
+            _ => Serving::Starting,
+        };
+        (state, *self.grpc_addr.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Whether the last audit line was written.
+    pub fn audit_ok(&self) -> bool {
+        self.audit_ok.load(Ordering::SeqCst)
+    }
+
+    /// Writes `entry` to the audit log (durably) before returning.
+    pub async fn audit(self: &Arc<Self>, entry: Entry) {
+        let line = serde_json::to_string(&entry).unwrap_or_default();
+        let log = self.clone();
+        let written = match tokio::task::spawn_blocking(move || log.audit.append(&entry)).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(e) => Err(format!("audit log: worker failed: {e}")),
+        };
+        match written {
+            Ok(()) => self.audit_ok.store(true, Ordering::SeqCst),
+            Err(e) => {
+                self.audit_ok.store(false, Ordering::SeqCst);
+                self.metrics.inc(&metrics::AUDIT_FAILURES, &[]);
+                tracing::error!(record = line, "cannot write the audit log: {e}");
+            }
+        }
+    }
+
+    /// A connection refused in the TLS handshake: counted by `kind`, and audited.
+    pub async fn refused(self: &Arc<Self>, peer_addr: SocketAddr, presented: &str, kind: &str, reason: &str) {
+        self.metrics.inc(&metrics::REFUSED, &[kind]);
+        let entry = Entry {
+            result: "refused".into(),
+            detail: reason.to_string(),
+            ..Entry::new("connect", presented, &peer_addr.to_string())
+        };
+        self.audit(entry).await;
+    }
+}
