@@ -117,7 +117,14 @@ finish() {
 pkg=ferry-agent bin=ferry-agent extra_depends="init-system-helpers (>= 1.54~)"
 stage $pkg
 binary $pkg $bin
-manpage $pkg $bin 8 "ferry's host agent: receives releases over mutual TLS and activates them"
+{
+  echo "[COMMANDS]"
+  echo ".SS \"ferry-agent audit tail\""
+  echo ".nf"
+  "$work/$pkg/usr/bin/ferry-agent" audit tail --help | sed 's/\\/\\\\/g; s/^\./\\\&./'
+  echo ".fi"
+} >"$work/agent-commands.h2m"
+manpage $pkg $bin 8 "ferry's host agent: receives releases over mutual TLS and activates them" "$work/agent-commands.h2m"
 install -D -m0644 "$top/systemd/ferry-agent.service" "$work/$pkg/lib/systemd/system/ferry-agent.service"
 install -D -m0644 "$top/packaging/agent.toml" "$work/$pkg/etc/ferry/agent.toml"
 install -m0644 "$top/packaging/debian/ferry-agent.README.Debian" "$work/$pkg/usr/share/doc/$pkg/README.Debian"

@@ -64,17 +64,7 @@ pub async fn serve(
             _ = shutdown.cancelled() => break,
             p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
         };
-        let (tcp, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "http: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
+        let Some((tcp, peer)) = crate::server::accept(&listener, &shutdown, "http").await else { break };
         let (config, telemetry, stop) = (config.clone(), telemetry.clone(), shutdown.clone());
         conns.spawn(async move {
             let _permit = permit;

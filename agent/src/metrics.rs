@@ -169,6 +169,7 @@ impl Metrics {
         let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         m.set(&START_TIME, &[], started.as_secs_f64());
         m.add(&AUDIT_FAILURES, &[], 0.0);
+        m.set(&IN_PROGRESS, &[], 0.0);
         for app in apps {
             for outcome in OUTCOMES {
                 m.add(&ACTIVATIONS, &[app, outcome], 0.0);
@@ -289,6 +290,7 @@ mod tests {
         let m = Metrics::new(["web"]);
         let text = m.encode();
         assert!(text.contains("ferry_agent_activations_total{app=\"web\",outcome=\"healthy\"} 0\n"), "{text}");
+        assert!(text.contains("ferry_agent_activations_in_progress 0\n"), "{text}");
         m.inc(&ACTIVATIONS, &["web", "healthy"]);
         m.add(&RECEIVED_BYTES, &["web"], 1234.0);
         let text = m.encode();

@@ -208,18 +208,7 @@ impl Server {
         let handshake_telemetry = telemetry.clone();
         let accept_loop = tokio::spawn(async move {
             loop {
-                let (tcp, addr) = tokio::select! {
-                    _ = accept_stop.cancelled() => break,
-                    accepted = listener.accept() => match accepted {
-                        Ok(a) => a,
-                        Err(e) => {
-                            // EMFILE and friends: back off briefly instead of spinning.
-                            tracing::warn!(error = %e, "accept failed");
-                            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                            continue;
-                        }
-                    },
-                };
+                let Some((tcp, addr)) = accept(&listener, &accept_stop, "gRPC").await else { break };
                 // Small writes (handshake flights, h2 frames) must not wait for delayed ACKs:
                 // with Nagle on, each connection paid ~40 ms before its first request.
                 if let Err(e) = tcp.set_nodelay(true) {
@@ -306,6 +295,27 @@ impl Server {
         let _ = accept_loop.await;
         handshakes.close();
         result
+    }
+}
+
+/// The next connection on `listener`, or `None` once `stop` is cancelled. Errors (EMFILE and
+/// friends) are logged and retried after a short pause instead of spinning.
+pub(crate) async fn accept(
+    listener: &TcpListener,
+    stop: &CancellationToken,
+    what: &str,
+) -> Option<(TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return None,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => return Some(a),
+                Err(e) => {
+                    tracing::warn!(error = %e, "{what}: accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            },
+        }
     }
 }
 

@@ -259,11 +259,7 @@ impl Agent for AgentService {
             deployment: r.deployment_id.clone(),
             ..entry(&request, "Activate")
         };
-        let span = span_of(&e);
-        match self.activate_inner(request).instrument(span.clone()).await {
-            Ok(plan) => self.spawn_plan(plan, e, span),
-            Err(s) => self.done(e, Err(s), |_, _| {}).await,
-        }
+        self.plan_command(e, self.activate_inner(request)).await
     }
 
     type RollbackStream = StepStream;
@@ -275,15 +271,25 @@ impl Agent for AgentService {
             deployment: r.deployment_id.clone(),
             ..entry(&request, "Rollback")
         };
-        let span = span_of(&e);
-        match self.rollback_inner(request).instrument(span.clone()).await {
-            Ok(plan) => self.spawn_plan(plan, e, span),
-            Err(s) => self.done(e, Err(s), |_, _| {}).await,
-        }
+        self.plan_command(e, self.rollback_inner(request)).await
     }
 }
 
 impl AgentService {
+    /// An Activate or Rollback: checked by `prepared`, then run as a plan of its own (recorded
+    /// when it ends), or recorded at once when refused.
+    async fn plan_command(
+        &self,
+        e: Entry,
+        prepared: impl std::future::Future<Output = Result<(activate::Plan, Arc<tokio::sync::Mutex<()>>), Status>>,
+    ) -> Result<Response<StepStream>, Status> {
+        let span = span_of(&e);
+        match prepared.instrument(span.clone()).await {
+            Ok(plan) => self.spawn_plan(plan, e, span),
+            Err(s) => self.done(e, Err(s), |_, _| {}).await,
+        }
+    }
+
     /// Records how a command ended (counter and audit line, durably), then hands its result back.
     async fn done<T>(
         &self,

@@ -34,6 +34,9 @@ pub const NAMES: &[&str] = &[
     "ferry_run_exit_code",
 ];
 
+/// A number of a deployment row.
+type Field = fn(&DeploymentRow) -> i64;
+
 const FINISHED: [&str; 4] = ["succeeded", "failed", "rolled_back", "cancelled"];
 
 /// The `ferry` run writing the file.
@@ -93,21 +96,21 @@ pub fn render(rows: &[DeploymentRow], run: &Run) -> String {
         );
     }
 
-    w.family(
-        "ferry_deployment_hosts_failed_total",
-        "Hosts that failed in finished deployments and rollbacks.",
-        Type::Counter,
-    );
-    let failed: i64 = finished.iter().map(|d| d.hosts_failed.max(0)).sum();
-    w.sample("ferry_deployment_hosts_failed_total", &[("environment", env)], failed as f64);
-
-    w.family(
-        "ferry_deployment_sent_bytes_total",
-        "Release content sent to hosts by finished deployments (compressed chunks and deltas).",
-        Type::Counter,
-    );
-    let sent: i64 = finished.iter().map(|d| d.bytes_sent.max(0)).sum();
-    w.sample("ferry_deployment_sent_bytes_total", &[("environment", env)], sent as f64);
+    let sums: [(&str, &str, Field); 2] = [
+        ("ferry_deployment_hosts_failed_total", "Hosts that failed in finished deployments and rollbacks.", |d| {
+            d.hosts_failed
+        }),
+        (
+            "ferry_deployment_sent_bytes_total",
+            "Release content sent to hosts by finished deployments (compressed chunks and deltas).",
+            |d| d.bytes_sent,
+        ),
+    ];
+    for (name, help, field) in sums {
+        w.family(name, help, Type::Counter);
+        let total: i64 = finished.iter().map(|d| field(d).max(0)).sum();
+        w.sample(name, &[("environment", env)], total as f64);
+    }
 
     w.family(
         "ferry_deployment_last_finished_timestamp_seconds",

@@ -11,6 +11,8 @@
 //! - `/tmp/ferry-test/<run>/`: PKI, fleet.toml, and per host its `/etc` (bind-mounted writable),
 //!   its `/var/lib/ferry` (a size-capped tmpfs, so "fill the disk" never fills the machine's) and
 //!   its console log.
+//! - each host's agent serves `/metrics` and `/health` on its own loopback (`[http]`,
+//!   [`AGENT_HTTP_PORT`]): [`FleetHost::http_get`] asks from inside the host's namespace.
 //!
 //! Hosts that must install packages boot from a Debian root of their own instead
 //! ([`Fleet::boot_own_root`], roots from [`crate::debroot`]): `--volatile=overlay` over the cached

@@ -135,6 +135,25 @@ fn alert_rules_and_dashboard_use_only_exported_metrics_and_cover_them_all() {
     }
 }
 
+/// README.md's Monitoring section names exactly the metrics ferry exports (docs and code agree).
+#[test]
+fn readme_lists_every_exported_family_and_no_other() {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md")).expect("README");
+    let start = readme.find("## Monitoring and audit").expect("README has a Monitoring and audit section");
+    let section = &readme[start..];
+    let section = &section[..section[3..].find("\n## ").map_or(section.len(), |i| i + 3)];
+    let exported = exported();
+    let named: BTreeSet<String> = metric_names(section).into_iter().collect();
+    for n in &named {
+        assert!(exported.contains(n), "README.md names {n}, which ferry does not export");
+    }
+    for family in
+        ferry_agent::metrics::ALL.iter().map(|d| d.name).chain(ferry_coordinator::metrics::NAMES.iter().copied())
+    {
+        assert!(named.contains(family), "README.md does not mention {family}");
+    }
+}
+
 #[test]
 fn metric_names_are_found_in_expressions() {
     assert_eq!(

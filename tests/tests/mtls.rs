@@ -236,3 +236,31 @@ async fn coordinator_explains_a_peer_that_does_not_speak_tls() {
     assert_eq!(err.kind, ErrorKind::Protocol, "{err}");
     assert!(err.message.contains("does not speak TLS"), "{err}");
 }
+
+/// The audit log names who was refused (the name on the certificate it presented) and who was
+/// served, with the RPC and its result; the refusal counter agrees.
+#[tokio::test]
+async fn refusals_and_commands_are_audited_with_the_peer_name() {
+    let pki = TestPki::new();
+    let data = tempfile::tempdir().expect("tempdir");
+    let agent = TestAgent::start(&pki.issue("web-1", Role::Agent, &["127.0.0.1"]), data.path()).await.expect("start");
+    // Another agent's certificate: right CA, wrong role.
+    let wrong_role = pki.issue("web-2", Role::Agent, &[]);
+    let files = TlsFiles { ca: wrong_role.ca.clone(), cert: wrong_role.cert.clone(), key: wrong_role.key.clone() };
+    let tls = ClientTls::load_any_role(&files).expect("load without the local check");
+    expect_refused(connect("web-1", &agent, &tls).await);
+    agent.refusal_containing("coordinator role").await.expect("refused for its role");
+    connect("web-1", &agent, &client_tls(&pki.issue("ctl", Role::Coordinator, &[]))).await.expect("accepted");
+
+    let log = std::fs::read_to_string(data.path().join("audit.log")).expect("the audit log is in the data dir");
+    let records: Vec<ferry_agent::audit::Entry> =
+        log.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect();
+    let refused: Vec<_> = records.iter().filter(|r| r.result == "refused").collect();
+    assert_eq!(refused.len(), 1, "{records:#?}");
+    assert_eq!((refused[0].rpc.as_str(), refused[0].peer.as_str()), ("connect", "web-2"), "{records:#?}");
+    assert!(refused[0].detail.contains("does not carry the coordinator role"), "{records:#?}");
+    assert!(refused[0].peer_addr.starts_with("127.0.0.1:"), "{records:#?}");
+    let served: Vec<_> = records.iter().filter(|r| r.rpc == "GetStatus").collect();
+    assert_eq!(served.len(), 1, "{records:#?}");
+    assert_eq!((served[0].peer.as_str(), served[0].result.as_str()), ("ctl", "ok"), "{records:#?}");
+}
