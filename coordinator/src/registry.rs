@@ -162,7 +162,7 @@ pub struct DeploymentRow {
 pub struct HostRow {
     pub host: String,
     pub batch: i64,
-    pub state: String,
+    pub state: HostState,
     pub previous_release: Option<String>,
     pub started_ms: Option<i64>,
     pub finished_ms: Option<i64>,
@@ -422,7 +422,16 @@ impl Registry {
                 Ok(HostRow {
                     host: r.get(0)?,
                     batch: r.get(1)?,
-                    state: r.get(2)?,
+                    state: {
+                        let s: String = r.get(2)?;
+                        HostState::parse(&s).ok_or_else(|| {
+                            rusqlite::Error::FromSqlConversionFailure(
+                                2,
+                                rusqlite::types::Type::Text,
+                                format!("unknown host state {s:?}").into(),
+                            )
+                        })?
+                    },
                     previous_release: r.get(3)?,
                     started_ms: r.get(4)?,
                     finished_ms: r.get(5)?,
@@ -488,16 +497,21 @@ impl Registry {
         let mut envs: Vec<String> = finished.iter().map(|d| d.environment.clone()).collect();
         envs.sort();
         envs.dedup();
+        // Deployments a host of which went back (its agent's own rollback, or a halt's): one
+        // query, not one per deployment.
+        let mut st = self
+            .conn
+            .prepare("SELECT DISTINCT deployment_id FROM hosts WHERE state = 'rolled_back'")
+            .map_err(self.sql())?;
+        let with_rolled_back_host: std::collections::HashSet<String> =
+            st.query_map([], |r| r.get(0)).map_err(self.sql())?.collect::<Result<_, _>>().map_err(self.sql())?;
         let now = now_ms();
         let mut out = Vec::new();
         for e in envs {
             let ds: Vec<&DeploymentRow> = finished.iter().filter(|d| d.environment == e).collect();
             let count = |s: &str| ds.iter().filter(|d| d.status == s).count() as u64;
-            let mut rolled_back = 0;
-            for d in &ds {
-                let any = d.status == "rolled_back" || self.hosts(&d.id)?.iter().any(|h| h.state == "rolled_back");
-                rolled_back += u64::from(any);
-            }
+            let rolled_back =
+                ds.iter().filter(|d| d.status == "rolled_back" || with_rolled_back_host.contains(&d.id)).count() as u64;
             let mut durations: Vec<u64> =
                 ds.iter().map(|d| (d.finished_ms.unwrap_or(d.started_ms) - d.started_ms).max(0) as u64).collect();
             durations.sort_unstable();

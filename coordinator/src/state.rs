@@ -10,7 +10,8 @@ use std::fmt;
 
 use crate::plan::Pause;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum HostState {
     Pending,
     Staging,

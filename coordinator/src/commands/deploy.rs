@@ -222,13 +222,12 @@ async fn prepare(
 /// The release of the app `host` runs (empty: none yet).
 pub async fn current_release(config: &FleetConfig, host: &Host, tls: &ClientTls) -> Result<String, HostError> {
     let agent = Agent::connect(host, tls, timeouts(config)).await?;
-    Ok(agent
-        .status
-        .apps
-        .iter()
-        .find(|a| a.name == config.app.name)
-        .map(|a| a.current_release.clone())
-        .unwrap_or_default())
+    Ok(app_release(&agent.status, &config.app.name))
+}
+
+/// The release of `app` in a host's status ("" before its first release).
+fn app_release(status: &v1::HostStatus, app: &str) -> String {
+    status.apps.iter().find(|a| a.name == app).map(|a| a.current_release.clone()).unwrap_or_default()
 }
 
 #[tracing::instrument(name = "host", skip_all, fields(step = "stage", host = %host.name, app = %config.app.name, version = send.version, deployment_id = send.deployment_id))]
@@ -244,8 +243,7 @@ pub async fn stage_host(
     let (artifact, deployment_id) = (send.artifact, send.deployment_id);
     let agent = Agent::connect(host, tls, timeouts(config)).await?;
     let (mut client, agent_timeout, app) = (agent.client, agent.request_timeout, config.app.name.clone());
-    let current =
-        agent.status.apps.iter().find(|a| a.name == app).map(|a| a.current_release.clone()).unwrap_or_default();
+    let current = app_release(&agent.status, &app);
 
     let prepared = prepare(&mut client, host, &app, send, &current, agent_timeout, progress).await?;
     sent.manifest_delta.store(!prepared.1, Ordering::Relaxed);

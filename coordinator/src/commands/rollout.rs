@@ -231,18 +231,12 @@ fn stored(strategy: &str) -> anyhow::Result<Stored> {
 }
 
 fn failures(rows: &[HostRow]) -> usize {
-    rows.iter().filter(|h| HostState::parse(&h.state).is_some_and(HostState::is_failure)).count()
+    rows.iter().filter(|h| h.state.is_failure()).count()
 }
 
 /// The registry's host rows as the state machine sees them.
-fn machine_view(rows: &[HostRow]) -> anyhow::Result<Vec<state::Host>> {
-    rows.iter()
-        .map(|h| {
-            let state = HostState::parse(&h.state)
-                .with_context(|| format!("the registry records host {} in an unknown state {:?}", h.host, h.state))?;
-            Ok(state::Host { state, batch: usize::try_from(h.batch).unwrap_or(0) })
-        })
-        .collect()
+fn machine_view(rows: &[HostRow]) -> Vec<state::Host> {
+    rows.iter().map(|h| state::Host { state: h.state, batch: usize::try_from(h.batch).unwrap_or(0) }).collect()
 }
 
 /// Drives a recorded deployment to its end (or to a pause) from whatever state it is in: asks the
@@ -267,18 +261,17 @@ async fn run(ctx: &Ctx<'_>, id: &str, artifact: Arc<Artifact>, cache: Option<&Ca
         ctx.progress.transfer(&h.host, &transfers[&h.host]);
     }
     let send = Send { artifact: &artifact, version: &d.version, deployment_id: id, cache };
-    let total = rows.iter().map(|h| h.batch + 1).max().unwrap_or(0);
+    let view = machine_view(&rows);
+    let total = view.iter().map(|h| h.batch + 1).max().unwrap_or(0);
     let rules = state::Rules {
         max_failures: plan.max_failures,
         prestage: plan.prestage,
-        pauses: (0..usize::try_from(total).unwrap_or(0))
-            .map(|n| pause_after(&plan.strategy, n, total as usize))
-            .collect(),
+        pauses: (0..total).map(|n| pause_after(&plan.strategy, n, total)).collect(),
     };
     let mut just_activated = None;
     loop {
         let rows = ctx.reg(|r| r.hosts(id))?;
-        let next = state::next(&machine_view(&rows)?, &rules, just_activated, ctx.cancelled());
+        let next = state::next(&machine_view(&rows), &rules, just_activated, ctx.cancelled());
         match next {
             Next::Stage(ix) => {
                 let hosts: Vec<&Host> = ix.iter().map(|&i| &inventory[&rows[i].host]).collect();
@@ -587,9 +580,9 @@ async fn halt(
     let activated = ctx.reg(|r| r.activated_hosts(id))?;
     let updated: Vec<&HostRow> = rows
         .iter()
-        .filter(|h| match h.state.as_str() {
-            "healthy" | "activating" | "rolling_back" => true,
-            "failed" | "unreachable" => activated.contains(&h.host),
+        .filter(|h| match h.state {
+            HostState::Healthy | HostState::Activating | HostState::RollingBack => true,
+            HostState::Failed | HostState::Unreachable => activated.contains(&h.host),
             _ => false,
         })
         .collect();
@@ -631,7 +624,7 @@ fn finish(
     transfers: &HashMap<String, Arc<Transfer>>,
 ) -> anyhow::Result<DeployReport> {
     for h in ctx.reg(|r| r.hosts(id))? {
-        if matches!(h.state.as_str(), "pending" | "staging" | "staged") {
+        if matches!(h.state, HostState::Pending | HostState::Staging | HostState::Staged) {
             ctx.host_state(id, &h.host, HostState::Skipped, &HostUpdate::default())?;
         }
     }
@@ -651,13 +644,17 @@ fn report(ctx: &Ctx<'_>, id: &str, transfers: &HashMap<String, Arc<Transfer>>) -
         .into_iter()
         .map(|h| {
             let t = transfers.get(&h.host);
-            let status = match h.state.as_str() {
-                "healthy" => HostOutcome::Succeeded,
-                "unchanged" => HostOutcome::Unchanged,
-                "rolled_back" => HostOutcome::RolledBack,
-                "failed" | "rolling_back" => HostOutcome::Failed,
-                "unreachable" => HostOutcome::Unreachable,
-                _ => HostOutcome::Skipped,
+            let status = match h.state {
+                HostState::Healthy => HostOutcome::Succeeded,
+                HostState::Unchanged => HostOutcome::Unchanged,
+                HostState::RolledBack => HostOutcome::RolledBack,
+                HostState::Failed | HostState::RollingBack => HostOutcome::Failed,
+                HostState::Unreachable => HostOutcome::Unreachable,
+                HostState::Pending
+                | HostState::Staging
+                | HostState::Staged
+                | HostState::Activating
+                | HostState::Skipped => HostOutcome::Skipped,
             };
             let on_new = matches!(status, HostOutcome::Succeeded | HostOutcome::Unchanged);
             HostResult {

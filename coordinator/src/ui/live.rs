@@ -36,6 +36,8 @@ struct Screen {
     hosts: Vec<HostClock>,
     /// Lines of the host block currently on screen (to move the cursor back over).
     drawn: usize,
+    /// The final frame is drawn: the ticker must not draw again below what follows.
+    done: bool,
 }
 
 pub struct Live {
@@ -49,7 +51,7 @@ impl Live {
     pub fn stdout() -> Arc<Live> {
         let tty =
             std::io::IsTerminal::is_terminal(&std::io::stdout()) && std::env::var("TERM").map_or(true, |t| t != "dumb");
-        let live = Arc::new(Live { tty, screen: Mutex::new(Screen { hosts: Vec::new(), drawn: 0 }) });
+        let live = Arc::new(Live { tty, screen: Mutex::new(Screen { hosts: Vec::new(), drawn: 0, done: false }) });
         if tty {
             let weak: Weak<Live> = Arc::downgrade(&live);
             // Ends by itself once the view is dropped.
@@ -70,6 +72,7 @@ impl Live {
             self.redraw(None);
             if let Ok(mut s) = self.screen.lock() {
                 s.drawn = 0;
+                s.done = true;
             }
         }
     }
@@ -94,6 +97,9 @@ impl Live {
     /// Erases the host block, prints `above` (if any) where it was, draws the block again.
     fn redraw(&self, above: Option<&str>) {
         let Ok(mut s) = self.screen.lock() else { return };
+        if s.done {
+            return;
+        }
         let now = Instant::now();
         let rows: Vec<Row> = s
             .hosts
@@ -209,7 +215,7 @@ mod tests {
 
     #[test]
     fn clocks_run_while_a_host_is_worked_on_only() {
-        let live = Live { tty: false, screen: Mutex::new(Screen { hosts: Vec::new(), drawn: 0 }) };
+        let live = Live { tty: false, screen: Mutex::new(Screen { hosts: Vec::new(), drawn: 0, done: false }) };
         let spent = |live: &Live| {
             let s = live.screen.lock().expect("lock");
             (s.hosts[0].spent, s.hosts[0].running.is_some())
