@@ -39,6 +39,25 @@ pub struct Cli {
     /// e.g. for node_exporter's textfile collector. One file per environment.
     #[arg(long, global = true, value_name = "PATH", env = "FERRY_METRICS_FILE")]
     pub metrics_file: Option<PathBuf>,
+    /// Send the verb to a running `ferry serve` at this URL (https://HOST:PORT) instead of running
+    /// the engine here: deploy, rollback, promote, resume, status, history, report and `ferry
+    /// pipeline`. Same output and exit codes.
+    #[arg(long, global = true, value_name = "URL", env = "FERRY_SERVER")]
+    pub server: Option<String>,
+    /// --server: the CA of the server's certificate (default: fleet.toml's [tls] ca, if there is one).
+    #[arg(long, global = true, value_name = "PEM", env = "FERRY_SERVER_CA")]
+    pub server_ca: Option<PathBuf>,
+    /// --server: a bearer token (one of the server's [server] tokens). Prefer the environment
+    /// variable: other users can read a process's arguments.
+    #[arg(long, global = true, env = "FERRY_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// --server: a client certificate (role coordinator or operator) instead of a token; default
+    /// fleet.toml's [tls] cert when there is neither.
+    #[arg(long, global = true, value_name = "PEM", env = "FERRY_CLIENT_CERT", requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+    /// --server: the key of --client-cert.
+    #[arg(long, global = true, value_name = "PEM", env = "FERRY_CLIENT_KEY", requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -92,6 +111,22 @@ pub enum Command {
     /// Per environment: deployments per week, success and rollback rates, mean and p95 duration,
     /// slowest hosts.
     Report(HistoryArgs),
+    /// Run the coordinator as a daemon serving the pipeline API over HTTPS ([server] in
+    /// fleet.toml): register versions, deploy them, run smoke tests, promote them through
+    /// `promotion`, roll back; every call audited. The API is described at /api/openapi.json.
+    /// SIGTERM or Ctrl-C stops it after the deployments in flight finish their current hosts.
+    Serve {
+        /// The fleet description.
+        #[arg(long, short, default_value = "fleet.toml", env = "FERRY_CONFIG")]
+        config: PathBuf,
+    },
+    /// Make bearer tokens for `ferry serve`.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Pipeline steps on a running `ferry serve` (needs --server): register a version, smoke test
+    /// a deployment, approve and promote it to the next environment, follow or cancel it.
+    #[command(subcommand)]
+    Pipeline(crate::cli_remote::PipelineCommand),
     /// Print a shell completion script for ferry, e.g. `ferry completions bash >
     /// /etc/bash_completion.d/ferry` (the Debian package installs them for bash, zsh and fish).
     Completions {
@@ -193,6 +228,20 @@ pub struct RollbackArgs {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Print a new random token, and the [[server.tokens]] lines (its SHA-256) for fleet.toml.
+    /// Only the hash goes into the configuration; give the token to the pipeline as FERRY_TOKEN.
+    New {
+        /// Who the token is for; the API audits its calls as token:NAME.
+        #[arg(long)]
+        name: String,
+        /// Result format: human-readable text, or one JSON object.
+        #[arg(long, value_enum, default_value = "human")]
+        output: Format,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum CaCommand {
     /// Create the fleet CA: DIR/ca.pem (give it to every host) and DIR/ca.key (mode 0600; keep it
     /// where you issue certificates, never on the hosts).
@@ -223,7 +272,8 @@ pub enum CertCommand {
         /// The holder's name: for an agent, its name in fleet.toml's inventory.
         #[arg(long)]
         name: String,
-        /// agent (serves ferry-agent) or coordinator (runs ferry).
+        /// agent (serves ferry-agent), coordinator (runs ferry; also serves `ferry serve`'s API) or
+        /// operator (a person or pipeline calling `ferry serve`'s API; agents refuse it).
         #[arg(long)]
         role: Role,
         /// Another name or IP address the holder is reached by (repeatable). An agent needs the
@@ -266,7 +316,7 @@ pub struct StatusArgs {
     pub output: Format,
 }
 
-fn fail(code: u8, err: &anyhow::Error) -> u8 {
+pub(crate) fn fail(code: u8, err: &anyhow::Error) -> u8 {
     eprintln!("ferry: error: {err:#}");
     code
 }
@@ -275,6 +325,12 @@ fn fail(code: u8, err: &anyhow::Error) -> u8 {
 /// it, its environment and the app, and writes `--metrics-file` when it starts and ends.
 pub async fn run(cli: Cli) -> u8 {
     use tracing::Instrument;
+    if let Some(url) = cli.server.clone() {
+        return crate::cli_remote::run(cli, url).await;
+    }
+    if let Command::Pipeline(_) = &cli.command {
+        return fail(exit::USAGE, &anyhow::anyhow!("`ferry pipeline` talks to a running `ferry serve`: pass --server URL"));
+    }
     let Some((command, config, env)) = rollout_target(&cli.command) else {
         if let Some(path) = &cli.metrics_file {
             eprintln!(
@@ -388,6 +444,15 @@ async fn run_command(command: Command) -> u8 {
             let done = rollout::deploy(&ctx, artifact, &args.version, cache.as_ref(), !args.no_prestage).await;
             finish(done, live.as_deref(), args.output)
         }
+        Command::Serve { config } => serve(&config).await,
+        Command::Token(TokenCommand::New { name, output }) => match crate::server::auth::new_token() {
+            Ok(token) => {
+                ui::token(&name, &token, &crate::server::token_lines(&name, &token), output);
+                exit::SUCCESS
+            }
+            Err(e) => fail(exit::USAGE, &e),
+        },
+        Command::Pipeline(_) => fail(exit::USAGE, &anyhow::anyhow!("`ferry pipeline` needs --server URL")),
         Command::Completions { shell } => {
             // Into a buffer first: clap_complete panics on a write error (a closed pipe, a full disk).
             let mut script = Vec::new();
@@ -441,6 +506,22 @@ async fn run_command(command: Command) -> u8 {
             },
             Err(e) => fail(exit::USAGE, &e),
         },
+    }
+}
+
+/// `ferry serve`: exits 2 if it cannot start (configuration, TLS, address in use).
+async fn serve(path: &std::path::Path) -> u8 {
+    let (config, tls) = match load(path) {
+        Ok(v) => v,
+        Err(e) => return fail(exit::USAGE, &e),
+    };
+    let (app, envs) = (config.app.name.clone(), config.environments.len());
+    let ready = move |addr: std::net::SocketAddr| {
+        eprintln!("ferry serve: listening on https://{addr} (app {app}, {envs} environments); API at /api/openapi.json");
+    };
+    match crate::server::serve(config, tls, ready).await {
+        Ok(()) => exit::SUCCESS,
+        Err(e) => fail(exit::USAGE, &e.context(format!("ferry serve --config {}", path.display()))),
     }
 }
 
@@ -564,7 +645,7 @@ fn finish(result: anyhow::Result<commands::deploy::DeployReport>, live: Option<&
     }
 }
 
-fn deploy_exit(report: &commands::deploy::DeployReport) -> u8 {
+pub(crate) fn deploy_exit(report: &commands::deploy::DeployReport) -> u8 {
     use commands::deploy::DeploymentStatus;
     match report.status {
         DeploymentStatus::Succeeded | DeploymentStatus::Paused => exit::SUCCESS,
@@ -574,7 +655,7 @@ fn deploy_exit(report: &commands::deploy::DeployReport) -> u8 {
 }
 
 /// Loads fleet.toml and the coordinator's TLS material it names.
-fn load(path: &std::path::Path) -> anyhow::Result<(FleetConfig, ClientTls)> {
+pub(crate) fn load(path: &std::path::Path) -> anyhow::Result<(FleetConfig, ClientTls)> {
     let config = FleetConfig::load(path)?;
     let tls = ClientTls::load(&config.tls).map_err(|e| anyhow::anyhow!("{}: [tls]: {e}", path.display()))?;
     Ok((config, tls))

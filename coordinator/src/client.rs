@@ -20,7 +20,7 @@ use crate::config::Host;
 use crate::tls::{ClientTls, IdentityMismatch, NotAnAgent};
 
 /// Why a host could not be used.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorKind {
     /// Name resolution failed.

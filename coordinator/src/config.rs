@@ -36,7 +36,127 @@ pub struct FleetConfig {
     /// it: the environment locks and `ferry resume` depend on it.
     #[serde(default)]
     pub registry: Option<PathBuf>,
+    /// `ferry serve`: the order a version goes through the environments, e.g. `["staging",
+    /// "production"]`; a succeeded deployment is promoted only to the environment after its own.
+    #[serde(default)]
+    pub promotion: Vec<String>,
+    /// `ferry serve`: the pipeline API (listen address, TLS, bearer tokens, where uploads go).
+    #[serde(default)]
+    pub server: ServerConfig,
     pub environments: BTreeMap<String, Environment>,
+}
+
+/// `[server]`: how `ferry serve` serves its API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address and port to listen on (HTTPS only).
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// The API's TLS certificate and key; default `[tls]`'s (a coordinator certificate: issue it
+    /// with `--san` for every name or address clients dial). Clients verify it with the fleet CA.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// Where uploaded artifacts are kept (content-addressed); default `artifacts/` beside the
+    /// registry.
+    #[serde(default)]
+    pub artifacts_dir: Option<PathBuf>,
+    /// Every API call, one JSON line each (who, what, result); default `api-audit.log` beside the
+    /// registry.
+    #[serde(default)]
+    pub audit_log: Option<PathBuf>,
+    /// Bearer tokens for pipelines, stored as SHA-256 hex digests (`ferry token new` makes one).
+    /// Clients may instead present a certificate of role coordinator or operator from the fleet CA.
+    #[serde(default)]
+    pub tokens: Vec<TokenConfig>,
+    /// Largest accepted artifact upload, in bytes (default 4 GiB).
+    #[serde(default = "default_max_upload")]
+    pub max_upload_bytes: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: default_listen(),
+            cert: None,
+            key: None,
+            artifacts_dir: None,
+            audit_log: None,
+            tokens: Vec::new(),
+            max_upload_bytes: default_max_upload(),
+        }
+    }
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8443".to_string()
+}
+
+fn default_max_upload() -> u64 {
+    4 << 30
+}
+
+/// One bearer token of `[server]`: who it is (audited as `token:NAME`) and its SHA-256.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    pub name: String,
+    /// Lowercase hex SHA-256 of the token, e.g. from `printf %s "$TOKEN" | sha256sum`.
+    pub sha256: String,
+}
+
+/// An HTTP check `ferry serve` runs from the coordinator against an environment after a
+/// deployment (`smoke` in an environment, or in the request).
+#[derive(Debug, Clone, serde::Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SmokeCheck {
+    /// A label for the results.
+    pub name: String,
+    /// http:// URL; `{host}` is replaced by each host's address (one check per host), e.g.
+    /// `http://{host}:8080/health`. Without it the check runs once.
+    pub url: String,
+    /// The status the response must have.
+    #[serde(default = "default_expect_status")]
+    pub expect_status: u16,
+    /// Text the response body must contain.
+    #[serde(default)]
+    pub contains: Option<String>,
+    /// How long one request may take (default "5s").
+    #[serde(default = "default_smoke_timeout", deserialize_with = "config_file::duration::deserialize", serialize_with = "duration_text")]
+    pub timeout: Duration,
+}
+
+fn default_expect_status() -> u16 {
+    200
+}
+
+fn default_smoke_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn duration_text<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&humantime::format_duration(*d).to_string())
+}
+
+impl SmokeCheck {
+    /// What is wrong with this check, keyed under `key`.
+    pub fn problems(&self, key: &str, p: &mut Vec<Problem>) {
+        if self.name.trim().is_empty() {
+            p.push(Problem::new(format!("{key}.name"), "must not be empty"));
+        }
+        let rest = self.url.strip_prefix("http://");
+        if rest.is_none_or(|r| r.is_empty() || r.starts_with('/')) {
+            p.push(Problem::new(format!("{key}.url"), format!("{:?} must be an http:// URL with a host", self.url)));
+        }
+        if !(100..=599).contains(&self.expect_status) {
+            p.push(Problem::new(format!("{key}.expect_status"), format!("{} is not an HTTP status", self.expect_status)));
+        }
+        if self.timeout.is_zero() {
+            p.push(Problem::new(format!("{key}.timeout"), "must be greater than 0"));
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -280,6 +400,14 @@ pub struct Environment {
     /// balancer), same variables; if it fails, `switch` switches the previous group back in.
     #[serde(default)]
     pub after_switch: Option<String>,
+    /// `ferry serve`: HTTP checks run from the coordinator against this environment's hosts when
+    /// a pipeline asks for smoke tests; a deployment is promoted further only once they passed.
+    #[serde(default)]
+    pub smoke: Vec<SmokeCheck>,
+    /// `ferry serve`: a promotion into this environment needs an approval by an identity other
+    /// than the one promoting.
+    #[serde(default)]
+    pub require_approval: bool,
 }
 
 impl Environment {
@@ -501,6 +629,10 @@ impl FleetConfig {
             .into_iter()
             .chain(config.cache_dir.as_mut())
             .chain(config.registry.as_mut())
+            .chain(config.server.cert.as_mut())
+            .chain(config.server.key.as_mut())
+            .chain(config.server.artifacts_dir.as_mut())
+            .chain(config.server.audit_log.as_mut())
         {
             if p.is_relative() {
                 *p = base.join(&*p);
@@ -578,7 +710,11 @@ impl FleetConfig {
         if self.environments.is_empty() {
             p.push(Problem::new("environments", "declare at least one [environments.NAME] with hosts"));
         }
+        self.server_problems(&mut p);
         for (env, e) in &self.environments {
+            for (i, check) in e.smoke.iter().enumerate() {
+                check.problems(&format!("environments.{env}.smoke[{i}]"), &mut p);
+            }
             if e.hosts.is_empty() {
                 p.push(Problem::new(format!("environments.{env}.hosts"), "has no hosts"));
             }
@@ -602,6 +738,51 @@ impl FleetConfig {
             }
         }
         p
+    }
+
+    fn server_problems(&self, p: &mut Vec<Problem>) {
+        for (i, env) in self.promotion.iter().enumerate() {
+            if !self.environments.contains_key(env) {
+                p.push(Problem::new("promotion", format!("names {env:?}, which is not an environment")));
+            } else if self.promotion[..i].contains(env) {
+                p.push(Problem::new("promotion", format!("names {env:?} twice")));
+            }
+        }
+        let s = &self.server;
+        if s.listen.parse::<std::net::SocketAddr>().is_err() {
+            p.push(Problem::new("server.listen", format!("{:?} is not an address:port, e.g. \"0.0.0.0:8443\"", s.listen)));
+        }
+        if s.cert.is_some() != s.key.is_some() {
+            p.push(Problem::new("server", "set both cert and key, or neither (then [tls]'s are used)"));
+        }
+        for (i, t) in s.tokens.iter().enumerate() {
+            let key = format!("server.tokens[{i}]");
+            if t.name.is_empty() || !t.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c)) {
+                p.push(Problem::new(format!("{key}.name"), "use letters, digits, '-', '_', '.' and '@'"));
+            } else if s.tokens[..i].iter().any(|o| o.name == t.name) {
+                p.push(Problem::new(format!("{key}.name"), format!("{:?} is used twice", t.name)));
+            }
+            if t.sha256.len() != 64 || !t.sha256.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()) {
+                p.push(Problem::new(
+                    format!("{key}.sha256"),
+                    "must be the token's SHA-256 as 64 lowercase hex digits (`ferry token new` prints it)",
+                ));
+            }
+        }
+        if s.max_upload_bytes == 0 {
+            p.push(Problem::new("server.max_upload_bytes", "must be greater than 0"));
+        }
+    }
+
+    /// Where `ferry serve` keeps its files when `[server]` does not say: beside the registry.
+    pub fn state_dir(&self) -> Option<PathBuf> {
+        self.registry_path().map(|r| r.parent().map(Path::to_path_buf).unwrap_or_default())
+    }
+
+    /// The environment a deployment to `env` is promoted to, per `promotion`.
+    pub fn next_environment(&self, env: &str) -> Option<&str> {
+        let i = self.promotion.iter().position(|e| e == env)?;
+        self.promotion.get(i + 1).map(String::as_str)
     }
 
     /// The hosts of one environment, in inventory order (as written in fleet.toml).

@@ -1,3 +1,4 @@
+#![recursion_limit = "512"]
 //! `ferry`: the coordinator of a ferry fleet.
 //!
 //! # Layout
@@ -17,6 +18,7 @@
 pub mod artifact;
 pub mod cache;
 pub mod cli;
+pub mod cli_remote;
 pub mod client;
 pub mod commands;
 pub mod config;
@@ -25,6 +27,8 @@ pub mod metrics;
 pub mod pki;
 pub mod plan;
 pub mod registry;
+pub mod remote;
+pub mod server;
 pub mod state;
 pub mod tls;
 pub mod ui;

@@ -163,6 +163,7 @@ pub fn issue(ca_dir: &Path, req: &CertRequest, out: &Path, force: bool) -> Resul
     params.extended_key_usages = match req.role {
         Role::Agent => vec![ExtendedKeyUsagePurpose::ServerAuth],
         Role::Coordinator => vec![ExtendedKeyUsagePurpose::ClientAuth, ExtendedKeyUsagePurpose::ServerAuth],
+        Role::Operator => vec![ExtendedKeyUsagePurpose::ClientAuth],
     };
     params.use_authority_key_identifier_extension = true;
     params.not_before = req.validity.not_before;

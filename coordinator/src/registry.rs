@@ -14,6 +14,9 @@ use serde::Serialize;
 
 use crate::state::{HostState, legal};
 
+mod pipeline;
+pub use pipeline::{Approval, EventRow, SmokeRun, VersionRow};
+
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     #[error("registry {path}: {source}")]
@@ -95,6 +98,40 @@ fn migrations() -> Migrations<'static> {
         ),
         // The agent's own time for a host's activation (restarts and health probes included).
         M::up("ALTER TABLE hosts ADD COLUMN activate_ms INTEGER;"),
+        // `ferry serve`: registered versions, smoke test runs, promotion approvals, and who asked
+        // for a deployment (and from which deployment it was promoted).
+        M::up(
+            "CREATE TABLE versions (
+            version TEXT PRIMARY KEY,
+            artifact TEXT NOT NULL,
+            release_id TEXT NOT NULL,
+            manifest_hash TEXT NOT NULL,
+            total_bytes INTEGER NOT NULL,
+            files INTEGER NOT NULL,
+            registered_by TEXT NOT NULL,
+            registered_ms INTEGER NOT NULL,
+            metadata TEXT NOT NULL
+        );
+        CREATE TABLE smoke_runs (
+            id INTEGER PRIMARY KEY,
+            deployment_id TEXT NOT NULL REFERENCES deployments (id),
+            run_by TEXT NOT NULL,
+            started_ms INTEGER NOT NULL,
+            finished_ms INTEGER NOT NULL,
+            passed INTEGER NOT NULL,
+            results TEXT NOT NULL
+        );
+        CREATE INDEX smoke_by_deployment ON smoke_runs (deployment_id, id);
+        CREATE TABLE approvals (
+            deployment_id TEXT NOT NULL REFERENCES deployments (id),
+            environment TEXT NOT NULL,
+            approved_by TEXT NOT NULL,
+            time_ms INTEGER NOT NULL,
+            PRIMARY KEY (deployment_id, environment, approved_by)
+        );
+        ALTER TABLE deployments ADD COLUMN requested_by TEXT;
+        ALTER TABLE deployments ADD COLUMN promoted_from TEXT;",
+        ),
     ])
 }
 
@@ -137,7 +174,7 @@ impl Lock {
 }
 
 /// A deployment as recorded.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct DeploymentRow {
     pub id: String,
     /// "deploy" or "rollback".
@@ -148,6 +185,7 @@ pub struct DeploymentRow {
     pub artifact: String,
     pub manifest_hash: String,
     /// The strategy, as JSON (see `plan::Strategy`), plus max_failures and auto_rollback.
+    #[serde(default)]
     pub strategy: String,
     pub status: String,
     pub started_ms: i64,
@@ -172,7 +210,7 @@ pub struct HostRow {
 }
 
 /// Per-environment figures for `ferry report`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct EnvReport {
     pub environment: String,
     pub deployments: u64,
@@ -192,7 +230,7 @@ pub struct EnvReport {
     pub slowest_hosts: Vec<SlowHost>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct SlowHost {
     pub host: String,
     pub mean_ms: u64,

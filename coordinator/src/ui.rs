@@ -193,6 +193,20 @@ pub fn deploy_start(a: &crate::artifact::Artifact, version: &str, env: &str, for
     }
 }
 
+/// `ferry token new`.
+pub fn token(name: &str, token: &str, config_lines: &str, format: Format) {
+    if format == Format::Json {
+        return json(&serde_json::json!({
+            "name": name,
+            "token": token,
+            "sha256": crate::server::auth::sha256_hex(token),
+        }));
+    }
+    out(&format!(
+        "token for {name} (give it to the pipeline as FERRY_TOKEN; it is not stored anywhere):\n  {token}\n\nadd to fleet.toml and restart ferry serve:\n{config_lines}"
+    ));
+}
+
 pub fn deploy_report(r: &DeployReport, format: Format) {
     if format == Format::Json {
         return json(r);

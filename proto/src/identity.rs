@@ -25,6 +25,8 @@ pub enum Role {
     Agent,
     /// The coordinator (`ferry`): the only role an agent takes commands from.
     Coordinator,
+    /// A person or pipeline driving `ferry serve`'s API with a client certificate. Agents refuse it.
+    Operator,
 }
 
 impl Role {
@@ -32,6 +34,7 @@ impl Role {
         match self {
             Role::Agent => "agent",
             Role::Coordinator => "coordinator",
+            Role::Operator => "operator",
         }
     }
 
@@ -53,7 +56,8 @@ impl FromStr for Role {
         match s {
             "agent" => Ok(Role::Agent),
             "coordinator" => Ok(Role::Coordinator),
-            other => Err(format!("unknown role {other:?} (expected agent or coordinator)")),
+            "operator" => Ok(Role::Operator),
+            other => Err(format!("unknown role {other:?} (expected agent, coordinator or operator)")),
         }
     }
 }

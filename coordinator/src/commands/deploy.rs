@@ -23,7 +23,7 @@ use crate::config::{FleetConfig, Host};
 use crate::tls::ClientTls;
 
 /// How a host ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum HostOutcome {
     /// The new release is current.
@@ -42,7 +42,7 @@ pub enum HostOutcome {
     Skipped,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, serde::Deserialize)]
 pub struct HostResult {
     pub name: String,
     pub status: HostOutcome,
@@ -62,7 +62,7 @@ pub struct HostResult {
     pub error: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DeploymentStatus {
     Succeeded,
@@ -75,7 +75,7 @@ pub enum DeploymentStatus {
     Paused,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, serde::Deserialize)]
 pub struct DeployReport {
     pub deployment_id: String,
     /// "deploy" or "rollback".
@@ -112,6 +112,9 @@ pub trait Observer: Sync {
     fn state(&self, _host: &str, _state: crate::state::HostState) {}
     /// The live byte counters of `host`'s transfer.
     fn transfer(&self, _host: &str, _transfer: &std::sync::Arc<Transfer>) {}
+    /// The run is recorded in the registry as deployment `id` and holds its environment's lock
+    /// (called once, before any host is touched).
+    fn started(&self, _id: &str) {}
 }
 
 impl<F: Fn(&str, &str) + Sync> Observer for F {

@@ -168,6 +168,7 @@ pub async fn deploy(
             hosts: &placed,
         })
     })?;
+    ctx.progress.started(&id);
     run(ctx, &id, artifact, cache).await
 }
 
@@ -223,6 +224,7 @@ pub async fn resume(ctx: &Ctx<'_>, cache: Option<&Cache>, paused_only: bool) -> 
     }
     ctx.progress.line("ferry", &format!("continuing deployment {} of {} to {}", d.id, d.version, d.environment));
     ctx.reg(|r| r.event(&d.id, None, "resumed", &format!("by pid {}", std::process::id())))?;
+    ctx.progress.started(&d.id);
     run(ctx, &d.id, Arc::new(artifact), cache).await
 }
 
@@ -635,10 +637,20 @@ fn finish(
     report(ctx, id, transfers)
 }
 
-/// The deployment as the registry records it.
 fn report(ctx: &Ctx<'_>, id: &str, transfers: &HashMap<String, Arc<Transfer>>) -> anyhow::Result<DeployReport> {
-    let d = ctx.reg(|r| r.deployment(id))?.context("deployment vanished from the registry")?;
-    let rows = ctx.reg(|r| r.hosts(id))?;
+    let reg = ctx.registry.lock().map_err(|_| anyhow::anyhow!("the registry is poisoned by a panic"))?;
+    report_of(&reg, id, transfers)?.context("deployment vanished from the registry")
+}
+
+/// Deployment `id` as the registry records it (`transfers`: the live counters of a run in this
+/// process, for the delta figures the registry does not keep); `None` if there is no such one.
+pub fn report_of(
+    reg: &Registry,
+    id: &str,
+    transfers: &HashMap<String, Arc<Transfer>>,
+) -> anyhow::Result<Option<DeployReport>> {
+    let Some(d) = reg.deployment(id)? else { return Ok(None) };
+    let rows = reg.hosts(id)?;
     let total_bytes = stored(&d.strategy).map(|s| s.total_bytes).unwrap_or(0);
     let hosts = rows
         .into_iter()
@@ -685,7 +697,7 @@ fn report(ctx: &Ctx<'_>, id: &str, transfers: &HashMap<String, Arc<Transfer>>) -
         "paused" => DeploymentStatus::Paused,
         _ => DeploymentStatus::Failed,
     };
-    Ok(DeployReport {
+    Ok(Some(DeployReport {
         deployment_id: d.id,
         kind: d.kind,
         environment: d.environment,
@@ -695,7 +707,7 @@ fn report(ctx: &Ctx<'_>, id: &str, transfers: &HashMap<String, Arc<Transfer>>) -
         bytes_sent: u64::try_from(d.bytes_sent).unwrap_or(0),
         total_bytes,
         hosts,
-    })
+    }))
 }
 
 /// `ferry rollback`: immediate, no transfer. If a deployment of the environment is unfinished
@@ -725,6 +737,7 @@ pub async fn rollback(ctx: &Ctx<'_>, to_version: Option<&str>) -> anyhow::Result
             r.lock(ctx.env, &d.id, false)
         })?;
         ctx.progress.line("ferry", &format!("unwinding deployment {} of {}", d.id, d.version));
+        ctx.progress.started(&d.id);
         let plan = Stored { auto_rollback: true, ..stored(&d.strategy)? };
         return halt(ctx, &d.id, &plan, &HashMap::new(), Some("unwound by `ferry rollback`")).await;
     }
@@ -814,7 +827,9 @@ fn start_rollback(
             hosts: placed,
         })?;
         r.set_status(id, "running", None)
-    })
+    })?;
+    ctx.progress.started(id);
+    Ok(())
 }
 
 /// `ferry rollback` of a blue-green environment: the idle group still runs the release the live

@@ -12,7 +12,7 @@ use crate::client::{Agent, ErrorKind, Timeouts};
 use crate::config::{FleetConfig, Host};
 use crate::tls::ClientTls;
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, serde::Deserialize)]
 pub struct StatusReport {
     pub environment: String,
     pub app: String,
@@ -25,7 +25,7 @@ impl StatusReport {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, serde::Deserialize)]
 pub struct HostReport {
     pub name: String,
     pub address: String,
@@ -36,7 +36,7 @@ pub struct HostReport {
     pub facts: Option<Facts>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, serde::Deserialize)]
 pub struct Facts {
     pub agent_name: String,
     pub agent_version: String,
@@ -53,7 +53,7 @@ pub struct Facts {
     pub apps: Vec<AppReport>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, serde::Deserialize)]
 pub struct AppReport {
     pub name: String,
     pub current_release: Option<String>,

@@ -1,0 +1,235 @@
+//! What `ferry serve` adds to the registry: registered versions, smoke test runs, promotion
+//! approvals, who asked for a deployment, and the event feed its progress streams follow.
+use rusqlite::{OptionalExtension, params};
+use serde::Serialize;
+
+use super::{Registry, RegistryError, now_ms};
+
+/// A version registered for deployment: its artifact and what it hashed to when registered.
+#[derive(Debug, Clone, Serialize)]
+pub struct VersionRow {
+    pub version: String,
+    pub artifact: String,
+    pub release_id: String,
+    pub manifest_hash: String,
+    pub total_bytes: i64,
+    pub files: i64,
+    pub registered_by: String,
+    pub registered_ms: i64,
+    /// Free-form strings (git commit, pipeline URL, …).
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+}
+
+/// One run of a deployment's smoke tests.
+#[derive(Debug, Clone, Serialize)]
+pub struct SmokeRun {
+    pub id: i64,
+    pub deployment_id: String,
+    pub run_by: String,
+    pub started_ms: i64,
+    pub finished_ms: i64,
+    pub passed: bool,
+    pub results: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Approval {
+    pub deployment_id: String,
+    /// The environment the approval lets the deployment's version be promoted into.
+    pub environment: String,
+    pub approved_by: String,
+    pub time_ms: i64,
+}
+
+/// A recorded event of a deployment (state changes, pauses, switches, …).
+#[derive(Debug, Clone, Serialize)]
+pub struct EventRow {
+    pub seq: i64,
+    pub time_ms: i64,
+    pub host: Option<String>,
+    pub kind: String,
+    pub message: String,
+}
+
+impl Registry {
+    /// Records `v`; if the version is already registered, returns the existing row instead
+    /// (the caller compares the manifest hashes).
+    pub fn register_version(&self, v: &VersionRow) -> Result<Option<VersionRow>, RegistryError> {
+        if let Some(existing) = self.version(&v.version)? {
+            return Ok(Some(existing));
+        }
+        self.conn
+            .execute(
+                "INSERT INTO versions (version, artifact, release_id, manifest_hash, total_bytes, files, registered_by, registered_ms, metadata)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                params![
+                    v.version,
+                    v.artifact,
+                    v.release_id,
+                    v.manifest_hash,
+                    v.total_bytes,
+                    v.files,
+                    v.registered_by,
+                    v.registered_ms,
+                    serde_json::Value::Object(v.metadata.clone()).to_string()
+                ],
+            )
+            .map_err(self.sql())?;
+        Ok(None)
+    }
+
+    pub fn version(&self, version: &str) -> Result<Option<VersionRow>, RegistryError> {
+        self.conn
+            .query_row(
+                "SELECT version, artifact, release_id, manifest_hash, total_bytes, files, registered_by, registered_ms, metadata
+                 FROM versions WHERE version = ?1",
+                [version],
+                version_row,
+            )
+            .optional()
+            .map_err(self.sql())
+    }
+
+    /// Registered versions, newest first.
+    pub fn versions(&self, limit: usize) -> Result<Vec<VersionRow>, RegistryError> {
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT version, artifact, release_id, manifest_hash, total_bytes, files, registered_by, registered_ms, metadata
+                 FROM versions ORDER BY registered_ms DESC, rowid DESC LIMIT ?1",
+            )
+            .map_err(self.sql())?;
+        let rows = st.query_map([limit as i64], version_row).map_err(self.sql())?;
+        rows.collect::<Result<_, _>>().map_err(self.sql())
+    }
+
+    /// Who asked for deployment `id` through the API, and the deployment it was promoted from.
+    pub fn set_requested_by(&self, id: &str, by: &str, promoted_from: Option<&str>) -> Result<(), RegistryError> {
+        self.conn
+            .execute(
+                "UPDATE deployments SET requested_by = ?2, promoted_from = COALESCE(?3, promoted_from) WHERE id = ?1",
+                params![id, by, promoted_from],
+            )
+            .map_err(self.sql())?;
+        Ok(())
+    }
+
+    /// `(requested_by, promoted_from)` of deployment `id`.
+    pub fn requested_by(&self, id: &str) -> Result<(Option<String>, Option<String>), RegistryError> {
+        self.conn
+            .query_row("SELECT requested_by, promoted_from FROM deployments WHERE id = ?1", [id], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()
+            .map(Option::unwrap_or_default)
+            .map_err(self.sql())
+    }
+
+    pub fn record_smoke(&self, run: &SmokeRun) -> Result<i64, RegistryError> {
+        self.conn
+            .execute(
+                "INSERT INTO smoke_runs (deployment_id, run_by, started_ms, finished_ms, passed, results)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![run.deployment_id, run.run_by, run.started_ms, run.finished_ms, run.passed, run.results.to_string()],
+            )
+            .map_err(self.sql())?;
+        let seq = self.conn.last_insert_rowid();
+        let verdict = if run.passed { "passed" } else { "failed" };
+        self.event(&run.deployment_id, None, "smoke", &format!("smoke tests {verdict} (run {seq} by {})", run.run_by))?;
+        Ok(seq)
+    }
+
+    /// The smoke runs of a deployment, oldest first.
+    pub fn smoke_runs(&self, deployment_id: &str) -> Result<Vec<SmokeRun>, RegistryError> {
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT id, deployment_id, run_by, started_ms, finished_ms, passed, results FROM smoke_runs
+                 WHERE deployment_id = ?1 ORDER BY id",
+            )
+            .map_err(self.sql())?;
+        let rows = st
+            .query_map([deployment_id], |r| {
+                let results: String = r.get(6)?;
+                Ok(SmokeRun {
+                    id: r.get(0)?,
+                    deployment_id: r.get(1)?,
+                    run_by: r.get(2)?,
+                    started_ms: r.get(3)?,
+                    finished_ms: r.get(4)?,
+                    passed: r.get(5)?,
+                    results: serde_json::from_str(&results).unwrap_or(serde_json::Value::Null),
+                })
+            })
+            .map_err(self.sql())?;
+        rows.collect::<Result<_, _>>().map_err(self.sql())
+    }
+
+    pub fn approve(&self, deployment_id: &str, environment: &str, by: &str) -> Result<(), RegistryError> {
+        self.conn
+            .execute(
+                "INSERT OR IGNORE INTO approvals (deployment_id, environment, approved_by, time_ms) VALUES (?1, ?2, ?3, ?4)",
+                params![deployment_id, environment, by, now_ms()],
+            )
+            .map_err(self.sql())?;
+        self.event(deployment_id, None, "approved", &format!("promotion to {environment} approved by {by}"))
+    }
+
+    pub fn approvals(&self, deployment_id: &str) -> Result<Vec<Approval>, RegistryError> {
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT deployment_id, environment, approved_by, time_ms FROM approvals WHERE deployment_id = ?1 ORDER BY time_ms",
+            )
+            .map_err(self.sql())?;
+        let rows = st
+            .query_map([deployment_id], |r| {
+                Ok(Approval { deployment_id: r.get(0)?, environment: r.get(1)?, approved_by: r.get(2)?, time_ms: r.get(3)? })
+            })
+            .map_err(self.sql())?;
+        rows.collect::<Result<_, _>>().map_err(self.sql())
+    }
+
+    /// Events of deployment `id` after sequence number `after` (0: all), oldest first.
+    pub fn events_since(&self, id: &str, after: i64) -> Result<Vec<EventRow>, RegistryError> {
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT id, time_ms, host, kind, message FROM events WHERE deployment_id = ?1 AND id > ?2 ORDER BY id",
+            )
+            .map_err(self.sql())?;
+        let rows = st
+            .query_map(params![id, after], |r| {
+                Ok(EventRow { seq: r.get(0)?, time_ms: r.get(1)?, host: r.get(2)?, kind: r.get(3)?, message: r.get(4)? })
+            })
+            .map_err(self.sql())?;
+        rows.collect::<Result<_, _>>().map_err(self.sql())
+    }
+
+    /// The newest deployment of `env` (of any kind), if any.
+    pub fn latest_deployment(&self, env: &str) -> Result<Option<String>, RegistryError> {
+        self.conn
+            .query_row(
+                "SELECT id FROM deployments WHERE environment = ?1 ORDER BY started_ms DESC, rowid DESC LIMIT 1",
+                [env],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(self.sql())
+    }
+}
+
+fn version_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VersionRow> {
+    let metadata: String = r.get(8)?;
+    Ok(VersionRow {
+        version: r.get(0)?,
+        artifact: r.get(1)?,
+        release_id: r.get(2)?,
+        manifest_hash: r.get(3)?,
+        total_bytes: r.get(4)?,
+        files: r.get(5)?,
+        registered_by: r.get(6)?,
+        registered_ms: r.get(7)?,
+        metadata: serde_json::from_str(&metadata).unwrap_or_default(),
+    })
+}

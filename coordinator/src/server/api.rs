@@ -1,0 +1,851 @@
+//! The API's routes and handlers. Every answer is JSON; every refusal is
+//! `{"error": CODE, "message": TEXT}` with a 4xx status that says whose fault it is.
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::{StatusCode, request::Parts};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{MethodRouter, get, post};
+use axum::{Extension, Json, Router};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+use super::auth::{AuditNote, Identity};
+use super::jobs::{self, Op};
+use super::{Shared, smoke};
+use crate::artifact::Artifact;
+use crate::commands::rollout;
+use crate::config::SmokeCheck;
+
+/// A refusal or failure, as the client sees it.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError { status, code, message: message.into() }
+    }
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, code, message)
+    }
+    pub fn unauthorized(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    }
+    pub fn forbidden(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+    pub fn not_found(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, code, message)
+    }
+    pub fn conflict(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::CONFLICT, code, message)
+    }
+    pub fn unprocessable(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
+    }
+    pub fn internal(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Json(json!({ "error": self.code, "message": self.message }));
+        let mut resp = (self.status, body).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut()
+                .insert(axum::http::header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));
+        }
+        resp.extensions_mut().insert(self);
+        resp
+    }
+}
+
+impl From<crate::registry::RegistryError> for ApiError {
+    fn from(e: crate::registry::RegistryError) -> Self {
+        ApiError::internal(e.to_string())
+    }
+}
+
+/// A JSON body; a malformed one is a 400 that says where.
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|e| ApiError::bad_request("unreadable_body", e.body_text()))?;
+        parse_json(&bytes).map(ApiJson)
+    }
+}
+
+/// An optional JSON body: empty means the defaults.
+pub struct OptionalJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Default> FromRequest<S> for OptionalJson<T> {
+    type Rejection = ApiError;
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|e| ApiError::bad_request("unreadable_body", e.body_text()))?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(OptionalJson(T::default()));
+        }
+        parse_json(&bytes).map(OptionalJson)
+    }
+}
+
+fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        let what = if e.is_syntax() || e.is_eof() { "malformed JSON" } else { "invalid request" };
+        ApiError::bad_request("invalid_json", format!("{what}: {e}"))
+    })
+}
+
+/// Query parameters; a bad one is a 400 in JSON.
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(q)| ApiQuery(q))
+            .map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+/// A JSON answer that names `deployment` in the audit log.
+fn noted(status: StatusCode, deployment: &str, body: Value) -> Response {
+    let mut resp = (status, Json(body)).into_response();
+    resp.extensions_mut().insert(AuditNote(deployment.to_string()));
+    resp
+}
+
+/// Every route: method, path, handler. The router and the OpenAPI test both read this table.
+pub fn routes() -> Vec<(&'static str, &'static str, MethodRouter<Shared>)> {
+    vec![
+        ("GET", "/api/openapi.json", get(openapi)),
+        ("GET", "/api/v1/health", get(health)),
+        ("POST", "/api/v1/artifacts", post(upload_artifact)),
+        ("POST", "/api/v1/versions", post(register_version)),
+        ("GET", "/api/v1/versions", get(list_versions)),
+        ("GET", "/api/v1/versions/{version}", get(get_version)),
+        ("GET", "/api/v1/environments", get(list_environments)),
+        ("GET", "/api/v1/environments/{environment}/status", get(environment_status)),
+        ("POST", "/api/v1/environments/{environment}/rollback", post(rollback)),
+        ("POST", "/api/v1/deployments", post(create_deployment)),
+        ("GET", "/api/v1/deployments", get(list_deployments)),
+        ("GET", "/api/v1/deployments/{id}", get(get_deployment)),
+        ("GET", "/api/v1/deployments/{id}/events", get(deployment_events)),
+        ("POST", "/api/v1/deployments/{id}/smoke", post(run_smoke)),
+        ("POST", "/api/v1/deployments/{id}/approve", post(approve)),
+        ("POST", "/api/v1/deployments/{id}/promote", post(promote)),
+        ("POST", "/api/v1/deployments/{id}/continue", post(continue_canary)),
+        ("POST", "/api/v1/deployments/{id}/resume", post(resume)),
+        ("POST", "/api/v1/deployments/{id}/cancel", post(cancel)),
+        ("GET", "/api/v1/report", get(report)),
+    ]
+}
+
+pub fn router(state: Shared) -> Router {
+    let mut router = Router::new();
+    for (_, path, handler) in routes() {
+        router = router.route(path, handler);
+    }
+    router
+        .fallback(|| async { ApiError::not_found("no_route", "no such API route (see /api/openapi.json)") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this route does not take that method")
+        })
+        .layer(axum::middleware::from_fn_with_state(state.clone(), super::auth::authenticate))
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .with_state(state)
+}
+
+async fn openapi() -> Json<Value> {
+    Json(super::openapi::document())
+}
+
+async fn health(State(state): State<Shared>) -> Json<Value> {
+    Json(json!({ "status": "ok", "version": env!("CARGO_PKG_VERSION"), "app": state.config.app.name }))
+}
+
+fn environment<'a>(state: &'a Shared, env: &str, status: StatusCode) -> Result<&'a crate::config::Environment, ApiError> {
+    state.config.environments.get(env).ok_or_else(|| {
+        let known: Vec<&str> = state.config.environments.keys().map(String::as_str).collect();
+        ApiError::new(status, "unknown_environment", format!("unknown environment {env:?} (fleet.toml declares: {})", known.join(", ")))
+    })
+}
+
+/// `POST /api/v1/artifacts`: the body is a .tar, .tar.gz or .tar.zst archive; it is stored
+/// content-addressed in the artifacts directory (temp file, fsync, rename, fsync the directory).
+async fn upload_artifact(State(state): State<Shared>, body: Body) -> ApiResult {
+    let dir = state.artifacts_dir.clone();
+    let limit = state.config.server.max_upload_bytes;
+    let tmp = tempfile::NamedTempFile::new_in(&dir)
+        .map_err(|e| ApiError::internal(format!("artifacts directory {}: {e}", dir.display())))?;
+    let mut file = tokio::fs::File::from_std(
+        tmp.reopen().map_err(|e| ApiError::internal(format!("artifacts directory {}: {e}", dir.display())))?,
+    );
+    let mut hasher = blake3::Hasher::new();
+    let mut head = Vec::with_capacity(512);
+    let mut size: u64 = 0;
+    let mut body = body.into_data_stream();
+    use futures_util::StreamExt;
+    use tokio::io::AsyncWriteExt;
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| ApiError::bad_request("upload_failed", format!("reading the upload: {e}")))?;
+        size += chunk.len() as u64;
+        if size > limit {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("the upload is over [server] max_upload_bytes ({limit} bytes)"),
+            ));
+        }
+        if head.len() < 512 {
+            head.extend_from_slice(&chunk[..chunk.len().min(512 - head.len())]);
+        }
+        hasher.update(&chunk);
+        file.write_all(&chunk).await.map_err(|e| ApiError::internal(format!("storing the upload: {e}")))?;
+    }
+    let ext = archive_kind(&head).ok_or_else(|| {
+        ApiError::bad_request("not_an_archive", "the upload is not a .tar, .tar.gz or .tar.zst archive")
+    })?;
+    file.sync_all().await.map_err(|e| ApiError::internal(format!("storing the upload: {e}")))?;
+    drop(file);
+    let digest = hasher.finalize().to_hex().to_string();
+    let path = dir.join(format!("{digest}.{ext}"));
+    tmp.persist(&path).map_err(|e| ApiError::internal(format!("storing the upload as {}: {}", path.display(), e.error)))?;
+    std::fs::File::open(&dir).and_then(|d| d.sync_all()).map_err(|e| ApiError::internal(format!("fsync {}: {e}", dir.display())))?;
+    Ok((StatusCode::CREATED, Json(json!({ "artifact": path, "bytes": size, "blake3": digest }))).into_response())
+}
+
+/// The archive format from its first bytes: gzip, zstd, or a tar header ("ustar" at 257).
+fn archive_kind(head: &[u8]) -> Option<&'static str> {
+    if head.starts_with(&[0x1f, 0x8b]) {
+        Some("tar.gz")
+    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        Some("tar.zst")
+    } else if head.len() >= 262 && &head[257..262] == b"ustar" {
+        Some("tar")
+    } else {
+        None
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegisterRequest {
+    version: String,
+    /// A path on the coordinator: a directory or archive, or what `POST /api/v1/artifacts` returned.
+    artifact: PathBuf,
+    #[serde(default)]
+    metadata: serde_json::Map<String, Value>,
+}
+
+async fn scan(state: &Shared, path: PathBuf) -> Result<Artifact, String> {
+    let cache = state.cache.clone();
+    match tokio::task::spawn_blocking(move || Artifact::scan(&path, cache.as_ref())).await {
+        Ok(Ok(a)) => Ok(a),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) => Err(format!("the scan failed: {e}")),
+    }
+}
+
+/// `POST /api/v1/versions`: scans the artifact and records the version. Registering the same
+/// version with the same content again answers 200 with the existing record.
+async fn register_version(
+    State(state): State<Shared>,
+    Extension(who): Extension<Identity>,
+    ApiJson(req): ApiJson<RegisterRequest>,
+) -> ApiResult {
+    ferry_proto::manifest::check_version(&req.version)
+        .map_err(|e| ApiError::bad_request("invalid_version", format!("version {:?}: {e}", req.version)))?;
+    if !req.artifact.is_absolute() {
+        return Err(ApiError::bad_request(
+            "invalid_artifact",
+            format!("artifact {:?} must be an absolute path on the coordinator", req.artifact),
+        ));
+    }
+    if req.metadata.values().any(|v| v.is_object() || v.is_array()) || Value::Object(req.metadata.clone()).to_string().len() > 16 * 1024 {
+        return Err(ApiError::bad_request(
+            "invalid_metadata",
+            "metadata must be an object of strings, numbers or booleans, at most 16 KiB",
+        ));
+    }
+    let artifact = scan(&state, req.artifact.clone())
+        .await
+        .map_err(|e| ApiError::unprocessable("bad_artifact", format!("artifact {}: {e}", req.artifact.display())))?;
+    let row = crate::registry::VersionRow {
+        version: req.version.clone(),
+        artifact: req.artifact.to_string_lossy().into_owned(),
+        release_id: artifact.release_id(&req.version),
+        manifest_hash: hex::encode(artifact.manifest_hash),
+        total_bytes: i64::try_from(artifact.total_bytes).unwrap_or(i64::MAX),
+        files: i64::try_from(artifact.manifest.entries.len()).unwrap_or(i64::MAX),
+        registered_by: who.0.clone(),
+        registered_ms: crate::registry::now_ms(),
+        metadata: req.metadata,
+    };
+    match state.reg(|r| r.register_version(&row))? {
+        None => Ok((StatusCode::CREATED, Json(json!(row))).into_response()),
+        Some(existing) if existing.manifest_hash == row.manifest_hash => Ok((StatusCode::OK, Json(json!(existing))).into_response()),
+        Some(existing) => Err(ApiError::conflict(
+            "version_exists",
+            format!(
+                "version {} is already registered with other content (by {}, from {}); register the new build as a new version",
+                existing.version, existing.registered_by, existing.artifact
+            ),
+        )),
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    environment: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn list_versions(State(state): State<Shared>, ApiQuery(q): ApiQuery<ListQuery>) -> ApiResult {
+    let rows = state.reg(|r| r.versions(q.limit.unwrap_or(50).min(1000)))?;
+    Ok(Json(json!({ "versions": rows })).into_response())
+}
+
+async fn get_version(State(state): State<Shared>, Path(version): Path<String>) -> ApiResult {
+    let row = state
+        .reg(|r| r.version(&version))?
+        .ok_or_else(|| ApiError::not_found("unknown_version", format!("version {version:?} is not registered")))?;
+    Ok(Json(json!(row)).into_response())
+}
+
+async fn list_environments(State(state): State<Shared>) -> ApiResult {
+    let mut envs = Vec::new();
+    for (name, e) in &state.config.environments {
+        let lock = state.reg(|r| r.lock_of(name))?;
+        let latest = state.reg(|r| r.latest_deployment(name))?;
+        envs.push(json!({
+            "name": name,
+            "hosts": e.hosts.keys().collect::<Vec<_>>(),
+            "strategy": e.strategy,
+            "promotion_index": state.config.promotion.iter().position(|p| p == name),
+            "next_environment": state.config.next_environment(name),
+            "require_approval": e.require_approval,
+            "smoke_checks": e.smoke.len(),
+            "locked_by": lock.map(|l| l.deployment_id),
+            "latest_deployment": latest,
+        }));
+    }
+    Ok(Json(json!({ "environments": envs, "promotion": state.config.promotion })).into_response())
+}
+
+async fn environment_status(State(state): State<Shared>, Path(env): Path<String>) -> ApiResult {
+    environment(&state, &env, StatusCode::NOT_FOUND)?;
+    let report = crate::commands::status::run(&state.config, &env, &state.tls)
+        .await
+        .map_err(|e| ApiError::internal(format!("{e:#}")))?;
+    Ok(Json(json!(report)).into_response())
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RollbackRequest {
+    to: Option<String>,
+}
+
+async fn rollback(
+    State(state): State<Shared>,
+    Extension(who): Extension<Identity>,
+    Path(env): Path<String>,
+    OptionalJson(req): OptionalJson<RollbackRequest>,
+) -> ApiResult {
+    environment(&state, &env, StatusCode::NOT_FOUND)?;
+    if let Some(v) = &req.to {
+        ferry_proto::manifest::check_version(v).map_err(|e| ApiError::bad_request("invalid_version", format!("to {v:?}: {e}")))?;
+    }
+    let id = jobs::start(&state, &env, &who.0, None, Op::Rollback { to: req.to }).await?;
+    Ok(accepted(&id, &env))
+}
+
+/// 202 with where to follow the deployment.
+fn accepted(id: &str, env: &str) -> Response {
+    noted(
+        StatusCode::ACCEPTED,
+        id,
+        json!({
+            "deployment_id": id,
+            "environment": env,
+            "status_url": format!("/api/v1/deployments/{id}"),
+            "events_url": format!("/api/v1/deployments/{id}/events"),
+        }),
+    )
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeploymentRequest {
+    environment: String,
+    version: String,
+    /// Stage every host before the first activation (default true).
+    #[serde(default)]
+    prestage: Option<bool>,
+}
+
+/// `POST /api/v1/deployments`: a registered version to an environment. An environment past the
+/// first of `promotion` only receives versions promoted from the one before it.
+async fn create_deployment(
+    State(state): State<Shared>,
+    Extension(who): Extension<Identity>,
+    ApiJson(req): ApiJson<DeploymentRequest>,
+) -> ApiResult {
+    environment(&state, &req.environment, StatusCode::UNPROCESSABLE_ENTITY)?;
+    let version = state.reg(|r| r.version(&req.version))?.ok_or_else(|| {
+        ApiError::unprocessable(
+            "version_not_registered",
+            format!("version {:?} is not registered: POST /api/v1/versions first", req.version),
+        )
+    })?;
+    if let Some(i) = state.config.promotion.iter().position(|e| *e == req.environment)
+        && i > 0
+    {
+        let before = &state.config.promotion[i - 1];
+        return Err(ApiError::conflict(
+            "promotion_required",
+            format!(
+                "{} comes after {before} in `promotion`: deploy {} to {before}, then promote that deployment (POST /api/v1/deployments/ID/promote)",
+                req.environment, req.version
+            ),
+        ));
+    }
+    let id = start_deploy(
+        &state,
+        &req.environment,
+        &req.version,
+        &version.artifact,
+        &version.manifest_hash,
+        &who,
+        None,
+        req.prestage.unwrap_or(true),
+    )
+    .await?;
+    Ok(accepted(&id, &req.environment))
+}
+
+/// Scans the artifact again (it must still be what was registered) and starts the deployment.
+#[allow(clippy::too_many_arguments)]
+async fn start_deploy(
+    state: &Shared,
+    env: &str,
+    version: &str,
+    artifact: &str,
+    manifest_hash: &str,
+    who: &Identity,
+    promoted_from: Option<String>,
+    prestage: bool,
+) -> Result<String, ApiError> {
+    if let Some(job) = state.jobs.running_in(env) {
+        let _ = job;
+        return Err(ApiError::conflict("environment_busy", format!("environment {env} is busy with a deployment of this server")));
+    }
+    let scanned = scan(state, PathBuf::from(artifact))
+        .await
+        .map_err(|e| ApiError::conflict("artifact_missing", format!("version {version}: artifact {artifact}: {e}")))?;
+    if hex::encode(scanned.manifest_hash) != manifest_hash {
+        return Err(ApiError::conflict(
+            "artifact_changed",
+            format!("artifact {artifact} changed since version {version} was registered; register the new build as a new version"),
+        ));
+    }
+    let op = Op::Deploy { artifact: Arc::new(scanned), version: version.to_string(), prestage };
+    jobs::start(state, env, &who.0, promoted_from, op).await
+}
+
+async fn list_deployments(State(state): State<Shared>, ApiQuery(q): ApiQuery<ListQuery>) -> ApiResult {
+    if let Some(env) = &q.environment {
+        environment(&state, env, StatusCode::UNPROCESSABLE_ENTITY)?;
+    }
+    let rows = state.reg(|r| r.history(q.environment.as_deref(), q.limit.unwrap_or(20).min(1000)))?;
+    let mut list = Vec::new();
+    for d in rows {
+        let (requested_by, promoted_from) = state.reg(|r| r.requested_by(&d.id))?;
+        let mut v = json!(d);
+        if let Some(o) = v.as_object_mut() {
+            o.remove("strategy");
+            o.insert("requested_by".into(), json!(requested_by));
+            o.insert("promoted_from".into(), json!(promoted_from));
+        }
+        list.push(v);
+    }
+    Ok(Json(json!({ "deployments": list })).into_response())
+}
+
+/// A deployment as the API shows it: the CLI's JSON report, with each host's recorded state, the
+/// registry's status, who asked, its smoke runs and approvals.
+pub fn view(state: &Shared, id: &str) -> Result<Value, ApiError> {
+    let reg = state.registry.lock().map_err(|_| ApiError::internal("the registry is poisoned by a panic"))?;
+    let Some(report) = rollout::report_of(&reg, id, &HashMap::new()).map_err(|e| ApiError::internal(format!("{e:#}")))? else {
+        return Err(ApiError::not_found("unknown_deployment", format!("no deployment {id:?}")));
+    };
+    let d = reg.deployment(id)?.ok_or_else(|| ApiError::not_found("unknown_deployment", format!("no deployment {id:?}")))?;
+    let rows = reg.hosts(id)?;
+    let (requested_by, promoted_from) = reg.requested_by(id)?;
+    let smoke = reg.smoke_runs(id)?;
+    let approvals = reg.approvals(id)?;
+    drop(reg);
+    let mut v = json!(report);
+    if let Some(hosts) = v.get_mut("hosts").and_then(Value::as_array_mut) {
+        for (h, row) in hosts.iter_mut().zip(&rows) {
+            if let Some(o) = h.as_object_mut() {
+                o.insert("state".into(), json!(row.state));
+                o.insert("batch".into(), json!(row.batch));
+            }
+        }
+    }
+    let running = state.jobs.get(id).is_some_and(|j| !j.done());
+    if let Some(o) = v.as_object_mut() {
+        o.insert("status".into(), json!(d.status));
+        o.insert("error".into(), json!(d.error));
+        o.insert("started_ms".into(), json!(d.started_ms));
+        o.insert("finished_ms".into(), json!(d.finished_ms));
+        o.insert("requested_by".into(), json!(requested_by));
+        o.insert("promoted_from".into(), json!(promoted_from));
+        o.insert("next_environment".into(), json!(state.config.next_environment(&d.environment)));
+        o.insert("smoke".into(), json!(smoke));
+        o.insert("approvals".into(), json!(approvals));
+        o.insert("running_here".into(), json!(running));
+    }
+    Ok(v)
+}
+
+async fn get_deployment(State(state): State<Shared>, Path(id): Path<String>) -> ApiResult {
+    let v = view(&state, &id)?;
+    Ok(noted(StatusCode::OK, &id, v))
+}
+
+/// Whether a deployment still moves: the registry says pending/running and, if this server runs
+/// it, its task has not ended.
+fn settled(state: &Shared, id: &str, status: &str) -> bool {
+    match state.jobs.get(id) {
+        Some(job) => job.done(),
+        None => !matches!(status, "pending" | "running"),
+    }
+}
+
+/// `GET /api/v1/deployments/{id}/events`: server-sent events. `line` (a progress line of a
+/// deployment this server runs), `event` (a recorded event: host states, pauses, switches), and
+/// last `end` with the deployment as `GET /api/v1/deployments/{id}` shows it.
+async fn deployment_events(State(state): State<Shared>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    view(&state, &id)?;
+    struct Follow {
+        state: Shared,
+        id: String,
+        seq: i64,
+        line: usize,
+        queue: std::collections::VecDeque<Event>,
+        ended: bool,
+    }
+    let start = Follow { state, id: id.clone(), seq: 0, line: 0, queue: Default::default(), ended: false };
+    let stream = futures_util::stream::unfold(start, |mut f| async move {
+        loop {
+            if let Some(e) = f.queue.pop_front() {
+                return Some((Ok::<Event, Infallible>(e), f));
+            }
+            if f.ended {
+                return None;
+            }
+            let job = f.state.jobs.get(&f.id);
+            let changed = job.as_ref().map(|j| j.changed.notified());
+            let status = f.state.reg(|r| r.deployment(&f.id)).ok().flatten().map(|d| d.status).unwrap_or_default();
+            let done = settled(&f.state, &f.id, &status);
+            if let Some(job) = &job {
+                for line in job.lines_from(f.line) {
+                    f.line += 1;
+                    f.queue.push_back(Event::default().event("line").json_data(line).unwrap_or_default());
+                }
+            }
+            for e in f.state.reg(|r| r.events_since(&f.id, f.seq)).unwrap_or_default() {
+                f.seq = e.seq;
+                f.queue.push_back(Event::default().event("event").id(e.seq.to_string()).json_data(e).unwrap_or_default());
+            }
+            if !f.queue.is_empty() {
+                continue;
+            }
+            if done {
+                let end = view(&f.state, &f.id).unwrap_or_else(|e| json!({ "error": e.code, "message": e.message }));
+                f.queue.push_back(Event::default().event("end").json_data(end).unwrap_or_default());
+                f.ended = true;
+                continue;
+            }
+            match changed {
+                Some(changed) => {
+                    let _ = tokio::time::timeout(Duration::from_millis(500), changed).await;
+                }
+                None => tokio::time::sleep(Duration::from_millis(500)).await,
+            }
+        }
+    });
+    let mut resp = Sse::new(stream).keep_alive(KeepAlive::default()).into_response();
+    resp.extensions_mut().insert(AuditNote(id));
+    Ok(resp)
+}
+
+fn deployment_row(state: &Shared, id: &str) -> Result<crate::registry::DeploymentRow, ApiError> {
+    state.reg(|r| r.deployment(id))?.ok_or_else(|| ApiError::not_found("unknown_deployment", format!("no deployment {id:?}")))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SmokeRequest {
+    /// Checks to run instead of the environment's `smoke`.
+    checks: Option<Vec<SmokeCheck>>,
+}
+
+/// `POST /api/v1/deployments/{id}/smoke`: runs the smoke checks against the deployment's hosts
+/// and records the run. 200 either way; `passed` says how it went.
+async fn run_smoke(
+    State(state): State<Shared>,
+    Extension(who): Extension<Identity>,
+    Path(id): Path<String>,
+    OptionalJson(req): OptionalJson<SmokeRequest>,
+) -> ApiResult {
+    let d = deployment_row(&state, &id)?;
+    if !matches!(d.status.as_str(), "succeeded" | "paused") {
+        return Err(ApiError::conflict(
+            "not_deployed",
+            format!("deployment {id} is {}: smoke tests run against a succeeded (or paused) deployment", d.status),
+        ));
+    }
+    let env = environment(&state, &d.environment, StatusCode::CONFLICT)?;
+    let checks = req.checks.unwrap_or_else(|| env.smoke.clone());
+    if checks.is_empty() {
+        return Err(ApiError::unprocessable(
+            "no_smoke_checks",
+            format!("environment {} has no smoke checks: add [[environments.{}.smoke]] to fleet.toml, or send `checks`", d.environment, d.environment),
+        ));
+    }
+    let mut problems = Vec::new();
+    for (i, c) in checks.iter().enumerate() {
+        c.problems(&format!("checks[{i}]"), &mut problems);
+    }
+    if !problems.is_empty() {
+        let text: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        return Err(ApiError::bad_request("invalid_checks", text.join("; ")));
+    }
+    let rows = state.reg(|r| r.hosts(&id))?;
+    let hosts: Vec<crate::config::Host> = state
+        .config
+        .hosts(&d.environment)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|h| rows.iter().any(|r| r.host == h.name))
+        .collect();
+    let started_ms = crate::registry::now_ms();
+    let results = smoke::run(&checks, &hosts).await;
+    let passed = results.iter().all(|r| r.passed);
+    let mut run = crate::registry::SmokeRun {
+        id: 0,
+        deployment_id: id.clone(),
+        run_by: who.0.clone(),
+        started_ms,
+        finished_ms: crate::registry::now_ms(),
+        passed,
+        results: json!(results),
+    };
+    run.id = state.reg(|r| r.record_smoke(&run))?;
+    Ok(noted(StatusCode::OK, &id, json!(run)))
+}
+
+/// Why deployment `d` may not be promoted further, or the environment it goes to.
+fn promotion_target(state: &Shared, d: &crate::registry::DeploymentRow) -> Result<String, ApiError> {
+    if d.kind != "deploy" || d.status != "succeeded" {
+        return Err(ApiError::conflict(
+            "promotion_blocked",
+            format!("deployment {} is a {} that is {}: only a succeeded deployment is promoted", d.id, d.kind, d.status),
+        ));
+    }
+    if !state.config.promotion.contains(&d.environment) {
+        return Err(ApiError::conflict(
+            "promotion_blocked",
+            format!("environment {} is not in fleet.toml's `promotion` ({})", d.environment, state.config.promotion.join(" → ")),
+        ));
+    }
+    state.config.next_environment(&d.environment).map(str::to_string).ok_or_else(|| {
+        ApiError::conflict("promotion_blocked", format!("{} is the last environment of `promotion`", d.environment))
+    })
+}
+
+/// `POST /api/v1/deployments/{id}/approve`: approves promoting the deployment's version to the
+/// next environment (needed where that environment has `require_approval`).
+async fn approve(State(state): State<Shared>, Extension(who): Extension<Identity>, Path(id): Path<String>) -> ApiResult {
+    let d = deployment_row(&state, &id)?;
+    let next = promotion_target(&state, &d)?;
+    state.reg(|r| r.approve(&id, &next, &who.0))?;
+    Ok(noted(
+        StatusCode::CREATED,
+        &id,
+        json!({ "deployment_id": id, "version": d.version, "environment": next, "approved_by": who.0 }),
+    ))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PromoteRequest {
+    /// The environment the caller expects to promote to; refused if it is not the next one.
+    environment: Option<String>,
+}
+
+/// `POST /api/v1/deployments/{id}/promote`: deploys a succeeded deployment's version to the next
+/// environment of `promotion` — once its smoke tests passed and, where required, another
+/// identity approved.
+async fn promote(
+    State(state): State<Shared>,
+    Extension(who): Extension<Identity>,
+    Path(id): Path<String>,
+    OptionalJson(req): OptionalJson<PromoteRequest>,
+) -> ApiResult {
+    let d = deployment_row(&state, &id)?;
+    if let Some(target) = &req.environment {
+        environment(&state, target, StatusCode::UNPROCESSABLE_ENTITY)?;
+    }
+    let next = promotion_target(&state, &d)?;
+    if let Some(target) = req.environment.as_deref().filter(|t| *t != next) {
+        return Err(ApiError::conflict(
+            "promotion_skips",
+            format!("{} is promoted to {next} next, not {target} (`promotion` = {})", d.environment, state.config.promotion.join(" → ")),
+        ));
+    }
+    if let Some(latest) = state.reg(|r| r.latest_deployment(&d.environment))?
+        && latest != d.id
+    {
+        return Err(ApiError::conflict(
+            "promotion_blocked",
+            format!("{} has run deployment {latest} since {}: promote what the environment runs now", d.environment, d.id),
+        ));
+    }
+    let env = environment(&state, &d.environment, StatusCode::CONFLICT)?;
+    let runs = state.reg(|r| r.smoke_runs(&id))?;
+    match runs.last() {
+        Some(run) if !run.passed => {
+            let failed: Vec<String> = run
+                .results
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter(|r| r["passed"] == false)
+                        .map(|r| {
+                            let on = r["host"].as_str().map(|h| format!(" on {h}")).unwrap_or_default();
+                            format!("{}{on}: {}", r["name"].as_str().unwrap_or("?"), r["error"].as_str().unwrap_or("failed"))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            return Err(ApiError::conflict(
+                "smoke_failed",
+                format!("smoke tests of deployment {id} failed (run {} by {}: {}); fix it and run them again", run.id, run.run_by, failed.join("; ")),
+            ));
+        }
+        None if !env.smoke.is_empty() => {
+            return Err(ApiError::conflict(
+                "smoke_not_run",
+                format!("smoke tests of deployment {id} have not run: POST /api/v1/deployments/{id}/smoke first"),
+            ));
+        }
+        _ => {}
+    }
+    let target_env = environment(&state, &next, StatusCode::CONFLICT)?;
+    if target_env.require_approval {
+        let approvals = state.reg(|r| r.approvals(&id))?;
+        if !approvals.iter().any(|a| a.environment == next && a.approved_by != who.0) {
+            let own = approvals.iter().any(|a| a.environment == next && a.approved_by == who.0);
+            let why = if own { " (an approval by the promoter does not count)" } else { "" };
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "approval_required",
+                format!(
+                    "promoting {} to {next} needs an approval by an identity other than {}{why}: POST /api/v1/deployments/{id}/approve",
+                    d.version, who.0
+                ),
+            ));
+        }
+    }
+    let new = start_deploy(&state, &next, &d.version, &d.artifact, &d.manifest_hash, &who, Some(id), true).await?;
+    Ok(accepted(&new, &next))
+}
+
+/// The deployment holding its environment's lock, or why `id` is not it.
+fn holder(state: &Shared, d: &crate::registry::DeploymentRow) -> Result<(), ApiError> {
+    match state.reg(|r| r.lock_of(&d.environment))? {
+        Some(lock) if lock.deployment_id == d.id => Ok(()),
+        _ => Err(ApiError::conflict("not_in_progress", format!("deployment {} is {}: it does not hold {}", d.id, d.status, d.environment))),
+    }
+}
+
+/// `POST /api/v1/deployments/{id}/continue`: a canary paused at a step (pause = "manual") goes on
+/// with its next batch (`ferry promote`).
+async fn continue_canary(State(state): State<Shared>, Extension(who): Extension<Identity>, Path(id): Path<String>) -> ApiResult {
+    let d = deployment_row(&state, &id)?;
+    if d.status != "paused" {
+        return Err(ApiError::conflict("not_paused", format!("deployment {id} is {}, not paused at a canary step", d.status)));
+    }
+    holder(&state, &d)?;
+    let started = jobs::start(&state, &d.environment, &who.0, None, Op::Resume { paused_only: true }).await?;
+    Ok(accepted(&started, &d.environment))
+}
+
+/// `POST /api/v1/deployments/{id}/resume`: continues a deployment whose coordinator died.
+async fn resume(State(state): State<Shared>, Extension(who): Extension<Identity>, Path(id): Path<String>) -> ApiResult {
+    let d = deployment_row(&state, &id)?;
+    if state.jobs.get(&id).is_some_and(|j| !j.done()) {
+        return Err(ApiError::conflict("running", format!("deployment {id} is running in this server")));
+    }
+    holder(&state, &d)?;
+    let started = jobs::start(&state, &d.environment, &who.0, None, Op::Resume { paused_only: false }).await?;
+    Ok(accepted(&started, &d.environment))
+}
+
+/// `POST /api/v1/deployments/{id}/cancel`: a running deployment finishes the hosts in flight and
+/// stops; a paused one is recorded cancelled. Either way hosts not yet activated are untouched.
+async fn cancel(State(state): State<Shared>, Extension(who): Extension<Identity>, Path(id): Path<String>) -> ApiResult {
+    let d = deployment_row(&state, &id)?;
+    if let Some(job) = state.jobs.get(&id).filter(|j| !j.done()) {
+        job.cancel.store(true, std::sync::atomic::Ordering::SeqCst);
+        job.changed.notify_waiters();
+        return Ok(noted(StatusCode::ACCEPTED, &id, json!({ "deployment_id": id, "status": "cancelling" })));
+    }
+    match d.status.as_str() {
+        "paused" => {
+            holder(&state, &d)?;
+            jobs::start(&state, &d.environment, &who.0, None, Op::CancelPaused).await?;
+            Ok(noted(StatusCode::ACCEPTED, &id, json!({ "deployment_id": id, "status": "cancelling" })))
+        }
+        "pending" | "running" => Err(ApiError::conflict(
+            "not_here",
+            format!("deployment {id} is run by another coordinator process: stop it there (Ctrl-C), or roll the environment back"),
+        )),
+        other => Err(ApiError::conflict("finished", format!("deployment {id} is {other}: there is nothing to cancel"))),
+    }
+}
+
+async fn report(State(state): State<Shared>, ApiQuery(q): ApiQuery<ListQuery>) -> ApiResult {
+    if let Some(env) = &q.environment {
+        environment(&state, env, StatusCode::UNPROCESSABLE_ENTITY)?;
+    }
+    let rows = state.reg(|r| r.report(q.environment.as_deref()))?;
+    Ok(Json(json!({ "environments": rows })).into_response())
+}

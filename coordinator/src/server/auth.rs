@@ -1,0 +1,138 @@
+//! Who is calling: a fleet certificate of role coordinator or operator (verified by the TLS
+//! layer), or a bearer token whose SHA-256 is in `[server] tokens`. And the audit of every call.
+use std::time::Instant;
+
+use axum::extract::{Request, State};
+use axum::http::header::AUTHORIZATION;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::api::ApiError;
+use super::{AuditLine, Peer, Shared};
+
+/// One configured token: its name and the SHA-256 of its secret.
+pub struct Token {
+    pub name: String,
+    sha256: [u8; 32],
+}
+
+impl Token {
+    /// From `[server] tokens` (validated at load: 64 lowercase hex digits).
+    pub fn from_config(t: &crate::config::TokenConfig) -> Option<Token> {
+        let bytes = hex::decode(&t.sha256).ok()?;
+        Some(Token { name: t.name.clone(), sha256: bytes.try_into().ok()? })
+    }
+}
+
+pub fn sha256(s: &str) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, s.as_bytes());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+pub fn sha256_hex(s: &str) -> String {
+    hex::encode(sha256(s))
+}
+
+/// A fresh random token: 32 bytes, hex.
+pub fn new_token() -> anyhow::Result<String> {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 32];
+    ring::rand::SystemRandom::new().fill(&mut bytes).map_err(|_| anyhow::anyhow!("no randomness from the system"))?;
+    Ok(format!("ferry_{}", hex::encode(bytes)))
+}
+
+/// The authenticated caller: `cert:NAME` or `token:NAME`. Handlers take it as an extension.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity(pub String);
+
+/// What a handler wants the audit line to carry (the deployment it created or acted on).
+#[derive(Debug, Clone)]
+pub struct AuditNote(pub String);
+
+/// Paths anyone may read: the API description and the liveness check.
+fn public(path: &str) -> bool {
+    matches!(path, "/api/openapi.json" | "/api/v1/health")
+}
+
+/// Who the request comes from, or why it is refused.
+fn identify(state: &Shared, req: &Request) -> Result<Option<Identity>, ApiError> {
+    if let Some(value) = req.headers().get(AUTHORIZATION) {
+        let text = value.to_str().unwrap_or("");
+        let Some(secret) = text.strip_prefix("Bearer ").map(str::trim) else {
+            return Err(ApiError::unauthorized("the Authorization header must be `Bearer <token>`"));
+        };
+        let digest = sha256(secret);
+        // Comparing digests, not secrets: a timing difference reveals nothing usable.
+        return match state.tokens.iter().find(|t| t.sha256 == digest) {
+            Some(t) => Ok(Some(Identity(format!("token:{}", t.name)))),
+            None => Err(ApiError::unauthorized("the bearer token is not one of [server] tokens")),
+        };
+    }
+    if let Some(Peer(Some(cert))) = req.extensions().get::<Peer>() {
+        if !super::api_role(cert.role) {
+            let role = cert.role.map_or("no ferry role".to_string(), |r| format!("role {r}"));
+            return Err(ApiError::forbidden(format!(
+                "certificate {} has {role}; the API takes coordinator or operator certificates",
+                cert.name()
+            )));
+        }
+        return Ok(Some(Identity(format!("cert:{}", cert.name()))));
+    }
+    Ok(None)
+}
+
+/// Authenticates, runs the handler, and audits the call.
+pub async fn authenticate(State(state): State<Shared>, mut req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = req.method().to_string();
+    let path = req.uri().path().to_string();
+    let who = match identify(&state, &req) {
+        Ok(Some(id)) => Ok(id),
+        Ok(None) if public(&path) => Ok(Identity("anonymous".into())),
+        Ok(None) => Err(ApiError::unauthorized(
+            "no credentials: send `Authorization: Bearer <token>` or a client certificate of the fleet CA",
+        )),
+        Err(e) => Err(e),
+    };
+    let (who, response) = match who {
+        Ok(id) => {
+            req.extensions_mut().insert(id.clone());
+            (id.0, next.run(req).await)
+        }
+        Err(e) => ("unauthenticated".to_string(), e.into_response()),
+    };
+    let note = response.extensions().get::<AuditNote>().map(|n| n.0.clone());
+    let error = response.extensions().get::<ApiError>().map(|e| e.message.clone());
+    state.audit.write(&AuditLine {
+        time: crate::registry::when(crate::registry::now_ms()),
+        who: &who,
+        method: &method,
+        path: &path,
+        status: response.status().as_u16(),
+        deployment_id: note.as_deref(),
+        error: error.as_deref(),
+        ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+    });
+    tracing::info!(who, method, path, status = response.status().as_u16(), "api call");
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sha256_matches_the_coreutils_digest() {
+        // printf %s abc | sha256sum
+        assert_eq!(sha256_hex("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+    }
+
+    #[test]
+    fn new_tokens_differ_and_are_long() {
+        let (a, b) = (new_token().expect("random"), new_token().expect("random"));
+        assert_ne!(a, b);
+        assert_eq!(a.len(), "ferry_".len() + 64);
+    }
+}

@@ -1,0 +1,176 @@
+//! Smoke tests: HTTP GETs run from the coordinator against a deployment's hosts, each with the
+//! status it must answer and, optionally, text its body must contain.
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::body::Bytes;
+use serde::Serialize;
+
+use crate::config::{Host, SmokeCheck};
+
+/// The most of a response body a check reads.
+const BODY_LIMIT: usize = 256 * 1024;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckResult {
+    pub name: String,
+    /// The host the check ran against (`null` for a URL without `{host}`).
+    pub host: Option<String>,
+    pub url: String,
+    pub expect_status: u16,
+    /// The status the server answered, if it answered.
+    pub status: Option<u16>,
+    pub passed: bool,
+    /// Why it failed.
+    pub error: Option<String>,
+    pub ms: u64,
+}
+
+/// Runs every check (a `{host}` check once per host), all at once; results in check order.
+pub async fn run(checks: &[SmokeCheck], hosts: &[Host]) -> Vec<CheckResult> {
+    let mut runs = Vec::new();
+    for check in checks {
+        if check.url.contains("{host}") {
+            for h in hosts {
+                let addr = if h.address.contains(':') { format!("[{}]", h.address) } else { h.address.clone() };
+                runs.push((check, Some(h.name.clone()), check.url.replace("{host}", &addr)));
+            }
+        } else {
+            runs.push((check, None, check.url.clone()));
+        }
+    }
+    let all = runs.into_iter().map(|(check, host, url)| async move {
+        let started = Instant::now();
+        let got = tokio::time::timeout(check.timeout, get(&url)).await;
+        let (status, error) = match got {
+            Err(_) => (None, Some(format!("no answer within {}", humantime::format_duration(check.timeout)))),
+            Ok(Err(e)) => (None, Some(e)),
+            Ok(Ok((status, body))) => {
+                if status != check.expect_status {
+                    (Some(status), Some(format!("expected status {}, got {status}", check.expect_status)))
+                } else if let Some(text) = check.contains.as_deref().filter(|t| !body.contains(*t)) {
+                    (Some(status), Some(format!("the body does not contain {text:?}")))
+                } else {
+                    (Some(status), None)
+                }
+            }
+        };
+        CheckResult {
+            name: check.name.clone(),
+            host,
+            url,
+            expect_status: check.expect_status,
+            status,
+            passed: error.is_none(),
+            error,
+            ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        }
+    });
+    futures_util::future::join_all(all).await
+}
+
+/// `http://host[:port]/path` → (host, port, path-and-query).
+pub fn split_url(url: &str) -> Result<(String, u16, String), String> {
+    let rest = url.strip_prefix("http://").ok_or_else(|| format!("{url}: only http:// URLs are supported"))?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (h, after) = v6.split_once(']').ok_or_else(|| format!("{url}: unclosed [ in the host"))?;
+        (h.to_string(), after.strip_prefix(':'))
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), Some(p)),
+            None => (authority.to_string(), None),
+        }
+    };
+    let port = match port {
+        None => 80,
+        Some(p) => p.parse::<u16>().map_err(|_| format!("{url}: {p:?} is not a port"))?,
+    };
+    if host.is_empty() {
+        return Err(format!("{url}: no host"));
+    }
+    Ok((host, port, path.to_string()))
+}
+
+async fn get(url: &str) -> Result<(u16, String), String> {
+    let (host, port, path) = split_url(url)?;
+    let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+        .await
+        .map_err(|e| format!("cannot connect to {host}:{port}: {e}"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .map_err(|e| format!("HTTP handshake with {host}:{port}: {e}"))?;
+    tokio::spawn(conn);
+    let req = hyper::Request::get(path)
+        .header(hyper::header::HOST, if port == 80 { host.clone() } else { format!("{host}:{port}") })
+        .header(hyper::header::USER_AGENT, concat!("ferry-smoke/", env!("CARGO_PKG_VERSION")))
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| format!("{url}: {e}"))?;
+    let resp = sender.send_request(req).await.map_err(|e| format!("{url}: {e}"))?;
+    let status = resp.status().as_u16();
+    let body = Limited::new(resp.into_body(), BODY_LIMIT)
+        .collect()
+        .await
+        .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// How long the slowest check may take, for the caller's own deadline.
+pub fn deadline(checks: &[SmokeCheck]) -> Duration {
+    checks.iter().map(|c| c.timeout).max().unwrap_or_default() + Duration::from_secs(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_split_into_host_port_and_path() {
+        assert_eq!(split_url("http://10.0.0.1:8080/health"), Ok(("10.0.0.1".into(), 8080, "/health".into())));
+        assert_eq!(split_url("http://web-1"), Ok(("web-1".into(), 80, "/".into())));
+        assert_eq!(split_url("http://[fd00::1]:81/x?y=1"), Ok(("fd00::1".into(), 81, "/x?y=1".into())));
+        assert!(split_url("https://x/").is_err());
+        assert!(split_url("http://x:99999/").is_err());
+        assert!(split_url("http:///path").is_err());
+    }
+
+    #[tokio::test]
+    async fn a_check_passes_on_the_expected_status_and_text_and_fails_otherwise() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else { return };
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    let n = s.read(&mut buf).await.unwrap_or(0);
+                    let req = String::from_utf8_lossy(&buf[..n]).to_string();
+                    let (status, body) = if req.starts_with("GET /ok ") { ("200 OK", "all good") } else { ("404 Not Found", "no") };
+                    let resp = format!("HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+                    let _ = s.write_all(resp.as_bytes()).await;
+                });
+            }
+        });
+        let check = |name: &str, path: &str, contains: Option<&str>| SmokeCheck {
+            name: name.into(),
+            url: format!("http://127.0.0.1:{port}{path}"),
+            expect_status: 200,
+            contains: contains.map(str::to_string),
+            timeout: Duration::from_secs(5),
+        };
+        let results = run(
+            &[check("ok", "/ok", Some("good")), check("text", "/ok", Some("bad")), check("missing", "/missing", None)],
+            &[],
+        )
+        .await;
+        assert!(results[0].passed, "{results:?}");
+        assert!(!results[1].passed && results[1].error.as_deref().is_some_and(|e| e.contains("does not contain")));
+        assert_eq!(results[2].status, Some(404));
+        assert_eq!(results[2].error.as_deref(), Some("expected status 200, got 404"));
+    }
+}
