@@ -6,7 +6,8 @@
 //!   says `"status": "healthy"` and 503 otherwise.
 //! - [`Variant::Healthy`] releases (v1, v2, …), [`Variant::Unhealthy`] (a release whose `/health`
 //!   says unhealthy: v3 in the scenarios), [`Variant::CrashOnStart`] (exits at once: a unit that
-//!   fails to start).
+//!   fails to start), [`Variant::BrokenPage`] (healthy to the agent's probes, but `GET /` answers
+//!   500: what only a smoke test from outside catches).
 use std::path::Path;
 
 /// The demo app's systemd unit, installed on every test host as `web.service` (not enabled: a
@@ -34,6 +35,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.path == "/health":
             healthy = json.loads(HEALTH).get("status") == "healthy"
             body, code = HEALTH.encode(), 200 if healthy else 503
+        elif json.loads(HEALTH).get("page_error"):
+            body, code = b"internal error\n", 500
         else:
             body, code = (VERSION + "\n").encode(), 200
         self.send_response(code)
@@ -57,6 +60,8 @@ pub enum Variant {
     FailingValidate,
     /// Like `FailingValidate`, on the named host only (its /etc/hostname).
     FailingValidateOn(&'static str),
+    /// Healthy to the health probe, but `GET /` answers 500.
+    BrokenPage,
 }
 
 /// Writes a release of the demo app for `version` into `dir` (created).
@@ -92,6 +97,7 @@ pub fn write_release(dir: &Path, version: &str, variant: Variant) -> std::io::Re
         Variant::Unhealthy => format!(
             "{{\"status\": \"unhealthy\", \"version\": \"{version}\", \"reason\": \"demo: broken on purpose\"}}"
         ),
+        Variant::BrokenPage => format!("{{\"status\": \"healthy\", \"version\": \"{version}\", \"page_error\": true}}"),
         Variant::CrashOnStart => {
             format!("{{\"status\": \"healthy\", \"version\": \"{version}\", \"crash_on_start\": true}}")
         }

@@ -235,3 +235,6 @@ pub fn api_role(role: Option<Role>) -> bool {
 pub fn token_lines(name: &str, token: &str) -> String {
     format!("[[server.tokens]]\nname = \"{name}\"\nsha256 = \"{}\"\n", auth::sha256_hex(token))
 }
+
+#[cfg(test)]
+mod tests;

@@ -60,6 +60,9 @@ pub fn document() -> Value {
     events["responses"]["200"] = json!({ "description": "text/event-stream; `end`'s data is a Deployment", "content": { "text/event-stream": { "schema": { "type": "string" } } } });
     let mut openapi = op("openapi", "This document (no credentials needed)", (200, "Any"), None, &[]);
     openapi["security"] = json!([]);
+    let mut register = op("registerVersion", "Register a version: an artifact on the coordinator (a path, or an upload's `artifact`), who, metadata. 201 when new, 200 when the same content was registered before", (201, "Version"), Some("VersionRequest"), &[400, 409, 422]);
+    register["responses"]["200"] = register["responses"]["201"].clone();
+    register["responses"]["200"]["description"] = json!("Already registered with the same content: the existing record");
     let mut health = op("health", "Liveness (no credentials needed)", (200, "Health"), None, &[]);
     health["security"] = json!([]);
     json!({
@@ -75,7 +78,7 @@ pub fn document() -> Value {
             "/api/v1/health": { "get": health },
             "/api/v1/artifacts": { "post": upload },
             "/api/v1/versions": {
-                "post": op("registerVersion", "Register a version: an artifact on the coordinator (a path, or an upload's `artifact`), who, metadata. 201 when new, 200 when the same content was registered before", (201, "Version"), Some("VersionRequest"), &[400, 409, 422]),
+                "post": register,
                 "get": with_params(op("listVersions", "Registered versions, newest first", (200, "VersionList"), None, &[400]), query_params())
             },
             "/api/v1/versions/{version}": {

@@ -1,0 +1,455 @@
+//! The API in-process (no TLS, no hosts): authentication, every kind of bad request, the
+//! promotion rules, and each answer checked against the OpenAPI document's schema for its route
+//! and status.
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::Request;
+use ferry_proto::identity::{CertIdentity, Role};
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+use super::{AppState, Peer, Shared, api, auth, openapi};
+use crate::config::FleetConfig;
+use crate::pki::{self, CertRequest, Validity};
+use crate::registry::NewDeployment;
+use crate::tls::ClientTls;
+
+const CI: &str = "ferry_ci_token";
+const RM: &str = "ferry_rm_token";
+
+struct Api {
+    _dir: tempfile::TempDir,
+    root: std::path::PathBuf,
+    state: Shared,
+    router: Router,
+    doc: Value,
+}
+
+fn setup() -> Api {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().to_path_buf();
+    pki::init_ca(&root.join("pki"), false, Validity::days_from_now(1)).expect("ca");
+    let req = CertRequest { name: "ctl".into(), role: Role::Coordinator, sans: vec![], validity: Validity::days_from_now(1) };
+    pki::issue(&root.join("pki"), &req, &root.join("pki"), false).expect("cert");
+    // Ports 9 and 10 on loopback: nothing listens, a deployment there fails at once.
+    let toml = format!(
+        r#"promotion = ["staging", "production"]
+registry = "registry.db"
+cache_dir = "cache"
+[app]
+name = "web"
+[tls]
+ca = "pki/ca.pem"
+cert = "pki/ctl.pem"
+key = "pki/ctl.key"
+[server]
+[[server.tokens]]
+name = "ci"
+sha256 = "{}"
+[[server.tokens]]
+name = "rm"
+sha256 = "{}"
+[environments.staging]
+hosts = {{ web-1 = "127.0.0.1:9" }}
+[[environments.staging.smoke]]
+name = "home"
+url = "http://{{host}}:9/"
+timeout = "2s"
+[environments.production]
+hosts = {{ web-2 = "127.0.0.1:10" }}
+require_approval = true
+"#,
+        auth::sha256_hex(CI),
+        auth::sha256_hex(RM)
+    );
+    let path = root.join("fleet.toml");
+    std::fs::write(&path, toml).expect("write fleet.toml");
+    let config = FleetConfig::load(&path).expect("fleet.toml loads");
+    let tls = ClientTls::load(&config.tls).expect("tls");
+    let state: Shared = Arc::new(AppState::load(config, tls).expect("state"));
+    let router = api::router(state.clone());
+    Api { _dir: dir, root, state, router, doc: openapi::document() }
+}
+
+impl Api {
+    /// Sends a request; answers (status, JSON body). `route` is the documented path template the
+    /// answer is checked against.
+    async fn call(&self, method: &str, path: &str, route: &str, token: Option<&str>, body: Option<&str>) -> (u16, Value) {
+        let mut req = Request::builder().method(method).uri(path);
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let req = req.body(body.map_or_else(Body::empty, |b| Body::from(b.to_string()))).expect("request");
+        self.send(req, route).await
+    }
+
+    async fn send(&self, req: Request<Body>, route: &str) -> (u16, Value) {
+        let method = req.method().as_str().to_lowercase();
+        let resp = self.router.clone().oneshot(req).await.expect("infallible");
+        let status = resp.status().as_u16();
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20).await.expect("body");
+        let value: Value = serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("{status}: not JSON ({e}): {bytes:?}"));
+        if route != "-" {
+            conforms(&self.doc, route, &method, status, &value);
+        }
+        (status, value)
+    }
+
+    /// A succeeded deployment of `version` (artifact `dir`) to `env`, as if run earlier.
+    fn succeeded(&self, id: &str, env: &str, version: &str, dir: &std::path::Path) {
+        let a = crate::artifact::Artifact::scan(dir, None).expect("scan");
+        let mut reg = self.state.registry.lock().expect("registry");
+        reg.create(&NewDeployment {
+            id,
+            kind: "deploy",
+            environment: env,
+            version,
+            release_id: &a.release_id(version),
+            artifact: &dir.to_string_lossy(),
+            manifest_hash: &hex::encode(a.manifest_hash),
+            strategy: "{}",
+            hosts: &[("web-1".to_string(), 0)],
+        })
+        .expect("create");
+        reg.set_status(id, "succeeded", None).expect("status");
+    }
+
+    fn artifact(&self, name: &str) -> std::path::PathBuf {
+        let dir = self.root.join(name);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::write(dir.join("index.html"), name).expect("write");
+        dir
+    }
+}
+
+/// The answer matches the schema documented for `route`/`method`/`status`; an undocumented
+/// status fails.
+fn conforms(doc: &Value, route: &str, method: &str, status: u16, body: &Value) {
+    let op = &doc["paths"][route][method];
+    assert!(op.is_object(), "{method} {route} is not documented");
+    let schema = &op["responses"][status.to_string()]["content"]["application/json"]["schema"];
+    assert!(schema.is_object(), "{method} {route} answered {status}, which the document does not list: {body}");
+    if let Err(e) = validate(doc, schema, body, "$") {
+        panic!("{method} {route} {status}: the answer does not match the document: {e}\n{body}");
+    }
+}
+
+/// A small JSON Schema check: $ref, type (one or a list), enum, required, properties,
+/// additionalProperties = false, items.
+fn validate(doc: &Value, schema: &Value, v: &Value, at: &str) -> Result<(), String> {
+    if let Some(r) = schema["$ref"].as_str() {
+        let name = r.rsplit('/').next().unwrap_or_default();
+        let target = &doc["components"]["schemas"][name];
+        if target.is_null() {
+            return Err(format!("{at}: dangling $ref {r}"));
+        }
+        return validate(doc, target, v, at);
+    }
+    if let Some(t) = schema.get("type") {
+        let types: Vec<&str> = match t {
+            Value::String(s) => vec![s.as_str()],
+            Value::Array(a) => a.iter().filter_map(Value::as_str).collect(),
+            _ => vec![],
+        };
+        let ok = types.iter().any(|t| match *t {
+            "object" => v.is_object(),
+            "array" => v.is_array(),
+            "string" => v.is_string(),
+            "integer" => v.is_i64() || v.is_u64(),
+            "number" => v.is_number(),
+            "boolean" => v.is_boolean(),
+            "null" => v.is_null(),
+            _ => false,
+        });
+        if !ok {
+            return Err(format!("{at}: {v} is not of type {t}"));
+        }
+    }
+    if let Some(allowed) = schema["enum"].as_array()
+        && !allowed.contains(v)
+    {
+        return Err(format!("{at}: {v} is not one of {allowed:?}"));
+    }
+    if let Some(o) = v.as_object() {
+        for r in schema["required"].as_array().into_iter().flatten().filter_map(Value::as_str) {
+            if !o.contains_key(r) {
+                return Err(format!("{at}: required property {r} is missing"));
+            }
+        }
+        let props = schema["properties"].as_object();
+        for (k, val) in o {
+            match props.and_then(|p| p.get(k)) {
+                Some(s) => validate(doc, s, val, &format!("{at}.{k}"))?,
+                None if schema["additionalProperties"] == false => return Err(format!("{at}: unexpected property {k}")),
+                None => {}
+            }
+        }
+    }
+    if let (Some(items), Some(a)) = (schema.get("items"), v.as_array()) {
+        for (i, item) in a.iter().enumerate() {
+            validate(doc, items, item, &format!("{at}[{i}]"))?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn the_document_lists_exactly_the_routes_the_router_serves_and_its_refs_resolve() {
+    let doc = openapi::document();
+    let mut documented: Vec<(String, String)> = Vec::new();
+    for (path, ops) in doc["paths"].as_object().expect("paths") {
+        for method in ops.as_object().expect("operations").keys() {
+            documented.push((method.to_uppercase(), path.clone()));
+        }
+    }
+    let mut served: Vec<(String, String)> =
+        api::routes().into_iter().map(|(m, p, _)| (m.to_string(), p.to_string())).collect();
+    documented.sort();
+    served.sort();
+    assert_eq!(documented, served);
+    // Every schema reference resolves, and every operation has an id and a success answer.
+    fn refs(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::Object(o) => {
+                if let Some(r) = o.get("$ref").and_then(Value::as_str) {
+                    out.push(r.to_string());
+                }
+                o.values().for_each(|x| refs(x, out));
+            }
+            Value::Array(a) => a.iter().for_each(|x| refs(x, out)),
+            _ => {}
+        }
+    }
+    let mut all = Vec::new();
+    refs(&doc, &mut all);
+    assert!(all.len() > 20);
+    for r in all {
+        let name = r.strip_prefix("#/components/schemas/").unwrap_or_else(|| panic!("odd $ref {r}"));
+        assert!(doc["components"]["schemas"][name].is_object(), "dangling $ref {r}");
+    }
+    for (method, path) in &served {
+        let op = &doc["paths"][path][method.to_lowercase()];
+        assert!(op["operationId"].is_string(), "{method} {path} has no operationId");
+        assert!(op["responses"].as_object().is_some_and(|r| r.keys().any(|k| k.starts_with('2'))), "{method} {path}");
+    }
+}
+
+#[tokio::test]
+async fn credentials_are_required_and_checked() {
+    let api = setup();
+    // The document and the liveness check are public; everything else needs credentials.
+    let (s, doc) = api.call("GET", "/api/openapi.json", "-", None, None).await;
+    assert_eq!((s, doc["openapi"].as_str()), (200, Some("3.1.0")));
+    let (s, _) = api.call("GET", "/api/v1/health", "/api/v1/health", None, None).await;
+    assert_eq!(s, 200);
+    let (s, e) = api.call("GET", "/api/v1/versions", "/api/v1/versions", None, None).await;
+    assert_eq!((s, e["error"].as_str()), (401, Some("unauthorized")), "{e}");
+    let (s, e) = api.call("GET", "/api/v1/versions", "/api/v1/versions", Some("ferry_guess"), None).await;
+    assert_eq!(s, 401, "{e}");
+    assert!(e["message"].as_str().is_some_and(|m| m.contains("not one of [server] tokens")), "{e}");
+    let req = Request::get("/api/v1/versions").header("authorization", "Basic Y2k6eA==").body(Body::empty()).expect("req");
+    let (s, e) = api.send(req, "/api/v1/versions").await;
+    assert!(s == 401 && e["message"].as_str().is_some_and(|m| m.contains("Bearer")), "{e}");
+    let (s, _) = api.call("GET", "/api/v1/versions", "/api/v1/versions", Some(CI), None).await;
+    assert_eq!(s, 200);
+
+    // A client certificate: coordinator and operator roles are let in, an agent's is not.
+    let cert = |role| CertIdentity {
+        common_name: Some("alice".into()),
+        dns_names: vec![],
+        ips: vec![],
+        role,
+        issuer: String::new(),
+        subject: String::new(),
+        not_before_unix: 0,
+        not_after_unix: i64::MAX,
+        is_ca: false,
+    };
+    for (role, want) in [(Some(Role::Operator), 200), (Some(Role::Coordinator), 200), (Some(Role::Agent), 403), (None, 403)] {
+        let mut req = Request::get("/api/v1/versions").body(Body::empty()).expect("req");
+        req.extensions_mut().insert(Peer(Some(cert(role))));
+        let (s, e) = api.send(req, "-").await;
+        assert_eq!(s, want, "{role:?}: {e}");
+    }
+
+    // Every call was audited, refused ones included.
+    let audit = std::fs::read_to_string(api.root.join("api-audit.log")).expect("audit log");
+    let lines: Vec<Value> = audit.lines().map(|l| serde_json::from_str(l).expect("JSON line")).collect();
+    assert_eq!(lines.len(), 10, "{audit}");
+    assert!(lines.iter().any(|l| l["who"] == "unauthenticated" && l["status"] == 401));
+    assert!(lines.iter().any(|l| l["who"] == "token:ci" && l["status"] == 200));
+    assert!(lines.iter().any(|l| l["who"] == "cert:alice" && l["status"] == 200));
+}
+
+#[tokio::test]
+async fn bad_requests_get_a_4xx_json_error_that_says_what_is_wrong() {
+    let api = setup();
+    let t = Some(CI);
+    let v = "/api/v1/versions";
+    let cases: Vec<(&str, &str, &str, Option<String>, u16, &str, &str)> = vec![
+        ("POST", v, v, Some(r#"{"version": "1.0", "#.into()), 400, "invalid_json", "malformed JSON"),
+        ("POST", v, v, Some(r#"{"version": "1.0"}"#.into()), 400, "invalid_json", "missing field `artifact`"),
+        ("POST", v, v, Some(r#"{"version": "1.0", "artifact": "/x", "colour": 1}"#.into()), 400, "invalid_json", "unknown field `colour`"),
+        ("POST", v, v, Some(r#"{"version": "../1", "artifact": "/x"}"#.into()), 400, "invalid_version", "version \"../1\""),
+        ("POST", v, v, Some(r#"{"version": "1.0", "artifact": "build"}"#.into()), 400, "invalid_artifact", "absolute path"),
+        ("POST", v, v, Some(r#"{"version": "1.0", "artifact": "/nonexistent/build"}"#.into()), 422, "bad_artifact", "/nonexistent/build"),
+        (
+            "POST",
+            "/api/v1/deployments",
+            "/api/v1/deployments",
+            Some(r#"{"environment": "qa", "version": "1.0"}"#.into()),
+            422,
+            "unknown_environment",
+            "unknown environment \"qa\" (fleet.toml declares: production, staging)",
+        ),
+        (
+            "POST",
+            "/api/v1/deployments",
+            "/api/v1/deployments",
+            Some(r#"{"environment": "staging", "version": "9.9"}"#.into()),
+            422,
+            "version_not_registered",
+            "version \"9.9\" is not registered",
+        ),
+        ("GET", "/api/v1/deployments?limit=many", "/api/v1/deployments", None, 400, "invalid_query", "limit"),
+        ("GET", "/api/v1/deployments?environment=qa", "/api/v1/deployments", None, 422, "unknown_environment", "\"qa\""),
+        ("GET", "/api/v1/deployments/d-nope", "/api/v1/deployments/{id}", None, 404, "unknown_deployment", "d-nope"),
+        ("GET", "/api/v1/versions/9.9", "/api/v1/versions/{version}", None, 404, "unknown_version", "9.9"),
+        ("POST", "/api/v1/environments/qa/rollback", "/api/v1/environments/{environment}/rollback", None, 404, "unknown_environment", "qa"),
+        ("POST", "/api/v1/deployments/d-nope/promote", "/api/v1/deployments/{id}/promote", None, 404, "unknown_deployment", "d-nope"),
+        ("GET", "/api/v2/anything", "-", None, 404, "no_route", "openapi.json"),
+        ("DELETE", v, "-", None, 405, "method_not_allowed", "method"),
+    ];
+    for (method, path, route, body, status, code, says) in cases {
+        let (s, e) = api.call(method, path, route, t, body.as_deref()).await;
+        assert_eq!((s, e["error"].as_str()), (status, Some(code)), "{method} {path}: {e}");
+        let message = e["message"].as_str().unwrap_or_default();
+        assert!(message.contains(says), "{method} {path}: {message:?} should say {says:?}");
+    }
+    // An upload that is not an archive.
+    let (s, e) = api.call("POST", "/api/v1/artifacts", "/api/v1/artifacts", t, Some("just text")).await;
+    assert_eq!((s, e["error"].as_str()), (400, Some("not_an_archive")), "{e}");
+}
+
+#[tokio::test]
+async fn versions_register_once_and_environments_past_the_first_take_only_promotions() {
+    let api = setup();
+    let dir = api.artifact("build-1");
+    let body = json!({ "version": "1.0", "artifact": dir, "metadata": { "git_commit": "4f2a9c1" } }).to_string();
+    let (s, v) = api.call("POST", "/api/v1/versions", "/api/v1/versions", Some(CI), Some(&body)).await;
+    assert_eq!(s, 201, "{v}");
+    assert_eq!((v["registered_by"].as_str(), v["files"].as_i64()), (Some("token:ci"), Some(1)));
+    // The same content again: 200, the first record. Other content under the version: 409.
+    let (s, again) = api.call("POST", "/api/v1/versions", "/api/v1/versions", Some(RM), Some(&body)).await;
+    assert_eq!((s, again["registered_by"].as_str()), (200, Some("token:ci")));
+    std::fs::write(dir.join("index.html"), "changed").expect("write");
+    let (s, e) = api.call("POST", "/api/v1/versions", "/api/v1/versions", Some(CI), Some(&body)).await;
+    assert_eq!((s, e["error"].as_str()), (409, Some("version_exists")), "{e}");
+    // Deploying it now finds the artifact changed since registration.
+    let req = json!({ "environment": "staging", "version": "1.0" }).to_string();
+    let (s, e) = api.call("POST", "/api/v1/deployments", "/api/v1/deployments", Some(CI), Some(&req)).await;
+    assert_eq!((s, e["error"].as_str()), (409, Some("artifact_changed")), "{e}");
+    // Production comes after staging in `promotion`.
+    let req = json!({ "environment": "production", "version": "1.0" }).to_string();
+    let (s, e) = api.call("POST", "/api/v1/deployments", "/api/v1/deployments", Some(CI), Some(&req)).await;
+    assert_eq!((s, e["error"].as_str()), (409, Some("promotion_required")), "{e}");
+    let (s, list) = api.call("GET", "/api/v1/versions", "/api/v1/versions", Some(CI), None).await;
+    assert_eq!((s, list["versions"].as_array().map(Vec::len)), (200, Some(1)));
+    let (s, _) = api.call("GET", "/api/v1/environments", "/api/v1/environments", Some(CI), None).await;
+    assert_eq!(s, 200);
+}
+
+/// A one-route HTTP server answering 200 "all good", for a passing smoke check.
+async fn ok_server() -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\nconnection: close\r\n\r\nall good").await;
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn promotion_needs_passed_smoke_tests_the_next_environment_and_another_approver() {
+    let api = setup();
+    let dir = api.artifact("build-1");
+    api.succeeded("d-staging-1", "staging", "1.0", &dir);
+    let promote = "/api/v1/deployments/d-staging-1/promote";
+    let route = "/api/v1/deployments/{id}/promote";
+
+    let (s, e) = api.call("POST", promote, route, Some(CI), None).await;
+    assert_eq!((s, e["error"].as_str()), (409, Some("smoke_not_run")), "{e}");
+
+    // The environment's own check fails (nothing listens on web-1's port 9): recorded, and the
+    // promotion is refused with the check, the host and what went wrong.
+    let smoke = "/api/v1/deployments/d-staging-1/smoke";
+    let (s, run) = api.call("POST", smoke, "/api/v1/deployments/{id}/smoke", Some(CI), None).await;
+    assert_eq!((s, run["passed"].as_bool()), (200, Some(false)), "{run}");
+    assert_eq!(run["results"][0]["host"], "web-1");
+    let (s, e) = api.call("POST", promote, route, Some(CI), None).await;
+    assert_eq!((s, e["error"].as_str()), (409, Some("smoke_failed")), "{e}");
+    assert!(e["message"].as_str().is_some_and(|m| m.contains("home on web-1: cannot connect")), "{e}");
+
+    // Checks sent with the request replace the environment's; this one passes.
+    let port = ok_server().await;
+    let checks = json!({ "checks": [{ "name": "page", "url": format!("http://127.0.0.1:{port}/"), "contains": "good" }] }).to_string();
+    let (s, run) = api.call("POST", smoke, "/api/v1/deployments/{id}/smoke", Some(CI), Some(&checks)).await;
+    assert_eq!((s, run["passed"].as_bool()), (200, Some(true)), "{run}");
+    let bad = json!({ "checks": [{ "name": "x", "url": "ftp://h/" }] }).to_string();
+    let (s, e) = api.call("POST", smoke, "/api/v1/deployments/{id}/smoke", Some(CI), Some(&bad)).await;
+    assert_eq!((s, e["error"].as_str()), (400, Some("invalid_checks")), "{e}");
+
+    // Skipping: the caller names an environment that is not next.
+    let (s, e) = api.call("POST", promote, route, Some(CI), Some(r#"{"environment": "staging"}"#)).await;
+    assert_eq!((s, e["error"].as_str()), (409, Some("promotion_skips")), "{e}");
+    let (s, e) = api.call("POST", promote, route, Some(CI), Some(r#"{"environment": "qa"}"#)).await;
+    assert_eq!((s, e["error"].as_str()), (422, Some("unknown_environment")), "{e}");
+
+    // Production requires an approval, not the promoter's own.
+    let (s, e) = api.call("POST", promote, route, Some(CI), None).await;
+    assert_eq!((s, e["error"].as_str()), (403, Some("approval_required")), "{e}");
+    let approve = "/api/v1/deployments/d-staging-1/approve";
+    let (s, a) = api.call("POST", approve, "/api/v1/deployments/{id}/approve", Some(CI), None).await;
+    assert_eq!((s, a["environment"].as_str()), (201, Some("production")), "{a}");
+    let (s, e) = api.call("POST", promote, route, Some(CI), None).await;
+    assert_eq!(s, 403, "{e}");
+    assert!(e["message"].as_str().is_some_and(|m| m.contains("does not count")), "{e}");
+    let (s, _) = api.call("POST", approve, "/api/v1/deployments/{id}/approve", Some(RM), None).await;
+    assert_eq!(s, 201);
+
+    // Now it starts: 202 with the new deployment's id at once.
+    let (s, started) = api.call("POST", promote, route, Some(CI), Some(r#"{"environment": "production"}"#)).await;
+    assert_eq!(s, 202, "{started}");
+    let id = started["deployment_id"].as_str().expect("id").to_string();
+    // Its host does not answer (nothing on port 10): it ends failed, as recorded.
+    let path = format!("/api/v1/deployments/{id}");
+    let mut shown = Value::Null;
+    for _ in 0..100 {
+        let (s, v) = api.call("GET", &path, "/api/v1/deployments/{id}", Some(CI), None).await;
+        assert_eq!(s, 200, "{v}");
+        shown = v;
+        if shown["running_here"] == false && shown["status"] != "running" && shown["status"] != "pending" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(shown["status"], "failed", "{shown}");
+    assert_eq!((shown["requested_by"].as_str(), shown["promoted_from"].as_str()), (Some("token:ci"), Some("d-staging-1")));
+    assert_eq!(shown["hosts"][0]["state"], "unreachable", "{shown}");
+    // A failed deployment is not promoted, smoke-tested or cancelled.
+    let (s, e) = api.call("POST", &format!("{path}/promote"), route, Some(CI), None).await;
+    assert_eq!((s, e["error"].as_str()), (409, Some("promotion_blocked")), "{e}");
+    let (s, e) = api.call("POST", &format!("{path}/smoke"), "/api/v1/deployments/{id}/smoke", Some(CI), None).await;
+    assert_eq!((s, e["error"].as_str()), (409, Some("not_deployed")), "{e}");
+    let (s, e) = api.call("POST", &format!("{path}/cancel"), "/api/v1/deployments/{id}/cancel", Some(CI), None).await;
+    assert_eq!((s, e["error"].as_str()), (409, Some("finished")), "{e}");
+    let (s, list) = api.call("GET", "/api/v1/deployments?environment=production", "/api/v1/deployments", Some(CI), None).await;
+    assert_eq!((s, list["deployments"][0]["id"].as_str()), (200, Some(id.as_str())), "{list}");
+}
