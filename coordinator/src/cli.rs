@@ -329,7 +329,10 @@ pub async fn run(cli: Cli) -> u8 {
         return crate::cli_remote::run(cli, url).await;
     }
     if let Command::Pipeline(_) = &cli.command {
-        return fail(exit::USAGE, &anyhow::anyhow!("`ferry pipeline` talks to a running `ferry serve`: pass --server URL"));
+        return fail(
+            exit::USAGE,
+            &anyhow::anyhow!("`ferry pipeline` talks to a running `ferry serve`: pass --server URL"),
+        );
     }
     let Some((command, config, env)) = rollout_target(&cli.command) else {
         if let Some(path) = &cli.metrics_file {
@@ -517,7 +520,9 @@ async fn serve(path: &std::path::Path) -> u8 {
     };
     let (app, envs) = (config.app.name.clone(), config.environments.len());
     let ready = move |addr: std::net::SocketAddr| {
-        eprintln!("ferry serve: listening on https://{addr} (app {app}, {envs} environments); API at /api/openapi.json");
+        eprintln!(
+            "ferry serve: listening on https://{addr} (app {app}, {envs} environments); API at /api/openapi.json"
+        );
     };
     match crate::server::serve(config, tls, ready).await {
         Ok(()) => exit::SUCCESS,

@@ -117,7 +117,9 @@ fn config_path(command: &Command) -> PathBuf {
         Command::History(a) | Command::Report(a) => Some(&a.config),
         _ => None,
     };
-    given.cloned().unwrap_or_else(|| std::env::var_os("FERRY_CONFIG").map_or_else(|| "fleet.toml".into(), PathBuf::from))
+    given
+        .cloned()
+        .unwrap_or_else(|| std::env::var_os("FERRY_CONFIG").map_or_else(|| "fleet.toml".into(), PathBuf::from))
 }
 
 /// How to reach the server: the flags, else what fleet.toml's [tls] offers (its CA; its
@@ -131,7 +133,8 @@ fn remote_args(cli: &Cli, url: String) -> RemoteArgs {
         client_cert: cli.client_cert.clone(),
         client_key: cli.client_key.clone(),
     };
-    if args.token.is_none() && args.client_cert.is_none()
+    if args.token.is_none()
+        && args.client_cert.is_none()
         && let Some(f) = &fleet
     {
         args.client_cert = Some(f.tls.cert.clone());
@@ -159,7 +162,13 @@ pub async fn run(cli: Cli, url: String) -> u8 {
 
 fn enc(s: &str) -> String {
     s.bytes()
-        .map(|b| if b.is_ascii_alphanumeric() || b"-._~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
         .collect()
 }
 
@@ -173,7 +182,8 @@ async fn verb(remote: &Remote, command: Command) -> anyhow::Result<u8> {
         }
         Command::Rollback(a) => {
             let body = json!({ "to": a.to });
-            let started = remote.call("POST", &format!("/api/v1/environments/{}/rollback", enc(&a.env)), Some(&body)).await?;
+            let started =
+                remote.call("POST", &format!("/api/v1/environments/{}/rollback", enc(&a.env)), Some(&body)).await?;
             follow(remote, &started, a.output).await
         }
         Command::Promote(a) | Command::Resume(a) if a.force_unlock => {
@@ -198,7 +208,10 @@ async fn verb(remote: &Remote, command: Command) -> anyhow::Result<u8> {
             Ok(exit::SUCCESS)
         }
         Command::Report(a) => {
-            let path = a.env.as_ref().map_or("/api/v1/report".to_string(), |e| format!("/api/v1/report?environment={}", enc(e)));
+            let path = a
+                .env
+                .as_ref()
+                .map_or("/api/v1/report".to_string(), |e| format!("/api/v1/report?environment={}", enc(e)));
             let v = remote.call("GET", &path, None).await?;
             let rows: Vec<crate::registry::EnvReport> = serde_json::from_value(v["environments"].clone())?;
             ui::report(&rows, a.output);
@@ -241,7 +254,10 @@ async fn register(
         artifact.to_string_lossy().into_owned()
     } else {
         if !artifact.exists() {
-            anyhow::bail!("--artifact {}: no such file or directory here (pass --on-server for a path on the server)", artifact.display());
+            anyhow::bail!(
+                "--artifact {}: no such file or directory here (pass --on-server for a path on the server)",
+                artifact.display()
+            );
         }
         let up = remote.upload(artifact).await?;
         if output == Format::Human {
@@ -252,7 +268,12 @@ async fn register(
     let body = json!({ "version": version, "artifact": path, "metadata": metadata });
     let v = remote.call("POST", "/api/v1/versions", Some(&body)).await?;
     if output == Format::Human {
-        println!("registered {version} (release {}, {} files) by {}", v["release_id"].as_str().unwrap_or(""), v["files"], v["registered_by"].as_str().unwrap_or(""));
+        println!(
+            "registered {version} (release {}, {} files) by {}",
+            v["release_id"].as_str().unwrap_or(""),
+            v["files"],
+            v["registered_by"].as_str().unwrap_or("")
+        );
     }
     Ok(v)
 }
@@ -260,7 +281,9 @@ async fn register(
 /// Follows the deployment `started` names (the 202 answer), then prints its report like the
 /// local verbs do, and returns their exit code.
 async fn follow(remote: &Remote, started: &Value, output: Format) -> anyhow::Result<u8> {
-    let id = started["deployment_id"].as_str().ok_or_else(|| anyhow::anyhow!("the server did not name the deployment: {started}"))?;
+    let id = started["deployment_id"]
+        .as_str()
+        .ok_or_else(|| anyhow::anyhow!("the server did not name the deployment: {started}"))?;
     if output == Format::Human {
         println!("deployment {id} to {} started", started["environment"].as_str().unwrap_or("?"));
     }
@@ -272,7 +295,9 @@ async fn follow(remote: &Remote, started: &Value, output: Format) -> anyhow::Res
             match kind {
                 "line" => live.line(v["host"].as_str().unwrap_or("ferry"), v["message"].as_str().unwrap_or("")),
                 "event" => {
-                    if let (Some(host), Some(state)) = (v["host"].as_str(), v["kind"].as_str().and_then(crate::state::HostState::parse)) {
+                    if let (Some(host), Some(state)) =
+                        (v["host"].as_str(), v["kind"].as_str().and_then(crate::state::HostState::parse))
+                    {
                         live.state(host, state);
                     }
                 }
@@ -345,13 +370,27 @@ async fn pipeline(remote: &Remote, p: PipelineCommand) -> anyhow::Result<u8> {
                 v["requested_by"].as_str().map(|w| format!(" (by {w})")).unwrap_or_default()
             );
             for h in v["hosts"].as_array().into_iter().flatten() {
-                println!("  {:<16} {:<12} {}", h["name"].as_str().unwrap_or(""), h["state"].as_str().unwrap_or(""), h["error"].as_str().unwrap_or(""));
+                println!(
+                    "  {:<16} {:<12} {}",
+                    h["name"].as_str().unwrap_or(""),
+                    h["state"].as_str().unwrap_or(""),
+                    h["error"].as_str().unwrap_or("")
+                );
             }
             for s in v["smoke"].as_array().into_iter().flatten() {
-                println!("  smoke run {} by {}: {}", s["id"], s["run_by"].as_str().unwrap_or(""), if s["passed"] == true { "passed" } else { "FAILED" });
+                println!(
+                    "  smoke run {} by {}: {}",
+                    s["id"],
+                    s["run_by"].as_str().unwrap_or(""),
+                    if s["passed"] == true { "passed" } else { "FAILED" }
+                );
             }
             for a in v["approvals"].as_array().into_iter().flatten() {
-                println!("  approved for {} by {}", a["environment"].as_str().unwrap_or(""), a["approved_by"].as_str().unwrap_or(""));
+                println!(
+                    "  approved for {} by {}",
+                    a["environment"].as_str().unwrap_or(""),
+                    a["approved_by"].as_str().unwrap_or("")
+                );
             }
             Ok(exit::SUCCESS)
         }
@@ -361,10 +400,19 @@ async fn pipeline(remote: &Remote, p: PipelineCommand) -> anyhow::Result<u8> {
         PipelineCommand::Smoke { deployment, output } => {
             let v = remote.call("POST", &format!("/api/v1/deployments/{}/smoke", enc(&deployment)), None).await?;
             print(&v, output, |v| {
-                let mut text = format!("smoke run {} of {}: {}", v["id"], deployment, if v["passed"] == true { "passed" } else { "FAILED" });
+                let mut text = format!(
+                    "smoke run {} of {}: {}",
+                    v["id"],
+                    deployment,
+                    if v["passed"] == true { "passed" } else { "FAILED" }
+                );
                 for r in v["results"].as_array().into_iter().flatten() {
                     let on = r["host"].as_str().map(|h| format!(" on {h}")).unwrap_or_default();
-                    let verdict = if r["passed"] == true { "ok".to_string() } else { r["error"].as_str().unwrap_or("failed").to_string() };
+                    let verdict = if r["passed"] == true {
+                        "ok".to_string()
+                    } else {
+                        r["error"].as_str().unwrap_or("failed").to_string()
+                    };
                     text.push_str(&format!("\n  {}{on}: {verdict} ({} ms)", r["name"].as_str().unwrap_or(""), r["ms"]));
                 }
                 text
@@ -385,7 +433,8 @@ async fn pipeline(remote: &Remote, p: PipelineCommand) -> anyhow::Result<u8> {
         }
         PipelineCommand::Promote { deployment, to, no_wait, output } => {
             let body = json!({ "environment": to });
-            let started = remote.call("POST", &format!("/api/v1/deployments/{}/promote", enc(&deployment)), Some(&body)).await?;
+            let started =
+                remote.call("POST", &format!("/api/v1/deployments/{}/promote", enc(&deployment)), Some(&body)).await?;
             if no_wait {
                 print(&started, output, |v| v["deployment_id"].as_str().unwrap_or("").to_string());
                 return Ok(exit::SUCCESS);

@@ -124,7 +124,11 @@ pub struct SmokeCheck {
     #[serde(default)]
     pub contains: Option<String>,
     /// How long one request may take (default "5s").
-    #[serde(default = "default_smoke_timeout", deserialize_with = "config_file::duration::deserialize", serialize_with = "duration_text")]
+    #[serde(
+        default = "default_smoke_timeout",
+        deserialize_with = "config_file::duration::deserialize",
+        serialize_with = "duration_text"
+    )]
     pub timeout: Duration,
 }
 
@@ -151,7 +155,10 @@ impl SmokeCheck {
             p.push(Problem::new(format!("{key}.url"), format!("{:?} must be an http:// URL with a host", self.url)));
         }
         if !(100..=599).contains(&self.expect_status) {
-            p.push(Problem::new(format!("{key}.expect_status"), format!("{} is not an HTTP status", self.expect_status)));
+            p.push(Problem::new(
+                format!("{key}.expect_status"),
+                format!("{} is not an HTTP status", self.expect_status),
+            ));
         }
         if self.timeout.is_zero() {
             p.push(Problem::new(format!("{key}.timeout"), "must be greater than 0"));
@@ -750,7 +757,10 @@ impl FleetConfig {
         }
         let s = &self.server;
         if s.listen.parse::<std::net::SocketAddr>().is_err() {
-            p.push(Problem::new("server.listen", format!("{:?} is not an address:port, e.g. \"0.0.0.0:8443\"", s.listen)));
+            p.push(Problem::new(
+                "server.listen",
+                format!("{:?} is not an address:port, e.g. \"0.0.0.0:8443\"", s.listen),
+            ));
         }
         if s.cert.is_some() != s.key.is_some() {
             p.push(Problem::new("server", "set both cert and key, or neither (then [tls]'s are used)"));

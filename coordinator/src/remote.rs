@@ -36,7 +36,9 @@ impl RemoteError {
     pub fn exit_code(&self) -> u8 {
         match self {
             RemoteError::Unreachable { .. } => crate::exit::UNREACHABLE,
-            RemoteError::Refused { status: 401 | 403, code, .. } if code != "approval_required" => crate::exit::UNREACHABLE,
+            RemoteError::Refused { status: 401 | 403, code, .. } if code != "approval_required" => {
+                crate::exit::UNREACHABLE
+            }
             RemoteError::Refused { .. } => crate::exit::USAGE,
         }
     }
@@ -67,7 +69,9 @@ impl Remote {
             .map(|(h, p, _)| (h, if authority.ends_with(&format!(":{p}")) { p } else { 443 }))
             .map_err(|e| anyhow::anyhow!("--server {}: {e}", args.url))?;
         let ca = args.ca.as_ref().ok_or_else(|| {
-            anyhow::anyhow!("--server needs the CA of the server's certificate: --server-ca (or a fleet.toml with [tls] ca)")
+            anyhow::anyhow!(
+                "--server needs the CA of the server's certificate: --server-ca (or a fleet.toml with [tls] ca)"
+            )
         })?;
         let mut roots = rustls::RootCertStore::empty();
         for cert in ferry_proto::identity::load_certs(ca)? {
@@ -79,19 +83,34 @@ impl Remote {
         let mut tls = match (&args.client_cert, &args.client_key, &args.token) {
             (Some(cert), Some(key), None) => builder
                 .with_client_auth_cert(ferry_proto::identity::load_certs(cert)?, ferry_proto::identity::load_key(key)?)
-                .map_err(|e| anyhow::anyhow!("--client-cert {} / --client-key {}: {e}", cert.display(), key.display()))?,
+                .map_err(|e| {
+                    anyhow::anyhow!("--client-cert {} / --client-key {}: {e}", cert.display(), key.display())
+                })?,
             _ => builder.with_no_client_auth(),
         };
         tls.alpn_protocols = vec![b"http/1.1".to_vec()];
         let name = ServerName::try_from(host.clone()).map_err(|e| anyhow::anyhow!("--server {}: {e}", args.url))?;
-        Ok(Remote { url: args.url.trim_end_matches('/').to_string(), host, port, tls: Arc::new(tls), name, token: args.token.clone() })
+        Ok(Remote {
+            url: args.url.trim_end_matches('/').to_string(),
+            host,
+            port,
+            tls: Arc::new(tls),
+            name,
+            token: args.token.clone(),
+        })
     }
 
     fn unreachable(&self, reason: impl std::fmt::Display) -> RemoteError {
         RemoteError::Unreachable { url: self.url.clone(), reason: reason.to_string() }
     }
 
-    async fn send(&self, method: &str, path: &str, body: Body, content_type: &str) -> Result<hyper::Response<hyper::body::Incoming>, RemoteError> {
+    async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: Body,
+        content_type: &str,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, RemoteError> {
         let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
             .await
             .map_err(|e| self.unreachable(format!("cannot connect: {e}")))?;
@@ -102,7 +121,7 @@ impl Remote {
         let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
             .await
             .map_err(|e| self.unreachable(format!("HTTP: {e}")))?;
-        tokio::spawn(conn);
+        let conn = tokio::spawn(conn);
         let mut req = hyper::Request::builder()
             .method(method)
             .uri(path)
@@ -113,16 +132,35 @@ impl Remote {
             req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
         }
         let req = req.body(body).map_err(|e| self.unreachable(format!("request: {e}")))?;
-        sender.send_request(req).await.map_err(|e| {
-            // TLS 1.3 reports a refused client certificate at the first read, here.
-            self.unreachable(format!("no answer (a client certificate the server refuses ends up here too): {e}"))
-        })
+        match sender.send_request(req).await {
+            Ok(resp) => Ok(resp),
+            Err(e) => {
+                // With TLS 1.3 a refused client certificate shows at the first read: the
+                // connection's own error says so (a TLS alert); the request's only that it failed.
+                let why = match tokio::time::timeout(std::time::Duration::from_secs(2), conn).await {
+                    Ok(Ok(Err(conn_err))) => chain(&conn_err),
+                    _ => chain(&e),
+                };
+                Err(self.unreachable(format!("no answer: {why}")))
+            }
+        }
     }
 
-    async fn answer(&self, method: &str, path: &str, resp: hyper::Response<hyper::body::Incoming>) -> Result<Value, RemoteError> {
+    async fn answer(
+        &self,
+        method: &str,
+        path: &str,
+        resp: hyper::Response<hyper::body::Incoming>,
+    ) -> Result<Value, RemoteError> {
         let status = resp.status().as_u16();
-        let bytes = resp.into_body().collect().await.map_err(|e| self.unreachable(format!("reading the answer: {e}")))?.to_bytes();
-        let value: Value = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| self.unreachable(format!("reading the answer: {e}")))?
+            .to_bytes();
+        let value: Value = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
         if (200..300).contains(&status) {
             return Ok(value);
         }
@@ -219,6 +257,17 @@ impl Remote {
         }
         Err(self.unreachable(format!("the event stream of {id} ended before the deployment did")))
     }
+}
+
+/// An error and its causes, "a: b: c".
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    text
 }
 
 enum Upload {

@@ -130,7 +130,14 @@ impl Registry {
             .execute(
                 "INSERT INTO smoke_runs (deployment_id, run_by, started_ms, finished_ms, passed, results)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![run.deployment_id, run.run_by, run.started_ms, run.finished_ms, run.passed, run.results.to_string()],
+                params![
+                    run.deployment_id,
+                    run.run_by,
+                    run.started_ms,
+                    run.finished_ms,
+                    run.passed,
+                    run.results.to_string()
+                ],
             )
             .map_err(self.sql())?;
         let seq = self.conn.last_insert_rowid();
@@ -184,7 +191,12 @@ impl Registry {
             .map_err(self.sql())?;
         let rows = st
             .query_map([deployment_id], |r| {
-                Ok(Approval { deployment_id: r.get(0)?, environment: r.get(1)?, approved_by: r.get(2)?, time_ms: r.get(3)? })
+                Ok(Approval {
+                    deployment_id: r.get(0)?,
+                    environment: r.get(1)?,
+                    approved_by: r.get(2)?,
+                    time_ms: r.get(3)?,
+                })
             })
             .map_err(self.sql())?;
         rows.collect::<Result<_, _>>().map_err(self.sql())
@@ -200,7 +212,13 @@ impl Registry {
             .map_err(self.sql())?;
         let rows = st
             .query_map(params![id, after], |r| {
-                Ok(EventRow { seq: r.get(0)?, time_ms: r.get(1)?, host: r.get(2)?, kind: r.get(3)?, message: r.get(4)? })
+                Ok(EventRow {
+                    seq: r.get(0)?,
+                    time_ms: r.get(1)?,
+                    host: r.get(2)?,
+                    kind: r.get(3)?,
+                    message: r.get(4)?,
+                })
             })
             .map_err(self.sql())?;
         rows.collect::<Result<_, _>>().map_err(self.sql())

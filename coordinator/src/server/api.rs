@@ -185,10 +185,18 @@ async fn health(State(state): State<Shared>) -> Json<Value> {
     Json(json!({ "status": "ok", "version": env!("CARGO_PKG_VERSION"), "app": state.config.app.name }))
 }
 
-fn environment<'a>(state: &'a Shared, env: &str, status: StatusCode) -> Result<&'a crate::config::Environment, ApiError> {
+fn environment<'a>(
+    state: &'a Shared,
+    env: &str,
+    status: StatusCode,
+) -> Result<&'a crate::config::Environment, ApiError> {
     state.config.environments.get(env).ok_or_else(|| {
         let known: Vec<&str> = state.config.environments.keys().map(String::as_str).collect();
-        ApiError::new(status, "unknown_environment", format!("unknown environment {env:?} (fleet.toml declares: {})", known.join(", ")))
+        ApiError::new(
+            status,
+            "unknown_environment",
+            format!("unknown environment {env:?} (fleet.toml declares: {})", known.join(", ")),
+        )
     })
 }
 
@@ -231,8 +239,11 @@ async fn upload_artifact(State(state): State<Shared>, body: Body) -> ApiResult {
     drop(file);
     let digest = hasher.finalize().to_hex().to_string();
     let path = dir.join(format!("{digest}.{ext}"));
-    tmp.persist(&path).map_err(|e| ApiError::internal(format!("storing the upload as {}: {}", path.display(), e.error)))?;
-    std::fs::File::open(&dir).and_then(|d| d.sync_all()).map_err(|e| ApiError::internal(format!("fsync {}: {e}", dir.display())))?;
+    tmp.persist(&path)
+        .map_err(|e| ApiError::internal(format!("storing the upload as {}: {}", path.display(), e.error)))?;
+    std::fs::File::open(&dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| ApiError::internal(format!("fsync {}: {e}", dir.display())))?;
     Ok((StatusCode::CREATED, Json(json!({ "artifact": path, "bytes": size, "blake3": digest }))).into_response())
 }
 
@@ -283,7 +294,9 @@ async fn register_version(
             format!("artifact {:?} must be an absolute path on the coordinator", req.artifact),
         ));
     }
-    if req.metadata.values().any(|v| v.is_object() || v.is_array()) || Value::Object(req.metadata.clone()).to_string().len() > 16 * 1024 {
+    if req.metadata.values().any(|v| v.is_object() || v.is_array())
+        || Value::Object(req.metadata.clone()).to_string().len() > 16 * 1024
+    {
         return Err(ApiError::bad_request(
             "invalid_metadata",
             "metadata must be an object of strings, numbers or booleans, at most 16 KiB",
@@ -305,7 +318,9 @@ async fn register_version(
     };
     match state.reg(|r| r.register_version(&row))? {
         None => Ok((StatusCode::CREATED, Json(json!(row))).into_response()),
-        Some(existing) if existing.manifest_hash == row.manifest_hash => Ok((StatusCode::OK, Json(json!(existing))).into_response()),
+        Some(existing) if existing.manifest_hash == row.manifest_hash => {
+            Ok((StatusCode::OK, Json(json!(existing))).into_response())
+        }
         Some(existing) => Err(ApiError::conflict(
             "version_exists",
             format!(
@@ -377,7 +392,8 @@ async fn rollback(
 ) -> ApiResult {
     environment(&state, &env, StatusCode::NOT_FOUND)?;
     if let Some(v) = &req.to {
-        ferry_proto::manifest::check_version(v).map_err(|e| ApiError::bad_request("invalid_version", format!("to {v:?}: {e}")))?;
+        ferry_proto::manifest::check_version(v)
+            .map_err(|e| ApiError::bad_request("invalid_version", format!("to {v:?}: {e}")))?;
     }
     let id = jobs::start(&state, &env, &who.0, None, Op::Rollback { to: req.to }).await?;
     Ok(accepted(&id, &env))
@@ -461,7 +477,10 @@ async fn start_deploy(
 ) -> Result<String, ApiError> {
     if let Some(job) = state.jobs.running_in(env) {
         let _ = job;
-        return Err(ApiError::conflict("environment_busy", format!("environment {env} is busy with a deployment of this server")));
+        return Err(ApiError::conflict(
+            "environment_busy",
+            format!("environment {env} is busy with a deployment of this server"),
+        ));
     }
     let scanned = scan(state, PathBuf::from(artifact))
         .await
@@ -469,7 +488,9 @@ async fn start_deploy(
     if hex::encode(scanned.manifest_hash) != manifest_hash {
         return Err(ApiError::conflict(
             "artifact_changed",
-            format!("artifact {artifact} changed since version {version} was registered; register the new build as a new version"),
+            format!(
+                "artifact {artifact} changed since version {version} was registered; register the new build as a new version"
+            ),
         ));
     }
     let op = Op::Deploy { artifact: Arc::new(scanned), version: version.to_string(), prestage };
@@ -499,10 +520,14 @@ async fn list_deployments(State(state): State<Shared>, ApiQuery(q): ApiQuery<Lis
 /// registry's status, who asked, its smoke runs and approvals.
 pub fn view(state: &Shared, id: &str) -> Result<Value, ApiError> {
     let reg = state.registry.lock().map_err(|_| ApiError::internal("the registry is poisoned by a panic"))?;
-    let Some(report) = rollout::report_of(&reg, id, &HashMap::new()).map_err(|e| ApiError::internal(format!("{e:#}")))? else {
+    let Some(report) =
+        rollout::report_of(&reg, id, &HashMap::new()).map_err(|e| ApiError::internal(format!("{e:#}")))?
+    else {
         return Err(ApiError::not_found("unknown_deployment", format!("no deployment {id:?}")));
     };
-    let d = reg.deployment(id)?.ok_or_else(|| ApiError::not_found("unknown_deployment", format!("no deployment {id:?}")))?;
+    let d = reg
+        .deployment(id)?
+        .ok_or_else(|| ApiError::not_found("unknown_deployment", format!("no deployment {id:?}")))?;
     let rows = reg.hosts(id)?;
     let (requested_by, promoted_from) = reg.requested_by(id)?;
     let smoke = reg.smoke_runs(id)?;
@@ -581,7 +606,8 @@ async fn deployment_events(State(state): State<Shared>, Path(id): Path<String>) 
             }
             for e in f.state.reg(|r| r.events_since(&f.id, f.seq)).unwrap_or_default() {
                 f.seq = e.seq;
-                f.queue.push_back(Event::default().event("event").id(e.seq.to_string()).json_data(e).unwrap_or_default());
+                f.queue
+                    .push_back(Event::default().event("event").id(e.seq.to_string()).json_data(e).unwrap_or_default());
             }
             if !f.queue.is_empty() {
                 continue;
@@ -606,7 +632,9 @@ async fn deployment_events(State(state): State<Shared>, Path(id): Path<String>) 
 }
 
 fn deployment_row(state: &Shared, id: &str) -> Result<crate::registry::DeploymentRow, ApiError> {
-    state.reg(|r| r.deployment(id))?.ok_or_else(|| ApiError::not_found("unknown_deployment", format!("no deployment {id:?}")))
+    state
+        .reg(|r| r.deployment(id))?
+        .ok_or_else(|| ApiError::not_found("unknown_deployment", format!("no deployment {id:?}")))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -636,7 +664,10 @@ async fn run_smoke(
     if checks.is_empty() {
         return Err(ApiError::unprocessable(
             "no_smoke_checks",
-            format!("environment {} has no smoke checks: add [[environments.{}.smoke]] to fleet.toml, or send `checks`", d.environment, d.environment),
+            format!(
+                "environment {} has no smoke checks: add [[environments.{}.smoke]] to fleet.toml, or send `checks`",
+                d.environment, d.environment
+            ),
         ));
     }
     let mut problems = Vec::new();
@@ -676,13 +707,20 @@ fn promotion_target(state: &Shared, d: &crate::registry::DeploymentRow) -> Resul
     if d.kind != "deploy" || d.status != "succeeded" {
         return Err(ApiError::conflict(
             "promotion_blocked",
-            format!("deployment {} is a {} that is {}: only a succeeded deployment is promoted", d.id, d.kind, d.status),
+            format!(
+                "deployment {} is a {} that is {}: only a succeeded deployment is promoted",
+                d.id, d.kind, d.status
+            ),
         ));
     }
     if !state.config.promotion.contains(&d.environment) {
         return Err(ApiError::conflict(
             "promotion_blocked",
-            format!("environment {} is not in fleet.toml's `promotion` ({})", d.environment, state.config.promotion.join(" → ")),
+            format!(
+                "environment {} is not in fleet.toml's `promotion` ({})",
+                d.environment,
+                state.config.promotion.join(" → ")
+            ),
         ));
     }
     state.config.next_environment(&d.environment).map(str::to_string).ok_or_else(|| {
@@ -692,7 +730,11 @@ fn promotion_target(state: &Shared, d: &crate::registry::DeploymentRow) -> Resul
 
 /// `POST /api/v1/deployments/{id}/approve`: approves promoting the deployment's version to the
 /// next environment (needed where that environment has `require_approval`).
-async fn approve(State(state): State<Shared>, Extension(who): Extension<Identity>, Path(id): Path<String>) -> ApiResult {
+async fn approve(
+    State(state): State<Shared>,
+    Extension(who): Extension<Identity>,
+    Path(id): Path<String>,
+) -> ApiResult {
     let d = deployment_row(&state, &id)?;
     let next = promotion_target(&state, &d)?;
     state.reg(|r| r.approve(&id, &next, &who.0))?;
@@ -727,7 +769,11 @@ async fn promote(
     if let Some(target) = req.environment.as_deref().filter(|t| *t != next) {
         return Err(ApiError::conflict(
             "promotion_skips",
-            format!("{} is promoted to {next} next, not {target} (`promotion` = {})", d.environment, state.config.promotion.join(" → ")),
+            format!(
+                "{} is promoted to {next} next, not {target} (`promotion` = {})",
+                d.environment,
+                state.config.promotion.join(" → ")
+            ),
         ));
     }
     if let Some(latest) = state.reg(|r| r.latest_deployment(&d.environment))?
@@ -735,7 +781,10 @@ async fn promote(
     {
         return Err(ApiError::conflict(
             "promotion_blocked",
-            format!("{} has run deployment {latest} since {}: promote what the environment runs now", d.environment, d.id),
+            format!(
+                "{} has run deployment {latest} since {}: promote what the environment runs now",
+                d.environment, d.id
+            ),
         ));
     }
     let env = environment(&state, &d.environment, StatusCode::CONFLICT)?;
@@ -750,14 +799,23 @@ async fn promote(
                         .filter(|r| r["passed"] == false)
                         .map(|r| {
                             let on = r["host"].as_str().map(|h| format!(" on {h}")).unwrap_or_default();
-                            format!("{}{on}: {}", r["name"].as_str().unwrap_or("?"), r["error"].as_str().unwrap_or("failed"))
+                            format!(
+                                "{}{on}: {}",
+                                r["name"].as_str().unwrap_or("?"),
+                                r["error"].as_str().unwrap_or("failed")
+                            )
                         })
                         .collect()
                 })
                 .unwrap_or_default();
             return Err(ApiError::conflict(
                 "smoke_failed",
-                format!("smoke tests of deployment {id} failed (run {} by {}: {}); fix it and run them again", run.id, run.run_by, failed.join("; ")),
+                format!(
+                    "smoke tests of deployment {id} failed (run {} by {}: {}); fix it and run them again",
+                    run.id,
+                    run.run_by,
+                    failed.join("; ")
+                ),
             ));
         }
         None if !env.smoke.is_empty() => {
@@ -792,16 +850,26 @@ async fn promote(
 fn holder(state: &Shared, d: &crate::registry::DeploymentRow) -> Result<(), ApiError> {
     match state.reg(|r| r.lock_of(&d.environment))? {
         Some(lock) if lock.deployment_id == d.id => Ok(()),
-        _ => Err(ApiError::conflict("not_in_progress", format!("deployment {} is {}: it does not hold {}", d.id, d.status, d.environment))),
+        _ => Err(ApiError::conflict(
+            "not_in_progress",
+            format!("deployment {} is {}: it does not hold {}", d.id, d.status, d.environment),
+        )),
     }
 }
 
 /// `POST /api/v1/deployments/{id}/continue`: a canary paused at a step (pause = "manual") goes on
 /// with its next batch (`ferry promote`).
-async fn continue_canary(State(state): State<Shared>, Extension(who): Extension<Identity>, Path(id): Path<String>) -> ApiResult {
+async fn continue_canary(
+    State(state): State<Shared>,
+    Extension(who): Extension<Identity>,
+    Path(id): Path<String>,
+) -> ApiResult {
     let d = deployment_row(&state, &id)?;
     if d.status != "paused" {
-        return Err(ApiError::conflict("not_paused", format!("deployment {id} is {}, not paused at a canary step", d.status)));
+        return Err(ApiError::conflict(
+            "not_paused",
+            format!("deployment {id} is {}, not paused at a canary step", d.status),
+        ));
     }
     holder(&state, &d)?;
     let started = jobs::start(&state, &d.environment, &who.0, None, Op::Resume { paused_only: true }).await?;
@@ -836,7 +904,9 @@ async fn cancel(State(state): State<Shared>, Extension(who): Extension<Identity>
         }
         "pending" | "running" => Err(ApiError::conflict(
             "not_here",
-            format!("deployment {id} is run by another coordinator process: stop it there (Ctrl-C), or roll the environment back"),
+            format!(
+                "deployment {id} is run by another coordinator process: stop it there (Ctrl-C), or roll the environment back"
+            ),
         )),
         other => Err(ApiError::conflict("finished", format!("deployment {id} is {other}: there is nothing to cancel"))),
     }

@@ -83,11 +83,19 @@ impl Jobs {
 
 /// What a job does once its environment is reserved.
 pub enum Op {
-    Deploy { artifact: Arc<Artifact>, version: String, prestage: bool },
-    Rollback { to: Option<String> },
+    Deploy {
+        artifact: Arc<Artifact>,
+        version: String,
+        prestage: bool,
+    },
+    Rollback {
+        to: Option<String>,
+    },
     /// Continue the environment's deployment: paused at a canary step (`paused_only`), or left
     /// by a coordinator that died.
-    Resume { paused_only: bool },
+    Resume {
+        paused_only: bool,
+    },
     /// Record the environment's paused deployment as cancelled (touches no host).
     CancelPaused,
 }
@@ -149,7 +157,8 @@ pub async fn start(
     {
         let mut busy = state.jobs.busy.lock().map_err(|_| ApiError::internal("job table poisoned"))?;
         if let Some(other) = busy.get(env) {
-            let what = other.id.get().map_or("a deployment that is starting".to_string(), |id| format!("deployment {id}"));
+            let what =
+                other.id.get().map_or("a deployment that is starting".to_string(), |id| format!("deployment {id}"));
             return Err(ApiError::conflict(
                 "environment_busy",
                 format!("environment {env} is busy: this server is running {what} there"),

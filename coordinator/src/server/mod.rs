@@ -47,9 +47,8 @@ impl AppState {
     /// The state `ferry serve` runs with: fleet.toml, the coordinator's client TLS for the
     /// agents, the registry, and the directories and audit log `[server]` names.
     pub fn load(config: FleetConfig, tls: ClientTls) -> anyhow::Result<AppState> {
-        let state_dir = config
-            .state_dir()
-            .context("no registry: set `registry` in fleet.toml (there is no HOME to default to)")?;
+        let state_dir =
+            config.state_dir().context("no registry: set `registry` in fleet.toml (there is no HOME to default to)")?;
         let registry_path = config.registry_path().context("no registry path")?;
         let registry = Registry::open(&registry_path)?;
         let artifacts_dir = config.server.artifacts_dir.clone().unwrap_or_else(|| state_dir.join("artifacts"));
@@ -79,7 +78,8 @@ impl AppState {
         &self,
         f: impl FnOnce(&mut Registry) -> Result<T, crate::registry::RegistryError>,
     ) -> Result<T, api::ApiError> {
-        let mut reg = self.registry.lock().map_err(|_| api::ApiError::internal("the registry is poisoned by a panic"))?;
+        let mut reg =
+            self.registry.lock().map_err(|_| api::ApiError::internal("the registry is poisoned by a panic"))?;
         f(&mut reg).map_err(|e| api::ApiError::internal(format!("{e}")))
     }
 }
@@ -107,7 +107,8 @@ pub struct AuditLine<'a> {
 impl Audit {
     pub fn open(path: &Path) -> anyhow::Result<Audit> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).with_context(|| format!("audit log {}: cannot create its directory", path.display()))?;
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("audit log {}: cannot create its directory", path.display()))?;
         }
         let file = std::fs::OpenOptions::new()
             .create(true)

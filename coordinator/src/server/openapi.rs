@@ -54,15 +54,37 @@ fn with_params(mut o: Value, params: Value) -> Value {
 pub fn document() -> Value {
     let id = || json!([path_param("id", "Deployment id, e.g. d-1764000000-1a2b3c")]);
     let env = || json!([path_param("environment", "Environment of fleet.toml")]);
-    let mut upload = op("uploadArtifact", "Upload an artifact (.tar, .tar.gz or .tar.zst body); stored content-addressed on the coordinator", (201, "Upload"), None, &[400, 413]);
+    let mut upload = op(
+        "uploadArtifact",
+        "Upload an artifact (.tar, .tar.gz or .tar.zst body); stored content-addressed on the coordinator",
+        (201, "Upload"),
+        None,
+        &[400, 413],
+    );
     upload["requestBody"] = json!({ "required": true, "content": { "application/octet-stream": { "schema": { "type": "string", "format": "binary" } } } });
-    let mut events = with_params(op("deploymentEvents", "Follow a deployment as server-sent events: `line`, `event`, and a final `end` carrying the Deployment", (200, "Deployment"), None, &[404]), id());
+    let mut events = with_params(
+        op(
+            "deploymentEvents",
+            "Follow a deployment as server-sent events: `line`, `event`, and a final `end` carrying the Deployment",
+            (200, "Deployment"),
+            None,
+            &[404],
+        ),
+        id(),
+    );
     events["responses"]["200"] = json!({ "description": "text/event-stream; `end`'s data is a Deployment", "content": { "text/event-stream": { "schema": { "type": "string" } } } });
     let mut openapi = op("openapi", "This document (no credentials needed)", (200, "Any"), None, &[]);
     openapi["security"] = json!([]);
-    let mut register = op("registerVersion", "Register a version: an artifact on the coordinator (a path, or an upload's `artifact`), who, metadata. 201 when new, 200 when the same content was registered before", (201, "Version"), Some("VersionRequest"), &[400, 409, 422]);
+    let mut register = op(
+        "registerVersion",
+        "Register a version: an artifact on the coordinator (a path, or an upload's `artifact`), who, metadata. 201 when new, 200 when the same content was registered before",
+        (201, "Version"),
+        Some("VersionRequest"),
+        &[400, 409, 422],
+    );
     register["responses"]["200"] = register["responses"]["201"].clone();
-    register["responses"]["200"]["description"] = json!("Already registered with the same content: the existing record");
+    register["responses"]["200"]["description"] =
+        json!("Already registered with the same content: the existing record");
     let mut health = op("health", "Liveness (no credentials needed)", (200, "Health"), None, &[]);
     health["security"] = json!([]);
     json!({

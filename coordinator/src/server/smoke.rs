@@ -150,8 +150,12 @@ mod tests {
                     let mut buf = [0u8; 1024];
                     let n = s.read(&mut buf).await.unwrap_or(0);
                     let req = String::from_utf8_lossy(&buf[..n]).to_string();
-                    let (status, body) = if req.starts_with("GET /ok ") { ("200 OK", "all good") } else { ("404 Not Found", "no") };
-                    let resp = format!("HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+                    let (status, body) =
+                        if req.starts_with("GET /ok ") { ("200 OK", "all good") } else { ("404 Not Found", "no") };
+                    let resp = format!(
+                        "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
                     let _ = s.write_all(resp.as_bytes()).await;
                 });
             }

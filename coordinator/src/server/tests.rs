@@ -31,7 +31,8 @@ fn setup() -> Api {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path().to_path_buf();
     pki::init_ca(&root.join("pki"), false, Validity::days_from_now(1)).expect("ca");
-    let req = CertRequest { name: "ctl".into(), role: Role::Coordinator, sans: vec![], validity: Validity::days_from_now(1) };
+    let req =
+        CertRequest { name: "ctl".into(), role: Role::Coordinator, sans: vec![], validity: Validity::days_from_now(1) };
     pki::issue(&root.join("pki"), &req, &root.join("pki"), false).expect("cert");
     // Ports 9 and 10 on loopback: nothing listens, a deployment there fails at once.
     let toml = format!(
@@ -76,7 +77,14 @@ require_approval = true
 impl Api {
     /// Sends a request; answers (status, JSON body). `route` is the documented path template the
     /// answer is checked against.
-    async fn call(&self, method: &str, path: &str, route: &str, token: Option<&str>, body: Option<&str>) -> (u16, Value) {
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        route: &str,
+        token: Option<&str>,
+        body: Option<&str>,
+    ) -> (u16, Value) {
         let mut req = Request::builder().method(method).uri(path);
         if let Some(t) = token {
             req = req.header("authorization", format!("Bearer {t}"));
@@ -90,7 +98,8 @@ impl Api {
         let resp = self.router.clone().oneshot(req).await.expect("infallible");
         let status = resp.status().as_u16();
         let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20).await.expect("body");
-        let value: Value = serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("{status}: not JSON ({e}): {bytes:?}"));
+        let value: Value =
+            serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("{status}: not JSON ({e}): {bytes:?}"));
         if route != "-" {
             conforms(&self.doc, route, &method, status, &value);
         }
@@ -182,7 +191,9 @@ fn validate(doc: &Value, schema: &Value, v: &Value, at: &str) -> Result<(), Stri
         for (k, val) in o {
             match props.and_then(|p| p.get(k)) {
                 Some(s) => validate(doc, s, val, &format!("{at}.{k}"))?,
-                None if schema["additionalProperties"] == false => return Err(format!("{at}: unexpected property {k}")),
+                None if schema["additionalProperties"] == false => {
+                    return Err(format!("{at}: unexpected property {k}"));
+                }
                 None => {}
             }
         }
@@ -249,7 +260,8 @@ async fn credentials_are_required_and_checked() {
     let (s, e) = api.call("GET", "/api/v1/versions", "/api/v1/versions", Some("ferry_guess"), None).await;
     assert_eq!(s, 401, "{e}");
     assert!(e["message"].as_str().is_some_and(|m| m.contains("not one of [server] tokens")), "{e}");
-    let req = Request::get("/api/v1/versions").header("authorization", "Basic Y2k6eA==").body(Body::empty()).expect("req");
+    let req =
+        Request::get("/api/v1/versions").header("authorization", "Basic Y2k6eA==").body(Body::empty()).expect("req");
     let (s, e) = api.send(req, "/api/v1/versions").await;
     assert!(s == 401 && e["message"].as_str().is_some_and(|m| m.contains("Bearer")), "{e}");
     let (s, _) = api.call("GET", "/api/v1/versions", "/api/v1/versions", Some(CI), None).await;
@@ -267,7 +279,9 @@ async fn credentials_are_required_and_checked() {
         not_after_unix: i64::MAX,
         is_ca: false,
     };
-    for (role, want) in [(Some(Role::Operator), 200), (Some(Role::Coordinator), 200), (Some(Role::Agent), 403), (None, 403)] {
+    for (role, want) in
+        [(Some(Role::Operator), 200), (Some(Role::Coordinator), 200), (Some(Role::Agent), 403), (None, 403)]
+    {
         let mut req = Request::get("/api/v1/versions").body(Body::empty()).expect("req");
         req.extensions_mut().insert(Peer(Some(cert(role))));
         let (s, e) = api.send(req, "-").await;
@@ -288,13 +302,47 @@ async fn bad_requests_get_a_4xx_json_error_that_says_what_is_wrong() {
     let api = setup();
     let t = Some(CI);
     let v = "/api/v1/versions";
-    let cases: Vec<(&str, &str, &str, Option<String>, u16, &str, &str)> = vec![
+    // (method, path, documented route, body, status, error code, what the message says)
+    type Case<'a> = (&'a str, &'a str, &'a str, Option<String>, u16, &'a str, &'a str);
+    let cases: Vec<Case> = vec![
         ("POST", v, v, Some(r#"{"version": "1.0", "#.into()), 400, "invalid_json", "malformed JSON"),
         ("POST", v, v, Some(r#"{"version": "1.0"}"#.into()), 400, "invalid_json", "missing field `artifact`"),
-        ("POST", v, v, Some(r#"{"version": "1.0", "artifact": "/x", "colour": 1}"#.into()), 400, "invalid_json", "unknown field `colour`"),
-        ("POST", v, v, Some(r#"{"version": "../1", "artifact": "/x"}"#.into()), 400, "invalid_version", "version \"../1\""),
-        ("POST", v, v, Some(r#"{"version": "1.0", "artifact": "build"}"#.into()), 400, "invalid_artifact", "absolute path"),
-        ("POST", v, v, Some(r#"{"version": "1.0", "artifact": "/nonexistent/build"}"#.into()), 422, "bad_artifact", "/nonexistent/build"),
+        (
+            "POST",
+            v,
+            v,
+            Some(r#"{"version": "1.0", "artifact": "/x", "colour": 1}"#.into()),
+            400,
+            "invalid_json",
+            "unknown field `colour`",
+        ),
+        (
+            "POST",
+            v,
+            v,
+            Some(r#"{"version": "../1", "artifact": "/x"}"#.into()),
+            400,
+            "invalid_version",
+            "version \"../1\"",
+        ),
+        (
+            "POST",
+            v,
+            v,
+            Some(r#"{"version": "1.0", "artifact": "build"}"#.into()),
+            400,
+            "invalid_artifact",
+            "absolute path",
+        ),
+        (
+            "POST",
+            v,
+            v,
+            Some(r#"{"version": "1.0", "artifact": "/nonexistent/build"}"#.into()),
+            422,
+            "bad_artifact",
+            "/nonexistent/build",
+        ),
         (
             "POST",
             "/api/v1/deployments",
@@ -314,11 +362,35 @@ async fn bad_requests_get_a_4xx_json_error_that_says_what_is_wrong() {
             "version \"9.9\" is not registered",
         ),
         ("GET", "/api/v1/deployments?limit=many", "/api/v1/deployments", None, 400, "invalid_query", "limit"),
-        ("GET", "/api/v1/deployments?environment=qa", "/api/v1/deployments", None, 422, "unknown_environment", "\"qa\""),
+        (
+            "GET",
+            "/api/v1/deployments?environment=qa",
+            "/api/v1/deployments",
+            None,
+            422,
+            "unknown_environment",
+            "\"qa\"",
+        ),
         ("GET", "/api/v1/deployments/d-nope", "/api/v1/deployments/{id}", None, 404, "unknown_deployment", "d-nope"),
         ("GET", "/api/v1/versions/9.9", "/api/v1/versions/{version}", None, 404, "unknown_version", "9.9"),
-        ("POST", "/api/v1/environments/qa/rollback", "/api/v1/environments/{environment}/rollback", None, 404, "unknown_environment", "qa"),
-        ("POST", "/api/v1/deployments/d-nope/promote", "/api/v1/deployments/{id}/promote", None, 404, "unknown_deployment", "d-nope"),
+        (
+            "POST",
+            "/api/v1/environments/qa/rollback",
+            "/api/v1/environments/{environment}/rollback",
+            None,
+            404,
+            "unknown_environment",
+            "qa",
+        ),
+        (
+            "POST",
+            "/api/v1/deployments/d-nope/promote",
+            "/api/v1/deployments/{id}/promote",
+            None,
+            404,
+            "unknown_deployment",
+            "d-nope",
+        ),
         ("GET", "/api/v2/anything", "-", None, 404, "no_route", "openapi.json"),
         ("DELETE", v, "-", None, 405, "method_not_allowed", "method"),
     ];
@@ -399,7 +471,9 @@ async fn promotion_needs_passed_smoke_tests_the_next_environment_and_another_app
 
     // Checks sent with the request replace the environment's; this one passes.
     let port = ok_server().await;
-    let checks = json!({ "checks": [{ "name": "page", "url": format!("http://127.0.0.1:{port}/"), "contains": "good" }] }).to_string();
+    let checks =
+        json!({ "checks": [{ "name": "page", "url": format!("http://127.0.0.1:{port}/"), "contains": "good" }] })
+            .to_string();
     let (s, run) = api.call("POST", smoke, "/api/v1/deployments/{id}/smoke", Some(CI), Some(&checks)).await;
     assert_eq!((s, run["passed"].as_bool()), (200, Some(true)), "{run}");
     let bad = json!({ "checks": [{ "name": "x", "url": "ftp://h/" }] }).to_string();
@@ -441,7 +515,10 @@ async fn promotion_needs_passed_smoke_tests_the_next_environment_and_another_app
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     assert_eq!(shown["status"], "failed", "{shown}");
-    assert_eq!((shown["requested_by"].as_str(), shown["promoted_from"].as_str()), (Some("token:ci"), Some("d-staging-1")));
+    assert_eq!(
+        (shown["requested_by"].as_str(), shown["promoted_from"].as_str()),
+        (Some("token:ci"), Some("d-staging-1"))
+    );
     assert_eq!(shown["hosts"][0]["state"], "unreachable", "{shown}");
     // A failed deployment is not promoted, smoke-tested or cancelled.
     let (s, e) = api.call("POST", &format!("{path}/promote"), route, Some(CI), None).await;
@@ -450,6 +527,7 @@ async fn promotion_needs_passed_smoke_tests_the_next_environment_and_another_app
     assert_eq!((s, e["error"].as_str()), (409, Some("not_deployed")), "{e}");
     let (s, e) = api.call("POST", &format!("{path}/cancel"), "/api/v1/deployments/{id}/cancel", Some(CI), None).await;
     assert_eq!((s, e["error"].as_str()), (409, Some("finished")), "{e}");
-    let (s, list) = api.call("GET", "/api/v1/deployments?environment=production", "/api/v1/deployments", Some(CI), None).await;
+    let (s, list) =
+        api.call("GET", "/api/v1/deployments?environment=production", "/api/v1/deployments", Some(CI), None).await;
     assert_eq!((s, list["deployments"][0]["id"].as_str()), (200, Some(id.as_str())), "{list}");
 }
