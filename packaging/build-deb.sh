@@ -147,7 +147,7 @@ binary $pkg $bin
 # One section with every verb's own --help.
 {
   echo "[COMMANDS]"
-  for verb in "ca init" "cert issue" "cert show" status deploy rollback completions; do
+  for verb in "ca init" "cert issue" "cert show" status deploy rollback serve "token new" pipeline completions; do
     echo ".SS \"ferry $verb\""
     echo ".nf"
     # shellcheck disable=SC2086 # $verb may be two words ("ca init") on purpose
@@ -162,6 +162,8 @@ install -d -m0755 "$work/$pkg/usr/share/bash-completion/completions" \
 "$work/$pkg/usr/bin/ferry" completions zsh >"$work/$pkg/usr/share/zsh/vendor-completions/_ferry"
 "$work/$pkg/usr/bin/ferry" completions fish >"$work/$pkg/usr/share/fish/vendor_completions.d/ferry.fish"
 chmod 0644 "$work/$pkg"/usr/share/*/*/ferry "$work/$pkg"/usr/share/*/*/_ferry "$work/$pkg"/usr/share/*/*/ferry.fish
+# The coordinator daemon (`ferry serve`): installed, not enabled (it needs a fleet.toml first).
+install -D -m0644 "$top/systemd/ferry.service" "$work/$pkg/lib/systemd/system/ferry.service"
 # Monitoring examples: Prometheus alert rules (with their promtool unit tests) and a Grafana
 # dashboard, for the agents' /metrics and `ferry --metrics-file`.
 for f in ferry-alerts.yml ferry-alerts.test.yml ferry-dashboard.json; do

@@ -276,3 +276,90 @@ fn agent_package_installs_deploys_restarts_upgrades_mid_deployment_and_uninstall
     assert_eq!(h.systemctl(&["is-active", "web.service"]).as_deref(), Ok("active"));
     assert_eq!(served_version(&fleet, h), "2");
 }
+
+#[test]
+fn coordinator_package_runs_ferry_serve_as_a_sandboxed_service() {
+    if let Err(why) = fleet::check_supported()
+        .and_then(|()| debroot::check_supported())
+        .and_then(|()| tools(&["dpkg-deb", "dpkg-shlibdeps", "help2man"]))
+    {
+        return skip(&why, "the coordinator package test on a Debian host");
+    }
+    let root = debroot::cached_root().unwrap_or_else(|e| panic!("the Debian root for package tests: {e}"));
+    let fleet = Fleet::boot_own_root(&root, 1).unwrap_or_else(|e| panic!("booting a Debian host: {e}"));
+    let h = &fleet.hosts[0];
+    let drop = h.drop_dir();
+    let (_, ferry) = build_debs(&drop, 1);
+    let api = fleet.pki.issue("coordinator", ferry_proto::identity::Role::Coordinator, &["127.0.0.1"]);
+    for (src, name) in [(&api.ca, "ca.pem"), (&api.cert, "coordinator.pem"), (&api.key, "coordinator.key")] {
+        std::fs::copy(src, drop.join(name)).expect("copy certificate");
+    }
+    let token = "ferry_package_test_token";
+    // The key reaches the dynamic user as a credential, as the unit's comment says.
+    std::fs::write(
+        drop.join("fleet.toml"),
+        format!(
+            "[app]\nname = \"web\"\n\n[tls]\nca = \"/etc/ferry/pki/ca.pem\"\ncert = \"/etc/ferry/pki/coordinator.pem\"\n\
+             key = \"/run/credentials/ferry.service/coordinator.key\"\n\n[server]\nlisten = \"127.0.0.1:8443\"\n\n\
+             [[server.tokens]]\nname = \"ci\"\nsha256 = \"{}\"\n\n[environments.test]\nhosts = {{ web-1 = \"{}:{}\" }}\n",
+            ferry_coordinator::server::auth::sha256_hex(token),
+            h.ip,
+            fleet::AGENT_PORT
+        ),
+    )
+    .expect("write fleet.toml");
+    demo_app::write_release(&drop.join("demo-1"), "1", Variant::Healthy).expect("write a release");
+
+    // Installed, not enabled: it needs a fleet.toml first.
+    let deb = format!("/opt/ferry-test/{}", ferry.file_name().expect("a file").to_string_lossy());
+    must(h, &["dpkg", "-i", &deb]);
+    assert_eq!(h.systemctl(&["show", "-p", "UnitFileState", "--value", "ferry.service"]).as_deref(), Ok("disabled"));
+    let verify = must(h, &["systemd-analyze", "verify", "ferry.service"]);
+    assert!(verify.trim().is_empty(), "systemd-analyze verify is not clean:\n{verify}");
+
+    must(
+        h,
+        &[
+            "sh",
+            "-c",
+            "mkdir -p /etc/ferry/pki /etc/systemd/system/ferry.service.d && cd /opt/ferry-test \
+             && cp ca.pem coordinator.pem fleet.toml /etc/ferry/pki/ && mv /etc/ferry/pki/fleet.toml /etc/ferry/ \
+             && install -m 0600 coordinator.key /etc/ferry/pki/ \
+             && printf '[Service]\\nLoadCredential=coordinator.key:/etc/ferry/pki/coordinator.key\\n' \
+                > /etc/systemd/system/ferry.service.d/key.conf && systemctl daemon-reload",
+        ],
+    );
+    must(h, &["systemctl", "enable", "--now", "ferry.service"]);
+    let cli = |args: &[&str]| {
+        let mut all = vec![
+            "ferry",
+            "--server",
+            "https://127.0.0.1:8443",
+            "--server-ca",
+            "/etc/ferry/pki/ca.pem",
+            "--token",
+            token,
+        ];
+        all.extend_from_slice(args);
+        h.exec(&all).unwrap_or_else(|e| panic!("{e}"))
+    };
+    let up = poll(Duration::from_secs(30), || cli(&["history"]).status.success().then_some(()));
+    assert!(up.is_some(), "ferry serve does not answer:\n{}", h.journal("ferry.service", 40));
+
+    // The sandboxed service writes its state: an upload, the registry, the audit log.
+    let out =
+        cli(&["pipeline", "register", "--version", "1", "--artifact", "/opt/ferry-test/demo-1", "--output", "json"]);
+    assert!(out.status.success(), "{}\n{}", text(&out), h.journal("ferry.service", 40));
+    let registered: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(registered["registered_by"], "token:ci", "{registered}");
+    assert!(
+        registered["artifact"].as_str().is_some_and(|a| a.contains("/ferry-coordinator/ferry/artifacts/")),
+        "{registered}"
+    );
+    let audit = must(h, &["cat", "/var/lib/ferry-coordinator/ferry/api-audit.log"]);
+    assert!(audit.contains("\"who\":\"token:ci\""), "{audit}");
+
+    // SIGTERM stops it cleanly.
+    must(h, &["systemctl", "stop", "ferry.service"]);
+    assert_eq!(h.systemctl(&["show", "-p", "Result", "--value", "ferry.service"]).as_deref(), Ok("success"));
+}
