@@ -276,3 +276,59 @@ fn a_version_goes_through_staging_smoke_tests_and_approval_to_production() {
     assert!(lines.iter().any(|l| l["status"] == 401 && l["who"] == "unauthenticated"), "{audit}");
     drop(server);
 }
+
+#[test]
+fn a_canary_paused_through_the_api_is_continued_or_cancelled_there() {
+    let fleet = fleet_or_skip!(2);
+    let api_cert = fleet.pki.issue("api", Role::Coordinator, &["127.0.0.1"]);
+    let config = fleet.fleet_toml_with(
+        "canary.toml",
+        &format!(
+            "strategy = \"canary\"\nsteps = [1]\npause = \"manual\"\n\n[server]\nlisten = \"127.0.0.1:18443\"\n\
+             cert = \"{}\"\nkey = \"{}\"\n\n[[server.tokens]]\nname = \"ci\"\nsha256 = \"{}\"\n",
+            api_cert.cert.display(),
+            api_cert.key.display(),
+            ferry_coordinator::server::auth::sha256_hex(CI_TOKEN)
+        ),
+    );
+    let config_arg = config.to_string_lossy().into_owned();
+    let _server = start_server(&fleet, &config);
+
+    // `ferry deploy --server` uploads, registers and deploys; the canary pauses after web-1.
+    let v1 = release(&fleet, "1", Variant::Healthy);
+    let out = api(
+        &fleet,
+        CI_TOKEN,
+        &["deploy", "--config", &config_arg, "--env", "test", "--artifact", &v1, "--version", "1", "--output", "json"],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(json(&out)["status"], "paused", "{}", text(&out));
+    assert_eq!(fleet.versions(), ["1", ""]);
+    // `ferry promote --server` continues it.
+    let out = api(&fleet, CI_TOKEN, &["promote", "--config", &config_arg, "--env", "test", "--output", "json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(json(&out)["status"], "succeeded", "{}", text(&out));
+    assert_eq!(fleet.versions(), ["1", "1"]);
+
+    // v2 pauses after web-1 too; cancelling it records `cancelled` and leaves web-2 untouched.
+    let v2 = release(&fleet, "2", Variant::Healthy);
+    let out = api(
+        &fleet,
+        CI_TOKEN,
+        &["deploy", "--config", &config_arg, "--env", "test", "--artifact", &v2, "--version", "2", "--output", "json"],
+    );
+    assert_eq!(json(&out)["status"], "paused", "{}", text(&out));
+    let id = json(&out)["deployment_id"].as_str().expect("id").to_string();
+    let out = api(&fleet, CI_TOKEN, &["pipeline", "cancel", &id]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let out = api(&fleet, CI_TOKEN, &["pipeline", "watch", &id, "--output", "json"]);
+    assert_eq!(out.status.code(), Some(1), "a cancelled deployment exits 1: {}", text(&out));
+    assert_eq!(json(&out)["status"], "cancelled", "{}", text(&out));
+    assert_eq!(fleet.versions(), ["2", "1"]);
+    // The environment is free again: the CLI's rollback through the server brings web-1 back to 1
+    // (web-2, already there, is untouched).
+    let out =
+        api(&fleet, CI_TOKEN, &["rollback", "--config", &config_arg, "--env", "test", "--to", "1", "--output", "json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(fleet.versions(), ["1", "1"]);
+}
