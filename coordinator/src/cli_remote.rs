@@ -14,14 +14,15 @@ use crate::ui::{self, Format};
 #[derive(Debug, Subcommand)]
 pub enum PipelineCommand {
     /// Register VERSION for deployment: upload ARTIFACT (a directory, .tar, .tar.gz or .tar.zst
-    /// here), or with --on-server name a path the server can read. Registering the same content
+    /// here), or with --on-server name a path on the server (inside its [server] artifact_roots). Registering the same content
     /// again is a no-op; other content under a registered version is refused.
     Register {
         #[arg(long, short)]
         version: String,
         #[arg(long, short)]
         artifact: PathBuf,
-        /// ARTIFACT is a path on the server, not here: nothing is uploaded.
+        /// ARTIFACT is a path on the server (under its [server] artifact_roots), not here: nothing
+        /// is uploaded.
         #[arg(long)]
         on_server: bool,
         /// Metadata to record with the version (repeatable), e.g. --meta git_commit=4f2a9c1.

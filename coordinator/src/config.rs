@@ -63,6 +63,11 @@ pub struct ServerConfig {
     /// registry.
     #[serde(default)]
     pub artifacts_dir: Option<PathBuf>,
+    /// Directories on the coordinator a version may be registered from by path (besides the
+    /// uploads in `artifacts_dir`), e.g. a build server's output mount. Default none: an API
+    /// client cannot make the server read any file it can.
+    #[serde(default)]
+    pub artifact_roots: Vec<PathBuf>,
     /// Every API call, one JSON line each (who, what, result); default `api-audit.log` beside the
     /// registry.
     #[serde(default)]
@@ -83,6 +88,7 @@ impl Default for ServerConfig {
             cert: None,
             key: None,
             artifacts_dir: None,
+            artifact_roots: Vec::new(),
             audit_log: None,
             tokens: Vec::new(),
             max_upload_bytes: default_max_upload(),
@@ -640,6 +646,7 @@ impl FleetConfig {
             .chain(config.server.key.as_mut())
             .chain(config.server.artifacts_dir.as_mut())
             .chain(config.server.audit_log.as_mut())
+            .chain(config.server.artifact_roots.iter_mut())
         {
             if p.is_relative() {
                 *p = base.join(&*p);

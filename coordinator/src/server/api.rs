@@ -294,6 +294,20 @@ async fn register_version(
             format!("artifact {:?} must be an absolute path on the coordinator", req.artifact),
         ));
     }
+    let inside = std::fs::canonicalize(&req.artifact)
+        .map(|real| state.artifact_roots.iter().any(|root| real.starts_with(root)))
+        .unwrap_or(false);
+    if !inside {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "artifact_outside_roots",
+            format!(
+                "artifact {} is not under a directory the server takes artifacts from (its uploads, {}, and [server] artifact_roots); upload it with POST /api/v1/artifacts",
+                req.artifact.display(),
+                state.artifacts_dir.display()
+            ),
+        ));
+    }
     if req.metadata.values().any(|v| v.is_object() || v.is_array())
         || Value::Object(req.metadata.clone()).to_string().len() > 16 * 1024
     {
@@ -475,8 +489,8 @@ async fn start_deploy(
     promoted_from: Option<String>,
     prestage: bool,
 ) -> Result<String, ApiError> {
-    if let Some(job) = state.jobs.running_in(env) {
-        let _ = job;
+    // Before the scan (which may take a while); the job table checks again when it starts.
+    if state.jobs.running_in(env).is_some() {
         return Err(ApiError::conflict(
             "environment_busy",
             format!("environment {env} is busy with a deployment of this server"),

@@ -36,6 +36,9 @@ pub struct AppState {
     pub registry: Mutex<Registry>,
     pub cache: Option<Cache>,
     pub artifacts_dir: PathBuf,
+    /// Where registered artifacts may be read from: `artifacts_dir` and `[server] artifact_roots`,
+    /// canonical.
+    pub artifact_roots: Vec<PathBuf>,
     pub jobs: jobs::Jobs,
     pub tokens: Vec<auth::Token>,
     pub audit: Audit,
@@ -57,6 +60,12 @@ impl AppState {
         // Registered versions name their upload by this path: make it absolute.
         let artifacts_dir = std::fs::canonicalize(&artifacts_dir)
             .with_context(|| format!("[server] artifacts_dir {}", artifacts_dir.display()))?;
+        let mut artifact_roots = vec![artifacts_dir.clone()];
+        for root in &config.server.artifact_roots {
+            artifact_roots.push(
+                std::fs::canonicalize(root).with_context(|| format!("[server] artifact_roots: {}", root.display()))?,
+            );
+        }
         let audit_path = config.server.audit_log.clone().unwrap_or_else(|| state_dir.join("api-audit.log"));
         let audit = Audit::open(&audit_path)?;
         let tokens = config.server.tokens.iter().filter_map(auth::Token::from_config).collect();
@@ -67,6 +76,7 @@ impl AppState {
             registry: Mutex::new(registry),
             cache,
             artifacts_dir,
+            artifact_roots,
             jobs: jobs::Jobs::default(),
             tokens,
             audit,

@@ -8,7 +8,9 @@ fn error_responses(codes: &[u16]) -> serde_json::Map<String, Value> {
         let what = match code {
             400 => "Malformed request: bad JSON, an invalid field",
             401 => "No credentials, or a token that is not configured",
-            403 => "A certificate of the wrong role, or an approval is missing",
+            403 => {
+                "A certificate of the wrong role, a missing approval, or an artifact path outside the server's artifact roots"
+            }
             404 => "No such deployment, version or environment",
             409 => "The request conflicts with the state: locked environment, blocked promotion, …",
             413 => "The upload is too large",
@@ -80,7 +82,7 @@ pub fn document() -> Value {
         "Register a version: an artifact on the coordinator (a path, or an upload's `artifact`), who, metadata. 201 when new, 200 when the same content was registered before",
         (201, "Version"),
         Some("VersionRequest"),
-        &[400, 409, 422],
+        &[400, 403, 409, 422],
     );
     register["responses"]["200"] = register["responses"]["201"].clone();
     register["responses"]["200"]["description"] =

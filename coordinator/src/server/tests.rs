@@ -30,6 +30,7 @@ struct Api {
 fn setup() -> Api {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path().to_path_buf();
+    std::fs::create_dir_all(root.join("builds")).expect("mkdir");
     pki::init_ca(&root.join("pki"), false, Validity::days_from_now(1)).expect("ca");
     let req =
         CertRequest { name: "ctl".into(), role: Role::Coordinator, sans: vec![], validity: Validity::days_from_now(1) };
@@ -46,6 +47,7 @@ ca = "pki/ca.pem"
 cert = "pki/ctl.pem"
 key = "pki/ctl.key"
 [server]
+artifact_roots = ["builds"]
 [[server.tokens]]
 name = "ci"
 sha256 = "{}"
@@ -126,7 +128,7 @@ impl Api {
     }
 
     fn artifact(&self, name: &str) -> std::path::PathBuf {
-        let dir = self.root.join(name);
+        let dir = self.root.join("builds").join(name);
         std::fs::create_dir_all(&dir).expect("mkdir");
         std::fs::write(dir.join("index.html"), name).expect("write");
         dir
@@ -338,10 +340,10 @@ async fn bad_requests_get_a_4xx_json_error_that_says_what_is_wrong() {
             "POST",
             v,
             v,
-            Some(r#"{"version": "1.0", "artifact": "/nonexistent/build"}"#.into()),
-            422,
-            "bad_artifact",
-            "/nonexistent/build",
+            Some(r#"{"version": "1.0", "artifact": "/etc"}"#.into()),
+            403,
+            "artifact_outside_roots",
+            "/etc is not under",
         ),
         (
             "POST",
@@ -400,6 +402,13 @@ async fn bad_requests_get_a_4xx_json_error_that_says_what_is_wrong() {
         let message = e["message"].as_str().unwrap_or_default();
         assert!(message.contains(says), "{method} {path}: {message:?} should say {says:?}");
     }
+    // A file inside the roots that is not an artifact.
+    let junk = api.root.join("builds/junk.bin");
+    std::fs::write(&junk, b"not an archive").expect("write");
+    let body = json!({ "version": "1.0", "artifact": junk }).to_string();
+    let (s, e) = api.call("POST", v, v, t, Some(&body)).await;
+    assert_eq!((s, e["error"].as_str()), (422, Some("bad_artifact")), "{e}");
+    assert!(e["message"].as_str().is_some_and(|m| m.contains("junk.bin")), "{e}");
     // An upload that is not an archive.
     let (s, e) = api.call("POST", "/api/v1/artifacts", "/api/v1/artifacts", t, Some("just text")).await;
     assert_eq!((s, e["error"].as_str()), (400, Some("not_an_archive")), "{e}");
