@@ -20,7 +20,8 @@ use crate::ui::{self, Format};
 /// `ferry` talks to the `ferry-agent` on each host over mutually authenticated TLS. Start with
 /// `ferry ca init` and `ferry cert issue` to give the fleet its certificates, describe the fleet
 /// in a fleet.toml, check it with `ferry status`, then `ferry deploy` releases to it and `ferry
-/// rollback` when needed.
+/// rollback` when needed. For pipelines, `ferry serve` runs the same engine behind an HTTPS API,
+/// and `--server URL` sends the verbs to it.
 ///
 /// Exit codes: 0 success; 1 the deployment failed (halted or rolled back); 2 usage or
 /// configuration error; 3 a host could not be reached or authenticated.

@@ -313,6 +313,16 @@ async fn follow(remote: &Remote, started: &Value, output: Format) -> anyhow::Res
     report_of(&end, output)
 }
 
+/// `--no-wait`: prints the started deployment's id (or the whole answer as JSON) and returns;
+/// otherwise follows it.
+async fn follow_unless(no_wait: bool, remote: &Remote, started: &Value, output: Format) -> anyhow::Result<u8> {
+    if !no_wait {
+        return follow(remote, started, output).await;
+    }
+    print(started, output, |v| v["deployment_id"].as_str().unwrap_or("").to_string());
+    Ok(exit::SUCCESS)
+}
+
 /// Prints a deployment's end state like `ferry deploy` does; its exit code.
 fn report_of(end: &Value, output: Format) -> anyhow::Result<u8> {
     match serde_json::from_value::<crate::commands::deploy::DeployReport>(end.clone()) {
@@ -349,11 +359,7 @@ async fn pipeline(remote: &Remote, p: PipelineCommand) -> anyhow::Result<u8> {
         PipelineCommand::Deploy { env, version, no_prestage, no_wait, output } => {
             let body = json!({ "environment": env, "version": version, "prestage": !no_prestage });
             let started = remote.call("POST", "/api/v1/deployments", Some(&body)).await?;
-            if no_wait {
-                print(&started, output, |v| v["deployment_id"].as_str().unwrap_or("").to_string());
-                return Ok(exit::SUCCESS);
-            }
-            follow(remote, &started, output).await
+            follow_unless(no_wait, remote, &started, output).await
         }
         PipelineCommand::Show { deployment, output } => {
             let v = remote.call("GET", &format!("/api/v1/deployments/{}", enc(&deployment)), None).await?;
@@ -436,11 +442,7 @@ async fn pipeline(remote: &Remote, p: PipelineCommand) -> anyhow::Result<u8> {
             let body = json!({ "environment": to });
             let started =
                 remote.call("POST", &format!("/api/v1/deployments/{}/promote", enc(&deployment)), Some(&body)).await?;
-            if no_wait {
-                print(&started, output, |v| v["deployment_id"].as_str().unwrap_or("").to_string());
-                return Ok(exit::SUCCESS);
-            }
-            follow(remote, &started, output).await
+            follow_unless(no_wait, remote, &started, output).await
         }
         PipelineCommand::Cancel { deployment, output } => {
             let v = remote.call("POST", &format!("/api/v1/deployments/{}/cancel", enc(&deployment)), None).await?;

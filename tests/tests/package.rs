@@ -125,16 +125,22 @@ fn served_version(fleet: &Fleet, h: &FleetHost) -> String {
     }
 }
 
-#[test]
-fn agent_package_installs_deploys_restarts_upgrades_mid_deployment_and_uninstalls() {
+/// One booted host of the cached Debian root, or `None` (skipped, loudly) where that cannot run.
+fn debian_host(what: &str) -> Option<Fleet> {
     if let Err(why) = fleet::check_supported()
         .and_then(|()| debroot::check_supported())
         .and_then(|()| tools(&["dpkg-deb", "dpkg-shlibdeps", "help2man"]))
     {
-        return skip(&why, "the package test on a Debian host");
+        skip(&why, what);
+        return None;
     }
     let root = debroot::cached_root().unwrap_or_else(|e| panic!("the Debian root for package tests: {e}"));
-    let fleet = Fleet::boot_own_root(&root, 1).unwrap_or_else(|e| panic!("booting a Debian host: {e}"));
+    Some(Fleet::boot_own_root(&root, 1).unwrap_or_else(|e| panic!("booting a Debian host: {e}")))
+}
+
+#[test]
+fn agent_package_installs_deploys_restarts_upgrades_mid_deployment_and_uninstalls() {
+    let Some(fleet) = debian_host("the package test on a Debian host") else { return };
     let h = &fleet.hosts[0];
 
     // Packages, certificates, config and the demo app's unit, handed over read-only.
@@ -279,14 +285,7 @@ fn agent_package_installs_deploys_restarts_upgrades_mid_deployment_and_uninstall
 
 #[test]
 fn coordinator_package_runs_ferry_serve_as_a_sandboxed_service() {
-    if let Err(why) = fleet::check_supported()
-        .and_then(|()| debroot::check_supported())
-        .and_then(|()| tools(&["dpkg-deb", "dpkg-shlibdeps", "help2man"]))
-    {
-        return skip(&why, "the coordinator package test on a Debian host");
-    }
-    let root = debroot::cached_root().unwrap_or_else(|e| panic!("the Debian root for package tests: {e}"));
-    let fleet = Fleet::boot_own_root(&root, 1).unwrap_or_else(|e| panic!("booting a Debian host: {e}"));
+    let Some(fleet) = debian_host("the coordinator package test on a Debian host") else { return };
     let h = &fleet.hosts[0];
     let drop = h.drop_dir();
     let (_, ferry) = build_debs(&drop, 1);

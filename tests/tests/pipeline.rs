@@ -93,6 +93,15 @@ fn api(fleet: &Fleet, token: &str, args: &[&str]) -> Output {
     fleet.ferry(&all)
 }
 
+/// `ferry --server URL ARGS` with `certs` as the client certificate.
+fn as_holder_of(fleet: &Fleet, certs: &ferry_tests::pki::CertFiles, args: &[&str]) -> Output {
+    let ca = fleet.coordinator.ca.to_string_lossy().into_owned();
+    let (cert, key) = (certs.cert.to_string_lossy().into_owned(), certs.key.to_string_lossy().into_owned());
+    let mut all = vec!["--server", URL, "--server-ca", &ca, "--client-cert", &cert, "--client-key", &key];
+    all.extend_from_slice(args);
+    fleet.ferry(&all)
+}
+
 fn release(fleet: &Fleet, version: &str, variant: Variant) -> String {
     let dir = fleet.dir.join(format!("demo-{version}"));
     demo_app::write_release(&dir, version, variant).expect("write release");
@@ -228,41 +237,13 @@ fn a_version_goes_through_staging_smoke_tests_and_approval_to_production() {
     let out = api(&fleet, "ferry_not_a_token", &["pipeline", "show", &prod_id]);
     assert_eq!(out.status.code(), Some(3), "{}", text(&out));
     assert!(text(&out).contains("not one of [server] tokens"), "{}", text(&out));
-    let agent = &fleet.hosts[0].certs;
-    let ca = fleet.coordinator.ca.to_string_lossy().into_owned();
-    let (cert, key) = (agent.cert.to_string_lossy().into_owned(), agent.key.to_string_lossy().into_owned());
-    let out = fleet.ferry(&[
-        "--server",
-        URL,
-        "--server-ca",
-        &ca,
-        "--client-cert",
-        &cert,
-        "--client-key",
-        &key,
-        "pipeline",
-        "show",
-        &prod_id,
-    ]);
     // (An agent certificate is not for clients: TLS itself refuses it.)
+    let out = as_holder_of(&fleet, &fleet.hosts[0].certs, &["pipeline", "show", &prod_id]);
     assert_eq!(out.status.code(), Some(3), "{}", text(&out));
     assert!(text(&out).contains("no answer"), "{}", text(&out));
     // An operator's certificate is let in, and audited under its name.
     let op = fleet.pki.issue("alice", Role::Operator, &[]);
-    let (cert, key) = (op.cert.to_string_lossy().into_owned(), op.key.to_string_lossy().into_owned());
-    let out = fleet.ferry(&[
-        "--server",
-        URL,
-        "--server-ca",
-        &ca,
-        "--client-cert",
-        &cert,
-        "--client-key",
-        &key,
-        "pipeline",
-        "show",
-        &prod_id,
-    ]);
+    let out = as_holder_of(&fleet, &op, &["pipeline", "show", &prod_id]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
 
     // Every call is in the audit log, with who made it.
