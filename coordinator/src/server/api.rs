@@ -531,7 +531,7 @@ async fn list_deployments(State(state): State<Shared>, ApiQuery(q): ApiQuery<Lis
 }
 
 /// A deployment as the API shows it: the CLI's JSON report, with each host's recorded state, the
-/// registry's status, who asked, its smoke runs and approvals.
+/// registry's status, who asked, its smoke runs, approvals and recorded events (every host step).
 pub fn view(state: &Shared, id: &str) -> Result<Value, ApiError> {
     let reg = state.registry.lock().map_err(|_| ApiError::internal("the registry is poisoned by a panic"))?;
     let Some(report) =
@@ -546,6 +546,7 @@ pub fn view(state: &Shared, id: &str) -> Result<Value, ApiError> {
     let (requested_by, promoted_from) = reg.requested_by(id)?;
     let smoke = reg.smoke_runs(id)?;
     let approvals = reg.approvals(id)?;
+    let events = reg.events_since(id, 0)?;
     drop(reg);
     let mut v = json!(report);
     if let Some(hosts) = v.get_mut("hosts").and_then(Value::as_array_mut) {
@@ -567,6 +568,7 @@ pub fn view(state: &Shared, id: &str) -> Result<Value, ApiError> {
         o.insert("next_environment".into(), json!(state.config.next_environment(&d.environment)));
         o.insert("smoke".into(), json!(smoke));
         o.insert("approvals".into(), json!(approvals));
+        o.insert("events".into(), json!(events));
         o.insert("running_here".into(), json!(running));
     }
     Ok(v)

@@ -205,7 +205,7 @@ fn schemas() -> Value {
         "DeploymentList": { "type": "object", "required": ["deployments"], "properties": { "deployments": { "type": "array", "items": { "$ref": "#/components/schemas/DeploymentSummary" } } } },
         "Deployment": {
             "type": "object",
-            "required": ["deployment_id", "kind", "environment", "version", "release_id", "status", "bytes_sent", "total_bytes", "hosts", "started_ms", "smoke", "approvals"],
+            "required": ["deployment_id", "kind", "environment", "version", "release_id", "status", "bytes_sent", "total_bytes", "hosts", "started_ms", "smoke", "approvals", "events"],
             "properties": {
                 "deployment_id": s(), "kind": { "enum": ["deploy", "rollback"] }, "environment": s(), "version": s(), "release_id": s(),
                 "status": { "enum": ["pending", "running", "paused", "succeeded", "failed", "rolled_back", "cancelled"] },
@@ -216,7 +216,8 @@ fn schemas() -> Value {
                     "properties": { "name": s(), "status": s(), "state": s(), "batch": int(), "bytes_sent": int(), "duration_ms": int(), "activate_ms": int(), "release": ns(), "previous_release": ns(), "error": ns() }
                 } },
                 "smoke": { "type": "array", "items": { "$ref": "#/components/schemas/SmokeRun" } },
-                "approvals": { "type": "array", "items": { "$ref": "#/components/schemas/Approval" } }
+                "approvals": { "type": "array", "items": { "$ref": "#/components/schemas/Approval" } },
+                "events": { "type": "array", "items": { "$ref": "#/components/schemas/Event" } }
             }
         },
         "SmokeCheck": {
@@ -233,6 +234,10 @@ fn schemas() -> Value {
                     "properties": { "name": s(), "host": ns(), "url": s(), "expect_status": int(), "status": nint(), "passed": { "type": "boolean" }, "error": ns(), "ms": int() }
                 } }
             }
+        },
+        "Event": {
+            "type": "object", "required": ["seq", "time_ms", "kind", "message"],
+            "properties": { "seq": int(), "time_ms": int(), "host": ns(), "kind": { "type": "string", "description": "created, a host state (staging, activating, healthy, …), pause, switching, smoke, approved, a deployment status" }, "message": s() }
         },
         "Approval": {
             "type": "object", "required": ["deployment_id", "environment", "approved_by"],
