@@ -1,5 +1,7 @@
 //! `ferry-bench rollout`: the rollout engine's figures on a real test fleet (5 systemd-nspawn
 //! hosts), printed side by side. Run by `benches/rollout.sh` (root; release binaries).
+//! `ferry-bench api`: the same deployments run by the CLI and through `ferry serve` (3 hosts),
+//! side by side. Run by `benches/api.sh`.
 //!
 //! 1. Coordinator overhead per host beyond the health wait: a rolling deployment (batch 1) of a
 //!    small change. The activation phase (first `activating` to last `healthy` in the registry)
@@ -34,19 +36,18 @@ fn main() -> ExitCode {
                 mbit = u32::try_from(v).unwrap_or(u32::MAX);
                 it.next();
             }
-            ("rollout", _) => cmd = Some(a),
+            ("rollout" | "api", _) => cmd = Some(a),
             _ => return usage(),
         }
     }
-    if cmd.is_none() {
-        return usage();
-    }
+    let Some(cmd) = cmd else { return usage() };
     if let Err(fleet::Unsupported(why)) = fleet::check_supported() {
         eprintln!("ferry-bench: {why}");
         return ExitCode::from(2);
     }
     fleet::teardown(RUN);
-    match bench(mb, mbit) {
+    let result = if cmd == "api" { bench_api(mb) } else { bench(mb, mbit) };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ferry-bench: {e}");
@@ -56,7 +57,7 @@ fn main() -> ExitCode {
 }
 
 fn usage() -> ExitCode {
-    eprintln!("usage: ferry-bench rollout [--mb 50] [--mbit 200]");
+    eprintln!("usage: ferry-bench rollout [--mb 50] [--mbit 200] | ferry-bench api [--mb 50]");
     ExitCode::from(2)
 }
 
@@ -162,4 +163,137 @@ fn bench(mb: u64, mbit: u32) -> Result<(), String> {
         println!("   {:<22} {:>12.2} s {:>12.2} s {:>9.2}x", link, walls[0], walls[1], walls[1] / walls[0]);
     }
     Ok(())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// The wall time of `ferry ARGS` (in the coordinator's namespace); fails unless it exits 0.
+fn timed(fleet: &Fleet, args: &[&str]) -> Result<(f64, std::process::Output), String> {
+    let t = Instant::now();
+    let out = fleet.ferry(args);
+    let wall = t.elapsed().as_secs_f64();
+    if !out.status.success() {
+        return Err(format!("ferry {args:?}: {}", fleet::text_of(&out)));
+    }
+    Ok((wall, out))
+}
+
+/// The same work through the CLI's own engine and through `ferry serve` (`--server`).
+fn bench_api(mb: u64) -> Result<(), String> {
+    const TOKEN: &str = "ferry_bench_token";
+    const URL: &str = "https://127.0.0.1:18443";
+    let hosts = 3;
+    println!("booting {hosts} hosts...");
+    let fleet = Fleet::boot_named(RUN, hosts)?;
+    let api = fleet.pki.issue("api", ferry_proto::identity::Role::Coordinator, &["127.0.0.1"]);
+    let config = fleet.fleet_toml_with(
+        "api.toml",
+        &format!(
+            "strategy = \"all-at-once\"\n\n[server]\nlisten = \"127.0.0.1:18443\"\ncert = \"{}\"\nkey = \"{}\"\n\n\
+             [[server.tokens]]\nname = \"bench\"\nsha256 = \"{}\"\n",
+            api.cert.display(),
+            api.key.display(),
+            ferry_coordinator::server::auth::sha256_hex(TOKEN)
+        ),
+    );
+    let text = std::fs::read_to_string(&config).map_err(|e| e.to_string())?;
+    std::fs::write(&config, text.replacen("[app]\n", "[app]\nkeep_releases = 2\n", 1)).map_err(|e| e.to_string())?;
+    let cfg = config.to_string_lossy().into_owned();
+    let log = fleet.dir.join("serve.log");
+    let mut server = fleet.spawn_ferry(&["serve", "--config", &cfg], &log);
+    let stop = |server: &mut std::process::Child| {
+        let pgid = nix::unistd::Pid::from_raw(-(server.id() as i32));
+        let _ = nix::sys::signal::kill(pgid, nix::sys::signal::Signal::SIGTERM);
+        let _ = server.wait();
+    };
+    let up = fleet::poll(std::time::Duration::from_secs(20), || {
+        std::fs::read_to_string(&log).ok().filter(|l| l.contains("listening on")).map(|_| ())
+    });
+    if up.is_none() {
+        stop(&mut server);
+        return Err(format!("ferry serve did not start: {}", std::fs::read_to_string(&log).unwrap_or_default()));
+    }
+    let ca = fleet.coordinator.ca.to_string_lossy().into_owned();
+    let remote = ["--server", URL, "--server-ca", ca.as_str(), "--token", TOKEN];
+    let run = || -> Result<(), String> {
+        deploy(&fleet, &config, &release(&fleet, "0", 0)?, "0", &[])?;
+        let (mut local, mut served, mut accept) = (Vec::new(), Vec::new(), Vec::new());
+        for round in 0..3 {
+            let v = format!("l{round}");
+            let dir = release(&fleet, &v, mb)?;
+            local.push(deploy(&fleet, &config, &dir, &v, &[])?.0);
+            let _ = std::fs::remove_dir_all(&dir);
+
+            let v = format!("s{round}");
+            let dir = release(&fleet, &v, mb)?;
+            let art = dir.to_string_lossy().into_owned();
+            let mut args = remote.to_vec();
+            args.extend([
+                "deploy",
+                "--config",
+                &cfg,
+                "--env",
+                "test",
+                "--artifact",
+                &art,
+                "--version",
+                &v,
+                "--output",
+                "json",
+            ]);
+            served.push(timed(&fleet, &args)?.0);
+
+            // A registered version: the time to the 202 (the deployment then runs on), then its end.
+            let v = format!("a{round}");
+            let dir = release(&fleet, &v, 0)?;
+            let art = dir.to_string_lossy().into_owned();
+            let mut args = remote.to_vec();
+            args.extend(["pipeline", "register", "--version", &v, "--artifact", &art]);
+            timed(&fleet, &args)?;
+            let mut args = remote.to_vec();
+            args.extend(["pipeline", "deploy", "--env", "test", "--version", &v, "--no-wait"]);
+            let (wall, out) = timed(&fleet, &args)?;
+            accept.push(wall);
+            let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            let mut args = remote.to_vec();
+            args.extend(["pipeline", "watch", &id, "--output", "json"]);
+            timed(&fleet, &args)?;
+        }
+        let (mut hist_local, mut hist_served) = (Vec::new(), Vec::new());
+        for _ in 0..20 {
+            hist_local.push(timed(&fleet, &["history", "--config", &cfg, "--output", "json"])?.0);
+            let mut args = remote.to_vec();
+            args.extend(["history", "--config", &cfg, "--output", "json"]);
+            hist_served.push(timed(&fleet, &args)?.0);
+        }
+        println!(
+            "\nthe same work, by the CLI's own engine and through `ferry serve` ({hosts} hosts, all-at-once; medians)"
+        );
+        println!("   {:<52} {:>10} {:>10}", "", "CLI", "--server");
+        println!(
+            "   {:<52} {:>8.3} s {:>8.3} s",
+            format!("deploy {mb} MiB of new content (3 runs)"),
+            median(local),
+            median(served)
+        );
+        println!(
+            "   {:<52} {:>10} {:>8.3} s",
+            "pipeline deploy --no-wait: until the 202 (3 runs)",
+            "-",
+            median(accept)
+        );
+        println!(
+            "   {:<52} {:>8.3} s {:>8.3} s",
+            "history (20 runs, process start included)",
+            median(hist_local),
+            median(hist_served)
+        );
+        Ok(())
+    };
+    let result = run();
+    stop(&mut server);
+    result
 }
