@@ -762,6 +762,15 @@ impl FleetConfig {
                 p.push(Problem::new("promotion", format!("names {env:?} twice")));
             }
         }
+        for (env, e) in &self.environments {
+            let after_another = self.promotion.iter().position(|p| p == env).is_some_and(|i| i > 0);
+            if e.require_approval && !after_another {
+                p.push(Problem::new(
+                    format!("environments.{env}.require_approval"),
+                    "applies to promotions: the environment must come after another in `promotion` (else a direct deployment would skip the approval)",
+                ));
+            }
+        }
         let s = &self.server;
         if s.listen.parse::<std::net::SocketAddr>().is_err() {
             p.push(Problem::new(
@@ -858,6 +867,54 @@ hosts = { web-1 = "10.0.0.11:7443", web-2 = "10.0.0.12", web-4 = "[fd00::4]:7443
         // In the order written, not sorted: the inventory's order is the rollout's.
         assert_eq!(hosts[2].endpoint(), "[fd00::4]:7443");
         assert_eq!(hosts[3].endpoint(), "web-3.example.com:9000");
+    }
+
+    #[test]
+    fn server_keys_are_checked_and_name_their_problems() {
+        let staging = "\n[environments.staging]\nhosts = { s-1 = \"10.0.1.1\" }\n";
+        let with = |top: &str, extra: &str| format!("{top}\n{}{extra}", GOOD.trim_end()) + staging;
+        let c = load(&with("promotion = [\"staging\", \"prod\"]", "\nrequire_approval = true")).expect("valid");
+        assert_eq!((c.next_environment("staging"), c.next_environment("prod")), (Some("prod"), None));
+        assert!(c.environments["prod"].require_approval);
+        let token = format!("\n[[server.tokens]]\nname = \"ci\"\nsha256 = \"{}\"\n", "a".repeat(64));
+        let c = load(&(with("", "") + "\n[server]\nlisten = \"0.0.0.0:8443\"" + &token)).expect("valid");
+        assert_eq!((c.server.listen.as_str(), c.server.tokens.len()), ("0.0.0.0:8443", 1));
+        for (text, key, says) in [
+            (with("promotion = [\"staging\", \"qa\"]", ""), "promotion", "\"qa\", which is not an environment"),
+            (with("promotion = [\"prod\", \"prod\"]", ""), "promotion", "twice"),
+            // The first environment (or one outside `promotion`) takes direct deployments: an
+            // approval there could be skipped.
+            (
+                with("promotion = [\"prod\", \"staging\"]", "\nrequire_approval = true"),
+                "environments.prod.require_approval",
+                "must come after another",
+            ),
+            (with("", "\nrequire_approval = true"), "environments.prod.require_approval", "must come after another"),
+            (with("", "") + "\n[server]\nlisten = \"8443\"", "server.listen", "not an address:port"),
+            (with("", "") + "\n[server]\ncert = \"api.pem\"", "server", "both cert and key"),
+            (
+                with("", "") + "\n[[server.tokens]]\nname = \"ci\"\nsha256 = \"abc\"",
+                "server.tokens[0].sha256",
+                "64 lowercase hex",
+            ),
+            (with("", "") + &token + &token, "server.tokens[1].name", "used twice"),
+            (
+                with("", "\n[[environments.prod.smoke]]\nname = \"home\"\nurl = \"https://x/\"\nexpect_status = 99"),
+                "environments.prod.smoke[0].url",
+                "http:// URL",
+            ),
+            (
+                with(
+                    "",
+                    "\n[[environments.prod.smoke]]\nname = \"home\"\nurl = \"http://{host}/\"\nexpect_status = 99",
+                ),
+                "environments.prod.smoke[0].expect_status",
+                "99 is not an HTTP status",
+            ),
+        ] {
+            let err = load(&text).expect_err(key);
+            assert!(err.contains(key) && err.contains(says), "{key}: {err}");
+        }
     }
 
     #[test]

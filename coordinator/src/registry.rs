@@ -119,7 +119,8 @@ fn migrations() -> Migrations<'static> {
             started_ms INTEGER NOT NULL,
             finished_ms INTEGER NOT NULL,
             passed INTEGER NOT NULL,
-            results TEXT NOT NULL
+            results TEXT NOT NULL,
+            env_checks INTEGER NOT NULL DEFAULT 1
         );
         CREATE INDEX smoke_by_deployment ON smoke_runs (deployment_id, id);
         CREATE TABLE approvals (
@@ -127,6 +128,7 @@ fn migrations() -> Migrations<'static> {
             environment TEXT NOT NULL,
             approved_by TEXT NOT NULL,
             time_ms INTEGER NOT NULL,
+            used_by TEXT,
             PRIMARY KEY (deployment_id, environment, approved_by)
         );
         ALTER TABLE deployments ADD COLUMN requested_by TEXT;
@@ -164,7 +166,13 @@ pub struct Lock {
 impl Lock {
     /// The holder ran on this machine and its process is gone.
     pub fn stale(&self) -> bool {
-        self.hostname == this_hostname() && !Path::new(&format!("/proc/{}", self.pid)).exists()
+        // kill(pid, 0), not /proc: a sandboxed service (ProtectProc=invisible) sees no other
+        // user's /proc entries, but the kernel still says whether the process exists (EPERM: it
+        // does, and belongs to someone else).
+        let gone = i32::try_from(self.pid).is_ok_and(|pid| {
+            matches!(nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None), Err(nix::errno::Errno::ESRCH))
+        });
+        self.hostname == this_hostname() && gone
     }
 
     /// The holder is this process.

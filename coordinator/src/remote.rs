@@ -125,7 +125,14 @@ impl Remote {
         let mut req = hyper::Request::builder()
             .method(method)
             .uri(path)
-            .header(hyper::header::HOST, format!("{}:{}", self.host, self.port))
+            .header(
+                hyper::header::HOST,
+                if self.host.contains(':') {
+                    format!("[{}]:{}", self.host, self.port)
+                } else {
+                    format!("{}:{}", self.host, self.port)
+                },
+            )
             .header(hyper::header::CONTENT_TYPE, content_type)
             .header(hyper::header::USER_AGENT, concat!("ferry/", env!("CARGO_PKG_VERSION")));
         if let Some(token) = &self.token {
@@ -227,13 +234,15 @@ impl Remote {
             return self.answer("GET", &path, resp).await;
         }
         let mut body = resp.into_body();
-        let mut buf = String::new();
+        // Bytes, not text: a character may be split between two frames.
+        let mut buf: Vec<u8> = Vec::new();
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| self.unreachable(format!("the event stream broke: {e}")))?;
             let Some(data) = frame.data_ref() else { continue };
-            buf.push_str(&String::from_utf8_lossy(data));
-            while let Some(end) = buf.find("\n\n") {
-                let block: String = buf.drain(..end + 2).collect();
+            buf.extend_from_slice(data);
+            while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
+                let block = String::from_utf8_lossy(&buf[..end + 2]).into_owned();
+                buf.drain(..end + 2);
                 let (mut kind, mut data) = ("message".to_string(), String::new());
                 for line in block.lines() {
                     if let Some(k) = line.strip_prefix("event:") {

@@ -228,6 +228,23 @@ pub async fn resume(ctx: &Ctx<'_>, cache: Option<&Cache>, paused_only: bool) -> 
     run(ctx, &d.id, Arc::new(artifact), cache).await
 }
 
+/// Records the environment's paused deployment `cancelled` without touching a host or needing its
+/// artifact: hosts it already activated keep the new release, the others are `skipped`.
+pub fn cancel_paused(ctx: &Ctx<'_>) -> anyhow::Result<DeployReport> {
+    let lock =
+        ctx.reg(|r| r.lock_of(ctx.env))?.with_context(|| format!("no deployment of {} is in progress", ctx.env))?;
+    let d = ctx.reg(|r| r.deployment(&lock.deployment_id))?.with_context(|| {
+        format!("the lock names deployment {}, which the registry does not know", lock.deployment_id)
+    })?;
+    if d.status != "paused" {
+        anyhow::bail!("deployment {} is {}, not paused at a canary step", d.id, d.status);
+    }
+    ctx.progress.started(&d.id);
+    ctx.progress
+        .line("ferry", &format!("cancelling deployment {} (paused); hosts not yet activated are skipped", d.id));
+    finish(ctx, &d.id, "cancelled", Some("cancelled while paused"), &HashMap::new())
+}
+
 fn stored(strategy: &str) -> anyhow::Result<Stored> {
     serde_json::from_str(strategy).context("the registry's record of the rollout plan is unreadable")
 }

@@ -30,6 +30,9 @@ pub struct SmokeRun {
     pub finished_ms: i64,
     pub passed: bool,
     pub results: serde_json::Value,
+    /// The environment's own `smoke` checks ran (not checks sent with the request): only such
+    /// runs count for promotion.
+    pub env_checks: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -39,6 +42,8 @@ pub struct Approval {
     pub environment: String,
     pub approved_by: String,
     pub time_ms: i64,
+    /// The promotion that used this approval (an approval is good for one promotion).
+    pub used_by: Option<String>,
 }
 
 /// A recorded event of a deployment (state changes, pauses, switches, …).
@@ -103,11 +108,12 @@ impl Registry {
         rows.collect::<Result<_, _>>().map_err(self.sql())
     }
 
-    /// Who asked for deployment `id` through the API, and the deployment it was promoted from.
+    /// Who asked for deployment `id` through the API (the first asker is kept; later ones, such as
+    /// who continued a paused canary, are events), and the deployment it was promoted from.
     pub fn set_requested_by(&self, id: &str, by: &str, promoted_from: Option<&str>) -> Result<(), RegistryError> {
         self.conn
             .execute(
-                "UPDATE deployments SET requested_by = ?2, promoted_from = COALESCE(?3, promoted_from) WHERE id = ?1",
+                "UPDATE deployments SET requested_by = COALESCE(requested_by, ?2), promoted_from = COALESCE(?3, promoted_from) WHERE id = ?1",
                 params![id, by, promoted_from],
             )
             .map_err(self.sql())?;
@@ -128,15 +134,16 @@ impl Registry {
     pub fn record_smoke(&self, run: &SmokeRun) -> Result<i64, RegistryError> {
         self.conn
             .execute(
-                "INSERT INTO smoke_runs (deployment_id, run_by, started_ms, finished_ms, passed, results)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT INTO smoke_runs (deployment_id, run_by, started_ms, finished_ms, passed, results, env_checks)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 params![
                     run.deployment_id,
                     run.run_by,
                     run.started_ms,
                     run.finished_ms,
                     run.passed,
-                    run.results.to_string()
+                    run.results.to_string(),
+                    run.env_checks
                 ],
             )
             .map_err(self.sql())?;
@@ -151,7 +158,7 @@ impl Registry {
         let mut st = self
             .conn
             .prepare(
-                "SELECT id, deployment_id, run_by, started_ms, finished_ms, passed, results FROM smoke_runs
+                "SELECT id, deployment_id, run_by, started_ms, finished_ms, passed, results, env_checks FROM smoke_runs
                  WHERE deployment_id = ?1 ORDER BY id",
             )
             .map_err(self.sql())?;
@@ -166,6 +173,7 @@ impl Registry {
                     finished_ms: r.get(4)?,
                     passed: r.get(5)?,
                     results: serde_json::from_str(&results).unwrap_or(serde_json::Value::Null),
+                    env_checks: r.get(7)?,
                 })
             })
             .map_err(self.sql())?;
@@ -182,11 +190,29 @@ impl Registry {
         self.event(deployment_id, None, "approved", &format!("promotion to {environment} approved by {by}"))
     }
 
+    /// Marks `by`'s approval of promoting `deployment_id` to `environment` used by `promotion`.
+    pub fn use_approval(
+        &self,
+        deployment_id: &str,
+        environment: &str,
+        by: &str,
+        promotion: &str,
+    ) -> Result<(), RegistryError> {
+        self.conn
+            .execute(
+                "UPDATE approvals SET used_by = ?4
+                 WHERE deployment_id = ?1 AND environment = ?2 AND approved_by = ?3 AND used_by IS NULL",
+                params![deployment_id, environment, by, promotion],
+            )
+            .map_err(self.sql())?;
+        self.event(deployment_id, None, "approval_used", &format!("{by}'s approval used by {promotion}"))
+    }
+
     pub fn approvals(&self, deployment_id: &str) -> Result<Vec<Approval>, RegistryError> {
         let mut st = self
             .conn
             .prepare(
-                "SELECT deployment_id, environment, approved_by, time_ms FROM approvals WHERE deployment_id = ?1 ORDER BY time_ms",
+                "SELECT deployment_id, environment, approved_by, time_ms, used_by FROM approvals WHERE deployment_id = ?1 ORDER BY time_ms",
             )
             .map_err(self.sql())?;
         let rows = st
@@ -196,6 +222,7 @@ impl Registry {
                     environment: r.get(1)?,
                     approved_by: r.get(2)?,
                     time_ms: r.get(3)?,
+                    used_by: r.get(4)?,
                 })
             })
             .map_err(self.sql())?;

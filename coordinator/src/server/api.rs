@@ -127,6 +127,19 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
     }
 }
 
+/// A path parameter; one that does not decode is a 400 in JSON.
+pub struct ApiPath<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Path(p)| ApiPath(p))
+            .map_err(|e| ApiError::bad_request("invalid_path", e.body_text()))
+    }
+}
+
 type ApiResult = Result<Response, ApiError>;
 
 /// A JSON answer that names `deployment` in the audit log.
@@ -173,7 +186,8 @@ pub fn router(state: Shared) -> Router {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this route does not take that method")
         })
         .layer(axum::middleware::from_fn_with_state(state.clone(), super::auth::authenticate))
-        .layer(axum::extract::DefaultBodyLimit::disable())
+        // JSON bodies are small; the upload streams its body and checks its own limit.
+        .layer(axum::extract::DefaultBodyLimit::max(1 << 20))
         .with_state(state)
 }
 
@@ -228,13 +242,17 @@ async fn upload_artifact(State(state): State<Shared>, body: Body) -> ApiResult {
         }
         if head.len() < 512 {
             head.extend_from_slice(&chunk[..chunk.len().min(512 - head.len())]);
+            if head.len() >= 262 && archive_kind(&head).is_none() {
+                return Err(not_an_archive());
+            }
         }
         hasher.update(&chunk);
         file.write_all(&chunk).await.map_err(|e| ApiError::internal(format!("storing the upload: {e}")))?;
     }
-    let ext = archive_kind(&head).ok_or_else(|| {
-        ApiError::bad_request("not_an_archive", "the upload is not a .tar, .tar.gz or .tar.zst archive")
-    })?;
+    let ext = archive_kind(&head).ok_or_else(not_an_archive)?;
+    // flush: tokio's File writes in the background, and only flush reports a failed write (a
+    // full disk) of the last chunk.
+    file.flush().await.map_err(|e| ApiError::internal(format!("storing the upload: {e}")))?;
     file.sync_all().await.map_err(|e| ApiError::internal(format!("storing the upload: {e}")))?;
     drop(file);
     let digest = hasher.finalize().to_hex().to_string();
@@ -245,6 +263,10 @@ async fn upload_artifact(State(state): State<Shared>, body: Body) -> ApiResult {
         .and_then(|d| d.sync_all())
         .map_err(|e| ApiError::internal(format!("fsync {}: {e}", dir.display())))?;
     Ok((StatusCode::CREATED, Json(json!({ "artifact": path, "bytes": size, "blake3": digest }))).into_response())
+}
+
+fn not_an_archive() -> ApiError {
+    ApiError::bad_request("not_an_archive", "the upload is not a .tar, .tar.gz or .tar.zst archive")
 }
 
 /// The archive format from its first bytes: gzip, zstd, or a tar header ("ustar" at 257).
@@ -294,10 +316,11 @@ async fn register_version(
             format!("artifact {:?} must be an absolute path on the coordinator", req.artifact),
         ));
     }
-    let inside = std::fs::canonicalize(&req.artifact)
-        .map(|real| state.artifact_roots.iter().any(|root| real.starts_with(root)))
-        .unwrap_or(false);
-    if !inside {
+    // The canonical path is checked, scanned and recorded: a symlink swapped afterwards does not
+    // lead the server elsewhere.
+    let real = std::fs::canonicalize(&req.artifact)
+        .map_err(|e| ApiError::unprocessable("bad_artifact", format!("artifact {}: {e}", req.artifact.display())))?;
+    if !state.artifact_roots.iter().any(|root| real.starts_with(root)) {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "artifact_outside_roots",
@@ -316,12 +339,12 @@ async fn register_version(
             "metadata must be an object of strings, numbers or booleans, at most 16 KiB",
         ));
     }
-    let artifact = scan(&state, req.artifact.clone())
+    let artifact = scan(&state, real.clone())
         .await
         .map_err(|e| ApiError::unprocessable("bad_artifact", format!("artifact {}: {e}", req.artifact.display())))?;
     let row = crate::registry::VersionRow {
         version: req.version.clone(),
-        artifact: req.artifact.to_string_lossy().into_owned(),
+        artifact: real.to_string_lossy().into_owned(),
         release_id: artifact.release_id(&req.version),
         manifest_hash: hex::encode(artifact.manifest_hash),
         total_bytes: i64::try_from(artifact.total_bytes).unwrap_or(i64::MAX),
@@ -352,12 +375,24 @@ struct ListQuery {
     limit: Option<usize>,
 }
 
-async fn list_versions(State(state): State<Shared>, ApiQuery(q): ApiQuery<ListQuery>) -> ApiResult {
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitQuery {
+    limit: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnvironmentQuery {
+    environment: Option<String>,
+}
+
+async fn list_versions(State(state): State<Shared>, ApiQuery(q): ApiQuery<LimitQuery>) -> ApiResult {
     let rows = state.reg(|r| r.versions(q.limit.unwrap_or(50).min(1000)))?;
     Ok(Json(json!({ "versions": rows })).into_response())
 }
 
-async fn get_version(State(state): State<Shared>, Path(version): Path<String>) -> ApiResult {
+async fn get_version(State(state): State<Shared>, ApiPath(version): ApiPath<String>) -> ApiResult {
     let row = state
         .reg(|r| r.version(&version))?
         .ok_or_else(|| ApiError::not_found("unknown_version", format!("version {version:?} is not registered")))?;
@@ -384,7 +419,7 @@ async fn list_environments(State(state): State<Shared>) -> ApiResult {
     Ok(Json(json!({ "environments": envs, "promotion": state.config.promotion })).into_response())
 }
 
-async fn environment_status(State(state): State<Shared>, Path(env): Path<String>) -> ApiResult {
+async fn environment_status(State(state): State<Shared>, ApiPath(env): ApiPath<String>) -> ApiResult {
     environment(&state, &env, StatusCode::NOT_FOUND)?;
     let report = crate::commands::status::run(&state.config, &env, &state.tls)
         .await
@@ -401,7 +436,7 @@ struct RollbackRequest {
 async fn rollback(
     State(state): State<Shared>,
     Extension(who): Extension<Identity>,
-    Path(env): Path<String>,
+    ApiPath(env): ApiPath<String>,
     OptionalJson(req): OptionalJson<RollbackRequest>,
 ) -> ApiResult {
     environment(&state, &env, StatusCode::NOT_FOUND)?;
@@ -574,24 +609,31 @@ pub fn view(state: &Shared, id: &str) -> Result<Value, ApiError> {
     Ok(v)
 }
 
-async fn get_deployment(State(state): State<Shared>, Path(id): Path<String>) -> ApiResult {
+async fn get_deployment(State(state): State<Shared>, ApiPath(id): ApiPath<String>) -> ApiResult {
     let v = view(&state, &id)?;
     Ok(noted(StatusCode::OK, &id, v))
 }
 
 /// Whether a deployment still moves: the registry says pending/running and, if this server runs
 /// it, its task has not ended.
-fn settled(state: &Shared, id: &str, status: &str) -> bool {
+fn settled(state: &Shared, id: &str, status: &str, env: &str) -> bool {
     match state.jobs.get(id) {
         Some(job) => job.done(),
-        None => !matches!(status, "pending" | "running"),
+        None if matches!(status, "pending" | "running") => !run_elsewhere(state, id, env),
+        None => true,
     }
+}
+
+/// A coordinator process other than this server still runs deployment `id` (it holds the lock,
+/// and its process exists).
+fn run_elsewhere(state: &Shared, id: &str, env: &str) -> bool {
+    matches!(state.reg(|r| r.lock_of(env)), Ok(Some(lock)) if lock.deployment_id == id && !lock.stale())
 }
 
 /// `GET /api/v1/deployments/{id}/events`: server-sent events. `line` (a progress line of a
 /// deployment this server runs), `event` (a recorded event: host states, pauses, switches), and
 /// last `end` with the deployment as `GET /api/v1/deployments/{id}` shows it.
-async fn deployment_events(State(state): State<Shared>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn deployment_events(State(state): State<Shared>, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {
     view(&state, &id)?;
     struct Follow {
         state: Shared,
@@ -612,8 +654,9 @@ async fn deployment_events(State(state): State<Shared>, Path(id): Path<String>) 
             }
             let job = f.state.jobs.get(&f.id);
             let changed = job.as_ref().map(|j| j.changed.notified());
-            let status = f.state.reg(|r| r.deployment(&f.id)).ok().flatten().map(|d| d.status).unwrap_or_default();
-            let done = settled(&f.state, &f.id, &status);
+            let row = f.state.reg(|r| r.deployment(&f.id)).ok().flatten();
+            let (status, env) = row.map(|d| (d.status, d.environment)).unwrap_or_default();
+            let done = settled(&f.state, &f.id, &status, &env);
             if let Some(job) = &job {
                 for line in job.lines_from(f.line) {
                     f.line += 1;
@@ -665,7 +708,7 @@ struct SmokeRequest {
 async fn run_smoke(
     State(state): State<Shared>,
     Extension(who): Extension<Identity>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     OptionalJson(req): OptionalJson<SmokeRequest>,
 ) -> ApiResult {
     let d = deployment_row(&state, &id)?;
@@ -676,6 +719,7 @@ async fn run_smoke(
         ));
     }
     let env = environment(&state, &d.environment, StatusCode::CONFLICT)?;
+    let env_checks = req.checks.is_none();
     let checks = req.checks.unwrap_or_else(|| env.smoke.clone());
     if checks.is_empty() {
         return Err(ApiError::unprocessable(
@@ -689,6 +733,18 @@ async fn run_smoke(
     let mut problems = Vec::new();
     for (i, c) in checks.iter().enumerate() {
         c.problems(&format!("checks[{i}]"), &mut problems);
+        // Checks from the request only reach the deployment's own hosts: the API is not a way
+        // to make the coordinator fetch any URL.
+        if !env_checks && !c.url.contains("{host}") {
+            problems.push(ferry_proto::config_file::Problem::new(
+                format!("checks[{i}].url"),
+                "a check sent with the request must target the deployment's hosts: use {host} in its URL",
+            ));
+        }
+        if c.timeout > Duration::from_secs(60) {
+            problems
+                .push(ferry_proto::config_file::Problem::new(format!("checks[{i}].timeout"), "must be at most 60s"));
+        }
     }
     if !problems.is_empty() {
         let text: Vec<String> = problems.iter().map(ToString::to_string).collect();
@@ -704,7 +760,8 @@ async fn run_smoke(
         .collect();
     let started_ms = crate::registry::now_ms();
     let results = smoke::run(&checks, &hosts).await;
-    let passed = results.iter().all(|r| r.passed);
+    // No result (a {host} check and no host) proves nothing: not a pass.
+    let passed = !results.is_empty() && results.iter().all(|r| r.passed);
     let mut run = crate::registry::SmokeRun {
         id: 0,
         deployment_id: id.clone(),
@@ -713,6 +770,7 @@ async fn run_smoke(
         finished_ms: crate::registry::now_ms(),
         passed,
         results: json!(results),
+        env_checks,
     };
     run.id = state.reg(|r| r.record_smoke(&run))?;
     Ok(noted(StatusCode::OK, &id, json!(run)))
@@ -749,7 +807,7 @@ fn promotion_target(state: &Shared, d: &crate::registry::DeploymentRow) -> Resul
 async fn approve(
     State(state): State<Shared>,
     Extension(who): Extension<Identity>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult {
     let d = deployment_row(&state, &id)?;
     let next = promotion_target(&state, &d)?;
@@ -774,7 +832,7 @@ struct PromoteRequest {
 async fn promote(
     State(state): State<Shared>,
     Extension(who): Extension<Identity>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     OptionalJson(req): OptionalJson<PromoteRequest>,
 ) -> ApiResult {
     let d = deployment_row(&state, &id)?;
@@ -803,51 +861,35 @@ async fn promote(
             ),
         ));
     }
-    let env = environment(&state, &d.environment, StatusCode::CONFLICT)?;
-    let runs = state.reg(|r| r.smoke_runs(&id))?;
-    match runs.last() {
-        Some(run) if !run.passed => {
-            let failed: Vec<String> = run
-                .results
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter(|r| r["passed"] == false)
-                        .map(|r| {
-                            let on = r["host"].as_str().map(|h| format!(" on {h}")).unwrap_or_default();
-                            format!(
-                                "{}{on}: {}",
-                                r["name"].as_str().unwrap_or("?"),
-                                r["error"].as_str().unwrap_or("failed")
-                            )
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            return Err(ApiError::conflict(
-                "smoke_failed",
-                format!(
-                    "smoke tests of deployment {id} failed (run {} by {}: {}); fix it and run them again",
-                    run.id,
-                    run.run_by,
-                    failed.join("; ")
-                ),
-            ));
-        }
-        None if !env.smoke.is_empty() => {
-            return Err(ApiError::conflict(
-                "smoke_not_run",
-                format!("smoke tests of deployment {id} have not run: POST /api/v1/deployments/{id}/smoke first"),
-            ));
-        }
-        _ => {}
+    let version = state.reg(|r| r.version(&d.version))?;
+    if version.as_ref().is_none_or(|v| v.manifest_hash != d.manifest_hash) {
+        return Err(ApiError::conflict(
+            "promotion_blocked",
+            format!(
+                "deployment {id} did not deploy the registered version {} (it was run outside the API, or the version was registered with other content): register it, deploy it to {} through the API, then promote that",
+                d.version, d.environment
+            ),
+        ));
     }
+    smoke_gate(&state, &d)?;
     let target_env = environment(&state, &next, StatusCode::CONFLICT)?;
+    let mut approver = None;
     if target_env.require_approval {
         let approvals = state.reg(|r| r.approvals(&id))?;
-        if !approvals.iter().any(|a| a.environment == next && a.approved_by != who.0) {
-            let own = approvals.iter().any(|a| a.environment == next && a.approved_by == who.0);
-            let why = if own { " (an approval by the promoter does not count)" } else { "" };
+        let usable: Vec<_> = approvals.iter().filter(|a| a.environment == next && a.used_by.is_none()).collect();
+        approver = usable.iter().find(|a| !same_person(&a.approved_by, &who.0)).map(|a| a.approved_by.clone());
+        if approver.is_none() {
+            let mut notes = Vec::new();
+            if usable.iter().any(|a| same_person(&a.approved_by, &who.0)) {
+                notes.push("an approval by the promoter does not count");
+            }
+            if approvals
+                .iter()
+                .any(|a| a.environment == next && a.used_by.is_some() && !same_person(&a.approved_by, &who.0))
+            {
+                notes.push("an approval is good for one promotion, and the earlier ones are used");
+            }
+            let why = if notes.is_empty() { String::new() } else { format!(" ({})", notes.join("; ")) };
             return Err(ApiError::new(
                 StatusCode::FORBIDDEN,
                 "approval_required",
@@ -858,8 +900,65 @@ async fn promote(
             ));
         }
     }
-    let new = start_deploy(&state, &next, &d.version, &d.artifact, &d.manifest_hash, &who, Some(id), true).await?;
+    let new =
+        start_deploy(&state, &next, &d.version, &d.artifact, &d.manifest_hash, &who, Some(id.clone()), true).await?;
+    if let Some(by) = approver {
+        state.reg(|r| r.use_approval(&id, &next, &by, &new))?;
+    }
     Ok(accepted(&new, &next))
+}
+
+/// The same person behind two identities: `cert:alice` and `token:alice` are one.
+fn same_person(a: &str, b: &str) -> bool {
+    let name = |s: &str| s.split_once(':').map_or(s, |(_, n)| n).to_string();
+    name(a) == name(b)
+}
+
+/// Whether `d`'s smoke tests let it go further: the newest run that counts (the environment's
+/// own checks, where it has some; run after the deployment finished; with at least one result)
+/// must have passed. Runs made while it was paused tested hosts that had not switched yet.
+fn smoke_gate(state: &Shared, d: &crate::registry::DeploymentRow) -> Result<(), ApiError> {
+    let env = environment(state, &d.environment, StatusCode::CONFLICT)?;
+    let runs = state.reg(|r| r.smoke_runs(&d.id))?;
+    let finished = d.finished_ms.unwrap_or(i64::MAX);
+    let counted = runs.iter().rev().find(|r| {
+        (r.env_checks || env.smoke.is_empty())
+            && r.started_ms >= finished
+            && r.results.as_array().is_some_and(|a| !a.is_empty())
+    });
+    match counted {
+        Some(run) if !run.passed => {
+            let failed: Vec<String> = run
+                .results
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|r| r["passed"] == false)
+                .map(|r| {
+                    let on = r["host"].as_str().map(|h| format!(" on {h}")).unwrap_or_default();
+                    format!("{}{on}: {}", r["name"].as_str().unwrap_or("?"), r["error"].as_str().unwrap_or("failed"))
+                })
+                .collect();
+            Err(ApiError::conflict(
+                "smoke_failed",
+                format!(
+                    "smoke tests of deployment {} failed (run {} by {}: {}); fix it and run them again",
+                    d.id,
+                    run.id,
+                    run.run_by,
+                    failed.join("; ")
+                ),
+            ))
+        }
+        None if !env.smoke.is_empty() => Err(ApiError::conflict(
+            "smoke_not_run",
+            format!(
+                "the smoke tests of {} have not run against deployment {} since it finished: POST /api/v1/deployments/{}/smoke first",
+                d.environment, d.id, d.id
+            ),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// The deployment holding its environment's lock, or why `id` is not it.
@@ -878,7 +977,7 @@ fn holder(state: &Shared, d: &crate::registry::DeploymentRow) -> Result<(), ApiE
 async fn continue_canary(
     State(state): State<Shared>,
     Extension(who): Extension<Identity>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult {
     let d = deployment_row(&state, &id)?;
     if d.status != "paused" {
@@ -893,7 +992,11 @@ async fn continue_canary(
 }
 
 /// `POST /api/v1/deployments/{id}/resume`: continues a deployment whose coordinator died.
-async fn resume(State(state): State<Shared>, Extension(who): Extension<Identity>, Path(id): Path<String>) -> ApiResult {
+async fn resume(
+    State(state): State<Shared>,
+    Extension(who): Extension<Identity>,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult {
     let d = deployment_row(&state, &id)?;
     if state.jobs.get(&id).is_some_and(|j| !j.done()) {
         return Err(ApiError::conflict("running", format!("deployment {id} is running in this server")));
@@ -905,7 +1008,11 @@ async fn resume(State(state): State<Shared>, Extension(who): Extension<Identity>
 
 /// `POST /api/v1/deployments/{id}/cancel`: a running deployment finishes the hosts in flight and
 /// stops; a paused one is recorded cancelled. Either way hosts not yet activated are untouched.
-async fn cancel(State(state): State<Shared>, Extension(who): Extension<Identity>, Path(id): Path<String>) -> ApiResult {
+async fn cancel(
+    State(state): State<Shared>,
+    Extension(who): Extension<Identity>,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult {
     let d = deployment_row(&state, &id)?;
     if let Some(job) = state.jobs.get(&id).filter(|j| !j.done()) {
         job.cancel.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -918,6 +1025,12 @@ async fn cancel(State(state): State<Shared>, Extension(who): Extension<Identity>
             jobs::start(&state, &d.environment, &who.0, None, Op::CancelPaused).await?;
             Ok(noted(StatusCode::ACCEPTED, &id, json!({ "deployment_id": id, "status": "cancelling" })))
         }
+        "pending" | "running" if !run_elsewhere(&state, &id, &d.environment) => Err(ApiError::conflict(
+            "coordinator_gone",
+            format!(
+                "deployment {id} was left by a coordinator that is gone: resume it (POST /api/v1/deployments/{id}/resume) or roll the environment back"
+            ),
+        )),
         "pending" | "running" => Err(ApiError::conflict(
             "not_here",
             format!(
@@ -928,7 +1041,7 @@ async fn cancel(State(state): State<Shared>, Extension(who): Extension<Identity>
     }
 }
 
-async fn report(State(state): State<Shared>, ApiQuery(q): ApiQuery<ListQuery>) -> ApiResult {
+async fn report(State(state): State<Shared>, ApiQuery(q): ApiQuery<EnvironmentQuery>) -> ApiResult {
     if let Some(env) = &q.environment {
         environment(&state, env, StatusCode::UNPROCESSABLE_ENTITY)?;
     }

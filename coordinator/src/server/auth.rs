@@ -60,7 +60,10 @@ fn public(path: &str) -> bool {
 fn identify(state: &Shared, req: &Request) -> Result<Option<Identity>, ApiError> {
     if let Some(value) = req.headers().get(AUTHORIZATION) {
         let text = value.to_str().unwrap_or("");
-        let Some(secret) = text.strip_prefix("Bearer ").map(str::trim) else {
+        // The scheme is case-insensitive (RFC 9110).
+        let secret =
+            text.split_once(' ').filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer")).map(|(_, t)| t.trim());
+        let Some(secret) = secret else {
             return Err(ApiError::unauthorized("the Authorization header must be `Bearer <token>`"));
         };
         let digest = sha256(secret);

@@ -50,6 +50,8 @@ pub struct Jobs {
     /// calls of this server never race for an environment).
     busy: Mutex<HashMap<String, Arc<Job>>>,
     idle: Notify,
+    /// Set on SIGTERM: no new job starts.
+    stopping: AtomicBool,
 }
 
 impl Jobs {
@@ -62,7 +64,9 @@ impl Jobs {
         self.busy.lock().ok()?.get(env).cloned()
     }
 
+    /// Refuses new jobs and asks the running ones to stop after their hosts in flight.
     pub fn cancel_all(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
         if let Ok(busy) = self.busy.lock() {
             for job in busy.values() {
                 job.cancel.store(true, Ordering::SeqCst);
@@ -127,7 +131,9 @@ impl Observer for JobObserver {
             by_id.insert(id.to_string(), self.job.clone());
         }
         if let Ok(reg) = self.state.registry.lock()
-            && let Err(e) = reg.set_requested_by(id, &self.who, self.promoted_from.as_deref())
+            && let Err(e) = reg
+                .set_requested_by(id, &self.who, self.promoted_from.as_deref())
+                .and_then(|()| reg.event(id, None, "requested", &format!("by {} through the API", self.who)))
         {
             tracing::error!("deployment {id}: cannot record who asked for it: {e}");
         }
@@ -136,6 +142,29 @@ impl Observer for JobObserver {
         }
     }
 }
+
+/// Ends a job however its task ends (a panic included): marks it done, frees its environment
+/// and wakes whoever follows it.
+struct Finished {
+    state: Shared,
+    job: Arc<Job>,
+}
+
+impl Drop for Finished {
+    fn drop(&mut self) {
+        self.job.done.store(true, Ordering::SeqCst);
+        if let Ok(mut busy) = self.state.jobs.busy.lock()
+            && busy.get(&self.job.environment).is_some_and(|j| Arc::ptr_eq(j, &self.job))
+        {
+            busy.remove(&self.job.environment);
+        }
+        self.job.changed.notify_waiters();
+        self.state.jobs.idle.notify_waiters();
+    }
+}
+
+/// Jobs kept (for their progress lines) after they end.
+const KEEP_ENDED: usize = 100;
 
 /// Starts `op` in `env` for `who` and returns the deployment id as soon as the registry holds
 /// it; an error before that (environment locked, nothing to continue, …) is the answer instead.
@@ -150,10 +179,22 @@ pub async fn start(
         environment: env.to_string(),
         id: OnceLock::new(),
         lines: Mutex::new(Vec::new()),
-        cancel: AtomicBool::new(matches!(op, Op::CancelPaused)),
+        cancel: AtomicBool::new(false),
         done: AtomicBool::new(false),
         changed: Notify::new(),
     });
+    if state.jobs.stopping.load(Ordering::SeqCst) {
+        return Err(ApiError::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "stopping",
+            "the server is stopping: it starts nothing new (retry when it is back)",
+        ));
+    }
+    if let Ok(mut by_id) = state.jobs.by_id.lock()
+        && by_id.len() > KEEP_ENDED
+    {
+        by_id.retain(|_, j| !j.done());
+    }
     {
         let mut busy = state.jobs.busy.lock().map_err(|_| ApiError::internal("job table poisoned"))?;
         if let Some(other) = busy.get(env) {
@@ -176,19 +217,16 @@ pub async fn start(
     };
     let (state2, env2) = (state.clone(), env.to_string());
     let mut handle = tokio::spawn(async move {
+        let _finished = Finished { state: state2.clone(), job: observer.job.clone() };
         let result = run(&state2, &env2, &observer, op).await;
         if let Err(e) = &result {
             observer.line("ferry", &format!("error: {e:#}"));
         }
-        observer.job.done.store(true, Ordering::SeqCst);
-        if let Ok(mut busy) = state2.jobs.busy.lock() {
-            busy.remove(&env2);
-        }
-        observer.job.changed.notify_waiters();
-        state2.jobs.idle.notify_waiters();
         result
     });
     tokio::select! {
+        // The id first: a run that recorded its deployment and then failed still answers with it.
+        biased;
         Ok(id) = rx => Ok(id),
         joined = &mut handle => match joined {
             Ok(Ok(report)) => Ok(report.deployment_id),
@@ -214,6 +252,6 @@ async fn run(state: &Shared, env: &str, observer: &JobObserver, op: Op) -> anyho
         }
         Op::Rollback { to } => rollout::rollback(&ctx, to.as_deref()).await,
         Op::Resume { paused_only } => rollout::resume(&ctx, state.cache.as_ref(), paused_only).await,
-        Op::CancelPaused => rollout::resume(&ctx, state.cache.as_ref(), true).await,
+        Op::CancelPaused => rollout::cancel_paused(&ctx),
     }
 }

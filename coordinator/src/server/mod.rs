@@ -60,6 +60,12 @@ impl AppState {
         // Registered versions name their upload by this path: make it absolute.
         let artifacts_dir = std::fs::canonicalize(&artifacts_dir)
             .with_context(|| format!("[server] artifacts_dir {}", artifacts_dir.display()))?;
+        // Uploads a crash interrupted (never renamed to their digest).
+        for entry in std::fs::read_dir(&artifacts_dir).into_iter().flatten().flatten() {
+            if entry.file_name().to_string_lossy().starts_with(".tmp") {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
         let mut artifact_roots = vec![artifacts_dir.clone()];
         for root in &config.server.artifact_roots {
             artifact_roots.push(
@@ -231,10 +237,23 @@ pub async fn serve(config: FleetConfig, tls: ClientTls, ready: impl FnOnce(Socke
             }
         });
     }
-    eprintln!("ferry serve: stopping; deployments in flight finish their current hosts, then stop");
+    drop(listener);
+    eprintln!(
+        "ferry serve: stopping; deployments in flight finish their current hosts, then stop (signal again to stop at once)"
+    );
     state.jobs.cancel_all();
-    state.jobs.wait_idle().await;
-    Ok(())
+    tokio::select! {
+        () = state.jobs.wait_idle() => Ok(()),
+        _ = tokio::signal::ctrl_c() => stop_now(),
+        _ = term.recv() => stop_now(),
+    }
+}
+
+/// A second signal: the hooks' process groups are killed and the server exits; the registry
+/// says where each deployment stood (`resume` or `rollback` picks up).
+fn stop_now() -> anyhow::Result<()> {
+    crate::commands::rollout::kill_hooks();
+    anyhow::bail!("stopped at once by a second signal; deployments in flight are left for `resume` or `rollback`")
 }
 
 /// The roles whose certificates may call the API.

@@ -40,11 +40,15 @@ fn path_param(name: &str, what: &str) -> Value {
     json!({ "name": name, "in": "path", "required": true, "description": what, "schema": { "type": "string" } })
 }
 
-fn query_params() -> Value {
-    json!([
+/// The query parameters `names` (environment, limit), as documented.
+fn query_params(names: &[&str]) -> Value {
+    let all = json!([
         { "name": "environment", "in": "query", "required": false, "description": "Only this environment", "schema": { "type": "string" } },
         { "name": "limit", "in": "query", "required": false, "description": "At most this many", "schema": { "type": "integer", "minimum": 0 } }
-    ])
+    ]);
+    Value::Array(
+        all.as_array().into_iter().flatten().filter(|p| names.iter().any(|n| p["name"] == *n)).cloned().collect(),
+    )
 }
 
 fn with_params(mut o: Value, params: Value) -> Value {
@@ -103,7 +107,7 @@ pub fn document() -> Value {
             "/api/v1/artifacts": { "post": upload },
             "/api/v1/versions": {
                 "post": register,
-                "get": with_params(op("listVersions", "Registered versions, newest first", (200, "VersionList"), None, &[400]), query_params())
+                "get": with_params(op("listVersions", "Registered versions, newest first", (200, "VersionList"), None, &[400]), query_params(&["limit"]))
             },
             "/api/v1/versions/{version}": {
                 "get": with_params(op("getVersion", "One registered version", (200, "Version"), None, &[404]), json!([path_param("version", "The version label")]))
@@ -119,7 +123,7 @@ pub fn document() -> Value {
             },
             "/api/v1/deployments": {
                 "post": op("createDeployment", "Deploy a registered version to an environment (environments after the first of `promotion` only through promote)", (202, "Accepted"), Some("DeploymentRequest"), &[400, 409, 422]),
-                "get": with_params(op("listDeployments", "Deployments and rollbacks, newest first", (200, "DeploymentList"), None, &[400, 422]), query_params())
+                "get": with_params(op("listDeployments", "Deployments and rollbacks, newest first", (200, "DeploymentList"), None, &[400, 422]), query_params(&["environment", "limit"]))
             },
             "/api/v1/deployments/{id}": {
                 "get": with_params(op("getDeployment", "A deployment: status, per-host state, bytes, timings, smoke runs, approvals", (200, "Deployment"), None, &[404]), id())
@@ -144,7 +148,7 @@ pub fn document() -> Value {
                 "post": with_params(op("cancel", "Cancel: hosts in flight finish, the rest are not touched", (202, "Cancelling"), None, &[404, 409]), id())
             },
             "/api/v1/report": {
-                "get": with_params(op("report", "Per environment: deployments per week, success and rollback rates, durations", (200, "Report"), None, &[400, 422]), query_params())
+                "get": with_params(op("report", "Per environment: deployments per week, success and rollback rates, durations", (200, "Report"), None, &[400, 422]), query_params(&["environment"]))
             }
         },
         "components": {

@@ -28,6 +28,11 @@ struct Api {
 }
 
 fn setup() -> Api {
+    setup_with_smoke_port(9)
+}
+
+/// The staging smoke check targets `port` on web-1 (127.0.0.1).
+fn setup_with_smoke_port(port: u16) -> Api {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path().to_path_buf();
     std::fs::create_dir_all(root.join("builds")).expect("mkdir");
@@ -58,14 +63,14 @@ sha256 = "{}"
 hosts = {{ web-1 = "127.0.0.1:9" }}
 [[environments.staging.smoke]]
 name = "home"
-url = "http://{{host}}:9/"
+url = "http://{{host}}:{port}/"
 timeout = "2s"
 [environments.production]
 hosts = {{ web-2 = "127.0.0.1:10" }}
 require_approval = true
 "#,
         auth::sha256_hex(CI),
-        auth::sha256_hex(RM)
+        auth::sha256_hex(RM),
     );
     let path = root.join("fleet.toml");
     std::fs::write(&path, toml).expect("write fleet.toml");
@@ -208,6 +213,21 @@ fn validate(doc: &Value, schema: &Value, v: &Value, at: &str) -> Result<(), Stri
     Ok(())
 }
 
+/// What the TLS layer hands over for an operator certificate named `name`.
+fn operator(name: &str) -> CertIdentity {
+    CertIdentity {
+        common_name: Some(name.into()),
+        dns_names: vec![],
+        ips: vec![],
+        role: Some(Role::Operator),
+        issuer: String::new(),
+        subject: String::new(),
+        not_before_unix: 0,
+        not_after_unix: i64::MAX,
+        is_ca: false,
+    }
+}
+
 #[test]
 fn the_document_lists_exactly_the_routes_the_router_serves_and_its_refs_resolve() {
     let doc = openapi::document();
@@ -270,17 +290,7 @@ async fn credentials_are_required_and_checked() {
     assert_eq!(s, 200);
 
     // A client certificate: coordinator and operator roles are let in, an agent's is not.
-    let cert = |role| CertIdentity {
-        common_name: Some("alice".into()),
-        dns_names: vec![],
-        ips: vec![],
-        role,
-        issuer: String::new(),
-        subject: String::new(),
-        not_before_unix: 0,
-        not_after_unix: i64::MAX,
-        is_ca: false,
-    };
+    let cert = |role| CertIdentity { role, ..operator("alice") };
     for (role, want) in
         [(Some(Role::Operator), 200), (Some(Role::Coordinator), 200), (Some(Role::Agent), 403), (None, 403)]
     {
@@ -335,6 +345,15 @@ async fn bad_requests_get_a_4xx_json_error_that_says_what_is_wrong() {
             400,
             "invalid_artifact",
             "absolute path",
+        ),
+        (
+            "POST",
+            v,
+            v,
+            Some(r#"{"version": "1.0", "artifact": "/nonexistent/build"}"#.into()),
+            422,
+            "bad_artifact",
+            "/nonexistent/build: No such file",
         ),
         (
             "POST",
@@ -442,52 +461,77 @@ async fn versions_register_once_and_environments_past_the_first_take_only_promot
     assert_eq!(s, 200);
 }
 
-/// A one-route HTTP server answering 200 "all good", for a passing smoke check.
-async fn ok_server() -> u16 {
+/// An HTTP server answering 200 "all good" while `healthy` is set, 500 otherwise.
+async fn app_server() -> (u16, Arc<std::sync::atomic::AtomicBool>) {
+    use std::sync::atomic::{AtomicBool, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let port = listener.local_addr().expect("addr").port();
+    let healthy = Arc::new(AtomicBool::new(false));
+    let flag = healthy.clone();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
             let mut buf = [0u8; 1024];
             let _ = s.read(&mut buf).await;
-            let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\nconnection: close\r\n\r\nall good").await;
+            let answer: &[u8] = if flag.load(Ordering::SeqCst) {
+                b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\nconnection: close\r\n\r\nall good"
+            } else {
+                b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 6\r\nconnection: close\r\n\r\nbroken"
+            };
+            let _ = s.write_all(answer).await;
         }
     });
-    port
+    (port, healthy)
 }
 
 #[tokio::test]
 async fn promotion_needs_passed_smoke_tests_the_next_environment_and_another_approver() {
-    let api = setup();
+    use std::sync::atomic::Ordering;
+    let (port, healthy) = app_server().await;
+    let api = setup_with_smoke_port(port);
     let dir = api.artifact("build-1");
+    let body = json!({ "version": "1.0", "artifact": dir }).to_string();
+    let (s, _) = api.call("POST", "/api/v1/versions", "/api/v1/versions", Some(CI), Some(&body)).await;
+    assert_eq!(s, 201);
     api.succeeded("d-staging-1", "staging", "1.0", &dir);
     let promote = "/api/v1/deployments/d-staging-1/promote";
     let route = "/api/v1/deployments/{id}/promote";
+    let smoke = "/api/v1/deployments/d-staging-1/smoke";
+    let smoke_route = "/api/v1/deployments/{id}/smoke";
 
     let (s, e) = api.call("POST", promote, route, Some(CI), None).await;
     assert_eq!((s, e["error"].as_str()), (409, Some("smoke_not_run")), "{e}");
 
-    // The environment's own check fails (nothing listens on web-1's port 9): recorded, and the
-    // promotion is refused with the check, the host and what went wrong.
-    let smoke = "/api/v1/deployments/d-staging-1/smoke";
-    let (s, run) = api.call("POST", smoke, "/api/v1/deployments/{id}/smoke", Some(CI), None).await;
+    // The environment's check fails (the app answers 500): recorded, and the promotion is
+    // refused with the check, the host and what it got.
+    let (s, run) = api.call("POST", smoke, smoke_route, Some(CI), None).await;
     assert_eq!((s, run["passed"].as_bool()), (200, Some(false)), "{run}");
-    assert_eq!(run["results"][0]["host"], "web-1");
+    assert_eq!((run["results"][0]["host"].as_str(), run["results"][0]["status"].as_u64()), (Some("web-1"), Some(500)));
     let (s, e) = api.call("POST", promote, route, Some(CI), None).await;
     assert_eq!((s, e["error"].as_str()), (409, Some("smoke_failed")), "{e}");
-    assert!(e["message"].as_str().is_some_and(|m| m.contains("home on web-1: cannot connect")), "{e}");
+    assert!(e["message"].as_str().is_some_and(|m| m.contains("home on web-1: expected status 200, got 500")), "{e}");
 
-    // Checks sent with the request replace the environment's; this one passes.
-    let port = ok_server().await;
-    let checks =
-        json!({ "checks": [{ "name": "page", "url": format!("http://127.0.0.1:{port}/"), "contains": "good" }] })
-            .to_string();
-    let (s, run) = api.call("POST", smoke, "/api/v1/deployments/{id}/smoke", Some(CI), Some(&checks)).await;
-    assert_eq!((s, run["passed"].as_bool()), (200, Some(true)), "{run}");
-    let bad = json!({ "checks": [{ "name": "x", "url": "ftp://h/" }] }).to_string();
-    let (s, e) = api.call("POST", smoke, "/api/v1/deployments/{id}/smoke", Some(CI), Some(&bad)).await;
+    // Checks sent with the request reach only the deployment's hosts, and do not count for
+    // promotion where the environment has its own: a lenient check cannot unlock it.
+    let anywhere = json!({ "checks": [{ "name": "x", "url": format!("http://127.0.0.1:{port}/") }] }).to_string();
+    let (s, e) = api.call("POST", smoke, smoke_route, Some(CI), Some(&anywhere)).await;
     assert_eq!((s, e["error"].as_str()), (400, Some("invalid_checks")), "{e}");
+    assert!(e["message"].as_str().is_some_and(|m| m.contains("{host}")), "{e}");
+    let lenient =
+        json!({ "checks": [{ "name": "any", "url": format!("http://{{host}}:{port}/"), "expect_status": 500 }] })
+            .to_string();
+    let (s, run) = api.call("POST", smoke, smoke_route, Some(CI), Some(&lenient)).await;
+    assert_eq!((s, run["passed"].as_bool(), run["env_checks"].as_bool()), (200, Some(true), Some(false)), "{run}");
+    let (s, e) = api.call("POST", promote, route, Some(CI), None).await;
+    assert_eq!((s, e["error"].as_str()), (409, Some("smoke_failed")), "{e}");
+    let bad = json!({ "checks": [{ "name": "x", "url": "ftp://{host}/" }] }).to_string();
+    let (s, e) = api.call("POST", smoke, smoke_route, Some(CI), Some(&bad)).await;
+    assert_eq!((s, e["error"].as_str()), (400, Some("invalid_checks")), "{e}");
+
+    // Fixed: the environment's checks pass.
+    healthy.store(true, Ordering::SeqCst);
+    let (s, run) = api.call("POST", smoke, smoke_route, Some(CI), None).await;
+    assert_eq!((s, run["passed"].as_bool()), (200, Some(true)), "{run}");
 
     // Skipping: the caller names an environment that is not next.
     let (s, e) = api.call("POST", promote, route, Some(CI), Some(r#"{"environment": "staging"}"#)).await;
@@ -495,12 +539,16 @@ async fn promotion_needs_passed_smoke_tests_the_next_environment_and_another_app
     let (s, e) = api.call("POST", promote, route, Some(CI), Some(r#"{"environment": "qa"}"#)).await;
     assert_eq!((s, e["error"].as_str()), (422, Some("unknown_environment")), "{e}");
 
-    // Production requires an approval, not the promoter's own.
+    // Production requires an approval, not the promoter's own, under any of their identities.
     let (s, e) = api.call("POST", promote, route, Some(CI), None).await;
     assert_eq!((s, e["error"].as_str()), (403, Some("approval_required")), "{e}");
     let approve = "/api/v1/deployments/d-staging-1/approve";
     let (s, a) = api.call("POST", approve, "/api/v1/deployments/{id}/approve", Some(CI), None).await;
     assert_eq!((s, a["environment"].as_str()), (201, Some("production")), "{a}");
+    let mut req = Request::post(approve).body(Body::empty()).expect("req");
+    req.extensions_mut().insert(Peer(Some(operator("ci"))));
+    let (s, a) = api.send(req, "/api/v1/deployments/{id}/approve").await;
+    assert_eq!((s, a["approved_by"].as_str()), (201, Some("cert:ci")), "{a}");
     let (s, e) = api.call("POST", promote, route, Some(CI), None).await;
     assert_eq!(s, 403, "{e}");
     assert!(e["message"].as_str().is_some_and(|m| m.contains("does not count")), "{e}");
@@ -529,14 +577,42 @@ async fn promotion_needs_passed_smoke_tests_the_next_environment_and_another_app
         (Some("token:ci"), Some("d-staging-1"))
     );
     assert_eq!(shown["hosts"][0]["state"], "unreachable", "{shown}");
+    assert!(shown["events"].as_array().is_some_and(|e| e.iter().any(|e| e["kind"] == "requested")), "{shown}");
+    // The approval was used up by that promotion.
+    let (s, e) = api.call("POST", promote, route, Some(CI), None).await;
+    assert_eq!((s, e["error"].as_str()), (403, Some("approval_required")), "{e}");
+    assert!(e["message"].as_str().is_some_and(|m| m.contains("good for one promotion")), "{e}");
     // A failed deployment is not promoted, smoke-tested or cancelled.
     let (s, e) = api.call("POST", &format!("{path}/promote"), route, Some(CI), None).await;
     assert_eq!((s, e["error"].as_str()), (409, Some("promotion_blocked")), "{e}");
-    let (s, e) = api.call("POST", &format!("{path}/smoke"), "/api/v1/deployments/{id}/smoke", Some(CI), None).await;
+    let (s, e) = api.call("POST", &format!("{path}/smoke"), smoke_route, Some(CI), None).await;
     assert_eq!((s, e["error"].as_str()), (409, Some("not_deployed")), "{e}");
     let (s, e) = api.call("POST", &format!("{path}/cancel"), "/api/v1/deployments/{id}/cancel", Some(CI), None).await;
     assert_eq!((s, e["error"].as_str()), (409, Some("finished")), "{e}");
     let (s, list) =
         api.call("GET", "/api/v1/deployments?environment=production", "/api/v1/deployments", Some(CI), None).await;
     assert_eq!((s, list["deployments"][0]["id"].as_str()), (200, Some(id.as_str())), "{list}");
+}
+
+#[tokio::test]
+async fn query_parameters_are_the_documented_ones() {
+    let api = setup();
+    for (path, ops) in api.doc["paths"].as_object().expect("paths") {
+        let Some(get) = ops.get("get") else { continue };
+        if path.contains('{') {
+            continue;
+        }
+        for p in get["parameters"].as_array().into_iter().flatten().filter(|p| p["in"] == "query") {
+            let value = if p["schema"]["type"] == "integer" { "5" } else { "staging" };
+            let (s, v) = api
+                .call("GET", &format!("{path}?{}={value}", p["name"].as_str().unwrap_or("")), path, Some(CI), None)
+                .await;
+            assert_eq!(s, 200, "GET {path} ?{}: {v}", p["name"]);
+        }
+        let (s, v) = api.call("GET", &format!("{path}?colour=blue"), "-", Some(CI), None).await;
+        let documented = get["parameters"].as_array().is_some_and(|a| a.iter().any(|p| p["in"] == "query"));
+        if documented {
+            assert_eq!((s, v["error"].as_str()), (400, Some("invalid_query")), "GET {path}?colour: {v}");
+        }
+    }
 }
