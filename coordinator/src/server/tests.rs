@@ -428,6 +428,11 @@ async fn bad_requests_get_a_4xx_json_error_that_says_what_is_wrong() {
     let (s, e) = api.call("POST", v, v, t, Some(&body)).await;
     assert_eq!((s, e["error"].as_str()), (422, Some("bad_artifact")), "{e}");
     assert!(e["message"].as_str().is_some_and(|m| m.contains("junk.bin")), "{e}");
+    // A stopping server starts nothing new, and says so.
+    api.state.jobs.cancel_all();
+    let route = "/api/v1/environments/{environment}/rollback";
+    let (s, e) = api.call("POST", "/api/v1/environments/staging/rollback", route, t, None).await;
+    assert_eq!((s, e["error"].as_str()), (503, Some("stopping")), "{e}");
     // An upload that is not an archive.
     let (s, e) = api.call("POST", "/api/v1/artifacts", "/api/v1/artifacts", t, Some("just text")).await;
     assert_eq!((s, e["error"].as_str()), (400, Some("not_an_archive")), "{e}");
