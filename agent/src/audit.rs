@@ -9,12 +9,13 @@
 //! A failed write is returned to the caller (the agent logs it loudly, counts it and reports it
 //! in `/health`) but never stops a command: an unwritable audit disk must not strand a rollout
 //! half-way.
-use std::fs::{File, OpenOptions};
-use std::io::{self, BufRead, Seek, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::fs::File;
+use std::io::{self, BufRead, Seek};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::SystemTime;
+
+use ferry_proto::audit_file::AuditFile;
 
 use serde::{Deserialize, Serialize};
 
@@ -84,103 +85,32 @@ fn or_dash(s: &str) -> &str {
     if s.is_empty() { "-" } else { s }
 }
 
-/// Why the audit log could not be written.
-#[derive(Debug, thiserror::Error)]
-#[error("audit log {path}: {action}: {source}")]
-pub struct AuditError {
-    pub path: PathBuf,
-    pub action: &'static str,
-    #[source]
-    pub source: io::Error,
-}
+pub use ferry_proto::audit_file::AuditError;
 
-/// The append-only, rotated audit log of this agent.
-///
-/// The file is opened for each line and closed again: the agent holds no descriptor to it
-/// between commands, so an idle agent never keeps the filesystem busy (a remount, an unmount),
-/// and a file moved away by an outside tool is simply created anew.
-pub struct AuditLog {
-    path: PathBuf,
-    max_bytes: u64,
-    keep: u32,
-    /// Serializes appends and rotations.
-    lock: Mutex<()>,
-}
+/// The agent's audit log: [`Entry`] records in an [`AuditFile`].
+pub struct AuditLog(AuditFile);
 
 impl AuditLog {
-    /// Opens (creating it and its directory if needed) the log at `path`: a start-up check that
-    /// the agent can write its audit log at all.
     pub fn open(path: &Path, max_bytes: u64, keep: u32) -> Result<AuditLog, AuditError> {
-        let log = AuditLog { path: path.to_path_buf(), max_bytes, keep: keep.max(1), lock: Mutex::new(()) };
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| log.err("create its directory", e))?;
-        }
-        log.open_file()?;
-        Ok(log)
+        AuditFile::open(path, max_bytes, keep).map(AuditLog)
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    fn err(&self, action: &'static str, source: io::Error) -> AuditError {
-        AuditError { path: self.path.clone(), action, source }
-    }
-
-    /// The file, opened for appending, and its size.
-    fn open_file(&self) -> Result<(File, u64), AuditError> {
-        let existed = self.path.exists();
-        let file = OpenOptions::new()
-            .append(true)
-            .create(true)
-            .mode(0o640)
-            .open(&self.path)
-            .map_err(|e| self.err("open", e))?;
-        let size = file.metadata().map_err(|e| self.err("stat", e))?.len();
-        if !existed {
-            self.sync_dir()?;
-        }
-        Ok((file, size))
-    }
-
-    fn sync_dir(&self) -> Result<(), AuditError> {
-        ferry_proto::durable::sync_dir(self.path.parent().unwrap_or(Path::new("/")))
-            .map_err(|e| self.err("fsync its directory", e))
+        self.0.path()
     }
 
     /// `path.N`.
     pub fn rotated(path: &Path, n: u32) -> PathBuf {
-        let mut name = path.as_os_str().to_owned();
-        name.push(format!(".{n}"));
-        PathBuf::from(name)
-    }
-
-    fn rotate(&self) -> Result<(), AuditError> {
-        let _ = std::fs::remove_file(Self::rotated(&self.path, self.keep));
-        for n in (1..self.keep).rev() {
-            let from = Self::rotated(&self.path, n);
-            if from.exists() {
-                std::fs::rename(&from, Self::rotated(&self.path, n + 1)).map_err(|e| self.err("rotate", e))?;
-            }
-        }
-        std::fs::rename(&self.path, Self::rotated(&self.path, 1)).map_err(|e| self.err("rotate", e))?;
-        self.sync_dir()
+        AuditFile::rotated(path, n)
     }
 
     /// Appends `entry` as one line and waits until it is on disk. Blocking: call from
     /// `spawn_blocking`.
     pub fn append(&self, entry: &Entry) -> Result<(), AuditError> {
         let mut line = serde_json::to_vec(entry)
-            .map_err(|e| self.err("encode a record", io::Error::new(io::ErrorKind::InvalidData, e)))?;
+            .map_err(|e| self.0.err("encode a record", io::Error::new(io::ErrorKind::InvalidData, e)))?;
         line.push(b'\n');
-        let _serial = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        let (mut file, size) = self.open_file()?;
-        if size > 0 && size + line.len() as u64 > self.max_bytes {
-            drop(file);
-            self.rotate()?;
-            file = self.open_file()?.0;
-        }
-        file.write_all(&line).and_then(|()| file.sync_data()).map_err(|e| self.err("append", e))
+        self.0.append(&line)
     }
 }
 

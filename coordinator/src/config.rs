@@ -69,7 +69,7 @@ pub struct ServerConfig {
     #[serde(default)]
     pub artifact_roots: Vec<PathBuf>,
     /// Every API call, one JSON line each (who, what, result); default `api-audit.log` beside the
-    /// registry.
+    /// registry. Rotated at 64 MiB, 10 files kept.
     #[serde(default)]
     pub audit_log: Option<PathBuf>,
     /// Bearer tokens for pipelines, stored as SHA-256 hex digests (`ferry token new` makes one).
@@ -589,13 +589,19 @@ impl Host {
     }
 }
 
-/// Splits `"addr:port"`, `"addr"`, `"[v6]:port"` or a bare IPv6 literal.
+/// Splits an inventory address: `"addr:port"`, `"addr"` (the agent port), `"[v6]:port"` or a
+/// bare IPv6 literal.
 pub fn parse_host_address(s: &str) -> Result<(String, u16), String> {
+    parse_host_port(s, ferry_proto::DEFAULT_AGENT_PORT)
+}
+
+/// Splits `"addr:port"`, `"addr"` (port `default`), `"[v6]:port"` or a bare IPv6 literal; the
+/// address must be an IP or a host name.
+pub fn parse_host_port(s: &str, default: u16) -> Result<(String, u16), String> {
     let s = s.trim();
     if s.is_empty() {
         return Err("is empty".into());
     }
-    let default = ferry_proto::DEFAULT_AGENT_PORT;
     if let Some(rest) = s.strip_prefix('[') {
         let (ip, after) = rest.split_once(']').ok_or_else(|| format!("{s:?}: missing ']'"))?;
         ip.parse::<std::net::Ipv6Addr>().map_err(|_| format!("{s:?}: {ip:?} is not an IPv6 address"))?;

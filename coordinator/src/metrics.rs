@@ -216,6 +216,8 @@ mod tests {
             error: None,
             bytes_sent: 1000,
             hosts_failed: if status == "succeeded" { 0 } else { 2 },
+            requested_by: None,
+            promoted_from: None,
         }
     }
 

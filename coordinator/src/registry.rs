@@ -201,6 +201,12 @@ pub struct DeploymentRow {
     pub error: Option<String>,
     pub bytes_sent: i64,
     pub hosts_failed: i64,
+    /// `ferry serve`: who asked for it (`cert:NAME` or `token:NAME`); none when the CLI ran it.
+    #[serde(default)]
+    pub requested_by: Option<String>,
+    /// `ferry serve`: the deployment it was promoted from.
+    #[serde(default)]
+    pub promoted_from: Option<String>,
 }
 
 /// A host of a deployment as recorded.
@@ -428,7 +434,8 @@ impl Registry {
     const DEPLOYMENT_COLUMNS: &'static str = "d.id, d.kind, d.environment, d.version, d.release_id, d.artifact,
         d.manifest_hash, d.strategy, d.status, d.started_ms, d.finished_ms, d.error,
         (SELECT COALESCE(SUM(bytes_sent), 0) FROM hosts h WHERE h.deployment_id = d.id),
-        (SELECT COUNT(*) FROM hosts h WHERE h.deployment_id = d.id AND h.state IN ('failed', 'rolled_back', 'unreachable'))";
+        (SELECT COUNT(*) FROM hosts h WHERE h.deployment_id = d.id AND h.state IN ('failed', 'rolled_back', 'unreachable')),
+        d.requested_by, d.promoted_from";
 
     fn deployment_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeploymentRow> {
         Ok(DeploymentRow {
@@ -446,6 +453,8 @@ impl Registry {
             error: r.get(11)?,
             bytes_sent: r.get(12)?,
             hosts_failed: r.get(13)?,
+            requested_by: r.get(14)?,
+            promoted_from: r.get(15)?,
         })
     }
 

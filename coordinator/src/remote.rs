@@ -65,9 +65,8 @@ impl Remote {
         if authority.contains('/') {
             anyhow::bail!("--server {}: give the server's address only, e.g. https://ferry.example:8443", args.url);
         }
-        let (host, port) = crate::server::smoke::split_url(&format!("http://{authority}"))
-            .map(|(h, p, _)| (h, if authority.ends_with(&format!(":{p}")) { p } else { 443 }))
-            .map_err(|e| anyhow::anyhow!("--server {}: {e}", args.url))?;
+        let (host, port) = crate::config::parse_host_port(authority, 443)
+            .map_err(|e| anyhow::anyhow!("--server {}: the address {e}", args.url))?;
         let ca = args.ca.as_ref().ok_or_else(|| {
             anyhow::anyhow!(
                 "--server needs the CA of the server's certificate: --server-ca (or a fleet.toml with [tls] ca)"

@@ -18,6 +18,7 @@
 //! conversions both sides must agree on.
 #![forbid(unsafe_code)]
 
+pub mod audit_file;
 pub mod config_file;
 pub mod delta;
 pub mod durable;

@@ -27,7 +27,7 @@ use crate::cache::Cache;
 use crate::client::{ErrorKind, HostError};
 use crate::config::{FleetConfig, Host};
 use crate::plan::{self, Batch, Pause, Strategy};
-use crate::registry::{HostRow, HostUpdate, NewDeployment, Registry};
+use crate::registry::{DeploymentRow, HostRow, HostUpdate, NewDeployment, Registry};
 use crate::state::{self, HostState, Next, Outcome};
 use crate::tls::ClientTls;
 
@@ -661,13 +661,18 @@ fn report(ctx: &Ctx<'_>, id: &str, transfers: &HashMap<String, Arc<Transfer>>) -
 
 /// Deployment `id` as the registry records it (`transfers`: the live counters of a run in this
 /// process, for the delta figures the registry does not keep); `None` if there is no such one.
-pub fn report_of(
+fn report_of(
     reg: &Registry,
     id: &str,
     transfers: &HashMap<String, Arc<Transfer>>,
 ) -> anyhow::Result<Option<DeployReport>> {
     let Some(d) = reg.deployment(id)? else { return Ok(None) };
     let rows = reg.hosts(id)?;
+    Ok(Some(report_from(d, rows, transfers)))
+}
+
+/// The report of a deployment from its registry rows.
+pub fn report_from(d: DeploymentRow, rows: Vec<HostRow>, transfers: &HashMap<String, Arc<Transfer>>) -> DeployReport {
     let total_bytes = stored(&d.strategy).map(|s| s.total_bytes).unwrap_or(0);
     let hosts = rows
         .into_iter()
@@ -714,7 +719,7 @@ pub fn report_of(
         "paused" => DeploymentStatus::Paused,
         _ => DeploymentStatus::Failed,
     };
-    Ok(Some(DeployReport {
+    DeployReport {
         deployment_id: d.id,
         kind: d.kind,
         environment: d.environment,
@@ -724,7 +729,7 @@ pub fn report_of(
         bytes_sent: u64::try_from(d.bytes_sent).unwrap_or(0),
         total_bytes,
         hosts,
-    }))
+    }
 }
 
 /// `ferry rollback`: immediate, no transfer. If a deployment of the environment is unfinished

@@ -120,17 +120,6 @@ impl Registry {
         Ok(())
     }
 
-    /// `(requested_by, promoted_from)` of deployment `id`.
-    pub fn requested_by(&self, id: &str) -> Result<(Option<String>, Option<String>), RegistryError> {
-        self.conn
-            .query_row("SELECT requested_by, promoted_from FROM deployments WHERE id = ?1", [id], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
-            .optional()
-            .map(Option::unwrap_or_default)
-            .map_err(self.sql())
-    }
-
     pub fn record_smoke(&self, run: &SmokeRun) -> Result<i64, RegistryError> {
         self.conn
             .execute(

@@ -551,16 +551,11 @@ async fn list_deployments(State(state): State<Shared>, ApiQuery(q): ApiQuery<Lis
         environment(&state, env, StatusCode::UNPROCESSABLE_ENTITY)?;
     }
     let rows = state.reg(|r| r.history(q.environment.as_deref(), q.limit.unwrap_or(20).min(1000)))?;
-    let mut list = Vec::new();
-    for d in rows {
-        let (requested_by, promoted_from) = state.reg(|r| r.requested_by(&d.id))?;
-        let mut v = json!(d);
+    let mut list: Vec<Value> = rows.into_iter().map(|d| json!(d)).collect();
+    for v in &mut list {
         if let Some(o) = v.as_object_mut() {
             o.remove("strategy");
-            o.insert("requested_by".into(), json!(requested_by));
-            o.insert("promoted_from".into(), json!(promoted_from));
         }
-        list.push(v);
     }
     Ok(Json(json!({ "deployments": list })).into_response())
 }
@@ -569,21 +564,15 @@ async fn list_deployments(State(state): State<Shared>, ApiQuery(q): ApiQuery<Lis
 /// registry's status, who asked, its smoke runs, approvals and recorded events (every host step).
 pub fn view(state: &Shared, id: &str) -> Result<Value, ApiError> {
     let reg = state.registry.lock().map_err(|_| ApiError::internal("the registry is poisoned by a panic"))?;
-    let Some(report) =
-        rollout::report_of(&reg, id, &HashMap::new()).map_err(|e| ApiError::internal(format!("{e:#}")))?
-    else {
-        return Err(ApiError::not_found("unknown_deployment", format!("no deployment {id:?}")));
-    };
     let d = reg
         .deployment(id)?
         .ok_or_else(|| ApiError::not_found("unknown_deployment", format!("no deployment {id:?}")))?;
     let rows = reg.hosts(id)?;
-    let (requested_by, promoted_from) = reg.requested_by(id)?;
     let smoke = reg.smoke_runs(id)?;
     let approvals = reg.approvals(id)?;
     let events = reg.events_since(id, 0)?;
     drop(reg);
-    let mut v = json!(report);
+    let mut v = json!(rollout::report_from(d.clone(), rows.clone(), &HashMap::new()));
     if let Some(hosts) = v.get_mut("hosts").and_then(Value::as_array_mut) {
         for (h, row) in hosts.iter_mut().zip(&rows) {
             if let Some(o) = h.as_object_mut() {
@@ -598,8 +587,8 @@ pub fn view(state: &Shared, id: &str) -> Result<Value, ApiError> {
         o.insert("error".into(), json!(d.error));
         o.insert("started_ms".into(), json!(d.started_ms));
         o.insert("finished_ms".into(), json!(d.finished_ms));
-        o.insert("requested_by".into(), json!(requested_by));
-        o.insert("promoted_from".into(), json!(promoted_from));
+        o.insert("requested_by".into(), json!(d.requested_by));
+        o.insert("promoted_from".into(), json!(d.promoted_from));
         o.insert("next_environment".into(), json!(state.config.next_environment(&d.environment)));
         o.insert("smoke".into(), json!(smoke));
         o.insert("approvals".into(), json!(approvals));

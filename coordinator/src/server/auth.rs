@@ -108,16 +108,19 @@ pub async fn authenticate(State(state): State<Shared>, mut req: Request, next: N
     };
     let note = response.extensions().get::<AuditNote>().map(|n| n.0.clone());
     let error = response.extensions().get::<ApiError>().map(|e| e.message.clone());
-    state.audit.write(&AuditLine {
-        time: crate::registry::when(crate::registry::now_ms()),
-        who: &who,
-        method: &method,
-        path: &path,
-        status: response.status().as_u16(),
-        deployment_id: note.as_deref(),
-        error: error.as_deref(),
-        ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-    });
+    state
+        .audit
+        .write(&AuditLine {
+            time: crate::registry::when(crate::registry::now_ms()),
+            who: &who,
+            method: &method,
+            path: &path,
+            status: response.status().as_u16(),
+            deployment_id: note.as_deref(),
+            error: error.as_deref(),
+            ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        })
+        .await;
     tracing::info!(who, method, path, status = response.status().as_u16(), "api call");
     response
 }

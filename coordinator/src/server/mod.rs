@@ -7,12 +7,12 @@
 //! call is appended to the API audit log (who, what, status, deployment) before its response
 //! leaves. Long operations (deployments, rollbacks) answer at once with the deployment id; their
 //! progress streams as server-sent events from `/api/v1/deployments/{id}/events`.
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
+use ferry_proto::audit_file::AuditFile;
 use ferry_proto::identity::{self, CertIdentity, Role};
 use rustls::RootCertStore;
 use rustls::server::WebPkiClientVerifier;
@@ -100,11 +100,12 @@ impl AppState {
     }
 }
 
-/// The API audit log: one JSON line per call, appended and flushed to disk before the response.
-pub struct Audit {
-    path: PathBuf,
-    file: Mutex<std::fs::File>,
-}
+/// The API audit log: one JSON line per call, on disk before the response leaves; rotated at
+/// 64 MiB, 10 files kept (the agent's audit file, `ferry_proto::audit_file`).
+pub struct Audit(Arc<AuditFile>);
+
+const AUDIT_MAX_BYTES: u64 = 64 << 20;
+const AUDIT_KEEP: u32 = 10;
 
 #[derive(Debug, Serialize)]
 pub struct AuditLine<'a> {
@@ -122,28 +123,20 @@ pub struct AuditLine<'a> {
 
 impl Audit {
     pub fn open(path: &Path) -> anyhow::Result<Audit> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("audit log {}: cannot create its directory", path.display()))?;
-        }
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .with_context(|| format!("audit log {}: cannot open it for appending", path.display()))?;
-        Ok(Audit { path: path.to_owned(), file: Mutex::new(file) })
+        Ok(Audit(Arc::new(AuditFile::open(path, AUDIT_MAX_BYTES, AUDIT_KEEP)?)))
     }
 
-    /// Appends one line and fdatasyncs it. A failure is logged; it never fails the call.
-    pub fn write(&self, line: &AuditLine<'_>) {
-        let mut text = serde_json::to_string(line).unwrap_or_default();
-        text.push('\n');
-        let written = match self.file.lock() {
-            Ok(mut f) => f.write_all(text.as_bytes()).and_then(|()| f.sync_data()),
-            Err(_) => Err(std::io::Error::other("audit lock poisoned")),
-        };
-        if let Err(e) = written {
-            tracing::error!(path = %self.path.display(), "cannot write the API audit log: {e}");
+    /// Appends one line and fdatasyncs it, off the async threads. A failure is logged; it never
+    /// fails the call.
+    pub async fn write(&self, line: &AuditLine<'_>) {
+        let mut bytes = serde_json::to_vec(line).unwrap_or_default();
+        bytes.push(b'\n');
+        let file = self.0.clone();
+        let written = tokio::task::spawn_blocking(move || file.append(&bytes)).await;
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!("cannot write the API audit log: {e}"),
+            Err(e) => tracing::error!(path = %self.0.path().display(), "cannot write the API audit log: {e}"),
         }
     }
 }

@@ -76,22 +76,7 @@ pub fn split_url(url: &str) -> Result<(String, u16, String), String> {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
     };
-    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-        let (h, after) = v6.split_once(']').ok_or_else(|| format!("{url}: unclosed [ in the host"))?;
-        (h.to_string(), after.strip_prefix(':'))
-    } else {
-        match authority.rsplit_once(':') {
-            Some((h, p)) => (h.to_string(), Some(p)),
-            None => (authority.to_string(), None),
-        }
-    };
-    let port = match port {
-        None => 80,
-        Some(p) => p.parse::<u16>().map_err(|_| format!("{url}: {p:?} is not a port"))?,
-    };
-    if host.is_empty() {
-        return Err(format!("{url}: no host"));
-    }
+    let (host, port) = crate::config::parse_host_port(authority, 80).map_err(|e| format!("{url}: the host {e}"))?;
     Ok((host, port, path.to_string()))
 }
 
