@@ -38,6 +38,36 @@ pub enum ArtifactError {
     },
     #[error("artifact {0} is empty: nothing to deploy")]
     Empty(PathBuf),
+    /// Scanned again for a recorded release, it no longer hashes to it.
+    #[error(
+        "artifact {artifact} changed since it was recorded as release {release} (its manifest no longer hashes to it); deploy the new build as a new version"
+    )]
+    Changed { artifact: PathBuf, release: String },
+    #[error("artifact {artifact}: the scan stopped: {reason}")]
+    Aborted { artifact: PathBuf, reason: String },
+}
+
+/// Scans `path` off the async threads (hashing is CPU and disk work).
+pub async fn scan(path: &Path, cache: Option<&Cache>) -> Result<Artifact, ArtifactError> {
+    let (owned, cache) = (path.to_owned(), cache.cloned());
+    tokio::task::spawn_blocking(move || Artifact::scan(&owned, cache.as_ref()))
+        .await
+        .map_err(|e| ArtifactError::Aborted { artifact: path.to_owned(), reason: e.to_string() })?
+}
+
+/// Scans again an artifact recorded as `release` with manifest hash `manifest_hash` (hex): it
+/// must still be exactly that content.
+pub async fn rescan(
+    path: &Path,
+    cache: Option<&Cache>,
+    release: &str,
+    manifest_hash: &str,
+) -> Result<Artifact, ArtifactError> {
+    let artifact = scan(path, cache).await?;
+    if hex::encode(artifact.manifest_hash) != manifest_hash {
+        return Err(ArtifactError::Changed { artifact: path.to_owned(), release: release.to_string() });
+    }
+    Ok(artifact)
 }
 
 /// Where a chunk's bytes are: a file of the artifact tree, an offset and a length.

@@ -375,9 +375,12 @@ pub struct Environment {
     /// `name = "address:port"`; the port defaults to 7443. The agent's certificate must name the
     /// host (its inventory name, or the address). Hosts roll out in the order written.
     pub hosts: indexmap::IndexMap<String, String>,
-    /// "rolling" (default), "canary", "all-at-once" or "blue-green".
-    #[serde(default = "default_strategy")]
-    pub strategy: String,
+    /// "rolling" (default), "canary", "all-at-once" or "blue-green", as written.
+    #[serde(default = "default_strategy", rename = "strategy")]
+    pub strategy_name: String,
+    /// The strategy the keys describe, parsed once at load (see [`Environment::parse_strategy`]).
+    #[serde(skip)]
+    pub strategy: Strategy,
     /// rolling: hosts per batch: a count, "25%", or a list such as [1, 5, "20%"] (the last repeats).
     #[serde(default)]
     pub batch: Option<Sizes>,
@@ -393,6 +396,11 @@ pub struct Environment {
     /// On halt, roll every host this rollout updated back to its previous release.
     #[serde(default)]
     pub auto_rollback: bool,
+    /// The longest a host may stay staging, activating or rolling back before it is failed (and
+    /// `max_failures` / `auto_rollback` decide what follows); so, outside its pauses, the longest
+    /// a deployment goes without progress. Default 10m.
+    #[serde(default = "default_progress_deadline", with = "config_file::duration")]
+    pub progress_deadline: Duration,
     /// Commands run where `ferry` runs, before and after each host's activation (e.g. drain it at
     /// a load balancer), with FERRY_HOST, FERRY_ADDR, FERRY_VERSION, FERRY_ENV set. A failing
     /// `before_host` fails that host before it is touched.
@@ -477,17 +485,21 @@ fn default_strategy() -> String {
     "rolling".into()
 }
 
+fn default_progress_deadline() -> Duration {
+    Duration::from_secs(600)
+}
+
 impl Environment {
     /// The strategy these keys describe, or the problems with them (keys named relative to the
     /// environment).
-    pub fn strategy(&self) -> Result<Strategy, Vec<Problem>> {
+    pub fn parse_strategy(&self) -> Result<Strategy, Vec<Problem>> {
         let mut p = Vec::new();
         let misplaced = |key: &str, set: bool, p: &mut Vec<Problem>| {
             if set {
-                p.push(Problem::new(key, format!("does not apply to strategy {:?}", self.strategy)));
+                p.push(Problem::new(key, format!("does not apply to strategy {:?}", self.strategy_name)));
             }
         };
-        if self.strategy != "blue-green" {
+        if self.strategy_name != "blue-green" {
             for (key, set) in [
                 ("groups", self.groups.is_some()),
                 ("switch", self.switch.is_some()),
@@ -496,7 +508,7 @@ impl Environment {
                 misplaced(key, set, &mut p);
             }
         }
-        let strategy = match self.strategy.as_str() {
+        let strategy = match self.strategy_name.as_str() {
             "blue-green" => {
                 for (key, set) in
                     [("batch", self.batch.is_some()), ("steps", self.steps.is_some()), ("pause", self.pause.is_some())]
@@ -643,6 +655,10 @@ impl FleetConfig {
     pub fn from_toml(path: &Path, text: &str) -> Result<Self, ConfigError> {
         let mut config: FleetConfig = config_file::parse_toml(path, text)?;
         config_file::check(path, config.problems())?;
+        for e in config.environments.values_mut() {
+            // Checked by `problems` above: every strategy parses.
+            e.strategy = e.parse_strategy().unwrap_or_default();
+        }
         let base = path.parent().unwrap_or(Path::new("."));
         for p in [&mut config.tls.ca, &mut config.tls.cert, &mut config.tls.key]
             .into_iter()
@@ -738,8 +754,17 @@ impl FleetConfig {
             if e.hosts.is_empty() {
                 p.push(Problem::new(format!("environments.{env}.hosts"), "has no hosts"));
             }
-            if let Err(problems) = e.strategy() {
+            if let Err(problems) = e.parse_strategy() {
                 p.extend(problems.into_iter().map(|q| q.prefixed(&format!("environments.{env}."))));
+            }
+            if e.progress_deadline <= self.app.hooks.timeout {
+                p.push(Problem::new(
+                    format!("environments.{env}.progress_deadline"),
+                    format!(
+                        "must be longer than app.hooks.timeout ({}): an activation runs the app's hooks",
+                        humantime::format_duration(self.app.hooks.timeout)
+                    ),
+                ));
             }
             let mut seen: BTreeMap<(String, u16), &str> = BTreeMap::new();
             for (name, addr) in &e.hosts {
@@ -995,7 +1020,7 @@ hosts = { web-1 = "10.0.0.11:7443", web-2 = "10.0.0.12", web-4 = "[fd00::4]:7443
             "switch = \"lb $FERRY_GROUP\"\ngroups = { blue = [\"web-1\", \"web-3\"], green = [\"web-2\", \"web-4\"] }";
         let c = load(&with(ok)).expect("valid");
         let e = &c.environments["prod"];
-        assert_eq!(e.strategy(), Ok(Strategy::BlueGreen));
+        assert_eq!(e.strategy, Strategy::BlueGreen);
         // No group live yet: the first goes first; hosts in inventory order (web-4 before web-3).
         assert_eq!(e.idle_group(None), Some(("blue".into(), vec!["web-1".into(), "web-3".into()])));
         assert_eq!(e.idle_group(Some("blue")).map(|g| g.0), Some("green".into()));
@@ -1030,7 +1055,7 @@ hosts = { web-1 = "10.0.0.11:7443", web-2 = "10.0.0.12", web-4 = "[fd00::4]:7443
     fn strategy_keys_are_checked_per_environment() {
         let with = |extra: &str| GOOD.trim_end().to_string() + "\n" + extra + "\n";
         let c = load(&with("strategy = \"canary\"\nsteps = [1, \"50%\"]\npause = \"10m\"")).expect("valid");
-        let s = c.environments["prod"].strategy().expect("strategy");
+        let s = c.environments["prod"].strategy.clone();
         assert_eq!(
             s,
             Strategy::Canary {
@@ -1039,7 +1064,7 @@ hosts = { web-1 = "10.0.0.11:7443", web-2 = "10.0.0.12", web-4 = "[fd00::4]:7443
             }
         );
         assert_eq!(
-            load(&with("batch = [1, \"25%\"]")).map(|c| c.environments["prod"].strategy().ok()),
+            load(&with("batch = [1, \"25%\"]")).map(|c| Some(c.environments["prod"].strategy.clone())),
             Ok(Some(Strategy::Rolling { batch: vec![Size::Count(1), Size::Percent(25)] }))
         );
         for (extra, want) in [

@@ -1,7 +1,10 @@
+//! `ferry`: parses the command line, sets up logging, TLS and the runtime, owns the signals, and
+//! runs the command ([`cli::run`]).
 use std::process::ExitCode;
 
 use clap::Parser;
 use ferry_coordinator::{cli, exit};
+use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
@@ -32,5 +35,52 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::USAGE);
         }
     };
-    ExitCode::from(runtime.block_on(cli::run(cli)))
+    let serving = matches!(cli.command, cli::Command::Serve { .. });
+    let code = runtime.block_on(async {
+        let (shutdown, now) = (CancellationToken::new(), CancellationToken::new());
+        tokio::spawn(signals(shutdown.clone(), now.clone(), serving));
+        tokio::select! {
+            code = cli::run(cli, shutdown) => code,
+            // Dropping the command kills the coordinator hooks in flight (their process groups);
+            // the registry says where each deployment stood.
+            () = now.cancelled() => {
+                if serving {
+                    eprintln!("ferry: error: ferry serve: stopped at once by a second signal; deployments in flight are left for `resume` or `rollback`");
+                    exit::USAGE
+                } else {
+                    exit::FAILED
+                }
+            }
+        }
+    });
+    // Tasks still running (a hook's pipes, an agent's stream) are not waited for.
+    runtime.shutdown_background();
+    ExitCode::from(code)
+}
+
+/// The first SIGINT or SIGTERM cancels `shutdown` (finish the hosts in flight, then stop); a
+/// second cancels `now` (stop at once).
+async fn signals(shutdown: CancellationToken, now: CancellationToken, serving: bool) {
+    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else { return };
+    for first in [true, false] {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        if first {
+            if serving {
+                eprintln!(
+                    "ferry serve: stopping; deployments in flight finish their current hosts, then stop (signal again to stop at once)"
+                );
+            } else {
+                eprintln!("ferry: cancelling after the hosts in flight finish (press again to stop at once)");
+            }
+            shutdown.cancel();
+        } else {
+            if !serving {
+                eprintln!("ferry: stopping now; `ferry resume` or `ferry rollback` picks up from the registry");
+            }
+            now.cancel();
+        }
+    }
 }

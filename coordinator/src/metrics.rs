@@ -14,7 +14,8 @@ use std::path::Path;
 
 use ferry_proto::prometheus::{TextWriter, Type, bucket_counts};
 
-use crate::registry::{DeploymentRow, Registry, RegistryError};
+use crate::registry::{DeploymentRow, Registry};
+use crate::state::DeploymentKind;
 
 /// Deployment duration buckets, in seconds.
 const DURATION_BUCKETS: &[f64] = &[10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0];
@@ -64,13 +65,13 @@ fn secs(ms: i64) -> f64 {
 pub fn render(rows: &[DeploymentRow], run: &Run) -> String {
     let env = run.environment.as_str();
     let rows: Vec<&DeploymentRow> = rows.iter().filter(|d| d.environment == env).collect();
-    let finished: Vec<&&DeploymentRow> = rows.iter().filter(|d| FINISHED.contains(&d.status.as_str())).collect();
+    let finished: Vec<&&DeploymentRow> = rows.iter().filter(|d| d.status.is_finished()).collect();
     let mut w = TextWriter::new();
 
     w.family("ferry_deployments_total", "Finished deployments and rollbacks, by kind and final status.", Type::Counter);
     for kind in ["deploy", "rollback"] {
         for status in FINISHED {
-            let n = finished.iter().filter(|d| d.kind == kind && d.status == status).count();
+            let n = finished.iter().filter(|d| d.kind.as_str() == kind && d.status.as_str() == status).count();
             w.sample("ferry_deployments_total", &[("environment", env), ("kind", kind), ("status", status)], n as f64);
         }
     }
@@ -83,7 +84,7 @@ pub fn render(rows: &[DeploymentRow], run: &Run) -> String {
     for kind in ["deploy", "rollback"] {
         let durations = finished
             .iter()
-            .filter(|d| d.kind == kind)
+            .filter(|d| d.kind.as_str() == kind)
             .filter_map(|d| d.finished_ms.map(|f| secs(f - d.started_ms).max(0.0)));
         let (counts, sum, count) = bucket_counts(DURATION_BUCKETS, durations);
         w.histogram(
@@ -119,8 +120,11 @@ pub fn render(rows: &[DeploymentRow], run: &Run) -> String {
     );
     for kind in ["deploy", "rollback"] {
         for status in FINISHED {
-            let last =
-                finished.iter().filter(|d| d.kind == kind && d.status == status).filter_map(|d| d.finished_ms).max();
+            let last = finished
+                .iter()
+                .filter(|d| d.kind.as_str() == kind && d.status.as_str() == status)
+                .filter_map(|d| d.finished_ms)
+                .max();
             if let Some(ms) = last {
                 w.sample(
                     "ferry_deployment_last_finished_timestamp_seconds",
@@ -137,10 +141,10 @@ pub fn render(rows: &[DeploymentRow], run: &Run) -> String {
         Type::Gauge,
     );
     // history() is newest first.
-    if let Some(last) = rows.iter().find(|d| d.kind == "deploy") {
+    if let Some(last) = rows.iter().find(|d| d.kind == DeploymentKind::Deploy) {
         w.sample(
             "ferry_deployment_last_info",
-            &[("environment", env), ("version", &last.version), ("status", &last.status)],
+            &[("environment", env), ("version", &last.version), ("status", last.status.as_str())],
             1.0,
         );
     }
@@ -151,7 +155,7 @@ pub fn render(rows: &[DeploymentRow], run: &Run) -> String {
         Type::Gauge,
     );
     for status in ["pending", "running", "paused"] {
-        if let Some(ms) = rows.iter().filter(|d| d.status == status).map(|d| d.started_ms).min() {
+        if let Some(ms) = rows.iter().filter(|d| d.status.as_str() == status).map(|d| d.started_ms).min() {
             w.sample(
                 "ferry_deployment_unfinished_started_timestamp_seconds",
                 &[("environment", env), ("status", status)],
@@ -187,9 +191,8 @@ pub fn render(rows: &[DeploymentRow], run: &Run) -> String {
 }
 
 /// Reads the environment's record from the registry and writes the file at `path` atomically.
-pub fn write(path: &Path, registry: &Registry, run: &Run) -> anyhow::Result<()> {
-    let rows =
-        registry.history(Some(&run.environment), usize::MAX >> 1).map_err(|e: RegistryError| anyhow::anyhow!(e))?;
+pub fn write(path: &Path, registry: &dyn Registry, run: &Run) -> anyhow::Result<()> {
+    let rows = registry.history(Some(&run.environment), usize::MAX >> 1)?;
     let text = render(&rows, run);
     ferry_proto::durable::write(path, text.as_bytes(), 0o644, ferry_proto::durable::Existing::Replace)
         .map_err(|e| anyhow::anyhow!("--metrics-file {}: {e}", path.display()))
@@ -203,14 +206,14 @@ mod tests {
     fn row(id: &str, env: &str, kind: &str, status: &str, started: i64, finished: Option<i64>) -> DeploymentRow {
         DeploymentRow {
             id: id.into(),
-            kind: kind.into(),
+            kind: DeploymentKind::parse(kind).expect("kind"),
             environment: env.into(),
             version: format!("v-{id}"),
             release_id: String::new(),
             artifact: String::new(),
             manifest_hash: String::new(),
             strategy: String::new(),
-            status: status.into(),
+            status: crate::state::DeploymentStatus::parse(status).expect("status"),
             started_ms: started,
             finished_ms: finished,
             error: None,
@@ -263,7 +266,7 @@ mod tests {
     #[test]
     fn the_file_is_replaced_whole() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let registry = Registry::open(&dir.path().join("registry.db")).expect("registry");
+        let registry = crate::registry::sqlite::Sqlite::open(&dir.path().join("registry.db")).expect("registry");
         let path = dir.path().join("ferry-prod.prom");
         std::fs::write(&path, "stale").expect("write");
         let run = Run { command: "rollback", environment: "prod".into(), started: now(), ended: Some((now(), 0)) };

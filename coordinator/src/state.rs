@@ -1,11 +1,18 @@
-//! The rollout state machine, pure (DESIGN §5). The registry persists a state per host; the engine
-//! asks [`next`] what to do from whatever is persisted, does it, records the outcome and asks again.
-//! So a fresh deployment and one resumed after its coordinator died take the same path, and the
-//! rules (batch order, failure budget, pauses, cancel) are property-tested here without hosts.
+//! The rollout state machine, pure (DESIGN §5): the status values the registry stores, their time
+//! limits, and [`next`], the one function that says what a deployment does next. The registry
+//! persists a state per host; the engine asks [`next`] what to do from whatever is persisted, does
+//! it, records the outcome and asks again. So a fresh deployment, one resumed after its
+//! coordinator died, and a rollback take the same path, and the rules (batch order, failure
+//! budget, pauses, cancel) are property-tested here without hosts.
 //!
 //! Host: `pending → staging → staged → activating → healthy`, or `→ failed | unreachable |
 //! rolled_back` (the agent rolled itself back), `healthy → rolling_back → rolled_back` (halted
 //! with auto_rollback), `unchanged` (already ran the release), `skipped` (never reached).
+//! A rollback's hosts go `pending → activating → healthy | unchanged | failed` (no staging).
+//!
+//! Every value is named once, in one table per type ([`HostState::ALL`],
+//! [`DeploymentStatus::ALL`], [`DeploymentKind::ALL`]) with its text and description; readers and
+//! writers use the variants, never the strings.
 use std::fmt;
 
 use crate::plan::Pause;
@@ -91,6 +98,168 @@ impl fmt::Display for HostState {
     }
 }
 
+impl HostState {
+    /// What the state means, for `--help`-level docs and the README's table.
+    pub fn description(self) -> &'static str {
+        match self {
+            HostState::Pending => "not yet touched by this deployment",
+            HostState::Staging => "the release is being transferred and built beside the current one",
+            HostState::Staged => "the release is on the host, not active yet",
+            HostState::Unchanged => "the host already ran the release: nothing changed",
+            HostState::Activating => "swap, restarts, hooks and health probes in progress",
+            HostState::Healthy => "the host runs the release and passed its health probes",
+            HostState::Failed => "the step failed on the host (see its error)",
+            HostState::Unreachable => "the host could not be reached or authenticated",
+            HostState::RollingBack => "going back to the release it ran before (a halt with auto_rollback)",
+            HostState::RolledBack => "back on its previous release, which is healthy",
+            HostState::Skipped => "never reached: the deployment ended first",
+        }
+    }
+
+    /// How long a host may stay in this state before the engine fails it (`None`: it is not
+    /// working on anything, or it is finished). The limits come from the environment
+    /// (`progress_deadline`).
+    pub fn time_limit(self, limits: &Limits) -> Option<std::time::Duration> {
+        match self {
+            HostState::Staging => Some(limits.stage),
+            HostState::Activating => Some(limits.activate),
+            HostState::RollingBack => Some(limits.rollback),
+            HostState::Pending
+            | HostState::Staged
+            | HostState::Unchanged
+            | HostState::Healthy
+            | HostState::Failed
+            | HostState::Unreachable
+            | HostState::RolledBack
+            | HostState::Skipped => None,
+        }
+    }
+
+    /// The step a working state stands for, in messages ("staging did not finish within 10m").
+    pub fn step(self) -> &'static str {
+        match self {
+            HostState::Staging => "staging",
+            HostState::Activating => "activation",
+            HostState::RollingBack => "rollback",
+            HostState::Pending
+            | HostState::Staged
+            | HostState::Unchanged
+            | HostState::Healthy
+            | HostState::Failed
+            | HostState::Unreachable
+            | HostState::RolledBack
+            | HostState::Skipped => self.as_str(),
+        }
+    }
+}
+
+/// How long each working state may last on one host. A deployment's progress deadline follows:
+/// outside its pauses, no step waits longer than these for a host to move.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub stage: std::time::Duration,
+    pub activate: std::time::Duration,
+    pub rollback: std::time::Duration,
+}
+
+impl Limits {
+    /// Every working state bounded by the environment's `progress_deadline`.
+    pub fn all(deadline: std::time::Duration) -> Limits {
+        Limits { stage: deadline, activate: deadline, rollback: deadline }
+    }
+}
+
+/// Where a deployment stands, as the registry stores it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeploymentStatus {
+    /// Recorded, not started yet.
+    Pending,
+    Running,
+    /// Waiting at a canary step for `ferry promote`.
+    Paused,
+    Succeeded,
+    /// Halted (more failed hosts than `max_failures`), or finished with failed hosts within it.
+    Failed,
+    /// Halted, and every host it had updated went back to its previous release.
+    RolledBack,
+    /// Stopped by the operator; hosts not yet activated were not touched.
+    Cancelled,
+}
+
+impl DeploymentStatus {
+    /// Every status: its text (as stored and shown) and what it means.
+    pub const ALL: [(DeploymentStatus, &'static str, &'static str); 7] = [
+        (DeploymentStatus::Pending, "pending", "recorded, not started yet"),
+        (DeploymentStatus::Running, "running", "a coordinator is working on it"),
+        (DeploymentStatus::Paused, "paused", "waiting at a canary step for `ferry promote`"),
+        (DeploymentStatus::Succeeded, "succeeded", "every host runs the release"),
+        (DeploymentStatus::Failed, "failed", "halted, or finished with failed hosts (within max_failures)"),
+        (DeploymentStatus::RolledBack, "rolled_back", "halted, and every updated host went back"),
+        (DeploymentStatus::Cancelled, "cancelled", "stopped by the operator; hosts not activated were untouched"),
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        Self::ALL.iter().find(|(s, _, _)| *s == self).map_or("?", |(_, name, _)| name)
+    }
+
+    pub fn parse(s: &str) -> Option<DeploymentStatus> {
+        Self::ALL.iter().find(|(_, name, _)| *name == s).map(|(v, _, _)| *v)
+    }
+
+    pub fn description(self) -> &'static str {
+        Self::ALL.iter().find(|(s, _, _)| *s == self).map_or("?", |(_, _, d)| d)
+    }
+
+    /// Nothing more happens to the deployment.
+    pub fn is_finished(self) -> bool {
+        match self {
+            DeploymentStatus::Pending | DeploymentStatus::Running | DeploymentStatus::Paused => false,
+            DeploymentStatus::Succeeded
+            | DeploymentStatus::Failed
+            | DeploymentStatus::RolledBack
+            | DeploymentStatus::Cancelled => true,
+        }
+    }
+}
+
+impl fmt::Display for DeploymentStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a deployment does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeploymentKind {
+    /// A new release to an environment (`ferry deploy`, a promotion).
+    Deploy,
+    /// Hosts switched back to a release they keep (`ferry rollback`).
+    Rollback,
+}
+
+impl DeploymentKind {
+    pub const ALL: [(DeploymentKind, &'static str, &'static str); 2] = [
+        (DeploymentKind::Deploy, "deploy", "a new release to an environment"),
+        (DeploymentKind::Rollback, "rollback", "hosts switched back to a release they keep"),
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        Self::ALL.iter().find(|(k, _, _)| *k == self).map_or("?", |(_, name, _)| name)
+    }
+
+    pub fn parse(s: &str) -> Option<DeploymentKind> {
+        Self::ALL.iter().find(|(_, name, _)| *name == s).map(|(v, _, _)| *v)
+    }
+}
+
+impl fmt::Display for DeploymentKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Whether the engine may move a host from `from` to `to`. Repeating `staging`, `activating` or
 /// `rolling_back` is how a resumed deployment retries the step its coordinator died in.
 pub fn legal(from: HostState, to: HostState) -> bool {
@@ -121,6 +290,9 @@ pub struct Host {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rules {
     pub max_failures: usize,
+    /// Hosts need the release transferred before activation (a deployment); a rollback's hosts
+    /// already keep what they switch to.
+    pub stage: bool,
     /// Stage every host before the first activation (default); otherwise each batch is staged
     /// just before it is activated.
     pub prestage: bool,
@@ -178,7 +350,7 @@ pub fn next(hosts: &[Host], rules: &Rules, just_activated: Option<usize>, cancel
     if cancelled {
         return Next::Cancel;
     }
-    if rules.prestage {
+    if rules.stage && rules.prestage {
         let stage = indexes(&|h| h.state.needs_staging());
         if !stage.is_empty() {
             return Next::Stage(stage);
@@ -194,11 +366,14 @@ pub fn next(hosts: &[Host], rules: &Rules, just_activated: Option<usize>, cancel
     {
         return Next::Pause { after, pause: *pause };
     }
-    let stage = indexes(&|h| h.batch == batch && h.state.needs_staging());
-    if !stage.is_empty() {
-        return Next::Stage(stage);
+    if rules.stage {
+        let stage = indexes(&|h| h.batch == batch && h.state.needs_staging());
+        if !stage.is_empty() {
+            return Next::Stage(stage);
+        }
     }
-    // Left in the batch: staged or activating (a rolling_back host only exists after a halt).
+    // Left in the batch: staged (or pending, for a rollback) or activating (a rolling_back host
+    // only exists after a halt).
     Next::Activate { batch, hosts: indexes(&|h| h.batch == batch && !h.state.is_terminal()) }
 }
 
@@ -216,7 +391,7 @@ mod tests {
     }
 
     fn rules(max_failures: usize, prestage: bool, pauses: Vec<Option<Pause>>) -> Rules {
-        Rules { max_failures, prestage, pauses }
+        Rules { max_failures, stage: true, prestage, pauses }
     }
 
     #[test]
@@ -257,6 +432,34 @@ mod tests {
         assert_eq!(next(&h, &rules(1, true, vec![]), None, false), Next::Activate { batch: 2, hosts: vec![2] });
         let done = hosts(&[(Healthy, 0), (Unreachable, 1)]);
         assert_eq!(next(&done, &rules(1, true, vec![]), None, false), Next::Finish(Outcome::Failed));
+    }
+
+    #[test]
+    fn a_rollback_activates_batch_by_batch_without_staging() {
+        let r = Rules { max_failures: 0, stage: false, prestage: true, pauses: vec![] };
+        let h = hosts(&[(Pending, 0), (Pending, 0), (Pending, 1)]);
+        assert_eq!(next(&h, &r, None, false), Next::Activate { batch: 0, hosts: vec![0, 1] });
+        let h = hosts(&[(Healthy, 0), (Unchanged, 0), (Pending, 1)]);
+        assert_eq!(next(&h, &r, Some(0), false), Next::Activate { batch: 1, hosts: vec![2] });
+        let h = hosts(&[(Healthy, 0), (Failed, 0), (Pending, 1)]);
+        assert_eq!(next(&h, &r, Some(0), false), Next::Halt);
+    }
+
+    #[test]
+    fn every_status_has_one_name_and_working_states_have_a_time_limit() {
+        for (s, name, description) in DeploymentStatus::ALL {
+            assert_eq!((DeploymentStatus::parse(name), s.as_str(), s.description()), (Some(s), name, description));
+        }
+        for (k, name, _) in DeploymentKind::ALL {
+            assert_eq!(DeploymentKind::parse(name), Some(k));
+        }
+        assert_eq!(DeploymentStatus::parse("bogus"), None);
+        let limits = Limits::all(Duration::from_secs(60));
+        for s in HostState::ALL {
+            let working = matches!(s, Staging | Activating | RollingBack);
+            assert_eq!(s.time_limit(&limits).is_some(), working, "{s}");
+            assert!(!s.description().is_empty());
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //!   ports, and fleet configs pointing at them.
 //! - [`fleet`]: real hosts (systemd-nspawn, systemd as PID 1, own network namespace) running the
 //!   built agent from the real unit file; fault injection; teardown and stale-run reaping.
+//! - [`engine`]: the coordinator's engine run in-process against real agents (deploy, rollback).
 //! - [`debroot`]: a cached minimal Debian root (debootstrap) for hosts that install packages.
 //! - [`demo_app`]: the app the fleet runs, whose `/health` tells versions apart.
 //! - [`bin`]: paths of the built `ferry` and `ferry-agent` binaries for CLI-level tests.
@@ -17,6 +18,7 @@
 pub mod agents;
 pub mod debroot;
 pub mod demo_app;
+pub mod engine;
 pub mod fleet;
 pub mod pki;
 

@@ -116,17 +116,14 @@ fn notifies_systemd_and_stops_cleanly_on_sigterm() {
     assert!(stderr.contains("SIGTERM received") && stderr.contains("ferry-agent stopped"), "{stderr}");
 }
 
-fn quiet(_: &str, _: &str) {}
-
 /// What a package upgrade (or any `systemctl restart`) does to a deployment in progress: SIGTERM
 /// in the middle of an activation. The agent refuses new connections, tells systemd it is still
 /// stopping and why (extending its stop timeout), lets the activation run to its end (well past
 /// `shutdown_grace`), the coordinator gets the activation's final event, and only then it exits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_an_activation_finishes_it_before_exiting() {
-    use ferry_coordinator::commands::deploy::DeploymentStatus;
-    use ferry_coordinator::commands::rollout;
     use ferry_coordinator::config::{FleetConfig, Host};
+    use ferry_coordinator::state::DeploymentStatus;
     use std::os::unix::fs::PermissionsExt;
 
     let dir = tempfile::tempdir().expect("tempdir");
@@ -189,21 +186,7 @@ async fn sigterm_during_an_activation_finishes_it_before_exiting() {
     let artifact = std::sync::Arc::new(ferry_coordinator::artifact::Artifact::scan(&release, None).expect("scan"));
     let deployment = tokio::spawn({
         let (config, tls) = (config.clone(), tls.clone());
-        async move {
-            static NOT_CANCELLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-            let path = config.registry_path().expect("registry path");
-            let registry = std::sync::Mutex::new(ferry_coordinator::registry::Registry::open(&path).expect("registry"));
-            let ctx = rollout::Ctx {
-                config: &config,
-                env: "test",
-                tls: &tls,
-                registry: &registry,
-                progress: &quiet,
-                cancel: &NOT_CANCELLED,
-                force_unlock: false,
-            };
-            rollout::deploy(&ctx, artifact, "1", None, true).await
-        }
+        async move { ferry_tests::engine::deploy(&config, &tls, "test", artifact, "1", None).await }
     });
     let hook_running = ferry_tests::wait_for(600, || started.exists().then_some(())).await;
     assert!(hook_running.is_some(), "the validate hook never started");

@@ -301,7 +301,7 @@ fn coordinator_package_runs_ferry_serve_as_a_sandboxed_service() {
             "[app]\nname = \"web\"\n\n[tls]\nca = \"/etc/ferry/pki/ca.pem\"\ncert = \"/etc/ferry/pki/coordinator.pem\"\n\
              key = \"/run/credentials/ferry.service/coordinator.key\"\n\n[server]\nlisten = \"127.0.0.1:8443\"\n\n\
              [[server.tokens]]\nname = \"ci\"\nsha256 = \"{}\"\n\n[environments.test]\nhosts = {{ web-1 = \"{}:{}\" }}\n",
-            ferry_coordinator::server::auth::sha256_hex(token),
+            ferry_coordinator::commands::token::sha256_hex(token),
             h.ip,
             fleet::AGENT_PORT
         ),

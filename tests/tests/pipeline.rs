@@ -63,8 +63,8 @@ fn pipeline_toml(fleet: &Fleet) -> PathBuf {
         addr(2),
         api.cert.display(),
         api.key.display(),
-        ferry_coordinator::server::auth::sha256_hex(CI_TOKEN),
-        ferry_coordinator::server::auth::sha256_hex(RM_TOKEN),
+        ferry_coordinator::commands::token::sha256_hex(CI_TOKEN),
+        ferry_coordinator::commands::token::sha256_hex(RM_TOKEN),
     );
     let path = fleet.dir.join("pipeline.toml");
     std::fs::write(&path, toml).unwrap_or_else(|e| panic!("{e}"));
@@ -269,7 +269,7 @@ fn a_canary_paused_through_the_api_is_continued_or_cancelled_there() {
              cert = \"{}\"\nkey = \"{}\"\n\n[[server.tokens]]\nname = \"ci\"\nsha256 = \"{}\"\n",
             api_cert.cert.display(),
             api_cert.key.display(),
-            ferry_coordinator::server::auth::sha256_hex(CI_TOKEN)
+            ferry_coordinator::commands::token::sha256_hex(CI_TOKEN)
         ),
     );
     let config_arg = config.to_string_lossy().into_owned();

@@ -4,18 +4,17 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
+
+use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_agent::store::ManifestSource;
 use ferry_coordinator::artifact::Artifact;
 use ferry_coordinator::cache::Cache;
 use ferry_coordinator::client::{Agent, Timeouts};
-use ferry_coordinator::commands::deploy::{DeployReport, DeploymentStatus, HostOutcome};
-use ferry_coordinator::commands::rollout;
 use ferry_coordinator::config::{FleetConfig, Host, TlsFiles};
-use ferry_coordinator::registry::Registry;
+use ferry_coordinator::rollout::{DeployReport, HostOutcome};
+use ferry_coordinator::state::DeploymentStatus;
 use ferry_coordinator::tls::ClientTls;
 use ferry_proto::identity::Role;
 use ferry_proto::v1;
@@ -23,8 +22,6 @@ use ferry_tests::agents::{TestAgent, agent_toml, fleet_config};
 use ferry_tests::pki::{CertFiles, TestPki};
 
 const TIMEOUTS: Timeouts = Timeouts { connect: Duration::from_secs(3), request: Duration::from_secs(10) };
-
-fn quiet(_: &str, _: &str) {}
 
 fn tls(files: &CertFiles) -> ClientTls {
     ClientTls::load(&TlsFiles { ca: files.ca.clone(), cert: files.cert.clone(), key: files.key.clone() }).expect("tls")
@@ -53,25 +50,13 @@ fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
-fn registry(config: &FleetConfig) -> Mutex<Registry> {
-    Mutex::new(Registry::open(&config.registry_path().expect("registry path")).expect("registry"))
-}
-
-static NOT_CANCELLED: AtomicBool = AtomicBool::new(false);
-
-fn ctx<'a>(config: &'a FleetConfig, tls: &'a ClientTls, registry: &'a Mutex<Registry>) -> rollout::Ctx<'a> {
-    rollout::Ctx { config, env: "test", tls, registry, progress: &quiet, cancel: &NOT_CANCELLED, force_unlock: false }
-}
-
 async fn deploy_dir(config: &FleetConfig, tls: &ClientTls, dir: &Path, version: &str) -> DeployReport {
     let artifact = Arc::new(Artifact::scan(dir, None).expect("scan"));
-    let reg = registry(config);
-    rollout::deploy(&ctx(config, tls, &reg), artifact, version, None, true).await.expect("deploy runs")
+    ferry_tests::engine::deploy(config, tls, "test", artifact, version, None).await.expect("deploy runs")
 }
 
 async fn rollback(config: &FleetConfig, tls: &ClientTls, to: Option<&str>) -> DeployReport {
-    let reg = registry(config);
-    rollout::rollback(&ctx(config, tls, &reg), to).await.expect("rollback runs")
+    ferry_tests::engine::rollback(config, tls, "test", to).await.expect("rollback runs")
 }
 
 fn current(app_root: &Path) -> String {
@@ -186,8 +171,7 @@ async fn a_redeploy_sends_manifest_changes_and_piece_deltas() {
         let (config, tls, cache) = (&s.config, &s.tls, &cache);
         async move {
             let artifact = Arc::new(Artifact::scan(&dir, Some(cache)).expect("scan"));
-            let reg = registry(config);
-            rollout::deploy(&ctx(config, tls, &reg), artifact, version, Some(cache), true).await.expect("deploy runs")
+            ferry_tests::engine::deploy(config, tls, "test", artifact, version, Some(cache)).await.expect("deploy runs")
         }
     };
     let mut files = tree_v(1);

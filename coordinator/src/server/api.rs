@@ -18,65 +18,13 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use super::auth::{AuditNote, Identity};
+pub use super::error::ApiError;
 use super::jobs::{self, Op};
 use super::{Shared, smoke};
-use crate::artifact::Artifact;
-use crate::commands::rollout;
+use crate::commands::promote;
 use crate::config::SmokeCheck;
-
-/// A refusal or failure, as the client sees it.
-#[derive(Debug, Clone)]
-pub struct ApiError {
-    pub status: StatusCode,
-    pub code: &'static str,
-    pub message: String,
-}
-
-impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError { status, code, message: message.into() }
-    }
-    pub fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::BAD_REQUEST, code, message)
-    }
-    pub fn unauthorized(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
-    }
-    pub fn forbidden(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
-    }
-    pub fn not_found(code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::NOT_FOUND, code, message)
-    }
-    pub fn conflict(code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::CONFLICT, code, message)
-    }
-    pub fn unprocessable(code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
-    }
-    pub fn internal(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = Json(json!({ "error": self.code, "message": self.message }));
-        let mut resp = (self.status, body).into_response();
-        if self.status == StatusCode::UNAUTHORIZED {
-            resp.headers_mut()
-                .insert(axum::http::header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));
-        }
-        resp.extensions_mut().insert(self);
-        resp
-    }
-}
-
-impl From<crate::registry::RegistryError> for ApiError {
-    fn from(e: crate::registry::RegistryError) -> Self {
-        ApiError::internal(e.to_string())
-    }
-}
+use crate::rollout;
+use crate::state::DeploymentStatus;
 
 /// A JSON body; a malformed one is a 400 that says where.
 pub struct ApiJson<T>(pub T);
@@ -292,15 +240,6 @@ struct RegisterRequest {
     metadata: serde_json::Map<String, Value>,
 }
 
-async fn scan(state: &Shared, path: PathBuf) -> Result<Artifact, String> {
-    let cache = state.cache.clone();
-    match tokio::task::spawn_blocking(move || Artifact::scan(&path, cache.as_ref())).await {
-        Ok(Ok(a)) => Ok(a),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(e) => Err(format!("the scan failed: {e}")),
-    }
-}
-
 /// `POST /api/v1/versions`: scans the artifact and records the version. Registering the same
 /// version with the same content again answers 200 with the existing record.
 async fn register_version(
@@ -339,7 +278,7 @@ async fn register_version(
             "metadata must be an object of strings, numbers or booleans, at most 16 KiB",
         ));
     }
-    let artifact = scan(&state, real.clone())
+    let artifact = crate::artifact::scan(&real, state.cache.as_ref())
         .await
         .map_err(|e| ApiError::unprocessable("bad_artifact", format!("artifact {}: {e}", req.artifact.display())))?;
     let row = crate::registry::VersionRow {
@@ -353,7 +292,7 @@ async fn register_version(
         registered_ms: crate::registry::now_ms(),
         metadata: req.metadata,
     };
-    match state.reg(|r| r.register_version(&row))? {
+    match state.registry.register_version(&row)? {
         None => Ok((StatusCode::CREATED, Json(json!(row))).into_response()),
         Some(existing) if existing.manifest_hash == row.manifest_hash => {
             Ok((StatusCode::OK, Json(json!(existing))).into_response())
@@ -388,13 +327,14 @@ struct EnvironmentQuery {
 }
 
 async fn list_versions(State(state): State<Shared>, ApiQuery(q): ApiQuery<LimitQuery>) -> ApiResult {
-    let rows = state.reg(|r| r.versions(q.limit.unwrap_or(50).min(1000)))?;
+    let rows = state.registry.versions(q.limit.unwrap_or(50).min(1000))?;
     Ok(Json(json!({ "versions": rows })).into_response())
 }
 
 async fn get_version(State(state): State<Shared>, ApiPath(version): ApiPath<String>) -> ApiResult {
     let row = state
-        .reg(|r| r.version(&version))?
+        .registry
+        .version(&version)?
         .ok_or_else(|| ApiError::not_found("unknown_version", format!("version {version:?} is not registered")))?;
     Ok(Json(json!(row)).into_response())
 }
@@ -402,12 +342,12 @@ async fn get_version(State(state): State<Shared>, ApiPath(version): ApiPath<Stri
 async fn list_environments(State(state): State<Shared>) -> ApiResult {
     let mut envs = Vec::new();
     for (name, e) in &state.config.environments {
-        let lock = state.reg(|r| r.lock_of(name))?;
-        let latest = state.reg(|r| r.latest_deployment(name))?;
+        let lock = state.registry.lock_of(name)?;
+        let latest = state.registry.latest_deployment(name)?;
         envs.push(json!({
             "name": name,
             "hosts": e.hosts.keys().collect::<Vec<_>>(),
-            "strategy": e.strategy,
+            "strategy": e.strategy_name,
             "promotion_index": state.config.promotion.iter().position(|p| p == name),
             "next_environment": state.config.next_environment(name),
             "require_approval": e.require_approval,
@@ -480,7 +420,7 @@ async fn create_deployment(
     ApiJson(req): ApiJson<DeploymentRequest>,
 ) -> ApiResult {
     environment(&state, &req.environment, StatusCode::UNPROCESSABLE_ENTITY)?;
-    let version = state.reg(|r| r.version(&req.version))?.ok_or_else(|| {
+    let version = state.registry.version(&req.version)?.ok_or_else(|| {
         ApiError::unprocessable(
             "version_not_registered",
             format!("version {:?} is not registered: POST /api/v1/versions first", req.version),
@@ -498,28 +438,15 @@ async fn create_deployment(
             ),
         ));
     }
-    let id = start_deploy(
-        &state,
-        &req.environment,
-        &req.version,
-        &version.artifact,
-        &version.manifest_hash,
-        &who,
-        None,
-        req.prestage.unwrap_or(true),
-    )
-    .await?;
+    let id = start_deploy(&state, &req.environment, &version, &who, None, req.prestage.unwrap_or(true)).await?;
     Ok(accepted(&id, &req.environment))
 }
 
 /// Scans the artifact again (it must still be what was registered) and starts the deployment.
-#[allow(clippy::too_many_arguments)]
 async fn start_deploy(
     state: &Shared,
     env: &str,
-    version: &str,
-    artifact: &str,
-    manifest_hash: &str,
+    version: &crate::registry::VersionRow,
     who: &Identity,
     promoted_from: Option<String>,
     prestage: bool,
@@ -531,18 +458,19 @@ async fn start_deploy(
             format!("environment {env} is busy with a deployment of this server"),
         ));
     }
-    let scanned = scan(state, PathBuf::from(artifact))
-        .await
-        .map_err(|e| ApiError::conflict("artifact_missing", format!("version {version}: artifact {artifact}: {e}")))?;
-    if hex::encode(scanned.manifest_hash) != manifest_hash {
-        return Err(ApiError::conflict(
-            "artifact_changed",
-            format!(
-                "artifact {artifact} changed since version {version} was registered; register the new build as a new version"
-            ),
-        ));
-    }
-    let op = Op::Deploy { artifact: Arc::new(scanned), version: version.to_string(), prestage };
+    let artifact = crate::artifact::rescan(
+        std::path::Path::new(&version.artifact),
+        state.cache.as_ref(),
+        &version.release_id,
+        &version.manifest_hash,
+    )
+    .await
+    .map_err(|e| {
+        let mut api = ApiError::from(e);
+        api.message = format!("version {}: {}", version.version, api.message);
+        api
+    })?;
+    let op = Op::Deploy { artifact: Arc::new(artifact), version: version.version.clone(), prestage };
     jobs::start(state, env, &who.0, promoted_from, op).await
 }
 
@@ -550,7 +478,7 @@ async fn list_deployments(State(state): State<Shared>, ApiQuery(q): ApiQuery<Lis
     if let Some(env) = &q.environment {
         environment(&state, env, StatusCode::UNPROCESSABLE_ENTITY)?;
     }
-    let rows = state.reg(|r| r.history(q.environment.as_deref(), q.limit.unwrap_or(20).min(1000)))?;
+    let rows = state.registry.history(q.environment.as_deref(), q.limit.unwrap_or(20).min(1000))?;
     let mut list: Vec<Value> = rows.into_iter().map(|d| json!(d)).collect();
     for v in &mut list {
         if let Some(o) = v.as_object_mut() {
@@ -563,7 +491,7 @@ async fn list_deployments(State(state): State<Shared>, ApiQuery(q): ApiQuery<Lis
 /// A deployment as the API shows it: the CLI's JSON report, with each host's recorded state, the
 /// registry's status, who asked, its smoke runs, approvals and recorded events (every host step).
 pub fn view(state: &Shared, id: &str) -> Result<Value, ApiError> {
-    let reg = state.registry.lock().map_err(|_| ApiError::internal("the registry is poisoned by a panic"))?;
+    let reg = state.registry.as_ref();
     let d = reg
         .deployment(id)?
         .ok_or_else(|| ApiError::not_found("unknown_deployment", format!("no deployment {id:?}")))?;
@@ -571,7 +499,6 @@ pub fn view(state: &Shared, id: &str) -> Result<Value, ApiError> {
     let smoke = reg.smoke_runs(id)?;
     let approvals = reg.approvals(id)?;
     let events = reg.events_since(id, 0)?;
-    drop(reg);
     let mut v = json!(rollout::report_from(d.clone(), rows.clone(), &HashMap::new()));
     if let Some(hosts) = v.get_mut("hosts").and_then(Value::as_array_mut) {
         for (h, row) in hosts.iter_mut().zip(&rows) {
@@ -605,10 +532,12 @@ async fn get_deployment(State(state): State<Shared>, ApiPath(id): ApiPath<String
 
 /// Whether a deployment still moves: the registry says pending/running and, if this server runs
 /// it, its task has not ended.
-fn settled(state: &Shared, id: &str, status: &str, env: &str) -> bool {
+fn settled(state: &Shared, id: &str, status: Option<DeploymentStatus>, env: &str) -> bool {
     match state.jobs.get(id) {
         Some(job) => job.done(),
-        None if matches!(status, "pending" | "running") => !run_elsewhere(state, id, env),
+        None if matches!(status, Some(DeploymentStatus::Pending | DeploymentStatus::Running)) => {
+            !run_elsewhere(state, id, env)
+        }
         None => true,
     }
 }
@@ -616,7 +545,7 @@ fn settled(state: &Shared, id: &str, status: &str, env: &str) -> bool {
 /// A coordinator process other than this server still runs deployment `id` (it holds the lock,
 /// and its process exists).
 fn run_elsewhere(state: &Shared, id: &str, env: &str) -> bool {
-    matches!(state.reg(|r| r.lock_of(env)), Ok(Some(lock)) if lock.deployment_id == id && !lock.stale())
+    matches!(state.registry.lock_of(env), Ok(Some(lock)) if lock.deployment_id == id && !lock.stale())
 }
 
 /// `GET /api/v1/deployments/{id}/events`: server-sent events. `line` (a progress line of a
@@ -643,16 +572,16 @@ async fn deployment_events(State(state): State<Shared>, ApiPath(id): ApiPath<Str
             }
             let job = f.state.jobs.get(&f.id);
             let changed = job.as_ref().map(|j| j.changed.notified());
-            let row = f.state.reg(|r| r.deployment(&f.id)).ok().flatten();
-            let (status, env) = row.map(|d| (d.status, d.environment)).unwrap_or_default();
-            let done = settled(&f.state, &f.id, &status, &env);
+            let row = f.state.registry.deployment(&f.id).ok().flatten();
+            let (status, env) = row.map(|d| (Some(d.status), d.environment)).unwrap_or_default();
+            let done = settled(&f.state, &f.id, status, &env);
             if let Some(job) = &job {
                 for line in job.lines_from(f.line) {
                     f.line += 1;
                     f.queue.push_back(Event::default().event("line").json_data(line).unwrap_or_default());
                 }
             }
-            for e in f.state.reg(|r| r.events_since(&f.id, f.seq)).unwrap_or_default() {
+            for e in f.state.registry.events_since(&f.id, f.seq).unwrap_or_default() {
                 f.seq = e.seq;
                 f.queue
                     .push_back(Event::default().event("event").id(e.seq.to_string()).json_data(e).unwrap_or_default());
@@ -681,7 +610,8 @@ async fn deployment_events(State(state): State<Shared>, ApiPath(id): ApiPath<Str
 
 fn deployment_row(state: &Shared, id: &str) -> Result<crate::registry::DeploymentRow, ApiError> {
     state
-        .reg(|r| r.deployment(id))?
+        .registry
+        .deployment(id)?
         .ok_or_else(|| ApiError::not_found("unknown_deployment", format!("no deployment {id:?}")))
 }
 
@@ -701,7 +631,7 @@ async fn run_smoke(
     OptionalJson(req): OptionalJson<SmokeRequest>,
 ) -> ApiResult {
     let d = deployment_row(&state, &id)?;
-    if !matches!(d.status.as_str(), "succeeded" | "paused") {
+    if !matches!(d.status, DeploymentStatus::Succeeded | DeploymentStatus::Paused) {
         return Err(ApiError::conflict(
             "not_deployed",
             format!("deployment {id} is {}: smoke tests run against a succeeded (or paused) deployment", d.status),
@@ -739,7 +669,7 @@ async fn run_smoke(
         let text: Vec<String> = problems.iter().map(ToString::to_string).collect();
         return Err(ApiError::bad_request("invalid_checks", text.join("; ")));
     }
-    let rows = state.reg(|r| r.hosts(&id))?;
+    let rows = state.registry.hosts(&id)?;
     let hosts: Vec<crate::config::Host> = state
         .config
         .hosts(&d.environment)
@@ -761,34 +691,8 @@ async fn run_smoke(
         results: json!(results),
         env_checks,
     };
-    run.id = state.reg(|r| r.record_smoke(&run))?;
+    run.id = state.registry.record_smoke(&run)?;
     Ok(noted(StatusCode::OK, &id, json!(run)))
-}
-
-/// Why deployment `d` may not be promoted further, or the environment it goes to.
-fn promotion_target(state: &Shared, d: &crate::registry::DeploymentRow) -> Result<String, ApiError> {
-    if d.kind != "deploy" || d.status != "succeeded" {
-        return Err(ApiError::conflict(
-            "promotion_blocked",
-            format!(
-                "deployment {} is a {} that is {}: only a succeeded deployment is promoted",
-                d.id, d.kind, d.status
-            ),
-        ));
-    }
-    if !state.config.promotion.contains(&d.environment) {
-        return Err(ApiError::conflict(
-            "promotion_blocked",
-            format!(
-                "environment {} is not in fleet.toml's `promotion` ({})",
-                d.environment,
-                state.config.promotion.join(" → ")
-            ),
-        ));
-    }
-    state.config.next_environment(&d.environment).map(str::to_string).ok_or_else(|| {
-        ApiError::conflict("promotion_blocked", format!("{} is the last environment of `promotion`", d.environment))
-    })
 }
 
 /// `POST /api/v1/deployments/{id}/approve`: approves promoting the deployment's version to the
@@ -799,8 +703,7 @@ async fn approve(
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult {
     let d = deployment_row(&state, &id)?;
-    let next = promotion_target(&state, &d)?;
-    state.reg(|r| r.approve(&id, &next, &who.0))?;
+    let next = promote::approve(&state.config, state.registry.as_ref(), &d, &who.0)?;
     Ok(noted(
         StatusCode::CREATED,
         &id,
@@ -817,7 +720,7 @@ struct PromoteRequest {
 
 /// `POST /api/v1/deployments/{id}/promote`: deploys a succeeded deployment's version to the next
 /// environment of `promotion` — once its smoke tests passed and, where required, another
-/// identity approved.
+/// identity approved (the rules: [`promote::check`]).
 async fn promote(
     State(state): State<Shared>,
     Extension(who): Extension<Identity>,
@@ -828,131 +731,17 @@ async fn promote(
     if let Some(target) = &req.environment {
         environment(&state, target, StatusCode::UNPROCESSABLE_ENTITY)?;
     }
-    let next = promotion_target(&state, &d)?;
-    if let Some(target) = req.environment.as_deref().filter(|t| *t != next) {
-        return Err(ApiError::conflict(
-            "promotion_skips",
-            format!(
-                "{} is promoted to {next} next, not {target} (`promotion` = {})",
-                d.environment,
-                state.config.promotion.join(" → ")
-            ),
-        ));
+    let p = promote::check(&state.config, state.registry.as_ref(), &d, &who.0, req.environment.as_deref())?;
+    let new = start_deploy(&state, &p.next, &p.version, &who, Some(id.clone()), true).await?;
+    if let Some(by) = p.approver {
+        state.registry.use_approval(&id, &p.next, &by, &new)?;
     }
-    if let Some(latest) = state.reg(|r| r.latest_deployment(&d.environment))?
-        && latest != d.id
-    {
-        return Err(ApiError::conflict(
-            "promotion_blocked",
-            format!(
-                "{} has run deployment {latest} since {}: promote what the environment runs now",
-                d.environment, d.id
-            ),
-        ));
-    }
-    let version = state.reg(|r| r.version(&d.version))?;
-    if version.as_ref().is_none_or(|v| v.manifest_hash != d.manifest_hash) {
-        return Err(ApiError::conflict(
-            "promotion_blocked",
-            format!(
-                "deployment {id} did not deploy the registered version {} (it was run outside the API, or the version was registered with other content): register it, deploy it to {} through the API, then promote that",
-                d.version, d.environment
-            ),
-        ));
-    }
-    smoke_gate(&state, &d)?;
-    let target_env = environment(&state, &next, StatusCode::CONFLICT)?;
-    let mut approver = None;
-    if target_env.require_approval {
-        let approvals = state.reg(|r| r.approvals(&id))?;
-        let usable: Vec<_> = approvals.iter().filter(|a| a.environment == next && a.used_by.is_none()).collect();
-        approver = usable.iter().find(|a| !same_person(&a.approved_by, &who.0)).map(|a| a.approved_by.clone());
-        if approver.is_none() {
-            let mut notes = Vec::new();
-            if usable.iter().any(|a| same_person(&a.approved_by, &who.0)) {
-                notes.push("an approval by the promoter does not count");
-            }
-            if approvals
-                .iter()
-                .any(|a| a.environment == next && a.used_by.is_some() && !same_person(&a.approved_by, &who.0))
-            {
-                notes.push("an approval is good for one promotion, and the earlier ones are used");
-            }
-            let why = if notes.is_empty() { String::new() } else { format!(" ({})", notes.join("; ")) };
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "approval_required",
-                format!(
-                    "promoting {} to {next} needs an approval by an identity other than {}{why}: POST /api/v1/deployments/{id}/approve",
-                    d.version, who.0
-                ),
-            ));
-        }
-    }
-    let new =
-        start_deploy(&state, &next, &d.version, &d.artifact, &d.manifest_hash, &who, Some(id.clone()), true).await?;
-    if let Some(by) = approver {
-        state.reg(|r| r.use_approval(&id, &next, &by, &new))?;
-    }
-    Ok(accepted(&new, &next))
-}
-
-/// The same person behind two identities: `cert:alice` and `token:alice` are one.
-fn same_person(a: &str, b: &str) -> bool {
-    let name = |s: &str| s.split_once(':').map_or(s, |(_, n)| n).to_string();
-    name(a) == name(b)
-}
-
-/// Whether `d`'s smoke tests let it go further: the newest run that counts (the environment's
-/// own checks, where it has some; run after the deployment finished; with at least one result)
-/// must have passed. Runs made while it was paused tested hosts that had not switched yet.
-fn smoke_gate(state: &Shared, d: &crate::registry::DeploymentRow) -> Result<(), ApiError> {
-    let env = environment(state, &d.environment, StatusCode::CONFLICT)?;
-    let runs = state.reg(|r| r.smoke_runs(&d.id))?;
-    let finished = d.finished_ms.unwrap_or(i64::MAX);
-    let counted = runs.iter().rev().find(|r| {
-        (r.env_checks || env.smoke.is_empty())
-            && r.started_ms >= finished
-            && r.results.as_array().is_some_and(|a| !a.is_empty())
-    });
-    match counted {
-        Some(run) if !run.passed => {
-            let failed: Vec<String> = run
-                .results
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter(|r| r["passed"] == false)
-                .map(|r| {
-                    let on = r["host"].as_str().map(|h| format!(" on {h}")).unwrap_or_default();
-                    format!("{}{on}: {}", r["name"].as_str().unwrap_or("?"), r["error"].as_str().unwrap_or("failed"))
-                })
-                .collect();
-            Err(ApiError::conflict(
-                "smoke_failed",
-                format!(
-                    "smoke tests of deployment {} failed (run {} by {}: {}); fix it and run them again",
-                    d.id,
-                    run.id,
-                    run.run_by,
-                    failed.join("; ")
-                ),
-            ))
-        }
-        None if !env.smoke.is_empty() => Err(ApiError::conflict(
-            "smoke_not_run",
-            format!(
-                "the smoke tests of {} have not run against deployment {} since it finished: POST /api/v1/deployments/{}/smoke first",
-                d.environment, d.id, d.id
-            ),
-        )),
-        _ => Ok(()),
-    }
+    Ok(accepted(&new, &p.next))
 }
 
 /// The deployment holding its environment's lock, or why `id` is not it.
 fn holder(state: &Shared, d: &crate::registry::DeploymentRow) -> Result<(), ApiError> {
-    match state.reg(|r| r.lock_of(&d.environment))? {
+    match state.registry.lock_of(&d.environment)? {
         Some(lock) if lock.deployment_id == d.id => Ok(()),
         _ => Err(ApiError::conflict(
             "not_in_progress",
@@ -969,7 +758,7 @@ async fn continue_canary(
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult {
     let d = deployment_row(&state, &id)?;
-    if d.status != "paused" {
+    if d.status != DeploymentStatus::Paused {
         return Err(ApiError::conflict(
             "not_paused",
             format!("deployment {id} is {}, not paused at a canary step", d.status),
@@ -1004,29 +793,36 @@ async fn cancel(
 ) -> ApiResult {
     let d = deployment_row(&state, &id)?;
     if let Some(job) = state.jobs.get(&id).filter(|j| !j.done()) {
-        job.cancel.store(true, std::sync::atomic::Ordering::SeqCst);
+        job.cancel.cancel();
         job.changed.notify_waiters();
         return Ok(noted(StatusCode::ACCEPTED, &id, json!({ "deployment_id": id, "status": "cancelling" })));
     }
-    match d.status.as_str() {
-        "paused" => {
+    match d.status {
+        DeploymentStatus::Paused => {
             holder(&state, &d)?;
             jobs::start(&state, &d.environment, &who.0, None, Op::CancelPaused).await?;
             Ok(noted(StatusCode::ACCEPTED, &id, json!({ "deployment_id": id, "status": "cancelling" })))
         }
-        "pending" | "running" if !run_elsewhere(&state, &id, &d.environment) => Err(ApiError::conflict(
-            "coordinator_gone",
-            format!(
-                "deployment {id} was left by a coordinator that is gone: resume it (POST /api/v1/deployments/{id}/resume) or roll the environment back"
-            ),
-        )),
-        "pending" | "running" => Err(ApiError::conflict(
+        DeploymentStatus::Pending | DeploymentStatus::Running if !run_elsewhere(&state, &id, &d.environment) => {
+            Err(ApiError::conflict(
+                "coordinator_gone",
+                format!(
+                    "deployment {id} was left by a coordinator that is gone: resume it (POST /api/v1/deployments/{id}/resume) or roll the environment back"
+                ),
+            ))
+        }
+        DeploymentStatus::Pending | DeploymentStatus::Running => Err(ApiError::conflict(
             "not_here",
             format!(
                 "deployment {id} is run by another coordinator process: stop it there (Ctrl-C), or roll the environment back"
             ),
         )),
-        other => Err(ApiError::conflict("finished", format!("deployment {id} is {other}: there is nothing to cancel"))),
+        DeploymentStatus::Succeeded
+        | DeploymentStatus::Failed
+        | DeploymentStatus::RolledBack
+        | DeploymentStatus::Cancelled => {
+            Err(ApiError::conflict("finished", format!("deployment {id} is {}: there is nothing to cancel", d.status)))
+        }
     }
 }
 
@@ -1034,6 +830,6 @@ async fn report(State(state): State<Shared>, ApiQuery(q): ApiQuery<EnvironmentQu
     if let Some(env) = &q.environment {
         environment(&state, env, StatusCode::UNPROCESSABLE_ENTITY)?;
     }
-    let rows = state.reg(|r| r.report(q.environment.as_deref()))?;
+    let rows = state.registry.report(q.environment.as_deref())?;
     Ok(Json(json!({ "environments": rows })).into_response())
 }

@@ -7,8 +7,9 @@ use axum::http::header::AUTHORIZATION;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use super::api::ApiError;
+use super::error::ApiError;
 use super::{AuditLine, Peer, Shared};
+use crate::commands::token::sha256;
 
 /// One configured token: its name and the SHA-256 of its secret.
 pub struct Token {
@@ -22,25 +23,6 @@ impl Token {
         let bytes = hex::decode(&t.sha256).ok()?;
         Some(Token { name: t.name.clone(), sha256: bytes.try_into().ok()? })
     }
-}
-
-pub fn sha256(s: &str) -> [u8; 32] {
-    let d = ring::digest::digest(&ring::digest::SHA256, s.as_bytes());
-    let mut out = [0u8; 32];
-    out.copy_from_slice(d.as_ref());
-    out
-}
-
-pub fn sha256_hex(s: &str) -> String {
-    hex::encode(sha256(s))
-}
-
-/// A fresh random token: 32 bytes, hex.
-pub fn new_token() -> anyhow::Result<String> {
-    use ring::rand::SecureRandom;
-    let mut bytes = [0u8; 32];
-    ring::rand::SystemRandom::new().fill(&mut bytes).map_err(|_| anyhow::anyhow!("no randomness from the system"))?;
-    Ok(format!("ferry_{}", hex::encode(bytes)))
 }
 
 /// The authenticated caller: `cert:NAME` or `token:NAME`. Handlers take it as an extension.
@@ -123,22 +105,4 @@ pub async fn authenticate(State(state): State<Shared>, mut req: Request, next: N
         .await;
     tracing::info!(who, method, path, status = response.status().as_u16(), "api call");
     response
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sha256_matches_the_coreutils_digest() {
-        // printf %s abc | sha256sum
-        assert_eq!(sha256_hex("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
-    }
-
-    #[test]
-    fn new_tokens_differ_and_are_long() {
-        let (a, b) = (new_token().expect("random"), new_token().expect("random"));
-        assert_ne!(a, b);
-        assert_eq!(a.len(), "ferry_".len() + 64);
-    }
 }

@@ -1,17 +1,20 @@
-//! The rollouts `ferry serve` runs: each in its own task on the shared engine, with its own
-//! cancel flag and a log of its progress lines for the event stream.
+//! The rollouts `ferry serve` runs: each recorded by its use case before the API answers (so the
+//! answer carries the deployment id, or the exact refusal), then run in a tracked task of its
+//! own with its own cancel token and a log of its progress lines for the event stream.
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use serde::Serialize;
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::Shared;
-use super::api::ApiError;
+use super::error::ApiError;
 use crate::artifact::Artifact;
-use crate::commands::deploy::{DeployReport, Observer};
-use crate::commands::rollout;
+use crate::commands::{self, Ctx};
+use crate::rollout::{Event, Observer, Rollback};
 
 /// A progress line of a running deployment.
 #[derive(Debug, Clone, Serialize)]
@@ -26,7 +29,8 @@ pub struct Job {
     pub environment: String,
     id: OnceLock<String>,
     lines: Mutex<Vec<Line>>,
-    pub cancel: AtomicBool,
+    /// Cancelled: the rollout finishes its hosts in flight, then stops.
+    pub cancel: CancellationToken,
     done: AtomicBool,
     /// Woken on every line, and at the end.
     pub changed: Notify,
@@ -40,6 +44,13 @@ impl Job {
     pub fn done(&self) -> bool {
         self.done.load(Ordering::SeqCst)
     }
+
+    fn push(&self, host: &str, message: String) {
+        if let Ok(mut lines) = self.lines.lock() {
+            lines.push(Line { time_ms: crate::registry::now_ms(), host: host.to_string(), message });
+        }
+        self.changed.notify_waiters();
+    }
 }
 
 /// The jobs of this server: by deployment id, and which environment each runs in.
@@ -49,8 +60,9 @@ pub struct Jobs {
     /// Environments with a job in flight (taken before the engine's own registry lock, so two
     /// calls of this server never race for an environment).
     busy: Mutex<HashMap<String, Arc<Job>>>,
-    idle: Notify,
-    /// Set on SIGTERM: no new job starts.
+    /// Every job's task.
+    tasks: TaskTracker,
+    /// Set on shutdown: no new job starts.
     stopping: AtomicBool,
 }
 
@@ -69,19 +81,15 @@ impl Jobs {
         self.stopping.store(true, Ordering::SeqCst);
         if let Ok(busy) = self.busy.lock() {
             for job in busy.values() {
-                job.cancel.store(true, Ordering::SeqCst);
+                job.cancel.cancel();
             }
         }
     }
 
+    /// Waits until every job's task has ended (call after [`Jobs::cancel_all`]).
     pub async fn wait_idle(&self) {
-        loop {
-            let idle = self.idle.notified();
-            if self.busy.lock().map(|b| b.is_empty()).unwrap_or(true) {
-                return;
-            }
-            idle.await;
-        }
+        self.tasks.close();
+        self.tasks.wait().await;
     }
 }
 
@@ -104,47 +112,30 @@ pub enum Op {
     CancelPaused,
 }
 
-struct JobObserver {
-    state: Shared,
-    job: Arc<Job>,
-    who: String,
-    promoted_from: Option<String>,
-    started: Mutex<Option<oneshot::Sender<String>>>,
+/// What is left to run once the deployment is recorded.
+enum Run {
+    Deploy(Arc<Artifact>),
+    Rollback(Rollback),
+    Nothing,
 }
+
+/// A job's events as progress lines (and wake-ups for the event stream).
+struct JobObserver(Arc<Job>);
 
 impl Observer for JobObserver {
-    fn line(&self, host: &str, msg: &str) {
-        tracing::info!(environment = self.job.environment, host, "{msg}");
-        if let Ok(mut lines) = self.job.lines.lock() {
-            lines.push(Line { time_ms: crate::registry::now_ms(), host: host.to_string(), message: msg.to_string() });
-        }
-        self.job.changed.notify_waiters();
-    }
-
-    fn state(&self, _host: &str, _state: crate::state::HostState) {
-        self.job.changed.notify_waiters();
-    }
-
-    fn started(&self, id: &str) {
-        let _ = self.job.id.set(id.to_string());
-        if let Ok(mut by_id) = self.state.jobs.by_id.lock() {
-            by_id.insert(id.to_string(), self.job.clone());
-        }
-        if let Ok(reg) = self.state.registry.lock()
-            && let Err(e) = reg
-                .set_requested_by(id, &self.who, self.promoted_from.as_deref())
-                .and_then(|()| reg.event(id, None, "requested", &format!("by {} through the API", self.who)))
-        {
-            tracing::error!("deployment {id}: cannot record who asked for it: {e}");
-        }
-        if let Some(tx) = self.started.lock().ok().and_then(|mut s| s.take()) {
-            let _ = tx.send(id.to_string());
+    fn event(&self, event: &Event<'_>) {
+        match crate::ui::event_line(event) {
+            Some((host, line)) => {
+                tracing::info!(environment = self.0.environment, host, "{line}");
+                self.0.push(host, line);
+            }
+            None => self.0.changed.notify_waiters(),
         }
     }
 }
 
-/// Ends a job however its task ends (a panic included): marks it done, frees its environment
-/// and wakes whoever follows it.
+/// Ends a job however it ends (an error, a panic included): marks it done, frees its
+/// environment and wakes whoever follows it.
 struct Finished {
     state: Shared,
     job: Arc<Job>,
@@ -159,15 +150,27 @@ impl Drop for Finished {
             busy.remove(&self.job.environment);
         }
         self.job.changed.notify_waiters();
-        self.state.jobs.idle.notify_waiters();
     }
 }
 
 /// Jobs kept (for their progress lines) after they end.
 const KEEP_ENDED: usize = 100;
 
-/// Starts `op` in `env` for `who` and returns the deployment id as soon as the registry holds
-/// it; an error before that (environment locked, nothing to continue, …) is the answer instead.
+/// The use cases' context for a job of this server.
+fn job_ctx<'a>(state: &'a Shared, fleet: &'a crate::fleet::grpc::Grpc<'a>, observer: &'a JobObserver) -> Ctx<'a> {
+    Ctx {
+        config: &state.config,
+        fleet,
+        registry: state.registry.as_ref(),
+        cache: state.cache.as_ref(),
+        observer,
+        cancel: &observer.0.cancel,
+        force_unlock: false,
+    }
+}
+
+/// Records `op` in `env` for `who` and starts running it; the deployment id, or the refusal
+/// (environment locked, nothing to continue, …) with its exact status code.
 pub async fn start(
     state: &Shared,
     env: &str,
@@ -175,14 +178,6 @@ pub async fn start(
     promoted_from: Option<String>,
     op: Op,
 ) -> Result<String, ApiError> {
-    let job = Arc::new(Job {
-        environment: env.to_string(),
-        id: OnceLock::new(),
-        lines: Mutex::new(Vec::new()),
-        cancel: AtomicBool::new(false),
-        done: AtomicBool::new(false),
-        changed: Notify::new(),
-    });
     if state.jobs.stopping.load(Ordering::SeqCst) {
         return Err(ApiError::new(
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
@@ -195,6 +190,14 @@ pub async fn start(
     {
         by_id.retain(|_, j| !j.done());
     }
+    let job = Arc::new(Job {
+        environment: env.to_string(),
+        id: OnceLock::new(),
+        lines: Mutex::new(Vec::new()),
+        cancel: CancellationToken::new(),
+        done: AtomicBool::new(false),
+        changed: Notify::new(),
+    });
     {
         let mut busy = state.jobs.busy.lock().map_err(|_| ApiError::internal("job table poisoned"))?;
         if let Some(other) = busy.get(env) {
@@ -207,51 +210,50 @@ pub async fn start(
         }
         busy.insert(env.to_string(), job.clone());
     }
-    let (tx, rx) = oneshot::channel();
-    let observer = JobObserver {
-        state: state.clone(),
-        job: job.clone(),
-        who: who.to_string(),
-        promoted_from,
-        started: Mutex::new(Some(tx)),
-    };
-    let (state2, env2) = (state.clone(), env.to_string());
-    let mut handle = tokio::spawn(async move {
-        let _finished = Finished { state: state2.clone(), job: observer.job.clone() };
-        let result = run(&state2, &env2, &observer, op).await;
-        if let Err(e) = &result {
-            observer.line("ferry", &format!("error: {e:#}"));
-        }
-        result
-    });
-    tokio::select! {
-        // The id first: a run that recorded its deployment and then failed still answers with it.
-        biased;
-        Ok(id) = rx => Ok(id),
-        joined = &mut handle => match joined {
-            Ok(Ok(report)) => Ok(report.deployment_id),
-            Ok(Err(e)) => Err(ApiError::conflict("not_started", format!("{e:#}"))),
-            Err(e) => Err(ApiError::internal(format!("the rollout task failed: {e}"))),
-        },
-    }
-}
-
-async fn run(state: &Shared, env: &str, observer: &JobObserver, op: Op) -> anyhow::Result<DeployReport> {
-    let ctx = rollout::Ctx {
-        config: &state.config,
-        env,
-        tls: &state.tls,
-        registry: &state.registry,
-        progress: observer,
-        cancel: &observer.job.cancel,
-        force_unlock: false,
-    };
-    match op {
+    // From here the environment is reserved: a refusal below frees it when `finished` drops.
+    let finished = Finished { state: state.clone(), job: job.clone() };
+    let observer = JobObserver(job.clone());
+    let fleet = state.fleet();
+    let ctx = job_ctx(state, &fleet, &observer);
+    let recorded: Result<(String, Run), commands::Error> = match op {
         Op::Deploy { artifact, version, prestage } => {
-            rollout::deploy(&ctx, artifact, &version, state.cache.as_ref(), prestage).await
+            commands::deploy::start(&ctx, env, &artifact, &version, prestage).map(|id| (id, Run::Deploy(artifact)))
         }
-        Op::Rollback { to } => rollout::rollback(&ctx, to.as_deref()).await,
-        Op::Resume { paused_only } => rollout::resume(&ctx, state.cache.as_ref(), paused_only).await,
-        Op::CancelPaused => rollout::cancel_paused(&ctx),
+        Op::Rollback { to } => {
+            commands::rollback::start(&ctx, env, to.as_deref()).map(|r| (r.id().to_string(), Run::Rollback(r)))
+        }
+        Op::Resume { paused_only } => match commands::resume::prepare(&ctx, env, paused_only).await {
+            Ok((d, artifact)) => commands::resume::take_over(&ctx, env, &d).map(|()| (d.id, Run::Deploy(artifact))),
+            Err(e) => Err(e),
+        },
+        Op::CancelPaused => commands::resume::cancel_paused(&ctx, env).map(|r| (r.deployment_id, Run::Nothing)),
+    };
+    let (id, run) = recorded?;
+    let _ = job.id.set(id.clone());
+    if let Ok(mut by_id) = state.jobs.by_id.lock() {
+        by_id.insert(id.clone(), job.clone());
     }
+    let requested = state
+        .registry
+        .set_requested_by(&id, who, promoted_from.as_deref())
+        .and_then(|()| state.registry.event(&id, None, "requested", &format!("by {who} through the API")));
+    if let Err(e) = requested {
+        tracing::error!("deployment {id}: cannot record who asked for it: {e}");
+    }
+    let (state, env, task_id) = (state.clone(), env.to_string(), id.clone());
+    state.jobs.tasks.clone().spawn(async move {
+        let _finished = finished;
+        let fleet = state.fleet();
+        let ctx = job_ctx(&state, &fleet, &observer);
+        let result = match run {
+            Run::Deploy(artifact) => commands::deploy::run(&ctx, &env, &task_id, artifact).await.map(drop),
+            Run::Rollback(r) => commands::rollback::run(&ctx, &env, &r).await.map(drop),
+            Run::Nothing => Ok(()),
+        };
+        if let Err(e) = result {
+            tracing::error!(deployment_id = task_id, "{e}");
+            observer.0.push("ferry", format!("error: {e}"));
+        }
+    });
+    Ok(id)
 }

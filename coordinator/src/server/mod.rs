@@ -7,9 +7,15 @@
 //! call is appended to the API audit log (who, what, status, deployment) before its response
 //! leaves. Long operations (deployments, rollbacks) answer at once with the deployment id; their
 //! progress streams as server-sent events from `/api/v1/deployments/{id}/events`.
+//!
+//! HTTP only: every rule of what may be deployed, promoted or continued lives in the use cases
+//! (`crate::commands`); [`error`] turns their errors into status codes, in one place. [`serve`]
+//! takes its shutdown as a token (`main` owns the signals), caps its connections, and tracks
+//! every task it starts.
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use ferry_proto::audit_file::AuditFile;
@@ -17,23 +23,35 @@ use ferry_proto::identity::{self, CertIdentity, Role};
 use rustls::RootCertStore;
 use rustls::server::WebPkiClientVerifier;
 use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::cache::Cache;
 use crate::config::FleetConfig;
+use crate::fleet::grpc::Grpc;
 use crate::registry::Registry;
+use crate::registry::sqlite::Sqlite;
 use crate::tls::ClientTls;
 
 pub mod api;
 pub mod auth;
+pub mod error;
 pub mod jobs;
 pub mod openapi;
 pub mod smoke;
+
+/// Connections served at once; more wait in the kernel's backlog until one ends.
+pub const MAX_CONNECTIONS: usize = 512;
+/// How long a TLS handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long open connections (event streams) get to end once the deployments have stopped.
+const DRAIN: Duration = Duration::from_secs(5);
 
 /// Everything the handlers share.
 pub struct AppState {
     pub config: FleetConfig,
     pub tls: ClientTls,
-    pub registry: Mutex<Registry>,
+    pub registry: Box<dyn Registry>,
     pub cache: Option<Cache>,
     pub artifacts_dir: PathBuf,
     /// Where registered artifacts may be read from: `artifacts_dir` and `[server] artifact_roots`,
@@ -53,7 +71,7 @@ impl AppState {
         let state_dir =
             config.state_dir().context("no registry: set `registry` in fleet.toml (there is no HOME to default to)")?;
         let registry_path = config.registry_path().context("no registry path")?;
-        let registry = Registry::open(&registry_path)?;
+        let registry = Sqlite::open(&registry_path)?;
         let artifacts_dir = config.server.artifacts_dir.clone().unwrap_or_else(|| state_dir.join("artifacts"));
         std::fs::create_dir_all(&artifacts_dir)
             .with_context(|| format!("[server] artifacts_dir {}: cannot create it", artifacts_dir.display()))?;
@@ -79,7 +97,7 @@ impl AppState {
         Ok(AppState {
             config,
             tls,
-            registry: Mutex::new(registry),
+            registry: Box::new(registry),
             cache,
             artifacts_dir,
             artifact_roots,
@@ -89,14 +107,9 @@ impl AppState {
         })
     }
 
-    /// Runs `f` on the registry.
-    pub fn reg<T>(
-        &self,
-        f: impl FnOnce(&mut Registry) -> Result<T, crate::registry::RegistryError>,
-    ) -> Result<T, api::ApiError> {
-        let mut reg =
-            self.registry.lock().map_err(|_| api::ApiError::internal("the registry is poisoned by a panic"))?;
-        f(&mut reg).map_err(|e| api::ApiError::internal(format!("{e}")))
+    /// The agents of fleet.toml.
+    pub fn fleet(&self) -> Grpc<'_> {
+        Grpc { config: &self.config, tls: &self.tls, cache: self.cache.as_ref() }
     }
 }
 
@@ -173,90 +186,103 @@ fn server_tls(config: &FleetConfig) -> anyhow::Result<rustls::ServerConfig> {
 #[derive(Debug, Clone)]
 pub struct Peer(pub Option<CertIdentity>);
 
-/// Serves the API until SIGTERM or Ctrl-C; then waits for the deployments it runs to reach a
-/// safe point (their hosts in flight finish, the rest are recorded cancelled).
-pub async fn serve(config: FleetConfig, tls: ClientTls, ready: impl FnOnce(SocketAddr)) -> anyhow::Result<()> {
+/// Serves the API until `shutdown` is cancelled; then stops taking connections, asks the
+/// deployments it runs to stop after their hosts in flight, and returns once they reached that
+/// safe point (open event streams get [`DRAIN`] to end). Installs no signal handler.
+pub async fn serve(
+    config: FleetConfig,
+    tls: ClientTls,
+    ready: impl FnOnce(SocketAddr),
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let listen: SocketAddr = config.server.listen.parse().context("[server] listen")?;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_tls(&config)?));
     let state: Shared = Arc::new(AppState::load(config, tls)?);
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("[server] listen {listen}: cannot listen there"))?;
-    let local = listener.local_addr()?;
-    ready(local);
+    ready(listener.local_addr()?);
     let router = api::router(state.clone());
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let connections = TaskTracker::new();
     loop {
+        // A free slot first: past the cap, connections wait in the backlog, not in memory.
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot?,
+            () = shutdown.cancelled() => break,
+        };
         let (tcp, addr) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
                     tracing::warn!("accept: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             },
-            _ = tokio::signal::ctrl_c() => break,
-            _ = term.recv() => break,
+            () = shutdown.cancelled() => break,
         };
-        let (acceptor, router) = (acceptor.clone(), router.clone());
-        tokio::spawn(async move {
-            let handshake = tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp)).await;
-            let stream = match handshake {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::info!(%addr, "TLS handshake refused: {e}");
-                    return;
-                }
-                Err(_) => {
-                    tracing::info!(%addr, "TLS handshake timed out");
-                    return;
-                }
-            };
-            let peer = stream
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .and_then(|der| CertIdentity::from_der(der).ok());
-            let service = router.layer(axum::Extension(Peer(peer)));
-            let service = hyper_util::service::TowerToHyperService::new(service);
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(30))
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-            if let Err(e) = conn.await {
-                tracing::debug!(%addr, "connection: {e}");
-            }
+        let (acceptor, router, stop) = (acceptor.clone(), router.clone(), shutdown.clone());
+        connections.spawn(async move {
+            let _slot = slot;
+            serve_connection(acceptor, router, tcp, addr, stop).await;
         });
     }
     drop(listener);
-    eprintln!(
-        "ferry serve: stopping; deployments in flight finish their current hosts, then stop (signal again to stop at once)"
-    );
+    tracing::info!("stopping: deployments in flight finish their current hosts, then stop");
     state.jobs.cancel_all();
-    tokio::select! {
-        () = state.jobs.wait_idle() => Ok(()),
-        _ = tokio::signal::ctrl_c() => stop_now(),
-        _ = term.recv() => stop_now(),
+    state.jobs.wait_idle().await;
+    connections.close();
+    if tokio::time::timeout(DRAIN, connections.wait()).await.is_err() {
+        tracing::info!("closing the event streams still open");
     }
+    Ok(())
 }
 
-/// A second signal: the hooks' process groups are killed and the server exits; the registry
-/// says where each deployment stood (`resume` or `rollback` picks up).
-fn stop_now() -> anyhow::Result<()> {
-    crate::commands::rollout::kill_hooks();
-    anyhow::bail!("stopped at once by a second signal; deployments in flight are left for `resume` or `rollback`")
+/// One connection: TLS (bounded), then HTTP/1.1 until the client closes it or the server stops.
+async fn serve_connection(
+    acceptor: tokio_rustls::TlsAcceptor,
+    router: axum::Router,
+    tcp: tokio::net::TcpStream,
+    addr: SocketAddr,
+    stop: CancellationToken,
+) {
+    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::info!(%addr, "TLS handshake refused: {e}");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(%addr, "TLS handshake timed out");
+            return;
+        }
+    };
+    let peer =
+        stream.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|der| CertIdentity::from_der(der).ok());
+    let service = router.layer(axum::Extension(Peer(peer)));
+    let service = hyper_util::service::TowerToHyperService::new(service);
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30))
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+    let mut conn = std::pin::pin!(conn);
+    let ended = tokio::select! {
+        ended = conn.as_mut() => ended,
+        () = stop.cancelled() => {
+            // Finish the request in flight, take no more.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = ended {
+        tracing::debug!(%addr, "connection: {e}");
+    }
 }
 
 /// The roles whose certificates may call the API.
 pub fn api_role(role: Option<Role>) -> bool {
     matches!(role, Some(Role::Coordinator | Role::Operator))
-}
-
-/// Tokens by name, for tests and `ferry token new`.
-pub fn token_lines(name: &str, token: &str) -> String {
-    format!("[[server.tokens]]\nname = \"{name}\"\nsha256 = \"{}\"\n", auth::sha256_hex(token))
 }
 
 #[cfg(test)]

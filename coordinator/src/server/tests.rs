@@ -10,7 +10,7 @@ use ferry_proto::identity::{CertIdentity, Role};
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
-use super::{AppState, Peer, Shared, api, auth, openapi};
+use super::{AppState, Peer, Shared, api, openapi};
 use crate::config::FleetConfig;
 use crate::pki::{self, CertRequest, Validity};
 use crate::registry::NewDeployment;
@@ -69,8 +69,8 @@ timeout = "2s"
 hosts = {{ web-2 = "127.0.0.1:10" }}
 require_approval = true
 "#,
-        auth::sha256_hex(CI),
-        auth::sha256_hex(RM),
+        crate::commands::token::sha256_hex(CI),
+        crate::commands::token::sha256_hex(RM),
     );
     let path = root.join("fleet.toml");
     std::fs::write(&path, toml).expect("write fleet.toml");
@@ -116,10 +116,10 @@ impl Api {
     /// A succeeded deployment of `version` (artifact `dir`) to `env`, as if run earlier.
     fn succeeded(&self, id: &str, env: &str, version: &str, dir: &std::path::Path) {
         let a = crate::artifact::Artifact::scan(dir, None).expect("scan");
-        let mut reg = self.state.registry.lock().expect("registry");
+        let reg = self.state.registry.as_ref();
         reg.create(&NewDeployment {
             id,
-            kind: "deploy",
+            kind: crate::state::DeploymentKind::Deploy,
             environment: env,
             version,
             release_id: &a.release_id(version),
@@ -129,7 +129,7 @@ impl Api {
             hosts: &[("web-1".to_string(), 0)],
         })
         .expect("create");
-        reg.set_status(id, "succeeded", None).expect("status");
+        reg.set_status(id, crate::state::DeploymentStatus::Succeeded, None).expect("status");
     }
 
     fn artifact(&self, name: &str) -> std::path::PathBuf {

@@ -6,7 +6,8 @@ use std::io::Write;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use crate::commands::deploy::{Observer, Transfer};
+use crate::fleet::Transfer;
+use crate::rollout::{Event, Observer};
 use crate::state::HostState;
 
 /// How often the terminal view is redrawn (bytes and clocks move between events).
@@ -134,7 +135,22 @@ impl Live {
 }
 
 impl Observer for Live {
-    fn line(&self, host: &str, msg: &str) {
+    fn event(&self, event: &Event<'_>) {
+        match event {
+            Event::HostState { host, state } => self.state(host, *state),
+            Event::Transfer { host, transfer } => self.transfer(host, transfer),
+            other => {
+                if let Some((host, line)) = super::event_line(other) {
+                    self.line(host, &line);
+                }
+            }
+        }
+    }
+}
+
+impl Live {
+    /// A line about `host` (`"ferry"`: about the rollout itself).
+    pub fn line(&self, host: &str, msg: &str) {
         if !self.tty {
             super::out(&format!("  {host}: {msg}"));
         } else if host == "ferry" {
@@ -148,7 +164,8 @@ impl Observer for Live {
         }
     }
 
-    fn state(&self, host: &str, state: HostState) {
+    /// `host` moved to `state`.
+    pub fn state(&self, host: &str, state: HostState) {
         let now = Instant::now();
         self.with_host(host, |h| {
             h.row.state = Some(state);

@@ -196,7 +196,7 @@ fn bench_api(mb: u64) -> Result<(), String> {
              [[server.tokens]]\nname = \"bench\"\nsha256 = \"{}\"\n",
             api.cert.display(),
             api.key.display(),
-            ferry_coordinator::server::auth::sha256_hex(TOKEN)
+            ferry_coordinator::commands::token::sha256_hex(TOKEN)
         ),
     );
     let text = std::fs::read_to_string(&config).map_err(|e| e.to_string())?;

@@ -1,5 +1,6 @@
-//! The output layer: every verb's result rendered as human text or as JSON (`--output json`).
-//! The only place that prints to stdout. The last human line always states the final state.
+//! The output layer: every verb's result rendered as human text or as JSON (`--output json`),
+//! and the rollout's events worded for people ([`event_line`], the live view). The only place
+//! that prints to stdout. The last human line always states the final state.
 use std::io::Write;
 
 use comfy_table::{ContentArrangement, Table, presets};
@@ -7,8 +8,14 @@ use serde::Serialize;
 
 use crate::commands::ca::CaInitOutcome;
 use crate::commands::cert::{CertInfo, IssueOutcome};
-use crate::commands::deploy::{DeployReport, DeploymentStatus, HostOutcome};
+use crate::commands::plan::PlanView;
 use crate::commands::status::StatusReport;
+use crate::commands::token::NewToken;
+use crate::rollout::{DeployReport, HostOutcome};
+use crate::state::DeploymentStatus;
+
+mod events;
+pub use events::event_line;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -179,9 +186,6 @@ pub fn progress(format: Format) -> Option<std::sync::Arc<Live>> {
     (format == Format::Human).then(Live::stdout)
 }
 
-/// Reports nothing (JSON output).
-pub fn quiet(_: &str, _: &str) {}
-
 pub fn deploy_start(a: &crate::artifact::Artifact, version: &str, env: &str, format: Format) {
     if format == Format::Human {
         out(&format!(
@@ -194,16 +198,13 @@ pub fn deploy_start(a: &crate::artifact::Artifact, version: &str, env: &str, for
 }
 
 /// `ferry token new`.
-pub fn token(name: &str, token: &str, config_lines: &str, format: Format) {
+pub fn token(t: &NewToken, format: Format) {
     if format == Format::Json {
-        return json(&serde_json::json!({
-            "name": name,
-            "token": token,
-            "sha256": crate::server::auth::sha256_hex(token),
-        }));
+        return json(t);
     }
     out(&format!(
-        "token for {name} (give it to the pipeline as FERRY_TOKEN; it is not stored anywhere):\n  {token}\n\nadd to fleet.toml and restart ferry serve:\n{config_lines}"
+        "token for {} (give it to the pipeline as FERRY_TOKEN; it is not stored anywhere):\n  {}\n\nadd to fleet.toml and restart ferry serve:\n{}",
+        t.name, t.token, t.config_lines
     ));
 }
 
@@ -234,6 +235,8 @@ pub fn deploy_report(r: &DeployReport, format: Format) {
         DeploymentStatus::RolledBack => "FAILED, rolled back",
         DeploymentStatus::Cancelled => "CANCELLED",
         DeploymentStatus::Paused => "paused",
+        DeploymentStatus::Pending => "pending (not started)",
+        DeploymentStatus::Running => "still running",
     };
     out(&format!(
         "deployment {} of {} to {}: {state}: {done} of {} host(s) on the release, {} sent",
@@ -246,27 +249,6 @@ pub fn deploy_report(r: &DeployReport, format: Format) {
 }
 
 /// `ferry plan`: the batches a deployment would run.
-#[derive(Debug, Serialize)]
-pub struct PlanView {
-    pub environment: String,
-    pub strategy: String,
-    pub max_failures: usize,
-    pub auto_rollback: bool,
-    pub batches: Vec<PlanBatch>,
-    /// blue-green: the group live now (null: none yet) and the group the next deployment makes live.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub live_group: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub switch_to: Option<String>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct PlanBatch {
-    pub hosts: Vec<String>,
-    /// "manual", a duration, or null.
-    pub pause_after: Option<String>,
-}
-
 pub fn plan(p: &PlanView, format: Format) {
     if format == Format::Json {
         return json(p);
@@ -307,10 +289,10 @@ pub fn history(rows: &[crate::registry::DeploymentRow], format: Format) {
         let time = d.finished_ms.map_or("-".to_string(), |f| format!("{:.1}s", (f - d.started_ms) as f64 / 1000.0));
         table.add_row(vec![
             d.id.clone(),
-            d.kind.clone(),
+            d.kind.to_string(),
             d.environment.clone(),
             d.version.clone(),
-            d.status.clone(),
+            d.status.to_string(),
             crate::registry::when(d.started_ms),
             time,
             bytes(u64::try_from(d.bytes_sent).unwrap_or(0)),

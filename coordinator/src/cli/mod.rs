@@ -1,19 +1,20 @@
-//! Command-line interface of `ferry`: flags, dispatch to the verbs, exit codes.
+//! Command-line interface of `ferry`: flags, and the one place that chooses where a verb runs:
+//! here ([`local`]) or on a `ferry serve` (`--server`, [`remote`]). Both render through the
+//! output layer and exit with the codes of [`crate::exit`].
 use std::path::PathBuf;
 
-use clap::{Args, CommandFactory, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use ferry_proto::identity::Role;
+use tokio_util::sync::CancellationToken;
 
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
-
-use crate::commands;
-use crate::commands::rollout;
-use crate::config::FleetConfig;
 use crate::exit;
-use crate::registry::Registry;
-use crate::tls::ClientTls;
-use crate::ui::{self, Format};
+use crate::rollout::DeployReport;
+use crate::state::DeploymentStatus;
+use crate::ui::Format;
+
+mod api_client;
+mod local;
+pub mod remote;
 
 /// ferry: SSH-less rolling deployments for a fleet of Linux servers.
 ///
@@ -127,7 +128,7 @@ pub enum Command {
     /// Pipeline steps on a running `ferry serve` (needs --server): register a version, smoke test
     /// a deployment, approve and promote it to the next environment, follow or cancel it.
     #[command(subcommand)]
-    Pipeline(crate::cli_remote::PipelineCommand),
+    Pipeline(remote::PipelineCommand),
     /// Print a shell completion script for ferry, e.g. `ferry completions bash >
     /// /etc/bash_completion.d/ferry` (the Debian package installs them for bash, zsh and fish).
     Completions {
@@ -317,354 +318,38 @@ pub struct StatusArgs {
     pub output: Format,
 }
 
-pub(crate) fn fail(code: u8, err: &anyhow::Error) -> u8 {
+/// Prints `err` with its causes and returns `code`.
+fn fail(code: u8, err: &anyhow::Error) -> u8 {
     eprintln!("ferry: error: {err:#}");
     code
 }
 
-/// Runs one command and returns the process exit code. A rollout command runs in a span naming
-/// it, its environment and the app, and writes `--metrics-file` when it starts and ends.
-pub async fn run(cli: Cli) -> u8 {
-    use tracing::Instrument;
-    if let Some(url) = cli.server.clone() {
-        return crate::cli_remote::run(cli, url).await;
-    }
-    if let Command::Pipeline(_) = &cli.command {
-        return fail(
-            exit::USAGE,
-            &anyhow::anyhow!("`ferry pipeline` talks to a running `ferry serve`: pass --server URL"),
-        );
-    }
-    let Some((command, config, env)) = rollout_target(&cli.command) else {
-        if let Some(path) = &cli.metrics_file {
-            eprintln!(
-                "ferry: warning: --metrics-file {} is written only by deploy, rollback, resume and promote",
-                path.display()
-            );
-        }
-        return run_command(cli.command).await;
-    };
-    let app = FleetConfig::load(&config).map(|c| c.app.name).unwrap_or_default();
-    let span = tracing::info_span!("run", command, environment = env, app);
-    let mut observed =
-        crate::metrics::Run { command, environment: env.clone(), started: crate::metrics::now(), ended: None };
-    write_metrics(cli.metrics_file.as_deref(), &config, &observed);
-    let code = run_command(cli.command).instrument(span).await;
-    observed.ended = Some((crate::metrics::now(), code));
-    write_metrics(cli.metrics_file.as_deref(), &config, &observed);
-    code
-}
-
-/// The verb, fleet.toml and environment of a rollout command.
-fn rollout_target(command: &Command) -> Option<(&'static str, PathBuf, String)> {
-    match command {
-        Command::Deploy(a) => Some(("deploy", a.config.clone(), a.env.clone())),
-        Command::Rollback(a) => Some(("rollback", a.config.clone(), a.env.clone())),
-        Command::Resume(a) => Some(("resume", a.config.clone(), a.env.clone())),
-        Command::Promote(a) => Some(("promote", a.config.clone(), a.env.clone())),
-        _ => None,
+/// Runs one command and returns the process exit code. `shutdown` is cancelled by the first
+/// SIGINT or SIGTERM (`main` owns the signals): a rollout finishes its hosts in flight, then
+/// stops; `ferry serve` stops taking calls and waits for its deployments to reach a safe point.
+pub async fn run(cli: Cli, shutdown: CancellationToken) -> u8 {
+    match cli.server.clone() {
+        Some(url) if remote::handles(&cli.command) => remote::run(cli, url).await,
+        _ => local::run(cli, &shutdown).await,
     }
 }
 
-/// `--metrics-file`: a failure to write it is reported, never a reason to fail the rollout.
-fn write_metrics(path: Option<&std::path::Path>, config: &std::path::Path, run: &crate::metrics::Run) {
-    let Some(path) = path else { return };
-    let written = FleetConfig::load(config)
-        .map_err(anyhow::Error::from)
-        .and_then(|c| open_registry(&c))
-        .and_then(|r| r.into_inner().map_err(|_| anyhow::anyhow!("registry lock poisoned")))
-        .and_then(|r| crate::metrics::write(path, &r, run));
-    if let Err(e) = written {
-        eprintln!("ferry: warning: cannot write the metrics file: {e:#}");
-    }
-}
-
-async fn run_command(command: Command) -> u8 {
-    match command {
-        Command::Ca(CaCommand::Init { out, force, days, output }) => match commands::ca::init(&out, force, days) {
-            Ok(o) => {
-                ui::ca_init(&o, output);
-                exit::SUCCESS
-            }
-            Err(e) => fail(exit::USAGE, &e),
-        },
-        Command::Cert(CertCommand::Issue { ca, name, role, sans, out, force, days, output }) => {
-            match commands::cert::issue(&ca, &name, role, &sans, &out, force, days) {
-                Ok(o) => {
-                    ui::cert_issue(&o, output);
-                    exit::SUCCESS
-                }
-                Err(e) => fail(exit::USAGE, &e),
-            }
-        }
-        Command::Cert(CertCommand::Show { file, output }) => match commands::cert::show(&file) {
-            Ok(c) => {
-                ui::cert_show(&c, output);
-                exit::SUCCESS
-            }
-            Err(e) => fail(exit::USAGE, &e),
-        },
-        Command::Status(args) => {
-            let (config, tls) = match load(&args.config) {
-                Ok(v) => v,
-                Err(e) => return fail(exit::USAGE, &e),
-            };
-            match commands::status::run(&config, &args.env, &tls).await {
-                Ok(report) => {
-                    ui::status(&report, args.output);
-                    if report.unreachable() > 0 { exit::UNREACHABLE } else { exit::SUCCESS }
-                }
-                Err(e) => fail(exit::USAGE, &e),
-            }
-        }
-        Command::Deploy(args) => {
-            let (config, tls) = match load(&args.config) {
-                Ok(v) => v,
-                Err(e) => return fail(exit::USAGE, &e),
-            };
-            if let Err(e) = ferry_proto::manifest::check_version(&args.version) {
-                return fail(exit::USAGE, &anyhow::anyhow!("--version: {e}"));
-            }
-            if let Err(e) = config.hosts(&args.env) {
-                return fail(exit::USAGE, &e.into());
-            }
-            let path = args.artifact.clone();
-            let cache = config.cache_dir().map(crate::cache::Cache::new);
-            let scan_cache = cache.clone();
-            let scanned =
-                tokio::task::spawn_blocking(move || crate::artifact::Artifact::scan(&path, scan_cache.as_ref())).await;
-            let artifact = match scanned {
-                Ok(Ok(a)) => std::sync::Arc::new(a),
-                Ok(Err(e)) => return fail(exit::USAGE, &e.into()),
-                Err(e) => return fail(exit::USAGE, &e.into()),
-            };
-            ui::deploy_start(&artifact, &args.version, &args.env, args.output);
-            let registry = match open_registry(&config) {
-                Ok(r) => r,
-                Err(e) => return fail(exit::USAGE, &e),
-            };
-            let live = ui::progress(args.output);
-            let ctx = rollout_ctx(&config, &args.env, &tls, &registry, live.as_deref(), args.force_unlock);
-            let done = rollout::deploy(&ctx, artifact, &args.version, cache.as_ref(), !args.no_prestage).await;
-            finish(done, live.as_deref(), args.output)
-        }
-        Command::Serve { config } => serve(&config).await,
-        Command::Token(TokenCommand::New { name, output }) => match crate::server::auth::new_token() {
-            Ok(token) => {
-                ui::token(&name, &token, &crate::server::token_lines(&name, &token), output);
-                exit::SUCCESS
-            }
-            Err(e) => fail(exit::USAGE, &e),
-        },
-        Command::Pipeline(_) => fail(exit::USAGE, &anyhow::anyhow!("`ferry pipeline` needs --server URL")),
-        Command::Completions { shell } => {
-            // Into a buffer first: clap_complete panics on a write error (a closed pipe, a full disk).
-            let mut script = Vec::new();
-            clap_complete::generate(shell, &mut Cli::command(), "ferry", &mut script);
-            match std::io::Write::write_all(&mut std::io::stdout().lock(), &script) {
-                Ok(()) => exit::SUCCESS,
-                Err(e) => fail(exit::USAGE, &anyhow::anyhow!("writing the {shell} completion script: {e}")),
-            }
-        }
-        Command::Rollback(args) => {
-            let (config, tls, registry) = match load_with_registry(&args.config, &args.env) {
-                Ok(v) => v,
-                Err(e) => return fail(exit::USAGE, &e),
-            };
-            let live = ui::progress(args.output);
-            let ctx = rollout_ctx(&config, &args.env, &tls, &registry, live.as_deref(), args.force_unlock);
-            finish(rollout::rollback(&ctx, args.to.as_deref()).await, live.as_deref(), args.output)
-        }
-        Command::Resume(args) => resume(&args, false).await,
-        Command::Promote(args) => resume(&args, true).await,
-        Command::Plan(args) => {
-            let config = match FleetConfig::load(&args.config) {
-                Ok(c) => c,
-                Err(e) => return fail(exit::USAGE, &e.into()),
-            };
-            match plan_view(&config, &args.env) {
-                Ok(p) => {
-                    ui::plan(&p, args.output);
-                    exit::SUCCESS
-                }
-                Err(e) => fail(exit::USAGE, &e),
-            }
-        }
-        Command::History(args) => match history_registry(&args.config) {
-            Ok(reg) => match reg.history(args.env.as_deref(), args.limit) {
-                Ok(rows) => {
-                    ui::history(&rows, args.output);
-                    exit::SUCCESS
-                }
-                Err(e) => fail(exit::USAGE, &e.into()),
-            },
-            Err(e) => fail(exit::USAGE, &e),
-        },
-        Command::Report(args) => match history_registry(&args.config) {
-            Ok(reg) => match reg.report(args.env.as_deref()) {
-                Ok(rows) => {
-                    ui::report(&rows, args.output);
-                    exit::SUCCESS
-                }
-                Err(e) => fail(exit::USAGE, &e.into()),
-            },
-            Err(e) => fail(exit::USAGE, &e),
-        },
-    }
-}
-
-/// `ferry serve`: exits 2 if it cannot start (configuration, TLS, address in use).
-async fn serve(path: &std::path::Path) -> u8 {
-    let (config, tls) = match load(path) {
-        Ok(v) => v,
-        Err(e) => return fail(exit::USAGE, &e),
-    };
-    let (app, envs) = (config.app.name.clone(), config.environments.len());
-    let ready = move |addr: std::net::SocketAddr| {
-        eprintln!(
-            "ferry serve: listening on https://{addr} (app {app}, {envs} environments); API at /api/openapi.json"
-        );
-    };
-    match crate::server::serve(config, tls, ready).await {
-        Ok(()) => exit::SUCCESS,
-        Err(e) => fail(exit::USAGE, &e.context(format!("ferry serve --config {}", path.display()))),
-    }
-}
-
-/// `ferry resume` (a dead coordinator's deployment) or `ferry promote` (`paused_only`: a canary
-/// waiting at a step).
-async fn resume(args: &ResumeArgs, paused_only: bool) -> u8 {
-    let (config, tls, registry) = match load_with_registry(&args.config, &args.env) {
-        Ok(v) => v,
-        Err(e) => return fail(exit::USAGE, &e),
-    };
-    let cache = config.cache_dir().map(crate::cache::Cache::new);
-    let live = ui::progress(args.output);
-    let ctx = rollout_ctx(&config, &args.env, &tls, &registry, live.as_deref(), args.force_unlock);
-    finish(rollout::resume(&ctx, cache.as_ref(), paused_only).await, live.as_deref(), args.output)
-}
-
-fn rollout_ctx<'a>(
-    config: &'a FleetConfig,
-    env: &'a str,
-    tls: &'a ClientTls,
-    registry: &'a Mutex<Registry>,
-    live: Option<&'a ui::Live>,
-    force_unlock: bool,
-) -> rollout::Ctx<'a> {
-    let progress: &dyn crate::commands::deploy::Observer = match live {
-        Some(live) => live,
-        None => &ui::quiet,
-    };
-    rollout::Ctx { config, env, tls, registry, progress, cancel: cancel_on_signal(), force_unlock }
-}
-
-/// The registry fleet.toml names.
-fn open_registry(config: &FleetConfig) -> anyhow::Result<Mutex<Registry>> {
-    let path = config
-        .registry_path()
-        .ok_or_else(|| anyhow::anyhow!("no registry: set `registry` in fleet.toml (there is no HOME to default to)"))?;
-    Ok(Mutex::new(Registry::open(&path)?))
-}
-
-fn load_with_registry(path: &std::path::Path, env: &str) -> anyhow::Result<(FleetConfig, ClientTls, Mutex<Registry>)> {
-    let (config, tls) = load(path)?;
-    config.hosts(env)?;
-    let registry = open_registry(&config)?;
-    Ok((config, tls, registry))
-}
-
-fn history_registry(path: &std::path::Path) -> anyhow::Result<Registry> {
-    let config = FleetConfig::load(path)?;
-    let reg = open_registry(&config)?;
-    reg.into_inner().map_err(|_| anyhow::anyhow!("registry lock poisoned"))
-}
-
-fn plan_view(config: &FleetConfig, env: &str) -> anyhow::Result<ui::PlanView> {
-    let mut hosts = config.hosts(env)?;
-    let e = &config.environments[env];
-    let strategy = e.strategy().map_err(|p| anyhow::anyhow!("environments.{env}: {}", p[0]))?;
-    let (mut live_group, mut switch_to) = (None, None);
-    if strategy == crate::plan::Strategy::BlueGreen {
-        // The registry knows which group is live; without one yet, the first group goes first.
-        let registry = config.registry_path().filter(|p| p.exists()).map(|p| Registry::open(&p)).transpose()?;
-        live_group = registry.map(|r| r.live_group(env)).transpose()?.flatten().map(|(group, _)| group);
-        if let Some((idle, members)) = e.idle_group(live_group.as_deref()) {
-            hosts.retain(|h| members.contains(&h.name));
-            switch_to = Some(idle);
-        }
-    }
-    let batches = crate::plan::plan(&strategy, hosts.len())
-        .into_iter()
-        .map(|b| ui::PlanBatch {
-            hosts: b.hosts.iter().map(|&i| hosts[i].name.clone()).collect(),
-            pause_after: b.pause_after.map(String::from),
-        })
-        .collect();
-    Ok(ui::PlanView {
-        environment: env.to_string(),
-        strategy: strategy.to_string(),
-        max_failures: e.max_failures,
-        auto_rollback: e.auto_rollback,
-        batches,
-        live_group,
-        switch_to,
-    })
-}
-
-/// A flag set by the first Ctrl-C or SIGTERM: the rollout finishes the batch in flight, then
-/// stops and records `cancelled`. A second signal exits at once.
-fn cancel_on_signal() -> &'static AtomicBool {
-    tokio::spawn(async {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => return,
-        };
-        for _ in 0..2 {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            if CANCEL.swap(true, Ordering::SeqCst) {
-                eprintln!("ferry: stopping now; `ferry resume` or `ferry rollback` picks up from the registry");
-                rollout::kill_hooks();
-                std::process::exit(i32::from(exit::FAILED));
-            }
-            eprintln!("ferry: cancelling after the hosts in flight finish (press again to stop at once)");
-        }
-    });
-    &CANCEL
-}
-
-static CANCEL: AtomicBool = AtomicBool::new(false);
-
-fn finish(result: anyhow::Result<commands::deploy::DeployReport>, live: Option<&ui::Live>, format: Format) -> u8 {
-    if let Some(live) = live {
-        live.finish();
-    }
-    match result {
-        Ok(report) => {
-            ui::deploy_report(&report, format);
-            deploy_exit(&report)
-        }
-        Err(e) => fail(exit::USAGE, &e),
-    }
-}
-
-pub(crate) fn deploy_exit(report: &commands::deploy::DeployReport) -> u8 {
-    use commands::deploy::DeploymentStatus;
+/// The exit code of a deployment's report.
+fn deploy_exit(report: &DeployReport) -> u8 {
     match report.status {
         DeploymentStatus::Succeeded | DeploymentStatus::Paused => exit::SUCCESS,
-        _ if report.any_unreachable() => exit::UNREACHABLE,
-        _ => exit::FAILED,
+        DeploymentStatus::Pending
+        | DeploymentStatus::Running
+        | DeploymentStatus::Failed
+        | DeploymentStatus::RolledBack
+        | DeploymentStatus::Cancelled => {
+            if report.any_unreachable() {
+                exit::UNREACHABLE
+            } else {
+                exit::FAILED
+            }
+        }
     }
-}
-
-/// Loads fleet.toml and the coordinator's TLS material it names.
-pub(crate) fn load(path: &std::path::Path) -> anyhow::Result<(FleetConfig, ClientTls)> {
-    let config = FleetConfig::load(path)?;
-    let tls = ClientTls::load(&config.tls).map_err(|e| anyhow::anyhow!("{}: [tls]: {e}", path.display()))?;
-    Ok((config, tls))
 }
 
 #[cfg(test)]

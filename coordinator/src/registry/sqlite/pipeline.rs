@@ -1,65 +1,14 @@
 //! What `ferry serve` adds to the registry: registered versions, smoke test runs, promotion
 //! approvals, who asked for a deployment, and the event feed its progress streams follow.
 use rusqlite::{OptionalExtension, params};
-use serde::Serialize;
 
-use super::{Registry, RegistryError, now_ms};
+use super::Db;
+use crate::registry::{Approval, EventRow, RegistryError, SmokeRun, VersionRow, now_ms};
 
-/// A version registered for deployment: its artifact and what it hashed to when registered.
-#[derive(Debug, Clone, Serialize)]
-pub struct VersionRow {
-    pub version: String,
-    pub artifact: String,
-    pub release_id: String,
-    pub manifest_hash: String,
-    pub total_bytes: i64,
-    pub files: i64,
-    pub registered_by: String,
-    pub registered_ms: i64,
-    /// Free-form strings (git commit, pipeline URL, …).
-    pub metadata: serde_json::Map<String, serde_json::Value>,
-}
-
-/// One run of a deployment's smoke tests.
-#[derive(Debug, Clone, Serialize)]
-pub struct SmokeRun {
-    pub id: i64,
-    pub deployment_id: String,
-    pub run_by: String,
-    pub started_ms: i64,
-    pub finished_ms: i64,
-    pub passed: bool,
-    pub results: serde_json::Value,
-    /// The environment's own `smoke` checks ran (not checks sent with the request): only such
-    /// runs count for promotion.
-    pub env_checks: bool,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Approval {
-    pub deployment_id: String,
-    /// The environment the approval lets the deployment's version be promoted into.
-    pub environment: String,
-    pub approved_by: String,
-    pub time_ms: i64,
-    /// The promotion that used this approval (an approval is good for one promotion).
-    pub used_by: Option<String>,
-}
-
-/// A recorded event of a deployment (state changes, pauses, switches, …).
-#[derive(Debug, Clone, Serialize)]
-pub struct EventRow {
-    pub seq: i64,
-    pub time_ms: i64,
-    pub host: Option<String>,
-    pub kind: String,
-    pub message: String,
-}
-
-impl Registry {
+impl Db {
     /// Records `v`; if the version is already registered, returns the existing row instead
     /// (the caller compares the manifest hashes).
-    pub fn register_version(&self, v: &VersionRow) -> Result<Option<VersionRow>, RegistryError> {
+    pub(super) fn register_version(&self, v: &VersionRow) -> Result<Option<VersionRow>, RegistryError> {
         if let Some(existing) = self.version(&v.version)? {
             return Ok(Some(existing));
         }
@@ -83,7 +32,7 @@ impl Registry {
         Ok(None)
     }
 
-    pub fn version(&self, version: &str) -> Result<Option<VersionRow>, RegistryError> {
+    pub(super) fn version(&self, version: &str) -> Result<Option<VersionRow>, RegistryError> {
         self.conn
             .query_row(
                 "SELECT version, artifact, release_id, manifest_hash, total_bytes, files, registered_by, registered_ms, metadata
@@ -96,7 +45,7 @@ impl Registry {
     }
 
     /// Registered versions, newest first.
-    pub fn versions(&self, limit: usize) -> Result<Vec<VersionRow>, RegistryError> {
+    pub(super) fn versions(&self, limit: usize) -> Result<Vec<VersionRow>, RegistryError> {
         let mut st = self
             .conn
             .prepare(
@@ -110,7 +59,12 @@ impl Registry {
 
     /// Who asked for deployment `id` through the API (the first asker is kept; later ones, such as
     /// who continued a paused canary, are events), and the deployment it was promoted from.
-    pub fn set_requested_by(&self, id: &str, by: &str, promoted_from: Option<&str>) -> Result<(), RegistryError> {
+    pub(super) fn set_requested_by(
+        &self,
+        id: &str,
+        by: &str,
+        promoted_from: Option<&str>,
+    ) -> Result<(), RegistryError> {
         self.conn
             .execute(
                 "UPDATE deployments SET requested_by = COALESCE(requested_by, ?2), promoted_from = COALESCE(?3, promoted_from) WHERE id = ?1",
@@ -120,7 +74,7 @@ impl Registry {
         Ok(())
     }
 
-    pub fn record_smoke(&self, run: &SmokeRun) -> Result<i64, RegistryError> {
+    pub(super) fn record_smoke(&self, run: &SmokeRun) -> Result<i64, RegistryError> {
         self.conn
             .execute(
                 "INSERT INTO smoke_runs (deployment_id, run_by, started_ms, finished_ms, passed, results, env_checks)
@@ -143,7 +97,7 @@ impl Registry {
     }
 
     /// The smoke runs of a deployment, oldest first.
-    pub fn smoke_runs(&self, deployment_id: &str) -> Result<Vec<SmokeRun>, RegistryError> {
+    pub(super) fn smoke_runs(&self, deployment_id: &str) -> Result<Vec<SmokeRun>, RegistryError> {
         let mut st = self
             .conn
             .prepare(
@@ -169,7 +123,7 @@ impl Registry {
         rows.collect::<Result<_, _>>().map_err(self.sql())
     }
 
-    pub fn approve(&self, deployment_id: &str, environment: &str, by: &str) -> Result<(), RegistryError> {
+    pub(super) fn approve(&self, deployment_id: &str, environment: &str, by: &str) -> Result<(), RegistryError> {
         self.conn
             .execute(
                 "INSERT OR IGNORE INTO approvals (deployment_id, environment, approved_by, time_ms) VALUES (?1, ?2, ?3, ?4)",
@@ -180,7 +134,7 @@ impl Registry {
     }
 
     /// Marks `by`'s approval of promoting `deployment_id` to `environment` used by `promotion`.
-    pub fn use_approval(
+    pub(super) fn use_approval(
         &self,
         deployment_id: &str,
         environment: &str,
@@ -197,7 +151,7 @@ impl Registry {
         self.event(deployment_id, None, "approval_used", &format!("{by}'s approval used by {promotion}"))
     }
 
-    pub fn approvals(&self, deployment_id: &str) -> Result<Vec<Approval>, RegistryError> {
+    pub(super) fn approvals(&self, deployment_id: &str) -> Result<Vec<Approval>, RegistryError> {
         let mut st = self
             .conn
             .prepare(
@@ -219,7 +173,7 @@ impl Registry {
     }
 
     /// Events of deployment `id` after sequence number `after` (0: all), oldest first.
-    pub fn events_since(&self, id: &str, after: i64) -> Result<Vec<EventRow>, RegistryError> {
+    pub(super) fn events_since(&self, id: &str, after: i64) -> Result<Vec<EventRow>, RegistryError> {
         let mut st = self
             .conn
             .prepare(
@@ -241,7 +195,7 @@ impl Registry {
     }
 
     /// The newest deployment of `env` (of any kind), if any.
-    pub fn latest_deployment(&self, env: &str) -> Result<Option<String>, RegistryError> {
+    pub(super) fn latest_deployment(&self, env: &str) -> Result<Option<String>, RegistryError> {
         self.conn
             .query_row(
                 "SELECT id FROM deployments WHERE environment = ?1 ORDER BY started_ms DESC, rowid DESC LIMIT 1",

@@ -1,43 +1,25 @@
-//! The registry: every deployment, its hosts' steps (with timings and bytes) and events, in an
-//! embedded SQLite database (`registry` in fleet.toml; default `~/.local/state/ferry/registry.db`).
+//! The registry in an embedded SQLite database (`registry` in fleet.toml; default
+//! `~/.local/state/ferry/registry.db`).
 //!
-//! Every state transition is committed (WAL, `synchronous=FULL`) before the coordinator acts on
-//! it, so a killed coordinator leaves a registry that says exactly which hosts may have been
-//! touched; `ferry resume` continues from there. One rollout per environment at a time: the
-//! `locks` table names the deployment holding the environment, its owner, process and host.
+//! Every state transition is committed (WAL, `synchronous=FULL`) before the call returns, so a
+//! killed coordinator leaves a registry that says exactly which hosts may have been touched;
+//! `ferry resume` continues from there. One rollout per environment at a time: the `locks` table
+//! names the deployment holding the environment, its owner, process and host. Statuses are
+//! stored as the texts of [`crate::state`]'s tables. One connection, behind a mutex: every call
+//! is one short statement or transaction.
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use rusqlite_migration::{M, Migrations};
-use serde::Serialize;
 
-use crate::state::{HostState, legal};
+use super::{
+    Approval, DeploymentRow, EnvReport, EventRow, HostRow, HostUpdate, Lock, NewDeployment, Registry, RegistryError,
+    SlowHost, SmokeRun, VersionRow, now_ms, this_hostname,
+};
+use crate::state::{DeploymentKind, DeploymentStatus, HostState, legal};
 
 mod pipeline;
-pub use pipeline::{Approval, EventRow, SmokeRun, VersionRow};
-
-#[derive(Debug, thiserror::Error)]
-pub enum RegistryError {
-    #[error("registry {path}: {source}")]
-    Sql {
-        path: PathBuf,
-        #[source]
-        source: rusqlite::Error,
-    },
-    #[error("registry {path}: cannot prepare the database: {reason}")]
-    Open { path: PathBuf, reason: String },
-    #[error(
-        "environment {env} is locked by deployment {} ({} on {}, pid {}, since {}){}; run `ferry resume` to continue it, `ferry rollback` to unwind it, or pass --force-unlock if it is gone",
-        lock.deployment_id, lock.owner, lock.hostname, lock.pid, crate::registry::when(lock.since_ms),
-        if lock.stale() { ": that process is gone" } else { "" }
-    )]
-    Locked { env: String, lock: Lock },
-    #[error(
-        "registry: deployment {deployment} host {host}: {from} → {to} is not a legal step (a bug, or two coordinators on one deployment)"
-    )]
-    Illegal { deployment: String, host: String, from: String, to: HostState },
-}
 
 fn migrations() -> Migrations<'static> {
     Migrations::new(vec![
@@ -134,188 +116,175 @@ fn migrations() -> Migrations<'static> {
         ALTER TABLE deployments ADD COLUMN requested_by TEXT;
         ALTER TABLE deployments ADD COLUMN promoted_from TEXT;",
         ),
+        // The release a host was switched to when it is not the deployment's own (rollbacks).
+        M::up("ALTER TABLE hosts ADD COLUMN release TEXT;"),
     ])
 }
 
-pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+/// The SQLite registry.
+pub struct Sqlite {
+    db: Mutex<Db>,
+    describe: String,
 }
 
-/// A unix-milliseconds time as RFC 3339 (UTC), for messages and tables.
-pub fn when(ms: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(ms / 1000)
-        .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
-        .unwrap_or_else(|| ms.to_string())
-}
-
-fn this_hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default()
-}
-
-/// Who holds an environment.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Lock {
-    pub deployment_id: String,
-    pub owner: String,
-    pub hostname: String,
-    pub pid: u32,
-    pub since_ms: i64,
-}
-
-impl Lock {
-    /// The holder ran on this machine and its process is gone.
-    pub fn stale(&self) -> bool {
-        // kill(pid, 0), not /proc: a sandboxed service (ProtectProc=invisible) sees no other
-        // user's /proc entries, but the kernel still says whether the process exists (EPERM: it
-        // does, and belongs to someone else).
-        let gone = i32::try_from(self.pid).is_ok_and(|pid| {
-            matches!(nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None), Err(nix::errno::Errno::ESRCH))
-        });
-        self.hostname == this_hostname() && gone
-    }
-
-    /// The holder is this process.
-    pub fn mine(&self) -> bool {
-        self.hostname == this_hostname() && self.pid == std::process::id()
-    }
-}
-
-/// A deployment as recorded.
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
-pub struct DeploymentRow {
-    pub id: String,
-    /// "deploy" or "rollback".
-    pub kind: String,
-    pub environment: String,
-    pub version: String,
-    pub release_id: String,
-    pub artifact: String,
-    pub manifest_hash: String,
-    /// The strategy, as JSON (see `plan::Strategy`), plus max_failures and auto_rollback.
-    #[serde(default)]
-    pub strategy: String,
-    pub status: String,
-    pub started_ms: i64,
-    pub finished_ms: Option<i64>,
-    pub error: Option<String>,
-    pub bytes_sent: i64,
-    pub hosts_failed: i64,
-    /// `ferry serve`: who asked for it (`cert:NAME` or `token:NAME`); none when the CLI ran it.
-    #[serde(default)]
-    pub requested_by: Option<String>,
-    /// `ferry serve`: the deployment it was promoted from.
-    #[serde(default)]
-    pub promoted_from: Option<String>,
-}
-
-/// A host of a deployment as recorded.
-#[derive(Debug, Clone, Serialize)]
-pub struct HostRow {
-    pub host: String,
-    pub batch: i64,
-    pub state: HostState,
-    pub previous_release: Option<String>,
-    pub started_ms: Option<i64>,
-    pub finished_ms: Option<i64>,
-    pub bytes_sent: i64,
-    pub error: Option<String>,
-    pub activate_ms: Option<i64>,
-}
-
-/// Per-environment figures for `ferry report`.
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
-pub struct EnvReport {
-    pub environment: String,
-    pub deployments: u64,
-    /// Deployments (not rollbacks) started in the last 28 days, divided by 4.
-    pub deployments_per_week: f64,
-    pub succeeded: u64,
-    pub failed: u64,
-    pub rolled_back: u64,
-    pub cancelled: u64,
-    /// Succeeded / finished.
-    pub success_rate: f64,
-    /// Deployments in which any host went back to its previous release / finished.
-    pub rollback_rate: f64,
-    pub mean_duration_ms: u64,
-    pub p95_duration_ms: u64,
-    /// Hosts by mean time per deployment, slowest first (at most 3).
-    pub slowest_hosts: Vec<SlowHost>,
-}
-
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
-pub struct SlowHost {
-    pub host: String,
-    pub mean_ms: u64,
-}
-
-pub struct Registry {
+/// The connection and the queries.
+struct Db {
     conn: Connection,
     path: PathBuf,
 }
 
-/// What a new deployment records.
-pub struct NewDeployment<'a> {
-    pub id: &'a str,
-    pub kind: &'a str,
-    pub environment: &'a str,
-    pub version: &'a str,
-    pub release_id: &'a str,
-    pub artifact: &'a str,
-    pub manifest_hash: &'a str,
-    pub strategy: &'a str,
-    /// (host, batch index), in plan order.
-    pub hosts: &'a [(String, usize)],
+fn sql_error(path: &Path) -> impl Fn(rusqlite::Error) -> RegistryError + '_ {
+    move |e| RegistryError::Storage { registry: path.display().to_string(), message: e.to_string() }
 }
 
-impl Registry {
-    /// Opens (creating it and its directory if needed) and migrates the registry.
-    pub fn open(path: &Path) -> Result<Registry, RegistryError> {
+impl Sqlite {
+    /// Opens (creating it and its directory if needed) and migrates the registry at `path`.
+    pub fn open(path: &Path) -> Result<Sqlite, RegistryError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| RegistryError::Open {
-                path: path.to_owned(),
+                registry: path.display().to_string(),
                 reason: format!("cannot create {}: {e}", dir.display()),
             })?;
         }
-        let sql = |source| RegistryError::Sql { path: path.to_owned(), source };
-        let mut conn = Connection::open(path).map_err(sql)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(sql)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(sql)?;
-        conn.pragma_update(None, "synchronous", "FULL").map_err(sql)?;
-        conn.pragma_update(None, "foreign_keys", "ON").map_err(sql)?;
-        migrations()
-            .to_latest(&mut conn)
-            .map_err(|e| RegistryError::Open { path: path.to_owned(), reason: format!("migration failed: {e}") })?;
-        Ok(Registry { conn, path: path.to_owned() })
+        let sql = sql_error(path);
+        let conn = Connection::open(path).map_err(&sql)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(&sql)?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(&sql)?;
+        conn.pragma_update(None, "synchronous", "FULL").map_err(&sql)?;
+        Self::prepare(conn, path)
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// A registry in memory, gone with the process: for tests and benchmarks of the engine.
+    pub fn in_memory() -> Result<Sqlite, RegistryError> {
+        let path = Path::new(":memory:");
+        let conn = Connection::open_in_memory().map_err(sql_error(path))?;
+        Self::prepare(conn, path)
     }
 
+    fn prepare(mut conn: Connection, path: &Path) -> Result<Sqlite, RegistryError> {
+        conn.pragma_update(None, "foreign_keys", "ON").map_err(sql_error(path))?;
+        migrations().to_latest(&mut conn).map_err(|e| RegistryError::Open {
+            registry: path.display().to_string(),
+            reason: format!("migration failed: {e}"),
+        })?;
+        Ok(Sqlite { db: Mutex::new(Db { conn, path: path.to_owned() }), describe: path.display().to_string() })
+    }
+
+    fn db(&self) -> Result<MutexGuard<'_, Db>, RegistryError> {
+        self.db.lock().map_err(|_| RegistryError::Poisoned)
+    }
+}
+
+impl Registry for Sqlite {
+    fn describe(&self) -> String {
+        self.describe.clone()
+    }
+    fn lock_of(&self, env: &str) -> Result<Option<Lock>, RegistryError> {
+        self.db()?.lock_of(env)
+    }
+    fn lock(&self, env: &str, deployment_id: &str, force: bool) -> Result<Option<Lock>, RegistryError> {
+        self.db()?.lock(env, deployment_id, force)
+    }
+    fn unlock(&self, env: &str, deployment_id: &str) -> Result<(), RegistryError> {
+        self.db()?.unlock(env, deployment_id)
+    }
+    fn create(&self, d: &NewDeployment<'_>) -> Result<(), RegistryError> {
+        self.db()?.create(d)
+    }
+    fn set_status(&self, id: &str, status: DeploymentStatus, error: Option<&str>) -> Result<(), RegistryError> {
+        self.db()?.set_status(id, status, error)
+    }
+    fn set_host(&self, id: &str, host: &str, to: HostState, update: &HostUpdate<'_>) -> Result<(), RegistryError> {
+        self.db()?.set_host(id, host, to, update)
+    }
+    fn event(&self, id: &str, host: Option<&str>, kind: &str, message: &str) -> Result<(), RegistryError> {
+        self.db()?.event(id, host, kind, message)
+    }
+    fn deployment(&self, id: &str) -> Result<Option<DeploymentRow>, RegistryError> {
+        self.db()?.deployment(id)
+    }
+    fn hosts(&self, id: &str) -> Result<Vec<HostRow>, RegistryError> {
+        self.db()?.hosts(id)
+    }
+    fn activated_hosts(&self, id: &str) -> Result<std::collections::HashSet<String>, RegistryError> {
+        self.db()?.activated_hosts(id)
+    }
+    fn history(&self, env: Option<&str>, limit: usize) -> Result<Vec<DeploymentRow>, RegistryError> {
+        self.db()?.history(env, limit)
+    }
+    fn report(&self, env: Option<&str>) -> Result<Vec<EnvReport>, RegistryError> {
+        self.db()?.report(env)
+    }
+    fn latest_deployment(&self, env: &str) -> Result<Option<String>, RegistryError> {
+        self.db()?.latest_deployment(env)
+    }
+    fn events_since(&self, id: &str, after: i64) -> Result<Vec<EventRow>, RegistryError> {
+        self.db()?.events_since(id, after)
+    }
+    fn live_group(&self, env: &str) -> Result<Option<(String, String)>, RegistryError> {
+        self.db()?.live_group(env)
+    }
+    fn set_live_group(&self, env: &str, group: &str, deployment_id: &str) -> Result<(), RegistryError> {
+        self.db()?.set_live_group(env, group, deployment_id)
+    }
+    fn register_version(&self, v: &VersionRow) -> Result<Option<VersionRow>, RegistryError> {
+        self.db()?.register_version(v)
+    }
+    fn version(&self, version: &str) -> Result<Option<VersionRow>, RegistryError> {
+        self.db()?.version(version)
+    }
+    fn versions(&self, limit: usize) -> Result<Vec<VersionRow>, RegistryError> {
+        self.db()?.versions(limit)
+    }
+    fn set_requested_by(&self, id: &str, by: &str, promoted_from: Option<&str>) -> Result<(), RegistryError> {
+        self.db()?.set_requested_by(id, by, promoted_from)
+    }
+    fn record_smoke(&self, run: &SmokeRun) -> Result<i64, RegistryError> {
+        self.db()?.record_smoke(run)
+    }
+    fn smoke_runs(&self, deployment_id: &str) -> Result<Vec<SmokeRun>, RegistryError> {
+        self.db()?.smoke_runs(deployment_id)
+    }
+    fn approve(&self, deployment_id: &str, environment: &str, by: &str) -> Result<(), RegistryError> {
+        self.db()?.approve(deployment_id, environment, by)
+    }
+    fn use_approval(
+        &self,
+        deployment_id: &str,
+        environment: &str,
+        by: &str,
+        promotion: &str,
+    ) -> Result<(), RegistryError> {
+        self.db()?.use_approval(deployment_id, environment, by, promotion)
+    }
+    fn approvals(&self, deployment_id: &str) -> Result<Vec<Approval>, RegistryError> {
+        self.db()?.approvals(deployment_id)
+    }
+}
+
+impl Db {
     fn sql(&self) -> impl Fn(rusqlite::Error) -> RegistryError + '_ {
-        move |source| RegistryError::Sql { path: self.path.clone(), source }
+        sql_error(&self.path)
     }
 
     /// The lock of an environment, if held.
-    pub fn lock_of(&self, env: &str) -> Result<Option<Lock>, RegistryError> {
+    fn lock_of(&self, env: &str) -> Result<Option<Lock>, RegistryError> {
         read_lock(&self.conn, env).map_err(self.sql())
     }
 
     /// Takes the environment for `deployment_id`. A lock held by the same deployment whose process
     /// is gone is taken over (resume); any other lock refuses, unless `force`, which breaks it and
     /// returns it (the caller warns).
-    pub fn lock(&mut self, env: &str, deployment_id: &str, force: bool) -> Result<Option<Lock>, RegistryError> {
+    fn lock(&mut self, env: &str, deployment_id: &str, force: bool) -> Result<Option<Lock>, RegistryError> {
         let path = self.path.clone();
-        let sql = |source| RegistryError::Sql { path: path.clone(), source };
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql)?;
-        let held = read_lock(&tx, env).map_err(sql)?;
+        let sql = sql_error(&path);
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(&sql)?;
+        let held = read_lock(&tx, env).map_err(&sql)?;
         let broken = match held {
             Some(l) if l.mine() && l.deployment_id == deployment_id => None,
             Some(l) if l.deployment_id == deployment_id && l.stale() => None,
             Some(l) if force => Some(l),
-            Some(lock) => return Err(RegistryError::Locked { env: env.to_string(), lock }),
+            Some(lock) => return Err(RegistryError::Locked { env: env.to_string(), lock: Box::new(lock) }),
             None => None,
         };
         let owner = std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| "unknown".into());
@@ -324,13 +293,13 @@ impl Registry {
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![env, deployment_id, owner, this_hostname(), std::process::id(), now_ms()],
         )
-        .map_err(sql)?;
-        tx.commit().map_err(sql)?;
+        .map_err(&sql)?;
+        tx.commit().map_err(&sql)?;
         Ok(broken)
     }
 
     /// Releases the environment if `deployment_id` holds it.
-    pub fn unlock(&self, env: &str, deployment_id: &str) -> Result<(), RegistryError> {
+    fn unlock(&self, env: &str, deployment_id: &str) -> Result<(), RegistryError> {
         self.conn
             .execute("DELETE FROM locks WHERE environment = ?1 AND deployment_id = ?2", [env, deployment_id])
             .map_err(self.sql())?;
@@ -338,36 +307,47 @@ impl Registry {
     }
 
     /// Records a new deployment (status `pending`) and its hosts (`pending`), in one transaction.
-    pub fn create(&mut self, d: &NewDeployment<'_>) -> Result<(), RegistryError> {
+    fn create(&mut self, d: &NewDeployment<'_>) -> Result<(), RegistryError> {
         let path = self.path.clone();
-        let sql = |source| RegistryError::Sql { path: path.clone(), source };
-        let tx = self.conn.transaction().map_err(sql)?;
+        let sql = sql_error(&path);
+        let tx = self.conn.transaction().map_err(&sql)?;
         let now = now_ms();
         tx.execute(
             "INSERT INTO deployments (id, kind, environment, version, release_id, artifact, manifest_hash, strategy, status, started_ms)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'pending', ?9)",
-            params![d.id, d.kind, d.environment, d.version, d.release_id, d.artifact, d.manifest_hash, d.strategy, now],
+            params![
+                d.id,
+                d.kind.as_str(),
+                d.environment,
+                d.version,
+                d.release_id,
+                d.artifact,
+                d.manifest_hash,
+                d.strategy,
+                now
+            ],
         )
-        .map_err(sql)?;
+        .map_err(&sql)?;
         for (host, batch) in d.hosts {
             tx.execute(
                 "INSERT INTO hosts (deployment_id, host, batch, state) VALUES (?1, ?2, ?3, 'pending')",
                 params![d.id, host, *batch as i64],
             )
-            .map_err(sql)?;
+            .map_err(&sql)?;
         }
         tx.execute(
             "INSERT INTO events (deployment_id, time_ms, host, kind, message) VALUES (?1, ?2, NULL, 'created', ?3)",
             params![d.id, now, format!("{} of {} to {} ({} hosts)", d.kind, d.version, d.environment, d.hosts.len())],
         )
-        .map_err(sql)?;
-        tx.commit().map_err(sql)
+        .map_err(&sql)?;
+        tx.commit().map_err(&sql)
     }
 
     /// Sets a deployment's status (terminal ones also set `finished_ms`) and logs the event.
-    pub fn set_status(&self, id: &str, status: &str, error: Option<&str>) -> Result<(), RegistryError> {
+    fn set_status(&self, id: &str, status: DeploymentStatus, error: Option<&str>) -> Result<(), RegistryError> {
         let now = now_ms();
-        let terminal = matches!(status, "succeeded" | "failed" | "rolled_back" | "cancelled");
+        let terminal = status.is_finished();
+        let status = status.as_str();
         self.conn
             .execute(
                 "UPDATE deployments SET status = ?2, error = COALESCE(?3, error),
@@ -380,7 +360,7 @@ impl Registry {
 
     /// Moves a host to `state`, with what is known so far. `staging` and `activating` (re)start
     /// its clock; terminal states stop it.
-    pub fn set_host(&self, id: &str, host: &str, to: HostState, update: &HostUpdate<'_>) -> Result<(), RegistryError> {
+    fn set_host(&self, id: &str, host: &str, to: HostState, update: &HostUpdate<'_>) -> Result<(), RegistryError> {
         let from: String = self
             .conn
             .query_row("SELECT state FROM hosts WHERE deployment_id = ?1 AND host = ?2", params![id, host], |r| {
@@ -402,7 +382,8 @@ impl Registry {
                    error = COALESCE(?6, error),
                    started_ms = CASE WHEN ?7 OR started_ms IS NULL THEN ?9 ELSE started_ms END,
                    finished_ms = CASE WHEN ?8 THEN ?9 ELSE finished_ms END,
-                   activate_ms = COALESCE(?10, activate_ms)
+                   activate_ms = COALESCE(?10, activate_ms),
+                   release = COALESCE(?11, release)
                  WHERE deployment_id = ?1 AND host = ?2",
                 params![
                     id,
@@ -414,14 +395,15 @@ impl Registry {
                     starts,
                     ends,
                     now,
-                    update.activate_ms.map(|ms| ms as i64)
+                    update.activate_ms.map(|ms| ms as i64),
+                    update.release
                 ],
             )
             .map_err(self.sql())?;
         self.event(id, Some(host), state, update.error.unwrap_or(""))
     }
 
-    pub fn event(&self, id: &str, host: Option<&str>, kind: &str, message: &str) -> Result<(), RegistryError> {
+    fn event(&self, id: &str, host: Option<&str>, kind: &str, message: &str) -> Result<(), RegistryError> {
         self.conn
             .execute(
                 "INSERT INTO events (deployment_id, time_ms, host, kind, message) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -440,14 +422,14 @@ impl Registry {
     fn deployment_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeploymentRow> {
         Ok(DeploymentRow {
             id: r.get(0)?,
-            kind: r.get(1)?,
+            kind: parsed(r, 1, DeploymentKind::parse)?,
             environment: r.get(2)?,
             version: r.get(3)?,
             release_id: r.get(4)?,
             artifact: r.get(5)?,
             manifest_hash: r.get(6)?,
             strategy: r.get(7)?,
-            status: r.get(8)?,
+            status: parsed(r, 8, DeploymentStatus::parse)?,
             started_ms: r.get(9)?,
             finished_ms: r.get(10)?,
             error: r.get(11)?,
@@ -458,17 +440,17 @@ impl Registry {
         })
     }
 
-    pub fn deployment(&self, id: &str) -> Result<Option<DeploymentRow>, RegistryError> {
+    fn deployment(&self, id: &str) -> Result<Option<DeploymentRow>, RegistryError> {
         let q = format!("SELECT {} FROM deployments d WHERE d.id = ?1", Self::DEPLOYMENT_COLUMNS);
         self.conn.query_row(&q, [id], Self::deployment_row).optional().map_err(self.sql())
     }
 
     /// The hosts of a deployment, in plan order.
-    pub fn hosts(&self, id: &str) -> Result<Vec<HostRow>, RegistryError> {
+    fn hosts(&self, id: &str) -> Result<Vec<HostRow>, RegistryError> {
         let mut st = self
             .conn
             .prepare(
-                "SELECT host, batch, state, previous_release, started_ms, finished_ms, bytes_sent, error, activate_ms
+                "SELECT host, batch, state, previous_release, started_ms, finished_ms, bytes_sent, error, activate_ms, release
                  FROM hosts WHERE deployment_id = ?1 ORDER BY rowid",
             )
             .map_err(self.sql())?;
@@ -477,22 +459,14 @@ impl Registry {
                 Ok(HostRow {
                     host: r.get(0)?,
                     batch: r.get(1)?,
-                    state: {
-                        let s: String = r.get(2)?;
-                        HostState::parse(&s).ok_or_else(|| {
-                            rusqlite::Error::FromSqlConversionFailure(
-                                2,
-                                rusqlite::types::Type::Text,
-                                format!("unknown host state {s:?}").into(),
-                            )
-                        })?
-                    },
+                    state: parsed(r, 2, HostState::parse)?,
                     previous_release: r.get(3)?,
                     started_ms: r.get(4)?,
                     finished_ms: r.get(5)?,
                     bytes_sent: r.get(6)?,
                     error: r.get(7)?,
                     activate_ms: r.get(8)?,
+                    release: r.get(9)?,
                 })
             })
             .map_err(self.sql())?;
@@ -500,7 +474,7 @@ impl Registry {
     }
 
     /// blue-green: the live group of `env` and the deployment that made it live.
-    pub fn live_group(&self, env: &str) -> Result<Option<(String, String)>, RegistryError> {
+    fn live_group(&self, env: &str) -> Result<Option<(String, String)>, RegistryError> {
         self.conn
             .query_row("SELECT grp, deployment_id FROM live_groups WHERE environment = ?1", [env], |r| {
                 Ok((r.get(0)?, r.get(1)?))
@@ -510,7 +484,7 @@ impl Registry {
     }
 
     /// blue-green: records `group` as the live group of `env`, switched by `deployment_id`.
-    pub fn set_live_group(&self, env: &str, group: &str, deployment_id: &str) -> Result<(), RegistryError> {
+    fn set_live_group(&self, env: &str, group: &str, deployment_id: &str) -> Result<(), RegistryError> {
         self.conn
             .execute(
                 "INSERT INTO live_groups (environment, grp, deployment_id, since_ms) VALUES (?1, ?2, ?3, ?4)
@@ -522,7 +496,7 @@ impl Registry {
     }
 
     /// The hosts of a deployment whose activation began (they may run its release).
-    pub fn activated_hosts(&self, id: &str) -> Result<std::collections::HashSet<String>, RegistryError> {
+    fn activated_hosts(&self, id: &str) -> Result<std::collections::HashSet<String>, RegistryError> {
         let mut st = self
             .conn
             .prepare("SELECT DISTINCT host FROM events WHERE deployment_id = ?1 AND kind = 'activating' AND host IS NOT NULL")
@@ -532,7 +506,7 @@ impl Registry {
     }
 
     /// The newest deployments, newest first.
-    pub fn history(&self, env: Option<&str>, limit: usize) -> Result<Vec<DeploymentRow>, RegistryError> {
+    fn history(&self, env: Option<&str>, limit: usize) -> Result<Vec<DeploymentRow>, RegistryError> {
         let q = format!(
             "SELECT {} FROM deployments d WHERE ?1 IS NULL OR d.environment = ?1 ORDER BY d.started_ms DESC, d.rowid DESC LIMIT ?2",
             Self::DEPLOYMENT_COLUMNS
@@ -543,11 +517,11 @@ impl Registry {
     }
 
     /// Per-environment success and rollback rates and durations of finished deployments.
-    pub fn report(&self, env: Option<&str>) -> Result<Vec<EnvReport>, RegistryError> {
+    fn report(&self, env: Option<&str>) -> Result<Vec<EnvReport>, RegistryError> {
         let finished: Vec<DeploymentRow> = self
             .history(env, usize::MAX >> 1)?
             .into_iter()
-            .filter(|d| d.kind == "deploy" && d.finished_ms.is_some())
+            .filter(|d| d.kind == DeploymentKind::Deploy && d.finished_ms.is_some())
             .collect();
         let mut envs: Vec<String> = finished.iter().map(|d| d.environment.clone()).collect();
         envs.sort();
@@ -564,9 +538,11 @@ impl Registry {
         let mut out = Vec::new();
         for e in envs {
             let ds: Vec<&DeploymentRow> = finished.iter().filter(|d| d.environment == e).collect();
-            let count = |s: &str| ds.iter().filter(|d| d.status == s).count() as u64;
-            let rolled_back =
-                ds.iter().filter(|d| d.status == "rolled_back" || with_rolled_back_host.contains(&d.id)).count() as u64;
+            let count = |s: DeploymentStatus| ds.iter().filter(|d| d.status == s).count() as u64;
+            let rolled_back = ds
+                .iter()
+                .filter(|d| d.status == DeploymentStatus::RolledBack || with_rolled_back_host.contains(&d.id))
+                .count() as u64;
             let mut durations: Vec<u64> =
                 ds.iter().map(|d| (d.finished_ms.unwrap_or(d.started_ms) - d.started_ms).max(0) as u64).collect();
             durations.sort_unstable();
@@ -589,11 +565,11 @@ impl Registry {
                 environment: e,
                 deployments: n,
                 deployments_per_week: recent as f64 / 4.0,
-                succeeded: count("succeeded"),
-                failed: count("failed"),
-                rolled_back: count("rolled_back"),
-                cancelled: count("cancelled"),
-                success_rate: count("succeeded") as f64 / n.max(1) as f64,
+                succeeded: count(DeploymentStatus::Succeeded),
+                failed: count(DeploymentStatus::Failed),
+                rolled_back: count(DeploymentStatus::RolledBack),
+                cancelled: count(DeploymentStatus::Cancelled),
+                success_rate: count(DeploymentStatus::Succeeded) as f64 / n.max(1) as f64,
                 rollback_rate: rolled_back as f64 / n.max(1) as f64,
                 mean_duration_ms: durations.iter().sum::<u64>() / n.max(1),
                 p95_duration_ms: percentile(&durations, 95),
@@ -602,6 +578,18 @@ impl Registry {
         }
         Ok(out)
     }
+}
+
+/// A column holding one of [`crate::state`]'s names; an unknown one is a conversion error naming it.
+fn parsed<T>(r: &rusqlite::Row<'_>, i: usize, parse: fn(&str) -> Option<T>) -> rusqlite::Result<T> {
+    let text: String = r.get(i)?;
+    parse(&text).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(
+            i,
+            rusqlite::types::Type::Text,
+            format!("unknown value {text:?}").into(),
+        )
+    })
 }
 
 fn read_lock(conn: &Connection, env: &str) -> rusqlite::Result<Option<Lock>> {
@@ -621,16 +609,6 @@ fn read_lock(conn: &Connection, env: &str) -> rusqlite::Result<Option<Lock>> {
     .optional()
 }
 
-/// What a host transition records besides its state.
-#[derive(Debug, Default)]
-pub struct HostUpdate<'a> {
-    pub previous_release: Option<&'a str>,
-    pub bytes: u64,
-    pub error: Option<&'a str>,
-    /// The agent's time for the activation.
-    pub activate_ms: Option<u64>,
-}
-
 /// Nearest-rank percentile of sorted values.
 fn percentile(sorted: &[u64], p: usize) -> u64 {
     if sorted.is_empty() {
@@ -644,16 +622,16 @@ fn percentile(sorted: &[u64], p: usize) -> u64 {
 mod tests {
     use super::*;
 
-    fn open() -> (tempfile::TempDir, Registry) {
+    fn open() -> (tempfile::TempDir, Sqlite) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let reg = Registry::open(&dir.path().join("state/registry.db")).expect("open");
+        let reg = Sqlite::open(&dir.path().join("state/registry.db")).expect("open");
         (dir, reg)
     }
 
     fn new<'a>(id: &'a str, hosts: &'a [(String, usize)]) -> NewDeployment<'a> {
         NewDeployment {
             id,
-            kind: "deploy",
+            kind: DeploymentKind::Deploy,
             environment: "prod",
             version: "2",
             release_id: "2-0000000a",
@@ -666,10 +644,10 @@ mod tests {
 
     #[test]
     fn transitions_are_recorded_with_timings_and_bytes() {
-        let (_d, mut reg) = open();
+        let (_d, reg) = open();
         let hosts = vec![("web-1".to_string(), 0), ("web-2".to_string(), 1)];
         reg.create(&new("d-1", &hosts)).expect("create");
-        reg.set_status("d-1", "running", None).expect("running");
+        reg.set_status("d-1", DeploymentStatus::Running, None).expect("running");
         reg.set_host("d-1", "web-1", HostState::Staging, &HostUpdate::default()).expect("staging");
         reg.set_host(
             "d-1",
@@ -687,7 +665,7 @@ mod tests {
         reg.set_host("d-1", "web-2", HostState::Staging, &HostUpdate::default()).expect("staging");
         reg.set_host("d-1", "web-2", HostState::Failed, &HostUpdate { error: Some("probe"), ..Default::default() })
             .expect("failed");
-        reg.set_status("d-1", "failed", Some("web-2 failed")).expect("failed");
+        reg.set_status("d-1", DeploymentStatus::Failed, Some("web-2 failed")).expect("failed");
         let d = reg.deployment("d-1").expect("query").expect("row");
         assert_eq!((d.status.as_str(), d.bytes_sent, d.hosts_failed), ("failed", 100, 1));
         assert!(d.finished_ms.is_some());
@@ -697,15 +675,15 @@ mod tests {
         assert_eq!((h[0].activate_ms, h[1].activate_ms), (Some(420), None));
         assert!(h[0].started_ms.is_some() && h[0].finished_ms >= h[0].started_ms);
         // Reopening keeps everything (migrations are not re-run destructively).
-        let path = reg.path().to_owned();
+        let path = PathBuf::from(reg.describe());
         drop(reg);
-        let reg = Registry::open(&path).expect("reopen");
+        let reg = Sqlite::open(&path).expect("reopen");
         assert_eq!(reg.history(Some("prod"), 10).expect("history").len(), 1);
     }
 
     #[test]
     fn one_rollout_per_environment() {
-        let (_d, mut reg) = open();
+        let (_d, reg) = open();
         assert_eq!(reg.lock("prod", "d-1", false).expect("lock"), None);
         // The same process may take its own lock again (resume in-process).
         reg.lock("prod", "d-1", false).expect("relock");
@@ -725,13 +703,13 @@ mod tests {
 
     #[test]
     fn a_dead_holder_is_stale_and_only_its_deployment_takes_over() {
-        let (_d, mut reg) = open();
+        let (_d, reg) = open();
         reg.lock("prod", "d-1", false).expect("lock");
         // Pretend the holder was a process that has exited.
         let mut child = std::process::Command::new("true").spawn().expect("spawn");
         let pid = child.id();
         child.wait().expect("wait");
-        reg.conn.execute("UPDATE locks SET pid = ?1", [pid]).expect("fake pid");
+        reg.db().expect("db").conn.execute("UPDATE locks SET pid = ?1", [pid]).expect("fake pid");
         let lock = reg.lock_of("prod").expect("q").expect("held");
         assert!(lock.stale());
         assert!(
@@ -743,16 +721,17 @@ mod tests {
 
     #[test]
     fn report_rates_and_percentiles() {
-        let (_d, mut reg) = open();
+        let (_d, reg) = open();
         let hosts = vec![("web-1".to_string(), 0)];
-        for (i, status) in ["succeeded", "succeeded", "rolled_back", "failed"].iter().enumerate() {
+        use DeploymentStatus::{Failed, RolledBack, Succeeded};
+        for (i, status) in [Succeeded, Succeeded, RolledBack, Failed].iter().enumerate() {
             let id = format!("d-{i}");
             reg.create(&new(&id, &hosts)).expect("create");
-            let end = if *status == "succeeded" { HostState::Healthy } else { HostState::RolledBack };
+            let end = if *status == Succeeded { HostState::Healthy } else { HostState::RolledBack };
             for state in [HostState::Staging, HostState::Staged, HostState::Activating, end] {
                 reg.set_host(&id, "web-1", state, &HostUpdate::default()).expect("host");
             }
-            reg.set_status(&id, status, None).expect("status");
+            reg.set_status(&id, *status, None).expect("status");
         }
         // Unfinished deployments do not count.
         reg.create(&new("d-running", &hosts)).expect("create");

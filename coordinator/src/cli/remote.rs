@@ -6,9 +6,10 @@ use std::path::PathBuf;
 use clap::Subcommand;
 use serde_json::{Value, json};
 
-use crate::cli::{Cli, Command, fail};
+use super::api_client::{Remote, RemoteArgs, RemoteError};
+use super::{Cli, Command, deploy_exit, fail};
 use crate::exit;
-use crate::remote::{Remote, RemoteArgs, RemoteError};
+use crate::rollout::DeployReport;
 use crate::ui::{self, Format};
 
 #[derive(Debug, Subcommand)]
@@ -144,10 +145,8 @@ fn remote_args(cli: &Cli, url: String) -> RemoteArgs {
     args
 }
 
+/// Sends a verb [`handles`] to the server at `url`.
 pub async fn run(cli: Cli, url: String) -> u8 {
-    if !handles(&cli.command) {
-        return Box::pin(crate::cli::run(Cli { server: None, ..cli })).await;
-    }
     let remote = match Remote::new(&remote_args(&cli, url)) {
         Ok(r) => r,
         Err(e) => return fail(exit::USAGE, &e),
@@ -292,7 +291,6 @@ async fn follow(remote: &Remote, started: &Value, output: Format) -> anyhow::Res
     let end = remote
         .follow(id, |kind, v| {
             let Some(live) = live.as_deref() else { return };
-            use crate::commands::deploy::Observer;
             match kind {
                 "line" => live.line(v["host"].as_str().unwrap_or("ferry"), v["message"].as_str().unwrap_or("")),
                 "event" => {
@@ -325,12 +323,12 @@ async fn follow_unless(no_wait: bool, remote: &Remote, started: &Value, output: 
 
 /// Prints a deployment's end state like `ferry deploy` does; its exit code.
 fn report_of(end: &Value, output: Format) -> anyhow::Result<u8> {
-    match serde_json::from_value::<crate::commands::deploy::DeployReport>(end.clone()) {
-        Ok(report) => {
+    match serde_json::from_value::<DeployReport>(end.clone()) {
+        Ok(report) if report.status.is_finished() || report.status == crate::state::DeploymentStatus::Paused => {
             ui::deploy_report(&report, output);
-            Ok(crate::cli::deploy_exit(&report))
+            Ok(deploy_exit(&report))
         }
-        Err(_) => anyhow::bail!(
+        _ => anyhow::bail!(
             "deployment {} stopped while {}: {}",
             end["deployment_id"].as_str().unwrap_or("?"),
             end["status"].as_str().unwrap_or("?"),

@@ -1,0 +1,257 @@
+//! The verbs run here: each parses nothing of its own (clap did), loads fleet.toml once, calls
+//! one use case of [`crate::commands`] and renders its value with [`crate::ui`].
+use std::path::Path;
+
+use clap::CommandFactory;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::{CaCommand, CertCommand, Cli, Command, TokenCommand, deploy_exit, fail};
+use crate::cache::Cache;
+use crate::commands::{self, Ctx};
+use crate::config::FleetConfig;
+use crate::exit;
+use crate::fleet::grpc::Grpc;
+use crate::registry::Registry;
+use crate::registry::sqlite::Sqlite;
+use crate::rollout::{self, DeployReport, Observer};
+use crate::tls::ClientTls;
+use crate::ui::{self, Format};
+
+/// fleet.toml, the coordinator's TLS material and the registry, loaded once per command.
+struct Loaded {
+    config: FleetConfig,
+    tls: ClientTls,
+    registry: Sqlite,
+    cache: Option<Cache>,
+}
+
+impl Loaded {
+    fn open(path: &Path, env: Option<&str>) -> anyhow::Result<Loaded> {
+        let config = FleetConfig::load(path)?;
+        if let Some(env) = env {
+            config.hosts(env)?;
+        }
+        let tls = ClientTls::load(&config.tls).map_err(|e| anyhow::anyhow!("{}: [tls]: {e}", path.display()))?;
+        let registry = open_registry(&config)?;
+        let cache = config.cache_dir().map(Cache::new);
+        Ok(Loaded { config, tls, registry, cache })
+    }
+}
+
+/// The registry fleet.toml names.
+fn open_registry(config: &FleetConfig) -> anyhow::Result<Sqlite> {
+    let path = config
+        .registry_path()
+        .ok_or_else(|| anyhow::anyhow!("no registry: set `registry` in fleet.toml (there is no HOME to default to)"))?;
+    Ok(Sqlite::open(&path)?)
+}
+
+/// The verb, fleet.toml and environment of a rollout command.
+fn rollout_target(command: &Command) -> Option<(&'static str, &Path, &str)> {
+    match command {
+        Command::Deploy(a) => Some(("deploy", &a.config, &a.env)),
+        Command::Rollback(a) => Some(("rollback", &a.config, &a.env)),
+        Command::Resume(a) => Some(("resume", &a.config, &a.env)),
+        Command::Promote(a) => Some(("promote", &a.config, &a.env)),
+        _ => None,
+    }
+}
+
+/// Renders a verb's value and returns its exit code; an error is printed and exits 2.
+fn emit<T, E: Into<anyhow::Error>>(result: Result<T, E>, render: impl FnOnce(&T), code: impl FnOnce(&T) -> u8) -> u8 {
+    match result {
+        Ok(value) => {
+            render(&value);
+            code(&value)
+        }
+        Err(e) => fail(exit::USAGE, &e.into()),
+    }
+}
+
+fn success<T>(_: &T) -> u8 {
+    exit::SUCCESS
+}
+
+/// Runs a verb here. A rollout verb runs in a span naming it, its environment and the app, and
+/// writes `--metrics-file` when it starts and ends.
+pub async fn run(cli: Cli, shutdown: &CancellationToken) -> u8 {
+    if let Command::Pipeline(_) = &cli.command {
+        return fail(
+            exit::USAGE,
+            &anyhow::anyhow!("`ferry pipeline` talks to a running `ferry serve`: pass --server URL"),
+        );
+    }
+    let Some((verb, config, env)) = rollout_target(&cli.command) else {
+        if let Some(path) = &cli.metrics_file {
+            eprintln!(
+                "ferry: warning: --metrics-file {} is written only by deploy, rollback, resume and promote",
+                path.display()
+            );
+        }
+        return other(cli.command, shutdown).await;
+    };
+    let loaded = match Loaded::open(config, Some(env)) {
+        Ok(l) => l,
+        Err(e) => return fail(exit::USAGE, &e),
+    };
+    let span = tracing::info_span!("run", command = verb, environment = env, app = loaded.config.app.name);
+    let mut observed = crate::metrics::Run {
+        command: verb,
+        environment: env.to_string(),
+        started: crate::metrics::now(),
+        ended: None,
+    };
+    write_metrics(cli.metrics_file.as_deref(), &loaded.registry, &observed);
+    let code = rollout_verb(&loaded, &cli.command, shutdown).instrument(span).await;
+    observed.ended = Some((crate::metrics::now(), code));
+    write_metrics(cli.metrics_file.as_deref(), &loaded.registry, &observed);
+    code
+}
+
+/// `--metrics-file`: a failure to write it is reported, never a reason to fail the rollout.
+fn write_metrics(path: Option<&Path>, registry: &dyn Registry, run: &crate::metrics::Run) {
+    let Some(path) = path else { return };
+    if let Err(e) = crate::metrics::write(path, registry, run) {
+        eprintln!("ferry: warning: cannot write the metrics file: {e:#}");
+    }
+}
+
+/// deploy, rollback, resume, promote.
+async fn rollout_verb(loaded: &Loaded, command: &Command, shutdown: &CancellationToken) -> u8 {
+    let output = match command {
+        Command::Deploy(a) => a.output,
+        Command::Rollback(a) => a.output,
+        Command::Resume(a) | Command::Promote(a) => a.output,
+        _ => Format::Human,
+    };
+    let force_unlock = match command {
+        Command::Deploy(a) => a.force_unlock,
+        Command::Rollback(a) => a.force_unlock,
+        Command::Resume(a) | Command::Promote(a) => a.force_unlock,
+        _ => false,
+    };
+    let live = ui::progress(output);
+    let observer: &dyn Observer = match live.as_deref() {
+        Some(live) => live,
+        None => &rollout::quiet,
+    };
+    let fleet = Grpc { config: &loaded.config, tls: &loaded.tls, cache: loaded.cache.as_ref() };
+    let ctx = Ctx {
+        config: &loaded.config,
+        fleet: &fleet,
+        registry: &loaded.registry,
+        cache: loaded.cache.as_ref(),
+        observer,
+        cancel: shutdown,
+        force_unlock,
+    };
+    let done = match command {
+        Command::Deploy(a) => deploy(&ctx, a).await,
+        Command::Rollback(a) => commands::rollback::rollback(&ctx, &a.env, a.to.as_deref()).await.map_err(Into::into),
+        Command::Resume(a) => commands::resume::resume(&ctx, &a.env, false).await.map_err(Into::into),
+        Command::Promote(a) => commands::resume::resume(&ctx, &a.env, true).await.map_err(Into::into),
+        _ => Err(anyhow::anyhow!("not a rollout verb")),
+    };
+    if let Some(live) = &live {
+        live.finish();
+    }
+    emit(done, |r| ui::deploy_report(r, output), deploy_exit)
+}
+
+async fn deploy(ctx: &Ctx<'_>, a: &super::DeployArgs) -> anyhow::Result<DeployReport> {
+    // Before the scan, which may take a while on a large build.
+    commands::deploy::validate(ctx.config, &a.env, &a.version)?;
+    let artifact = commands::deploy::scan(ctx, &a.artifact).await?;
+    ui::deploy_start(&artifact, &a.version, &a.env, a.output);
+    Ok(commands::deploy::deploy(ctx, &a.env, artifact, &a.version, !a.no_prestage).await?)
+}
+
+/// Every verb that is not a rollout.
+async fn other(command: Command, shutdown: &CancellationToken) -> u8 {
+    match command {
+        Command::Ca(CaCommand::Init { out, force, days, output }) => {
+            emit(commands::ca::init(&out, force, days), |o| ui::ca_init(o, output), success)
+        }
+        Command::Cert(CertCommand::Issue { ca, name, role, sans, out, force, days, output }) => emit(
+            commands::cert::issue(&ca, &name, role, &sans, &out, force, days),
+            |o| ui::cert_issue(o, output),
+            success,
+        ),
+        Command::Cert(CertCommand::Show { file, output }) => {
+            emit(commands::cert::show(&file), |c| ui::cert_show(c, output), success)
+        }
+        Command::Status(args) => {
+            let status = async {
+                let config = FleetConfig::load(&args.config)?;
+                let tls = ClientTls::load(&config.tls)
+                    .map_err(|e| anyhow::anyhow!("{}: [tls]: {e}", args.config.display()))?;
+                commands::status::run(&config, &args.env, &tls).await
+            };
+            emit(
+                status.await,
+                |r| ui::status(r, args.output),
+                |r| {
+                    if r.unreachable() > 0 { exit::UNREACHABLE } else { exit::SUCCESS }
+                },
+            )
+        }
+        Command::Serve { config } => serve(&config, shutdown).await,
+        Command::Token(TokenCommand::New { name, output }) => {
+            emit(commands::token::new(&name), |t| ui::token(t, output), success)
+        }
+        Command::Completions { shell } => {
+            // Into a buffer first: clap_complete panics on a write error (a closed pipe, a full disk).
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "ferry", &mut script);
+            match std::io::Write::write_all(&mut std::io::stdout().lock(), &script) {
+                Ok(()) => exit::SUCCESS,
+                Err(e) => fail(exit::USAGE, &anyhow::anyhow!("writing the {shell} completion script: {e}")),
+            }
+        }
+        Command::Plan(args) => {
+            let plan = || -> anyhow::Result<commands::plan::PlanView> {
+                let config = FleetConfig::load(&args.config)?;
+                // The registry knows which blue-green group is live; none exists before the first deployment.
+                let registry = config.registry_path().filter(|p| p.exists()).map(|p| Sqlite::open(&p)).transpose()?;
+                Ok(commands::plan::plan(&config, registry.as_ref().map(|r| r as &dyn Registry), &args.env)?)
+            };
+            emit(plan(), |p| ui::plan(p, args.output), success)
+        }
+        Command::History(args) => {
+            let rows = FleetConfig::load(&args.config)
+                .map_err(anyhow::Error::from)
+                .and_then(|c| Ok(commands::history::history(&open_registry(&c)?, args.env.as_deref(), args.limit)?));
+            emit(rows, |rows| ui::history(rows, args.output), success)
+        }
+        Command::Report(args) => {
+            let rows = FleetConfig::load(&args.config)
+                .map_err(anyhow::Error::from)
+                .and_then(|c| Ok(commands::history::report(&open_registry(&c)?, args.env.as_deref())?));
+            emit(rows, |rows| ui::report(rows, args.output), success)
+        }
+        Command::Pipeline(_) => fail(exit::USAGE, &anyhow::anyhow!("`ferry pipeline` needs --server URL")),
+        Command::Deploy(_) | Command::Rollback(_) | Command::Resume(_) | Command::Promote(_) => {
+            fail(exit::USAGE, &anyhow::anyhow!("a rollout verb reached the wrong dispatcher (a bug)"))
+        }
+    }
+}
+
+/// `ferry serve`: exits 2 if it cannot start (configuration, TLS, address in use).
+async fn serve(path: &Path, shutdown: &CancellationToken) -> u8 {
+    let started = async {
+        let config = FleetConfig::load(path)?;
+        let tls = ClientTls::load(&config.tls).map_err(|e| anyhow::anyhow!("{}: [tls]: {e}", path.display()))?;
+        let (app, envs) = (config.app.name.clone(), config.environments.len());
+        let ready = move |addr: std::net::SocketAddr| {
+            eprintln!(
+                "ferry serve: listening on https://{addr} (app {app}, {envs} environments); API at /api/openapi.json"
+            );
+        };
+        crate::server::serve(config, tls, ready, shutdown.clone()).await
+    };
+    match started.await {
+        Ok(()) => exit::SUCCESS,
+        Err(e) => fail(exit::USAGE, &e.context(format!("ferry serve --config {}", path.display()))),
+    }
+}

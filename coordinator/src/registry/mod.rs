@@ -1,0 +1,336 @@
+//! The registry: every deployment, its hosts' steps (with timings and bytes) and events, the
+//! environment locks, and what `ferry serve` adds (versions, smoke runs, approvals).
+//!
+//! [`Registry`] is the narrow trait the engine, the use cases and the API work through; nothing
+//! above it knows how it is stored. [`sqlite::Sqlite`] keeps it in an embedded SQLite database
+//! (`registry` in fleet.toml; default `~/.local/state/ferry/registry.db`). Invariants every
+//! implementation keeps: a transition is durable before the call returns (the engine acts only
+//! after), a host moves only along [`crate::state::legal`] steps, and an environment has at most one lock.
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use crate::state::{DeploymentKind, DeploymentStatus, HostState};
+
+pub mod sqlite;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The store failed (I/O, corruption, a full disk); `registry` names it.
+    #[error("registry {registry}: {message}")]
+    Storage { registry: String, message: String },
+    #[error("registry {registry}: cannot prepare the database: {reason}")]
+    Open { registry: String, reason: String },
+    #[error("registry: a panic while it was in use left it unusable in this process; restart ferry")]
+    Poisoned,
+    #[error(
+        "environment {env} is locked by deployment {} ({} on {}, pid {}, since {}){}; run `ferry resume` to continue it, `ferry rollback` to unwind it, or pass --force-unlock if it is gone",
+        lock.deployment_id, lock.owner, lock.hostname, lock.pid, when(lock.since_ms),
+        if lock.stale() { ": that process is gone" } else { "" }
+    )]
+    Locked { env: String, lock: Box<Lock> },
+    #[error(
+        "registry: deployment {deployment} host {host}: {from} → {to} is not a legal step (a bug, or two coordinators on one deployment)"
+    )]
+    Illegal { deployment: String, host: String, from: String, to: HostState },
+}
+
+/// The record of every deployment. Every method is one durable step.
+pub trait Registry: Send + Sync {
+    /// Where it is kept, for messages.
+    fn describe(&self) -> String;
+
+    /// The lock of an environment, if held.
+    fn lock_of(&self, env: &str) -> Result<Option<Lock>, RegistryError>;
+    /// Takes the environment for `deployment_id`. A lock held by the same deployment whose process
+    /// is gone (or is this process) is taken over; any other lock refuses ([`RegistryError::Locked`]),
+    /// unless `force`, which breaks it and returns it (the caller warns).
+    fn lock(&self, env: &str, deployment_id: &str, force: bool) -> Result<Option<Lock>, RegistryError>;
+    /// Releases the environment if `deployment_id` holds it.
+    fn unlock(&self, env: &str, deployment_id: &str) -> Result<(), RegistryError>;
+
+    /// Records a new deployment (`pending`) and its hosts (`pending`), at once.
+    fn create(&self, d: &NewDeployment<'_>) -> Result<(), RegistryError>;
+    /// Sets a deployment's status (finished ones also set `finished_ms`) and logs the event.
+    fn set_status(&self, id: &str, status: DeploymentStatus, error: Option<&str>) -> Result<(), RegistryError>;
+    /// Moves a host to `to` (refused unless [`crate::state::legal`]), with what is known so far.
+    /// `staging` (re)starts its clock; terminal states stop it.
+    fn set_host(&self, id: &str, host: &str, to: HostState, update: &HostUpdate<'_>) -> Result<(), RegistryError>;
+    fn event(&self, id: &str, host: Option<&str>, kind: &str, message: &str) -> Result<(), RegistryError>;
+    fn deployment(&self, id: &str) -> Result<Option<DeploymentRow>, RegistryError>;
+    /// The hosts of a deployment, in plan order.
+    fn hosts(&self, id: &str) -> Result<Vec<HostRow>, RegistryError>;
+    /// The hosts of a deployment whose activation began (they may run its release).
+    fn activated_hosts(&self, id: &str) -> Result<std::collections::HashSet<String>, RegistryError>;
+    /// The newest deployments, newest first.
+    fn history(&self, env: Option<&str>, limit: usize) -> Result<Vec<DeploymentRow>, RegistryError>;
+    /// Per-environment success and rollback rates and durations of finished deployments.
+    fn report(&self, env: Option<&str>) -> Result<Vec<EnvReport>, RegistryError>;
+    /// The newest deployment of `env` (of any kind), if any.
+    fn latest_deployment(&self, env: &str) -> Result<Option<String>, RegistryError>;
+    /// Events of deployment `id` after sequence number `after` (0: all), oldest first.
+    fn events_since(&self, id: &str, after: i64) -> Result<Vec<EventRow>, RegistryError>;
+
+    /// blue-green: the live group of `env` and the deployment that made it live.
+    fn live_group(&self, env: &str) -> Result<Option<(String, String)>, RegistryError>;
+    /// blue-green: records `group` as the live group of `env`, switched by `deployment_id`.
+    fn set_live_group(&self, env: &str, group: &str, deployment_id: &str) -> Result<(), RegistryError>;
+
+    /// Records `v`; if the version is already registered, returns the existing row instead
+    /// (the caller compares the manifest hashes).
+    fn register_version(&self, v: &VersionRow) -> Result<Option<VersionRow>, RegistryError>;
+    fn version(&self, version: &str) -> Result<Option<VersionRow>, RegistryError>;
+    /// Registered versions, newest first.
+    fn versions(&self, limit: usize) -> Result<Vec<VersionRow>, RegistryError>;
+    /// Who asked for deployment `id` through the API (the first asker is kept), and the
+    /// deployment it was promoted from.
+    fn set_requested_by(&self, id: &str, by: &str, promoted_from: Option<&str>) -> Result<(), RegistryError>;
+    /// Records a smoke run; its sequence number.
+    fn record_smoke(&self, run: &SmokeRun) -> Result<i64, RegistryError>;
+    /// The smoke runs of a deployment, oldest first.
+    fn smoke_runs(&self, deployment_id: &str) -> Result<Vec<SmokeRun>, RegistryError>;
+    fn approve(&self, deployment_id: &str, environment: &str, by: &str) -> Result<(), RegistryError>;
+    /// Marks `by`'s approval of promoting `deployment_id` to `environment` used by `promotion`.
+    fn use_approval(
+        &self,
+        deployment_id: &str,
+        environment: &str,
+        by: &str,
+        promotion: &str,
+    ) -> Result<(), RegistryError>;
+    fn approvals(&self, deployment_id: &str) -> Result<Vec<Approval>, RegistryError>;
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// A unix-milliseconds time as RFC 3339 (UTC), for messages and tables.
+pub fn when(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(ms / 1000)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| ms.to_string())
+}
+
+fn this_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
+/// Whether process `pid` of this machine has ended: it does not exist, or it is a zombie (it has
+/// exited and only waits for its parent to reap it; `kill(pid, 0)` still succeeds on one).
+fn process_gone(pid: u32) -> bool {
+    let Ok(raw) = i32::try_from(pid) else { return false };
+    // kill(pid, 0), not /proc alone: a sandboxed service (ProtectProc=invisible) sees no other
+    // user's /proc entries, but the kernel still says whether the process exists (EPERM: it
+    // does, and belongs to someone else).
+    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(raw), None) {
+        Err(nix::errno::Errno::ESRCH) => true,
+        _ => zombie(pid),
+    }
+}
+
+/// `/proc/PID/stat`'s state is `Z` (or `X`, dead). The state follows the command name, which is in
+/// parentheses and may itself hold spaces or parentheses: read after the last `)`.
+fn zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')').is_some_and(|(_, rest)| matches!(rest.trim_start().chars().next(), Some('Z' | 'X')))
+    })
+}
+
+/// Who holds an environment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Lock {
+    pub deployment_id: String,
+    pub owner: String,
+    pub hostname: String,
+    pub pid: u32,
+    pub since_ms: i64,
+}
+
+impl Lock {
+    /// The holder ran on this machine and its process is gone.
+    pub fn stale(&self) -> bool {
+        self.hostname == this_hostname() && process_gone(self.pid)
+    }
+
+    /// The holder is this process.
+    pub fn mine(&self) -> bool {
+        self.hostname == this_hostname() && self.pid == std::process::id()
+    }
+}
+
+/// A deployment as recorded.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct DeploymentRow {
+    pub id: String,
+    pub kind: DeploymentKind,
+    pub environment: String,
+    pub version: String,
+    pub release_id: String,
+    pub artifact: String,
+    pub manifest_hash: String,
+    /// The strategy, as JSON (see `plan::Strategy`), plus max_failures and auto_rollback.
+    #[serde(default)]
+    pub strategy: String,
+    pub status: DeploymentStatus,
+    pub started_ms: i64,
+    pub finished_ms: Option<i64>,
+    pub error: Option<String>,
+    pub bytes_sent: i64,
+    pub hosts_failed: i64,
+    /// `ferry serve`: who asked for it (`cert:NAME` or `token:NAME`); none when the CLI ran it.
+    #[serde(default)]
+    pub requested_by: Option<String>,
+    /// `ferry serve`: the deployment it was promoted from.
+    #[serde(default)]
+    pub promoted_from: Option<String>,
+}
+
+/// A host of a deployment as recorded.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostRow {
+    pub host: String,
+    pub batch: i64,
+    pub state: HostState,
+    pub previous_release: Option<String>,
+    pub started_ms: Option<i64>,
+    pub finished_ms: Option<i64>,
+    pub bytes_sent: i64,
+    pub error: Option<String>,
+    pub activate_ms: Option<i64>,
+    /// The release the host was switched to, where it is not the deployment's own (a rollback's
+    /// hosts each go back to a release of their own).
+    pub release: Option<String>,
+}
+
+/// Per-environment figures for `ferry report`.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct EnvReport {
+    pub environment: String,
+    pub deployments: u64,
+    /// Deployments (not rollbacks) started in the last 28 days, divided by 4.
+    pub deployments_per_week: f64,
+    pub succeeded: u64,
+    pub failed: u64,
+    pub rolled_back: u64,
+    pub cancelled: u64,
+    /// Succeeded / finished.
+    pub success_rate: f64,
+    /// Deployments in which any host went back to its previous release / finished.
+    pub rollback_rate: f64,
+    pub mean_duration_ms: u64,
+    pub p95_duration_ms: u64,
+    /// Hosts by mean time per deployment, slowest first (at most 3).
+    pub slowest_hosts: Vec<SlowHost>,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct SlowHost {
+    pub host: String,
+    pub mean_ms: u64,
+}
+
+/// What a new deployment records.
+pub struct NewDeployment<'a> {
+    pub id: &'a str,
+    pub kind: DeploymentKind,
+    pub environment: &'a str,
+    pub version: &'a str,
+    pub release_id: &'a str,
+    pub artifact: &'a str,
+    pub manifest_hash: &'a str,
+    pub strategy: &'a str,
+    /// (host, batch index), in plan order.
+    pub hosts: &'a [(String, usize)],
+}
+
+/// What a host transition records besides its state.
+#[derive(Debug, Default)]
+pub struct HostUpdate<'a> {
+    pub previous_release: Option<&'a str>,
+    pub bytes: u64,
+    pub error: Option<&'a str>,
+    /// The agent's time for the activation.
+    pub activate_ms: Option<u64>,
+    /// The release the host now runs, where it is not the deployment's own.
+    pub release: Option<&'a str>,
+}
+
+/// A version registered for deployment: its artifact and what it hashed to when registered.
+#[derive(Debug, Clone, Serialize)]
+pub struct VersionRow {
+    pub version: String,
+    pub artifact: String,
+    pub release_id: String,
+    pub manifest_hash: String,
+    pub total_bytes: i64,
+    pub files: i64,
+    pub registered_by: String,
+    pub registered_ms: i64,
+    /// Free-form strings (git commit, pipeline URL, …).
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+}
+
+/// One run of a deployment's smoke tests.
+#[derive(Debug, Clone, Serialize)]
+pub struct SmokeRun {
+    pub id: i64,
+    pub deployment_id: String,
+    pub run_by: String,
+    pub started_ms: i64,
+    pub finished_ms: i64,
+    pub passed: bool,
+    pub results: serde_json::Value,
+    /// The environment's own `smoke` checks ran (not checks sent with the request): only such
+    /// runs count for promotion.
+    pub env_checks: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Approval {
+    pub deployment_id: String,
+    /// The environment the approval lets the deployment's version be promoted into.
+    pub environment: String,
+    pub approved_by: String,
+    pub time_ms: i64,
+    /// The promotion that used this approval (an approval is good for one promotion).
+    pub used_by: Option<String>,
+}
+
+/// A recorded event of a deployment (state changes, pauses, switches, …).
+#[derive(Debug, Clone, Serialize)]
+pub struct EventRow {
+    pub seq: i64,
+    pub time_ms: i64,
+    pub host: Option<String>,
+    pub kind: String,
+    pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A coordinator killed by kill -9 is a zombie until its parent reaps it; `kill(0)` succeeds on
+    /// a zombie, so its lock looked alive and `ferry resume` was refused.
+    #[test]
+    fn a_zombie_coordinator_holds_a_stale_lock() {
+        let child = std::process::Command::new("true").spawn().expect("spawn");
+        let pid = child.id();
+        // Not reaped: it stays a zombie until `child` is waited for.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !zombie(pid) {
+            assert!(std::time::Instant::now() < deadline, "the child never became a zombie");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let lock =
+            Lock { deployment_id: "d-1".into(), owner: "ci".into(), hostname: this_hostname(), pid, since_ms: 0 };
+        assert!(lock.stale(), "a zombie's lock is stale");
+        let me = Lock { pid: std::process::id(), ..lock.clone() };
+        assert!(!me.stale() && me.mine());
+        let mut child = child;
+        child.wait().expect("reap");
+        assert!(lock.stale(), "a reaped process's lock is stale");
+    }
+}

@@ -1,0 +1,97 @@
+//! A rollout's events in words: the line each one prints, and for which host (`"ferry"`: the
+//! rollout itself). The live view, plain progress lines and `ferry serve`'s event stream all use
+//! these words.
+use super::bytes;
+use crate::fleet::{StageNote, Swap};
+use crate::rollout::Event;
+use crate::state::HostState;
+
+fn summary(swap: &Swap) -> String {
+    match (&swap.from, swap.changed) {
+        (_, false) => format!("{} was already current", swap.to),
+        (Some(f), true) => format!("{f} -> {}", swap.to),
+        (None, true) => format!("first release {}", swap.to),
+    }
+}
+
+fn stage_line(note: &StageNote) -> String {
+    match note {
+        StageNote::ManifestDelta { base, changed, removed } => {
+            format!("manifest sent as changes from {base}: {changed} changed, {removed} removed")
+        }
+        StageNote::WholeManifest { reason } => format!("sending the whole manifest: {reason}"),
+        StageNote::AlreadyPresent { release } => format!("release {release} is already on the host"),
+        StageNote::Prepared { chunks, missing_bytes, total_bytes } => {
+            format!("prepared: {chunks} chunk(s) missing ({} of {})", bytes(*missing_bytes), bytes(*total_bytes))
+        }
+        StageNote::Uploaded { bytes: sent, delta_chunks } => {
+            let from_bases = if *delta_chunks > 0 {
+                format!(" ({delta_chunks} chunk(s) as deltas against the host's previous version of the file)")
+            } else {
+                String::new()
+            };
+            format!("uploaded {}{from_bases}", bytes(*sent))
+        }
+        StageNote::Committed { release } => format!("committed {release}"),
+    }
+}
+
+/// The line `event` prints and the host it is about; `None` for events that only move the live
+/// view (a host's state, its transfer counters, the start).
+pub fn event_line<'a>(event: &Event<'a>) -> Option<(&'a str, String)> {
+    const FERRY: &str = "ferry";
+    Some(match *event {
+        Event::Started { .. } | Event::HostState { .. } | Event::Transfer { .. } => return None,
+        Event::Stage { host, note } => (host, stage_line(note)),
+        Event::LockBroken { env, lock } => (
+            FERRY,
+            format!(
+                "WARNING: broke the lock of deployment {} ({} on {}, pid {}); if it is still running, two rollouts now touch {env}",
+                lock.deployment_id, lock.owner, lock.hostname, lock.pid
+            ),
+        ),
+        Event::BlueGreenTarget { live, idle, members } => (
+            FERRY,
+            format!(
+                "blue-green: {} is live; deploying to {idle} ({}), then switching",
+                live.unwrap_or("no group"),
+                members.join(", ")
+            ),
+        ),
+        Event::Continuing { id, version, env } => (FERRY, format!("continuing deployment {id} of {version} to {env}")),
+        Event::CancellingPaused { id } => {
+            (FERRY, format!("cancelling deployment {id} (paused); hosts not yet activated are skipped"))
+        }
+        Event::Unwinding { id, version } => (FERRY, format!("unwinding deployment {id} of {version}")),
+        Event::Batch { number, total, hosts } => (FERRY, format!("batch {number} of {total}: {}", hosts.join(", "))),
+        Event::Paused { after, total, env } => (
+            FERRY,
+            format!(
+                "paused after batch {after} of {total}: check it, then `ferry promote --env {env}` to go on (or `ferry rollback --env {env}`)"
+            ),
+        ),
+        Event::Waiting { wait } => {
+            (FERRY, format!("pausing {} before the next batch", humantime::format_duration(wait)))
+        }
+        Event::Halting { reason } => (FERRY, format!("halting: {reason}")),
+        Event::NoPrevious { host } => (host, "has no previous release to go back to; left on the new one".to_string()),
+        Event::Activated { host, swap } => (host, format!("activated ({})", summary(swap))),
+        Event::Reverted { host, swap } => {
+            let verb = if swap.changed { "rolled back" } else { "unchanged" };
+            (host, format!("{verb} ({})", summary(swap)))
+        }
+        Event::RolledBack { host, swap } => (host, format!("rolled back ({})", summary(swap))),
+        Event::HostFailed { host, state, message } => {
+            let label = if state == HostState::RolledBack { "ROLLED BACK" } else { "FAILED" };
+            (host, format!("{label}: {message}"))
+        }
+        Event::SwitchingBack { live, idle, members } => {
+            (FERRY, format!("blue-green: {live} is live; switching back to {idle} ({})", members.join(", ")))
+        }
+        Event::Runs { host, release } => (host, format!("runs {release}")),
+        Event::Switching { group } => (FERRY, format!("switching {group} live")),
+        Event::Live { group } => (FERRY, format!("{group} is live")),
+        Event::SwitchFailed { group, error } => (FERRY, format!("switch to {group} FAILED: {error}")),
+        Event::SwitchedBack { group } => (FERRY, format!("switched {group} back in")),
+    })
+}
