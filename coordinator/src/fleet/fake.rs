@@ -76,12 +76,17 @@ pub struct Fake {
     active: AtomicUsize,
     max_active: AtomicUsize,
     /// Keep no call log (benchmarks of many hosts measure the engine, not this log).
-    pub quiet: bool,
+    quiet: bool,
 }
 
 impl Fake {
     pub fn new() -> Fake {
         Fake::default()
+    }
+
+    /// A fleet that keeps no call log (for many hosts).
+    pub fn quiet() -> Fake {
+        Fake { quiet: true, ..Fake::default() }
     }
 
     /// `host` runs `release` (and keeps it), before the deployment.

@@ -15,6 +15,7 @@ fn error_responses(codes: &[u16]) -> serde_json::Map<String, Value> {
             409 => "The request conflicts with the state: locked environment, blocked promotion, …",
             413 => "The upload is too large",
             422 => "A well-formed request naming something unknown (environment, version) or unusable",
+            500 => "The coordinator itself failed (its registry, a corrupt record): not the request's fault",
             503 => "The server is stopping: it starts nothing new",
             _ => "Error",
         };
@@ -120,10 +121,10 @@ pub fn document() -> Value {
                 "get": with_params(op("environmentStatus", "Ask every host of the environment for its facts and current release", (200, "Status"), None, &[404]), env())
             },
             "/api/v1/environments/{environment}/rollback": {
-                "post": with_params(op("rollback", "Roll the environment back (to each host's previous release, or `to`); unwinds an unfinished deployment first", (202, "Accepted"), Some("RollbackRequest?"), &[400, 404, 409, 503]), env())
+                "post": with_params(op("rollback", "Roll the environment back (to each host's previous release, or `to`); unwinds an unfinished deployment first", (202, "Accepted"), Some("RollbackRequest?"), &[400, 404, 409, 422, 500, 503]), env())
             },
             "/api/v1/deployments": {
-                "post": op("createDeployment", "Deploy a registered version to an environment (environments after the first of `promotion` only through promote)", (202, "Accepted"), Some("DeploymentRequest"), &[400, 409, 422, 503]),
+                "post": op("createDeployment", "Deploy a registered version to an environment (environments after the first of `promotion` only through promote)", (202, "Accepted"), Some("DeploymentRequest"), &[400, 409, 422, 500, 503]),
                 "get": with_params(op("listDeployments", "Deployments and rollbacks, newest first", (200, "DeploymentList"), None, &[400, 422]), query_params(&["environment", "limit"]))
             },
             "/api/v1/deployments/{id}": {
@@ -137,16 +138,16 @@ pub fn document() -> Value {
                 "post": with_params(op("approve", "Approve promoting the deployment's version to the next environment", (201, "Approval"), None, &[404, 409]), id())
             },
             "/api/v1/deployments/{id}/promote": {
-                "post": with_params(op("promote", "Deploy a succeeded deployment's version to the next environment of `promotion`, once its smoke tests passed and (where required) another identity approved", (202, "Accepted"), Some("PromoteRequest?"), &[400, 403, 404, 409, 422, 503]), id())
+                "post": with_params(op("promote", "Deploy a succeeded deployment's version to the next environment of `promotion`, once its smoke tests passed and (where required) another identity approved", (202, "Accepted"), Some("PromoteRequest?"), &[400, 403, 404, 409, 422, 500, 503]), id())
             },
             "/api/v1/deployments/{id}/continue": {
-                "post": with_params(op("continueCanary", "Continue a canary paused at a manual step with its next batch (`ferry promote`)", (202, "Accepted"), None, &[404, 409, 503]), id())
+                "post": with_params(op("continueCanary", "Continue a canary paused at a manual step with its next batch (`ferry promote`)", (202, "Accepted"), None, &[404, 409, 500, 503]), id())
             },
             "/api/v1/deployments/{id}/resume": {
-                "post": with_params(op("resume", "Continue a deployment whose coordinator died", (202, "Accepted"), None, &[404, 409, 503]), id())
+                "post": with_params(op("resume", "Continue a deployment whose coordinator died", (202, "Accepted"), None, &[404, 409, 500, 503]), id())
             },
             "/api/v1/deployments/{id}/cancel": {
-                "post": with_params(op("cancel", "Cancel: hosts in flight finish, the rest are not touched", (202, "Cancelling"), None, &[404, 409, 503]), id())
+                "post": with_params(op("cancel", "Cancel: hosts in flight finish, the rest are not touched", (202, "Cancelling"), None, &[404, 409, 500, 503]), id())
             },
             "/api/v1/report": {
                 "get": with_params(op("report", "Per environment: deployments per week, success and rollback rates, durations", (200, "Report"), None, &[400, 422]), query_params(&["environment"]))

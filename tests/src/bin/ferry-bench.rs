@@ -2,6 +2,10 @@
 //! hosts), printed side by side. Run by `benches/rollout.sh` (root; release binaries).
 //! `ferry-bench api`: the same deployments run by the CLI and through `ferry serve` (3 hosts),
 //! side by side. Run by `benches/api.sh`.
+//! `ferry-bench engine [--hosts 1000,10000]`: the rollout engine alone on the scripted fleet
+//! (`fleet::fake`): CPU time, wall time and peak memory of one rolling deployment (batches of
+//! 1%) per fleet size, with the registry in memory and, for the smallest size, on disk. No root,
+//! no hosts. Run by `benches/engine.sh`.
 //!
 //! 1. Coordinator overhead per host beyond the health wait: a rolling deployment (batch 1) of a
 //!    small change. The activation phase (first `activating` to last `healthy` in the registry)
@@ -26,7 +30,17 @@ fn main() -> ExitCode {
     let mut mbit = 200u32;
     let mut it = args.iter().map(String::as_str);
     let mut cmd = None;
+    let mut sizes = vec![1_000usize, 10_000];
     while let Some(a) = it.next() {
+        if a == "--hosts" {
+            let parsed: Option<Vec<usize>> =
+                it.next().and_then(|v| v.split(',').map(|n| n.trim().parse().ok()).collect());
+            match parsed {
+                Some(v) if !v.is_empty() && !v.contains(&0) => sizes = v,
+                _ => return usage(),
+            }
+            continue;
+        }
         match (a, it.clone().next().and_then(|v| v.parse::<u64>().ok())) {
             ("--mb", Some(v)) => {
                 mb = v;
@@ -36,11 +50,20 @@ fn main() -> ExitCode {
                 mbit = u32::try_from(v).unwrap_or(u32::MAX);
                 it.next();
             }
-            ("rollout" | "api", _) => cmd = Some(a),
+            ("rollout" | "api" | "engine", _) => cmd = Some(a),
             _ => return usage(),
         }
     }
     let Some(cmd) = cmd else { return usage() };
+    if cmd == "engine" {
+        return match bench_engine(&sizes) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ferry-bench: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Err(fleet::Unsupported(why)) = fleet::check_supported() {
         eprintln!("ferry-bench: {why}");
         return ExitCode::from(2);
@@ -57,7 +80,9 @@ fn main() -> ExitCode {
 }
 
 fn usage() -> ExitCode {
-    eprintln!("usage: ferry-bench rollout [--mb 50] [--mbit 200] | ferry-bench api [--mb 50]");
+    eprintln!(
+        "usage: ferry-bench rollout [--mb 50] [--mbit 200] | ferry-bench api [--mb 50] | ferry-bench engine [--hosts 1000,10000]"
+    );
     ExitCode::from(2)
 }
 
@@ -296,4 +321,97 @@ fn bench_api(mb: u64) -> Result<(), String> {
     let result = run();
     stop(&mut server);
     result
+}
+
+/// This process's CPU time (user + system) in seconds, and its peak resident memory in KiB.
+fn usage_now() -> (f64, u64) {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which is in parentheses): utime is the 12th, stime the 13th.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // USER_HZ is 100 on Linux.
+    let cpu = (ticks(11) + ticks(12)) as f64 / 100.0;
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let peak = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0);
+    (cpu, peak)
+}
+
+/// One rolling deployment (batches of 1%) of `hosts` scripted hosts through the engine.
+fn engine_run(hosts: usize, on_disk: bool) -> Result<(f64, f64, u64), String> {
+    use ferry_coordinator::commands::{self, Ctx};
+    use ferry_coordinator::fleet::fake::Fake;
+    use ferry_coordinator::registry::Registry;
+    use ferry_coordinator::registry::sqlite::Sqlite;
+
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let mut text = String::from(
+        "[app]\nname = \"web\"\n[tls]\nca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"c.key\"\n[environments.prod]\nbatch = \"1%\"\n[environments.prod.hosts]\n",
+    );
+    for i in 0..hosts {
+        text.push_str(&format!("web-{i} = \"10.{}.{}.{}:7443\"\n", i / 65536, i / 256 % 256, i % 256));
+    }
+    let config = ferry_coordinator::config::FleetConfig::from_toml(&dir.path().join("fleet.toml"), &text)
+        .map_err(|e| e.to_string())?;
+    let build = dir.path().join("build");
+    std::fs::create_dir_all(&build).map_err(|e| e.to_string())?;
+    std::fs::write(build.join("index.html"), "v2").map_err(|e| e.to_string())?;
+    let artifact =
+        std::sync::Arc::new(ferry_coordinator::artifact::Artifact::scan(&build, None).map_err(|e| e.to_string())?);
+    let registry: Box<dyn Registry> = if on_disk {
+        Box::new(Sqlite::open(&dir.path().join("registry.db")).map_err(|e| e.to_string())?)
+    } else {
+        Box::new(Sqlite::in_memory().map_err(|e| e.to_string())?)
+    };
+    let fleet = Fake::quiet();
+    for i in 0..hosts {
+        fleet.runs(&format!("web-{i}"), "1-00000000");
+    }
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let ctx = Ctx {
+        config: &config,
+        fleet: &fleet,
+        registry: registry.as_ref(),
+        cache: None,
+        observer: &ferry_coordinator::rollout::quiet,
+        cancel: &cancel,
+        force_unlock: false,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    let (cpu0, _) = usage_now();
+    let started = Instant::now();
+    let report =
+        runtime.block_on(commands::deploy::deploy(&ctx, "prod", artifact, "2", true)).map_err(|e| e.to_string())?;
+    let wall = started.elapsed().as_secs_f64();
+    let (cpu1, peak) = usage_now();
+    if report.hosts.len() != hosts || fleet.max_active() > hosts.div_ceil(100) {
+        return Err(format!(
+            "the run broke its invariants: {} hosts, {} active at once",
+            report.hosts.len(),
+            fleet.max_active()
+        ));
+    }
+    Ok((cpu1 - cpu0, wall, peak))
+}
+
+fn bench_engine(sizes: &[usize]) -> Result<(), String> {
+    let smallest = sizes.iter().copied().min().unwrap_or(1_000);
+    let mut runs: Vec<(usize, bool)> = sizes.iter().map(|&n| (n, false)).collect();
+    runs.insert(0, (smallest, true));
+    println!("| hosts | registry | CPU (s) | wall (s) | CPU per host (µs) | peak RSS of the process (MiB) |");
+    println!("|---:|---|---:|---:|---:|---:|");
+    for (hosts, on_disk) in runs {
+        let (cpu, wall, peak) = engine_run(hosts, on_disk)?;
+        println!(
+            "| {hosts} | {} | {cpu:.2} | {wall:.2} | {:.0} | {:.1} |",
+            if on_disk { "SQLite on disk (synchronous=FULL)" } else { "SQLite in memory" },
+            cpu * 1e6 / hosts as f64,
+            peak as f64 / 1024.0
+        );
+    }
+    Ok(())
 }
