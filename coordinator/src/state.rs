@@ -169,6 +169,18 @@ impl Limits {
     }
 }
 
+/// A value's row in its table: (value, name, description).
+type Row<T> = (T, &'static str, &'static str);
+
+/// The row of `v` (every value has one: the tables list every variant, which the tests check).
+fn row<T: Copy + PartialEq>(table: &[Row<T>], v: T) -> Row<T> {
+    table.iter().copied().find(|r| r.0 == v).unwrap_or((v, "?", "?"))
+}
+
+fn parse<T: Copy>(table: &[Row<T>], s: &str) -> Option<T> {
+    table.iter().find(|r| r.1 == s).map(|r| r.0)
+}
+
 /// Where a deployment stands, as the registry stores it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -200,15 +212,15 @@ impl DeploymentStatus {
     ];
 
     pub fn as_str(self) -> &'static str {
-        Self::ALL.iter().find(|(s, _, _)| *s == self).map_or("?", |(_, name, _)| name)
+        row(&Self::ALL, self).1
     }
 
     pub fn parse(s: &str) -> Option<DeploymentStatus> {
-        Self::ALL.iter().find(|(_, name, _)| *name == s).map(|(v, _, _)| *v)
+        parse(&Self::ALL, s)
     }
 
     pub fn description(self) -> &'static str {
-        Self::ALL.iter().find(|(s, _, _)| *s == self).map_or("?", |(_, _, d)| d)
+        row(&Self::ALL, self).2
     }
 
     /// Nothing more happens to the deployment.
@@ -246,11 +258,15 @@ impl DeploymentKind {
     ];
 
     pub fn as_str(self) -> &'static str {
-        Self::ALL.iter().find(|(k, _, _)| *k == self).map_or("?", |(_, name, _)| name)
+        row(&Self::ALL, self).1
     }
 
     pub fn parse(s: &str) -> Option<DeploymentKind> {
-        Self::ALL.iter().find(|(_, name, _)| *name == s).map(|(v, _, _)| *v)
+        parse(&Self::ALL, s)
+    }
+
+    pub fn description(self) -> &'static str {
+        row(&Self::ALL, self).2
     }
 }
 
@@ -454,6 +470,21 @@ mod tests {
             assert_eq!(DeploymentKind::parse(name), Some(k));
         }
         assert_eq!(DeploymentStatus::parse("bogus"), None);
+        // One row per variant, one name per row.
+        let mut names: Vec<&str> = DeploymentStatus::ALL.iter().map(|r| r.1).collect();
+        names.dedup();
+        assert_eq!(names.len(), DeploymentStatus::ALL.len());
+        let every = |s: DeploymentStatus| match s {
+            DeploymentStatus::Pending
+            | DeploymentStatus::Running
+            | DeploymentStatus::Paused
+            | DeploymentStatus::Succeeded
+            | DeploymentStatus::Failed
+            | DeploymentStatus::RolledBack
+            | DeploymentStatus::Cancelled => DeploymentStatus::ALL.iter().filter(|r| r.0 == s).count() == 1,
+        };
+        assert!(DeploymentStatus::ALL.iter().all(|r| every(r.0)));
+        assert_eq!(DeploymentStatus::ALL.len(), 7, "a status was added: add its row");
         let limits = Limits::all(Duration::from_secs(60));
         for s in HostState::ALL {
             let working = matches!(s, Staging | Activating | RollingBack);

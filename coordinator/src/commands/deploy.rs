@@ -9,8 +9,7 @@ use crate::rollout::{self, DeployReport};
 /// Checks a deployment request before anything slow happens (the engine checks again when it
 /// records it).
 pub fn validate(config: &crate::config::FleetConfig, env: &str, version: &str) -> Result<(), Error> {
-    ferry_proto::manifest::check_version(version)
-        .map_err(|e| rollout::Error::InvalidVersion { version: version.to_string(), reason: e.to_string() })?;
+    rollout::check_version(version)?;
     config.hosts(env).map_err(rollout::Error::from)?;
     Ok(())
 }

@@ -132,6 +132,12 @@ impl Rollback {
     }
 }
 
+/// A version label must be one the agents take (A-Z a-z 0-9 . _ + -).
+pub fn check_version(version: &str) -> Result<(), Error> {
+    ferry_proto::manifest::check_version(version)
+        .map_err(|e| Error::InvalidVersion { version: version.to_string(), reason: e.to_string() })
+}
+
 /// A short unique deployment id: `d-<unix seconds>-<6 hex>`.
 pub fn new_deployment_id() -> String {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
@@ -229,8 +235,7 @@ impl Engine<'_> {
     /// `ferry deploy`: records a new deployment of `artifact` as `version` and takes the
     /// environment; its id. No host is touched until [`Engine::run`].
     pub fn create(&self, artifact: &Artifact, version: &str, prestage: bool) -> Result<String, Error> {
-        ferry_proto::manifest::check_version(version)
-            .map_err(|e| Error::InvalidVersion { version: version.to_string(), reason: e.to_string() })?;
+        check_version(version)?;
         let env = self.environment()?;
         let mut hosts = self.config.hosts(self.env)?;
         let mut switch = None;
@@ -278,26 +283,32 @@ impl Engine<'_> {
         Ok(id)
     }
 
-    /// The environment's unfinished deployment, if any: the one holding its lock, still pending,
-    /// running or paused.
-    pub fn unfinished(&self) -> Result<Option<(Lock, DeploymentRow)>, Error> {
+    /// The lock of the environment and the deployment holding it, if any.
+    fn holder(&self) -> Result<Option<(Lock, DeploymentRow)>, Error> {
         let Some(lock) = self.registry.lock_of(self.env)? else { return Ok(None) };
         let d = self
             .registry
             .deployment(&lock.deployment_id)?
             .ok_or_else(|| Error::DanglingLock { env: self.env.to_string(), id: lock.deployment_id.clone() })?;
-        Ok((d.kind == DeploymentKind::Deploy && !d.status.is_finished()).then_some((lock, d)))
+        Ok(Some((lock, d)))
+    }
+
+    /// [`Engine::holder`], or that nothing is in progress.
+    fn held(&self) -> Result<(Lock, DeploymentRow), Error> {
+        self.holder()?.ok_or_else(|| Error::NothingInProgress { env: self.env.to_string() })
+    }
+
+    /// The environment's unfinished deployment, if any: the one holding its lock, still pending,
+    /// running or paused.
+    pub fn unfinished(&self) -> Result<Option<(Lock, DeploymentRow)>, Error> {
+        Ok(self.holder()?.filter(|(_, d)| d.kind == DeploymentKind::Deploy && !d.status.is_finished()))
     }
 
     /// `ferry resume` / `ferry promote` (`paused_only`): the environment's deployment that may be
     /// continued (one whose coordinator died, or one paused at a canary step), or why none may.
     /// Touches nothing; [`Engine::take_over`] then [`Engine::run`] continue it.
     pub fn resumable(&self, paused_only: bool) -> Result<DeploymentRow, Error> {
-        let lock = self.registry.lock_of(self.env)?.ok_or_else(|| Error::NothingInProgress { env: self.env.into() })?;
-        let d = self
-            .registry
-            .deployment(&lock.deployment_id)?
-            .ok_or_else(|| Error::DanglingLock { env: self.env.to_string(), id: lock.deployment_id.clone() })?;
+        let (lock, d) = self.held()?;
         if d.kind != DeploymentKind::Deploy || d.status.is_finished() {
             return Err(Error::NotResumable { id: d.id, status: d.status, kind: d.kind });
         }
@@ -338,11 +349,7 @@ impl Engine<'_> {
     /// Records the environment's paused deployment `cancelled` without touching a host or needing
     /// its artifact: hosts it already activated keep the new release, the others are `skipped`.
     pub fn cancel_paused(&self) -> Result<DeployReport, Error> {
-        let lock = self.registry.lock_of(self.env)?.ok_or_else(|| Error::NothingInProgress { env: self.env.into() })?;
-        let d = self
-            .registry
-            .deployment(&lock.deployment_id)?
-            .ok_or_else(|| Error::DanglingLock { env: self.env.to_string(), id: lock.deployment_id.clone() })?;
+        let (_, d) = self.held()?;
         if d.status != DeploymentStatus::Paused {
             return Err(Error::NotPaused { id: d.id, status: d.status, hint: "" });
         }
@@ -386,8 +393,7 @@ impl Engine<'_> {
     pub fn create_rollback(&self, to_version: Option<&str>) -> Result<Rollback, Error> {
         let env = self.environment()?;
         if let Some(v) = to_version {
-            ferry_proto::manifest::check_version(v)
-                .map_err(|e| Error::InvalidVersion { version: v.to_string(), reason: e.to_string() })?;
+            check_version(v)?;
         }
         if to_version.is_none()
             && let Some((lock, d)) = self.unfinished()?
