@@ -554,6 +554,7 @@ mod tests {
         fn apply(&mut self, n: &Next, just: &mut Option<usize>) -> Result<(), Stop> {
             match n {
                 Next::Stage(ix) => {
+                    assert!(self.rules.stage, "a rollback was told to stage");
                     for &i in ix {
                         assert!(self.hosts[i].state.needs_staging(), "staging {:?}", self.hosts[i]);
                         self.set(i, Staging)?;
@@ -578,7 +579,9 @@ mod tests {
                         assert!(!hosts.contains(&i) || h.batch == *batch);
                     }
                     for &i in hosts {
-                        assert!(matches!(self.hosts[i].state, Staged | Activating), "activating {:?}", self.hosts[i]);
+                        let ready = matches!(self.hosts[i].state, Staged | Activating)
+                            || (!self.rules.stage && self.hosts[i].state == Pending);
+                        assert!(ready, "activating {:?}", self.hosts[i]);
                         self.set(i, Activating)?;
                         self.activations[i] += 1;
                     }
@@ -600,11 +603,11 @@ mod tests {
         }
     }
 
-    fn gen_case() -> impl Gen<Value = (Vec<usize>, usize, bool, Vec<u8>, usize, Option<usize>)> {
+    fn gen_case() -> impl Gen<Value = (Vec<usize>, usize, (bool, bool), Vec<u8>, usize, Option<usize>)> {
         (
             proptest::collection::vec(1usize..4, 1..6),
             0usize..3,
-            any::<bool>(),
+            (any::<bool>(), any::<bool>()),
             proptest::collection::vec(any::<u8>(), 1..40),
             0usize..60,
             proptest::option::of(0usize..8),
@@ -618,7 +621,7 @@ mod tests {
         /// failure budget.
         #[test]
         fn resume_from_every_persisted_state(
-            (batch_sizes, max_failures, prestage, luck, kill_after, cancel_at) in gen_case()
+            (batch_sizes, max_failures, (prestage, stage), luck, kill_after, cancel_at) in gen_case()
         ) {
             let hosts: Vec<Host> = batch_sizes
                 .iter()
@@ -629,7 +632,8 @@ mod tests {
             let mut m = Model {
                 activations: vec![0; hosts.len()],
                 hosts,
-                rules: rules(max_failures, prestage, pauses),
+                // `stage` false: a rollback's hosts go straight from pending to activating.
+                rules: Rules { stage, ..rules(max_failures, prestage, pauses) },
                 luck,
                 draws: 0,
                 transitions: 0,

@@ -300,8 +300,12 @@ impl Engine<'_> {
 
     /// The environment's unfinished deployment, if any: the one holding its lock, still pending,
     /// running or paused.
+    /// (A lock naming a deployment the registry does not know holds no unfinished deployment:
+    /// taking the environment then refuses with the lock's holder, as for any other lock.)
     pub fn unfinished(&self) -> Result<Option<(Lock, DeploymentRow)>, Error> {
-        Ok(self.holder()?.filter(|(_, d)| d.kind == DeploymentKind::Deploy && !d.status.is_finished()))
+        let Some(lock) = self.registry.lock_of(self.env)? else { return Ok(None) };
+        let Some(d) = self.registry.deployment(&lock.deployment_id)? else { return Ok(None) };
+        Ok((d.kind == DeploymentKind::Deploy && !d.status.is_finished()).then_some((lock, d)))
     }
 
     /// `ferry resume` / `ferry promote` (`paused_only`): the environment's deployment that may be

@@ -621,3 +621,39 @@ async fn query_parameters_are_the_documented_ones() {
         }
     }
 }
+
+/// Regression: every refusal of the engine was a 409 `not_started`, whatever its cause. A locked
+/// environment is now 409 `environment_locked`, an invalid version 400, nothing to continue 409
+/// `not_in_progress`, and a refused request leaves the environment free for the next call.
+#[tokio::test]
+async fn engine_refusals_get_their_own_status_codes() {
+    let api = setup();
+    let t = Some(CI);
+    let route = "/api/v1/environments/{environment}/rollback";
+    // Another coordinator process (this test's) holds staging for a deployment of its own.
+    api.state.registry.lock("staging", "d-elsewhere", false).expect("lock");
+    let (s, e) = api.call("POST", "/api/v1/environments/staging/rollback", route, t, None).await;
+    assert_eq!((s, e["error"].as_str()), (409, Some("environment_locked")), "{e}");
+    assert!(e["message"].as_str().is_some_and(|m| m.contains("locked by deployment d-elsewhere")), "{e}");
+    api.state.registry.unlock("staging", "d-elsewhere").expect("unlock");
+    assert!(api.state.jobs.running_in("staging").is_none(), "a refused call left staging busy");
+    // An invalid version to roll back to.
+    let body = json!({ "to": "../1" }).to_string();
+    let (s, e) = api.call("POST", "/api/v1/environments/staging/rollback", route, t, Some(&body)).await;
+    assert_eq!((s, e["error"].as_str()), (400, Some("invalid_version")), "{e}");
+    // The same refusal, from the use case the CLI runs, keeps its type.
+    let fleet = api.state.fleet();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let ctx = crate::commands::Ctx {
+        config: &api.state.config,
+        fleet: &fleet,
+        registry: api.state.registry.as_ref(),
+        cache: None,
+        observer: &crate::rollout::quiet,
+        cancel: &cancel,
+        force_unlock: false,
+    };
+    let e = crate::commands::resume::resume(&ctx, "staging", true).await.expect_err("nothing paused");
+    let api_error = super::error::ApiError::from(e);
+    assert_eq!((api_error.status.as_u16(), api_error.code), (409, "not_in_progress"));
+}
