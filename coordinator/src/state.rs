@@ -603,7 +603,10 @@ mod tests {
         }
     }
 
-    fn gen_case() -> impl Gen<Value = (Vec<usize>, usize, (bool, bool), Vec<u8>, usize, Option<usize>)> {
+    /// (batch sizes, max_failures, (prestage, stage), luck, kill after, cancel at).
+    type Case = (Vec<usize>, usize, (bool, bool), Vec<u8>, usize, Option<usize>);
+
+    fn gen_case() -> impl Gen<Value = Case> {
         (
             proptest::collection::vec(1usize..4, 1..6),
             0usize..3,
