@@ -396,11 +396,12 @@ pub struct Environment {
     /// On halt, roll every host this rollout updated back to its previous release.
     #[serde(default)]
     pub auto_rollback: bool,
-    /// The longest a host may stay staging, activating or rolling back before it is failed (and
-    /// `max_failures` / `auto_rollback` decide what follows); so, outside its pauses, the longest
-    /// a deployment goes without progress. Default 10m.
-    #[serde(default = "default_progress_deadline", with = "config_file::duration")]
-    pub progress_deadline: Duration,
+    /// The longest a host's activation or rollback may take, and the longest its staging may go
+    /// without sending a byte, before the host is failed (and `max_failures` / `auto_rollback`
+    /// decide what follows); so, outside its pauses, the longest a deployment goes without
+    /// progress. Default: [`FleetConfig::progress_deadline`].
+    #[serde(default, deserialize_with = "optional_duration")]
+    pub progress_deadline: Option<Duration>,
     /// Commands run where `ferry` runs, before and after each host's activation (e.g. drain it at
     /// a load balancer), with FERRY_HOST, FERRY_ADDR, FERRY_VERSION, FERRY_ENV set. A failing
     /// `before_host` fails that host before it is touched.
@@ -485,8 +486,24 @@ fn default_strategy() -> String {
     "rolling".into()
 }
 
-fn default_progress_deadline() -> Duration {
-    Duration::from_secs(600)
+fn optional_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    config_file::duration::deserialize(d).map(Some)
+}
+
+/// The progress deadline of an environment that sets none, at the least.
+pub const DEFAULT_PROGRESS_DEADLINE: Duration = Duration::from_secs(600);
+
+impl AppConfig {
+    /// The longest an activation may legitimately take on a host: its three hooks at their
+    /// timeout, and every health probe through all its retries, then min_healthy_time.
+    pub fn activation_budget(&self) -> Duration {
+        let probes: Duration = self
+            .health
+            .iter()
+            .map(|p| (p.interval + p.timeout) * p.retries.saturating_add(1) + p.min_healthy_time)
+            .sum();
+        self.hooks.timeout * 3 + probes
+    }
 }
 
 impl Environment {
@@ -757,7 +774,7 @@ impl FleetConfig {
             if let Err(problems) = e.parse_strategy() {
                 p.extend(problems.into_iter().map(|q| q.prefixed(&format!("environments.{env}."))));
             }
-            if e.progress_deadline <= self.app.hooks.timeout {
+            if e.progress_deadline.is_some_and(|d| d <= self.app.hooks.timeout) {
                 p.push(Problem::new(
                     format!("environments.{env}.progress_deadline"),
                     format!(
@@ -834,6 +851,13 @@ impl FleetConfig {
     /// Where `ferry serve` keeps its files when `[server]` does not say: beside the registry.
     pub fn state_dir(&self) -> Option<PathBuf> {
         self.registry_path().map(|r| r.parent().map(Path::to_path_buf).unwrap_or_default())
+    }
+
+    /// How long a host of `env` may stay staging without progress, or activating or rolling back:
+    /// the environment's `progress_deadline`, else 10 minutes or twice the app's
+    /// [`AppConfig::activation_budget`], whichever is longer.
+    pub fn progress_deadline(&self, env: &Environment) -> Duration {
+        env.progress_deadline.unwrap_or_else(|| DEFAULT_PROGRESS_DEADLINE.max(self.app.activation_budget() * 2))
     }
 
     /// The environment a deployment to `env` is promoted to, per `promotion`.

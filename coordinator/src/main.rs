@@ -36,9 +36,22 @@ fn main() -> ExitCode {
         }
     };
     let serving = matches!(cli.command, cli::Command::Serve { .. });
+    // Only a rollout run here and `ferry serve` stop in steps; every other verb (and a verb sent
+    // to a server) keeps the default: the first signal ends it.
+    let stepped = serving
+        || (cli.server.is_none()
+            && matches!(
+                cli.command,
+                cli::Command::Deploy(_)
+                    | cli::Command::Rollback(_)
+                    | cli::Command::Resume(_)
+                    | cli::Command::Promote(_)
+            ));
     let code = runtime.block_on(async {
         let (shutdown, now) = (CancellationToken::new(), CancellationToken::new());
-        tokio::spawn(signals(shutdown.clone(), now.clone(), serving));
+        if stepped {
+            tokio::spawn(signals(shutdown.clone(), now.clone(), serving));
+        }
         tokio::select! {
             code = cli::run(cli, shutdown) => code,
             // Dropping the command kills the coordinator hooks in flight (their process groups);
@@ -53,8 +66,9 @@ fn main() -> ExitCode {
             }
         }
     });
-    // Tasks still running (a hook's pipes, an agent's stream) are not waited for.
-    runtime.shutdown_background();
+    // Dropping the tasks still running (`ferry serve`'s jobs) kills their coordinator hooks'
+    // process groups; a blocking scan is not waited for past the timeout.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     ExitCode::from(code)
 }
 

@@ -162,7 +162,14 @@ async fn rollout_verb(loaded: &Loaded, command: &Command, shutdown: &Cancellatio
 async fn deploy(ctx: &Ctx<'_>, a: &super::DeployArgs) -> anyhow::Result<DeployReport> {
     // Before the scan, which may take a while on a large build.
     commands::deploy::validate(ctx.config, &a.env, &a.version)?;
-    let artifact = commands::deploy::scan(ctx, &a.artifact).await?;
+    // A Ctrl-C while scanning stops before anything is recorded.
+    let artifact = tokio::select! {
+        scanned = commands::deploy::scan(ctx, &a.artifact) => scanned?,
+        () = ctx.cancel.cancelled() => anyhow::bail!(
+            "cancelled while scanning {}: nothing was recorded, no host was touched",
+            a.artifact.display()
+        ),
+    };
     ui::deploy_start(&artifact, &a.version, &a.env, a.output);
     Ok(commands::deploy::deploy(ctx, &a.env, artifact, &a.version, !a.no_prestage).await?)
 }

@@ -38,6 +38,8 @@ pub struct Script {
     pub rollback: Behave,
     /// How long an activation takes (health probes, restarts).
     pub activate_for: Duration,
+    /// How long staging takes; it sends a byte every minute meanwhile (a slow link).
+    pub stage_for: Duration,
 }
 
 /// One request the engine made.
@@ -178,7 +180,15 @@ impl Fleet for Fake {
         Box::pin(async move {
             let release_id = release.artifact.release_id(&release.version);
             self.record(Call::Stage { host: host.name.clone(), release: release_id.clone() });
-            Self::answer(host, &self.script_of(&host.name).stage).await?;
+            let script = self.script_of(&host.name);
+            let mut left = script.stage_for;
+            while !left.is_zero() {
+                let step = left.min(Duration::from_secs(60));
+                tokio::time::sleep(step).await;
+                sent.bytes.fetch_add(1, Ordering::Relaxed);
+                left -= step;
+            }
+            Self::answer(host, &script.stage).await?;
             let current = self.with_host(host, |h| {
                 if !h.releases.contains(&release_id) {
                     h.releases.push(release_id.clone());

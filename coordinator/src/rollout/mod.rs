@@ -52,7 +52,9 @@ pub enum Error {
     UnknownEnvironment(#[from] UnknownEnvironment),
     #[error("no deployment of {env} is in progress")]
     NothingInProgress { env: String },
-    #[error("the lock of {env} names deployment {id}, which the registry does not know")]
+    #[error(
+        "the lock of {env} names deployment {id}, which the registry does not know (`ferry deploy --force-unlock` clears it)"
+    )]
     DanglingLock { env: String, id: String },
     #[error("deployment {id} is {status} ({kind}); there is nothing to continue")]
     NotResumable { id: String, status: DeploymentStatus, kind: DeploymentKind },

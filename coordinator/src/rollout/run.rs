@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use super::{Engine, Error, Event, Stored, hooks};
 use crate::client::{ErrorKind, HostError};
@@ -42,10 +43,25 @@ fn pause_after(strategy: &Strategy, n: usize, total: usize) -> Option<Pause> {
 }
 
 impl Engine<'_> {
+    /// The hosts of the environment by name, all of deployment `id`'s among them (or which are
+    /// no longer in fleet.toml).
+    pub(super) fn inventory_of(&self, id: &str) -> Result<HashMap<String, Host>, Error> {
+        let inventory = self.inventory()?;
+        let missing: Vec<String> =
+            self.registry.hosts(id)?.into_iter().filter(|h| !inventory.contains_key(&h.host)).map(|h| h.host).collect();
+        if !missing.is_empty() {
+            return Err(Error::HostsGone { id: id.to_string(), env: self.env.to_string(), hosts: missing });
+        }
+        Ok(inventory)
+    }
+
     /// The time limits of the environment's host steps.
     pub(super) fn limits(&self) -> Limits {
-        let deadline =
-            self.config.environments.get(self.env).map_or(std::time::Duration::from_secs(600), |e| e.progress_deadline);
+        let deadline = self
+            .config
+            .environments
+            .get(self.env)
+            .map_or(crate::config::DEFAULT_PROGRESS_DEADLINE, |e| self.config.progress_deadline(e));
         Limits::all(deadline)
     }
 
@@ -56,19 +72,45 @@ impl Engine<'_> {
         state: HostState,
         work: impl Future<Output = Result<T, HostError>>,
     ) -> Result<T, HostError> {
+        self.watched(host, state, work, None).await
+    }
+
+    /// Runs one host step under the limit of `state`: with `progress` (a counter that moves while
+    /// the step does), the limit is on time without progress; without, on the whole step.
+    pub(super) async fn watched<T>(
+        &self,
+        host: &Host,
+        state: HostState,
+        work: impl Future<Output = Result<T, HostError>>,
+        progress: Option<&(dyn Fn() -> u64 + Sync)>,
+    ) -> Result<T, HostError> {
         let Some(limit) = state.time_limit(&self.limits()) else { return work.await };
-        match tokio::time::timeout(limit, work).await {
-            Ok(result) => result,
-            Err(_) => Err(HostError::new(
-                host,
-                ErrorKind::Failed,
-                format!(
-                    "{} did not finish within {} (progress_deadline of environment {}); the host may still be at it: check it with `ferry status`",
-                    state.step(),
-                    humantime::format_duration(limit),
-                    self.env
-                ),
-            )),
+        let mut work = std::pin::pin!(work);
+        let check = (limit / 20).clamp(Duration::from_millis(50), Duration::from_secs(5));
+        let mut seen = progress.map(|p| p());
+        let mut since = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                result = &mut work => return result,
+                () = tokio::time::sleep(check) => {
+                    let now = progress.map(|p| p());
+                    if now != seen {
+                        (seen, since) = (now, tokio::time::Instant::now());
+                    } else if since.elapsed() >= limit {
+                        let what = if progress.is_some() { "made no progress for" } else { "did not finish within" };
+                        return Err(HostError::new(
+                            host,
+                            ErrorKind::Failed,
+                            format!(
+                                "{} {what} {} (progress_deadline of environment {}); the host may still be at it: check it with `ferry status`",
+                                state.step(),
+                                humantime::format_duration(limit),
+                                self.env
+                            ),
+                        ));
+                    }
+                }
+            }
         }
     }
 
@@ -80,13 +122,8 @@ impl Engine<'_> {
         work: &Work,
     ) -> Result<super::DeployReport, Error> {
         let id = d.id.as_str();
-        let inventory = self.inventory()?;
+        let inventory = self.inventory_of(id)?;
         let rows = self.registry.hosts(id)?;
-        let missing: Vec<String> =
-            rows.iter().filter(|h| !inventory.contains_key(&h.host)).map(|h| h.host.clone()).collect();
-        if !missing.is_empty() {
-            return Err(Error::HostsGone { id: id.to_string(), env: self.env.to_string(), hosts: missing });
-        }
         self.registry.set_status(id, DeploymentStatus::Running, None)?;
         let transfers: HashMap<String, Arc<Transfer>> =
             rows.iter().map(|h| (h.host.clone(), Arc::new(Transfer::default()))).collect();
@@ -203,9 +240,15 @@ impl Engine<'_> {
             async move {
                 let _permit = limit.acquire().await;
                 self.host_state(id, &host.name, HostState::Staging, &HostUpdate::default())?;
-                let note = |note: crate::fleet::StageNote| self.emit(&Event::Stage { host: &host.name, note: &note });
-                let staged =
-                    self.bounded(host, HostState::Staging, self.fleet.stage(host, release, &transfer, &note)).await;
+                let steps = std::sync::atomic::AtomicU64::new(0);
+                let note = |note: crate::fleet::StageNote| {
+                    steps.fetch_add(1, Ordering::Relaxed);
+                    self.emit(&Event::Stage { host: &host.name, note: &note });
+                };
+                // Staging may take long on a slow link: only time without a step or a byte counts.
+                let moved = || steps.load(Ordering::Relaxed) + transfer.bytes.load(Ordering::Relaxed);
+                let work = self.fleet.stage(host, release, &transfer, &note);
+                let staged = self.watched(host, HostState::Staging, work, Some(&moved)).await;
                 let bytes = transfer.bytes.load(Ordering::Relaxed);
                 match staged {
                     Ok(s) => {
@@ -315,7 +358,7 @@ impl Engine<'_> {
         if !plan.auto_rollback {
             return self.finish(id, DeploymentStatus::Failed, Some(&reason), transfers);
         }
-        let inventory = self.inventory()?;
+        let inventory = self.inventory_of(id)?;
         // Every host whose swap began may run the new release: healthy ones, ones caught mid-swap
         // or mid-rollback, and ones that failed or went silent after it (an after_host hook, a
         // lost connection). Hosts that failed before (staging, before_host) were never changed.

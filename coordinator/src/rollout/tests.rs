@@ -449,3 +449,31 @@ async fn ten_thousand_hosts_roll_out_in_order_a_batch_at_a_time() {
     seen.dedup();
     assert_eq!(seen.len(), hosts);
 }
+
+/// Staging is limited on time without progress, not on its whole length: a slow link that keeps
+/// sending is waited for; one that stops sending fails its host after the deadline.
+#[tokio::test(start_paused = true)]
+async fn staging_is_failed_only_when_it_stops_moving() {
+    let w = World::new(2, "batch = 1\nprogress_deadline = \"10m\"\nmax_failures = 1");
+    w.fleet.script(&name(0), Script { stage_for: Duration::from_secs(45 * 60), ..Default::default() });
+    w.fleet.script(&name(1), Script { stage: Behave::Hang, ..Default::default() });
+    let r = w.deploy("v2", "2").await;
+    assert_eq!(outcomes(&r), [HostOutcome::Succeeded, HostOutcome::Failed]);
+    let error = r.hosts[1].error.as_deref().unwrap_or_default();
+    assert!(error.contains("staging made no progress for 10m"), "{error}");
+    assert_eq!(w.activations(), [name(0)], "the stuck host was never activated");
+}
+
+/// Without `progress_deadline`, the limit is 10 minutes or twice what the app's own hooks and
+/// probes may take, whichever is longer.
+#[test]
+fn the_default_progress_deadline_leaves_room_for_the_apps_hooks() {
+    let c = config(1, "");
+    assert_eq!(c.progress_deadline(&c.environments["prod"]), Duration::from_secs(600));
+    let mut slow = c.clone();
+    slow.app.hooks.timeout = Duration::from_secs(15 * 60);
+    // Three hooks of 15m each, twice: 90m.
+    assert_eq!(slow.progress_deadline(&slow.environments["prod"]), Duration::from_secs(90 * 60));
+    let set = config(1, "progress_deadline = \"20m\"");
+    assert_eq!(set.progress_deadline(&set.environments["prod"]), Duration::from_secs(20 * 60));
+}

@@ -80,8 +80,8 @@ impl From<ArtifactError> for ApiError {
             ArtifactError::Io { .. }
             | ArtifactError::Refused { .. }
             | ArtifactError::Manifest { .. }
-            | ArtifactError::Empty(_)
-            | ArtifactError::Aborted { .. } => ApiError::conflict("artifact_missing", e.to_string()),
+            | ArtifactError::Empty(_) => ApiError::conflict("artifact_missing", e.to_string()),
+            ArtifactError::Aborted { .. } => ApiError::internal(e.to_string()),
         }
     }
 }
@@ -106,7 +106,9 @@ impl From<rollout::Error> for ApiError {
                 api
             }
             E::Registry(r) => ApiError::from(r),
-            E::DanglingLock { .. } | E::Misconfigured { .. } | E::Corrupt { .. } => ApiError::internal(message),
+            // A lock naming a deployment the registry does not know: `--force-unlock` clears it.
+            E::DanglingLock { .. } => ApiError::conflict("dangling_lock", message),
+            E::Misconfigured { .. } | E::Corrupt { .. } => ApiError::internal(message),
         }
     }
 }

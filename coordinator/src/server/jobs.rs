@@ -78,15 +78,19 @@ impl Jobs {
 
     /// Refuses new jobs and asks the running ones to stop after their hosts in flight.
     pub fn cancel_all(&self) {
+        // Under the table's lock: a job reserving its environment now either sees `stopping` or
+        // is in the table, and cancelled here.
+        let busy = self.busy.lock();
         self.stopping.store(true, Ordering::SeqCst);
-        if let Ok(busy) = self.busy.lock() {
+        if let Ok(busy) = busy {
             for job in busy.values() {
                 job.cancel.cancel();
             }
         }
     }
 
-    /// Waits until every job's task has ended (call after [`Jobs::cancel_all`]).
+    /// Waits until every job has ended, those still being recorded included (call after
+    /// [`Jobs::cancel_all`]).
     pub async fn wait_idle(&self) {
         self.tasks.close();
         self.tasks.wait().await;
@@ -139,6 +143,8 @@ impl Observer for JobObserver {
 struct Finished {
     state: Shared,
     job: Arc<Job>,
+    /// Counts the job as a task of the tracker from the moment it reserves its environment.
+    _task: tokio_util::task::task_tracker::TaskTrackerToken,
 }
 
 impl Drop for Finished {
@@ -178,13 +184,6 @@ pub async fn start(
     promoted_from: Option<String>,
     op: Op,
 ) -> Result<String, ApiError> {
-    if state.jobs.stopping.load(Ordering::SeqCst) {
-        return Err(ApiError::new(
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            "stopping",
-            "the server is stopping: it starts nothing new (retry when it is back)",
-        ));
-    }
     if let Ok(mut by_id) = state.jobs.by_id.lock()
         && by_id.len() > KEEP_ENDED
     {
@@ -198,8 +197,15 @@ pub async fn start(
         done: AtomicBool::new(false),
         changed: Notify::new(),
     });
-    {
+    let task = {
         let mut busy = state.jobs.busy.lock().map_err(|_| ApiError::internal("job table poisoned"))?;
+        if state.jobs.stopping.load(Ordering::SeqCst) {
+            return Err(ApiError::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "stopping",
+                "the server is stopping: it starts nothing new (retry when it is back)",
+            ));
+        }
         if let Some(other) = busy.get(env) {
             let what =
                 other.id.get().map_or("a deployment that is starting".to_string(), |id| format!("deployment {id}"));
@@ -209,9 +215,11 @@ pub async fn start(
             ));
         }
         busy.insert(env.to_string(), job.clone());
-    }
+        // Taken under the table's lock, so shutdown's wait cannot miss this job.
+        state.jobs.tasks.token()
+    };
     // From here the environment is reserved: a refusal below frees it when `finished` drops.
-    let finished = Finished { state: state.clone(), job: job.clone() };
+    let finished = Finished { state: state.clone(), job: job.clone(), _task: task };
     let observer = JobObserver(job.clone());
     let fleet = state.fleet();
     let ctx = job_ctx(state, &fleet, &observer);
