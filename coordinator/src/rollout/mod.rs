@@ -46,7 +46,7 @@ pub use report::{DeployReport, HostOutcome, HostResult, report_from};
 /// error: it is recorded, and the report says it).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("--version {version:?}: {reason}")]
+    #[error("--version: {reason}")]
     InvalidVersion { version: String, reason: String },
     #[error(transparent)]
     UnknownEnvironment(#[from] UnknownEnvironment),
