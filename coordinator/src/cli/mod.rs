@@ -12,7 +12,7 @@ use crate::rollout::DeployReport;
 use crate::state::DeploymentStatus;
 use crate::ui::Format;
 
-mod api_client;
+pub(crate) mod api_client;
 mod local;
 pub mod remote;
 

@@ -247,7 +247,12 @@ async fn serve_connection(
     addr: SocketAddr,
     stop: CancellationToken,
 ) {
-    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+    let handshake = tokio::select! {
+        done = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)) => done,
+        // A client that never finishes its handshake does not hold the shutdown up.
+        () = stop.cancelled() => return,
+    };
+    let stream = match handshake {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             tracing::info!(%addr, "TLS handshake refused: {e}");

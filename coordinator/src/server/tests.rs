@@ -657,3 +657,52 @@ async fn engine_refusals_get_their_own_status_codes() {
     let api_error = super::error::ApiError::from(e);
     assert_eq!((api_error.status.as_u16(), api_error.code), (409, "not_in_progress"));
 }
+
+/// `serve` takes its shutdown as a token (no signal handler of its own): cancelled, it stops
+/// accepting and returns, even with a client that never finished its TLS handshake.
+#[tokio::test]
+async fn serve_returns_when_its_token_is_cancelled_with_connections_open() {
+    let api = setup();
+    let mut config = FleetConfig::load(&api.root.join("fleet.toml")).expect("fleet.toml");
+    config.server.listen = "127.0.0.1:0".into();
+    let req = CertRequest {
+        name: "api".into(),
+        role: Role::Coordinator,
+        sans: vec!["127.0.0.1".into()],
+        validity: Validity::days_from_now(1),
+    };
+    pki::issue(&api.root.join("pki"), &req, &api.root.join("pki"), false).expect("api cert");
+    (config.server.cert, config.server.key) = (Some(api.root.join("pki/api.pem")), Some(api.root.join("pki/api.key")));
+    let tls = ClientTls::load(&config.tls).expect("tls");
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let server = tokio::spawn(super::serve(
+        config,
+        tls,
+        move |addr| {
+            let _ = tx.send(addr);
+        },
+        shutdown.clone(),
+    ));
+    let addr = rx.await.expect("listening");
+    // One client stalls before TLS; another is served.
+    let mut stalled = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let remote = crate::cli::api_client::Remote::new(&crate::cli::api_client::RemoteArgs {
+        url: format!("https://{addr}"),
+        ca: Some(api.root.join("pki/ca.pem")),
+        ..Default::default()
+    })
+    .expect("client");
+    let health = remote.call("GET", "/api/v1/health", None).await.expect("health");
+    assert_eq!(health["status"], "ok");
+    shutdown.cancel();
+    let stopped = tokio::time::timeout(std::time::Duration::from_secs(30), server).await;
+    assert!(matches!(stopped, Ok(Ok(Ok(())))), "serve did not return cleanly: {stopped:?}");
+    // The stalled client was let go at once, not left to its 10 s handshake timeout.
+    use tokio::io::AsyncReadExt;
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(2), stalled.read(&mut byte)).await;
+    assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "the stalled connection is still held: {read:?}");
+    // Nothing listens any more.
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}
