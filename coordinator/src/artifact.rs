@@ -651,6 +651,22 @@ mod tests {
         assert!(!out.path().parent().map(|p| p.join("evil").exists()).unwrap_or(false));
     }
 
+    /// A build with a setuid program or a world-writable file is refused at the scan, naming the
+    /// file, before anything is sent (the agent refuses it too).
+    #[test]
+    fn set_id_and_world_writable_builds_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        for (mode, needle) in [(0o4755, "setuid or setgid"), (0o646, "world-writable")] {
+            let d = tempfile::tempdir().expect("tempdir");
+            std::fs::write(d.path().join("index.html"), "ok").expect("write");
+            let tool = d.path().join("tool");
+            std::fs::write(&tool, "#!/bin/sh\n").expect("write");
+            std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(mode)).expect("chmod");
+            let e = Artifact::scan(d.path(), None).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(e.contains("\"tool\"") && e.contains(needle), "mode {mode:o}: {e}");
+        }
+    }
+
     #[test]
     fn truncated_archive_names_the_file() {
         let d = tree();

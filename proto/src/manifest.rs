@@ -7,8 +7,10 @@
 //! [`validate`] is the single gate for untrusted manifests: the agent runs it on every manifest
 //! it receives, the coordinator on every artifact it scans. It refuses absolute paths, `..`,
 //! empty or `.` components, duplicate or unsorted entries, entries under a symlink or a file,
-//! symlinks that point outside the release, unknown kinds (device files cannot be expressed),
-//! mode bits beyond 0o7777, and file sizes that do not match their chunks.
+//! symlinks that point outside the release (also through the release's own symlinks, followed as
+//! the kernel would), unknown kinds (device files cannot be expressed), mode bits beyond 0o7777,
+//! setuid or setgid files, world-writable files and directories, and file sizes that do not match
+//! their chunks.
 use std::fmt;
 
 use crate::v1::{self, EntryKind};
@@ -23,6 +25,10 @@ pub const MAX_ENTRIES: usize = 1_000_000;
 pub const MAX_PATH_LEN: usize = 4096;
 pub const MAX_COMPONENT_LEN: usize = 255;
 pub const MAX_FILE_SIZE: u64 = 1 << 40;
+/// Symlinks followed while resolving one link's target (the kernel's own limit is 40).
+pub const MAX_LINK_HOPS: usize = 40;
+/// Path components walked while resolving every link of one manifest.
+const MAX_LINK_STEPS: usize = 1 << 24;
 
 /// Length of a blake3 hash.
 pub const HASH_LEN: usize = 32;
@@ -89,11 +95,62 @@ pub fn symlink_stays_inside(path: &str, target: &str) -> bool {
     true
 }
 
+/// Where a symlink's target leads once the release's own symlinks (`links`: path → target) on
+/// the way are followed, as the kernel resolves it: `Ok(true)` inside the release, `Ok(false)`
+/// outside it, `Err` past [`MAX_LINK_HOPS`] links (a loop) or `budget` path components.
+pub fn symlink_resolves_inside(
+    links: &std::collections::HashMap<&str, &str>,
+    path: &str,
+    target: &str,
+    budget: &mut usize,
+) -> Result<bool, String> {
+    // The directory the walk is in, from the release's root; the components still to walk,
+    // next one last.
+    let mut dir: Vec<&str> = path.split('/').collect();
+    dir.pop();
+    let mut todo: Vec<&str> = target.split('/').rev().collect();
+    let mut hops = 0;
+    while let Some(c) = todo.pop() {
+        *budget = budget.checked_sub(1).ok_or("too many symlink components to resolve")?;
+        match c {
+            "" | "." => {}
+            ".." => {
+                if dir.pop().is_none() {
+                    return Ok(false);
+                }
+            }
+            name => {
+                dir.push(name);
+                if let Some(next) = links.get(dir.join("/").as_str()) {
+                    hops += 1;
+                    if hops > MAX_LINK_HOPS {
+                        return Err(format!("more than {MAX_LINK_HOPS} symlinks on the way (a loop?)"));
+                    }
+                    if next.is_empty() || next.starts_with('/') {
+                        return Ok(false);
+                    }
+                    // The link's own target, relative to the directory holding the link.
+                    dir.pop();
+                    todo.extend(next.split('/').rev());
+                }
+            }
+        }
+    }
+    Ok(true)
+}
+
 /// The single gate for manifests from outside.
 pub fn validate(m: &v1::Manifest) -> Result<(), ManifestError> {
     if m.entries.len() > MAX_ENTRIES {
         return Err(err("", format!("{} entries (at most {MAX_ENTRIES})", m.entries.len())));
     }
+    let links: std::collections::HashMap<&str, &str> = m
+        .entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::Symlink as i32)
+        .map(|e| (e.path.as_str(), e.link_target.as_str()))
+        .collect();
+    let mut budget = MAX_LINK_STEPS;
     // Kinds of the entries seen so far, by path; parents must be directories of the manifest.
     let mut kinds: std::collections::HashMap<&str, EntryKind> =
         std::collections::HashMap::with_capacity(m.entries.len());
@@ -121,6 +178,27 @@ pub fn validate(m: &v1::Manifest) -> Result<(), ManifestError> {
             return Err(err(p, format!("mode {:o} has bits beyond 0o7777", e.mode)));
         }
         let kind = EntryKind::try_from(e.kind).unwrap_or(EntryKind::Unspecified);
+        // A symlink's own mode means nothing (it is always 0777).
+        if kind != EntryKind::Symlink {
+            if e.mode & 0o6000 != 0 {
+                return Err(err(
+                    p,
+                    format!(
+                        "mode {:04o} is setuid or setgid: ferry does not deploy set-id programs (clear the bit in the build: chmod ug-s)",
+                        e.mode
+                    ),
+                ));
+            }
+            if e.mode & 0o002 != 0 {
+                return Err(err(
+                    p,
+                    format!(
+                        "mode {:04o} is world-writable: any local user could change the release (chmod o-w in the build; keep data in shared paths)",
+                        e.mode
+                    ),
+                ));
+            }
+        }
         match kind {
             EntryKind::Unspecified => {
                 return Err(err(p, "unknown entry kind (only files, directories and symlinks are allowed)"));
@@ -129,8 +207,12 @@ pub fn validate(m: &v1::Manifest) -> Result<(), ManifestError> {
                 if e.size != 0 || !e.hash.is_empty() || !e.chunks.is_empty() {
                     return Err(err(p, "a directory or symlink carries no content"));
                 }
-                if kind == EntryKind::Symlink && !symlink_stays_inside(p, &e.link_target) {
-                    return Err(err(p, format!("symlink target {:?} points outside the release", e.link_target)));
+                if kind == EntryKind::Symlink {
+                    let inside = symlink_stays_inside(p, &e.link_target)
+                        && symlink_resolves_inside(&links, p, &e.link_target, &mut budget).map_err(|r| err(p, r))?;
+                    if !inside {
+                        return Err(err(p, format!("symlink target {:?} points outside the release", e.link_target)));
+                    }
                 }
                 if kind == EntryKind::Dir && !e.link_target.is_empty() {
                     return Err(err(p, "a directory has no link target"));
@@ -347,6 +429,39 @@ mod tests {
         let mut short = file("short", b"abc");
         short.hash.truncate(5);
         assert!(reason(vec![short]).contains("content hash is 5 bytes"));
+    }
+
+    #[test]
+    fn set_id_and_world_writable_entries_are_refused() {
+        let mut setuid = file("id", b"x");
+        setuid.mode = 0o4755;
+        assert!(reason(vec![setuid]).contains("setuid or setgid"));
+        let mut setgid = file("sh", b"x");
+        setgid.mode = 0o2755;
+        assert!(reason(vec![setgid]).contains("mode 2755 is setuid or setgid"));
+        let mut open = dir("uploads");
+        open.mode = 0o1777;
+        assert!(reason(vec![open]).contains("world-writable"));
+        let mut writable = file("config.yml", b"x");
+        writable.mode = 0o666;
+        let e = validate(&Manifest { entries: vec![writable] }).expect_err("refused");
+        assert_eq!(e.path, "config.yml", "{e}");
+        // A symlink's mode is not its own.
+        assert!(validate(&Manifest { entries: vec![file("a", b"x"), link("b", "a")] }).is_ok());
+    }
+
+    /// Regression: containment was checked on the target's text only, so a target walking
+    /// through the release's own symlinks (`d/u -> ..`) reached /etc/shadow.
+    #[test]
+    fn a_target_through_other_symlinks_cannot_leave_the_release() {
+        let climb = vec![dir("d"), link("d/u", ".."), link("x", "d/u/d/u/../../etc/shadow")];
+        assert!(reason(climb).contains("points outside the release"));
+        // Through links that stay inside, a target resolves fine.
+        let ok = vec![dir("d"), dir("d/e"), link("d/up", ".."), file("f", b"x"), link("y", "d/up/f")];
+        assert!(validate(&Manifest { entries: ok }).is_ok());
+        // A loop is refused, not followed forever.
+        let looped = vec![link("a", "b/x"), link("b", "a")];
+        assert!(reason(looped).contains("more than 40 symlinks"), "a loop");
     }
 
     #[test]

@@ -265,6 +265,39 @@ async fn hostile_requests_are_refused_and_the_current_release_is_untouched() {
         assert_eq!(code, tonic::Code::InvalidArgument, "{msg}");
         assert!(msg.contains(needle) && msg.contains(path), "{path}: {msg}");
     }
+    // A setuid-root program, a world-writable file, and a symlink that climbs out through the
+    // release's own symlinks (`d/u -> ..`): refused by the agent, naming the entry.
+    for (extra, needle) in [
+        (vec![("id", v1::EntryKind::File, 0o4755, "")], "setuid or setgid"),
+        (vec![("open.txt", v1::EntryKind::File, 0o666, "")], "world-writable"),
+        (
+            vec![
+                ("d", v1::EntryKind::Dir, 0o755, ""),
+                ("d/u", v1::EntryKind::Symlink, 0o777, ".."),
+                ("x", v1::EntryKind::Symlink, 0o777, "d/u/d/u/../../etc/shadow"),
+            ],
+            "points outside the release",
+        ),
+    ] {
+        let mut m = good.manifest.clone();
+        let template = m.entries.iter().find(|e| e.path == "VERSION").cloned().expect("VERSION entry");
+        let named = extra.last().map(|e| e.0).unwrap_or_default();
+        for (path, kind, mode, target) in extra {
+            let mut e = template.clone();
+            (e.path, e.kind, e.mode) = (path.into(), kind as i32, mode);
+            if kind != v1::EntryKind::File {
+                e.hash.clear();
+                e.chunks.clear();
+                e.size = 0;
+                e.link_target = target.into();
+            }
+            m.entries.push(e);
+        }
+        m.entries.sort_by(|a, b| a.path.cmp(&b.path));
+        let (code, msg) = code_and_message(c.prepare(prepare(m, "2")).await);
+        assert_eq!(code, tonic::Code::InvalidArgument, "{msg}");
+        assert!(msg.contains(needle) && msg.contains(named), "{named}: {msg}");
+    }
     // A manifest hash that does not match the manifest.
     let mut req = prepare(good.manifest.clone(), "2");
     req.manifest_hash[0] ^= 1;
