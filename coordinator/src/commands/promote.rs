@@ -57,9 +57,10 @@ pub fn target(config: &FleetConfig, d: &DeploymentRow) -> Result<String, Refused
         .ok_or_else(|| Refused::Blocked(format!("{} is the last environment of `promotion`", d.environment)))
 }
 
-/// The same person behind two identities: `cert:alice` and `token:alice` are one.
+/// The same person behind two identities: `cert:alice`, `token:alice` and `cert:Alice` are one
+/// (names compare without their kind, case or surrounding space).
 pub fn same_person(a: &str, b: &str) -> bool {
-    let name = |s: &str| s.split_once(':').map_or(s, |(_, n)| n).to_string();
+    let name = |s: &str| s.split_once(':').map_or(s, |(_, n)| n).trim().to_lowercase();
     name(a) == name(b)
 }
 
@@ -181,6 +182,8 @@ mod tests {
     #[test]
     fn one_person_behind_two_identities_is_one() {
         assert!(same_person("cert:alice", "token:alice"));
+        // Regression: a certificate named Alice approved a promotion by token alice.
+        assert!(same_person("cert:Alice", "token:alice"));
         assert!(!same_person("cert:alice", "cert:bob"));
     }
 }

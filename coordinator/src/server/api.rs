@@ -654,10 +654,10 @@ async fn run_smoke(
         c.problems(&format!("checks[{i}]"), &mut problems);
         // Checks from the request only reach the deployment's own hosts: the API is not a way
         // to make the coordinator fetch any URL.
-        if !env_checks && !c.url.contains("{host}") {
+        if !env_checks && !smoke::targets_the_host(&c.url) {
             problems.push(ferry_proto::config_file::Problem::new(
                 format!("checks[{i}].url"),
-                "a check sent with the request must target the deployment's hosts: use {host} in its URL",
+                "a check sent with the request must target the deployment's hosts: its address must be {host} or {host}:PORT, e.g. http://{host}:8080/health",
             ));
         }
         if c.timeout > Duration::from_secs(60) {

@@ -26,6 +26,19 @@ pub struct CheckResult {
     pub ms: u64,
 }
 
+/// Whether `url` reaches only the host put in for `{host}`: its authority is exactly `{host}`
+/// or `{host}:PORT` (a `{host}` anywhere else, as in `http://10.0.0.1/?{host}`, would let the
+/// URL go to any address).
+pub fn targets_the_host(url: &str) -> bool {
+    let Some((_, rest)) = url.split_once("://") else { return false };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    match authority.strip_prefix("{host}") {
+        Some("") => true,
+        Some(port) => port.strip_prefix(':').is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())),
+        None => false,
+    }
+}
+
 /// Runs every check (a `{host}` check once per host), all at once; results in check order.
 pub async fn run(checks: &[SmokeCheck], hosts: &[Host]) -> Vec<CheckResult> {
     let mut runs = Vec::new();
@@ -161,5 +174,23 @@ mod tests {
         assert!(!results[1].passed && results[1].error.as_deref().is_some_and(|e| e.contains("does not contain")));
         assert_eq!(results[2].status, Some(404));
         assert_eq!(results[2].error.as_deref(), Some("expected status 200, got 404"));
+    }
+
+    #[test]
+    fn only_an_authority_of_host_or_host_and_port_targets_the_host() {
+        for url in ["http://{host}/", "https://{host}:8443/health?x={host}", "http://{host}:8080", "http://{host}#a"] {
+            assert!(targets_the_host(url), "{url}");
+        }
+        for url in [
+            "http://127.0.0.2:18888/internal.txt?{host}",
+            "http://{host}.evil.example/",
+            "http://user@{host}/",
+            "http://{host}:/",
+            "http://{host}:80x/",
+            "{host}/x",
+            "http://[{host}]/",
+        ] {
+            assert!(!targets_the_host(url), "{url}");
+        }
     }
 }

@@ -529,6 +529,18 @@ async fn promotion_needs_passed_smoke_tests_the_next_environment_and_another_app
     assert_eq!((s, run["passed"].as_bool(), run["env_checks"].as_bool()), (200, Some(true), Some(false)), "{run}");
     let (s, e) = api.call("POST", promote, route, Some(CI), None).await;
     assert_eq!((s, e["error"].as_str()), (409, Some("smoke_failed")), "{e}");
+    // Regression: `{host}` anywhere in the URL passed, so a request check could read any internal
+    // address (`http://127.0.0.2:18888/internal.txt?{host}`) a character at a time.
+    for url in [
+        "http://127.0.0.1:{port}/?{host}".replace("{port}", &port.to_string()),
+        "http://{host}.evil:80/".into(),
+        "http://x@{host}/".into(),
+    ] {
+        let sneaky = json!({ "checks": [{ "name": "x", "url": url }] }).to_string();
+        let (s, e) = api.call("POST", smoke, smoke_route, Some(CI), Some(&sneaky)).await;
+        assert_eq!((s, e["error"].as_str()), (400, Some("invalid_checks")), "{url}: {e}");
+        assert!(e["message"].as_str().is_some_and(|m| m.contains("{host}:PORT")), "{e}");
+    }
     let bad = json!({ "checks": [{ "name": "x", "url": "ftp://{host}/" }] }).to_string();
     let (s, e) = api.call("POST", smoke, smoke_route, Some(CI), Some(&bad)).await;
     assert_eq!((s, e["error"].as_str()), (400, Some("invalid_checks")), "{e}");
