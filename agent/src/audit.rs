@@ -77,7 +77,9 @@ impl Entry {
         if !self.detail.is_empty() {
             s.push_str(&format!(": {}", self.detail.replace('\n', " | ")));
         }
-        s
+        // The peer's name comes from a certificate nobody verified (a refused one): a newline or
+        // ESC in it must not fake a record or rewrite the terminal.
+        ferry_proto::text::printable(&s).into_owned()
     }
 }
 
@@ -213,6 +215,19 @@ mod tests {
             detail: "x".repeat(100),
             ..Entry::new("Activate", "ctl", "10.0.0.2:40000")
         }
+    }
+
+    /// Regression: the raw common name of a refused certificate reached `audit tail`, so a CN
+    /// with a newline or ESC faked a record.
+    #[test]
+    fn a_hostile_certificate_name_cannot_fake_a_record() {
+        let e = Entry {
+            result: "refused".into(),
+            ..Entry::new("connect", "x\n2026-01-01T00:00:00Z ctl Activate -> ok\u{1b}[1A", "10.0.0.9:1")
+        };
+        let line = e.human();
+        assert!(!line.contains('\n') && !line.contains('\u{1b}'), "{line:?}");
+        assert!(line.contains("x\\n2026") && line.ends_with("-> refused"), "{line}");
     }
 
     #[test]

@@ -83,8 +83,9 @@ fn audit_tail(config: &Path, file: Option<PathBuf>, lines: usize, follow: bool, 
         let text = match output {
             Output::Json => line.to_string(),
             Output::Human => match serde_json::from_str::<ferry_agent::audit::Entry>(line) {
+                // Records carry what peers sent (a refused certificate's name): shown escaped.
                 Ok(e) => e.human(),
-                Err(_) => format!("(unreadable record) {line}"),
+                Err(_) => format!("(unreadable record) {}", ferry_proto::text::printable(line)),
             },
         };
         // A closed stdout (`| head`) ends the command quietly.

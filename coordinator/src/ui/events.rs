@@ -37,8 +37,14 @@ fn stage_line(note: &StageNote) -> String {
 }
 
 /// The line `event` prints and the host it is about; `None` for events that only move the live
-/// view (a host's state, its transfer counters, the start).
+/// view (a host's state, its transfer counters, the start). Text from hosts and hooks in it is
+/// shown escaped: one event is one line, and it cannot move the cursor.
 pub fn event_line<'a>(event: &Event<'a>) -> Option<(&'a str, String)> {
+    let (host, line) = words(event)?;
+    Some((host, ferry_proto::text::printable(&line).into_owned()))
+}
+
+fn words<'a>(event: &Event<'a>) -> Option<(&'a str, String)> {
     const FERRY: &str = "ferry";
     Some(match *event {
         Event::Started { .. } | Event::HostState { .. } | Event::Transfer { .. } => return None,
@@ -94,4 +100,21 @@ pub fn event_line<'a>(event: &Event<'a>) -> Option<(&'a str, String)> {
         Event::SwitchFailed { group, error } => (FERRY, format!("switch to {group} FAILED: {error}")),
         Event::SwitchedBack { group } => (FERRY, format!("switched {group} back in")),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression: a hook's or agent's text reached the terminal raw, so a failure could print a
+    /// fake "activated" line or move the cursor over the live view.
+    #[test]
+    fn text_from_hosts_cannot_fake_a_line_or_move_the_cursor() {
+        let message = "probe failed\n  web-1: activated (1 -> 2)\u{1b}[1A\u{1b}[2K";
+        let event = Event::HostFailed { host: "web-1", state: HostState::Failed, message };
+        let (host, line) = event_line(&event).expect("a line");
+        assert_eq!(host, "web-1");
+        assert!(!line.contains('\n') && !line.contains('\u{1b}'), "{line:?}");
+        assert!(line.starts_with("FAILED: probe failed\\n  web-1: activated"), "{line}");
+    }
 }

@@ -25,8 +25,9 @@ pub enum Format {
 
 fn out(text: &str) {
     let mut stdout = std::io::stdout().lock();
-    // A closed stdout (e.g. `| head`) is not an error worth a panic.
-    let _ = writeln!(stdout, "{text}");
+    // A closed stdout (e.g. `| head`) is not an error worth a panic. Whatever a peer's text
+    // carries, no control character but the line breaks this layer makes reaches the terminal.
+    let _ = writeln!(stdout, "{}", ferry_proto::text::printable_lines(text));
 }
 
 /// Prints `value` as one JSON object on a line.
@@ -226,7 +227,8 @@ pub fn deploy_report(r: &DeployReport, format: Format) {
     }
     out(&table.to_string());
     for h in r.hosts.iter().filter(|h| h.error.is_some()) {
-        out(h.error.as_deref().unwrap_or_default());
+        // One host's error is one line, whatever its agent or hook said.
+        out(&ferry_proto::text::printable(h.error.as_deref().unwrap_or_default()));
     }
     let done = r.hosts.iter().filter(|h| matches!(h.status, HostOutcome::Succeeded | HostOutcome::Unchanged)).count();
     let state = match r.status {

@@ -1,0 +1,34 @@
+//! Text from peers, artifacts and hooks made safe to show: a control character (a newline, ESC,
+//! a C1 code) is shown escaped, so a hostile message cannot fake a line or rewrite a terminal.
+use std::borrow::Cow;
+
+/// `s` with every control character escaped (`\n`, `\u{1b}`, …).
+pub fn printable(s: &str) -> Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return Cow::Borrowed(s);
+    }
+    Cow::Owned(s.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect())
+}
+
+/// Like [`printable`], but keeps line breaks: for text of several lines the program itself made.
+pub fn printable_lines(s: &str) -> Cow<'_, str> {
+    if !s.chars().any(|c| c.is_control() && c != '\n') {
+        return Cow::Borrowed(s);
+    }
+    Cow::Owned(s.split('\n').map(|l| printable(l).into_owned()).collect::<Vec<_>>().join("\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_shown_escaped() {
+        assert_eq!(printable("activated (1 -> 2)"), "activated (1 -> 2)");
+        assert_eq!(printable("x\n  web-1: activated OK"), "x\\n  web-1: activated OK");
+        assert_eq!(printable("\u{1b}[2K\u{1b}[1Aok"), "\\u{1b}[2K\\u{1b}[1Aok");
+        assert_eq!(printable("c1 \u{9b}"), "c1 \\u{9b}");
+        assert_eq!(printable_lines("a\nb\u{1b}"), "a\nb\\u{1b}");
+        assert_eq!(printable("é ✓"), "é ✓");
+    }
+}
