@@ -45,12 +45,17 @@ pub enum ArtifactError {
     Changed { artifact: PathBuf, release: String },
     #[error("artifact {artifact}: the scan stopped: {reason}")]
     Aborted { artifact: PathBuf, reason: String },
+    #[error(
+        "artifact {artifact} extracts to more than max_artifact_bytes ({limit} bytes), at {entry:?}: refused (a decompression bomb, or raise max_artifact_bytes in fleet.toml)"
+    )]
+    TooLarge { artifact: PathBuf, entry: String, limit: u64 },
 }
 
-/// Scans `path` off the async threads (hashing is CPU and disk work).
-pub async fn scan(path: &Path, cache: Option<&Cache>) -> Result<Artifact, ArtifactError> {
+/// Scans `path` off the async threads (hashing is CPU and disk work); an archive may extract to
+/// at most `max_bytes`.
+pub async fn scan(path: &Path, cache: Option<&Cache>, max_bytes: u64) -> Result<Artifact, ArtifactError> {
     let (owned, cache) = (path.to_owned(), cache.cloned());
-    tokio::task::spawn_blocking(move || Artifact::scan(&owned, cache.as_ref()))
+    tokio::task::spawn_blocking(move || Artifact::scan_within(&owned, cache.as_ref(), max_bytes))
         .await
         .map_err(|e| ArtifactError::Aborted { artifact: path.to_owned(), reason: e.to_string() })?
 }
@@ -60,10 +65,11 @@ pub async fn scan(path: &Path, cache: Option<&Cache>) -> Result<Artifact, Artifa
 pub async fn rescan(
     path: &Path,
     cache: Option<&Cache>,
+    max_bytes: u64,
     release: &str,
     manifest_hash: &str,
 ) -> Result<Artifact, ArtifactError> {
-    let artifact = scan(path, cache).await?;
+    let artifact = scan(path, cache, max_bytes).await?;
     if hex::encode(artifact.manifest_hash) != manifest_hash {
         return Err(ArtifactError::Changed { artifact: path.to_owned(), release: release.to_string() });
     }
@@ -103,6 +109,11 @@ impl Artifact {
     /// Scans a directory or archive. Blocking (reads and hashes every byte that the cache does
     /// not vouch for): call it from `spawn_blocking` in async code.
     pub fn scan(path: &Path, cache: Option<&Cache>) -> Result<Artifact, ArtifactError> {
+        Self::scan_within(path, cache, u64::MAX)
+    }
+
+    /// [`Artifact::scan`], refusing an archive that extracts to more than `max_bytes`.
+    pub fn scan_within(path: &Path, cache: Option<&Cache>, max_bytes: u64) -> Result<Artifact, ArtifactError> {
         let started = std::time::SystemTime::now();
         let io = |source| ArtifactError::Io { path: path.to_owned(), source };
         let meta = std::fs::metadata(path).map_err(io)?;
@@ -110,7 +121,7 @@ impl Artifact {
             (path.to_owned(), None)
         } else {
             let dir = tempfile::Builder::new().prefix("ferry-artifact-").tempdir().map_err(io)?;
-            extract(path, dir.path())?;
+            extract(path, dir.path(), max_bytes)?;
             (dir.path().to_owned(), Some(dir))
         };
         let mut entries = Vec::new();
@@ -397,8 +408,9 @@ fn chunk_file(artifact: &Path, file: &Path, rel: &str) -> Result<Hashed, Artifac
     Ok((whole.finalize().as_bytes().to_vec(), chunks, size))
 }
 
-/// Extracts a tar archive (plain, gzip or zstd, by magic number) into `dest`.
-fn extract(archive: &Path, dest: &Path) -> Result<(), ArtifactError> {
+/// Extracts a tar archive (plain, gzip or zstd, by magic number) into `dest`, at most `max_bytes`
+/// of file content in all.
+fn extract(archive: &Path, dest: &Path, max_bytes: u64) -> Result<(), ArtifactError> {
     let io = |source| ArtifactError::Io { path: archive.to_owned(), source };
     let mut f = File::open(archive).map_err(io)?;
     let mut magic = [0u8; 4];
@@ -418,6 +430,7 @@ fn extract(archive: &Path, dest: &Path) -> Result<(), ArtifactError> {
     // Kinds created so far: a later entry may only go below a directory this archive made.
     let mut kinds: BTreeMap<String, EntryKind> = BTreeMap::new();
     let mut count = 0usize;
+    let mut left = max_bytes;
     for item in tar.entries().map_err(io)? {
         let mut item = item.map_err(|e| truncated(archive, e))?;
         count += 1;
@@ -468,6 +481,11 @@ fn extract(archive: &Path, dest: &Path) -> Result<(), ArtifactError> {
         }
         let target = dest.join(&name);
         let mode = item.header().mode().map_err(io)? & 0o7777;
+        // Refused before it is written anywhere (the manifest gate would refuse it after).
+        if kind != EntryKind::Symlink && mode & 0o6002 != 0 {
+            let what = if mode & 0o6000 != 0 { "is setuid or setgid" } else { "is world-writable" };
+            return Err(refuse(&raw, &format!("mode {mode:04o} {what}")));
+        }
         let at = |source| ArtifactError::Io { path: target.clone(), source };
         match kind {
             EntryKind::Dir => {
@@ -483,8 +501,16 @@ fn extract(archive: &Path, dest: &Path) -> Result<(), ArtifactError> {
                 std::os::unix::fs::symlink(&link, &target).map_err(at)?;
             }
             _ => {
+                let too_large =
+                    || ArtifactError::TooLarge { artifact: archive.to_owned(), entry: raw.clone(), limit: max_bytes };
+                // The header's size first (nothing written), then what the stream really gives.
+                if item.header().size().map_err(io)? > left {
+                    return Err(too_large());
+                }
                 let mut out = std::fs::OpenOptions::new().write(true).create_new(true).open(&target).map_err(at)?;
-                std::io::copy(&mut item, &mut out).map_err(|e| truncated(archive, e))?;
+                let copied = std::io::copy(&mut (&mut item).take(left.saturating_add(1)), &mut out)
+                    .map_err(|e| truncated(archive, e))?;
+                left = left.checked_sub(copied).ok_or_else(too_large)?;
                 std::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode)).map_err(at)?;
             }
         }
@@ -665,6 +691,21 @@ mod tests {
             let e = Artifact::scan(d.path(), None).err().map(|e| e.to_string()).unwrap_or_default();
             assert!(e.contains("\"tool\"") && e.contains(needle), "mode {mode:o}: {e}");
         }
+    }
+
+    /// Regression: a 67 KB .tar.zst extracted 2 GiB. Past max_artifact_bytes the extraction
+    /// stops, naming the entry; within it the same archive scans.
+    #[test]
+    fn a_decompression_bomb_is_refused_as_it_extracts() {
+        let d = tempfile::tempdir().expect("tempdir");
+        std::fs::write(d.path().join("zeros"), vec![0u8; 4 << 20]).expect("write");
+        let out = tempfile::tempdir().expect("tempdir");
+        let bomb = out.path().join("bomb.tar.zst");
+        tar_of(d.path(), &bomb, Some(19));
+        assert!(std::fs::metadata(&bomb).expect("stat").len() < 4096, "not a bomb");
+        let e = Artifact::scan_within(&bomb, None, 1 << 20).expect_err("refused").to_string();
+        assert!(e.contains("extracts to more than max_artifact_bytes (1048576 bytes)") && e.contains("zeros"), "{e}");
+        assert!(Artifact::scan_within(&bomb, None, 8 << 20).is_ok());
     }
 
     #[test]

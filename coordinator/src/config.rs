@@ -26,6 +26,10 @@ pub struct FleetConfig {
     /// How many hosts are contacted at once.
     #[serde(default = "default_parallelism")]
     pub parallelism: usize,
+    /// The most an archive artifact may extract to (bytes, all files together); more is refused
+    /// as it is extracted (a decompression bomb). Default 64 GiB.
+    #[serde(default = "default_max_artifact_bytes")]
+    pub max_artifact_bytes: u64,
     /// Where `ferry` keeps what it learnt from earlier runs: the manifests it sent (so the next
     /// deploy sends only the changes) and the hashes of scanned files (so unchanged files are not
     /// read again). Default `$XDG_CACHE_HOME/ferry` or `~/.cache/ferry`. Safe to delete.
@@ -598,6 +602,10 @@ fn default_parallelism() -> usize {
     32
 }
 
+fn default_max_artifact_bytes() -> u64 {
+    64 << 30
+}
+
 /// One host of an environment, resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Host {
@@ -756,6 +764,9 @@ impl FleetConfig {
         }
         if self.request_timeout.is_zero() {
             p.push(Problem::new("request_timeout", "must be greater than 0"));
+        }
+        if self.max_artifact_bytes == 0 {
+            p.push(Problem::new("max_artifact_bytes", "must be greater than 0"));
         }
         if self.parallelism == 0 {
             p.push(Problem::new("parallelism", "must be at least 1"));

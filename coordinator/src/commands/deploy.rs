@@ -16,7 +16,7 @@ pub fn validate(config: &crate::config::FleetConfig, env: &str, version: &str) -
 
 /// Scans an artifact for a deployment (off the async threads, through the scan cache).
 pub async fn scan(ctx: &Ctx<'_>, path: &Path) -> Result<Arc<Artifact>, Error> {
-    Ok(Arc::new(artifact::scan(path, ctx.cache).await?))
+    Ok(Arc::new(artifact::scan(path, ctx.cache, ctx.config.max_artifact_bytes).await?))
 }
 
 /// Checks the request and records a new deployment of `artifact` as `version` to `env`; its id.
@@ -45,10 +45,4 @@ pub async fn deploy(
 ) -> Result<DeployReport, Error> {
     let id = start(ctx, env, &artifact, version, prestage)?;
     run(ctx, env, &id, artifact).await
-}
-
-/// A version's artifact as registered: scanned again, it must still hash to what was recorded.
-pub async fn registered(ctx: &Ctx<'_>, version: &str, path: &str, manifest_hash: &str) -> Result<Arc<Artifact>, Error> {
-    let artifact = artifact::rescan(Path::new(path), ctx.cache, version, manifest_hash).await?;
-    Ok(Arc::new(artifact))
 }

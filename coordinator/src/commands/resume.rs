@@ -12,9 +12,15 @@ use crate::rollout::{self, DeployReport};
 /// be the recorded release); nothing is taken over yet ([`run`]).
 pub async fn prepare(ctx: &Ctx<'_>, env: &str, paused_only: bool) -> Result<(DeploymentRow, Arc<Artifact>), Error> {
     let d = ctx.engine(env).resumable(paused_only)?;
-    let artifact = artifact::rescan(Path::new(&d.artifact), ctx.cache, &d.release_id, &d.manifest_hash)
-        .await
-        .map_err(|source| rollout::Error::Artifact { id: d.id.clone(), source })?;
+    let artifact = artifact::rescan(
+        Path::new(&d.artifact),
+        ctx.cache,
+        ctx.config.max_artifact_bytes,
+        &d.release_id,
+        &d.manifest_hash,
+    )
+    .await
+    .map_err(|source| rollout::Error::Artifact { id: d.id.clone(), source })?;
     Ok((d, Arc::new(artifact)))
 }
 

@@ -278,8 +278,11 @@ async fn register_version(
             "metadata must be an object of strings, numbers or booleans, at most 16 KiB",
         ));
     }
-    let artifact = crate::artifact::scan(&real, state.cache.as_ref())
-        .await
+    let scanned = {
+        let _one_at_a_time = state.scans.acquire().await.map_err(|_| ApiError::internal("the scan queue is closed"))?;
+        crate::artifact::scan(&real, state.cache.as_ref(), state.config.max_artifact_bytes).await
+    };
+    let artifact = scanned
         .map_err(|e| ApiError::unprocessable("bad_artifact", format!("artifact {}: {e}", req.artifact.display())))?;
     let row = crate::registry::VersionRow {
         version: req.version.clone(),
@@ -458,14 +461,18 @@ async fn start_deploy(
             format!("environment {env} is busy with a deployment of this server"),
         ));
     }
-    let artifact = crate::artifact::rescan(
-        std::path::Path::new(&version.artifact),
-        state.cache.as_ref(),
-        &version.release_id,
-        &version.manifest_hash,
-    )
-    .await
-    .map_err(|e| {
+    let scanned = {
+        let _one_at_a_time = state.scans.acquire().await.map_err(|_| ApiError::internal("the scan queue is closed"))?;
+        crate::artifact::rescan(
+            std::path::Path::new(&version.artifact),
+            state.cache.as_ref(),
+            state.config.max_artifact_bytes,
+            &version.release_id,
+            &version.manifest_hash,
+        )
+        .await
+    };
+    let artifact = scanned.map_err(|e| {
         let mut api = ApiError::from(e);
         api.message = format!("version {}: {}", version.version, api.message);
         api

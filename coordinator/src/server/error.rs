@@ -82,6 +82,7 @@ impl From<ArtifactError> for ApiError {
             | ArtifactError::Manifest { .. }
             | ArtifactError::Empty(_) => ApiError::conflict("artifact_missing", e.to_string()),
             ArtifactError::Aborted { .. } => ApiError::internal(e.to_string()),
+            ArtifactError::TooLarge { .. } => ApiError::unprocessable("artifact_too_large", e.to_string()),
         }
     }
 }

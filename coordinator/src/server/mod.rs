@@ -60,6 +60,8 @@ pub struct AppState {
     pub jobs: jobs::Jobs,
     pub tokens: Vec<auth::Token>,
     pub audit: Audit,
+    /// Scans run one at a time: each reads, extracts and hashes a whole artifact.
+    pub scans: tokio::sync::Semaphore,
 }
 
 pub type Shared = Arc<AppState>;
@@ -104,6 +106,7 @@ impl AppState {
             jobs: jobs::Jobs::default(),
             tokens,
             audit,
+            scans: tokio::sync::Semaphore::new(1),
         })
     }
 

@@ -45,6 +45,7 @@ fn setup_with_smoke_port(port: u16) -> Api {
         r#"promotion = ["staging", "production"]
 registry = "registry.db"
 cache_dir = "cache"
+max_artifact_bytes = 1048576
 [app]
 name = "web"
 [tls]
@@ -717,4 +718,36 @@ async fn serve_returns_when_its_token_is_cancelled_with_connections_open() {
     assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "the stalled connection is still held: {read:?}");
     // Nothing listens any more.
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}
+
+/// Regression: a tiny .tar.zst registered through the API extracted gigabytes. Past
+/// max_artifact_bytes the scan stops and the registration is refused, naming the limit.
+#[tokio::test]
+async fn a_decompression_bomb_is_refused_at_registration() {
+    use std::io::Read;
+    let api = setup();
+    let mut archive = Vec::new();
+    {
+        let zst = zstd::stream::write::Encoder::new(&mut archive, 19).expect("zstd").auto_finish();
+        let mut tar = tar::Builder::new(zst);
+        let mut header = tar::Header::new_gnu();
+        header.set_size(8 << 20);
+        header.set_mode(0o644);
+        header.set_cksum();
+        tar.append_data(&mut header, "zeros", std::io::repeat(0).take(8 << 20)).expect("append");
+        tar.finish().expect("finish");
+    }
+    assert!(archive.len() < 8192, "{} bytes: not a bomb", archive.len());
+    let req = Request::builder()
+        .method("POST")
+        .uri("/api/v1/artifacts")
+        .header("authorization", format!("Bearer {CI}"))
+        .body(Body::from(archive))
+        .expect("request");
+    let (s, up) = api.send(req, "/api/v1/artifacts").await;
+    assert_eq!(s, 201, "{up}");
+    let body = json!({ "version": "1.0", "artifact": up["artifact"] }).to_string();
+    let (s, e) = api.call("POST", "/api/v1/versions", "/api/v1/versions", Some(CI), Some(&body)).await;
+    assert_eq!((s, e["error"].as_str()), (422, Some("bad_artifact")), "{e}");
+    assert!(e["message"].as_str().is_some_and(|m| m.contains("max_artifact_bytes (1048576 bytes)")), "{e}");
 }
