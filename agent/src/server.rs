@@ -7,9 +7,9 @@
 //! hook and probe limits; systemd is told to extend its stop timeout meanwhile), let the other
 //! in-flight requests finish (tonic's graceful shutdown), and give up on those after
 //! `shutdown_grace`.
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -206,9 +206,22 @@ impl Server {
         let handshake_timeout = config.handshake_timeout;
         let accept_tracker = handshakes.clone();
         let handshake_telemetry = telemetry.clone();
+        let slots = Arc::new(HandshakeSlots::default());
         let accept_loop = tokio::spawn(async move {
             loop {
                 let Some((tcp, addr)) = accept(&listener, &accept_stop, "gRPC").await else { break };
+                // Past the caps the connection is closed at once (no descriptor held through a
+                // handshake timeout, no audit line: a flood is counted, not logged line by line).
+                let Some(slot) = slots.enter(addr.ip()) else {
+                    drop(tcp);
+                    if handshake_telemetry.shed() {
+                        tracing::warn!(
+                            peer = %addr,
+                            "too many TLS handshakes in progress (at most {MAX_HANDSHAKES} in all, {MAX_HANDSHAKES_PER_ADDR} from one address): closing new connections at once (counted in ferry_agent_refused_connections_total{{reason=\"busy\"}})"
+                        );
+                    }
+                    continue;
+                };
                 // Small writes (handshake flights, h2 frames) must not wait for delayed ACKs:
                 // with Nagle on, each connection paid ~40 ms before its first request.
                 if let Err(e) = tcp.set_nodelay(true) {
@@ -219,6 +232,7 @@ impl Server {
                 let refusals = refusals.clone();
                 let telemetry = handshake_telemetry.clone();
                 accept_tracker.spawn(async move {
+                    let _slot = slot;
                     let (handshake, presented) =
                         tls::with_presented_name(tokio::time::timeout(handshake_timeout, acceptor.accept(tcp))).await;
                     let presented = presented.unwrap_or_default();
@@ -295,6 +309,52 @@ impl Server {
         let _ = accept_loop.await;
         handshakes.close();
         result
+    }
+}
+
+/// TLS handshakes in progress at once, from anywhere; past it a new connection is closed at once.
+pub const MAX_HANDSHAKES: usize = 256;
+/// TLS handshakes in progress at once from one address: a flood from one source cannot take
+/// every slot from the coordinator.
+pub const MAX_HANDSHAKES_PER_ADDR: usize = 16;
+
+/// The handshakes in progress, overall and by source address.
+#[derive(Debug, Default)]
+pub struct HandshakeSlots {
+    by_addr: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One handshake's slot, given back when dropped.
+pub struct HandshakeSlot {
+    slots: Arc<HandshakeSlots>,
+    ip: IpAddr,
+}
+
+impl HandshakeSlots {
+    /// A slot for a handshake from `ip`, or `None` when the agent already runs
+    /// [`MAX_HANDSHAKES`] in all or [`MAX_HANDSHAKES_PER_ADDR`] from `ip`.
+    pub fn enter(self: &Arc<Self>, ip: IpAddr) -> Option<HandshakeSlot> {
+        let mut by_addr = self.by_addr.lock().ok()?;
+        let total: usize = by_addr.values().sum();
+        let here = by_addr.entry(ip).or_default();
+        if total >= MAX_HANDSHAKES || *here >= MAX_HANDSHAKES_PER_ADDR {
+            return None;
+        }
+        *here += 1;
+        Some(HandshakeSlot { slots: self.clone(), ip })
+    }
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        if let Ok(mut by_addr) = self.slots.by_addr.lock()
+            && let Some(n) = by_addr.get_mut(&self.ip)
+        {
+            *n -= 1;
+            if *n == 0 {
+                by_addr.remove(&self.ip);
+            }
+        }
     }
 }
 

@@ -28,6 +28,8 @@ pub struct Telemetry {
     serving: AtomicU8,
     /// The gRPC address, for `/health`.
     grpc_addr: std::sync::Mutex<Option<SocketAddr>>,
+    /// When a shed connection was last logged.
+    last_shed_log: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl Telemetry {
@@ -40,6 +42,7 @@ impl Telemetry {
             audit_ok: AtomicBool::new(true),
             serving: AtomicU8::new(Serving::Starting as u8),
             grpc_addr: std::sync::Mutex::new(None),
+            last_shed_log: std::sync::Mutex::new(None),
         }))
     }
 
@@ -83,6 +86,19 @@ impl Telemetry {
     }
 
     /// A connection refused in the TLS handshake: counted by `kind`, and audited.
+    /// Counts a connection closed before its handshake because too many were in progress
+    /// (`reason="busy"`); whether it is time for a log line (at most one every 10 seconds).
+    pub fn shed(&self) -> bool {
+        self.metrics.inc(&metrics::REFUSED, &["busy"]);
+        let now = std::time::Instant::now();
+        let Ok(mut last) = self.last_shed_log.lock() else { return false };
+        let due = last.is_none_or(|t| now.duration_since(t) >= std::time::Duration::from_secs(10));
+        if due {
+            *last = Some(now);
+        }
+        due
+    }
+
     pub async fn refused(self: &Arc<Self>, peer_addr: SocketAddr, presented: &str, kind: &str, reason: &str) {
         self.metrics.inc(&metrics::REFUSED, &[kind]);
         let entry = Entry {

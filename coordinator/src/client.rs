@@ -288,7 +288,9 @@ pub fn classify(host: &Host, err: &(dyn std::error::Error + 'static)) -> HostErr
                 }
                 ConnectError::HandshakeTimeout(_) => mk(
                     ErrorKind::Timeout,
-                    format!("{c} (something accepts TCP there but does not complete TLS: is it ferry-agent?)"),
+                    format!(
+                        "{c} (something accepts TCP there but does not complete TLS: an agent overloaded by a connection flood, or not a ferry-agent)"
+                    ),
                 ),
                 ConnectError::Connect(io) => io_error(host, io),
                 ConnectError::ClosedAfterHandshake => mk(
@@ -297,6 +299,20 @@ pub fn classify(host: &Host, err: &(dyn std::error::Error + 'static)) -> HostErr
                 ),
                 ConnectError::Handshake(io) => match io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
                     Some(tls) => tls_error(host, tls),
+                    None if matches!(
+                        io.kind(),
+                        std::io::ErrorKind::UnexpectedEof
+                            | std::io::ErrorKind::ConnectionReset
+                            | std::io::ErrorKind::BrokenPipe
+                    ) =>
+                    {
+                        mk(
+                            ErrorKind::Protocol,
+                            format!(
+                                "the agent dropped the connection during the TLS handshake without a word ({io}): a ferry-agent does that while too many handshakes are in progress (a connection flood: its ferry_agent_refused_connections_total{{reason=\"busy\"}} counts them); retry, and check who floods it"
+                            ),
+                        )
+                    }
                     None => mk(
                         ErrorKind::Protocol,
                         format!("TLS handshake failed: {io} (is a ferry-agent with TLS listening there?)"),

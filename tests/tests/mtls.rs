@@ -264,3 +264,42 @@ async fn refusals_and_commands_are_audited_with_the_peer_name() {
     assert_eq!(served.len(), 1, "{records:#?}");
     assert_eq!((served[0].peer.as_str(), served[0].result.as_str()), ("ctl", "ok"), "{records:#?}");
 }
+
+/// Regression: every connection got a handshake task holding its descriptor for the whole
+/// handshake timeout, so a flood of idle TCP connections took the agent down. Past the caps (16
+/// handshakes from one address, 256 in all) a new connection is closed at once, and a coordinator
+/// from another address is still served while the flood holds its slots.
+#[tokio::test]
+async fn a_flood_of_idle_connections_from_one_address_is_shed_and_the_coordinator_still_gets_in() {
+    use tokio::io::AsyncReadExt;
+    let pki = TestPki::new();
+    let data = tempfile::tempdir().expect("tempdir");
+    let agent = TestAgent::start(&pki.issue("web-1", Role::Agent, &["127.0.0.1"]), data.path()).await.expect("start");
+    let tls = client_tls(&pki.issue("ctl", Role::Coordinator, &[]));
+    // The flood comes from 127.0.0.2 (still loopback) and never starts TLS.
+    let mut flood = Vec::new();
+    for _ in 0..ferry_agent::server::MAX_HANDSHAKES_PER_ADDR + 24 {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.bind("127.0.0.2:0".parse().expect("addr")).expect("bind 127.0.0.2");
+        flood.push(socket.connect(agent.addr).await.expect("connect"));
+    }
+    // The ones past the cap are closed by the agent at once, long before its 10 s handshake
+    // timeout; the first ones are still waiting for their handshake.
+    let reads = flood.iter_mut().map(|conn| async move {
+        let mut byte = [0u8; 1];
+        matches!(tokio::time::timeout(Duration::from_millis(1000), conn.read(&mut byte)).await, Ok(Ok(0) | Err(_)))
+    });
+    let closed = futures_util::future::join_all(reads).await.into_iter().filter(|c| *c).count();
+    assert_eq!(closed, 24, "connections past the per-address cap are closed at once");
+    // The coordinator, from 127.0.0.1, gets in while the flood holds its 16 slots.
+    let connected = connect("web-1", &agent, &tls).await.expect("served during the flood");
+    assert_eq!(connected.status.agent_name, "web-1");
+    drop(connected);
+    // A flood from the coordinator's own address: it is turned away too, and told why.
+    let mut own = Vec::new();
+    for _ in 0..ferry_agent::server::MAX_HANDSHAKES_PER_ADDR {
+        own.push(tokio::net::TcpStream::connect(agent.addr).await.expect("connect"));
+    }
+    let e = expect_refused(connect("web-1", &agent, &tls).await);
+    assert!(e.message.contains("dropped the connection during the TLS handshake") && e.message.contains("busy"), "{e}");
+}
