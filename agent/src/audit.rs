@@ -41,7 +41,8 @@ pub struct Entry {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub release: String,
     /// `ok`; an activation's outcome (`healthy`, `unchanged`, `rolled_back`, `failed`); `refused`
-    /// (a connection, or a command while the agent stops); or `error: <gRPC code>`.
+    /// (a connection, or a command while the agent stops); `suppressed` (the refusals of the
+    /// previous minute not recorded one by one, summed up); or `error: <gRPC code>`.
     pub result: String,
     /// The cause of a failure or refusal, or a short summary of what was done.
     #[serde(default, skip_serializing_if = "String::is_empty")]

@@ -30,6 +30,48 @@ pub struct Telemetry {
     grpc_addr: std::sync::Mutex<Option<SocketAddr>>,
     /// When a shed connection was last logged.
     last_shed_log: std::sync::Mutex<Option<std::time::Instant>>,
+    refusal_sampler: std::sync::Mutex<RefusalSampler>,
+}
+
+/// The window refusals are sampled over.
+pub const REFUSAL_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+/// Refusals recorded one by one per window: the first from each address, up to this many.
+pub const REFUSAL_LINES: usize = 10;
+/// Addresses of unrecorded refusals remembered per window (for the summary's count).
+const REFUSAL_SOURCES: usize = 10_000;
+
+/// Which refused connections the audit log records one by one: in each [`REFUSAL_WINDOW`], the
+/// first refusal of each address, at most [`REFUSAL_LINES`] in all; the rest are summed up in
+/// one line when the next window starts. So a flood writes at most 11 lines a minute.
+#[derive(Debug, Default)]
+pub struct RefusalSampler {
+    started: Option<std::time::Instant>,
+    recorded: std::collections::HashSet<std::net::IpAddr>,
+    suppressed: u64,
+    suppressed_from: std::collections::HashSet<std::net::IpAddr>,
+}
+
+impl RefusalSampler {
+    /// Whether to record a refusal from `ip` at `now`, and the summary (count, addresses) of
+    /// the window that just ended, if it left refusals unrecorded.
+    pub fn admit(&mut self, ip: std::net::IpAddr, now: std::time::Instant) -> (bool, Option<(u64, usize)>) {
+        let mut summary = None;
+        if self.started.is_none_or(|s| now.duration_since(s) >= REFUSAL_WINDOW) {
+            if self.suppressed > 0 {
+                summary = Some((self.suppressed, self.suppressed_from.len()));
+            }
+            *self = RefusalSampler { started: Some(now), ..RefusalSampler::default() };
+        }
+        if !self.recorded.contains(&ip) && self.recorded.len() < REFUSAL_LINES {
+            self.recorded.insert(ip);
+            return (true, summary);
+        }
+        self.suppressed += 1;
+        if self.suppressed_from.len() < REFUSAL_SOURCES {
+            self.suppressed_from.insert(ip);
+        }
+        (false, summary)
+    }
 }
 
 impl Telemetry {
@@ -43,6 +85,7 @@ impl Telemetry {
             serving: AtomicU8::new(Serving::Starting as u8),
             grpc_addr: std::sync::Mutex::new(None),
             last_shed_log: std::sync::Mutex::new(None),
+            refusal_sampler: std::sync::Mutex::new(RefusalSampler::default()),
         }))
     }
 
@@ -85,7 +128,6 @@ impl Telemetry {
         }
     }
 
-    /// A connection refused in the TLS handshake: counted by `kind`, and audited.
     /// Counts a connection closed before its handshake because too many were in progress
     /// (`reason="busy"`); whether it is time for a log line (at most one every 10 seconds).
     pub fn shed(&self) -> bool {
@@ -99,13 +141,65 @@ impl Telemetry {
         due
     }
 
+    /// A connection refused in the TLS handshake: counted by `kind`, and audited as sampled
+    /// ([`RefusalSampler`]): refusal noise cannot rotate command records out of the audit log.
     pub async fn refused(self: &Arc<Self>, peer_addr: SocketAddr, presented: &str, kind: &str, reason: &str) {
         self.metrics.inc(&metrics::REFUSED, &[kind]);
-        let entry = Entry {
-            result: "refused".into(),
-            detail: reason.to_string(),
-            ..Entry::new("connect", presented, &peer_addr.to_string())
+        let (record, summary) = match self.refusal_sampler.lock() {
+            Ok(mut s) => s.admit(peer_addr.ip(), std::time::Instant::now()),
+            Err(_) => (false, None),
         };
-        self.audit(entry).await;
+        if let Some((count, sources)) = summary {
+            let entry = Entry {
+                result: "suppressed".into(),
+                detail: format!(
+                    "{count} more refused connection(s) from {sources} address(es) in the previous minute, not recorded one by one (all are counted in ferry_agent_refused_connections_total)"
+                ),
+                ..Entry::new("connect", "", "-")
+            };
+            self.audit(entry).await;
+        }
+        if record {
+            let entry = Entry {
+                result: "refused".into(),
+                detail: reason.to_string(),
+                ..Entry::new("connect", presented, &peer_addr.to_string())
+            };
+            self.audit(entry).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{IpAddr, Ipv4Addr};
+    use std::time::{Duration, Instant};
+
+    fn ip(n: u32) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + n))
+    }
+
+    /// Regression: every refusal was its own fsync'd audit line, so ~10,000 refusals a second
+    /// rotated every command record away. Now a window records the first refusal of each address,
+    /// at most REFUSAL_LINES, and the next window starts with one line summing up the rest.
+    #[test]
+    fn a_refusal_flood_writes_a_few_lines_a_minute() {
+        let mut s = RefusalSampler::default();
+        let t0 = Instant::now();
+        let mut lines = 0;
+        for i in 0..10_000u32 {
+            let (record, summary) = s.admit(ip(i % 50), t0 + Duration::from_millis(u64::from(i) / 1000));
+            assert_eq!(summary, None);
+            lines += usize::from(record);
+        }
+        assert_eq!(lines, REFUSAL_LINES);
+        // The next window sums up the 9,990 refusals from the 50 addresses it did not record.
+        let (record, summary) = s.admit(ip(7), t0 + REFUSAL_WINDOW + Duration::from_secs(1));
+        assert!(record);
+        assert_eq!(summary, Some((10_000 - REFUSAL_LINES as u64, 50)));
+        // One address alone is recorded once per window.
+        let (again, _) = s.admit(ip(7), t0 + REFUSAL_WINDOW + Duration::from_secs(2));
+        assert!(!again);
     }
 }

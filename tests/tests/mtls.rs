@@ -303,3 +303,30 @@ async fn a_flood_of_idle_connections_from_one_address_is_shed_and_the_coordinato
     let e = expect_refused(connect("web-1", &agent, &tls).await);
     assert!(e.message.contains("dropped the connection during the TLS handshake") && e.message.contains("busy"), "{e}");
 }
+
+/// Regression: each refused connection was its own fsync'd audit line, so a stream of refusals
+/// rotated the command records out of the audit log. Refusals from one address are recorded once
+/// a minute (all are still counted); a coordinator's commands are recorded as before.
+#[tokio::test]
+async fn a_stream_of_refusals_is_sampled_in_the_audit_log() {
+    use tokio::io::AsyncWriteExt;
+    let pki = TestPki::new();
+    let data = tempfile::tempdir().expect("tempdir");
+    let agent = TestAgent::start(&pki.issue("web-1", Role::Agent, &["127.0.0.1"]), data.path()).await.expect("start");
+    for _ in 0..30 {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.bind("127.0.0.2:0".parse().expect("addr")).expect("bind 127.0.0.2");
+        let mut conn = socket.connect(agent.addr).await.expect("connect");
+        // Not TLS: refused at once.
+        let _ = conn.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    }
+    let all_refused = ferry_tests::wait_for(200, || (agent.refusals.list().len() >= 30).then_some(())).await;
+    assert!(all_refused.is_some(), "{:?}", agent.refusals.list());
+    connect("web-1", &agent, &client_tls(&pki.issue("ctl", Role::Coordinator, &[]))).await.expect("accepted");
+    let log = std::fs::read_to_string(data.path().join("audit.log")).expect("audit log");
+    let records: Vec<ferry_agent::audit::Entry> =
+        log.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect();
+    let refused = records.iter().filter(|r| r.result == "refused").count();
+    assert_eq!(refused, 1, "30 refusals from one address are one line: {records:#?}");
+    assert_eq!(records.iter().filter(|r| r.rpc == "GetStatus").count(), 1, "{records:#?}");
+}
