@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use crate::audit::{AuditError, AuditLog, Entry};
 use crate::config::AgentConfig;
 use crate::metrics::{self, Metrics};
+use ferry_proto::audit_file::RefusalSampler;
 
 /// The gRPC server's state, as `/ready` reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,46 +34,9 @@ pub struct Telemetry {
     refusal_sampler: std::sync::Mutex<RefusalSampler>,
 }
 
-/// The window refusals are sampled over.
-pub const REFUSAL_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
-/// Refusals recorded one by one per window: the first from each address, up to this many.
-pub const REFUSAL_LINES: usize = 10;
-/// Addresses of unrecorded refusals remembered per window (for the summary's count).
-const REFUSAL_SOURCES: usize = 10_000;
-
-/// Which refused connections the audit log records one by one: in each [`REFUSAL_WINDOW`], the
-/// first refusal of each address, at most [`REFUSAL_LINES`] in all; the rest are summed up in
-/// one line when the next window starts. So a flood writes at most 11 lines a minute.
-#[derive(Debug, Default)]
-pub struct RefusalSampler {
-    started: Option<std::time::Instant>,
-    recorded: std::collections::HashSet<std::net::IpAddr>,
-    suppressed: u64,
-    suppressed_from: std::collections::HashSet<std::net::IpAddr>,
-}
-
-impl RefusalSampler {
-    /// Whether to record a refusal from `ip` at `now`, and the summary (count, addresses) of
-    /// the window that just ended, if it left refusals unrecorded.
-    pub fn admit(&mut self, ip: std::net::IpAddr, now: std::time::Instant) -> (bool, Option<(u64, usize)>) {
-        let mut summary = None;
-        if self.started.is_none_or(|s| now.duration_since(s) >= REFUSAL_WINDOW) {
-            if self.suppressed > 0 {
-                summary = Some((self.suppressed, self.suppressed_from.len()));
-            }
-            *self = RefusalSampler { started: Some(now), ..RefusalSampler::default() };
-        }
-        if !self.recorded.contains(&ip) && self.recorded.len() < REFUSAL_LINES {
-            self.recorded.insert(ip);
-            return (true, summary);
-        }
-        self.suppressed += 1;
-        if self.suppressed_from.len() < REFUSAL_SOURCES {
-            self.suppressed_from.insert(ip);
-        }
-        (false, summary)
-    }
-}
+/// Refusals recorded one by one per minute: the first from each address, at most 10 in all.
+const REFUSALS_PER_ADDRESS: usize = 1;
+const REFUSALS_PER_MINUTE: usize = 10;
 
 impl Telemetry {
     /// Metrics for the configured apps, and the audit log opened (created if needed).
@@ -85,7 +49,7 @@ impl Telemetry {
             serving: AtomicU8::new(Serving::Starting as u8),
             grpc_addr: std::sync::Mutex::new(None),
             last_shed_log: std::sync::Mutex::new(None),
-            refusal_sampler: std::sync::Mutex::new(RefusalSampler::default()),
+            refusal_sampler: std::sync::Mutex::new(RefusalSampler::new(REFUSALS_PER_ADDRESS, REFUSALS_PER_MINUTE)),
         }))
     }
 
@@ -142,7 +106,7 @@ impl Telemetry {
     }
 
     /// A connection refused in the TLS handshake: counted by `kind`, and audited as sampled
-    /// ([`RefusalSampler`]): refusal noise cannot rotate command records out of the audit log.
+    /// ([`RefusalSampler`]: the first per address per minute, at most 10): refusal noise cannot rotate command records out of the audit log.
     pub async fn refused(self: &Arc<Self>, peer_addr: SocketAddr, presented: &str, kind: &str, reason: &str) {
         self.metrics.inc(&metrics::REFUSED, &[kind]);
         let (record, summary) = match self.refusal_sampler.lock() {
@@ -167,39 +131,5 @@ impl Telemetry {
             };
             self.audit(entry).await;
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::net::{IpAddr, Ipv4Addr};
-    use std::time::{Duration, Instant};
-
-    fn ip(n: u32) -> IpAddr {
-        IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + n))
-    }
-
-    /// Regression: every refusal was its own fsync'd audit line, so ~10,000 refusals a second
-    /// rotated every command record away. Now a window records the first refusal of each address,
-    /// at most REFUSAL_LINES, and the next window starts with one line summing up the rest.
-    #[test]
-    fn a_refusal_flood_writes_a_few_lines_a_minute() {
-        let mut s = RefusalSampler::default();
-        let t0 = Instant::now();
-        let mut lines = 0;
-        for i in 0..10_000u32 {
-            let (record, summary) = s.admit(ip(i % 50), t0 + Duration::from_millis(u64::from(i) / 1000));
-            assert_eq!(summary, None);
-            lines += usize::from(record);
-        }
-        assert_eq!(lines, REFUSAL_LINES);
-        // The next window sums up the 9,990 refusals from the 50 addresses it did not record.
-        let (record, summary) = s.admit(ip(7), t0 + REFUSAL_WINDOW + Duration::from_secs(1));
-        assert!(record);
-        assert_eq!(summary, Some((10_000 - REFUSAL_LINES as u64, 50)));
-        // One address alone is recorded once per window.
-        let (again, _) = s.admit(ip(7), t0 + REFUSAL_WINDOW + Duration::from_secs(2));
-        assert!(!again);
     }
 }

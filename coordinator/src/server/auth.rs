@@ -73,6 +73,7 @@ pub async fn authenticate(State(state): State<Shared>, mut req: Request, next: N
     let started = Instant::now();
     let method = req.method().to_string();
     let path = req.uri().path().to_string();
+    let from = req.extensions().get::<super::RemoteAddr>().map(|a| a.0);
     let who = match identify(&state, &req) {
         Ok(Some(id)) => Ok(id),
         Ok(None) if public(&path) => Ok(Identity("anonymous".into())),
@@ -81,6 +82,7 @@ pub async fn authenticate(State(state): State<Shared>, mut req: Request, next: N
         )),
         Err(e) => Err(e),
     };
+    let refused = who.is_err();
     let (who, response) = match who {
         Ok(id) => {
             req.extensions_mut().insert(id.clone());
@@ -90,19 +92,22 @@ pub async fn authenticate(State(state): State<Shared>, mut req: Request, next: N
     };
     let note = response.extensions().get::<AuditNote>().map(|n| n.0.clone());
     let error = response.extensions().get::<ApiError>().map(|e| e.message.clone());
-    state
-        .audit
-        .write(&AuditLine {
-            time: crate::registry::when(crate::registry::now_ms()),
-            who: &who,
-            method: &method,
-            path: &path,
-            status: response.status().as_u16(),
-            deployment_id: note.as_deref(),
-            error: error.as_deref(),
-            ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-        })
-        .await;
+    let line = AuditLine {
+        time: crate::registry::when(crate::registry::now_ms()),
+        who: &who,
+        method: &method,
+        path: &path,
+        status: response.status().as_u16(),
+        deployment_id: note.as_deref(),
+        error: error.as_deref(),
+        ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+    };
+    if refused {
+        // Sampled: a client hammering without credentials cannot flood the log.
+        state.audit_refusal(from, line).await;
+    } else {
+        state.audit.write(&line).await;
+    }
     tracing::info!(who, method, path, status = response.status().as_u16(), "api call");
     response
 }

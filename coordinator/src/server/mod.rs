@@ -26,6 +26,8 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use ferry_proto::audit_file::RefusalSampler;
+
 use crate::cache::Cache;
 use crate::config::FleetConfig;
 use crate::fleet::grpc::Grpc;
@@ -62,6 +64,8 @@ pub struct AppState {
     pub audit: Audit,
     /// Scans run one at a time: each reads, extracts and hashes a whole artifact.
     pub scans: tokio::sync::Semaphore,
+    /// Which refusals the audit log records one by one.
+    pub refusals: std::sync::Mutex<RefusalSampler>,
 }
 
 pub type Shared = Arc<AppState>;
@@ -107,7 +111,38 @@ impl AppState {
             tokens,
             audit,
             scans: tokio::sync::Semaphore::new(1),
+            refusals: std::sync::Mutex::new(RefusalSampler::new(REFUSALS_PER_ADDRESS, REFUSALS_PER_MINUTE)),
         })
+    }
+
+    /// Audits a refusal (of a call without valid credentials, or of a TLS handshake) as sampled:
+    /// a flood of them writes at most 61 lines a minute, the rest summed up in one line.
+    pub async fn audit_refusal(&self, from: Option<SocketAddr>, line: AuditLine<'_>) {
+        let ip = from.map_or(std::net::IpAddr::from([0, 0, 0, 0]), |a| a.ip());
+        let (record, summary) = match self.refusals.lock() {
+            Ok(mut s) => s.admit(ip, std::time::Instant::now()),
+            Err(_) => (true, None),
+        };
+        if let Some((count, sources)) = summary {
+            let text = format!(
+                "{count} more refused call(s) or connection(s) from {sources} address(es) in the previous minute, not recorded one by one"
+            );
+            let time = crate::registry::when(crate::registry::now_ms());
+            let summary = AuditLine {
+                time,
+                who: "unauthenticated",
+                method: "-",
+                path: "-",
+                status: 0,
+                deployment_id: None,
+                error: Some(&text),
+                ms: 0,
+            };
+            self.audit.write(&summary).await;
+        }
+        if record {
+            self.audit.write(&line).await;
+        }
     }
 
     /// The agents of fleet.toml.
@@ -189,6 +224,14 @@ fn server_tls(config: &FleetConfig) -> anyhow::Result<rustls::ServerConfig> {
 #[derive(Debug, Clone)]
 pub struct Peer(pub Option<CertIdentity>);
 
+/// The address a request came from.
+#[derive(Debug, Clone, Copy)]
+pub struct RemoteAddr(pub SocketAddr);
+
+/// Refused calls and connections recorded one by one per minute: 10 per address, 60 in all.
+const REFUSALS_PER_ADDRESS: usize = 10;
+const REFUSALS_PER_MINUTE: usize = 60;
+
 /// Serves the API until `shutdown` is cancelled; then stops taking connections, asks the
 /// deployments it runs to stop after their hosts in flight, and returns once they reached that
 /// safe point (open event streams get [`DRAIN`] to end). Installs no signal handler.
@@ -225,10 +268,11 @@ pub async fn serve(
             },
             () = shutdown.cancelled() => break,
         };
-        let (acceptor, router, stop) = (acceptor.clone(), router.clone(), shutdown.clone());
+        let (acceptor, router, stop, state_of_conn) =
+            (acceptor.clone(), router.clone(), shutdown.clone(), state.clone());
         connections.spawn(async move {
             let _slot = slot;
-            serve_connection(acceptor, router, tcp, addr, stop).await;
+            serve_connection(&state_of_conn, acceptor, router, tcp, addr, stop).await;
         });
     }
     drop(listener);
@@ -244,6 +288,7 @@ pub async fn serve(
 
 /// One connection: TLS (bounded), then HTTP/1.1 until the client closes it or the server stops.
 async fn serve_connection(
+    state: &Shared,
     acceptor: tokio_rustls::TlsAcceptor,
     router: axum::Router,
     tcp: tokio::net::TcpStream,
@@ -259,16 +304,18 @@ async fn serve_connection(
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             tracing::info!(%addr, "TLS handshake refused: {e}");
+            audit_handshake(state, addr, &format!("TLS handshake refused: {e}")).await;
             return;
         }
         Err(_) => {
             tracing::info!(%addr, "TLS handshake timed out");
+            audit_handshake(state, addr, &format!("TLS handshake did not finish within {HANDSHAKE_TIMEOUT:?}")).await;
             return;
         }
     };
     let peer =
         stream.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|der| CertIdentity::from_der(der).ok());
-    let service = router.layer(axum::Extension(Peer(peer)));
+    let service = router.layer(axum::Extension(Peer(peer))).layer(axum::Extension(RemoteAddr(addr)));
     let service = hyper_util::service::TowerToHyperService::new(service);
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
@@ -286,6 +333,21 @@ async fn serve_connection(
     if let Err(e) = ended {
         tracing::debug!(%addr, "connection: {e}");
     }
+}
+
+/// A connection refused before HTTP, in the API audit log (sampled).
+async fn audit_handshake(state: &Shared, addr: SocketAddr, why: &str) {
+    let line = AuditLine {
+        time: crate::registry::when(crate::registry::now_ms()),
+        who: "unauthenticated",
+        method: "TLS",
+        path: "-",
+        status: 0,
+        deployment_id: None,
+        error: Some(why),
+        ms: 0,
+    };
+    state.audit_refusal(Some(addr), line).await;
 }
 
 /// The roles whose certificates may call the API.

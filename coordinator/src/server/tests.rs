@@ -751,3 +751,23 @@ async fn a_decompression_bomb_is_refused_at_registration() {
     assert_eq!((s, e["error"].as_str()), (422, Some("bad_artifact")), "{e}");
     assert!(e["message"].as_str().is_some_and(|m| m.contains("max_artifact_bytes (1048576 bytes)")), "{e}");
 }
+
+/// Regression: one keep-alive client could write ~1,500 fsync'd 401 lines a second. Refused
+/// calls are recorded one by one only up to 10 per address a minute (60 in all); the calls of
+/// identified callers are all recorded.
+#[tokio::test]
+async fn a_flood_of_unauthenticated_calls_is_sampled_in_the_audit_log() {
+    let api = setup();
+    for _ in 0..80 {
+        let (s, _) = api.call("GET", "/api/v1/versions", "/api/v1/versions", Some("ferry_guess"), None).await;
+        assert_eq!(s, 401);
+    }
+    for _ in 0..3 {
+        let (s, _) = api.call("GET", "/api/v1/versions", "/api/v1/versions", Some(CI), None).await;
+        assert_eq!(s, 200);
+    }
+    let audit = std::fs::read_to_string(api.root.join("api-audit.log")).expect("audit log");
+    let lines: Vec<Value> = audit.lines().map(|l| serde_json::from_str(l).expect("JSON line")).collect();
+    assert_eq!(lines.iter().filter(|l| l["status"] == 401).count(), 10, "{audit}");
+    assert_eq!(lines.iter().filter(|l| l["who"] == "token:ci").count(), 3, "{audit}");
+}
