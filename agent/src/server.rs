@@ -318,10 +318,29 @@ pub const MAX_HANDSHAKES: usize = 256;
 /// every slot from the coordinator.
 pub const MAX_HANDSHAKES_PER_ADDR: usize = 16;
 
-/// The handshakes in progress, overall and by source address.
+/// The handshakes in progress, overall and by source (an IPv4 address, or an IPv6 /64: one
+/// host can hold a whole /64).
 #[derive(Debug, Default)]
 pub struct HandshakeSlots {
-    by_addr: Mutex<HashMap<IpAddr, usize>>,
+    slots: Mutex<Slots>,
+}
+
+#[derive(Debug, Default)]
+struct Slots {
+    total: usize,
+    /// Sources with a handshake in progress (never one with none).
+    by_source: HashMap<IpAddr, usize>,
+}
+
+/// The source a connection's slots are counted under.
+fn source(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & !0xffff_ffff_ffff_ffff)),
+        },
+        v4 => v4,
+    }
 }
 
 /// One handshake's slot, given back when dropped.
@@ -334,25 +353,26 @@ impl HandshakeSlots {
     /// A slot for a handshake from `ip`, or `None` when the agent already runs
     /// [`MAX_HANDSHAKES`] in all or [`MAX_HANDSHAKES_PER_ADDR`] from `ip`.
     pub fn enter(self: &Arc<Self>, ip: IpAddr) -> Option<HandshakeSlot> {
-        let mut by_addr = self.by_addr.lock().ok()?;
-        let total: usize = by_addr.values().sum();
-        let here = by_addr.entry(ip).or_default();
-        if total >= MAX_HANDSHAKES || *here >= MAX_HANDSHAKES_PER_ADDR {
+        let ip = source(ip);
+        let mut s = self.slots.lock().ok()?;
+        if s.total >= MAX_HANDSHAKES || s.by_source.get(&ip).is_some_and(|n| *n >= MAX_HANDSHAKES_PER_ADDR) {
             return None;
         }
-        *here += 1;
+        s.total += 1;
+        *s.by_source.entry(ip).or_default() += 1;
         Some(HandshakeSlot { slots: self.clone(), ip })
     }
 }
 
 impl Drop for HandshakeSlot {
     fn drop(&mut self) {
-        if let Ok(mut by_addr) = self.slots.by_addr.lock()
-            && let Some(n) = by_addr.get_mut(&self.ip)
-        {
-            *n -= 1;
-            if *n == 0 {
-                by_addr.remove(&self.ip);
+        if let Ok(mut s) = self.slots.slots.lock() {
+            s.total = s.total.saturating_sub(1);
+            if let Some(n) = s.by_source.get_mut(&self.ip) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    s.by_source.remove(&self.ip);
+                }
             }
         }
     }
@@ -409,5 +429,34 @@ async fn finish_activations(activations: &Activations) {
             _ = activations.finished() => {}
             _ = tokio::time::sleep(STOP_REPORT_EVERY) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handshake_slots_cap_each_source_and_leave_nothing_behind() {
+        let slots = Arc::new(HandshakeSlots::default());
+        let a: IpAddr = "10.0.0.1".parse().expect("ip");
+        let held: Vec<HandshakeSlot> = (0..MAX_HANDSHAKES_PER_ADDR).filter_map(|_| slots.enter(a)).collect();
+        assert_eq!(held.len(), MAX_HANDSHAKES_PER_ADDR);
+        assert!(slots.enter(a).is_none(), "past the per-source cap");
+        assert!(slots.enter("10.0.0.2".parse().expect("ip")).is_some(), "another source gets in");
+        // One IPv6 /64 is one source; its IPv4-mapped form is the IPv4 address.
+        let v6: Vec<HandshakeSlot> = (0..MAX_HANDSHAKES_PER_ADDR as u16)
+            .filter_map(|i| slots.enter(IpAddr::V6(std::net::Ipv6Addr::new(0xfd00, 0, 0, 1, 0, 0, 0, i + 1))))
+            .collect();
+        assert_eq!(v6.len(), MAX_HANDSHAKES_PER_ADDR);
+        assert!(slots.enter("fd00:0:0:1::ffff".parse().expect("ip")).is_none(), "the same /64");
+        assert!(slots.enter("::ffff:10.0.0.1".parse().expect("ip")).is_none(), "the same IPv4 host");
+        drop((held, v6));
+        // Refused sources and ended handshakes leave no entry behind.
+        for i in 0..1000u32 {
+            let _ = slots.enter(IpAddr::V4(std::net::Ipv4Addr::from(0x0b00_0000 + i)));
+        }
+        let s = slots.slots.lock().expect("lock");
+        assert_eq!((s.total, s.by_source.len()), (0, 0));
     }
 }

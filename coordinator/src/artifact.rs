@@ -482,8 +482,13 @@ fn extract(archive: &Path, dest: &Path, max_bytes: u64) -> Result<(), ArtifactEr
         let target = dest.join(&name);
         let mode = item.header().mode().map_err(io)? & 0o7777;
         // Refused before it is written anywhere (the manifest gate would refuse it after).
-        if kind != EntryKind::Symlink && mode & 0o6002 != 0 {
-            let what = if mode & 0o6000 != 0 { "is setuid or setgid" } else { "is world-writable" };
+        let set_id = if kind == EntryKind::File { 0o6000 } else { 0o4000 };
+        if kind != EntryKind::Symlink && mode & (set_id | 0o002) != 0 {
+            let what = if mode & set_id != 0 {
+                "is setuid or setgid (clear it in the build: chmod ug-s)"
+            } else {
+                "is world-writable (clear it in the build: chmod o-w)"
+            };
             return Err(refuse(&raw, &format!("mode {mode:04o} {what}")));
         }
         let at = |source| ArtifactError::Io { path: target.clone(), source };

@@ -25,6 +25,8 @@ pub const MAX_ENTRIES: usize = 1_000_000;
 pub const MAX_PATH_LEN: usize = 4096;
 pub const MAX_COMPONENT_LEN: usize = 255;
 pub const MAX_FILE_SIZE: u64 = 1 << 40;
+/// The longest symlink target (Linux's PATH_MAX less its NUL).
+pub const MAX_LINK_TARGET_LEN: usize = 4095;
 /// Symlinks followed while resolving one link's target (the kernel's own limit is 40).
 pub const MAX_LINK_HOPS: usize = 40;
 /// Path components walked while resolving every link of one manifest.
@@ -104,24 +106,36 @@ pub fn symlink_resolves_inside(
     target: &str,
     budget: &mut usize,
 ) -> Result<bool, String> {
-    // The directory the walk is in, from the release's root; the components still to walk,
-    // next one last.
-    let mut dir: Vec<&str> = path.split('/').collect();
-    dir.pop();
+    // The directory the walk is in, from the release's root, as one string and the lengths it
+    // had before each component (so a step costs its own length, not the whole path's); the
+    // components still to walk, next one last.
+    let mut dir = String::new();
+    let mut lens: Vec<usize> = Vec::new();
+    let enter = |dir: &mut String, lens: &mut Vec<usize>, name: &str| {
+        lens.push(dir.len());
+        if !dir.is_empty() {
+            dir.push('/');
+        }
+        dir.push_str(name);
+    };
+    if let Some((parent, _)) = path.rsplit_once('/') {
+        for c in parent.split('/') {
+            enter(&mut dir, &mut lens, c);
+        }
+    }
     let mut todo: Vec<&str> = target.split('/').rev().collect();
     let mut hops = 0;
     while let Some(c) = todo.pop() {
-        *budget = budget.checked_sub(1).ok_or("too many symlink components to resolve")?;
+        *budget = budget.checked_sub(1).ok_or("too many symlink components to resolve in one manifest")?;
         match c {
             "" | "." => {}
-            ".." => {
-                if dir.pop().is_none() {
-                    return Ok(false);
-                }
-            }
+            ".." => match lens.pop() {
+                Some(len) => dir.truncate(len),
+                None => return Ok(false),
+            },
             name => {
-                dir.push(name);
-                if let Some(next) = links.get(dir.join("/").as_str()) {
+                enter(&mut dir, &mut lens, name);
+                if let Some(next) = links.get(dir.as_str()) {
                     hops += 1;
                     if hops > MAX_LINK_HOPS {
                         return Err(format!("more than {MAX_LINK_HOPS} symlinks on the way (a loop?)"));
@@ -130,7 +144,9 @@ pub fn symlink_resolves_inside(
                         return Ok(false);
                     }
                     // The link's own target, relative to the directory holding the link.
-                    dir.pop();
+                    if let Some(len) = lens.pop() {
+                        dir.truncate(len);
+                    }
                     todo.extend(next.split('/').rev());
                 }
             }
@@ -180,7 +196,9 @@ pub fn validate(m: &v1::Manifest) -> Result<(), ManifestError> {
         let kind = EntryKind::try_from(e.kind).unwrap_or(EntryKind::Unspecified);
         // A symlink's own mode means nothing (it is always 0777).
         if kind != EntryKind::Symlink {
-            if e.mode & 0o6000 != 0 {
+            // setgid on a directory only sets the group of files made in it (a release is never
+            // written to): allowed. On a file, set-id bits make a program run as its owner.
+            if (kind == EntryKind::File && e.mode & 0o6000 != 0) || e.mode & 0o4000 != 0 {
                 return Err(err(
                     p,
                     format!(
@@ -206,6 +224,9 @@ pub fn validate(m: &v1::Manifest) -> Result<(), ManifestError> {
             EntryKind::Dir | EntryKind::Symlink => {
                 if e.size != 0 || !e.hash.is_empty() || !e.chunks.is_empty() {
                     return Err(err(p, "a directory or symlink carries no content"));
+                }
+                if kind == EntryKind::Symlink && e.link_target.len() > MAX_LINK_TARGET_LEN {
+                    return Err(err(p, format!("symlink target longer than {MAX_LINK_TARGET_LEN} bytes")));
                 }
                 if kind == EntryKind::Symlink {
                     let inside = symlink_stays_inside(p, &e.link_target)
@@ -439,6 +460,9 @@ mod tests {
         let mut setgid = file("sh", b"x");
         setgid.mode = 0o2755;
         assert!(reason(vec![setgid]).contains("mode 2755 is setuid or setgid"));
+        let mut shared_group = dir("group");
+        shared_group.mode = 0o2755;
+        assert!(validate(&Manifest { entries: vec![shared_group] }).is_ok(), "a setgid directory is fine");
         let mut open = dir("uploads");
         open.mode = 0o1777;
         assert!(reason(vec![open]).contains("world-writable"));
@@ -459,6 +483,9 @@ mod tests {
         // Through links that stay inside, a target resolves fine.
         let ok = vec![dir("d"), dir("d/e"), link("d/up", ".."), file("f", b"x"), link("y", "d/up/f")];
         assert!(validate(&Manifest { entries: ok }).is_ok());
+        // A target longer than the kernel takes is refused before any walk.
+        let long = vec![link("l", &"a/".repeat(3000))];
+        assert!(reason(long).contains("longer than 4095 bytes"));
         // A loop is refused, not followed forever.
         let looped = vec![link("a", "b/x"), link("b", "a")];
         assert!(reason(looped).contains("more than 40 symlinks"), "a loop");

@@ -2,17 +2,25 @@
 //! a C1 code) is shown escaped, so a hostile message cannot fake a line or rewrite a terminal.
 use std::borrow::Cow;
 
-/// `s` with every control character escaped (`\n`, `\u{1b}`, …).
+/// A character that must not reach a terminal as it is: a control character, or an invisible
+/// format character that reorders or breaks lines (bidi overrides and isolates, zero-width
+/// characters, line and paragraph separators, the BOM).
+fn unsafe_char(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}')
+}
+
+/// `s` with every unsafe character escaped (`\n`, `\u{1b}`, `\u{202e}`, …).
 pub fn printable(s: &str) -> Cow<'_, str> {
-    if !s.chars().any(char::is_control) {
+    if !s.chars().any(unsafe_char) {
         return Cow::Borrowed(s);
     }
-    Cow::Owned(s.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect())
+    Cow::Owned(s.chars().map(|c| if unsafe_char(c) { c.escape_default().to_string() } else { c.to_string() }).collect())
 }
 
 /// Like [`printable`], but keeps line breaks: for text of several lines the program itself made.
 pub fn printable_lines(s: &str) -> Cow<'_, str> {
-    if !s.chars().any(|c| c.is_control() && c != '\n') {
+    if !s.chars().any(|c| unsafe_char(c) && c != '\n') {
         return Cow::Borrowed(s);
     }
     Cow::Owned(s.split('\n').map(|l| printable(l).into_owned()).collect::<Vec<_>>().join("\n"))
@@ -26,6 +34,7 @@ mod tests {
     fn control_characters_are_shown_escaped() {
         assert_eq!(printable("activated (1 -> 2)"), "activated (1 -> 2)");
         assert_eq!(printable("x\n  web-1: activated OK"), "x\\n  web-1: activated OK");
+        assert_eq!(printable("ok \u{202e}kcatta"), "ok \\u{202e}kcatta");
         assert_eq!(printable("\u{1b}[2K\u{1b}[1Aok"), "\\u{1b}[2K\\u{1b}[1Aok");
         assert_eq!(printable("c1 \u{9b}"), "c1 \\u{9b}");
         assert_eq!(printable_lines("a\nb\u{1b}"), "a\nb\\u{1b}");

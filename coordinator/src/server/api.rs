@@ -278,10 +278,11 @@ async fn register_version(
             "metadata must be an object of strings, numbers or booleans, at most 16 KiB",
         ));
     }
-    let scanned = {
-        let _one_at_a_time = state.scans.acquire().await.map_err(|_| ApiError::internal("the scan queue is closed"))?;
-        crate::artifact::scan(&real, state.cache.as_ref(), state.config.max_artifact_bytes).await
-    };
+    let scanned = one_scan_at_a_time(&state, {
+        let (path, cache, limit) = (real.clone(), state.cache.clone(), state.config.max_artifact_bytes);
+        async move { crate::artifact::scan(&path, cache.as_ref(), limit).await }
+    })
+    .await?;
     let artifact = scanned
         .map_err(|e| ApiError::unprocessable("bad_artifact", format!("artifact {}: {e}", req.artifact.display())))?;
     let row = crate::registry::VersionRow {
@@ -445,6 +446,22 @@ async fn create_deployment(
     Ok(accepted(&id, &req.environment))
 }
 
+/// Runs `scan` as the only scan of this server: in a task of its own that keeps the server's scan
+/// permit until the scan ends, even if the caller goes away.
+async fn one_scan_at_a_time<T: Send + 'static>(
+    state: &Shared,
+    scan: impl Future<Output = T> + Send + 'static,
+) -> Result<T, ApiError> {
+    let permit =
+        state.scans.clone().acquire_owned().await.map_err(|_| ApiError::internal("the scan queue is closed"))?;
+    tokio::spawn(async move {
+        let _permit = permit;
+        scan.await
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("the scan failed: {e}")))
+}
+
 /// Scans the artifact again (it must still be what was registered) and starts the deployment.
 async fn start_deploy(
     state: &Shared,
@@ -461,17 +478,20 @@ async fn start_deploy(
             format!("environment {env} is busy with a deployment of this server"),
         ));
     }
-    let scanned = {
-        let _one_at_a_time = state.scans.acquire().await.map_err(|_| ApiError::internal("the scan queue is closed"))?;
-        crate::artifact::rescan(
-            std::path::Path::new(&version.artifact),
-            state.cache.as_ref(),
-            state.config.max_artifact_bytes,
-            &version.release_id,
-            &version.manifest_hash,
-        )
-        .await
-    };
+    let scanned = one_scan_at_a_time(state, {
+        let (cache, limit, v) = (state.cache.clone(), state.config.max_artifact_bytes, version.clone());
+        async move {
+            crate::artifact::rescan(
+                std::path::Path::new(&v.artifact),
+                cache.as_ref(),
+                limit,
+                &v.release_id,
+                &v.manifest_hash,
+            )
+            .await
+        }
+    })
+    .await?;
     let artifact = scanned.map_err(|e| {
         let mut api = ApiError::from(e);
         api.message = format!("version {}: {}", version.version, api.message);

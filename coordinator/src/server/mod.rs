@@ -63,7 +63,7 @@ pub struct AppState {
     pub tokens: Vec<auth::Token>,
     pub audit: Audit,
     /// Scans run one at a time: each reads, extracts and hashes a whole artifact.
-    pub scans: tokio::sync::Semaphore,
+    pub scans: Arc<tokio::sync::Semaphore>,
     /// Which refusals the audit log records one by one.
     pub refusals: std::sync::Mutex<RefusalSampler>,
 }
@@ -110,7 +110,7 @@ impl AppState {
             jobs: jobs::Jobs::default(),
             tokens,
             audit,
-            scans: tokio::sync::Semaphore::new(1),
+            scans: Arc::new(tokio::sync::Semaphore::new(1)),
             refusals: std::sync::Mutex::new(RefusalSampler::new(REFUSALS_PER_ADDRESS, REFUSALS_PER_MINUTE)),
         })
     }
