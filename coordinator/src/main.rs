@@ -36,17 +36,7 @@ fn main() -> ExitCode {
         }
     };
     let serving = matches!(cli.command, cli::Command::Serve { .. });
-    // Only a rollout run here and `ferry serve` stop in steps; every other verb (and a verb sent
-    // to a server) keeps the default: the first signal ends it.
-    let stepped = serving
-        || (cli.server.is_none()
-            && matches!(
-                cli.command,
-                cli::Command::Deploy(_)
-                    | cli::Command::Rollback(_)
-                    | cli::Command::Resume(_)
-                    | cli::Command::Promote(_)
-            ));
+    let stepped = cli.stops_in_steps();
     let code = runtime.block_on(async {
         let (shutdown, now) = (CancellationToken::new(), CancellationToken::new());
         if stepped {

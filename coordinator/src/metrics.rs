@@ -15,7 +15,7 @@ use std::path::Path;
 use ferry_proto::prometheus::{TextWriter, Type, bucket_counts};
 
 use crate::registry::{DeploymentRow, Registry};
-use crate::state::DeploymentKind;
+use crate::state::{DeploymentKind, DeploymentStatus};
 
 /// Deployment duration buckets, in seconds.
 const DURATION_BUCKETS: &[f64] = &[10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0];
@@ -38,7 +38,10 @@ pub const NAMES: &[&str] = &[
 /// A number of a deployment row.
 type Field = fn(&DeploymentRow) -> i64;
 
-const FINISHED: [&str; 4] = ["succeeded", "failed", "rolled_back", "cancelled"];
+/// The final statuses, in the state table's order.
+fn finished_statuses() -> impl Iterator<Item = DeploymentStatus> {
+    DeploymentStatus::ALL.into_iter().filter(|s| s.is_finished())
+}
 
 /// The `ferry` run writing the file.
 #[derive(Debug, Clone)]
@@ -69,10 +72,11 @@ pub fn render(rows: &[DeploymentRow], run: &Run) -> String {
     let mut w = TextWriter::new();
 
     w.family("ferry_deployments_total", "Finished deployments and rollbacks, by kind and final status.", Type::Counter);
-    for kind in ["deploy", "rollback"] {
-        for status in FINISHED {
-            let n = finished.iter().filter(|d| d.kind.as_str() == kind && d.status.as_str() == status).count();
-            w.sample("ferry_deployments_total", &[("environment", env), ("kind", kind), ("status", status)], n as f64);
+    for kind in DeploymentKind::ALL {
+        for status in finished_statuses() {
+            let n = finished.iter().filter(|d| d.kind == kind && d.status == status).count();
+            let labels = [("environment", env), ("kind", kind.as_str()), ("status", status.as_str())];
+            w.sample("ferry_deployments_total", &labels, n as f64);
         }
     }
 
@@ -81,15 +85,15 @@ pub fn render(rows: &[DeploymentRow], run: &Run) -> String {
         "Duration of finished deployments and rollbacks, from start to final status.",
         Type::Histogram,
     );
-    for kind in ["deploy", "rollback"] {
+    for kind in DeploymentKind::ALL {
         let durations = finished
             .iter()
-            .filter(|d| d.kind.as_str() == kind)
+            .filter(|d| d.kind == kind)
             .filter_map(|d| d.finished_ms.map(|f| secs(f - d.started_ms).max(0.0)));
         let (counts, sum, count) = bucket_counts(DURATION_BUCKETS, durations);
         w.histogram(
             "ferry_deployment_duration_seconds",
-            &[("environment", env), ("kind", kind)],
+            &[("environment", env), ("kind", kind.as_str())],
             DURATION_BUCKETS,
             &counts,
             sum,
@@ -118,17 +122,14 @@ pub fn render(rows: &[DeploymentRow], run: &Run) -> String {
         "When the last deployment or rollback of each kind and final status finished, in Unix seconds.",
         Type::Gauge,
     );
-    for kind in ["deploy", "rollback"] {
-        for status in FINISHED {
-            let last = finished
-                .iter()
-                .filter(|d| d.kind.as_str() == kind && d.status.as_str() == status)
-                .filter_map(|d| d.finished_ms)
-                .max();
+    for kind in DeploymentKind::ALL {
+        for status in finished_statuses() {
+            let last =
+                finished.iter().filter(|d| d.kind == kind && d.status == status).filter_map(|d| d.finished_ms).max();
             if let Some(ms) = last {
                 w.sample(
                     "ferry_deployment_last_finished_timestamp_seconds",
-                    &[("environment", env), ("kind", kind), ("status", status)],
+                    &[("environment", env), ("kind", kind.as_str()), ("status", status.as_str())],
                     secs(ms),
                 );
             }
@@ -154,11 +155,11 @@ pub fn render(rows: &[DeploymentRow], run: &Run) -> String {
         "When the oldest deployment still pending, running or paused (at a canary step) started, by status, in Unix seconds.",
         Type::Gauge,
     );
-    for status in ["pending", "running", "paused"] {
-        if let Some(ms) = rows.iter().filter(|d| d.status.as_str() == status).map(|d| d.started_ms).min() {
+    for status in DeploymentStatus::ALL.into_iter().filter(|s| !s.is_finished()) {
+        if let Some(ms) = rows.iter().filter(|d| d.status == status).map(|d| d.started_ms).min() {
             w.sample(
                 "ferry_deployment_unfinished_started_timestamp_seconds",
-                &[("environment", env), ("status", status)],
+                &[("environment", env), ("status", status.as_str())],
                 secs(ms),
             );
         }

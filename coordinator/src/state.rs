@@ -10,12 +10,50 @@
 //! with auto_rollback), `unchanged` (already ran the release), `skipped` (never reached).
 //! A rollback's hosts go `pending → activating → healthy | unchanged | failed` (no staging).
 //!
-//! Every value is named once, in one table per type ([`HostState::ALL`],
-//! [`DeploymentStatus::ALL`], [`DeploymentKind::ALL`]) with its text and description; readers and
-//! writers use the variants, never the strings.
+//! Every value is named once, in one table per type (`named!`: [`HostState`],
+//! [`DeploymentStatus`], [`DeploymentKind`]) with its text and description; readers and writers
+//! use the variants, never the strings.
 use std::fmt;
 
 use crate::plan::Pause;
+
+/// The one table of a status type: each variant, its name (as stored and shown) and what it
+/// means. Gives `ALL`, `as_str`, `parse`, `description` and `Display`; the matches are
+/// exhaustive, so a variant missing from its table does not compile.
+macro_rules! named {
+    ($t:ident { $($v:ident => $name:literal, $what:literal;)* }) => {
+        impl $t {
+            /// Every value, in the table's order.
+            pub const ALL: [$t; [$(stringify!($v)),*].len()] = [$($t::$v),*];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($t::$v => $name,)*
+                }
+            }
+
+            pub fn parse(s: &str) -> Option<$t> {
+                match s {
+                    $($name => Some($t::$v),)*
+                    _ => None,
+                }
+            }
+
+            /// What the value means.
+            pub fn description(self) -> &'static str {
+                match self {
+                    $($t::$v => $what,)*
+                }
+            }
+        }
+
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -33,41 +71,23 @@ pub enum HostState {
     Skipped,
 }
 
+named! {
+    HostState {
+        Pending => "pending", "not yet touched by this deployment";
+        Staging => "staging", "the release is being transferred and built beside the current one";
+        Staged => "staged", "the release is on the host, not active yet";
+        Unchanged => "unchanged", "the host already ran the release: nothing changed";
+        Activating => "activating", "swap, restarts, hooks and health probes in progress";
+        Healthy => "healthy", "the host runs the release and passed its health probes";
+        Failed => "failed", "the step failed on the host (see its error)";
+        Unreachable => "unreachable", "the host could not be reached or authenticated";
+        RollingBack => "rolling_back", "going back to the release it ran before (a halt with auto_rollback)";
+        RolledBack => "rolled_back", "back on its previous release, which is healthy";
+        Skipped => "skipped", "never reached: the deployment ended first";
+    }
+}
+
 impl HostState {
-    pub const ALL: [HostState; 11] = [
-        HostState::Pending,
-        HostState::Staging,
-        HostState::Staged,
-        HostState::Unchanged,
-        HostState::Activating,
-        HostState::Healthy,
-        HostState::Failed,
-        HostState::Unreachable,
-        HostState::RollingBack,
-        HostState::RolledBack,
-        HostState::Skipped,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            HostState::Pending => "pending",
-            HostState::Staging => "staging",
-            HostState::Staged => "staged",
-            HostState::Unchanged => "unchanged",
-            HostState::Activating => "activating",
-            HostState::Healthy => "healthy",
-            HostState::Failed => "failed",
-            HostState::Unreachable => "unreachable",
-            HostState::RollingBack => "rolling_back",
-            HostState::RolledBack => "rolled_back",
-            HostState::Skipped => "skipped",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<HostState> {
-        HostState::ALL.into_iter().find(|h| h.as_str() == s)
-    }
-
     /// Nothing more happens to the host in this deployment (unless a halt rolls it back).
     pub fn is_terminal(self) -> bool {
         matches!(
@@ -92,38 +112,26 @@ impl HostState {
     }
 }
 
-impl fmt::Display for HostState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
 impl HostState {
-    /// What the state means, for `--help`-level docs and the README's table.
-    pub fn description(self) -> &'static str {
-        match self {
-            HostState::Pending => "not yet touched by this deployment",
-            HostState::Staging => "the release is being transferred and built beside the current one",
-            HostState::Staged => "the release is on the host, not active yet",
-            HostState::Unchanged => "the host already ran the release: nothing changed",
-            HostState::Activating => "swap, restarts, hooks and health probes in progress",
-            HostState::Healthy => "the host runs the release and passed its health probes",
-            HostState::Failed => "the step failed on the host (see its error)",
-            HostState::Unreachable => "the host could not be reached or authenticated",
-            HostState::RollingBack => "going back to the release it ran before (a halt with auto_rollback)",
-            HostState::RolledBack => "back on its previous release, which is healthy",
-            HostState::Skipped => "never reached: the deployment ended first",
-        }
-    }
-
     /// How long a host may stay in this state before the engine fails it (`None`: it is not
     /// working on anything, or it is finished). The limits come from the environment
     /// (`progress_deadline`).
     pub fn time_limit(self, limits: &Limits) -> Option<std::time::Duration> {
+        self.work().map(|(_, limit)| limit(limits))
+    }
+
+    /// The step a working state stands for, in messages ("staging did not finish within 10m").
+    pub fn step(self) -> &'static str {
+        self.work().map_or(self.as_str(), |(step, _)| step)
+    }
+
+    /// A working state's step and which of the [`Limits`] bounds it; `None` for a state that
+    /// waits (for its batch) or is finished.
+    fn work(self) -> Option<(&'static str, LimitOf)> {
         match self {
-            HostState::Staging => Some(limits.stage),
-            HostState::Activating => Some(limits.activate),
-            HostState::RollingBack => Some(limits.rollback),
+            HostState::Staging => Some(("staging", |l| l.stage)),
+            HostState::Activating => Some(("activation", |l| l.activate)),
+            HostState::RollingBack => Some(("rollback", |l| l.rollback)),
             HostState::Pending
             | HostState::Staged
             | HostState::Unchanged
@@ -134,24 +142,10 @@ impl HostState {
             | HostState::Skipped => None,
         }
     }
-
-    /// The step a working state stands for, in messages ("staging did not finish within 10m").
-    pub fn step(self) -> &'static str {
-        match self {
-            HostState::Staging => "staging",
-            HostState::Activating => "activation",
-            HostState::RollingBack => "rollback",
-            HostState::Pending
-            | HostState::Staged
-            | HostState::Unchanged
-            | HostState::Healthy
-            | HostState::Failed
-            | HostState::Unreachable
-            | HostState::RolledBack
-            | HostState::Skipped => self.as_str(),
-        }
-    }
 }
+
+/// Which of the [`Limits`] bounds a working state.
+type LimitOf = fn(&Limits) -> std::time::Duration;
 
 /// How long each working state may last on one host. A deployment's progress deadline follows:
 /// outside its pauses, no step waits longer than these for a host to move.
@@ -167,18 +161,6 @@ impl Limits {
     pub fn all(deadline: std::time::Duration) -> Limits {
         Limits { stage: deadline, activate: deadline, rollback: deadline }
     }
-}
-
-/// A value's row in its table: (value, name, description).
-type Row<T> = (T, &'static str, &'static str);
-
-/// The row of `v` (every value has one: the tables list every variant, which the tests check).
-fn row<T: Copy + PartialEq>(table: &[Row<T>], v: T) -> Row<T> {
-    table.iter().copied().find(|r| r.0 == v).unwrap_or((v, "?", "?"))
-}
-
-fn parse<T: Copy>(table: &[Row<T>], s: &str) -> Option<T> {
-    table.iter().find(|r| r.1 == s).map(|r| r.0)
 }
 
 /// Where a deployment stands, as the registry stores it.
@@ -199,30 +181,19 @@ pub enum DeploymentStatus {
     Cancelled,
 }
 
+named! {
+    DeploymentStatus {
+        Pending => "pending", "recorded, not started yet";
+        Running => "running", "a coordinator is working on it";
+        Paused => "paused", "waiting at a canary step for `ferry promote`";
+        Succeeded => "succeeded", "every host runs the release";
+        Failed => "failed", "halted, or finished with failed hosts (within max_failures)";
+        RolledBack => "rolled_back", "halted, and every updated host went back";
+        Cancelled => "cancelled", "stopped by the operator; hosts not activated were untouched";
+    }
+}
+
 impl DeploymentStatus {
-    /// Every status: its text (as stored and shown) and what it means.
-    pub const ALL: [(DeploymentStatus, &'static str, &'static str); 7] = [
-        (DeploymentStatus::Pending, "pending", "recorded, not started yet"),
-        (DeploymentStatus::Running, "running", "a coordinator is working on it"),
-        (DeploymentStatus::Paused, "paused", "waiting at a canary step for `ferry promote`"),
-        (DeploymentStatus::Succeeded, "succeeded", "every host runs the release"),
-        (DeploymentStatus::Failed, "failed", "halted, or finished with failed hosts (within max_failures)"),
-        (DeploymentStatus::RolledBack, "rolled_back", "halted, and every updated host went back"),
-        (DeploymentStatus::Cancelled, "cancelled", "stopped by the operator; hosts not activated were untouched"),
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        row(&Self::ALL, self).1
-    }
-
-    pub fn parse(s: &str) -> Option<DeploymentStatus> {
-        parse(&Self::ALL, s)
-    }
-
-    pub fn description(self) -> &'static str {
-        row(&Self::ALL, self).2
-    }
-
     /// Nothing more happens to the deployment.
     pub fn is_finished(self) -> bool {
         match self {
@@ -232,12 +203,6 @@ impl DeploymentStatus {
             | DeploymentStatus::RolledBack
             | DeploymentStatus::Cancelled => true,
         }
-    }
-}
-
-impl fmt::Display for DeploymentStatus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 
@@ -251,28 +216,10 @@ pub enum DeploymentKind {
     Rollback,
 }
 
-impl DeploymentKind {
-    pub const ALL: [(DeploymentKind, &'static str, &'static str); 2] = [
-        (DeploymentKind::Deploy, "deploy", "a new release to an environment"),
-        (DeploymentKind::Rollback, "rollback", "hosts switched back to a release they keep"),
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        row(&Self::ALL, self).1
-    }
-
-    pub fn parse(s: &str) -> Option<DeploymentKind> {
-        parse(&Self::ALL, s)
-    }
-
-    pub fn description(self) -> &'static str {
-        row(&Self::ALL, self).2
-    }
-}
-
-impl fmt::Display for DeploymentKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+named! {
+    DeploymentKind {
+        Deploy => "deploy", "a new release to an environment";
+        Rollback => "rollback", "hosts switched back to a release they keep";
     }
 }
 
@@ -463,28 +410,20 @@ mod tests {
 
     #[test]
     fn every_status_has_one_name_and_working_states_have_a_time_limit() {
-        for (s, name, description) in DeploymentStatus::ALL {
-            assert_eq!((DeploymentStatus::parse(name), s.as_str(), s.description()), (Some(s), name, description));
+        for s in DeploymentStatus::ALL {
+            assert_eq!(DeploymentStatus::parse(s.as_str()), Some(s));
+            assert!(!s.description().is_empty());
         }
-        for (k, name, _) in DeploymentKind::ALL {
-            assert_eq!(DeploymentKind::parse(name), Some(k));
+        for k in DeploymentKind::ALL {
+            assert_eq!(DeploymentKind::parse(k.as_str()), Some(k));
         }
         assert_eq!(DeploymentStatus::parse("bogus"), None);
-        // One row per variant, one name per row.
-        let mut names: Vec<&str> = DeploymentStatus::ALL.iter().map(|r| r.1).collect();
+        // One name per value.
+        let mut names: Vec<&str> = DeploymentStatus::ALL.iter().map(|s| s.as_str()).collect();
+        names.sort_unstable();
         names.dedup();
         assert_eq!(names.len(), DeploymentStatus::ALL.len());
-        let every = |s: DeploymentStatus| match s {
-            DeploymentStatus::Pending
-            | DeploymentStatus::Running
-            | DeploymentStatus::Paused
-            | DeploymentStatus::Succeeded
-            | DeploymentStatus::Failed
-            | DeploymentStatus::RolledBack
-            | DeploymentStatus::Cancelled => DeploymentStatus::ALL.iter().filter(|r| r.0 == s).count() == 1,
-        };
-        assert!(DeploymentStatus::ALL.iter().all(|r| every(r.0)));
-        assert_eq!(DeploymentStatus::ALL.len(), 7, "a status was added: add its row");
+        assert_eq!(DeploymentStatus::ALL.len(), 7);
         let limits = Limits::all(Duration::from_secs(60));
         for s in HostState::ALL {
             let working = matches!(s, Staging | Activating | RollingBack);

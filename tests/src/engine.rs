@@ -12,8 +12,26 @@ use ferry_coordinator::rollout::{self, DeployReport};
 use ferry_coordinator::tls::ClientTls;
 use tokio_util::sync::CancellationToken;
 
-fn registry(config: &FleetConfig) -> Sqlite {
-    Sqlite::open(&config.registry_path().expect("registry path")).expect("registry")
+/// Runs `f` with the use cases' context the CLI would build for `config`.
+async fn with_ctx<T>(
+    config: &FleetConfig,
+    tls: &ClientTls,
+    cache: Option<&Cache>,
+    f: impl AsyncFnOnce(&Ctx<'_>) -> T,
+) -> T {
+    let registry = Sqlite::open(&config.registry_path().expect("registry path")).expect("registry");
+    let cancel = CancellationToken::new();
+    let fleet = Grpc { config, tls, cache };
+    let ctx = Ctx {
+        config,
+        fleet: &fleet,
+        registry: &registry,
+        cache,
+        observer: &rollout::quiet,
+        cancel: &cancel,
+        force_unlock: false,
+    };
+    f(&ctx).await
 }
 
 /// Deploys `artifact` as `version` to `env`.
@@ -25,18 +43,7 @@ pub async fn deploy(
     version: &str,
     cache: Option<&Cache>,
 ) -> Result<DeployReport, commands::Error> {
-    let (registry, cancel) = (registry(config), CancellationToken::new());
-    let fleet = Grpc { config, tls, cache };
-    let ctx = Ctx {
-        config,
-        fleet: &fleet,
-        registry: &registry,
-        cache,
-        observer: &rollout::quiet,
-        cancel: &cancel,
-        force_unlock: false,
-    };
-    commands::deploy::deploy(&ctx, env, artifact, version, true).await
+    with_ctx(config, tls, cache, async |ctx| commands::deploy::deploy(ctx, env, artifact, version, true).await).await
 }
 
 /// `ferry rollback` of `env` (to `to`, or each host's previous release).
@@ -46,16 +53,5 @@ pub async fn rollback(
     env: &str,
     to: Option<&str>,
 ) -> Result<DeployReport, commands::Error> {
-    let (registry, cancel) = (registry(config), CancellationToken::new());
-    let fleet = Grpc { config, tls, cache: None };
-    let ctx = Ctx {
-        config,
-        fleet: &fleet,
-        registry: &registry,
-        cache: None,
-        observer: &rollout::quiet,
-        cancel: &cancel,
-        force_unlock: false,
-    };
-    commands::rollback::rollback(&ctx, env, to).await
+    with_ctx(config, tls, None, async |ctx| commands::rollback::rollback(ctx, env, to).await).await
 }

@@ -47,13 +47,31 @@ fn open_registry(config: &FleetConfig) -> anyhow::Result<Sqlite> {
     Ok(Sqlite::open(&path)?)
 }
 
-/// The verb, fleet.toml and environment of a rollout command.
-fn rollout_target(command: &Command) -> Option<(&'static str, &Path, &str)> {
+/// What every rollout verb has: its name, fleet.toml, environment, output and --force-unlock.
+pub(super) struct RolloutTarget<'a> {
+    verb: &'static str,
+    config: &'a Path,
+    env: &'a str,
+    output: Format,
+    force_unlock: bool,
+}
+
+/// The rollout verb `command` is, if it is one.
+pub(super) fn rollout_target(command: &Command) -> Option<RolloutTarget<'_>> {
+    fn t<'a>(
+        verb: &'static str,
+        config: &'a std::path::PathBuf,
+        env: &'a str,
+        output: Format,
+        force_unlock: bool,
+    ) -> RolloutTarget<'a> {
+        RolloutTarget { verb, config, env, output, force_unlock }
+    }
     match command {
-        Command::Deploy(a) => Some(("deploy", &a.config, &a.env)),
-        Command::Rollback(a) => Some(("rollback", &a.config, &a.env)),
-        Command::Resume(a) => Some(("resume", &a.config, &a.env)),
-        Command::Promote(a) => Some(("promote", &a.config, &a.env)),
+        Command::Deploy(a) => Some(t("deploy", &a.config, &a.env, a.output, a.force_unlock)),
+        Command::Rollback(a) => Some(t("rollback", &a.config, &a.env, a.output, a.force_unlock)),
+        Command::Resume(a) => Some(t("resume", &a.config, &a.env, a.output, a.force_unlock)),
+        Command::Promote(a) => Some(t("promote", &a.config, &a.env, a.output, a.force_unlock)),
         _ => None,
     }
 }
@@ -82,7 +100,7 @@ pub async fn run(cli: Cli, shutdown: &CancellationToken) -> u8 {
             &anyhow::anyhow!("`ferry pipeline` talks to a running `ferry serve`: pass --server URL"),
         );
     }
-    let Some((verb, config, env)) = rollout_target(&cli.command) else {
+    let Some(target) = rollout_target(&cli.command) else {
         if let Some(path) = &cli.metrics_file {
             eprintln!(
                 "ferry: warning: --metrics-file {} is written only by deploy, rollback, resume and promote",
@@ -91,7 +109,8 @@ pub async fn run(cli: Cli, shutdown: &CancellationToken) -> u8 {
         }
         return other(cli.command, shutdown).await;
     };
-    let loaded = match Loaded::open(config, Some(env)) {
+    let (verb, env) = (target.verb, target.env);
+    let loaded = match Loaded::open(target.config, Some(env)) {
         Ok(l) => l,
         Err(e) => return fail(exit::USAGE, &e),
     };
@@ -103,7 +122,7 @@ pub async fn run(cli: Cli, shutdown: &CancellationToken) -> u8 {
         ended: None,
     };
     write_metrics(cli.metrics_file.as_deref(), &loaded.registry, &observed);
-    let code = rollout_verb(&loaded, &cli.command, shutdown).instrument(span).await;
+    let code = rollout_verb(&loaded, &target, &cli.command, shutdown).instrument(span).await;
     observed.ended = Some((crate::metrics::now(), code));
     write_metrics(cli.metrics_file.as_deref(), &loaded.registry, &observed);
     code
@@ -118,19 +137,13 @@ fn write_metrics(path: Option<&Path>, registry: &dyn Registry, run: &crate::metr
 }
 
 /// deploy, rollback, resume, promote.
-async fn rollout_verb(loaded: &Loaded, command: &Command, shutdown: &CancellationToken) -> u8 {
-    let output = match command {
-        Command::Deploy(a) => a.output,
-        Command::Rollback(a) => a.output,
-        Command::Resume(a) | Command::Promote(a) => a.output,
-        _ => Format::Human,
-    };
-    let force_unlock = match command {
-        Command::Deploy(a) => a.force_unlock,
-        Command::Rollback(a) => a.force_unlock,
-        Command::Resume(a) | Command::Promote(a) => a.force_unlock,
-        _ => false,
-    };
+async fn rollout_verb(
+    loaded: &Loaded,
+    target: &RolloutTarget<'_>,
+    command: &Command,
+    shutdown: &CancellationToken,
+) -> u8 {
+    let (output, force_unlock) = (target.output, target.force_unlock);
     let live = ui::progress(output);
     let observer: &dyn Observer = match live.as_deref() {
         Some(live) => live,

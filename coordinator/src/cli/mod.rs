@@ -334,6 +334,16 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> u8 {
     }
 }
 
+impl Cli {
+    /// Whether the command stops in steps on a signal (first: finish the hosts in flight; second:
+    /// at once): a rollout run here, and `ferry serve`. Every other verb, and a verb sent to a
+    /// server, keeps the default: the first signal ends it.
+    pub fn stops_in_steps(&self) -> bool {
+        matches!(self.command, Command::Serve { .. })
+            || (self.server.is_none() && local::rollout_target(&self.command).is_some())
+    }
+}
+
 /// The exit code of a deployment's report.
 fn deploy_exit(report: &DeployReport) -> u8 {
     match report.status {

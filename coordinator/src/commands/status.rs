@@ -94,7 +94,7 @@ impl From<HostStatus> for Facts {
 /// Queries every host of `env`. Never fails as a whole: each host carries its own outcome.
 pub async fn run(config: &FleetConfig, env: &str, tls: &ClientTls) -> anyhow::Result<StatusReport> {
     let hosts = config.hosts(env)?;
-    let timeouts = Timeouts { connect: config.connect_timeout, request: config.request_timeout };
+    let timeouts = crate::fleet::grpc::timeouts(config);
     let limit = Arc::new(Semaphore::new(config.parallelism));
     let mut tasks = tokio::task::JoinSet::new();
     for (i, host) in hosts.iter().cloned().enumerate() {

@@ -285,29 +285,31 @@ impl Engine<'_> {
         Ok(id)
     }
 
-    /// The lock of the environment and the deployment holding it, if any.
-    fn holder(&self) -> Result<Option<(Lock, DeploymentRow)>, Error> {
+    /// The lock of the environment, if held, and the deployment it names (`None`: one the
+    /// registry does not know).
+    fn lock_record(&self) -> Result<Option<(Lock, Option<DeploymentRow>)>, Error> {
         let Some(lock) = self.registry.lock_of(self.env)? else { return Ok(None) };
-        let d = self
-            .registry
-            .deployment(&lock.deployment_id)?
-            .ok_or_else(|| Error::DanglingLock { env: self.env.to_string(), id: lock.deployment_id.clone() })?;
+        let d = self.registry.deployment(&lock.deployment_id)?;
         Ok(Some((lock, d)))
     }
 
-    /// [`Engine::holder`], or that nothing is in progress.
+    /// The deployment holding the environment, or that nothing is in progress.
     fn held(&self) -> Result<(Lock, DeploymentRow), Error> {
-        self.holder()?.ok_or_else(|| Error::NothingInProgress { env: self.env.to_string() })
+        match self.lock_record()? {
+            None => Err(Error::NothingInProgress { env: self.env.to_string() }),
+            Some((lock, None)) => Err(Error::DanglingLock { env: self.env.to_string(), id: lock.deployment_id }),
+            Some((lock, Some(d))) => Ok((lock, d)),
+        }
     }
 
     /// The environment's unfinished deployment, if any: the one holding its lock, still pending,
-    /// running or paused.
-    /// (A lock naming a deployment the registry does not know holds no unfinished deployment:
+    /// running or paused. (A lock naming a deployment the registry does not know holds none:
     /// taking the environment then refuses with the lock's holder, as for any other lock.)
-    pub fn unfinished(&self) -> Result<Option<(Lock, DeploymentRow)>, Error> {
-        let Some(lock) = self.registry.lock_of(self.env)? else { return Ok(None) };
-        let Some(d) = self.registry.deployment(&lock.deployment_id)? else { return Ok(None) };
-        Ok((d.kind == DeploymentKind::Deploy && !d.status.is_finished()).then_some((lock, d)))
+    fn unfinished(&self) -> Result<Option<(Lock, DeploymentRow)>, Error> {
+        let record = self.lock_record()?;
+        Ok(record.and_then(|(lock, d)| {
+            d.filter(|d| d.kind == DeploymentKind::Deploy && !d.status.is_finished()).map(|d| (lock, d))
+        }))
     }
 
     /// `ferry resume` / `ferry promote` (`paused_only`): the environment's deployment that may be

@@ -43,12 +43,12 @@ fn pause_after(strategy: &Strategy, n: usize, total: usize) -> Option<Pause> {
 }
 
 impl Engine<'_> {
-    /// The hosts of the environment by name, all of deployment `id`'s among them (or which are
-    /// no longer in fleet.toml).
-    pub(super) fn inventory_of(&self, id: &str) -> Result<HashMap<String, Host>, Error> {
+    /// The hosts of the environment by name, all of deployment `id`'s (`rows`) among them (or
+    /// which are no longer in fleet.toml).
+    fn inventory_of(&self, id: &str, rows: &[HostRow]) -> Result<HashMap<String, Host>, Error> {
         let inventory = self.inventory()?;
         let missing: Vec<String> =
-            self.registry.hosts(id)?.into_iter().filter(|h| !inventory.contains_key(&h.host)).map(|h| h.host).collect();
+            rows.iter().filter(|h| !inventory.contains_key(&h.host)).map(|h| h.host.clone()).collect();
         if !missing.is_empty() {
             return Err(Error::HostsGone { id: id.to_string(), env: self.env.to_string(), hosts: missing });
         }
@@ -65,53 +65,59 @@ impl Engine<'_> {
         Limits::all(deadline)
     }
 
-    /// Runs one host step, failing the host when it outlasts the limit of `state`.
+    /// Runs one host step, failing the host when the whole step outlasts the limit of `state`.
     pub(super) async fn bounded<T>(
         &self,
         host: &Host,
         state: HostState,
         work: impl Future<Output = Result<T, HostError>>,
     ) -> Result<T, HostError> {
-        self.watched(host, state, work, None).await
+        let Some(limit) = state.time_limit(&self.limits()) else { return work.await };
+        tokio::time::timeout(limit, work)
+            .await
+            .unwrap_or_else(|_| Err(self.stuck(host, state, "did not finish within", limit)))
     }
 
-    /// Runs one host step under the limit of `state`: with `progress` (a counter that moves while
-    /// the step does), the limit is on time without progress; without, on the whole step.
+    /// Runs one host step, failing the host when `progress` (a counter that moves while the step
+    /// does) stands still for the limit of `state`.
     pub(super) async fn watched<T>(
         &self,
         host: &Host,
         state: HostState,
         work: impl Future<Output = Result<T, HostError>>,
-        progress: Option<&(dyn Fn() -> u64 + Sync)>,
+        progress: &(dyn Fn() -> u64 + Sync),
     ) -> Result<T, HostError> {
         let Some(limit) = state.time_limit(&self.limits()) else { return work.await };
         let mut work = std::pin::pin!(work);
         let check = (limit / 20).clamp(Duration::from_millis(50), Duration::from_secs(5));
-        let mut seen = progress.map(|p| p());
-        let mut since = tokio::time::Instant::now();
+        let (mut seen, mut since) = (progress(), tokio::time::Instant::now());
         loop {
             tokio::select! {
                 result = &mut work => return result,
                 () = tokio::time::sleep(check) => {
-                    let now = progress.map(|p| p());
+                    let now = progress();
                     if now != seen {
                         (seen, since) = (now, tokio::time::Instant::now());
                     } else if since.elapsed() >= limit {
-                        let what = if progress.is_some() { "made no progress for" } else { "did not finish within" };
-                        return Err(HostError::new(
-                            host,
-                            ErrorKind::Failed,
-                            format!(
-                                "{} {what} {} (progress_deadline of environment {}); the host may still be at it: check it with `ferry status`",
-                                state.step(),
-                                humantime::format_duration(limit),
-                                self.env
-                            ),
-                        ));
+                        return Err(self.stuck(host, state, "made no progress for", limit));
                     }
                 }
             }
         }
+    }
+
+    /// A host failed for outlasting its state's limit.
+    fn stuck(&self, host: &Host, state: HostState, what: &str, limit: Duration) -> HostError {
+        HostError::new(
+            host,
+            ErrorKind::Failed,
+            format!(
+                "{} {what} {} (progress_deadline of environment {}); the host may still be at it: check it with `ferry status`",
+                state.step(),
+                humantime::format_duration(limit),
+                self.env
+            ),
+        )
     }
 
     /// Drives deployment `d` from whatever state it is in to its end (or a pause).
@@ -122,8 +128,8 @@ impl Engine<'_> {
         work: &Work,
     ) -> Result<super::DeployReport, Error> {
         let id = d.id.as_str();
-        let inventory = self.inventory_of(id)?;
         let rows = self.registry.hosts(id)?;
+        let inventory = self.inventory_of(id, &rows)?;
         self.registry.set_status(id, DeploymentStatus::Running, None)?;
         let transfers: HashMap<String, Arc<Transfer>> =
             rows.iter().map(|h| (h.host.clone(), Arc::new(Transfer::default()))).collect();
@@ -248,7 +254,7 @@ impl Engine<'_> {
                 // Staging may take long on a slow link: only time without a step or a byte counts.
                 let moved = || steps.load(Ordering::Relaxed) + transfer.bytes.load(Ordering::Relaxed);
                 let work = self.fleet.stage(host, release, &transfer, &note);
-                let staged = self.watched(host, HostState::Staging, work, Some(&moved)).await;
+                let staged = self.watched(host, HostState::Staging, work, &moved).await;
                 let bytes = transfer.bytes.load(Ordering::Relaxed);
                 match staged {
                     Ok(s) => {
@@ -358,7 +364,7 @@ impl Engine<'_> {
         if !plan.auto_rollback {
             return self.finish(id, DeploymentStatus::Failed, Some(&reason), transfers);
         }
-        let inventory = self.inventory_of(id)?;
+        let inventory = self.inventory_of(id, &rows)?;
         // Every host whose swap began may run the new release: healthy ones, ones caught mid-swap
         // or mid-rollback, and ones that failed or went silent after it (an after_host hook, a
         // lost connection). Hosts that failed before (staging, before_host) were never changed.

@@ -127,18 +127,7 @@ impl AppState {
             let text = format!(
                 "{count} more refused call(s) or connection(s) from {sources} address(es) in the previous minute, not recorded one by one"
             );
-            let time = crate::registry::when(crate::registry::now_ms());
-            let summary = AuditLine {
-                time,
-                who: "unauthenticated",
-                method: "-",
-                path: "-",
-                status: 0,
-                deployment_id: None,
-                error: Some(&text),
-                ms: 0,
-            };
-            self.audit.write(&summary).await;
+            self.audit.write(&AuditLine::unanswered("-", &text)).await;
         }
         if record {
             self.audit.write(&line).await;
@@ -170,6 +159,23 @@ pub struct AuditLine<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<&'a str>,
     pub ms: u64,
+}
+
+impl<'a> AuditLine<'a> {
+    /// A line for no HTTP answer (`status` 0): a TLS refusal (`method` `TLS`) or a summary of
+    /// refusals (`-`).
+    fn unanswered(method: &'a str, error: &'a str) -> AuditLine<'a> {
+        AuditLine {
+            time: crate::registry::when(crate::registry::now_ms()),
+            who: "unauthenticated",
+            method,
+            path: "-",
+            status: 0,
+            deployment_id: None,
+            error: Some(error),
+            ms: 0,
+        }
+    }
 }
 
 impl Audit {
@@ -337,17 +343,7 @@ async fn serve_connection(
 
 /// A connection refused before HTTP, in the API audit log (sampled).
 async fn audit_handshake(state: &Shared, addr: SocketAddr, why: &str) {
-    let line = AuditLine {
-        time: crate::registry::when(crate::registry::now_ms()),
-        who: "unauthenticated",
-        method: "TLS",
-        path: "-",
-        status: 0,
-        deployment_id: None,
-        error: Some(why),
-        ms: 0,
-    };
-    state.audit_refusal(Some(addr), line).await;
+    state.audit_refusal(Some(addr), AuditLine::unanswered("TLS", why)).await;
 }
 
 /// The roles whose certificates may call the API.
