@@ -244,10 +244,13 @@ async fn run_plan(config: Arc<AgentConfig>, plan: Plan, em: &Emitter) {
         Ok(s) => s,
         Err(e) => {
             em.send(Step::Swap, StepState::Failed, e.clone(), Some(t)).await;
+            // Say what is true: the store puts `current` back when it can, and says when it could not.
+            let now = config.store(&plan.app).and_then(|s| s.current().ok().flatten());
+            let cause = if now == current { format!("swap: {e} (nothing was changed)") } else { format!("swap: {e}") };
             em.finish(v1::Final {
                 outcome: Outcome::Failed as i32,
-                release_id: current.unwrap_or_default(),
-                cause: format!("swap: {e} (nothing was changed)"),
+                release_id: now.unwrap_or_default(),
+                cause,
                 ..Default::default()
             })
             .await;

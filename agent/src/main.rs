@@ -210,7 +210,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async {
+    let code = runtime.block_on(async {
         // Handlers are registered here, before READY=1 can be sent: a SIGTERM that follows
         // readiness at once must still mean a graceful stop, never the default kill.
         let (Ok(term), Ok(int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
@@ -231,7 +231,11 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
-    })
+    });
+    // Work left on the blocking pool (a store operation that outlived the drain) must not keep
+    // the process alive: the store is crash-safe, so ending it here is like a kill at that point.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+    code
 }
 
 async fn wait_for_signal(mut term: Signal, mut int: Signal) {

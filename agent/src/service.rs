@@ -106,7 +106,7 @@ impl AgentService {
     /// The app's store and lock, or NotFound for an app this agent does not manage.
     fn app(&self, app: &str) -> Result<(AppStore, Arc<tokio::sync::Mutex<()>>), Status> {
         match (self.config.store(app), self.locks.get(app)) {
-            (Some(store), Some(lock)) => Ok((store, lock.clone())),
+            (Some(store), Some(lock)) => Ok((store.stop_on(self.activations.stopping.clone()), lock.clone())),
             _ => Err(Status::not_found(format!(
                 "app {app:?} is not declared in this agent's config (declared: {})",
                 self.config.apps.keys().cloned().collect::<Vec<_>>().join(", ")
@@ -159,11 +159,14 @@ fn status_of(e: StoreError) -> Status {
         StoreError::NoSpace { .. } | StoreError::DiskFull(_) => Status::resource_exhausted(msg),
         StoreError::Refused(_) => Status::invalid_argument(msg),
         StoreError::NoSuchRelease(_) => Status::not_found(msg),
-        StoreError::NotPrepared(_) | StoreError::Incomplete(_) | StoreError::Conflict(_) | StoreError::Base(_) => {
-            Status::failed_precondition(msg)
-        }
+        StoreError::Stopping(_) => Status::unavailable(msg),
+        StoreError::NotPrepared(_)
+        | StoreError::Incomplete(_)
+        | StoreError::Conflict(_)
+        | StoreError::Tampered(_)
+        | StoreError::Base(_) => Status::failed_precondition(msg),
         StoreError::Corrupt(_) => Status::data_loss(msg),
-        StoreError::Io { .. } => Status::internal(msg),
+        StoreError::Io { .. } | StoreError::Unrecorded(_) => Status::internal(msg),
     }
 }
 

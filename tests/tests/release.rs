@@ -436,6 +436,155 @@ fn tokio_stream_iter(msgs: Vec<v1::UploadRequest>) -> impl tokio_stream::Stream<
     tokio_stream::iter(msgs)
 }
 
+/// Replaces `path` (inside a kept release) the way a local user with write access to its
+/// directory could: with a FIFO, a symlink, or a file of their own of the same size and mode.
+enum Swapped {
+    Fifo,
+    Symlink(&'static str),
+    Foreign,
+}
+
+fn tamper(path: &Path, how: Swapped) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = path.parent().expect("parent");
+    let mode = std::fs::metadata(dir).expect("stat dir").permissions().mode();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).expect("chmod dir");
+    let old = std::fs::symlink_metadata(path).expect("stat");
+    std::fs::remove_file(path).expect("remove");
+    match how {
+        Swapped::Fifo => nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o644)).expect("mkfifo"),
+        Swapped::Symlink(to) => std::os::unix::fs::symlink(to, path).expect("symlink"),
+        Swapped::Foreign => {
+            std::fs::write(path, vec![b'X'; old.len() as usize]).expect("write");
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(old.mode() & 0o7777)).expect("chmod");
+            std::os::unix::fs::chown(path, Some(65534), Some(65534)).expect("chown");
+        }
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).expect("chmod dir back");
+}
+
+/// Every file of the tree at `root` equals the build output `src`, and is a regular file.
+fn assert_same_files(root: &Path, src: &Path, files: &[(&str, Vec<u8>)]) {
+    for (p, data) in files {
+        let meta = std::fs::symlink_metadata(root.join(p)).expect("stat");
+        assert!(meta.is_file(), "{p} is not a regular file on the host");
+        assert!(std::fs::read(root.join(p)).expect("read") == *data, "{p} differs from {}", src.display());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_files_changed_on_disk_are_never_reused_and_never_block_the_agent() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!(
+            "!!! SKIPPED kept_files_changed_on_disk_are_never_reused_and_never_block_the_agent: needs root to chown"
+        );
+        assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "CI=true must run this test as root");
+        return;
+    }
+    let s = Setup::new().await;
+    let v1 = build(s.dir.path(), "v1", &tree_v(1));
+    let r1 = deploy_dir(&s.config, &s.tls, &v1, "1").await;
+    assert_eq!(r1.status, DeploymentStatus::Succeeded, "{r1:?}");
+    // A local user swaps files of the kept release v1: unchanged ones (hard-linked by v2) and
+    // bin/app, whose unchanged chunks v2 reads back.
+    let kept = s.data().join("releases").join(&r1.release_id);
+    tamper(&kept.join("bin/app"), Swapped::Fifo);
+    tamper(&kept.join("lib/1.so"), Swapped::Fifo);
+    tamper(&kept.join("lib/2.so"), Swapped::Symlink("/etc/shadow"));
+    tamper(&kept.join("static/a.css"), Swapped::Foreign);
+
+    let mut files = tree_v(2);
+    if let Some((_, app)) = files.iter_mut().find(|(p, _)| *p == "bin/app") {
+        app[1_000_000..1_000_100].copy_from_slice(&[7u8; 100]);
+    }
+    let v2 = build(s.dir.path(), "v2", &files);
+    let r2 = tokio::time::timeout(Duration::from_secs(60), deploy_dir(&s.config, &s.tls, &v2, "2"))
+        .await
+        .expect("the deploy must not hang on a FIFO in a kept release");
+    assert_eq!(r2.status, DeploymentStatus::Succeeded, "{r2:?}");
+    assert_eq!(current(&s.app_root()), "2");
+    // The swapped files' content came from the coordinator, not from the kept release.
+    assert!(r2.bytes_sent > 1_000_000, "the tampered content was sent again: {} bytes", r2.bytes_sent);
+    assert_same_files(&s.data().join("releases").join(&r2.release_id), &v2, &files);
+    let untouched = s.data().join("releases").join(&r2.release_id).join("lib/3.so");
+    assert_eq!(
+        std::fs::metadata(&untouched).expect("stat").ino(),
+        std::fs::metadata(kept.join("lib/3.so")).expect("stat").ino(),
+        "files nobody touched are still shared"
+    );
+}
+
+#[test]
+fn a_kept_file_swapped_after_prepare_fails_the_commit_at_once_and_is_sent_next_time() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = ferry_agent::store::AppStore::new(dir.path().join("store"));
+    let stage = |version: &str, art: &Artifact, upload: bool| {
+        let p = store
+            .prepare(version, ManifestSource::Whole(art.manifest.clone()), &art.manifest_hash, u64::MAX)
+            .expect("prepare");
+        if upload {
+            let mut up = store.upload(&p.release_id).expect("upload");
+            for h in &p.missing {
+                let data = art.read_chunk(h).expect("chunk");
+                let raw_length = data.len() as u64;
+                up.put(&v1::ContentChunk { hash: h.clone(), raw_length, data, ..Default::default() }).expect("put");
+            }
+        }
+        p
+    };
+    let a1 = Artifact::scan(&build(dir.path(), "v1", &tree_v(1)), None).expect("scan");
+    let p1 = stage("1", &a1, true);
+    store.commit(&p1.release_id, |_, _| {}).expect("commit v1");
+    store.activate(&p1.release_id, "d1").expect("activate v1");
+
+    let a2 = Artifact::scan(&build(dir.path(), "v2", &tree_v(2)), None).expect("scan");
+    let p2 = stage("2", &a2, true);
+    assert!(p2.missing_bytes < 100, "v2 reuses v1's files: {} bytes missing", p2.missing_bytes);
+    let kept = dir.path().join("store/releases").join(&p1.release_id);
+    tamper(&kept.join("static/a.css"), Swapped::Fifo);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let commit_dir = dir.path().join("store");
+    let id = p2.release_id.clone();
+    std::thread::spawn(move || {
+        let _ =
+            tx.send(ferry_agent::store::AppStore::new(commit_dir).commit(&id, |_, _| {}).map_err(|e| e.to_string()));
+    });
+    let err = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the commit must not block on a FIFO")
+        .expect_err("a swapped kept file must not be reused");
+    assert!(err.contains("static/a.css") && err.contains("it is a FIFO") && err.contains("deploy again"), "{err}");
+    assert_eq!(store.current().expect("current").as_deref(), Some(p1.release_id.as_str()), "v1 stays current");
+    // The next Prepare asks for that content instead of trusting the kept file.
+    let again = stage("2", &a2, false);
+    let css = a2.manifest.entries.iter().find(|e| e.path == "static/a.css").expect("static/a.css");
+    assert!(css.chunks.iter().all(|c| again.missing.contains(&c.hash)), "static/a.css must be asked for");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swap_that_cannot_be_recorded_is_put_back_and_says_so() {
+    let s = Setup::new().await;
+    let v1 = build(s.dir.path(), "v1", &tree_v(1));
+    assert_eq!(deploy_dir(&s.config, &s.tls, &v1, "1").await.status, DeploymentStatus::Succeeded);
+    // The journal cannot be appended to (here: something else is in its place).
+    let journal = s.data().join("journal");
+    let kept = std::fs::read(&journal).expect("journal");
+    std::fs::remove_file(&journal).expect("rm");
+    std::fs::create_dir(&journal).expect("mkdir");
+    let v2 = build(s.dir.path(), "v2", &tree_v(2));
+    let r = deploy_dir(&s.config, &s.tls, &v2, "2").await;
+    assert_eq!(r.status, DeploymentStatus::Failed, "{r:?}");
+    let error = r.hosts[0].error.clone().unwrap_or_default();
+    assert!(error.contains("journal") && error.contains("was put back to 1-"), "{error}");
+    assert!(error.contains("nothing was changed"), "{error}");
+    assert_eq!(current(&s.app_root()), "1", "the host runs what it ran");
+    std::fs::remove_dir(&journal).expect("rmdir");
+    std::fs::write(&journal, kept).expect("restore journal");
+    let r = deploy_dir(&s.config, &s.tls, &v2, "2").await;
+    assert_eq!(r.status, DeploymentStatus::Succeeded, "{r:?}");
+    assert_eq!(current(&s.app_root()), "2");
+}
+
 #[test]
 fn a_full_disk_is_refused_early_with_numbers() {
     let dir = tempfile::tempdir().expect("tempdir");

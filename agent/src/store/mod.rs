@@ -18,6 +18,11 @@
 //!   (the index entry) before its files, so content is never borrowed from a half-deleted release.
 //! - Unchanged files are hard links to the same inode in an earlier release; files are read-only so
 //!   no release can change another's content.
+//! - Content is reused from kept releases only if it is still what the agent wrote there (see
+//!   [`kept`]): a FIFO, symlink or foreign file put in a kept release is refused, never followed
+//!   or waited on.
+//! - After `current` is renamed, a failure to fsync the directory or write the journal puts the
+//!   old target back, and the error says what `current` is ([`StoreError::Unrecorded`]).
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -29,7 +34,13 @@ use ferry_proto::manifest::{self, CHUNK_MAX, HASH_LEN, Hex};
 use ferry_proto::v1::{self, EntryKind};
 use prost::Message;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::failpoint;
+
+mod kept;
+
+use kept::Index;
 
 /// A release id is `<version>-<short manifest hash>`; the version is everything before the last '-'.
 pub fn version_of(release_id: &str) -> &str {
@@ -58,6 +69,8 @@ pub enum StoreError {
     Refused(String),
     #[error("{0}; the current release is untouched")]
     DiskFull(String),
+    #[error("ferry-agent is stopping; {0} was abandoned (retry once it is back)")]
+    Stopping(&'static str),
     #[error("release {0} is not on this host")]
     NoSuchRelease(String),
     #[error("nothing prepared under staging id {0:?} (call Prepare first; staging is cleared when the agent restarts)")]
@@ -68,6 +81,13 @@ pub enum StoreError {
     Corrupt(String),
     #[error("{0}")]
     Conflict(String),
+    /// `current` switched but the switch could not be made durable or recorded; says what
+    /// `current` is now.
+    #[error("{0}")]
+    Unrecorded(String),
+    /// A kept release's file is no longer the one the agent wrote.
+    #[error("{0}")]
+    Tampered(String),
     /// A manifest delta this host cannot apply (the coordinator then sends the whole manifest).
     #[error("{0}")]
     Base(String),
@@ -89,15 +109,6 @@ impl StoreError {
 }
 
 type R<T> = Result<T, StoreError>;
-
-/// Where known content lives on this host.
-#[derive(Default)]
-struct Index {
-    /// whole-file hash → (file path, permission bits)
-    files: HashMap<[u8; HASH_LEN], (PathBuf, u32)>,
-    /// chunk hash → (file path, offset, length)
-    chunks: HashMap<[u8; HASH_LEN], (PathBuf, u64, u64)>,
-}
 
 fn key(h: &[u8]) -> Option<[u8; HASH_LEN]> {
     h.try_into().ok()
@@ -138,15 +149,28 @@ pub struct AppStore {
     dir: PathBuf,
     /// The app's public path, kept a symlink to `<dir>/current`.
     root: Option<PathBuf>,
+    /// Cancelled when the agent stops: long operations (building a release, reading delta
+    /// bases) end early instead of holding up the agent's exit.
+    stop: Option<CancellationToken>,
 }
 
 impl AppStore {
     pub fn new(dir: PathBuf) -> Self {
-        AppStore { dir, root: None }
+        AppStore { dir, root: None, stop: None }
     }
 
     pub fn with_root(dir: PathBuf, root: PathBuf) -> Self {
-        AppStore { dir, root: Some(root) }
+        AppStore { dir, root: Some(root), stop: None }
+    }
+
+    /// Ends long operations early once `stop` is cancelled.
+    pub fn stop_on(mut self, stop: CancellationToken) -> Self {
+        self.stop = Some(stop);
+        self
+    }
+
+    fn check_stop(&self) -> R<()> {
+        check_stop(self.stop.as_ref())
     }
 
     fn releases_dir(&self) -> PathBuf {
@@ -267,28 +291,11 @@ impl AppStore {
     }
 
     fn index(&self) -> R<Index> {
-        let mut idx = Index::default();
+        let mut kept = Vec::new();
         for rel in self.releases().map_err(StoreError::io("list releases", &self.dir))? {
-            let m = self.load_manifest(&rel.id)?;
-            let base = self.release_path(&rel.id);
-            for e in &m.entries {
-                if e.kind != EntryKind::File as i32 {
-                    continue;
-                }
-                let path = base.join(&e.path);
-                if let Some(h) = key(&e.hash) {
-                    idx.files.entry(h).or_insert_with(|| (path.clone(), stored_mode(EntryKind::File, e.mode)));
-                }
-                let mut offset = 0;
-                for c in &e.chunks {
-                    if let Some(h) = key(&c.hash) {
-                        idx.chunks.entry(h).or_insert_with(|| (path.clone(), offset, c.length));
-                    }
-                    offset += c.length;
-                }
-            }
+            kept.push((rel.id.clone(), self.load_manifest(&rel.id)?));
         }
-        Ok(idx)
+        Index::build(&self.dir, kept)
     }
 
     fn stage_dir(&self, stage_id: &str) -> R<PathBuf> {
@@ -431,6 +438,7 @@ impl AppStore {
         let mut stored = Vec::new();
         let mut budget = BASES_MAX_BYTES;
         for e in m.entries.iter().filter(|e| e.kind == EntryKind::File as i32) {
+            self.check_stop()?;
             let wanted: Vec<&v1::Chunk> =
                 e.chunks.iter().filter(|c| key(&c.hash).is_some_and(|h| unassigned.contains(&h))).collect();
             let Some(prev) = old_files.get(e.path.as_str()) else { continue };
@@ -555,6 +563,12 @@ impl AppStore {
             .filter(|h| !idx.chunks.contains_key(h) && !have.contains(h))
             .collect::<HashSet<_>>()
             .len();
+        if absent > 0 && !idx.skipped.is_empty() {
+            return Err(StoreError::Tampered(format!(
+                "{absent} chunk(s) of the release were to come from kept files that changed on disk since Prepare ({}); they are not reused (deploy again: the content is then sent instead)",
+                idx.skipped.join("; ")
+            )));
+        }
         if absent > 0 {
             return Err(StoreError::Incomplete(absent));
         }
@@ -569,6 +583,7 @@ impl AppStore {
         let files = m.entries.iter().filter(|e| e.kind == EntryKind::File as i32).count();
         let mut files_done = 0usize;
         for e in &m.entries {
+            self.check_stop()?;
             let dst = tree.join(&e.path);
             match EntryKind::try_from(e.kind).unwrap_or(EntryKind::Unspecified) {
                 EntryKind::Dir => {
@@ -580,10 +595,8 @@ impl AppStore {
                 EntryKind::File => {
                     let mode = stored_mode(EntryKind::File, e.mode);
                     match key(&e.hash).and_then(|h| idx.files.get(&h)) {
-                        Some((src, src_mode)) if *src_mode == mode => {
-                            fs::hard_link(src, &dst).map_err(StoreError::io("hard-link", &dst))?;
-                        }
-                        _ => write_file(&dst, e, mode, &idx, &chunk_dir)?,
+                        Some(src) if src.mode == mode => idx.link(src, &dst)?,
+                        _ => write_file(&dst, e, mode, &idx, &chunk_dir, self.stop.as_ref())?,
                     }
                     done += e.size;
                     files_done += 1;
@@ -644,16 +657,49 @@ impl AppStore {
         if from.as_deref() == Some(release_id) {
             return Ok(Swap { from: from.clone(), to: release_id.to_string(), changed: false });
         }
+        self.point_current(release_id)?;
+        let swap = Swap { from, to: release_id.to_string(), changed: true };
+        // Past the rename `current` has switched: a failure to make that durable or to record it
+        // puts the old target back, and the error says what `current` is now.
+        let recorded = durable::sync_dir(&self.dir)
+            .map_err(StoreError::io("sync", &self.dir))
+            .and_then(|()| self.journal(deployment_id, action, &swap));
+        match recorded {
+            Ok(()) => Ok(swap),
+            Err(cause) => Err(self.put_back(&swap, cause)),
+        }
+    }
+
+    /// Replaces `current` with a symlink to `releases/<release_id>`: one rename(2).
+    fn point_current(&self, release_id: &str) -> R<()> {
         let tmp = self.dir.join(format!(".current.tmp-{}", std::process::id()));
         let _ = fs::remove_file(&tmp);
         std::os::unix::fs::symlink(Path::new("releases").join(release_id), &tmp)
             .map_err(StoreError::io("create symlink", &tmp))?;
         failpoint::hit("before-swap-rename");
-        fs::rename(&tmp, self.dir.join("current")).map_err(StoreError::io("swap current", &self.dir))?;
-        durable::sync_dir(&self.dir).map_err(StoreError::io("sync", &self.dir))?;
-        let swap = Swap { from, to: release_id.to_string(), changed: true };
-        self.journal(deployment_id, action, &swap)?;
-        Ok(swap)
+        fs::rename(&tmp, self.dir.join("current")).map_err(StoreError::io("swap current", &self.dir))
+    }
+
+    /// Undoes a switch of `current` that could not be made durable or recorded.
+    fn put_back(&self, swap: &Swap, cause: StoreError) -> StoreError {
+        let restored = match &swap.from {
+            Some(from) => self.point_current(from),
+            None => {
+                let cur = self.dir.join("current");
+                fs::remove_file(&cur).map_err(StoreError::io("remove", &cur))
+            }
+        };
+        let from = swap.from.as_deref().unwrap_or("(none)");
+        let to = &swap.to;
+        StoreError::Unrecorded(match restored {
+            Ok(()) => {
+                let _ = durable::sync_dir(&self.dir);
+                format!("{cause}; `current` had already switched to {to} and was put back to {from}")
+            }
+            Err(e) => format!(
+                "{cause}; `current` switched to {to} and could not be put back to {from} ({e}): {to} is now the current release of this host"
+            ),
+        })
     }
 
     /// Swaps back to `to`, or to the release active before the current one.
@@ -876,12 +922,10 @@ fn basis_id<'a>(chunks: impl Iterator<Item = &'a [u8; HASH_LEN]>) -> [u8; BASIS_
 fn read_basis(chunks: &[([u8; HASH_LEN], u64)], idx: &Index) -> Option<Vec<u8>> {
     let mut out = Vec::with_capacity(chunks.iter().map(|(_, l)| *l as usize).sum());
     for (h, _) in chunks {
-        let (path, offset, len) = idx.chunks.get(h)?;
-        let mut f = File::open(path).ok()?;
-        f.seek(SeekFrom::Start(*offset)).ok()?;
+        let (kept, offset, len) = idx.chunks.get(h)?;
         let start = out.len();
         out.resize(start + usize::try_from(*len).ok()?, 0);
-        f.read_exact(&mut out[start..]).ok()?;
+        idx.read_at(kept, *offset, &mut out[start..]).ok()?;
     }
     Some(out)
 }
@@ -910,7 +954,21 @@ fn read_bases(stage: &Path) -> R<Vec<StagedBasis>> {
         .collect()
 }
 
-fn write_file(dst: &Path, e: &v1::Entry, mode: u32, idx: &Index, chunk_dir: &Path) -> R<()> {
+fn check_stop(stop: Option<&CancellationToken>) -> R<()> {
+    match stop {
+        Some(s) if s.is_cancelled() => Err(StoreError::Stopping("building the release")),
+        _ => Ok(()),
+    }
+}
+
+fn write_file(
+    dst: &Path,
+    e: &v1::Entry,
+    mode: u32,
+    idx: &Index,
+    chunk_dir: &Path,
+    stop: Option<&CancellationToken>,
+) -> R<()> {
     let mut out = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -920,6 +978,7 @@ fn write_file(dst: &Path, e: &v1::Entry, mode: u32, idx: &Index, chunk_dir: &Pat
     let mut hasher = blake3::Hasher::new();
     let mut buf = Vec::with_capacity(CHUNK_MAX as usize);
     for c in &e.chunks {
+        check_stop(stop)?;
         let h = key(&c.hash).ok_or_else(|| StoreError::Refused(format!("{}: bad chunk hash", e.path)))?;
         buf.clear();
         let staged = chunk_dir.join(hex::encode(h));
@@ -929,10 +988,8 @@ fn write_file(dst: &Path, e: &v1::Entry, mode: u32, idx: &Index, chunk_dir: &Pat
             }
             Err(_) => {
                 let (src, offset, len) = idx.chunks.get(&h).ok_or(StoreError::Incomplete(1))?;
-                let mut f = File::open(src).map_err(StoreError::io("read", src))?;
-                f.seek(SeekFrom::Start(*offset)).map_err(StoreError::io("read", src))?;
                 buf.resize(usize::try_from(*len).unwrap_or(0), 0);
-                f.read_exact(&mut buf).map_err(StoreError::io("read", src))?;
+                idx.read_at(src, *offset, &mut buf)?;
             }
         }
         if buf.len() as u64 != c.length || blake3::hash(&buf).as_bytes() != &h {
