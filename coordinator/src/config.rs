@@ -83,6 +83,43 @@ pub struct ServerConfig {
     /// Largest accepted artifact upload, in bytes (default 4 GiB).
     #[serde(default = "default_max_upload")]
     pub max_upload_bytes: u64,
+    /// What each caller may do beyond reading, by identity (`token:NAME` or `cert:NAME`, any
+    /// case): e.g. `"cert:alice" = ["approve", "promote"]`. A listed identity may do exactly what
+    /// its list says; one not listed gets the defaults: a certificate everything, a token
+    /// everything but `approve` (a pipeline cannot approve promotions).
+    #[serde(default)]
+    pub roles: BTreeMap<String, Vec<String>>,
+}
+
+/// What an API caller may do besides reading (`[server.roles]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Permission {
+    Deploy,
+    Promote,
+    Approve,
+    Rollback,
+    Cancel,
+}
+
+crate::state::named! {
+    Permission {
+        Deploy => "deploy", "upload artifacts, register versions, deploy, run smoke checks, continue a paused canary, resume";
+        Promote => "promote", "promote a succeeded deployment to the next environment";
+        Approve => "approve", "approve a promotion (never one's own: the two-person rule holds for every role)";
+        Rollback => "rollback", "roll an environment back";
+        Cancel => "cancel", "cancel a deployment";
+    }
+}
+
+impl ServerConfig {
+    /// What `identity` (`token:NAME`, `cert:NAME`) may do.
+    pub fn permissions(&self, identity: &str) -> Vec<Permission> {
+        if let Some((_, listed)) = self.roles.iter().find(|(who, _)| who.eq_ignore_ascii_case(identity)) {
+            return listed.iter().filter_map(|r| Permission::parse(r)).collect();
+        }
+        let token = identity.starts_with("token:");
+        Permission::ALL.into_iter().filter(|p| !(token && *p == Permission::Approve)).collect()
+    }
 }
 
 impl Default for ServerConfig {
@@ -96,6 +133,7 @@ impl Default for ServerConfig {
             audit_log: None,
             tokens: Vec::new(),
             max_upload_bytes: default_max_upload(),
+            roles: BTreeMap::new(),
         }
     }
 }
@@ -857,6 +895,26 @@ impl FleetConfig {
         if s.max_upload_bytes == 0 {
             p.push(Problem::new("server.max_upload_bytes", "must be greater than 0"));
         }
+        let roles: Vec<&str> = Permission::ALL.iter().map(|r| r.as_str()).collect();
+        for (who, listed) in &s.roles {
+            let key = format!("server.roles.{who:?}");
+            match who.split_once(':') {
+                Some(("token", name)) if !s.tokens.iter().any(|t| t.name.eq_ignore_ascii_case(name)) => {
+                    p.push(Problem::new(&key, format!("there is no token {name:?} in [[server.tokens]]")))
+                }
+                Some(("token" | "cert", name)) if !name.is_empty() => {}
+                _ => p.push(Problem::new(
+                    &key,
+                    "name a caller as token:NAME or cert:NAME (the certificate's common name)",
+                )),
+            }
+            if s.roles.keys().any(|o| o != who && o.eq_ignore_ascii_case(who)) {
+                p.push(Problem::new(&key, "is listed twice (identities are compared ignoring case)"));
+            }
+            for r in listed.iter().filter(|r| Permission::parse(r).is_none()) {
+                p.push(Problem::new(&key, format!("{r:?} is not a role; roles are {}", roles.join(", "))));
+            }
+        }
     }
 
     /// Where `ferry serve` keeps its files when `[server]` does not say: beside the registry.
@@ -964,6 +1022,26 @@ hosts = { web-1 = "10.0.0.11:7443", web-2 = "10.0.0.12", web-4 = "[fd00::4]:7443
                 "64 lowercase hex",
             ),
             (with("", "") + &token + &token, "server.tokens[1].name", "used twice"),
+            (
+                with("", "") + &token + "\n[server.roles]\n\"token:cd\" = [\"deploy\"]",
+                "server.roles.\"token:cd\"",
+                "no token \"cd\"",
+            ),
+            (
+                with("", "") + &token + "\n[server.roles]\n\"token:ci\" = [\"admin\"]",
+                "server.roles.\"token:ci\"",
+                "\"admin\" is not a role",
+            ),
+            (
+                with("", "") + "\n[server.roles]\nalice = [\"approve\"]",
+                "server.roles.\"alice\"",
+                "token:NAME or cert:NAME",
+            ),
+            (
+                with("", "") + "\n[server.roles]\n\"cert:alice\" = []\n\"cert:Alice\" = [\"approve\"]",
+                "server.roles.\"cert:Alice\"",
+                "listed twice",
+            ),
             (
                 with("", "\n[[environments.prod.smoke]]\nname = \"home\"\nurl = \"https://x/\"\nexpect_status = 99"),
                 "environments.prod.smoke[0].url",

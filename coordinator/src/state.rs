@@ -13,7 +13,6 @@
 //! Every value is named once, in one table per type (`named!`: [`HostState`],
 //! [`DeploymentStatus`], [`DeploymentKind`]) with its text and description; readers and writers
 //! use the variants, never the strings.
-use std::fmt;
 
 use crate::plan::Pause;
 
@@ -47,13 +46,15 @@ macro_rules! named {
             }
         }
 
-        impl fmt::Display for $t {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        impl std::fmt::Display for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.write_str(self.as_str())
             }
         }
     };
 }
+
+pub(crate) use named;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 #[serde(rename_all = "snake_case")]

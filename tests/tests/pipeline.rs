@@ -57,7 +57,8 @@ fn pipeline_toml(fleet: &Fleet) -> PathBuf {
          [environments.production]\nhosts = {{ web-2 = \"{}\", web-3 = \"{}\" }}\nstrategy = \"rolling\"\nbatch = 1\nrequire_approval = true\n\n\
          [server]\nlisten = \"127.0.0.1:18443\"\ncert = \"{}\"\nkey = \"{}\"\n\n\
          [[server.tokens]]\nname = \"ci\"\nsha256 = \"{}\"\n\n\
-         [[server.tokens]]\nname = \"release-manager\"\nsha256 = \"{}\"\n",
+         [[server.tokens]]\nname = \"release-manager\"\nsha256 = \"{}\"\n\n\
+         [server.roles]\n\"token:release-manager\" = [\"approve\"]\n",
         addr(0),
         addr(1),
         addr(2),
@@ -168,10 +169,13 @@ fn a_version_goes_through_staging_smoke_tests_and_approval_to_production() {
     let out = api(&fleet, CI_TOKEN, &["pipeline", "promote", &staging_id]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(text(&out).contains("approval_required"), "{}", text(&out));
+    // A pipeline token cannot approve (its default roles leave approve out); the release manager's
+    // token may do nothing else.
     let out = api(&fleet, CI_TOKEN, &["pipeline", "approve", &staging_id]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    let out = api(&fleet, CI_TOKEN, &["pipeline", "promote", &staging_id]);
-    assert!(text(&out).contains("an approval by the promoter does not count"), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert!(text(&out).contains("role_required") && text(&out).contains("token:ci may not approve"), "{}", text(&out));
+    let out = api(&fleet, RM_TOKEN, &["pipeline", "promote", &staging_id]);
+    assert!(text(&out).contains("token:release-manager may not promote"), "{}", text(&out));
     assert_eq!(fleet.versions(), ["1", "", ""], "nothing reached production");
     let out = api(&fleet, RM_TOKEN, &["pipeline", "approve", &staging_id]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));

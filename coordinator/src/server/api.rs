@@ -22,6 +22,7 @@ pub use super::error::ApiError;
 use super::jobs::{self, Op};
 use super::{Shared, smoke};
 use crate::commands::promote;
+use crate::config::Permission;
 use crate::config::SmokeCheck;
 use crate::rollout;
 use crate::state::DeploymentStatus;
@@ -97,35 +98,43 @@ fn noted(status: StatusCode, deployment: &str, body: Value) -> Response {
     resp
 }
 
-/// Every route: method, path, handler. The router and the OpenAPI test both read this table.
-pub fn routes() -> Vec<(&'static str, &'static str, MethodRouter<Shared>)> {
+/// Every route: method, path, the role it needs beyond reading (None: any authenticated caller),
+/// handler. The router and the OpenAPI test both read this table.
+pub fn routes() -> Vec<(&'static str, &'static str, Option<Permission>, MethodRouter<Shared>)> {
+    use Permission::*;
     vec![
-        ("GET", "/api/openapi.json", get(openapi)),
-        ("GET", "/api/v1/health", get(health)),
-        ("POST", "/api/v1/artifacts", post(upload_artifact)),
-        ("POST", "/api/v1/versions", post(register_version)),
-        ("GET", "/api/v1/versions", get(list_versions)),
-        ("GET", "/api/v1/versions/{version}", get(get_version)),
-        ("GET", "/api/v1/environments", get(list_environments)),
-        ("GET", "/api/v1/environments/{environment}/status", get(environment_status)),
-        ("POST", "/api/v1/environments/{environment}/rollback", post(rollback)),
-        ("POST", "/api/v1/deployments", post(create_deployment)),
-        ("GET", "/api/v1/deployments", get(list_deployments)),
-        ("GET", "/api/v1/deployments/{id}", get(get_deployment)),
-        ("GET", "/api/v1/deployments/{id}/events", get(deployment_events)),
-        ("POST", "/api/v1/deployments/{id}/smoke", post(run_smoke)),
-        ("POST", "/api/v1/deployments/{id}/approve", post(approve)),
-        ("POST", "/api/v1/deployments/{id}/promote", post(promote)),
-        ("POST", "/api/v1/deployments/{id}/continue", post(continue_canary)),
-        ("POST", "/api/v1/deployments/{id}/resume", post(resume)),
-        ("POST", "/api/v1/deployments/{id}/cancel", post(cancel)),
-        ("GET", "/api/v1/report", get(report)),
+        ("GET", "/api/openapi.json", None, get(openapi)),
+        ("GET", "/api/v1/health", None, get(health)),
+        ("POST", "/api/v1/artifacts", Some(Deploy), post(upload_artifact)),
+        ("POST", "/api/v1/versions", Some(Deploy), post(register_version)),
+        ("GET", "/api/v1/versions", None, get(list_versions)),
+        ("GET", "/api/v1/versions/{version}", None, get(get_version)),
+        ("GET", "/api/v1/environments", None, get(list_environments)),
+        ("GET", "/api/v1/environments/{environment}/status", None, get(environment_status)),
+        ("POST", "/api/v1/environments/{environment}/rollback", Some(Rollback), post(rollback)),
+        ("POST", "/api/v1/deployments", Some(Deploy), post(create_deployment)),
+        ("GET", "/api/v1/deployments", None, get(list_deployments)),
+        ("GET", "/api/v1/deployments/{id}", None, get(get_deployment)),
+        ("GET", "/api/v1/deployments/{id}/events", None, get(deployment_events)),
+        ("POST", "/api/v1/deployments/{id}/smoke", Some(Deploy), post(run_smoke)),
+        ("POST", "/api/v1/deployments/{id}/approve", Some(Approve), post(approve)),
+        ("POST", "/api/v1/deployments/{id}/promote", Some(Promote), post(promote)),
+        ("POST", "/api/v1/deployments/{id}/continue", Some(Deploy), post(continue_canary)),
+        ("POST", "/api/v1/deployments/{id}/resume", Some(Deploy), post(resume)),
+        ("POST", "/api/v1/deployments/{id}/cancel", Some(Cancel), post(cancel)),
+        ("GET", "/api/v1/report", None, get(report)),
     ]
 }
 
 pub fn router(state: Shared) -> Router {
     let mut router = Router::new();
-    for (_, path, handler) in routes() {
+    for (_, path, needs, handler) in routes() {
+        let handler = match needs {
+            Some(p) => {
+                handler.route_layer(axum::middleware::from_fn(move |req, next| super::auth::require(p, req, next)))
+            }
+            None => handler,
+        };
         router = router.route(path, handler);
     }
     router

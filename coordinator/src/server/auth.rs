@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use super::error::ApiError;
 use super::{AuditLine, Peer, Shared};
 use crate::commands::token::sha256;
+use crate::config::Permission;
 
 /// One configured token: its name and the SHA-256 of its secret.
 pub struct Token {
@@ -28,6 +29,29 @@ impl Token {
 /// The authenticated caller: `cert:NAME` or `token:NAME`. Handlers take it as an extension.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity(pub String);
+
+/// What the caller may do besides reading (`[server.roles]`, or the defaults).
+#[derive(Debug, Clone)]
+struct May(Vec<Permission>);
+
+/// Refuses a route that needs `needed` to a caller without it (runs after [`authenticate`]).
+pub async fn require(needed: Permission, req: Request, next: Next) -> Response {
+    let may = req.extensions().get::<May>().is_some_and(|m| m.0.contains(&needed));
+    if may {
+        return next.run(req).await;
+    }
+    let who = req.extensions().get::<Identity>().map_or("this caller", |i| i.0.as_str()).to_string();
+    let has: Vec<&str> =
+        req.extensions().get::<May>().map(|m| m.0.iter().map(|p| p.as_str()).collect()).unwrap_or_default();
+    let has = if has.is_empty() { "none".to_string() } else { has.join(", ") };
+    ApiError::forbidden_as(
+        "role_required",
+        format!(
+            "{who} may not {needed} (its roles: {has}); grant it in [server.roles] of fleet.toml, e.g. \"{who}\" = [\"{needed}\"]"
+        ),
+    )
+    .into_response()
+}
 
 /// What a handler wants the audit line to carry (the deployment it created or acted on).
 #[derive(Debug, Clone)]
@@ -85,6 +109,7 @@ pub async fn authenticate(State(state): State<Shared>, mut req: Request, next: N
     let refused = who.is_err();
     let (who, response) = match who {
         Ok(id) => {
+            req.extensions_mut().insert(May(state.config.server.permissions(&id.0)));
             req.extensions_mut().insert(id.clone());
             (id.0, next.run(req).await)
         }

@@ -9,7 +9,7 @@ fn error_responses(codes: &[u16]) -> serde_json::Map<String, Value> {
             400 => "Malformed request: bad JSON, an invalid field",
             401 => "No credentials, or a token that is not configured",
             403 => {
-                "A certificate of the wrong role, a missing approval, or an artifact path outside the server's artifact roots"
+                "The caller lacks the role the route needs (`role_required`: see [server.roles]), a certificate of the wrong role, a missing approval, or an artifact path outside the server's artifact roots"
             }
             404 => "No such deployment, version or environment",
             409 => "The request conflicts with the state: locked environment, blocked promotion, …",
@@ -26,7 +26,9 @@ fn error_responses(codes: &[u16]) -> serde_json::Map<String, Value> {
 
 fn op(id: &str, summary: &str, ok: (u16, &str), body: Option<&str>, errors: &[u16]) -> Value {
     let mut responses = error_responses(errors);
-    responses.insert("401".into(), error_responses(&[401])["401"].clone());
+    for always in ["401", "403"] {
+        responses.insert(always.into(), error_responses(&[401, 403])[always].clone());
+    }
     responses.insert(
         ok.0.to_string(),
         json!({ "description": "Success", "content": { "application/json": { "schema": { "$ref": format!("#/components/schemas/{}", ok.1) } } } }),

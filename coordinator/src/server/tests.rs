@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use tower::ServiceExt;
 
 use super::{AppState, Peer, Shared, api, openapi};
-use crate::config::FleetConfig;
+use crate::config::{FleetConfig, Permission};
 use crate::pki::{self, CertRequest, Validity};
 use crate::registry::NewDeployment;
 use crate::tls::ClientTls;
@@ -60,6 +60,8 @@ sha256 = "{}"
 [[server.tokens]]
 name = "rm"
 sha256 = "{}"
+[server.roles]
+"token:RM" = ["approve", "promote"]
 [environments.staging]
 hosts = {{ web-1 = "127.0.0.1:9" }}
 [[environments.staging.smoke]]
@@ -239,7 +241,7 @@ fn the_document_lists_exactly_the_routes_the_router_serves_and_its_refs_resolve(
         }
     }
     let mut served: Vec<(String, String)> =
-        api::routes().into_iter().map(|(m, p, _)| (m.to_string(), p.to_string())).collect();
+        api::routes().into_iter().map(|(m, p, _, _)| (m.to_string(), p.to_string())).collect();
     documented.sort();
     served.sort();
     assert_eq!(documented, served);
@@ -448,7 +450,7 @@ async fn versions_register_once_and_environments_past_the_first_take_only_promot
     assert_eq!(s, 201, "{v}");
     assert_eq!((v["registered_by"].as_str(), v["files"].as_i64()), (Some("token:ci"), Some(1)));
     // The same content again: 200, the first record. Other content under the version: 409.
-    let (s, again) = api.call("POST", "/api/v1/versions", "/api/v1/versions", Some(RM), Some(&body)).await;
+    let (s, again) = api.call("POST", "/api/v1/versions", "/api/v1/versions", Some(CI), Some(&body)).await;
     assert_eq!((s, again["registered_by"].as_str()), (200, Some("token:ci")));
     std::fs::write(dir.join("index.html"), "changed").expect("write");
     let (s, e) = api.call("POST", "/api/v1/versions", "/api/v1/versions", Some(CI), Some(&body)).await;
@@ -561,12 +563,18 @@ async fn promotion_needs_passed_smoke_tests_the_next_environment_and_another_app
     let (s, e) = api.call("POST", promote, route, Some(CI), None).await;
     assert_eq!((s, e["error"].as_str()), (403, Some("approval_required")), "{e}");
     let approve = "/api/v1/deployments/d-staging-1/approve";
-    let (s, a) = api.call("POST", approve, "/api/v1/deployments/{id}/approve", Some(CI), None).await;
-    assert_eq!((s, a["environment"].as_str()), (201, Some("production")), "{a}");
+    // A pipeline token may not approve at all (its default roles leave approve out).
+    let (s, e) = api.call("POST", approve, "/api/v1/deployments/{id}/approve", Some(CI), None).await;
+    assert_eq!((s, e["error"].as_str()), (403, Some("role_required")), "{e}");
+    assert!(e["message"].as_str().is_some_and(|m| m.contains("token:ci may not approve")), "{e}");
     let mut req = Request::post(approve).body(Body::empty()).expect("req");
     req.extensions_mut().insert(Peer(Some(operator("ci"))));
     let (s, a) = api.send(req, "/api/v1/deployments/{id}/approve").await;
-    assert_eq!((s, a["approved_by"].as_str()), (201, Some("cert:ci")), "{a}");
+    assert_eq!(
+        (s, a["approved_by"].as_str(), a["environment"].as_str()),
+        (201, Some("cert:ci"), Some("production")),
+        "{a}"
+    );
     let (s, e) = api.call("POST", promote, route, Some(CI), None).await;
     assert_eq!(s, 403, "{e}");
     assert!(e["message"].as_str().is_some_and(|m| m.contains("does not count")), "{e}");
@@ -770,4 +778,40 @@ async fn a_flood_of_unauthenticated_calls_is_sampled_in_the_audit_log() {
     let lines: Vec<Value> = audit.lines().map(|l| serde_json::from_str(l).expect("JSON line")).collect();
     assert_eq!(lines.iter().filter(|l| l["status"] == 401).count(), 10, "{audit}");
     assert_eq!(lines.iter().filter(|l| l["who"] == "token:ci").count(), 3, "{audit}");
+}
+
+#[tokio::test]
+async fn each_caller_may_do_only_what_its_roles_allow() {
+    let api = setup();
+    let dir = api.artifact("build-1");
+    let body = json!({ "version": "1.0", "artifact": dir }).to_string();
+    // token:rm is listed with approve and promote only: it reads, it does not deploy, register,
+    // roll back or cancel.
+    for (method, path, route, body) in [
+        ("POST", "/api/v1/versions", "/api/v1/versions", Some(body.as_str())),
+        ("POST", "/api/v1/deployments", "/api/v1/deployments", Some(r#"{"environment":"staging","version":"1.0"}"#)),
+        ("POST", "/api/v1/environments/staging/rollback", "/api/v1/environments/{environment}/rollback", None),
+        ("POST", "/api/v1/deployments/d-1/cancel", "/api/v1/deployments/{id}/cancel", None),
+        ("POST", "/api/v1/deployments/d-1/smoke", "/api/v1/deployments/{id}/smoke", None),
+    ] {
+        let (s, e) = api.call(method, path, route, Some(RM), body).await;
+        assert_eq!((s, e["error"].as_str()), (403, Some("role_required")), "{path}: {e}");
+        assert!(
+            e["message"].as_str().is_some_and(|m| m.contains("token:rm may not") && m.contains("[server.roles]")),
+            "{e}"
+        );
+    }
+    let (s, _) = api.call("GET", "/api/v1/deployments", "/api/v1/deployments", Some(RM), None).await;
+    assert_eq!(s, 200, "reading needs no role");
+    // The defaults: a token everything but approve, a certificate everything.
+    let (s, _) = api.call("POST", "/api/v1/versions", "/api/v1/versions", Some(CI), Some(&body)).await;
+    assert_eq!(s, 201);
+    let server = &api.state.config.server;
+    assert!(!server.permissions("token:ci").contains(&Permission::Approve));
+    assert_eq!(server.permissions("cert:alice"), Permission::ALL.to_vec());
+    assert_eq!(
+        server.permissions("TOKEN:rm"),
+        [Permission::Approve, Permission::Promote],
+        "listed: exactly the list, any case"
+    );
 }
