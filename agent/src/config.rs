@@ -84,6 +84,10 @@ pub struct TlsFiles {
     pub cert: PathBuf,
     /// Its private key, PEM.
     pub key: PathBuf,
+    /// Optional: certificates to refuse before they expire, by serial number (one per line, hex,
+    /// as `ferry cert show` prints it). Re-read with the other files on SIGHUP or when they change.
+    #[serde(default)]
+    pub revoked: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -19,7 +19,6 @@ use ferry_proto::v1::agent_server::AgentServer;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::StreamExt as _;
 use tokio_util::sync::CancellationToken;
@@ -125,12 +124,19 @@ pub enum StartError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot install the SIGHUP handler (TLS reload): {source}")]
+    Signal {
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// A bound, not yet serving agent. Binding first lets callers learn the port (tests bind :0).
 pub struct Server {
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    tls: Arc<tls::LiveTls>,
+    /// Registered at bind, before readiness: SIGHUP must never take the default action (exit).
+    hangup: tokio::signal::unix::Signal,
     config: Arc<AgentConfig>,
     refusals: Refusals,
     telemetry: Arc<Telemetry>,
@@ -146,7 +152,9 @@ impl Server {
 
     /// [`Server::bind`] recording into `telemetry`.
     pub async fn bind_with(config: AgentConfig, telemetry: Arc<Telemetry>) -> Result<Server, StartError> {
-        let tls = tls::server_config(&config.tls)?;
+        let tls = Arc::new(tls::LiveTls::load(&config.tls)?);
+        let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .map_err(|source| StartError::Signal { source })?;
         // Staging leftovers of an earlier run are never resumed: a partial release must not
         // become visible, and the coordinator re-prepares anyway.
         for app in config.apps.keys() {
@@ -163,13 +171,7 @@ impl Server {
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|source| StartError::Bind { addr: config.listen, source })?;
-        Ok(Server {
-            listener,
-            acceptor: TlsAcceptor::from(tls),
-            config: Arc::new(config),
-            refusals: Refusals::default(),
-            telemetry,
-        })
+        Ok(Server { listener, tls, hangup, config: Arc::new(config), refusals: Refusals::default(), telemetry })
     }
 
     /// The metrics and audit log this server records into.
@@ -194,7 +196,8 @@ impl Server {
     /// Serves until `shutdown` is cancelled, then drains in-flight requests for up to
     /// `shutdown_grace`.
     pub async fn serve(self, shutdown: CancellationToken) -> Result<(), tonic::transport::Error> {
-        let Server { listener, acceptor, config, refusals, telemetry } = self;
+        let Server { listener, tls, hangup, config, refusals, telemetry } = self;
+        let _reloads = tokio::spawn(tls::watch(tls.clone(), hangup, shutdown.child_token()));
         telemetry.set_serving(Serving::Serving, listener.local_addr().ok());
         let (tx, rx) = mpsc::channel::<AuthenticatedConn>(64);
         // Holds the incoming stream open until tonic returns: if it ended when the accept loop
@@ -227,7 +230,7 @@ impl Server {
                 if let Err(e) = tcp.set_nodelay(true) {
                     tracing::debug!(peer = %addr, error = %e, "cannot set TCP_NODELAY");
                 }
-                let acceptor = acceptor.clone();
+                let acceptor = tls.acceptor();
                 let tx = tx.clone();
                 let refusals = refusals.clone();
                 let telemetry = handshake_telemetry.clone();

@@ -5,7 +5,7 @@
 //! `ferry:role:coordinator` URI SAN; anything else is refused during the handshake. TLS 1.3 only.
 use std::sync::Arc;
 
-use ferry_proto::identity::{self, CertIdentity, PemError, Role};
+use ferry_proto::identity::{self, CertIdentity, PemError, Revoked, Role};
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::WebPkiClientVerifier;
@@ -27,6 +27,8 @@ pub enum TlsError {
     BadCert { path: String, reason: String },
     #[error("agent certificate {cert} and key {key} do not belong together: {reason}")]
     KeyMismatch { cert: String, key: String, reason: String },
+    #[error("{0}")]
+    Revoked(String),
 }
 
 /// The crypto provider both sides use (ring; no C toolchain needed beyond `cc`).
@@ -60,10 +62,14 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
         }
     }
 
+    let revoked = match &files.revoked {
+        Some(path) => Revoked::load(path).map_err(TlsError::Revoked)?,
+        None => Revoked::default(),
+    };
     let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
         .build()
         .map_err(|e| TlsError::BadCa { path: ca_path, reason: e.to_string() })?;
-    let verifier = Arc::new(CoordinatorOnly { inner });
+    let verifier = Arc::new(CoordinatorOnly { inner, revoked });
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsError::BadCert { path: cert_path.clone(), reason: e.to_string() })?
@@ -94,6 +100,8 @@ fn root_store(path: &std::path::Path) -> Result<RootCertStore, TlsError> {
 #[derive(Debug)]
 struct CoordinatorOnly {
     inner: Arc<dyn ClientCertVerifier>,
+    /// Serials refused even though the CA vouches for them (`tls.revoked`).
+    revoked: Revoked,
 }
 
 impl ClientCertVerifier for CoordinatorOnly {
@@ -121,6 +129,14 @@ impl ClientCertVerifier for CoordinatorOnly {
             );
             rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)
         };
+        if let Some(p) = peer.as_ref().filter(|p| self.revoked.contains(&p.serial)) {
+            tracing::warn!(
+                peer = p.name(),
+                serial = p.serial,
+                "refused a revoked client certificate (listed in tls.revoked)"
+            );
+            return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
+        }
         match self.inner.verify_client_cert(end_entity, intermediates, now) {
             Ok(verified) if role == Some(Role::Coordinator) => Ok(verified),
             Ok(_) => Err(refuse_role()),
@@ -160,7 +176,7 @@ impl ClientCertVerifier for CoordinatorOnly {
 }
 
 /// A handshake failure as a metric label: `unknown_ca`, `wrong_role`, `no_certificate`,
-/// `bad_certificate`, `not_tls`, `incompatible`, `client_refused` (the client distrusts us), `eof`
+/// `revoked`, `bad_certificate`, `not_tls`, `incompatible`, `client_refused` (the client distrusts us), `eof`
 /// or `other`. Bounded, unlike [`describe_handshake_error`]'s text.
 pub fn refusal_kind(err: &std::io::Error) -> &'static str {
     let Some(tls) = err.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) else {
@@ -170,6 +186,7 @@ pub fn refusal_kind(err: &std::io::Error) -> &'static str {
     match tls {
         E::InvalidCertificate(CertificateError::ApplicationVerificationFailure) => "wrong_role",
         E::InvalidCertificate(CertificateError::UnknownIssuer) => "unknown_ca",
+        E::InvalidCertificate(CertificateError::Revoked) => "revoked",
         E::InvalidCertificate(_) => "bad_certificate",
         E::NoCertificatesPresented => "no_certificate",
         E::InvalidMessage(_) => "not_tls",
@@ -212,6 +229,9 @@ pub fn describe_handshake_error(err: &std::io::Error) -> String {
         E::InvalidCertificate(CertificateError::UnknownIssuer) => {
             "client certificate is not issued by this fleet's CA (unknown issuer)".into()
         }
+        E::InvalidCertificate(CertificateError::Revoked) => {
+            "client certificate is revoked: its serial number is listed in tls.revoked".into()
+        }
         E::InvalidCertificate(e) => format!("client certificate refused: {e}"),
         E::NoCertificatesPresented => "the client presented no certificate (mutual TLS is required)".into(),
         E::InvalidMessage(_) => "the client does not speak TLS (plaintext or another protocol)".into(),
@@ -227,5 +247,121 @@ pub fn describe_handshake_error(err: &std::io::Error) -> String {
         }
         E::AlertReceived(alert) => format!("the client aborted the handshake: it sent the alert {alert:?}"),
         other => format!("TLS handshake failed: {other}"),
+    }
+}
+
+/// The agent's TLS setup, rebuilt from its files on SIGHUP (`systemctl reload ferry-agent`) or
+/// when a poll sees them change. Each new connection takes the setup current when it arrives;
+/// connections already up keep theirs, so nothing in flight is dropped. A reload that fails (a
+/// key that does not match its certificate, a half-written file) keeps the previous setup and
+/// says why.
+pub struct LiveTls {
+    files: TlsFiles,
+    acceptor: std::sync::RwLock<tokio_rustls::TlsAcceptor>,
+    /// The files as last loaded, and as last seen by the poll.
+    loaded: std::sync::Mutex<Stamp>,
+    seen: std::sync::Mutex<Stamp>,
+}
+
+/// What identifies a version of each file: (device, inode, size, mtime), or None when missing.
+type Stamp = Vec<Option<(u64, u64, u64, i64, i64)>>;
+
+/// How often the files are checked for a change.
+pub const RELOAD_POLL: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl LiveTls {
+    pub fn load(files: &TlsFiles) -> Result<LiveTls, TlsError> {
+        let stamp = stamp(files);
+        let config = server_config(files)?;
+        Ok(LiveTls {
+            files: files.clone(),
+            acceptor: std::sync::RwLock::new(tokio_rustls::TlsAcceptor::from(config)),
+            loaded: std::sync::Mutex::new(stamp.clone()),
+            seen: std::sync::Mutex::new(stamp),
+        })
+    }
+
+    /// The setup for a new connection.
+    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        match self.acceptor.read() {
+            Ok(a) => a.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Rebuilds the setup from the files; on success new connections use it. Answers what was
+    /// loaded, for the log.
+    pub fn reload(&self) -> Result<String, TlsError> {
+        // Recorded first: files that fail to load are not retried until they change again (or
+        // the next SIGHUP), so a bad file is reported once, not at every poll.
+        *self.loaded.lock().unwrap_or_else(|p| p.into_inner()) = stamp(&self.files);
+        let config = server_config(&self.files)?;
+        match self.acceptor.write() {
+            Ok(mut a) => *a = tokio_rustls::TlsAcceptor::from(config),
+            Err(poisoned) => *poisoned.into_inner() = tokio_rustls::TlsAcceptor::from(config),
+        }
+        let own = identity::load_certs(&self.files.cert)
+            .ok()
+            .and_then(|c| c.first().and_then(|c| CertIdentity::from_der(c).ok()));
+        Ok(match own {
+            Some(id) => format!(
+                "certificate {} (serial {}, valid until unix {}), CA bundle {}{}",
+                id.name(),
+                id.serial,
+                id.not_after_unix,
+                self.files.ca.display(),
+                self.files.revoked.as_ref().map(|r| format!(", revocation list {}", r.display())).unwrap_or_default()
+            ),
+            None => self.files.cert.display().to_string(),
+        })
+    }
+
+    /// Whether the files changed since they were loaded and have stayed the same for one poll
+    /// (a certificate and its key are rarely written at the same instant).
+    fn settled_change(&self) -> bool {
+        let now = stamp(&self.files);
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let settled = *seen == now;
+        *seen = now.clone();
+        settled && *self.loaded.lock().unwrap_or_else(|p| p.into_inner()) != now
+    }
+}
+
+fn stamp(files: &TlsFiles) -> Stamp {
+    use std::os::unix::fs::MetadataExt;
+    [Some(&files.ca), Some(&files.cert), Some(&files.key), files.revoked.as_ref()]
+        .into_iter()
+        .flatten()
+        .map(|p| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec())))
+        .collect()
+}
+
+/// Reloads `tls` on each SIGHUP, and when its files change, until `stop`.
+pub async fn watch(
+    tls: Arc<LiveTls>,
+    mut hangup: tokio::signal::unix::Signal,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut poll = tokio::time::interval(RELOAD_POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let why = tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = hangup.recv() => "SIGHUP",
+            _ = poll.tick() => {
+                if !tls.settled_change() {
+                    continue;
+                }
+                "the files changed"
+            }
+        };
+        let t = tls.clone();
+        match tokio::task::spawn_blocking(move || t.reload()).await {
+            Ok(Ok(what)) => tracing::info!("reloaded TLS ({why}): {what}"),
+            Ok(Err(e)) => {
+                tracing::error!("cannot reload TLS ({why}); still using the previous certificate, key and CA: {e}")
+            }
+            Err(e) => tracing::error!("TLS reload failed: {e}"),
+        }
     }
 }

@@ -413,14 +413,14 @@ fn refused_by_agent(alert: AlertDescription) -> String {
         AlertDescription::UnknownCA => {
             "it is not signed by the CA the agent trusts (is the agent using this fleet's ca.pem?)"
         }
-        AlertDescription::CertificateExpired => {
-            "it has expired or is not yet valid (reissue it with `ferry cert issue`)"
-        }
+        AlertDescription::CertificateExpired => "it has expired or is not yet valid (renew it with `ferry cert renew`)",
         AlertDescription::AccessDenied => {
             "it does not carry the coordinator role (issue one with `ferry cert issue --role coordinator`)"
         }
         AlertDescription::UnsupportedCertificate => "it is not valid for client authentication",
-        AlertDescription::CertificateRevoked => "it has been revoked",
+        AlertDescription::CertificateRevoked => {
+            "it is revoked: its serial number is in the agent's tls.revoked list (use another certificate, or `ferry cert renew` it)"
+        }
         AlertDescription::BadCertificate | AlertDescription::DecryptError => {
             "it is malformed or its signature is invalid"
         }

@@ -409,6 +409,10 @@ pub struct TlsFiles {
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// `ferry serve`: client certificates to refuse before they expire, by serial number (one
+    /// per line, hex, as `ferry cert show` prints it); re-read when it changes.
+    #[serde(default)]
+    pub revoked: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -727,6 +731,7 @@ impl FleetConfig {
             .into_iter()
             .chain(config.cache_dir.as_mut())
             .chain(config.registry.as_mut())
+            .chain(config.tls.revoked.as_mut())
             .chain(config.server.cert.as_mut())
             .chain(config.server.key.as_mut())
             .chain(config.server.artifacts_dir.as_mut())

@@ -137,6 +137,46 @@ pub struct CertRequest {
 /// `<out>/<name>.key`, and copies the CA certificate to `<out>/ca.pem` if it is not there, so the
 /// directory is all a host needs.
 pub fn issue(ca_dir: &Path, req: &CertRequest, out: &Path, force: bool) -> Result<Issued, PkiError> {
+    let signed = sign(ca_dir, req)?;
+    ensure_dir(out)?;
+    let cert_path = out.join(format!("{}.pem", req.name));
+    let key_path = out.join(format!("{}.key", req.name));
+    write_pair(&cert_path, &signed.cert_pem, &key_path, &signed.key_pem, force)?;
+    let out_ca = out.join(CA_CERT_FILE);
+    if !out_ca.exists() {
+        write_file(&out_ca, &signed.ca_pem, 0o644, Existing::Replace)?;
+    }
+    Ok(Issued { cert: cert_path, key: key_path, identity: signed.identity })
+}
+
+/// Re-issues the certificate at `cert_path` with the same name, role and SANs (and a new key), signed by
+/// the CA in `ca_dir` (the same CA, or the new one of a rotation), valid for `validity`. Writes
+/// `key_path` (0600), then `cert_path`, each replaced atomically.
+pub fn renew(ca_dir: &Path, cert_path: &Path, key_path: &Path, validity: Validity) -> Result<Issued, PkiError> {
+    let old = show(cert_path)?;
+    let bad = |reason: String| PkiError::Bad { path: cert_path.to_owned(), what: "certificate", reason };
+    if old.is_ca {
+        return Err(bad("it is a CA certificate; renew the CA with `ferry ca init` (see README, CA rotation)".into()));
+    }
+    let role = old
+        .role
+        .ok_or_else(|| bad("it carries no ferry role: only certificates from `ferry cert issue` renew".into()))?;
+    let name = old.common_name.clone().ok_or_else(|| bad("it has no common name".into()))?;
+    let sans = old.sans().into_iter().filter(|s| *s != name).collect();
+    let signed = sign(ca_dir, &CertRequest { name, role, sans, validity })?;
+    write_pair(cert_path, &signed.cert_pem, key_path, &signed.key_pem, true)?;
+    Ok(Issued { cert: cert_path.to_owned(), key: key_path.to_owned(), identity: signed.identity })
+}
+
+/// A certificate and key signed by the CA in `ca_dir`, not yet written.
+struct Signed {
+    cert_pem: String,
+    key_pem: String,
+    ca_pem: String,
+    identity: CertIdentity,
+}
+
+fn sign(ca_dir: &Path, req: &CertRequest) -> Result<Signed, PkiError> {
     validate_name(&req.name)?;
     let ca_cert_path = ca_dir.join(CA_CERT_FILE);
     let ca_key_path = ca_dir.join(CA_KEY_FILE);
@@ -195,20 +235,12 @@ pub fn issue(ca_dir: &Path, req: &CertRequest, out: &Path, force: bool) -> Resul
 
     let key = KeyPair::generate()?;
     let cert = params.signed_by(&key, &issuer)?;
-    ensure_dir(out)?;
-    let cert_path = out.join(format!("{}.pem", req.name));
-    let key_path = out.join(format!("{}.key", req.name));
-    write_pair(&cert_path, &cert.pem(), &key_path, &key.serialize_pem(), force)?;
-    let out_ca = out.join(CA_CERT_FILE);
-    if !out_ca.exists() {
-        write_file(&out_ca, &ca_pem, 0o644, Existing::Replace)?;
-    }
     let identity = CertIdentity::from_der(cert.der()).map_err(|reason| PkiError::Bad {
-        path: cert_path.clone(),
-        what: "certificate",
+        path: ca_cert_path.clone(),
+        what: "certificate it signed",
         reason,
     })?;
-    Ok(Issued { cert: cert_path, key: key_path, identity })
+    Ok(Signed { cert_pem: cert.pem(), key_pem: key.serialize_pem(), ca_pem, identity })
 }
 
 /// 8 hex digits from a public key (past the SEC1 point-format byte): a short, stable id.

@@ -75,6 +75,9 @@ pub struct CertIdentity {
     pub not_before_unix: i64,
     pub not_after_unix: i64,
     pub is_ca: bool,
+    /// The serial number, lowercase hex without leading zero bytes (what `ferry cert show` prints
+    /// and a revocation list names).
+    pub serial: String,
 }
 
 impl CertIdentity {
@@ -114,6 +117,7 @@ impl CertIdentity {
             not_before_unix: cert.validity().not_before.timestamp(),
             not_after_unix: cert.validity().not_after.timestamp(),
             is_ca,
+            serial: serial_hex(cert.raw_serial()),
         })
     }
 
@@ -133,6 +137,59 @@ impl CertIdentity {
     /// All SANs, for display: DNS names then IPs.
     pub fn sans(&self) -> Vec<String> {
         self.dns_names.iter().cloned().chain(self.ips.iter().map(IpAddr::to_string)).collect()
+    }
+}
+
+/// A serial number as lowercase hex, leading zero bytes dropped (DER adds one to keep it positive).
+fn serial_hex(raw: &[u8]) -> String {
+    let start = raw.iter().position(|b| *b != 0).unwrap_or(raw.len().saturating_sub(1));
+    hex::encode(&raw[start..])
+}
+
+/// Certificates cut off before they expire: a list of serial numbers (`[tls] revoked`), one per
+/// line in hex (`ferry cert show` prints it; colons and case do not matter), `#` starts a comment.
+/// A process that checks it refuses a peer whose certificate's serial is listed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Revoked(std::collections::BTreeSet<String>);
+
+impl Revoked {
+    /// Reads the list; a line that is not a serial number is an error naming the file and line.
+    pub fn load(path: &Path) -> Result<Revoked, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read revocation list {}: {e}", path.display()))?;
+        Revoked::parse(&text).map_err(|(line, what)| format!("revocation list {} line {line}: {what}", path.display()))
+    }
+
+    /// The list from its text; the error is the line number and what is wrong with it.
+    pub fn parse(text: &str) -> Result<Revoked, (usize, String)> {
+        let mut serials = std::collections::BTreeSet::new();
+        for (i, line) in text.lines().enumerate() {
+            let word = line.split('#').next().unwrap_or("").trim();
+            if word.is_empty() {
+                continue;
+            }
+            let digits: String = word.chars().filter(|c| *c != ':').collect::<String>().to_ascii_lowercase();
+            let raw = hex::decode(if digits.len() % 2 == 1 { format!("0{digits}") } else { digits.clone() }).map_err(
+                |_| (i + 1, format!("{word:?} is not a serial number in hex (as `ferry cert show` prints it)")),
+            )?;
+            if raw.is_empty() || raw.len() > 20 {
+                return Err((i + 1, format!("{word:?}: a serial number is 1 to 20 bytes")));
+            }
+            serials.insert(serial_hex(&raw));
+        }
+        Ok(Revoked(serials))
+    }
+
+    pub fn contains(&self, serial: &str) -> bool {
+        self.0.contains(serial)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 }
 
@@ -187,4 +244,20 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, PemError> {
         }
         other => PemError::Invalid { kind, path: path.to_owned(), detail: other.to_string() },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Revoked;
+
+    #[test]
+    fn a_revocation_list_reads_serials_in_any_spelling_and_names_a_bad_line() {
+        let r = Revoked::parse("# stolen laptop\n01:AB:cd\n  00ff  # leading zero byte\n\nabc\n").expect("valid");
+        assert!(r.contains("01abcd") && r.contains("ff") && r.contains("0abc"), "{r:?}");
+        assert_eq!(r.len(), 3);
+        let bad = Revoked::parse("01\nnot-hex\n").expect_err("line 2");
+        assert_eq!(bad.0, 2);
+        assert!(bad.1.contains("\"not-hex\" is not a serial number"), "{}", bad.1);
+        assert!(Revoked::parse(&"ab".repeat(21)).is_err(), "longer than 20 bytes");
+    }
 }

@@ -16,7 +16,7 @@ fn host(name: &str, agent: &TestAgent) -> Host {
 }
 
 fn client_tls(files: &CertFiles) -> ClientTls {
-    ClientTls::load(&TlsFiles { ca: files.ca.clone(), cert: files.cert.clone(), key: files.key.clone() })
+    ClientTls::load(&TlsFiles { ca: files.ca.clone(), cert: files.cert.clone(), key: files.key.clone(), revoked: None })
         .expect("load coordinator TLS")
 }
 
@@ -125,7 +125,7 @@ async fn agent_role_certificate_used_as_coordinator_is_refused() {
     let data = tempfile::tempdir().expect("tempdir");
     let agent = TestAgent::start(&pki.issue("web-1", Role::Agent, &["127.0.0.1"]), data.path()).await.expect("start");
     let stolen = pki.issue("web-2", Role::Agent, &["127.0.0.2"]);
-    let files = TlsFiles { ca: stolen.ca.clone(), cert: stolen.cert.clone(), key: stolen.key.clone() };
+    let files = TlsFiles { ca: stolen.ca.clone(), cert: stolen.cert.clone(), key: stolen.key.clone(), revoked: None };
 
     // `ferry` itself refuses to use it...
     let local = ClientTls::load(&files).expect_err("ferry must not use an agent certificate");
@@ -191,14 +191,17 @@ async fn missing_or_unreadable_key_files_are_named() {
     let garbage = pki.path().join("garbage.key");
     std::fs::write(&garbage, "not a key\n").expect("write");
     let ctl = pki.issue("ctl", Role::Coordinator, &[]);
-    let err = ClientTls::load(&TlsFiles { ca: ctl.ca, cert: ctl.cert, key: garbage }).expect_err("refused").to_string();
+    let err = ClientTls::load(&TlsFiles { ca: ctl.ca, cert: ctl.cert, key: garbage, revoked: None })
+        .expect_err("refused")
+        .to_string();
     assert!(err.contains("private key file") && err.contains("garbage.key holds no PEM private key"), "{err}");
 
     // A key that belongs to another certificate.
     let other = pki.issue("ctl-2", Role::Coordinator, &[]);
     let ctl = pki.issue("ctl", Role::Coordinator, &[]);
-    let err =
-        ClientTls::load(&TlsFiles { ca: ctl.ca, cert: ctl.cert, key: other.key }).expect_err("refused").to_string();
+    let err = ClientTls::load(&TlsFiles { ca: ctl.ca, cert: ctl.cert, key: other.key, revoked: None })
+        .expect_err("refused")
+        .to_string();
     assert!(err.contains("do not belong together"), "{err}");
 }
 
@@ -246,7 +249,12 @@ async fn refusals_and_commands_are_audited_with_the_peer_name() {
     let agent = TestAgent::start(&pki.issue("web-1", Role::Agent, &["127.0.0.1"]), data.path()).await.expect("start");
     // Another agent's certificate: right CA, wrong role.
     let wrong_role = pki.issue("web-2", Role::Agent, &[]);
-    let files = TlsFiles { ca: wrong_role.ca.clone(), cert: wrong_role.cert.clone(), key: wrong_role.key.clone() };
+    let files = TlsFiles {
+        ca: wrong_role.ca.clone(),
+        cert: wrong_role.cert.clone(),
+        key: wrong_role.key.clone(),
+        revoked: None,
+    };
     let tls = ClientTls::load_any_role(&files).expect("load without the local check");
     expect_refused(connect("web-1", &agent, &tls).await);
     agent.refusal_containing("coordinator role").await.expect("refused for its role");

@@ -24,7 +24,8 @@ use ferry_tests::pki::{CertFiles, TestPki};
 const TIMEOUTS: Timeouts = Timeouts { connect: Duration::from_secs(3), request: Duration::from_secs(10) };
 
 fn tls(files: &CertFiles) -> ClientTls {
-    ClientTls::load(&TlsFiles { ca: files.ca.clone(), cert: files.cert.clone(), key: files.key.clone() }).expect("tls")
+    ClientTls::load(&TlsFiles { ca: files.ca.clone(), cert: files.cert.clone(), key: files.key.clone(), revoked: None })
+        .expect("tls")
 }
 
 /// A build output: `files` (path, content) written under a fresh directory.

@@ -28,7 +28,8 @@ async fn one_agent_up_one_stopped() {
     let ctl = pki.issue("ctl", Role::Coordinator, &[]);
     let config = fleet_config(data.path(), &ctl, &[("web-1", up.addr.to_string()), ("web-2", down_addr.to_string())]);
     let tls =
-        ClientTls::load(&TlsFiles { ca: ctl.ca.clone(), cert: ctl.cert.clone(), key: ctl.key.clone() }).expect("tls");
+        ClientTls::load(&TlsFiles { ca: ctl.ca.clone(), cert: ctl.cert.clone(), key: ctl.key.clone(), revoked: None })
+            .expect("tls");
 
     let report = status::run(&config, "test", &tls).await.expect("status");
     assert_eq!(report.hosts.len(), 2);

@@ -198,6 +198,9 @@ async fn other(command: Command, shutdown: &CancellationToken) -> u8 {
             |o| ui::cert_issue(o, output),
             success,
         ),
+        Command::Cert(CertCommand::Renew { ca, file, key, days, output }) => {
+            emit(commands::cert::renew(&ca, &file, key.as_deref(), days), |o| ui::cert_issue(o, output), success)
+        }
         Command::Cert(CertCommand::Show { file, output }) => {
             emit(commands::cert::show(&file), |c| ui::cert_show(c, output), success)
         }

@@ -295,7 +295,26 @@ pub enum CertCommand {
         #[arg(long, value_enum, default_value = "human")]
         output: Format,
     },
-    /// Print a certificate's subject, SANs, role and validity.
+    /// Re-issue a certificate before it expires, or under a new CA (rotation): same name, role
+    /// and SANs, a new key. Replaces FILE and its key in place (key first); a running agent picks
+    /// them up within seconds, or at once on `systemctl reload ferry-agent`.
+    Renew {
+        /// Directory holding ca.pem and ca.key of the CA to sign with.
+        #[arg(long)]
+        ca: PathBuf,
+        /// The certificate to renew (PEM).
+        file: PathBuf,
+        /// Where its key goes (default: FILE with the extension .key).
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// Validity in days.
+        #[arg(long, default_value_t = crate::pki::CERT_VALIDITY_DAYS)]
+        days: u32,
+        /// Result format: human-readable text, or one JSON object.
+        #[arg(long, value_enum, default_value = "human")]
+        output: Format,
+    },
+    /// Print a certificate's subject, SANs, role, serial and validity.
     Show {
         /// PEM certificate file.
         file: PathBuf,

@@ -1,4 +1,4 @@
-//! `ferry cert issue` and `ferry cert show`.
+//! `ferry cert issue`, `ferry cert renew` and `ferry cert show`.
 use std::path::{Path, PathBuf};
 
 use ferry_proto::identity::{CertIdentity, Role};
@@ -19,6 +19,8 @@ pub struct CertInfo {
     pub not_after_unix: i64,
     /// Negative once expired.
     pub expires_in_days: i64,
+    /// Lowercase hex: what `[tls] revoked` lists to cut this certificate off.
+    pub serial: String,
 }
 
 impl CertInfo {
@@ -35,6 +37,7 @@ impl CertInfo {
             not_before_unix: id.not_before_unix,
             not_after_unix: id.not_after_unix,
             expires_in_days: (id.not_after_unix - now).div_euclid(86400),
+            serial: id.serial.clone(),
         }
     }
 }
@@ -57,6 +60,13 @@ pub fn issue(
     let req =
         CertRequest { name: name.to_string(), role, sans: sans.to_vec(), validity: Validity::days_from_now(days) };
     let issued = pki::issue(ca, &req, out, force)?;
+    Ok(IssueOutcome { cert: CertInfo::new(issued.cert, issued.identity), key: issued.key })
+}
+
+/// Re-issues `cert` (same name, role and SANs; new key at `key`, default `cert` with `.key`).
+pub fn renew(ca: &Path, cert: &Path, key: Option<&Path>, days: u32) -> anyhow::Result<IssueOutcome> {
+    let key = key.map_or_else(|| cert.with_extension("key"), Path::to_path_buf);
+    let issued = pki::renew(ca, cert, &key, Validity::days_from_now(days))?;
     Ok(IssueOutcome { cert: CertInfo::new(issued.cert, issued.identity), key: issued.key })
 }
 

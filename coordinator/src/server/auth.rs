@@ -11,6 +11,7 @@ use super::error::ApiError;
 use super::{AuditLine, Peer, Shared};
 use crate::commands::token::sha256;
 use crate::config::Permission;
+use ferry_proto::identity::Revoked;
 
 /// One configured token: its name and the SHA-256 of its secret.
 pub struct Token {
@@ -57,6 +58,54 @@ pub async fn require(needed: Permission, req: Request, next: Next) -> Response {
 #[derive(Debug, Clone)]
 pub struct AuditNote(pub String);
 
+/// `[tls] revoked`, re-read when the file changes (checked at each certificate-authenticated
+/// call: one stat). A list that no longer parses keeps the last good one, and says so.
+pub struct RevokedFile {
+    path: Option<std::path::PathBuf>,
+    /// The file's (inode, size, mtime) when last read, and its list.
+    cache: std::sync::Mutex<(Option<FileStamp>, Revoked)>,
+}
+
+type FileStamp = (u64, u64, i64, i64);
+
+impl RevokedFile {
+    /// Reads the list at start: a bad one stops `ferry serve` with the file and line.
+    pub fn load(path: Option<&std::path::Path>) -> anyhow::Result<RevokedFile> {
+        let list = match path {
+            Some(p) => Revoked::load(p).map_err(anyhow::Error::msg)?,
+            None => Revoked::default(),
+        };
+        let file = RevokedFile { path: path.map(Into::into), cache: std::sync::Mutex::new((None, list)) };
+        file.current();
+        Ok(file)
+    }
+
+    /// Whether `serial` is revoked now.
+    pub fn contains(&self, serial: &str) -> bool {
+        self.current().contains(serial)
+    }
+
+    fn current(&self) -> Revoked {
+        use std::os::unix::fs::MetadataExt;
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(path) = &self.path else { return cache.1.clone() };
+        let stamp = std::fs::metadata(path).ok().map(|m| (m.ino(), m.size(), m.mtime(), m.mtime_nsec()));
+        if stamp != cache.0 {
+            match Revoked::load(path) {
+                Ok(list) => {
+                    if cache.0.is_some() {
+                        tracing::info!(path = %path.display(), serials = list.len(), "revocation list re-read");
+                    }
+                    cache.1 = list;
+                }
+                Err(e) => tracing::error!("{e}; still refusing the serials of the last good list"),
+            }
+            cache.0 = stamp;
+        }
+        cache.1.clone()
+    }
+}
+
 /// Paths anyone may read: the API description and the liveness check.
 fn public(path: &str) -> bool {
     matches!(path, "/api/openapi.json" | "/api/v1/health")
@@ -85,6 +134,13 @@ fn identify(state: &Shared, req: &Request) -> Result<Option<Identity>, ApiError>
             return Err(ApiError::forbidden(format!(
                 "certificate {} has {role}; the API takes coordinator or operator certificates",
                 cert.name()
+            )));
+        }
+        if state.revoked.contains(&cert.serial) {
+            return Err(ApiError::forbidden(format!(
+                "certificate {} (serial {}) is revoked: it is listed in [tls] revoked",
+                cert.name(),
+                cert.serial
             )));
         }
         return Ok(Some(Identity(format!("cert:{}", cert.name()))));

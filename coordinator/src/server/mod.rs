@@ -66,6 +66,8 @@ pub struct AppState {
     pub scans: Arc<tokio::sync::Semaphore>,
     /// Which refusals the audit log records one by one.
     pub refusals: std::sync::Mutex<RefusalSampler>,
+    /// Client certificates refused before they expire (`[tls] revoked`).
+    pub revoked: auth::RevokedFile,
 }
 
 pub type Shared = Arc<AppState>;
@@ -99,6 +101,7 @@ impl AppState {
         let audit_path = config.server.audit_log.clone().unwrap_or_else(|| state_dir.join("api-audit.log"));
         let audit = Audit::open(&audit_path)?;
         let tokens = config.server.tokens.iter().filter_map(auth::Token::from_config).collect();
+        let revoked = auth::RevokedFile::load(config.tls.revoked.as_deref())?;
         let cache = config.cache_dir().map(Cache::new);
         Ok(AppState {
             config,
@@ -112,6 +115,7 @@ impl AppState {
             audit,
             scans: Arc::new(tokio::sync::Semaphore::new(1)),
             refusals: std::sync::Mutex::new(RefusalSampler::new(REFUSALS_PER_ADDRESS, REFUSALS_PER_MINUTE)),
+            revoked,
         })
     }
 

@@ -52,6 +52,7 @@ name = "web"
 ca = "pki/ca.pem"
 cert = "pki/ctl.pem"
 key = "pki/ctl.key"
+revoked = "revoked.txt"
 [server]
 artifact_roots = ["builds"]
 [[server.tokens]]
@@ -77,6 +78,7 @@ require_approval = true
     );
     let path = root.join("fleet.toml");
     std::fs::write(&path, toml).expect("write fleet.toml");
+    std::fs::write(root.join("revoked.txt"), "").expect("write revoked.txt");
     let config = FleetConfig::load(&path).expect("fleet.toml loads");
     let tls = ClientTls::load(&config.tls).expect("tls");
     let state: Shared = Arc::new(AppState::load(config, tls).expect("state"));
@@ -228,6 +230,7 @@ fn operator(name: &str) -> CertIdentity {
         not_before_unix: 0,
         not_after_unix: i64::MAX,
         is_ca: false,
+        serial: "01".into(),
     }
 }
 
@@ -814,4 +817,23 @@ async fn each_caller_may_do_only_what_its_roles_allow() {
         [Permission::Approve, Permission::Promote],
         "listed: exactly the list, any case"
     );
+}
+
+#[tokio::test]
+async fn a_revoked_client_certificate_is_refused_as_soon_as_it_is_listed() {
+    let api = setup();
+    let call = |serial: &str| {
+        let mut req = Request::get("/api/v1/deployments").body(Body::empty()).expect("req");
+        req.extensions_mut().insert(Peer(Some(CertIdentity { serial: serial.into(), ..operator("alice") })));
+        api.send(req, "/api/v1/deployments")
+    };
+    assert_eq!(call("0abc").await.0, 200);
+    std::fs::write(api.root.join("revoked.txt"), "# alice's laptop\n0A:BC\n").expect("write");
+    let (s, e) = call("0abc").await;
+    assert_eq!(s, 403, "{e}");
+    assert!(e["message"].as_str().is_some_and(|m| m.contains("alice") && m.contains("revoked")), "{e}");
+    assert_eq!(call("0abd").await.0, 200, "other certificates are not affected");
+    // A list that stops parsing keeps the last good one.
+    std::fs::write(api.root.join("revoked.txt"), "not a serial\n").expect("write");
+    assert_eq!(call("0abc").await.0, 403);
 }

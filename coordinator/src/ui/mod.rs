@@ -106,6 +106,7 @@ pub fn cert_show(c: &CertInfo, format: Format) {
 fn cert_lines(c: &CertInfo) {
     out(&format!("  subject:  {}", c.subject));
     out(&format!("  issuer:   {}", c.issuer));
+    out(&format!("  serial:   {}", c.serial));
     out(&format!(
         "  role:     {}",
         match (c.role, c.is_ca) {

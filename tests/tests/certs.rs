@@ -1,0 +1,225 @@
+//! Certificates without toil, against a real `ferry-agent` process: it reloads its certificate,
+//! key, CA bundle and revocation list on SIGHUP and when the files change, without a restart and
+//! without dropping a deployment in flight; `ferry cert renew` re-issues a certificate in place; a
+//! whole CA rotation (trust old + new, new leaf certificates, drop the old CA) and a revocation go
+//! through with no failed deployment.
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_coordinator::artifact::Artifact;
+use ferry_coordinator::config::{FleetConfig, TlsFiles};
+use ferry_coordinator::rollout::DeployReport;
+use ferry_coordinator::state::DeploymentStatus;
+use ferry_coordinator::tls::ClientTls;
+use ferry_proto::identity::Role;
+use ferry_tests::agents::fleet_config;
+use ferry_tests::pki::{CertFiles, TestPki};
+
+struct AgentProcess {
+    child: Child,
+    log: PathBuf,
+}
+
+impl AgentProcess {
+    fn start(config: &Path, log: &Path) -> AgentProcess {
+        let out = std::fs::File::create(log).expect("log file");
+        let err = out.try_clone().expect("log file");
+        let child = Command::new(ferry_tests::bin("ferry-agent"))
+            .arg("--config")
+            .arg(config)
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("JOURNAL_STREAM")
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .spawn()
+            .expect("spawn ferry-agent");
+        AgentProcess { child, log: log.to_owned() }
+    }
+
+    fn hangup(&self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits (bounded) until the log has `n` lines containing `needle`.
+    async fn logged(&self, needle: &str, n: usize) -> String {
+        let found = ferry_tests::wait_for(400, || (self.log().matches(needle).count() >= n).then(|| self.log())).await;
+        found.unwrap_or_else(|| panic!("the agent never logged {needle:?} {n} time(s):\n{}", self.log()))
+    }
+
+    /// Sends SIGHUP and waits for the reload it causes to be logged.
+    async fn reload(&self) -> String {
+        let n = self.log().matches("(SIGHUP)").count();
+        self.hangup();
+        self.logged("(SIGHUP)", n + 1).await
+    }
+
+    fn still_running(&mut self) -> bool {
+        self.child.try_wait().ok().flatten().is_none()
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Replaces `dst` atomically with `content` (as a config management tool would).
+fn put(dst: &Path, content: &[u8]) {
+    let tmp = dst.with_extension("tmp");
+    std::fs::write(&tmp, content).expect("write");
+    std::fs::rename(&tmp, dst).expect("rename");
+}
+
+fn ferry(args: &[&str]) -> String {
+    let out = Command::new(ferry_tests::bin("ferry")).args(args).output().expect("run ferry");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "ferry {args:?}: {text}");
+    text
+}
+
+fn serial(cert: &Path) -> String {
+    ferry_coordinator::pki::show(cert).expect("read certificate").serial
+}
+
+async fn deploy(dir: &Path, files: &CertFiles, agent: &str, version: &str) -> DeployReport {
+    let config: FleetConfig = fleet_config(dir, files, &[("web-1", agent.to_string())]);
+    let tls = ClientTls::load(&TlsFiles {
+        ca: files.ca.clone(),
+        cert: files.cert.clone(),
+        key: files.key.clone(),
+        revoked: None,
+    })
+    .expect("coordinator tls");
+    let build = dir.join(format!("build-{version}"));
+    std::fs::create_dir_all(&build).expect("mkdir");
+    std::fs::write(build.join("VERSION"), version).expect("write");
+    // Large enough that a deployment is still transferring when the agent reloads.
+    let bulk: Vec<u8> =
+        (0..8_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8 ^ version.len() as u8).collect();
+    std::fs::write(build.join("bulk.bin"), bulk).expect("write");
+    let artifact = Arc::new(Artifact::scan(&build, None).expect("scan"));
+    ferry_tests::engine::deploy(&config, &tls, "test", artifact, version, None).await.expect("deploy runs")
+}
+
+fn ok(r: &DeployReport) {
+    assert_eq!(r.status, DeploymentStatus::Succeeded, "{r:?}");
+}
+
+fn refused(r: &DeployReport, needle: &str) {
+    assert_eq!(r.status, DeploymentStatus::Failed, "{r:?}");
+    let error = r.hosts[0].error.clone().unwrap_or_default();
+    assert!(error.contains(needle), "expected {needle:?} in: {error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_rotation_and_a_revocation_need_no_restart_and_fail_no_deployment() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let old = TestPki::in_dir(&d.join("ca-old"));
+    // The agent's files, where agent.toml names them.
+    let etc = d.join("etc");
+    std::fs::create_dir_all(&etc).expect("mkdir");
+    let issued = old.issue("web-1", Role::Agent, &["127.0.0.1"]);
+    for (from, to) in [(&issued.ca, "ca.pem"), (&issued.cert, "agent.pem"), (&issued.key, "agent.key")] {
+        std::fs::copy(from, etc.join(to)).expect("copy");
+    }
+    std::fs::write(etc.join("revoked.txt"), "# serials of certificates cut off\n").expect("write");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
+    let agent_toml = d.join("agent.toml");
+    std::fs::write(
+        &agent_toml,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{data}\"\nshutdown_grace = \"2s\"\n[tls]\nca = \"{etc}/ca.pem\"\ncert = \"{etc}/agent.pem\"\nkey = \"{etc}/agent.key\"\nrevoked = \"{etc}/revoked.txt\"\n[apps.web]\nroot = \"{data}-web\"\n",
+            data = d.join("data").display(),
+            etc = etc.display(),
+        ),
+    )
+    .expect("write agent.toml");
+    let mut agent = AgentProcess::start(&agent_toml, &d.join("agent.log"));
+    agent.logged("ferry-agent serving", 1).await;
+    let addr = format!("127.0.0.1:{port}");
+
+    // The coordinator's files.
+    let ctl_dir = d.join("ctl");
+    std::fs::create_dir_all(&ctl_dir).expect("mkdir");
+    let c = old.issue("ctl", Role::Coordinator, &[]);
+    let ctl = CertFiles { ca: ctl_dir.join("ca.pem"), cert: ctl_dir.join("ctl.pem"), key: ctl_dir.join("ctl.key") };
+    for (from, to) in [(&c.ca, &ctl.ca), (&c.cert, &ctl.cert), (&c.key, &ctl.key)] {
+        std::fs::copy(from, to).expect("copy");
+    }
+    ok(&deploy(d, &ctl, &addr, "1").await);
+
+    // 1. Both sides trust the old and the new CA. The agent reloads on SIGHUP, here sent while a
+    //    deployment is in flight: the deployment goes on.
+    let new = TestPki::in_dir(&d.join("ca-new"));
+    let bundle =
+        [std::fs::read(old.ca_cert()).expect("old CA"), std::fs::read(new.ca_cert()).expect("new CA")].concat();
+    put(&etc.join("ca.pem"), &bundle);
+    put(&ctl.ca, &bundle);
+    let in_flight = deploy(d, &ctl, &addr, "2");
+    let signals = async {
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_millis(40)).await;
+            agent.hangup();
+        }
+    };
+    let (r, ()) = tokio::join!(in_flight, signals);
+    ok(&r);
+    agent.logged("reloaded TLS (SIGHUP)", 1).await;
+
+    // 2. New leaf certificates from the new CA, same names, renewed in place; the agent notices
+    //    its files changed without being told.
+    let out = ferry(&[
+        "cert",
+        "renew",
+        "--ca",
+        &d.join("ca-new").display().to_string(),
+        &etc.join("agent.pem").display().to_string(),
+    ]);
+    let agent_serial = serial(&etc.join("agent.pem"));
+    assert!(out.contains(&agent_serial) && out.contains("web-1"), "{out}");
+    let renewed = ferry_coordinator::pki::show(&etc.join("agent.pem")).expect("show");
+    assert_eq!((renewed.role, renewed.ips.clone()), (Some(Role::Agent), vec!["127.0.0.1".parse().expect("ip")]));
+    assert!(renewed.issuer.contains(&ferry_coordinator::pki::show(&new.ca_cert()).expect("ca").subject), "{renewed:?}");
+    agent.logged(&format!("reloaded TLS (the files changed): certificate web-1 (serial {agent_serial}"), 1).await;
+    ok(&deploy(d, &ctl, &addr, "3").await);
+    ferry(&["cert", "renew", "--ca", &d.join("ca-new").display().to_string(), &ctl.cert.display().to_string()]);
+    ok(&deploy(d, &ctl, &addr, "4").await);
+
+    // 3. The old CA is dropped on both sides: everything still works, and a certificate of the
+    //    old CA is refused.
+    put(&etc.join("ca.pem"), &std::fs::read(new.ca_cert()).expect("new CA"));
+    put(&ctl.ca, &std::fs::read(new.ca_cert()).expect("new CA"));
+    assert!(agent.reload().await.contains("reloaded TLS (SIGHUP)"));
+    ok(&deploy(d, &ctl, &addr, "5").await);
+    let stale = old.issue("ctl-old", Role::Coordinator, &[]);
+    let stale = CertFiles { ca: ctl.ca.clone(), ..stale };
+    refused(&deploy(d, &stale, &addr, "6").await, "not signed by the CA the agent trusts");
+
+    // 4. A stolen coordinator certificate is cut off without touching the CA; another works.
+    put(&etc.join("revoked.txt"), format!("# ctl's laptop, stolen\n{}\n", serial(&ctl.cert)).as_bytes());
+    agent.reload().await;
+    refused(&deploy(d, &ctl, &addr, "6").await, "revoked");
+    agent.logged("client certificate is revoked", 1).await;
+    let other = new.issue("ctl-2", Role::Coordinator, &[]);
+    ok(&deploy(d, &other, &addr, "6").await);
+
+    // 5. A broken reload (a key that is not the certificate's) keeps the last good setup.
+    let good_key = std::fs::read(etc.join("agent.key")).expect("key");
+    put(&etc.join("agent.key"), &std::fs::read(&other.key).expect("another key"));
+    agent.reload().await;
+    agent.logged("cannot reload TLS (SIGHUP); still using the previous certificate, key and CA", 1).await;
+    ok(&deploy(d, &other, &addr, "7").await);
+    put(&etc.join("agent.key"), &good_key);
+
+    assert!(agent.still_running(), "the same agent process served the whole rotation:\n{}", agent.log());
+}
