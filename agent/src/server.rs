@@ -152,7 +152,7 @@ impl Server {
 
     /// [`Server::bind`] recording into `telemetry`.
     pub async fn bind_with(config: AgentConfig, telemetry: Arc<Telemetry>) -> Result<Server, StartError> {
-        let tls = Arc::new(tls::LiveTls::load(&config.tls)?);
+        let tls = Arc::new(tls::live(&config.tls)?);
         let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
             .map_err(|source| StartError::Signal { source })?;
         // Staging leftovers of an earlier run are never resumed: a partial release must not
@@ -230,7 +230,7 @@ impl Server {
                 if let Err(e) = tcp.set_nodelay(true) {
                     tracing::debug!(peer = %addr, error = %e, "cannot set TCP_NODELAY");
                 }
-                let acceptor = tls.acceptor();
+                let acceptor = (*tls.current()).clone();
                 let tx = tx.clone();
                 let refusals = refusals.clone();
                 let telemetry = handshake_telemetry.clone();

@@ -14,6 +14,8 @@ use rustls::{
     CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme,
 };
 
+use ferry_proto::reload::Reloadable;
+
 use crate::config::TlsFiles;
 
 /// Why the agent's TLS setup could not be built from its files.
@@ -251,117 +253,49 @@ pub fn describe_handshake_error(err: &std::io::Error) -> String {
 }
 
 /// The agent's TLS setup, rebuilt from its files on SIGHUP (`systemctl reload ferry-agent`) or
-/// when a poll sees them change. Each new connection takes the setup current when it arrives;
-/// connections already up keep theirs, so nothing in flight is dropped. A reload that fails (a
-/// key that does not match its certificate, a half-written file) keeps the previous setup and
-/// says why.
-pub struct LiveTls {
-    files: TlsFiles,
-    acceptor: std::sync::RwLock<tokio_rustls::TlsAcceptor>,
-    /// The files as last loaded, and as last seen by the poll.
-    loaded: std::sync::Mutex<Stamp>,
-    seen: std::sync::Mutex<Stamp>,
-}
+/// when they change (see [`ferry_proto::reload`]). Each new connection takes the setup current
+/// when it arrives; connections already up keep theirs.
+pub type LiveTls = Reloadable<tokio_rustls::TlsAcceptor>;
 
-/// What identifies a version of each file: (device, inode, size, mtime), or None when missing.
-type Stamp = Vec<Option<(u64, u64, u64, i64, i64)>>;
-
-/// How often the files are checked for a change.
-pub const RELOAD_POLL: std::time::Duration = std::time::Duration::from_secs(5);
-
-impl LiveTls {
-    pub fn load(files: &TlsFiles) -> Result<LiveTls, TlsError> {
-        let stamp = stamp(files);
-        let config = server_config(files)?;
-        Ok(LiveTls {
-            files: files.clone(),
-            acceptor: std::sync::RwLock::new(tokio_rustls::TlsAcceptor::from(config)),
-            loaded: std::sync::Mutex::new(stamp.clone()),
-            seen: std::sync::Mutex::new(stamp),
-        })
-    }
-
-    /// The setup for a new connection.
-    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
-        match self.acceptor.read() {
-            Ok(a) => a.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
-    }
-
-    /// Rebuilds the setup from the files; on success new connections use it. Answers what was
-    /// loaded, for the log.
-    pub fn reload(&self) -> Result<String, TlsError> {
-        // Recorded first: files that fail to load are not retried until they change again (or
-        // the next SIGHUP), so a bad file is reported once, not at every poll.
-        *self.loaded.lock().unwrap_or_else(|p| p.into_inner()) = stamp(&self.files);
-        let config = server_config(&self.files)?;
-        match self.acceptor.write() {
-            Ok(mut a) => *a = tokio_rustls::TlsAcceptor::from(config),
-            Err(poisoned) => *poisoned.into_inner() = tokio_rustls::TlsAcceptor::from(config),
-        }
-        let own = identity::load_certs(&self.files.cert)
-            .ok()
-            .and_then(|c| c.first().and_then(|c| CertIdentity::from_der(c).ok()));
-        Ok(match own {
-            Some(id) => format!(
-                "certificate {} (serial {}, valid until unix {}), CA bundle {}{}",
-                id.name(),
-                id.serial,
-                id.not_after_unix,
-                self.files.ca.display(),
-                self.files.revoked.as_ref().map(|r| format!(", revocation list {}", r.display())).unwrap_or_default()
-            ),
-            None => self.files.cert.display().to_string(),
-        })
-    }
-
-    /// Whether the files changed since they were loaded and have stayed the same for one poll
-    /// (a certificate and its key are rarely written at the same instant).
-    fn settled_change(&self) -> bool {
-        let now = stamp(&self.files);
-        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        let settled = *seen == now;
-        *seen = now.clone();
-        settled && *self.loaded.lock().unwrap_or_else(|p| p.into_inner()) != now
-    }
-}
-
-fn stamp(files: &TlsFiles) -> Stamp {
-    use std::os::unix::fs::MetadataExt;
-    [Some(&files.ca), Some(&files.cert), Some(&files.key), files.revoked.as_ref()]
+/// Loads the agent's TLS setup (errors as at start-up), reloadable from then on.
+pub fn live(files: &TlsFiles) -> Result<LiveTls, TlsError> {
+    let initial = tokio_rustls::TlsAcceptor::from(server_config(files)?);
+    let paths = [Some(&files.ca), Some(&files.cert), Some(&files.key), files.revoked.as_ref()]
         .into_iter()
         .flatten()
-        .map(|p| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec())))
-        .collect()
+        .cloned()
+        .collect();
+    let files = files.clone();
+    Ok(Reloadable::new(initial, paths, move || {
+        let acceptor = tokio_rustls::TlsAcceptor::from(server_config(&files).map_err(|e| e.to_string())?);
+        Ok((acceptor, loaded(&files)))
+    }))
+}
+
+/// What a reload loaded, for the log.
+fn loaded(files: &TlsFiles) -> String {
+    let own =
+        identity::load_certs(&files.cert).ok().and_then(|c| c.first().and_then(|c| CertIdentity::from_der(c).ok()));
+    let revoked = files.revoked.as_ref().map(|r| format!(", revocation list {}", r.display())).unwrap_or_default();
+    match own {
+        Some(id) => format!(
+            "certificate {} (serial {}, valid until unix {}), CA bundle {}{revoked}",
+            id.name(),
+            id.serial,
+            id.not_after_unix,
+            files.ca.display()
+        ),
+        None => files.cert.display().to_string(),
+    }
 }
 
 /// Reloads `tls` on each SIGHUP, and when its files change, until `stop`.
-pub async fn watch(
-    tls: Arc<LiveTls>,
-    mut hangup: tokio::signal::unix::Signal,
-    stop: tokio_util::sync::CancellationToken,
-) {
-    let mut poll = tokio::time::interval(RELOAD_POLL);
-    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        let why = tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = hangup.recv() => "SIGHUP",
-            _ = poll.tick() => {
-                if !tls.settled_change() {
-                    continue;
-                }
-                "the files changed"
-            }
-        };
-        let t = tls.clone();
-        match tokio::task::spawn_blocking(move || t.reload()).await {
-            Ok(Ok(what)) => tracing::info!("reloaded TLS ({why}): {what}"),
-            Ok(Err(e)) => {
-                tracing::error!("cannot reload TLS ({why}); still using the previous certificate, key and CA: {e}")
-            }
-            Err(e) => tracing::error!("TLS reload failed: {e}"),
+pub async fn watch(tls: Arc<LiveTls>, hangup: tokio::signal::unix::Signal, stop: tokio_util::sync::CancellationToken) {
+    ferry_proto::reload::watch(tls, Some(hangup), stop.cancelled_owned(), |r| match r.result {
+        Ok(what) => tracing::info!("reloaded TLS ({}): {what}", r.why),
+        Err(e) => {
+            tracing::error!("cannot reload TLS ({}); still using the previous certificate, key and CA: {e}", r.why)
         }
-    }
+    })
+    .await
 }

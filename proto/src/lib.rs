@@ -25,6 +25,7 @@ pub mod durable;
 pub mod identity;
 pub mod manifest;
 pub mod prometheus;
+pub mod reload;
 pub mod text;
 
 /// Generated code for package `ferry.agent.v1`.

@@ -271,7 +271,10 @@ async fn serve(path: &Path, shutdown: &CancellationToken) -> u8 {
                 "ferry serve: listening on https://{addr} (app {app}, {envs} environments); API at /api/openapi.json"
             );
         };
-        crate::server::serve(config, tls, ready, shutdown.clone()).await
+        // Registered before the server is ready: SIGHUP must never take its default action (exit).
+        let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .map_err(|e| anyhow::anyhow!("cannot install the SIGHUP handler (TLS reload): {e}"))?;
+        crate::server::serve(config, tls, ready, shutdown.clone(), Some(hangup)).await
     };
     match started.await {
         Ok(()) => exit::SUCCESS,

@@ -374,7 +374,7 @@ async fn list_environments(State(state): State<Shared>) -> ApiResult {
 
 async fn environment_status(State(state): State<Shared>, ApiPath(env): ApiPath<String>) -> ApiResult {
     environment(&state, &env, StatusCode::NOT_FOUND)?;
-    let report = crate::commands::status::run(&state.config, &env, &state.tls)
+    let report = crate::commands::status::run(&state.config, &env, &state.tls.current().agents)
         .await
         .map_err(|e| ApiError::internal(format!("{e:#}")))?;
     Ok(Json(json!(report)).into_response())

@@ -221,7 +221,8 @@ pub async fn start(
     // From here the environment is reserved: a refusal below frees it when `finished` drops.
     let finished = Finished { state: state.clone(), job: job.clone(), _task: task };
     let observer = JobObserver(job.clone());
-    let fleet = state.fleet();
+    let tls = state.tls.current();
+    let fleet = state.fleet(&tls.agents);
     let ctx = job_ctx(state, &fleet, &observer);
     let recorded: Result<(String, Run), commands::Error> = match op {
         Op::Deploy { artifact, version, prestage } => {
@@ -251,7 +252,8 @@ pub async fn start(
     let (state, env, task_id) = (state.clone(), env.to_string(), id.clone());
     state.jobs.tasks.clone().spawn(async move {
         let _finished = finished;
-        let fleet = state.fleet();
+        let tls = state.tls.current();
+        let fleet = state.fleet(&tls.agents);
         let ctx = job_ctx(&state, &fleet, &observer);
         let result = match run {
             Run::Deploy(artifact) => commands::deploy::run(&ctx, &env, &task_id, artifact).await.map(drop),

@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use ferry_proto::audit_file::RefusalSampler;
+use ferry_proto::reload::{self, Reloadable};
 
 use crate::cache::Cache;
 use crate::config::FleetConfig;
@@ -52,7 +53,8 @@ const DRAIN: Duration = Duration::from_secs(5);
 /// Everything the handlers share.
 pub struct AppState {
     pub config: FleetConfig,
-    pub tls: ClientTls,
+    /// The API's TLS and the coordinator's TLS towards the agents, reloaded together.
+    pub tls: Arc<Reloadable<ServeTls>>,
     pub registry: Box<dyn Registry>,
     pub cache: Option<Cache>,
     pub artifacts_dir: PathBuf,
@@ -102,6 +104,7 @@ impl AppState {
         let audit = Audit::open(&audit_path)?;
         let tokens = config.server.tokens.iter().filter_map(auth::Token::from_config).collect();
         let revoked = auth::RevokedFile::load(config.tls.revoked.as_deref())?;
+        let tls = Arc::new(serve_tls(&config, tls)?);
         let cache = config.cache_dir().map(Cache::new);
         Ok(AppState {
             config,
@@ -138,9 +141,9 @@ impl AppState {
         }
     }
 
-    /// The agents of fleet.toml.
-    pub fn fleet(&self) -> Grpc<'_> {
-        Grpc { config: &self.config, tls: &self.tls, cache: self.cache.as_ref() }
+    /// The agents of fleet.toml, dialled with `tls` (the current `self.tls`'s agents).
+    pub fn fleet<'a>(&'a self, tls: &'a ClientTls) -> Grpc<'a> {
+        Grpc { config: &self.config, tls, cache: self.cache.as_ref() }
     }
 }
 
@@ -202,6 +205,33 @@ impl Audit {
     }
 }
 
+/// The TLS `ferry serve` runs with.
+pub struct ServeTls {
+    /// The API's: its certificate, client certificates of the fleet CA.
+    pub api: tokio_rustls::TlsAcceptor,
+    /// The coordinator's, towards the agents.
+    pub agents: ClientTls,
+}
+
+/// Both TLS setups, rebuilt from their files on SIGHUP (`systemctl reload ferry`) or when the
+/// files change; deployments already running keep the setup they started with.
+fn serve_tls(config: &FleetConfig, agents: ClientTls) -> anyhow::Result<Reloadable<ServeTls>> {
+    let api = tokio_rustls::TlsAcceptor::from(Arc::new(server_tls(config)?));
+    let s = &config.server;
+    let files = [Some(&config.tls.ca), Some(&config.tls.cert), Some(&config.tls.key), s.cert.as_ref(), s.key.as_ref()]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect();
+    let config = config.clone();
+    Ok(Reloadable::new(ServeTls { api, agents }, files, move || {
+        let agents = ClientTls::load(&config.tls).map_err(|e| format!("[tls]: {e}"))?;
+        let api = server_tls(&config).map_err(|e| format!("{e:#}"))?;
+        let what = format!("coordinator certificate {} (serial {})", agents.identity.name(), agents.identity.serial);
+        Ok((ServeTls { api: tokio_rustls::TlsAcceptor::from(Arc::new(api)), agents }, what))
+    }))
+}
+
 /// The rustls server config of the API: its certificate, and client certificates from the fleet
 /// CA accepted but not required (a token is the other way in).
 fn server_tls(config: &FleetConfig) -> anyhow::Result<rustls::ServerConfig> {
@@ -250,10 +280,14 @@ pub async fn serve(
     tls: ClientTls,
     ready: impl FnOnce(SocketAddr),
     shutdown: CancellationToken,
+    hangup: Option<tokio::signal::unix::Signal>,
 ) -> anyhow::Result<()> {
     let listen: SocketAddr = config.server.listen.parse().context("[server] listen")?;
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_tls(&config)?));
     let state: Shared = Arc::new(AppState::load(config, tls)?);
+    tokio::spawn(reload::watch(state.tls.clone(), hangup, shutdown.clone().cancelled_owned(), |r| match r.result {
+        Ok(what) => tracing::info!("reloaded TLS ({}): {what}", r.why),
+        Err(e) => tracing::error!("cannot reload TLS ({}); still using the previous certificates and CA: {e}", r.why),
+    }));
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("[server] listen {listen}: cannot listen there"))?;
@@ -279,7 +313,7 @@ pub async fn serve(
             () = shutdown.cancelled() => break,
         };
         let (acceptor, router, stop, state_of_conn) =
-            (acceptor.clone(), router.clone(), shutdown.clone(), state.clone());
+            (state.tls.current().api.clone(), router.clone(), shutdown.clone(), state.clone());
         connections.spawn(async move {
             let _slot = slot;
             serve_connection(&state_of_conn, acceptor, router, tcp, addr, stop).await;

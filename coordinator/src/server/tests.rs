@@ -666,7 +666,8 @@ async fn engine_refusals_get_their_own_status_codes() {
     let (s, e) = api.call("POST", "/api/v1/environments/staging/rollback", route, t, Some(&body)).await;
     assert_eq!((s, e["error"].as_str()), (400, Some("invalid_version")), "{e}");
     // The same refusal, from the use case the CLI runs, keeps its type.
-    let fleet = api.state.fleet();
+    let tls = api.state.tls.current();
+    let fleet = api.state.fleet(&tls.agents);
     let cancel = tokio_util::sync::CancellationToken::new();
     let ctx = crate::commands::Ctx {
         config: &api.state.config,
@@ -707,6 +708,7 @@ async fn serve_returns_when_its_token_is_cancelled_with_connections_open() {
             let _ = tx.send(addr);
         },
         shutdown.clone(),
+        None,
     ));
     let addr = rx.await.expect("listening");
     // One client stalls before TLS; another is served.
@@ -836,4 +838,65 @@ async fn a_revoked_client_certificate_is_refused_as_soon_as_it_is_listed() {
     // A list that stops parsing keeps the last good one.
     std::fs::write(api.root.join("revoked.txt"), "not a serial\n").expect("write");
     assert_eq!(call("0abc").await.0, 403);
+}
+
+/// `ferry serve` re-reads its certificate on SIGHUP: renewed under a new CA, it is served to new
+/// connections at once, without a restart.
+#[tokio::test]
+async fn serve_reloads_its_certificate_on_sighup() {
+    let api = setup();
+    let mut config = FleetConfig::load(&api.root.join("fleet.toml")).expect("fleet.toml");
+    config.server.listen = "127.0.0.1:0".into();
+    let pki_dir = api.root.join("pki");
+    let req = CertRequest {
+        name: "api".into(),
+        role: Role::Coordinator,
+        sans: vec!["127.0.0.1".into()],
+        validity: Validity::days_from_now(1),
+    };
+    pki::issue(&pki_dir, &req, &pki_dir, false).expect("api cert");
+    (config.server.cert, config.server.key) = (Some(pki_dir.join("api.pem")), Some(pki_dir.join("api.key")));
+    let tls = ClientTls::load(&config.tls).expect("tls");
+    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).expect("SIGHUP handler");
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let server = tokio::spawn(super::serve(
+        config,
+        tls,
+        move |addr| {
+            let _ = tx.send(addr);
+        },
+        shutdown.clone(),
+        Some(hangup),
+    ));
+    let addr = rx.await.expect("listening");
+    let health = |ca: std::path::PathBuf| async move {
+        let remote = crate::cli::api_client::Remote::new(&crate::cli::api_client::RemoteArgs {
+            url: format!("https://{addr}"),
+            ca: Some(ca),
+            ..Default::default()
+        })
+        .expect("client");
+        remote.call("GET", "/api/v1/health", None).await.map(|v| v["status"].clone())
+    };
+    assert_eq!(health(pki_dir.join("ca.pem")).await.expect("served"), "ok");
+
+    let new_ca = api.root.join("pki-new");
+    pki::init_ca(&new_ca, false, Validity::days_from_now(1)).expect("new CA");
+    pki::renew(&new_ca, &pki_dir.join("api.pem"), &pki_dir.join("api.key"), Validity::days_from_now(1)).expect("renew");
+    nix::sys::signal::raise(nix::sys::signal::Signal::SIGHUP).expect("raise SIGHUP");
+    let mut served_new = false;
+    for _ in 0..100 {
+        if health(new_ca.join("ca.pem")).await.is_ok() {
+            served_new = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(served_new, "the renewed certificate is not served after SIGHUP");
+    let old = health(pki_dir.join("ca.pem")).await.expect_err("the old CA no longer vouches for the API");
+    assert!(old.to_string().contains("certificate") || old.to_string().contains("issuer"), "{old}");
+    shutdown.cancel();
+    let stopped = tokio::time::timeout(std::time::Duration::from_secs(30), server).await;
+    assert!(matches!(stopped, Ok(Ok(Ok(())))), "serve did not return cleanly: {stopped:?}");
 }
