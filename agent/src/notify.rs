@@ -6,11 +6,15 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+#[cfg(feature = "sd-notify")]
 fn send(state: &[(&str, &str)]) {
     if let Err(e) = systemd::daemon::notify(state.iter()) {
         tracing::warn!(error = %e, ?state, "sd_notify failed");
     }
 }
+
+#[cfg(not(feature = "sd-notify"))]
+fn send(_: &[(&str, &str)]) {}
 
 /// Tells systemd the agent is serving.
 pub fn ready() {
@@ -31,6 +35,9 @@ pub fn still_stopping(extend: Duration, status: &str) {
 
 /// The watchdog interval systemd expects pings at, if it set one for this process.
 pub fn watchdog_interval() -> Option<Duration> {
+    #[cfg(not(feature = "sd-notify"))]
+    return None;
+    #[cfg(feature = "sd-notify")]
     match systemd::daemon::watchdog_enabled() {
         Ok(0) => None,
         Ok(usec) => Some(Duration::from_micros(usec)),
