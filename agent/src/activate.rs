@@ -176,8 +176,10 @@ async fn run_plan(config: Arc<AgentConfig>, plan: Plan, em: &Emitter) {
         },
     };
 
-    // Idempotence: already current, running and healthy → nothing to do.
-    if current.as_deref() == Some(target.as_str()) {
+    // Idempotence: already current, its activation ran to its end, running and healthy →
+    // nothing to do. (An activation cut short after the swap left the units on the old code:
+    // that one is run again.)
+    if current.as_deref() == Some(target.as_str()) && store.activated().as_deref() == Some(target.as_str()) {
         let units_up = match &systemd {
             Some(sd) => {
                 let mut all = true;
@@ -272,6 +274,7 @@ async fn run_plan(config: Arc<AgentConfig>, plan: Plan, em: &Emitter) {
     let result = async {
         hook(em, Step::AfterInstall, "after_install", &hook_plan.after_install, &hook_env, hook_timeout).await?;
         restart(em, systemd.as_ref(), &plan.units, &plan.unit_action, plan.unit_timeout, Step::RestartUnits).await?;
+        failpoint::hit("after-restart");
         hook(em, Step::Validate, "validate", &hook_plan.validate, &hook_env, hook_timeout).await?;
         health(em, &plan.probes, &root, Step::Health).await?;
         hook(
@@ -287,6 +290,7 @@ async fn run_plan(config: Arc<AgentConfig>, plan: Plan, em: &Emitter) {
     .await;
     match result {
         Ok(()) => {
+            mark_activated(&config, &plan.app, &swap.to).await;
             let mut pruned = Vec::new();
             if let Some(keep) = plan.keep {
                 let t = Instant::now();
@@ -366,6 +370,7 @@ async fn roll_back(
     };
     match again {
         Ok(()) => {
+            mark_activated(config, &plan.app, previous).await;
             em.finish(v1::Final {
                 outcome: Outcome::RolledBack as i32,
                 release_id: previous.to_string(),
@@ -391,6 +396,15 @@ async fn roll_back(
             })
             .await;
         }
+    }
+}
+
+/// Records a finished activation; a failure is logged (the next deployment of the same release
+/// then restarts the units once more, which is safe).
+async fn mark_activated(config: &Arc<AgentConfig>, app: &str, release: &str) {
+    let (store, id) = (config.store(app), release.to_string());
+    if let Err(e) = blocking(move || store.map_or(Ok(()), |s| s.mark_activated(&id))).await {
+        tracing::warn!(app, release, "{e}");
     }
 }
 

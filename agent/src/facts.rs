@@ -29,6 +29,7 @@ pub fn gather(config: &AgentConfig, agent_name: &str) -> v1::HostStatus {
                 None
             });
             let kept = store.releases().map(|r| r.len()).unwrap_or(0);
+            let activation_unfinished = current.is_some() && store.activated() != current;
             v1::AppStatus {
                 name: name.clone(),
                 root: app.root.display().to_string(),
@@ -36,6 +37,7 @@ pub fn gather(config: &AgentConfig, agent_name: &str) -> v1::HostStatus {
                 current_release: current.unwrap_or_default(),
                 releases_kept: u32::try_from(kept).unwrap_or(u32::MAX),
                 units: app.units.clone(),
+                activation_unfinished,
             }
         })
         .collect();

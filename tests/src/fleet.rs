@@ -707,7 +707,9 @@ fn write_host_etc(etc: &Path, name: &str, certs: &CertFiles) -> Result<(), Strin
         "# The test fleet runs the freshly built binary, bind-mounted at /opt/ferry.\n[Service]\nExecCondition=\n\
          ExecCondition=/opt/ferry/ferry-agent --config /etc/ferry/agent.toml --configured\nExecStartPre=\n\
          ExecStartPre=/opt/ferry/ferry-agent --config /etc/ferry/agent.toml --check\nExecStart=\n\
-         ExecStart=/opt/ferry/ferry-agent --config /etc/ferry/agent.toml\n",
+         ExecStart=/opt/ferry/ferry-agent --config /etc/ferry/agent.toml\n\
+         # Failpoints a test arms by writing this file (see agent/src/failpoint.rs).\n\
+         Environment=FERRY_FAILPOINTS_FILE=/var/lib/ferry/failpoints\n",
     )?;
     for (src, dst) in [(&certs.ca, "ca.pem"), (&certs.cert, "agent.pem"), (&certs.key, "agent.key")] {
         std::fs::copy(src, etc.join("ferry").join(dst)).map_err(|e| format!("copy {}: {e}", src.display()))?;

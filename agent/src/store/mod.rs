@@ -7,6 +7,8 @@
 //! staging/<id>/            manifest, received chunks, the bases offered for deltas, the tree
 //!                          being built; removed at start-up
 //! journal                  one JSON line per activation (append-only, fsync'd)
+//! activated                the release whose activation last ran to its end (units restarted,
+//!                          healthy): `current` alone does not say so
 //! ```
 //!
 //! Invariants:
@@ -243,6 +245,20 @@ impl AppStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// The release whose activation last ran to its end (units restarted, probes passed, or a
+    /// rollback to it did): `current` can name a release whose activation was cut short (the
+    /// agent died between the swap and the restart), which must not count as done.
+    pub fn activated(&self) -> Option<String> {
+        fs::read_to_string(self.dir.join("activated")).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
+    }
+
+    /// Records that `release_id`'s activation ran to its end.
+    pub fn mark_activated(&self, release_id: &str) -> R<()> {
+        let path = self.dir.join("activated");
+        durable::write(&path, format!("{release_id}\n").as_bytes(), 0o644, Existing::Replace)
+            .map_err(StoreError::io("record the activation", &path))
     }
 
     /// Complete releases (those with a manifest), newest promotion first.

@@ -197,7 +197,7 @@ impl Fleet for Fake {
             })?;
             sent.bytes.fetch_add(release.artifact.total_bytes, Ordering::Relaxed);
             note(StageNote::Committed { release: release_id.clone() });
-            Ok(Staged { current, release_id })
+            Ok(Staged { current, release_id, unfinished: false })
         })
     }
 

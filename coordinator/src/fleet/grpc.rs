@@ -132,6 +132,7 @@ async fn stage_host(
     let agent = Agent::connect(host, fleet.tls, timeouts(fleet.config)).await?;
     let (mut client, agent_timeout, app) = (agent.client, agent.request_timeout, fleet.config.app.name.clone());
     let current = app_release(&agent.status, &app);
+    let unfinished = agent.status.apps.iter().any(|a| a.name == app && a.activation_unfinished);
 
     let prepared = prepare(&mut client, host, fleet, release, &current, agent_timeout, note).await?;
     sent.manifest_delta.store(!prepared.1, Ordering::Relaxed);
@@ -167,7 +168,7 @@ async fn stage_host(
         note(StageNote::Committed { release: fin.release_id.clone() });
     }
     tracing::info!(release = prepared.release_id, bytes_sent = sent.bytes.load(Ordering::Relaxed), "staged");
-    Ok(Staged { current, release_id: prepared.release_id })
+    Ok(Staged { current, release_id: prepared.release_id, unfinished })
 }
 
 /// Activates a staged release on a host: swap, restart, probes; the host swaps itself back when

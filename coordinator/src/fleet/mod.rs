@@ -67,6 +67,9 @@ pub struct Staged {
     /// What the host ran when it was staged ("" before its first release).
     pub current: String,
     pub release_id: String,
+    /// The host's `current` was switched in, but its activation never ran to its end (its agent
+    /// died after the swap): even if `current` is this release, it must be activated.
+    pub unfinished: bool,
 }
 
 /// What staging did, step by step (the output layer words it).

@@ -419,6 +419,26 @@ impl Engine<'_> {
             self.emit(&Event::Started { id: &d.id });
             return Ok(Rollback::Unwind { id: d.id });
         }
+        // A rollback to a named version supersedes a rollout whose coordinator died (or a paused
+        // one): every host goes to that version anyway, and running the same rollback again is how
+        // an operator finishes one that was cut short.
+        if let Some(v) = to_version
+            && let Some((lock, d)) = self.lock_record()?
+        {
+            let paused = d.as_ref().is_some_and(|d| d.status == DeploymentStatus::Paused);
+            if !(lock.stale() || lock.mine() || paused || self.force_unlock) {
+                return Err(Error::StillRunning {
+                    id: lock.deployment_id.clone(),
+                    lock: Box::new(lock),
+                    next: "stop it first (Ctrl-C), or pass --force-unlock",
+                });
+            }
+            if let Some(d) = d.filter(|d| !d.status.is_finished()) {
+                let why = format!("superseded by a rollback to {v} (its coordinator was gone)");
+                self.registry.set_status(&d.id, DeploymentStatus::Failed, Some(&why))?;
+            }
+            self.registry.unlock(self.env, &lock.deployment_id)?;
+        }
         if env.strategy == Strategy::BlueGreen {
             if let Some(v) = to_version {
                 return Err(Error::BlueGreenTo { env: self.env.to_string(), version: v.to_string() });

@@ -258,7 +258,8 @@ impl Engine<'_> {
                 let bytes = transfer.bytes.load(Ordering::Relaxed);
                 match staged {
                     Ok(s) => {
-                        let state = if s.current == s.release_id { HostState::Unchanged } else { HostState::Staged };
+                        let unchanged = s.current == s.release_id && !s.unfinished;
+                        let state = if unchanged { HostState::Unchanged } else { HostState::Staged };
                         let previous = (!s.current.is_empty()).then_some(s.current.as_str());
                         let update = HostUpdate { previous_release: previous, bytes, ..Default::default() };
                         self.host_state(id, &host.name, state, &update)

@@ -293,6 +293,26 @@ async fn a_rollback_goes_through_the_state_machine_and_reports_the_release_it_we
     assert_eq!(outcomes(&r)[2..], [HostOutcome::Skipped, HostOutcome::Skipped]);
 }
 
+/// A rollback to a named version whose coordinator died is finished by running it again: it
+/// supersedes the one cut short (recorded failed, saying so), and every host ends on the version.
+#[tokio::test]
+async fn a_rollback_cut_short_is_finished_by_running_it_again() {
+    let w = World::new(3, "batch = 1");
+    assert_eq!(w.deploy("v2", "2").await.status, DeploymentStatus::Succeeded);
+    assert_eq!(w.deploy("v3", "3").await.status, DeploymentStatus::Succeeded);
+    let dies = Dies { inner: &w.registry, left: Mutex::new(2) };
+    let killed = Engine { registry: &dies, ..w.engine(&quiet) };
+    let r = killed.create_rollback(Some("2")).expect("recorded");
+    let e = killed.run_rollback(&r).await.expect_err("the coordinator died");
+    assert!(matches!(e, Error::Registry(RegistryError::Poisoned)), "{e}");
+    let again = w.rollback(Some("2")).await;
+    assert_eq!(again.status, DeploymentStatus::Succeeded, "{again:?}");
+    assert!(again.hosts.iter().all(|h| h.release.as_deref().is_some_and(|r| r.starts_with("2-"))), "{again:?}");
+    let cut = w.registry.deployment(r.id()).expect("read").expect("recorded");
+    assert_eq!(cut.status, DeploymentStatus::Failed);
+    assert!(cut.error.as_deref().is_some_and(|e| e.contains("superseded by a rollback to 2")), "{cut:?}");
+}
+
 /// A registry that dies (like its coordinator) right after the `n`th host transition is durable.
 struct Dies<'a> {
     inner: &'a Sqlite,
