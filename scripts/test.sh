@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every check CI runs, on a fresh Debian machine: installs what the tests need, then formatting,
 # lints, the build, and the whole test suite: unit, loopback mTLS, agent process, and end-to-end
-# tests on a fleet of real systemd hosts.
+# tests on a fleet of real systemd hosts (a short soak with faults among them); then a bounded
+# fuzzing run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/deps.sh --test
@@ -19,3 +20,6 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --workspace --locked --no-fail-fast
 fi
+# Coverage-guided fuzzing, bounded: each target 10 s from its committed seed corpus (the soak's
+# short run is one of the tests above; scripts/soak.sh runs a long one).
+./scripts/fuzz.sh "${FERRY_FUZZ_SECONDS:-10}"

@@ -59,6 +59,10 @@ pub struct AppReport {
     pub current_release: Option<String>,
     pub current_version: Option<String>,
     pub releases_kept: u32,
+    /// `current` was switched in but its activation never ran to its end (its agent died after
+    /// the swap): the units may run the previous release until the next deployment.
+    #[serde(default)]
+    pub activation_unfinished: bool,
 }
 
 impl From<HostStatus> for Facts {
@@ -85,6 +89,7 @@ impl From<HostStatus> for Facts {
                     current_release: non_empty(a.current_release),
                     current_version: non_empty(a.current_version),
                     releases_kept: a.releases_kept,
+                    activation_unfinished: a.activation_unfinished,
                 })
                 .collect(),
         }

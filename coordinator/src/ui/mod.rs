@@ -141,7 +141,8 @@ pub fn status(r: &StatusReport, format: Format) {
         match &h.facts {
             Some(f) => {
                 let release = f.apps.iter().find(|a| a.name == r.app).map_or("(app not declared)".to_string(), |a| {
-                    a.current_version.clone().unwrap_or_else(|| "-".into())
+                    let v = a.current_version.clone().unwrap_or_else(|| "-".into());
+                    if a.activation_unfinished { format!("{v} (activation unfinished: deploy it again)") } else { v }
                 });
                 table.add_row(vec![
                     h.name.clone(),
