@@ -302,16 +302,6 @@ impl Engine<'_> {
         }
     }
 
-    /// The environment's unfinished deployment, if any: the one holding its lock, still pending,
-    /// running or paused. (A lock naming a deployment the registry does not know holds none:
-    /// taking the environment then refuses with the lock's holder, as for any other lock.)
-    fn unfinished(&self) -> Result<Option<(Lock, DeploymentRow)>, Error> {
-        let record = self.lock_record()?;
-        Ok(record.and_then(|(lock, d)| {
-            d.filter(|d| d.kind == DeploymentKind::Deploy && !d.status.is_finished()).map(|d| (lock, d))
-        }))
-    }
-
     /// `ferry resume` / `ferry promote` (`paused_only`): the environment's deployment that may be
     /// continued (one whose coordinator died, or one paused at a canary step), or why none may.
     /// Touches nothing; [`Engine::take_over`] then [`Engine::run`] continue it.
@@ -403,46 +393,41 @@ impl Engine<'_> {
         if let Some(v) = to_version {
             check_version(v)?;
         }
-        if to_version.is_none()
-            && let Some((lock, d)) = self.unfinished()?
+        if env.strategy == Strategy::BlueGreen
+            && let Some(v) = to_version
         {
-            if !(lock.stale() || lock.mine() || d.status == DeploymentStatus::Paused || self.force_unlock) {
-                return Err(Error::StillRunning {
-                    id: d.id,
-                    lock: Box::new(lock),
-                    next: "stop it first (Ctrl-C), or pass --force-unlock",
-                });
-            }
-            self.registry.unlock(self.env, &d.id)?;
-            self.registry.lock(self.env, &d.id, false)?;
-            self.emit(&Event::Unwinding { id: &d.id, version: &d.version });
-            self.emit(&Event::Started { id: &d.id });
-            return Ok(Rollback::Unwind { id: d.id });
+            return Err(Error::BlueGreenTo { env: self.env.to_string(), version: v.to_string() });
         }
-        // A rollback to a named version supersedes a rollout whose coordinator died (or a paused
-        // one): every host goes to that version anyway, and running the same rollback again is how
-        // an operator finishes one that was cut short.
-        if let Some(v) = to_version
-            && let Some((lock, d)) = self.lock_record()?
-        {
-            let paused = d.as_ref().is_some_and(|d| d.status == DeploymentStatus::Paused);
-            if !(lock.stale() || lock.mine() || paused || self.force_unlock) {
-                return Err(Error::StillRunning {
-                    id: lock.deployment_id.clone(),
-                    lock: Box::new(lock),
-                    next: "stop it first (Ctrl-C), or pass --force-unlock",
-                });
+        // The environment's lock holder, if any, may be taken over only when its coordinator is
+        // gone (or it is paused, ours, or --force-unlock). Without a version, an unfinished
+        // deployment is unwound; a rollback to a named version supersedes it instead (every host
+        // goes to that version anyway: running the same rollback again finishes one cut short).
+        if let Some((lock, d)) = self.lock_record()? {
+            let open = d.filter(|d| !d.status.is_finished());
+            let unwind = open.as_ref().filter(|d| to_version.is_none() && d.kind == DeploymentKind::Deploy);
+            if unwind.is_some() || to_version.is_some() {
+                let paused = open.as_ref().is_some_and(|d| d.status == DeploymentStatus::Paused);
+                if !(lock.stale() || lock.mine() || paused || self.force_unlock) {
+                    return Err(Error::StillRunning {
+                        id: lock.deployment_id.clone(),
+                        lock: Box::new(lock),
+                        next: "stop it first (Ctrl-C), or pass --force-unlock",
+                    });
+                }
+                self.registry.unlock(self.env, &lock.deployment_id)?;
+                if let Some(d) = unwind {
+                    self.registry.lock(self.env, &d.id, false)?;
+                    self.emit(&Event::Unwinding { id: &d.id, version: &d.version });
+                    self.emit(&Event::Started { id: &d.id });
+                    return Ok(Rollback::Unwind { id: d.id.clone() });
+                }
+                if let (Some(v), Some(d)) = (to_version, &open) {
+                    let why = format!("superseded by a rollback to {v} (its coordinator was gone)");
+                    self.registry.set_status(&d.id, DeploymentStatus::Failed, Some(&why))?;
+                }
             }
-            if let Some(d) = d.filter(|d| !d.status.is_finished()) {
-                let why = format!("superseded by a rollback to {v} (its coordinator was gone)");
-                self.registry.set_status(&d.id, DeploymentStatus::Failed, Some(&why))?;
-            }
-            self.registry.unlock(self.env, &lock.deployment_id)?;
         }
         if env.strategy == Strategy::BlueGreen {
-            if let Some(v) = to_version {
-                return Err(Error::BlueGreenTo { env: self.env.to_string(), version: v.to_string() });
-            }
             return self.create_switch_back(env).map(|id| Rollback::Switch { id });
         }
         let hosts = self.config.hosts(self.env)?;
