@@ -14,7 +14,7 @@ use std::time::Duration;
 pub const POLL: Duration = Duration::from_secs(5);
 
 /// Identifies a version of each file: (device, inode, size, mtime s, mtime ns), None if missing.
-type Stamp = Vec<Option<(u64, u64, u64, i64, i64)>>;
+pub type Stamp = Vec<Option<(u64, u64, u64, i64, i64)>>;
 
 type Build<T> = Box<dyn Fn() -> Result<(T, String), String> + Send + Sync>;
 
@@ -68,7 +68,8 @@ impl<T: Send + Sync + 'static> Reloadable<T> {
     }
 }
 
-fn stamp(files: &[PathBuf]) -> Stamp {
+/// The current version of each of `files`: equal stamps, unchanged files.
+pub fn stamp(files: &[PathBuf]) -> Stamp {
     use std::os::unix::fs::MetadataExt;
     files
         .iter()

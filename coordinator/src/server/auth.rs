@@ -12,6 +12,7 @@ use super::{AuditLine, Peer, Shared};
 use crate::commands::token::sha256;
 use crate::config::Permission;
 use ferry_proto::identity::Revoked;
+use ferry_proto::reload;
 
 /// One configured token: its name and the SHA-256 of its secret.
 pub struct Token {
@@ -62,47 +63,39 @@ pub struct AuditNote(pub String);
 /// call: one stat). A list that no longer parses keeps the last good one, and says so.
 pub struct RevokedFile {
     path: Option<std::path::PathBuf>,
-    /// The file's (inode, size, mtime) when last read, and its list.
-    cache: std::sync::Mutex<(Option<FileStamp>, Revoked)>,
+    /// The file's stamp when last read, and its list.
+    cache: std::sync::Mutex<(reload::Stamp, Revoked)>,
 }
-
-type FileStamp = (u64, u64, i64, i64);
 
 impl RevokedFile {
     /// Reads the list at start: a bad one stops `ferry serve` with the file and line.
     pub fn load(path: Option<&std::path::Path>) -> anyhow::Result<RevokedFile> {
-        let list = match path {
+        let path: Option<std::path::PathBuf> = path.map(Into::into);
+        let stamp = reload::stamp(path.as_slice());
+        let list = match &path {
             Some(p) => Revoked::load(p).map_err(anyhow::Error::msg)?,
             None => Revoked::default(),
         };
-        let file = RevokedFile { path: path.map(Into::into), cache: std::sync::Mutex::new((None, list)) };
-        file.current();
-        Ok(file)
+        Ok(RevokedFile { path, cache: std::sync::Mutex::new((stamp, list)) })
     }
 
     /// Whether `serial` is revoked now.
     pub fn contains(&self, serial: &str) -> bool {
-        self.current().contains(serial)
-    }
-
-    fn current(&self) -> Revoked {
-        use std::os::unix::fs::MetadataExt;
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(path) = &self.path else { return cache.1.clone() };
-        let stamp = std::fs::metadata(path).ok().map(|m| (m.ino(), m.size(), m.mtime(), m.mtime_nsec()));
-        if stamp != cache.0 {
-            match Revoked::load(path) {
-                Ok(list) => {
-                    if cache.0.is_some() {
+        if let Some(path) = &self.path {
+            let stamp = reload::stamp(std::slice::from_ref(path));
+            if stamp != cache.0 {
+                match Revoked::load(path) {
+                    Ok(list) => {
                         tracing::info!(path = %path.display(), serials = list.len(), "revocation list re-read");
+                        cache.1 = list;
                     }
-                    cache.1 = list;
+                    Err(e) => tracing::error!("{e}; still refusing the serials of the last good list"),
                 }
-                Err(e) => tracing::error!("{e}; still refusing the serials of the last good list"),
+                cache.0 = stamp;
             }
-            cache.0 = stamp;
         }
-        cache.1.clone()
+        cache.1.contains(serial)
     }
 }
 
