@@ -76,15 +76,12 @@ impl Index {
                     mode: stored_mode(EntryKind::File, e.mode),
                     size: e.size,
                 };
-                match fs::symlink_metadata(store.join(&kept.rel)) {
-                    Ok(meta) if unchanged(&meta, &kept, uid).is_ok() => {}
-                    Ok(meta) => {
-                        let why = unchanged(&meta, &kept, uid).err().unwrap_or_default();
-                        tracing::warn!(file = %store.join(&kept.rel).display(), "not reusing a kept file: {why}");
-                        idx.skipped.push(format!("{}: {why}", store.join(&kept.rel).display()));
-                        continue;
-                    }
-                    Err(_) => continue,
+                let path = store.join(&kept.rel);
+                let Ok(meta) = fs::symlink_metadata(&path) else { continue };
+                if let Err(why) = unchanged(&meta, &kept, uid) {
+                    tracing::warn!(file = %path.display(), "not reusing a kept file: {why}");
+                    idx.skipped.push(format!("{}: {why}", path.display()));
+                    continue;
                 }
                 let kept = Arc::new(kept);
                 if let Some(h) = file_hash {

@@ -171,10 +171,6 @@ impl AppStore {
         self
     }
 
-    fn check_stop(&self) -> R<()> {
-        check_stop(self.stop.as_ref())
-    }
-
     fn releases_dir(&self) -> PathBuf {
         self.dir.join("releases")
     }
@@ -454,7 +450,7 @@ impl AppStore {
         let mut stored = Vec::new();
         let mut budget = BASES_MAX_BYTES;
         for e in m.entries.iter().filter(|e| e.kind == EntryKind::File as i32) {
-            self.check_stop()?;
+            check_stop(self.stop.as_ref())?;
             let wanted: Vec<&v1::Chunk> =
                 e.chunks.iter().filter(|c| key(&c.hash).is_some_and(|h| unassigned.contains(&h))).collect();
             let Some(prev) = old_files.get(e.path.as_str()) else { continue };
@@ -599,7 +595,7 @@ impl AppStore {
         let files = m.entries.iter().filter(|e| e.kind == EntryKind::File as i32).count();
         let mut files_done = 0usize;
         for e in &m.entries {
-            self.check_stop()?;
+            check_stop(self.stop.as_ref())?;
             let dst = tree.join(&e.path);
             match EntryKind::try_from(e.kind).unwrap_or(EntryKind::Unspecified) {
                 EntryKind::Dir => {
