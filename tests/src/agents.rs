@@ -104,3 +104,61 @@ hosts = {{ {hosts} }}
     std::fs::write(&path, &text).expect("write fleet.toml");
     FleetConfig::from_toml(&path, &text).expect("the test fleet config is valid")
 }
+
+/// The built `ferry-agent` binary as a process of its own (for what only a process shows: kill
+/// -9 at a failpoint, signals), killed on drop. Output goes to `log`, or nowhere.
+pub struct AgentProcess {
+    child: std::process::Child,
+    log: Option<std::path::PathBuf>,
+}
+
+impl AgentProcess {
+    /// Starts `ferry-agent --config CONFIG`, with `failpoints` armed (`FERRY_FAILPOINTS`).
+    pub fn start(config: &Path, failpoints: Option<&str>, log: Option<&Path>) -> AgentProcess {
+        use std::process::Stdio;
+        let mut cmd = std::process::Command::new(crate::bin("ferry-agent"));
+        cmd.arg("--config").arg(config).env_remove("NOTIFY_SOCKET").env_remove("JOURNAL_STREAM");
+        match log {
+            Some(path) => {
+                let out = std::fs::File::create(path).expect("agent log file");
+                let err = out.try_clone().expect("agent log file");
+                cmd.stdout(Stdio::from(out)).stderr(Stdio::from(err));
+            }
+            None => {
+                cmd.stdout(Stdio::null()).stderr(Stdio::null());
+            }
+        }
+        if let Some(fp) = failpoints {
+            cmd.env("FERRY_FAILPOINTS", fp);
+        }
+        AgentProcess { child: cmd.spawn().expect("spawn ferry-agent"), log: log.map(Path::to_path_buf) }
+    }
+
+    /// What the agent logged so far ("" without a log).
+    pub fn log(&self) -> String {
+        self.log.as_ref().and_then(|p| std::fs::read_to_string(p).ok()).unwrap_or_default()
+    }
+
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, signal).expect("signal the agent");
+    }
+
+    pub fn still_running(&mut self) -> bool {
+        self.child.try_wait().ok().flatten().is_none()
+    }
+
+    /// Waits (bounded) for the process to have died, and says whether it was SIGKILL.
+    pub fn wait_killed(&mut self) -> bool {
+        use std::os::unix::process::ExitStatusExt;
+        let status = crate::fleet::poll(std::time::Duration::from_secs(20), || self.child.try_wait().ok().flatten());
+        status.and_then(|s| s.signal()) == Some(9)
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -44,6 +44,20 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// `len` bytes of repeatable noise (xorshift from `seed`): content that compresses and chunks
+/// like a real binary.
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut s = seed | 1;
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s as u8
+        })
+        .collect()
+}
+
 /// Polls `check` up to `tries` times, 50 ms apart, until it returns `Some`.
 pub async fn wait_for<T>(tries: u32, mut check: impl FnMut() -> Option<T>) -> Option<T> {
     for _ in 0..tries {

@@ -19,6 +19,23 @@ pub struct CertFiles {
     pub key: PathBuf,
 }
 
+impl CertFiles {
+    /// These files as a coordinator's `[tls]`.
+    pub fn tls_files(&self) -> ferry_coordinator::config::TlsFiles {
+        ferry_coordinator::config::TlsFiles {
+            ca: self.ca.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            revoked: None,
+        }
+    }
+
+    /// The coordinator's client TLS from these files.
+    pub fn client_tls(&self) -> ferry_coordinator::tls::ClientTls {
+        ferry_coordinator::tls::ClientTls::load(&self.tls_files()).expect("coordinator TLS from the test certificate")
+    }
+}
+
 impl TestPki {
     pub fn new() -> TestPki {
         let temp = tempfile::tempdir().expect("temp dir for the test CA");

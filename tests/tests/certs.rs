@@ -3,73 +3,31 @@
 //! without dropping a deployment in flight; `ferry cert renew` re-issues a certificate in place; a
 //! whole CA rotation (trust old + new, new leaf certificates, drop the old CA) and a revocation go
 //! through with no failed deployment.
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_coordinator::artifact::Artifact;
-use ferry_coordinator::config::{FleetConfig, TlsFiles};
+use ferry_coordinator::config::FleetConfig;
 use ferry_coordinator::rollout::DeployReport;
 use ferry_coordinator::state::DeploymentStatus;
-use ferry_coordinator::tls::ClientTls;
 use ferry_proto::identity::Role;
-use ferry_tests::agents::fleet_config;
+use ferry_tests::agents::{AgentProcess, fleet_config};
 use ferry_tests::pki::{CertFiles, TestPki};
+use nix::sys::signal::Signal;
 
-struct AgentProcess {
-    child: Child,
-    log: PathBuf,
+/// Waits (bounded) until the agent's log has `n` lines containing `needle`.
+async fn logged(agent: &AgentProcess, needle: &str, n: usize) -> String {
+    let found = ferry_tests::wait_for(400, || (agent.log().matches(needle).count() >= n).then(|| agent.log())).await;
+    found.unwrap_or_else(|| panic!("the agent never logged {needle:?} {n} time(s):\n{}", agent.log()))
 }
 
-impl AgentProcess {
-    fn start(config: &Path, log: &Path) -> AgentProcess {
-        let out = std::fs::File::create(log).expect("log file");
-        let err = out.try_clone().expect("log file");
-        let child = Command::new(ferry_tests::bin("ferry-agent"))
-            .arg("--config")
-            .arg(config)
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("JOURNAL_STREAM")
-            .stdout(Stdio::from(out))
-            .stderr(Stdio::from(err))
-            .spawn()
-            .expect("spawn ferry-agent");
-        AgentProcess { child, log: log.to_owned() }
-    }
-
-    fn hangup(&self) {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Waits (bounded) until the log has `n` lines containing `needle`.
-    async fn logged(&self, needle: &str, n: usize) -> String {
-        let found = ferry_tests::wait_for(400, || (self.log().matches(needle).count() >= n).then(|| self.log())).await;
-        found.unwrap_or_else(|| panic!("the agent never logged {needle:?} {n} time(s):\n{}", self.log()))
-    }
-
-    /// Sends SIGHUP and waits for the reload it causes to be logged.
-    async fn reload(&self) -> String {
-        let n = self.log().matches("(SIGHUP)").count();
-        self.hangup();
-        self.logged("(SIGHUP)", n + 1).await
-    }
-
-    fn still_running(&mut self) -> bool {
-        self.child.try_wait().ok().flatten().is_none()
-    }
-}
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Sends SIGHUP and waits for the reload it causes to be logged.
+async fn reload(agent: &AgentProcess) -> String {
+    let n = agent.log().matches("(SIGHUP)").count();
+    agent.signal(Signal::SIGHUP);
+    logged(agent, "(SIGHUP)", n + 1).await
 }
 
 /// Replaces `dst` atomically with `content` (as a config management tool would).
@@ -92,13 +50,7 @@ fn serial(cert: &Path) -> String {
 
 async fn deploy(dir: &Path, files: &CertFiles, agent: &str, version: &str) -> DeployReport {
     let config: FleetConfig = fleet_config(dir, files, &[("web-1", agent.to_string())]);
-    let tls = ClientTls::load(&TlsFiles {
-        ca: files.ca.clone(),
-        cert: files.cert.clone(),
-        key: files.key.clone(),
-        revoked: None,
-    })
-    .expect("coordinator tls");
+    let tls = files.client_tls();
     let build = dir.join(format!("build-{version}"));
     std::fs::create_dir_all(&build).expect("mkdir");
     std::fs::write(build.join("VERSION"), version).expect("write");
@@ -144,8 +96,8 @@ async fn a_ca_rotation_and_a_revocation_need_no_restart_and_fail_no_deployment()
         ),
     )
     .expect("write agent.toml");
-    let mut agent = AgentProcess::start(&agent_toml, &d.join("agent.log"));
-    agent.logged("ferry-agent serving", 1).await;
+    let mut agent = AgentProcess::start(&agent_toml, None, Some(&d.join("agent.log")));
+    logged(&agent, "ferry-agent serving", 1).await;
     let addr = format!("127.0.0.1:{port}");
 
     // The coordinator's files.
@@ -169,12 +121,12 @@ async fn a_ca_rotation_and_a_revocation_need_no_restart_and_fail_no_deployment()
     let signals = async {
         for _ in 0..5 {
             tokio::time::sleep(Duration::from_millis(40)).await;
-            agent.hangup();
+            agent.signal(Signal::SIGHUP);
         }
     };
     let (r, ()) = tokio::join!(in_flight, signals);
     ok(&r);
-    agent.logged("reloaded TLS (SIGHUP)", 1).await;
+    logged(&agent, "reloaded TLS (SIGHUP)", 1).await;
 
     // 2. New leaf certificates from the new CA, same names, renewed in place; the agent notices
     //    its files changed without being told.
@@ -190,7 +142,7 @@ async fn a_ca_rotation_and_a_revocation_need_no_restart_and_fail_no_deployment()
     let renewed = ferry_coordinator::pki::show(&etc.join("agent.pem")).expect("show");
     assert_eq!((renewed.role, renewed.ips.clone()), (Some(Role::Agent), vec!["127.0.0.1".parse().expect("ip")]));
     assert!(renewed.issuer.contains(&ferry_coordinator::pki::show(&new.ca_cert()).expect("ca").subject), "{renewed:?}");
-    agent.logged(&format!("reloaded TLS (the files changed): certificate web-1 (serial {agent_serial}"), 1).await;
+    logged(&agent, &format!("reloaded TLS (the files changed): certificate web-1 (serial {agent_serial}"), 1).await;
     ok(&deploy(d, &ctl, &addr, "3").await);
     ferry(&["cert", "renew", "--ca", &d.join("ca-new").display().to_string(), &ctl.cert.display().to_string()]);
     ok(&deploy(d, &ctl, &addr, "4").await);
@@ -199,7 +151,7 @@ async fn a_ca_rotation_and_a_revocation_need_no_restart_and_fail_no_deployment()
     //    old CA is refused.
     put(&etc.join("ca.pem"), &std::fs::read(new.ca_cert()).expect("new CA"));
     put(&ctl.ca, &std::fs::read(new.ca_cert()).expect("new CA"));
-    assert!(agent.reload().await.contains("reloaded TLS (SIGHUP)"));
+    assert!(reload(&agent).await.contains("reloaded TLS (SIGHUP)"));
     ok(&deploy(d, &ctl, &addr, "5").await);
     let stale = old.issue("ctl-old", Role::Coordinator, &[]);
     let stale = CertFiles { ca: ctl.ca.clone(), ..stale };
@@ -207,17 +159,17 @@ async fn a_ca_rotation_and_a_revocation_need_no_restart_and_fail_no_deployment()
 
     // 4. A stolen coordinator certificate is cut off without touching the CA; another works.
     put(&etc.join("revoked.txt"), format!("# ctl's laptop, stolen\n{}\n", serial(&ctl.cert)).as_bytes());
-    agent.reload().await;
+    reload(&agent).await;
     refused(&deploy(d, &ctl, &addr, "6").await, "revoked");
-    agent.logged("client certificate is revoked", 1).await;
+    logged(&agent, "client certificate is revoked", 1).await;
     let other = new.issue("ctl-2", Role::Coordinator, &[]);
     ok(&deploy(d, &other, &addr, "6").await);
 
     // 5. A broken reload (a key that is not the certificate's) keeps the last good setup.
     let good_key = std::fs::read(etc.join("agent.key")).expect("key");
     put(&etc.join("agent.key"), &std::fs::read(&other.key).expect("another key"));
-    agent.reload().await;
-    agent.logged("cannot reload TLS (SIGHUP); still using the previous certificate, key and CA", 1).await;
+    reload(&agent).await;
+    logged(&agent, "cannot reload TLS (SIGHUP); still using the previous certificate, key and CA", 1).await;
     ok(&deploy(d, &other, &addr, "7").await);
     put(&etc.join("agent.key"), &good_key);
 

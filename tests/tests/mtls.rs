@@ -16,8 +16,7 @@ fn host(name: &str, agent: &TestAgent) -> Host {
 }
 
 fn client_tls(files: &CertFiles) -> ClientTls {
-    ClientTls::load(&TlsFiles { ca: files.ca.clone(), cert: files.cert.clone(), key: files.key.clone(), revoked: None })
-        .expect("load coordinator TLS")
+    ClientTls::load(&files.tls_files()).expect("load coordinator TLS")
 }
 
 async fn connect(name: &str, agent: &TestAgent, tls: &ClientTls) -> Result<Agent, HostError> {
@@ -69,7 +68,7 @@ async fn coordinator_certificate_from_another_ca_is_refused() {
     // Trusts the fleet CA (so it accepts the agent) but holds a certificate of another CA.
     let mut foreign = other.issue("ctl", Role::Coordinator, &[]);
     foreign.ca = fleet.ca_cert();
-    let err = expect_refused(connect("web-1", &agent, &client_tls(&foreign)).await);
+    let err = expect_refused(connect("web-1", &agent, &foreign.client_tls()).await);
 
     assert_eq!(err.kind, ErrorKind::Tls, "{err}");
     assert!(

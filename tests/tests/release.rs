@@ -3,7 +3,7 @@
 //! kill -9 at each failpoint leaves behind.
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,21 +12,17 @@ use ferry_agent::store::ManifestSource;
 use ferry_coordinator::artifact::Artifact;
 use ferry_coordinator::cache::Cache;
 use ferry_coordinator::client::{Agent, Timeouts};
-use ferry_coordinator::config::{FleetConfig, Host, TlsFiles};
+use ferry_coordinator::config::{FleetConfig, Host};
 use ferry_coordinator::rollout::{DeployReport, HostOutcome};
 use ferry_coordinator::state::DeploymentStatus;
 use ferry_coordinator::tls::ClientTls;
 use ferry_proto::identity::Role;
 use ferry_proto::v1;
-use ferry_tests::agents::{TestAgent, agent_toml, fleet_config};
-use ferry_tests::pki::{CertFiles, TestPki};
+use ferry_tests::agents::{AgentProcess, TestAgent, agent_toml, fleet_config};
+use ferry_tests::pki::TestPki;
+use ferry_tests::pseudo_random;
 
 const TIMEOUTS: Timeouts = Timeouts { connect: Duration::from_secs(3), request: Duration::from_secs(10) };
-
-fn tls(files: &CertFiles) -> ClientTls {
-    ClientTls::load(&TlsFiles { ca: files.ca.clone(), cert: files.cert.clone(), key: files.key.clone(), revoked: None })
-        .expect("tls")
-}
 
 /// A build output: `files` (path, content) written under a fresh directory.
 fn build(dir: &Path, name: &str, files: &[(&str, Vec<u8>)]) -> PathBuf {
@@ -37,18 +33,6 @@ fn build(dir: &Path, name: &str, files: &[(&str, Vec<u8>)]) -> PathBuf {
         std::fs::write(&path, data).expect("write");
     }
     root
-}
-
-fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut s = seed | 1;
-    (0..len)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            s as u8
-        })
-        .collect()
 }
 
 async fn deploy_dir(config: &FleetConfig, tls: &ClientTls, dir: &Path, version: &str) -> DeployReport {
@@ -81,7 +65,7 @@ impl Setup {
             .expect("start agent");
         let ctl = pki.issue("ctl", Role::Coordinator, &[]);
         let config = fleet_config(dir.path(), &ctl, &[("web-1", agent.addr.to_string())]);
-        Setup { tls: tls(&ctl), _pki: pki, dir, agent, config }
+        Setup { tls: ctl.client_tls(), _pki: pki, dir, agent, config }
     }
     fn data(&self) -> PathBuf {
         self.dir.path().join("data/apps/web")
@@ -676,34 +660,6 @@ fn enospc_during_staging_fails_cleanly() {
 
 // ---- crash safety -------------------------------------------------------------------------------
 
-struct AgentProcess {
-    child: Child,
-}
-
-impl AgentProcess {
-    fn start(config: &Path, failpoint: Option<&str>) -> AgentProcess {
-        let mut cmd = Command::new(ferry_tests::bin("ferry-agent"));
-        cmd.arg("--config").arg(config).env_remove("NOTIFY_SOCKET").stdout(Stdio::null()).stderr(Stdio::null());
-        if let Some(fp) = failpoint {
-            cmd.env("FERRY_FAILPOINTS", fp);
-        }
-        AgentProcess { child: cmd.spawn().expect("spawn ferry-agent") }
-    }
-    /// Waits (bounded) for the process to have died, and says whether it was SIGKILL.
-    fn wait_killed(&mut self) -> bool {
-        use std::os::unix::process::ExitStatusExt;
-        let status = ferry_tests::fleet::poll(Duration::from_secs(20), || self.child.try_wait().ok().flatten());
-        status.and_then(|s| s.signal()) == Some(9)
-    }
-}
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Every entry of the current release matches the manifest the agent recorded for it.
 fn assert_release_intact(data: &Path) {
     use prost::Message;
@@ -740,7 +696,7 @@ async fn kill_9_at_each_failpoint_leaves_the_old_or_the_new_release() {
     .expect("write config");
     let ctl = pki.issue("ctl", Role::Coordinator, &[]);
     let config = fleet_config(dir.path(), &ctl, &[("web-1", format!("127.0.0.1:{port}"))]);
-    let tls = tls(&ctl);
+    let tls = ctl.client_tls();
     let data = dir.path().join("data/apps/web");
     let wait_up = || async {
         let host = Host { name: "web-1".into(), address: "127.0.0.1".into(), port };
@@ -755,7 +711,7 @@ async fn kill_9_at_each_failpoint_leaves_the_old_or_the_new_release() {
 
     let v1 = build(dir.path(), "v1", &tree_v(1));
     {
-        let _agent = AgentProcess::start(&config_path, None);
+        let _agent = AgentProcess::start(&config_path, None, None);
         wait_up().await;
         assert_eq!(deploy_dir(&config, &tls, &v1, "1").await.status, DeploymentStatus::Succeeded);
     }
@@ -764,7 +720,7 @@ async fn kill_9_at_each_failpoint_leaves_the_old_or_the_new_release() {
         let version = format!("{}", n + 2);
         let tree = build(dir.path(), &format!("v{version}"), &tree_v(n as u32 + 2));
         {
-            let mut agent = AgentProcess::start(&config_path, Some(failpoint));
+            let mut agent = AgentProcess::start(&config_path, Some(failpoint), None);
             wait_up().await;
             let r = deploy_dir(&config, &tls, &tree, &version).await;
             assert_eq!(r.status, DeploymentStatus::Failed, "{failpoint}: {r:?}");
@@ -772,7 +728,7 @@ async fn kill_9_at_each_failpoint_leaves_the_old_or_the_new_release() {
         }
         // On disk right after the kill: current still names a complete, intact release.
         assert_release_intact(&data);
-        let _agent = AgentProcess::start(&config_path, None);
+        let _agent = AgentProcess::start(&config_path, None, None);
         wait_up().await;
         // The restarted agent cleaned staging and serves the old release.
         assert_eq!(std::fs::read_dir(data.join("staging")).expect("ls").count(), 0, "{failpoint}: staging not cleaned");

@@ -6,7 +6,6 @@ use std::process::Command;
 // `ferry` child process.
 
 use ferry_coordinator::commands::status;
-use ferry_coordinator::config::TlsFiles;
 use ferry_coordinator::tls::ClientTls;
 use ferry_proto::identity::Role;
 use ferry_tests::agents::{TestAgent, fleet_config};
@@ -27,9 +26,7 @@ async fn one_agent_up_one_stopped() {
 
     let ctl = pki.issue("ctl", Role::Coordinator, &[]);
     let config = fleet_config(data.path(), &ctl, &[("web-1", up.addr.to_string()), ("web-2", down_addr.to_string())]);
-    let tls =
-        ClientTls::load(&TlsFiles { ca: ctl.ca.clone(), cert: ctl.cert.clone(), key: ctl.key.clone(), revoked: None })
-            .expect("tls");
+    let tls = ClientTls::load(&ctl.tls_files()).expect("tls");
 
     let report = status::run(&config, "test", &tls).await.expect("status");
     assert_eq!(report.hosts.len(), 2);

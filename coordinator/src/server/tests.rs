@@ -683,11 +683,12 @@ async fn engine_refusals_get_their_own_status_codes() {
     assert_eq!((api_error.status.as_u16(), api_error.code), (409, "not_in_progress"));
 }
 
-/// `serve` takes its shutdown as a token (no signal handler of its own): cancelled, it stops
-/// accepting and returns, even with a client that never finished its TLS handshake.
-#[tokio::test]
-async fn serve_returns_when_its_token_is_cancelled_with_connections_open() {
-    let api = setup();
+/// `serve` on a loopback port with an API certificate of its own (`pki/api.pem`, for 127.0.0.1):
+/// its address, its shutdown token and its task.
+async fn serve_on_loopback(
+    api: &Api,
+    hangup: Option<tokio::signal::unix::Signal>,
+) -> (std::net::SocketAddr, tokio_util::sync::CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>) {
     let mut config = FleetConfig::load(&api.root.join("fleet.toml")).expect("fleet.toml");
     config.server.listen = "127.0.0.1:0".into();
     let req = CertRequest {
@@ -701,16 +702,19 @@ async fn serve_returns_when_its_token_is_cancelled_with_connections_open() {
     let tls = ClientTls::load(&config.tls).expect("tls");
     let shutdown = tokio_util::sync::CancellationToken::new();
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let server = tokio::spawn(super::serve(
-        config,
-        tls,
-        move |addr| {
-            let _ = tx.send(addr);
-        },
-        shutdown.clone(),
-        None,
-    ));
-    let addr = rx.await.expect("listening");
+    let ready = move |addr| {
+        let _ = tx.send(addr);
+    };
+    let server = tokio::spawn(super::serve(config, tls, ready, shutdown.clone(), hangup));
+    (rx.await.expect("listening"), shutdown, server)
+}
+
+/// `serve` takes its shutdown as a token (no signal handler of its own): cancelled, it stops
+/// accepting and returns, even with a client that never finished its TLS handshake.
+#[tokio::test]
+async fn serve_returns_when_its_token_is_cancelled_with_connections_open() {
+    let api = setup();
+    let (addr, shutdown, server) = serve_on_loopback(&api, None).await;
     // One client stalls before TLS; another is served.
     let mut stalled = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let remote = crate::cli::api_client::Remote::new(&crate::cli::api_client::RemoteArgs {
@@ -845,31 +849,9 @@ async fn a_revoked_client_certificate_is_refused_as_soon_as_it_is_listed() {
 #[tokio::test]
 async fn serve_reloads_its_certificate_on_sighup() {
     let api = setup();
-    let mut config = FleetConfig::load(&api.root.join("fleet.toml")).expect("fleet.toml");
-    config.server.listen = "127.0.0.1:0".into();
     let pki_dir = api.root.join("pki");
-    let req = CertRequest {
-        name: "api".into(),
-        role: Role::Coordinator,
-        sans: vec!["127.0.0.1".into()],
-        validity: Validity::days_from_now(1),
-    };
-    pki::issue(&pki_dir, &req, &pki_dir, false).expect("api cert");
-    (config.server.cert, config.server.key) = (Some(pki_dir.join("api.pem")), Some(pki_dir.join("api.key")));
-    let tls = ClientTls::load(&config.tls).expect("tls");
     let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).expect("SIGHUP handler");
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let server = tokio::spawn(super::serve(
-        config,
-        tls,
-        move |addr| {
-            let _ = tx.send(addr);
-        },
-        shutdown.clone(),
-        Some(hangup),
-    ));
-    let addr = rx.await.expect("listening");
+    let (addr, shutdown, server) = serve_on_loopback(&api, Some(hangup)).await;
     let health = |ca: std::path::PathBuf| async move {
         let remote = crate::cli::api_client::Remote::new(&crate::cli::api_client::RemoteArgs {
             url: format!("https://{addr}"),

@@ -6,23 +6,12 @@ use std::process::Command;
 
 use ferry_coordinator::artifact::Artifact;
 use ferry_proto::{delta, manifest, v1};
+use ferry_tests::pseudo_random;
 use prost::Message;
 
 fn write(dir: &Path, name: &str, bytes: &[u8]) {
     std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
     std::fs::write(dir.join(name), bytes).unwrap_or_else(|e| panic!("{}: {e}", dir.join(name).display()));
-}
-
-fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut s = seed | 1;
-    (0..len)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 24) as u8
-        })
-        .collect()
 }
 
 /// A build: files, a directory, symlinks (one through another), and `bin/app` of `big` bytes.
