@@ -175,3 +175,104 @@ async fn a_ca_rotation_and_a_revocation_need_no_restart_and_fail_no_deployment()
 
     assert!(agent.still_running(), "the same agent process served the whole rotation:\n{}", agent.log());
 }
+
+/// The same rotation on the real fleet, driven the way an operator drives it: `ferry ca init`,
+/// bundles copied into place, `systemctl reload ferry-agent` (the unit's ExecReload) while a
+/// deployment is in flight, `ferry cert renew` of every certificate in place, the old CA dropped.
+/// Every `ferry` command along the way succeeds, and no agent restarts.
+#[test]
+fn a_ca_rotation_on_the_fleet_fails_no_command_and_restarts_no_agent() {
+    let fleet = ferry_tests::fleet_or_skip!(2);
+    let d = &fleet.dir;
+    let run = |args: &[&str]| {
+        let out = fleet.ferry(args);
+        let text = ferry_tests::fleet::text_of(&out);
+        assert!(out.status.success(), "ferry {args:?} failed during the rotation:\n{text}");
+        text
+    };
+    // The coordinator's own copies of its files (the fleet's are shared by other configs).
+    let ctl_dir = d.join("rotation-ctl");
+    std::fs::create_dir_all(&ctl_dir).expect("mkdir");
+    let ctl = CertFiles { ca: ctl_dir.join("ca.pem"), cert: ctl_dir.join("ctl.pem"), key: ctl_dir.join("ctl.key") };
+    for (from, to) in
+        [(&fleet.coordinator.ca, &ctl.ca), (&fleet.coordinator.cert, &ctl.cert), (&fleet.coordinator.key, &ctl.key)]
+    {
+        std::fs::copy(from, to).expect("copy");
+    }
+    let toml = fleet.write_fleet_toml("rotation.toml", &ctl).expect("write fleet.toml");
+    let config = toml.to_str().unwrap_or_default();
+    let release = |v: &str| {
+        let dir = d.join(format!("rotation-v{v}"));
+        ferry_tests::demo_app::write_release(&dir, v, ferry_tests::demo_app::Variant::Healthy).expect("release");
+        dir.to_string_lossy().into_owned()
+    };
+    let deploy = |v: &str| {
+        let text = run(&["deploy", "--config", config, "--env", "test", "--artifact", &release(v), "--version", v]);
+        assert!(text.contains("succeeded: 2 of 2 host(s) on the release"), "{text}");
+    };
+    let etc = |h: &ferry_tests::fleet::FleetHost, file: &str| h.dir.join("etc/ferry").join(file);
+    let agent_pids: Vec<u32> = fleet.hosts.iter().map(|h| h.main_pid("ferry-agent.service")).collect();
+    deploy("1");
+
+    // 1. A new CA; every host and the coordinator trust old and new. The reload happens while a
+    //    deployment is in flight, which goes on.
+    let new_ca = d.join("rotation-ca-new");
+    run(&["ca", "init", "--out", &new_ca.to_string_lossy()]);
+    let old_pem = std::fs::read(fleet.pki.ca_cert()).expect("old CA");
+    let new_pem = std::fs::read(new_ca.join("ca.pem")).expect("new CA");
+    let bundle = [old_pem.clone(), new_pem.clone()].concat();
+    for h in &fleet.hosts {
+        put(&etc(h, "ca.pem"), &bundle);
+    }
+    put(&ctl.ca, &bundle);
+    let log = d.join("rotation-deploy-2.log");
+    let mut in_flight = fleet.spawn_ferry(
+        &["deploy", "--config", config, "--env", "test", "--artifact", &release("2"), "--version", "2"],
+        &log,
+    );
+    for h in &fleet.hosts {
+        h.systemctl(&["reload", "ferry-agent.service"]).unwrap_or_else(|e| panic!("{}: reload: {e}", h.name));
+    }
+    let status = in_flight.wait().expect("wait for ferry deploy");
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(status.success(), "the deployment in flight during the reload failed:\n{text}");
+    for h in &fleet.hosts {
+        let journal = h.journal("ferry-agent.service", 200);
+        assert!(journal.contains("reloaded TLS (SIGHUP)"), "{}: {journal}", h.name);
+    }
+
+    // 2. Every certificate renewed in place under the new CA; the agents notice the changed files
+    //    without being told.
+    let new_ca_arg = new_ca.to_string_lossy().into_owned();
+    for h in &fleet.hosts {
+        run(&["cert", "renew", "--ca", &new_ca_arg, &etc(h, "agent.pem").to_string_lossy()]);
+    }
+    for h in &fleet.hosts {
+        let serial = serial(&etc(h, "agent.pem"));
+        let needle = format!("reloaded TLS (the files changed): certificate {} (serial {serial}", h.name);
+        let seen = ferry_tests::fleet::poll(Duration::from_secs(30), || {
+            h.journal("ferry-agent.service", 200).contains(&needle).then_some(())
+        });
+        assert!(seen.is_some(), "{}: never logged {needle:?}:\n{}", h.name, h.journal("ferry-agent.service", 40));
+    }
+    run(&["status", "--config", config, "--env", "test"]);
+    run(&["cert", "renew", "--ca", &new_ca_arg, &ctl.cert.to_string_lossy()]);
+    deploy("3");
+
+    // 3. The old CA is dropped everywhere: deployments go on; the old CA's certificates are refused.
+    for h in &fleet.hosts {
+        put(&etc(h, "ca.pem"), &new_pem);
+        h.systemctl(&["reload", "ferry-agent.service"]).unwrap_or_else(|e| panic!("{}: reload: {e}", h.name));
+    }
+    put(&ctl.ca, &new_pem);
+    deploy("4");
+    let stale = CertFiles { ca: ctl.ca.clone(), ..fleet.coordinator.clone() };
+    let stale_toml = fleet.write_fleet_toml("rotation-stale.toml", &stale).expect("write fleet.toml");
+    let out = fleet.ferry(&["status", "--config", &stale_toml.to_string_lossy(), "--env", "test"]);
+    let text = ferry_tests::fleet::text_of(&out);
+    assert!(!out.status.success() && text.contains("not signed by the CA the agent trusts"), "{text}");
+
+    assert_eq!(fleet.versions(), ["4", "4"]);
+    let now: Vec<u32> = fleet.hosts.iter().map(|h| h.main_pid("ferry-agent.service")).collect();
+    assert_eq!(now, agent_pids, "an agent restarted during the rotation");
+}
