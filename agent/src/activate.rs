@@ -176,6 +176,15 @@ async fn run_plan(config: Arc<AgentConfig>, plan: Plan, em: &Emitter) {
         },
     };
 
+    // The release's app user runs its hooks and exec probes; it must exist before anything changes.
+    let owner = match store.owner(&target) {
+        Ok(o) => o,
+        Err(e) => {
+            em.refuse(Status::failed_precondition(format!("{e}; nothing was changed"))).await;
+            return;
+        }
+    };
+
     // Idempotence: already current, its activation ran to its end, running and healthy →
     // nothing to do. (An activation cut short after the swap left the units on the old code:
     // that one is run again.)
@@ -190,7 +199,7 @@ async fn run_plan(config: Arc<AgentConfig>, plan: Plan, em: &Emitter) {
             }
             None => true,
         };
-        if units_up && health(em, &plan.probes, &root, Step::Health).await.is_ok() {
+        if units_up && health(em, &plan.probes, &root, owner.as_ref(), Step::Health).await.is_ok() {
             em.send(Step::Swap, StepState::Skipped, format!("{target} is already current and healthy"), None).await;
             em.finish(v1::Final {
                 outcome: Outcome::Unchanged as i32,
@@ -212,6 +221,8 @@ async fn run_plan(config: Arc<AgentConfig>, plan: Plan, em: &Emitter) {
         release_dir: &release_dir,
         previous_release_dir: previous_dir.as_deref(),
         deployment_id: &plan.deployment_id,
+        owner: owner.as_ref(),
+        as_root: plan.hooks.as_ref().map_or(&[], |h| h.as_root.as_slice()),
     };
     let hook_plan = plan.hooks.clone().unwrap_or_default();
     let hook_timeout = Duration::from_millis(if hook_plan.timeout_ms == 0 { 60_000 } else { hook_plan.timeout_ms });
@@ -276,7 +287,7 @@ async fn run_plan(config: Arc<AgentConfig>, plan: Plan, em: &Emitter) {
         restart(em, systemd.as_ref(), &plan.units, &plan.unit_action, plan.unit_timeout, Step::RestartUnits).await?;
         failpoint::hit("after-restart");
         hook(em, Step::Validate, "validate", &hook_plan.validate, &hook_env, hook_timeout).await?;
-        health(em, &plan.probes, &root, Step::Health).await?;
+        health(em, &plan.probes, &root, owner.as_ref(), Step::Health).await?;
         hook(
             em,
             Step::AfterAllowTraffic,
@@ -365,7 +376,14 @@ async fn roll_back(
     em.send(Step::RollbackSwap, StepState::Succeeded, format!("current: {} -> {previous}", swap.to), Some(t)).await;
     // Going back always restarts: a reload could leave the failed release's code running.
     let again = match restart(em, systemd, &plan.units, "restart", plan.unit_timeout, Step::RollbackRestart).await {
-        Ok(()) => health(em, &plan.probes, root, Step::RollbackHealth).await,
+        // The probes run in the release gone back to, as its own user.
+        Ok(()) => {
+            let owner = config.store(&plan.app).map_or(Ok(None), |s| s.owner(previous)).unwrap_or_else(|e| {
+                tracing::warn!(app = plan.app, "{e}; the probes of {previous} run as root");
+                None
+            });
+            health(em, &plan.probes, root, owner.as_ref(), Step::RollbackHealth).await
+        }
         Err(f) => Err(f),
     };
     match again {
@@ -452,11 +470,17 @@ async fn restart(
     Ok(())
 }
 
-async fn health(em: &Emitter, probes: &[v1::HealthProbe], cwd: &std::path::Path, step: Step) -> Result<(), Failure> {
+async fn health(
+    em: &Emitter,
+    probes: &[v1::HealthProbe],
+    cwd: &std::path::Path,
+    owner: Option<&crate::owner::Owner>,
+    step: Step,
+) -> Result<(), Failure> {
     for p in probes {
         let t = Instant::now();
         em.send(step, StepState::Started, format!("probing {}", p.name), None).await;
-        match probe::run(p, cwd).await {
+        match probe::run(p, cwd, owner).await {
             Ok(()) => em.send(step, StepState::Succeeded, format!("{} is healthy", p.name), Some(t)).await,
             Err(e) => {
                 em.probe_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

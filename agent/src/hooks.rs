@@ -4,7 +4,8 @@
 //!
 //! A hook runs in the release directory, in its own process group, with `FERRY_APP`,
 //! `FERRY_VERSION`, `FERRY_RELEASE_DIR`, `FERRY_PREVIOUS_RELEASE_DIR`, `FERRY_DEPLOYMENT_ID` and
-//! `FERRY_HOOK` set. Its stdout and stderr are captured (bounded) into the report. A hook can
+//! `FERRY_HOOK` set, as the release's app user (unless fleet.toml names the hook in `as_root`;
+//! root for a release without a user). Its stdout and stderr are captured (bounded) into the report. A hook can
 //! never hang the agent: at its timeout the whole process group is killed, and once the hook
 //! itself has exited, a child it left behind holding stdout open is killed too instead of being
 //! waited for.
@@ -42,6 +43,10 @@ pub struct HookEnv<'a> {
     pub release_dir: &'a Path,
     pub previous_release_dir: Option<&'a Path>,
     pub deployment_id: &'a str,
+    /// The release's app user; hooks run as it.
+    pub owner: Option<&'a crate::owner::Owner>,
+    /// Hooks run as root all the same, by name.
+    pub as_root: &'a [String],
 }
 
 /// Reads up to `MAX_OUTPUT` bytes, then keeps draining (and discarding) so the writer never blocks.
@@ -91,6 +96,9 @@ pub async fn run(name: &str, rel: &str, env: &HookEnv<'_>, timeout: Duration) ->
         .kill_on_drop(true);
     // Its own process group, so a timeout kills everything it started.
     cmd.as_std_mut().process_group(0);
+    if let Some(o) = env.owner.filter(|_| !env.as_root.iter().any(|h| h == name)) {
+        o.apply(cmd.as_std_mut());
+    }
     let mut child = cmd.spawn().map_err(|e| fail(format!("cannot be started: {e}"), String::new()))?;
     let pid = child.id().unwrap_or(0);
     // Both were configured as pipes just above, so take() cannot return None.
@@ -141,7 +149,15 @@ mod tests {
     }
 
     fn env(dir: &Path) -> HookEnv<'_> {
-        HookEnv { app: "web", version: "2", release_dir: dir, previous_release_dir: None, deployment_id: "d-1" }
+        HookEnv {
+            app: "web",
+            version: "2",
+            release_dir: dir,
+            previous_release_dir: None,
+            deployment_id: "d-1",
+            owner: None,
+            as_root: &[],
+        }
     }
 
     #[tokio::test]
@@ -159,6 +175,28 @@ mod tests {
         assert!(e.how.contains("cannot be run"), "{e}");
         let e = run("validate", "../../bin/sh", &env(d.path()), Duration::from_secs(5)).await.expect_err("escape");
         assert!(e.how.contains("not a path inside the release"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn hooks_run_as_the_app_user_unless_named_for_root() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: running a hook as another user needs root");
+            return;
+        }
+        let d = tempfile::tempdir().expect("tempdir");
+        // The tempdir is 0700: the app user must be able to enter the release dir.
+        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        script(d.path(), "who", "echo \"$(id -u) $USER $HOME\"");
+        let nobody =
+            crate::owner::Owner::of(&ferry_proto::v1::Manifest { user: "nobody".into(), ..Default::default() })
+                .expect("lookup")
+                .expect("nobody exists");
+        let as_root = vec!["after_install".to_string()];
+        let env = HookEnv { owner: Some(&nobody), as_root: &as_root, ..env(d.path()) };
+        let r = run("validate", "who", &env, Duration::from_secs(5)).await.expect("ok");
+        assert_eq!(r.output, format!("{} nobody {}", nobody.uid, nobody.home.display()));
+        let r = run("after_install", "who", &env, Duration::from_secs(5)).await.expect("ok");
+        assert!(r.output.starts_with("0 "), "named in as_root: {}", r.output);
     }
 
     #[tokio::test]

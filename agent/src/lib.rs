@@ -17,8 +17,13 @@
 //!   [`audit`] log (one JSON line per command), the serving state.
 //! - [`http`]: the optional plain-HTTP endpoint: `/metrics`, `/health`, `/ready`, `/live`.
 //!
+//! - [`owner`]: the app's user and group a release names; hooks and exec probes run as it.
+//!
 //! The binary (`main.rs`) only parses flags, sets up logging and calls [`run`].
-#![forbid(unsafe_code)]
+//!
+//! No `unsafe` except the one audited call that drops privileges between fork and exec
+//! ([`owner::Owner::apply`]).
+#![deny(unsafe_code)]
 
 pub mod activate;
 pub mod audit;
@@ -29,6 +34,7 @@ pub mod hooks;
 pub mod http;
 pub mod metrics;
 pub mod notify;
+pub mod owner;
 pub mod probe;
 pub mod server;
 pub mod service;

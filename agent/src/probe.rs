@@ -1,11 +1,14 @@
 //! Health probes, run by the agent on its own host: `http` (status, optional JSON field), `tcp`
 //! (connect) and `exec` (exit 0). A probe passes once it succeeds and then stays successful for
 //! `min_healthy_time`; it fails after `retries` failed attempts `interval` apart. Every attempt
-//! has its own `timeout`. The last answer is kept for the report.
+//! has its own `timeout`. The last answer is kept for the report. An exec probe of a release with
+//! an app user runs as that user, unless it asks for root (`as_root`).
 use std::time::Duration;
 
 use ferry_proto::v1;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::owner::Owner;
 
 /// Largest HTTP response read (status line, headers and body).
 const MAX_RESPONSE: usize = 64 * 1024;
@@ -24,7 +27,7 @@ fn ms(v: u64, default: u64) -> Duration {
 }
 
 /// Runs one probe to its verdict.
-pub async fn run(p: &v1::HealthProbe, cwd: &std::path::Path) -> Result<(), ProbeFailure> {
+pub async fn run(p: &v1::HealthProbe, cwd: &std::path::Path, owner: Option<&Owner>) -> Result<(), ProbeFailure> {
     let interval = ms(p.interval_ms, 1000);
     let timeout = ms(p.timeout_ms, 2000);
     let retries = if p.retries == 0 { 10 } else { p.retries };
@@ -34,7 +37,7 @@ pub async fn run(p: &v1::HealthProbe, cwd: &std::path::Path) -> Result<(), Probe
     let mut flapped = false;
     loop {
         attempts += 1;
-        let outcome = match tokio::time::timeout(timeout, attempt(p, cwd)).await {
+        let outcome = match tokio::time::timeout(timeout, attempt(p, cwd, owner)).await {
             Ok(r) => r,
             Err(_) => Err(format!("no answer within {timeout:?}")),
         };
@@ -61,14 +64,14 @@ pub async fn run(p: &v1::HealthProbe, cwd: &std::path::Path) -> Result<(), Probe
     }
 }
 
-async fn attempt(p: &v1::HealthProbe, cwd: &std::path::Path) -> Result<String, String> {
+async fn attempt(p: &v1::HealthProbe, cwd: &std::path::Path, owner: Option<&Owner>) -> Result<String, String> {
     match &p.kind {
         Some(v1::health_probe::Kind::Http(h)) => http(h).await,
         Some(v1::health_probe::Kind::Tcp(t)) => tokio::net::TcpStream::connect(&t.address)
             .await
             .map(|_| format!("connected to {}", t.address))
             .map_err(|e| format!("connect {}: {e}", t.address)),
-        Some(v1::health_probe::Kind::Exec(e)) => exec(e, cwd).await,
+        Some(v1::health_probe::Kind::Exec(e)) => exec(e, cwd, owner).await,
         None => Err("the probe has no kind (http, tcp or exec)".into()),
     }
 }
@@ -156,8 +159,12 @@ pub fn parse_response(buf: &[u8]) -> Result<(u16, Vec<u8>), String> {
     Ok((status, body))
 }
 
-async fn exec(e: &v1::ExecProbe, cwd: &std::path::Path) -> Result<String, String> {
-    let out = tokio::process::Command::new(&e.command)
+async fn exec(e: &v1::ExecProbe, cwd: &std::path::Path, owner: Option<&Owner>) -> Result<String, String> {
+    let mut cmd = tokio::process::Command::new(&e.command);
+    if let Some(o) = owner.filter(|_| !e.as_root) {
+        o.apply(cmd.as_std_mut());
+    }
+    let out = cmd
         .args(&e.args)
         .current_dir(cwd)
         .stdin(std::process::Stdio::null())
@@ -227,12 +234,12 @@ mod tests {
             retries: 3,
             min_healthy_time_ms: 0,
         };
-        run(&probe, std::path::Path::new("/")).await.expect("healthy on the second try");
+        run(&probe, std::path::Path::new("/"), None).await.expect("healthy on the second try");
 
         let mut never = probe.clone();
         never.kind = Some(v1::health_probe::Kind::Tcp(v1::TcpProbe { address: "127.0.0.1:1".into() }));
         never.retries = 2;
-        let e = run(&never, std::path::Path::new("/")).await.expect_err("nothing listens on port 1");
+        let e = run(&never, std::path::Path::new("/"), None).await.expect_err("nothing listens on port 1");
         assert_eq!(e.attempts, 2);
         assert!(e.to_string().contains("health probe web failed after 2 attempt(s): connect 127.0.0.1:1"), "{e}");
     }
@@ -254,7 +261,7 @@ mod tests {
             retries: 3,
             min_healthy_time_ms: 60_000,
         };
-        let e = run(&p, std::path::Path::new("/")).await.expect_err("it does not stay healthy");
+        let e = run(&p, std::path::Path::new("/"), None).await.expect_err("it does not stay healthy");
         assert!(e.last.contains("it had been healthy, but did not stay healthy for 60s"), "{e}");
         // Without min_healthy_time the first success is enough.
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -263,7 +270,7 @@ mod tests {
             address: listener.local_addr().expect("addr").to_string(),
         }));
         once.min_healthy_time_ms = 0;
-        run(&once, std::path::Path::new("/")).await.expect("healthy");
+        run(&once, std::path::Path::new("/"), None).await.expect("healthy");
     }
 
     #[tokio::test]
@@ -273,12 +280,39 @@ mod tests {
             kind: Some(v1::health_probe::Kind::Exec(v1::ExecProbe {
                 command: "sh".into(),
                 args: vec!["-c".into(), "echo broken; exit 3".into()],
+                as_root: false,
             })),
             interval_ms: 1,
             retries: 1,
             ..Default::default()
         };
-        let e = run(&p, std::path::Path::new("/")).await.expect_err("exit 3");
+        let e = run(&p, std::path::Path::new("/"), None).await.expect_err("exit 3");
         assert!(e.last.contains("exit status: 3") && e.last.contains("broken"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn an_exec_probe_runs_as_the_app_user_unless_it_asks_for_root() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: running a probe as another user needs root");
+            return;
+        }
+        let nobody = Owner::of(&v1::Manifest { user: "nobody".into(), ..Default::default() })
+            .expect("lookup")
+            .expect("nobody exists");
+        let probe = |as_root: bool| v1::HealthProbe {
+            name: "whoami".into(),
+            kind: Some(v1::health_probe::Kind::Exec(v1::ExecProbe {
+                command: "sh".into(),
+                args: vec!["-c".into(), "test \"$(id -u)\" = 0".into()],
+                as_root,
+            })),
+            interval_ms: 1,
+            retries: 1,
+            ..Default::default()
+        };
+        let cwd = std::path::Path::new("/");
+        run(&probe(false), cwd, None).await.expect("no owner: root");
+        run(&probe(false), cwd, Some(&nobody)).await.expect_err("as the app user, not root");
+        run(&probe(true), cwd, Some(&nobody)).await.expect("as_root");
     }
 }

@@ -9,6 +9,10 @@
 //!
 //! Files are hashed on every core. A directory artifact's files whose stat is unchanged since the
 //! last scan are not read again (see [`crate::cache`]).
+//!
+//! The app's [`Layout`] (`[app]` shared paths, user and group) is part of the release: it is
+//! applied to the scanned manifest, so it counts in the manifest hash and the release id, and a
+//! rollback goes back to the layout the old release had.
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -30,6 +34,9 @@ pub enum ArtifactError {
     },
     #[error("artifact {artifact}: {entry:?}: {reason}")]
     Refused { artifact: PathBuf, entry: String, reason: String },
+    /// The build does not fit the app's layout (`[app] shared`, `shared_files`).
+    #[error("artifact {artifact}: {reason}")]
+    Layout { artifact: PathBuf, reason: String },
     #[error("artifact {artifact}: {source}")]
     Manifest {
         artifact: PathBuf,
@@ -40,7 +47,7 @@ pub enum ArtifactError {
     Empty(PathBuf),
     /// Scanned again for a recorded release, it no longer hashes to it.
     #[error(
-        "artifact {artifact} changed since it was recorded as release {release} (its manifest no longer hashes to it); deploy the new build as a new version"
+        "artifact {artifact} changed since it was recorded as release {release} (its manifest no longer hashes to it: the build changed, or [app] shared, shared_files, user or group did); deploy it as a new version"
     )]
     Changed { artifact: PathBuf, release: String },
     #[error("artifact {artifact}: the scan stopped: {reason}")]
@@ -51,11 +58,96 @@ pub enum ArtifactError {
     TooLarge { artifact: PathBuf, entry: String, limit: u64 },
 }
 
-/// Scans `path` off the async threads (hashing is CPU and disk work); an archive may extract to
-/// at most `max_bytes`.
-pub async fn scan(path: &Path, cache: Option<&Cache>, max_bytes: u64) -> Result<Artifact, ArtifactError> {
-    let (owned, cache) = (path.to_owned(), cache.cloned());
-    tokio::task::spawn_blocking(move || Artifact::scan_within(&owned, cache.as_ref(), max_bytes))
+/// How a build becomes a release of the app (`[app]` in fleet.toml): its shared paths and its
+/// owner. The default changes nothing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Layout {
+    /// Shared paths, each with whether it is a directory.
+    pub shared: Vec<(String, bool)>,
+    pub user: String,
+    pub group: String,
+}
+
+/// Modes of what a layout adds.
+const SHARED_DIR_MODE: u32 = 0o750;
+const SHARED_FILE_MODE: u32 = 0o640;
+const PARENT_DIR_MODE: u32 = 0o755;
+
+impl Layout {
+    pub fn of(app: &crate::config::AppConfig) -> Layout {
+        Layout {
+            shared: app.shared_paths().map(|(p, dir)| (p.to_string(), dir)).collect(),
+            user: app.user.clone().unwrap_or_default(),
+            group: app.group.clone().unwrap_or_default(),
+        }
+    }
+
+    /// Adds the shared paths (and the directories leading to them) and the owner to a scanned
+    /// manifest. Refuses a build that ships anything at or under a shared path, or has a file or
+    /// symlink where a shared path's directory must be.
+    fn apply(&self, m: &mut v1::Manifest) -> Result<(), String> {
+        if *self == Layout::default() {
+            return Ok(());
+        }
+        let mut by_path: BTreeMap<String, v1::Entry> = m.entries.drain(..).map(|e| (e.path.clone(), e)).collect();
+        for (path, dir) in &self.shared {
+            let key = if *dir { "shared" } else { "shared_files" };
+            let under = format!("{path}/");
+            // Named by what it holds, if anything: that is what to leave out.
+            let shipped = by_path
+                .range(under.clone()..)
+                .next()
+                .filter(|(p, _)| p.starts_with(&under))
+                .or_else(|| by_path.get_key_value(path.as_str()));
+            if let Some((shipped, _)) = shipped {
+                return Err(format!(
+                    "it ships {shipped:?}, {} the shared path {path:?} ([app] {key} in fleet.toml): shared paths live on each host, outside the releases, and survive deploys and rollbacks; leave {shipped:?} out of the build",
+                    if shipped == path { "which is" } else { "inside" }
+                ));
+            }
+            let mut parent = String::new();
+            for part in path.split('/').collect::<Vec<_>>().iter().rev().skip(1).rev() {
+                parent = if parent.is_empty() { part.to_string() } else { format!("{parent}/{part}") };
+                match by_path.get(&parent) {
+                    Some(e) if e.kind == EntryKind::Dir as i32 => {}
+                    Some(_) => {
+                        return Err(format!(
+                            "{parent:?} is not a directory in the build, so the shared path {path:?} cannot lie under it"
+                        ));
+                    }
+                    None => {
+                        let e = v1::Entry {
+                            path: parent.clone(),
+                            kind: EntryKind::Dir as i32,
+                            mode: PARENT_DIR_MODE,
+                            ..Default::default()
+                        };
+                        by_path.insert(parent.clone(), e);
+                    }
+                }
+            }
+            let (kind, mode) =
+                if *dir { (EntryKind::SharedDir, SHARED_DIR_MODE) } else { (EntryKind::SharedFile, SHARED_FILE_MODE) };
+            by_path
+                .insert(path.clone(), v1::Entry { path: path.clone(), kind: kind as i32, mode, ..Default::default() });
+        }
+        m.entries = by_path.into_values().collect();
+        m.user = self.user.clone();
+        m.group = self.group.clone();
+        Ok(())
+    }
+}
+
+/// Scans `path` off the async threads (hashing is CPU and disk work) as a release of `layout`;
+/// an archive may extract to at most `max_bytes`.
+pub async fn scan(
+    path: &Path,
+    cache: Option<&Cache>,
+    layout: &Layout,
+    max_bytes: u64,
+) -> Result<Artifact, ArtifactError> {
+    let (owned, cache, layout) = (path.to_owned(), cache.cloned(), layout.clone());
+    tokio::task::spawn_blocking(move || Artifact::scan_for(&owned, cache.as_ref(), &layout, max_bytes))
         .await
         .map_err(|e| ArtifactError::Aborted { artifact: path.to_owned(), reason: e.to_string() })?
 }
@@ -65,11 +157,12 @@ pub async fn scan(path: &Path, cache: Option<&Cache>, max_bytes: u64) -> Result<
 pub async fn rescan(
     path: &Path,
     cache: Option<&Cache>,
+    layout: &Layout,
     max_bytes: u64,
     release: &str,
     manifest_hash: &str,
 ) -> Result<Artifact, ArtifactError> {
-    let artifact = scan(path, cache, max_bytes).await?;
+    let artifact = scan(path, cache, layout, max_bytes).await?;
     if hex::encode(artifact.manifest_hash) != manifest_hash {
         return Err(ArtifactError::Changed { artifact: path.to_owned(), release: release.to_string() });
     }
@@ -114,6 +207,16 @@ impl Artifact {
 
     /// [`Artifact::scan`], refusing an archive that extracts to more than `max_bytes`.
     pub fn scan_within(path: &Path, cache: Option<&Cache>, max_bytes: u64) -> Result<Artifact, ArtifactError> {
+        Self::scan_for(path, cache, &Layout::default(), max_bytes)
+    }
+
+    /// [`Artifact::scan_within`], as a release of the app's `layout`.
+    pub fn scan_for(
+        path: &Path,
+        cache: Option<&Cache>,
+        layout: &Layout,
+        max_bytes: u64,
+    ) -> Result<Artifact, ArtifactError> {
         let started = std::time::SystemTime::now();
         let io = |source| ArtifactError::Io { path: path.to_owned(), source };
         let meta = std::fs::metadata(path).map_err(io)?;
@@ -177,6 +280,7 @@ impl Artifact {
         if let Some(cache) = cache {
             cache.save_scan(path, records);
         }
+        layout.apply(&mut manifest).map_err(|reason| ArtifactError::Layout { artifact: path.to_owned(), reason })?;
         manifest::validate(&manifest)
             .map_err(|source| ArtifactError::Manifest { artifact: path.to_owned(), source })?;
         Ok(Artifact {
@@ -711,6 +815,39 @@ mod tests {
         let e = Artifact::scan_within(&bomb, None, 1 << 20).expect_err("refused").to_string();
         assert!(e.contains("extracts to more than max_artifact_bytes (1048576 bytes)") && e.contains("zeros"), "{e}");
         assert!(Artifact::scan_within(&bomb, None, 8 << 20).is_ok());
+    }
+
+    #[test]
+    fn a_layout_adds_shared_paths_and_the_owner_and_refuses_builds_that_ship_them() {
+        let d = tree();
+        let plain = Artifact::scan(d.path(), None).expect("scan");
+        let layout = |shared: &[(&str, bool)]| Layout {
+            shared: shared.iter().map(|(p, dir)| (p.to_string(), *dir)).collect(),
+            user: "web".into(),
+            group: String::new(),
+        };
+        let a = Artifact::scan_for(d.path(), None, &layout(&[("var/log", true), ("db.sqlite3", false)]), u64::MAX)
+            .expect("scan");
+        assert_ne!(a.manifest_hash, plain.manifest_hash, "the layout is part of the release");
+        assert_eq!(a.manifest.user, "web");
+        let kinds: Vec<(&str, i32, u32)> = a
+            .manifest
+            .entries
+            .iter()
+            .map(|e| (e.path.as_str(), e.kind, e.mode))
+            .filter(|e| e.1 != EntryKind::File as i32)
+            .collect();
+        assert!(kinds.contains(&("var", EntryKind::Dir as i32, 0o755)), "{kinds:?}");
+        assert!(kinds.contains(&("var/log", EntryKind::SharedDir as i32, 0o750)), "{kinds:?}");
+        assert!(kinds.contains(&("db.sqlite3", EntryKind::SharedFile as i32, 0o640)), "{kinds:?}");
+        assert_eq!(a.total_bytes, plain.total_bytes, "shared paths carry no content");
+        // A shared path where the build has a file, or under one, is refused by name.
+        let e = Artifact::scan_for(d.path(), None, &layout(&[("README", false)]), u64::MAX).expect_err("refused");
+        assert!(e.to_string().contains("it ships \"README\", which is the shared path \"README\""), "{e}");
+        let e = Artifact::scan_for(d.path(), None, &layout(&[("bin", true)]), u64::MAX).expect_err("refused");
+        assert!(e.to_string().contains("it ships \"bin/app\", inside the shared path \"bin\""), "{e}");
+        let e = Artifact::scan_for(d.path(), None, &layout(&[("README/x", true)]), u64::MAX).expect_err("refused");
+        assert!(e.to_string().contains("\"README\" is not a directory in the build"), "{e}");
     }
 
     #[test]

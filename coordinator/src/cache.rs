@@ -148,6 +148,7 @@ mod tests {
                 mode: 0o755,
                 ..Default::default()
             }],
+            ..Default::default()
         };
         let id = manifest::release_id("1", &manifest::hash(&m));
         assert_eq!(cache.manifest(&id), None, "nothing cached yet");

@@ -235,6 +235,31 @@ pub struct AppConfig {
     /// Lifecycle hooks: executables inside the release, run by each host's agent.
     #[serde(default)]
     pub hooks: HooksConfig,
+    /// Directories of the app's state, relative to the release (e.g. `["log", "tmp",
+    /// "public/uploads"]`): kept once per host in `<data_dir>/apps/<app>/shared/` and linked into
+    /// every release, so they survive deploys and rollbacks. A build that ships one is refused.
+    #[serde(default)]
+    pub shared: Vec<String>,
+    /// Files of the app's state, likewise (e.g. `["config/local.yml"]`); created empty, owned by
+    /// `user`, where a host has none yet. A build that ships one is refused.
+    #[serde(default)]
+    pub shared_files: Vec<String>,
+    /// The app's user on the hosts (it must exist there): it owns the shared paths; the hooks and
+    /// exec probes run as it (`hooks.as_root` and a probe's `as_root` ask for root by name). The
+    /// release's files belong to root and `group`: the app reads them, and can change none.
+    /// Default: none (everything as root).
+    #[serde(default)]
+    pub user: Option<String>,
+    /// The app's group (default: the user's primary group).
+    #[serde(default)]
+    pub group: Option<String>,
+}
+
+impl AppConfig {
+    /// The shared paths, each with whether it is a directory.
+    pub fn shared_paths(&self) -> impl Iterator<Item = (&str, bool)> {
+        self.shared.iter().map(|p| (p.as_str(), true)).chain(self.shared_files.iter().map(|p| (p.as_str(), false)))
+    }
 }
 
 /// Paths inside the release of executables run at each point of an activation.
@@ -254,6 +279,10 @@ pub struct HooksConfig {
     /// Time limit of each hook.
     #[serde(default = "default_hook_timeout", with = "config_file::duration")]
     pub timeout: Duration,
+    /// Hooks (by name, e.g. `["before_block_traffic"]`) that run as root although the app has a
+    /// `user`; the others run as the user.
+    #[serde(default)]
+    pub as_root: Vec<String>,
 }
 
 fn default_hook_timeout() -> Duration {
@@ -270,6 +299,7 @@ impl Default for HooksConfig {
             validate: None,
             after_allow_traffic: None,
             timeout: default_hook_timeout(),
+            as_root: Vec::new(),
         }
     }
 }
@@ -295,6 +325,7 @@ impl HooksConfig {
             validate: get(&self.validate),
             after_allow_traffic: get(&self.after_allow_traffic),
             timeout_ms: self.timeout.as_millis() as u64,
+            as_root: self.as_root.clone(),
         }
     }
 }
@@ -325,6 +356,9 @@ pub struct ProbeConfig {
     /// After the first success, how long the probe must keep passing.
     #[serde(default, with = "config_file::duration")]
     pub min_healthy_time: Duration,
+    /// exec: run as root although the app has a `user`.
+    #[serde(default)]
+    pub as_root: bool,
 }
 
 fn default_unit_action() -> String {
@@ -371,6 +405,9 @@ impl ProbeConfig {
         if self.retries == 0 {
             p.push(Problem::new(format!("{key}.retries"), "must be at least 1"));
         }
+        if self.as_root && self.exec.is_none() {
+            p.push(Problem::new(format!("{key}.as_root"), "applies to exec probes only"));
+        }
     }
 
     /// The probe as sent to agents.
@@ -390,6 +427,7 @@ impl ProbeConfig {
             Kind::Exec(ExecProbe {
                 command: cmd.first().cloned().unwrap_or_default(),
                 args: cmd.iter().skip(1).cloned().collect(),
+                as_root: self.as_root,
             })
         };
         HealthProbe {
@@ -399,6 +437,43 @@ impl ProbeConfig {
             timeout_ms: self.timeout.as_millis() as u64,
             retries: self.retries,
             min_healthy_time_ms: self.min_healthy_time.as_millis() as u64,
+        }
+    }
+}
+
+/// `app.user` / `app.group` are names a host can have.
+fn app_owner_problems(app: &AppConfig, p: &mut Vec<Problem>) {
+    for (key, name) in [("app.user", &app.user), ("app.group", &app.group)] {
+        if let Some(name) = name
+            && let Err(e) = ferry_proto::manifest::check_account_name(name)
+        {
+            p.push(Problem::new(key, format!("{name:?}: {e}")));
+        }
+    }
+    if app.group.is_some() && app.user.is_none() {
+        p.push(Problem::new("app.group", "needs app.user (the group is the one the user's hooks and probes run with)"));
+    }
+    if app.user.is_none() && !app.hooks.as_root.is_empty() {
+        p.push(Problem::new("app.hooks.as_root", "without app.user every hook runs as root already"));
+    }
+}
+
+/// Shared paths: inside the release, each once, none inside another.
+fn shared_problems(app: &AppConfig, p: &mut Vec<Problem>) {
+    let mut seen: Vec<&str> = Vec::new();
+    for (key, list) in [("app.shared", &app.shared), ("app.shared_files", &app.shared_files)] {
+        for path in list {
+            let path = path.as_str();
+            if let Err(e) = ferry_proto::manifest::check_path(path) {
+                p.push(Problem::new(key, format!("{path:?} must be a relative path inside the release: {e}")));
+                continue;
+            }
+            let inside = |a: &str, b: &str| a == b || a.starts_with(&format!("{b}/"));
+            if let Some(other) = seen.iter().find(|o| inside(path, o) || inside(o, path)) {
+                let why = if *other == path { "is listed twice".to_string() } else { format!("overlaps {other:?}") };
+                p.push(Problem::new(key, format!("{path:?} {why}: each shared path must stand on its own")));
+            }
+            seen.push(path);
         }
     }
 }
@@ -797,6 +872,17 @@ impl FleetConfig {
         if self.app.hooks.timeout.is_zero() {
             p.push(Problem::new("app.hooks.timeout", "must be greater than 0"));
         }
+        let hook_names: Vec<&str> = self.app.hooks.entries().iter().map(|(n, _)| *n).collect();
+        for name in &self.app.hooks.as_root {
+            if !hook_names.contains(&name.as_str()) {
+                p.push(Problem::new(
+                    "app.hooks.as_root",
+                    format!("{name:?} is not a hook (one of {})", hook_names.join(", ")),
+                ));
+            }
+        }
+        app_owner_problems(&self.app, &mut p);
+        shared_problems(&self.app, &mut p);
         for (key, path) in [("tls.ca", &self.tls.ca), ("tls.cert", &self.tls.cert), ("tls.key", &self.tls.key)] {
             if path.as_os_str().is_empty() {
                 p.push(Problem::new(key, "must name a file"));
@@ -1092,6 +1178,39 @@ hosts = { web-1 = "10.0.0.11:7443", web-2 = "10.0.0.12", web-4 = "[fd00::4]:7443
         assert!(err.contains("unknown field `verify`"), "{err}");
         let err = load(&GOOD.replace("[app]", "connect_timeout = 5\n[app]")).expect_err("must be refused");
         assert!(err.contains("connect_timeout") || err.contains("invalid type"), "{err}");
+    }
+
+    #[test]
+    fn shared_paths_and_the_app_user_are_validated() {
+        let app = |lines: &str| GOOD.replace("[tls]", &format!("{lines}\n\n[tls]"));
+        let c = load(&app(
+            "shared = [\"log\", \"public/uploads\"]\nshared_files = [\"config/local.yml\"]\nuser = \"web\"\n[app.hooks]\nas_root = [\"before_install\"]",
+        ))
+        .expect("valid");
+        assert_eq!(
+            c.app.shared_paths().collect::<Vec<_>>(),
+            [("log", true), ("public/uploads", true), ("config/local.yml", false)]
+        );
+        let err = load(&app(
+            "shared = [\"../data\", \"/var/log\", \"public\", \"public/uploads\", \"tmp\", \"tmp\"]\nshared_files = [\"log/x\", \"public/robots.txt\"]\ngroup = \"Web\"\n[app.hooks]\nas_root = [\"migrate\"]",
+        ))
+        .expect_err("refused");
+        for says in [
+            "app.shared: \"../data\" must be a relative path inside the release",
+            "app.shared: \"/var/log\" must be a relative path inside the release: absolute path",
+            "app.shared: \"public/uploads\" overlaps \"public\": each shared path must stand on its own",
+            "app.shared: \"tmp\" is listed twice",
+            "app.shared_files: \"public/robots.txt\" overlaps \"public\"",
+            "app.group: \"Web\": not a user or group name",
+            "app.group: needs app.user",
+            "app.hooks.as_root: \"migrate\" is not a hook (one of before_block_traffic, before_install",
+            "app.hooks.as_root: without app.user every hook runs as root already",
+        ] {
+            assert!(err.contains(says), "expected {says:?} in:\n{err}");
+        }
+        assert!(!err.contains("\"log/x\""), "log/x overlaps nothing: {err}");
+        let err = load(&app("[[app.health]]\ntcp = \"127.0.0.1:1\"\nas_root = true")).expect_err("refused");
+        assert!(err.contains("app.health[0].as_root: applies to exec probes only"), "{err}");
     }
 
     #[test]

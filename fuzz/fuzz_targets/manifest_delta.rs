@@ -33,6 +33,7 @@ fn base() -> v1::Manifest {
             entry("lib", Dir, b"", ""),
             entry("lib/up", Symlink, b"", ".."),
         ],
+        ..Default::default()
     }
 }
 

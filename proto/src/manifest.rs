@@ -9,8 +9,11 @@
 //! empty or `.` components, duplicate or unsorted entries, entries under a symlink or a file,
 //! symlinks that point outside the release (also through the release's own symlinks, followed as
 //! the kernel would), unknown kinds (device files cannot be expressed), mode bits beyond 0o7777,
-//! setuid or setgid files, world-writable files and directories, and file sizes that do not match
-//! their chunks.
+//! setuid or setgid files, world-writable files and directories, file sizes that do not match
+//! their chunks, entries inside a shared path, and user or group names that are not names.
+//!
+//! Shared paths (`EntryKind::SharedDir`, `SharedFile`) are the app's state: not content of the
+//! release, kept once per host and linked into every release (see [`shared_link_target`]).
 use std::fmt;
 
 use crate::v1::{self, EntryKind};
@@ -186,6 +189,14 @@ pub fn validate(m: &v1::Manifest) -> Result<(), ManifestError> {
             match kinds.get(parent) {
                 Some(EntryKind::Dir) => {}
                 Some(EntryKind::Symlink) => return Err(err(p, format!("lies under the symlink {parent:?}"))),
+                Some(EntryKind::SharedDir | EntryKind::SharedFile) => {
+                    return Err(err(
+                        p,
+                        format!(
+                            "lies under the shared path {parent:?}: a release cannot ship files into a shared path"
+                        ),
+                    ));
+                }
                 Some(_) => return Err(err(p, format!("lies under {parent:?}, which is not a directory"))),
                 None => return Err(err(p, format!("its directory {parent:?} is not in the manifest"))),
             }
@@ -219,11 +230,17 @@ pub fn validate(m: &v1::Manifest) -> Result<(), ManifestError> {
         }
         match kind {
             EntryKind::Unspecified => {
-                return Err(err(p, "unknown entry kind (only files, directories and symlinks are allowed)"));
+                return Err(err(
+                    p,
+                    "unknown entry kind (only files, directories, symlinks and shared paths are allowed)",
+                ));
             }
-            EntryKind::Dir | EntryKind::Symlink => {
+            EntryKind::Dir | EntryKind::Symlink | EntryKind::SharedDir | EntryKind::SharedFile => {
                 if e.size != 0 || !e.hash.is_empty() || !e.chunks.is_empty() {
-                    return Err(err(p, "a directory or symlink carries no content"));
+                    return Err(err(p, "a directory, symlink or shared path carries no content"));
+                }
+                if matches!(kind, EntryKind::SharedDir | EntryKind::SharedFile) && !e.link_target.is_empty() {
+                    return Err(err(p, "a shared path has no link target (the agent links it)"));
                 }
                 if kind == EntryKind::Symlink && e.link_target.len() > MAX_LINK_TARGET_LEN {
                     return Err(err(p, format!("symlink target longer than {MAX_LINK_TARGET_LEN} bytes")));
@@ -269,7 +286,38 @@ pub fn validate(m: &v1::Manifest) -> Result<(), ManifestError> {
         }
         kinds.insert(p, kind);
     }
+    for (key, name) in [("user", &m.user), ("group", &m.group)] {
+        if !name.is_empty() {
+            check_account_name(name).map_err(|r| err("", format!("{key} {name:?}: {r}")))?;
+        }
+    }
+    if m.user.is_empty() && !m.group.is_empty() {
+        return Err(err("", format!("group {:?} without a user (name the app's user too)", m.group)));
+    }
     Ok(())
+}
+
+/// Checks a user or group name as Debian's `adduser` accepts them: 1–32 characters of
+/// `[a-z0-9_-]` (and `.`), starting with a letter or `_`.
+pub fn check_account_name(name: &str) -> Result<(), String> {
+    let ok_first = name.starts_with(|c: char| c.is_ascii_lowercase() || c == '_');
+    let ok_rest = name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-' | '.'));
+    if name.is_empty() || name.len() > 32 || !ok_first || !ok_rest {
+        return Err("not a user or group name (1-32 of a-z, 0-9, '_', '-', '.', starting with a letter or '_')".into());
+    }
+    Ok(())
+}
+
+/// Whether an entry is a shared path (linked to the app's shared state, not part of the release).
+pub fn is_shared(e: &v1::Entry) -> bool {
+    e.kind == EntryKind::SharedDir as i32 || e.kind == EntryKind::SharedFile as i32
+}
+
+/// The relative symlink target a release holds at shared path `path`: from
+/// `<app dir>/releases/<id>/<path>` to `<app dir>/shared/<path>`.
+pub fn shared_link_target(path: &str) -> String {
+    let up = path.split('/').count() + 1;
+    format!("{}shared/{path}", "../".repeat(up))
 }
 
 /// The canonical hash of a manifest: blake3 over a fixed encoding of every field, in order.
@@ -291,6 +339,14 @@ pub fn hash(m: &v1::Manifest) -> [u8; HASH_LEN] {
         for c in &e.chunks {
             h.update(&c.hash);
             h.update(&c.length.to_le_bytes());
+        }
+    }
+    // After every entry, and only when set: manifests without an owner keep the hashes they had.
+    if !m.user.is_empty() || !m.group.is_empty() {
+        h.update(b"owner\0");
+        for name in [&m.user, &m.group] {
+            h.update(&(name.len() as u64).to_le_bytes());
+            h.update(name.as_bytes());
         }
     }
     *h.finalize().as_bytes()
@@ -347,6 +403,8 @@ pub fn diff(base: &v1::Manifest, new: &v1::Manifest) -> v1::ManifestDelta {
     v1::ManifestDelta {
         upserts: new.entries.iter().filter(|e| old.get(e.path.as_str()) != Some(e)).cloned().collect(),
         removed: base.entries.iter().filter(|e| !now.contains(e.path.as_str())).map(|e| e.path.clone()).collect(),
+        user: new.user.clone(),
+        group: new.group.clone(),
     }
 }
 
@@ -371,7 +429,7 @@ pub fn apply_delta(base: &v1::Manifest, delta: &v1::ManifestDelta) -> Result<v1:
         }
         entries.insert(e.path.clone(), e.clone());
     }
-    Ok(v1::Manifest { entries: entries.into_values().collect() })
+    Ok(v1::Manifest { entries: entries.into_values().collect(), user: delta.user.clone(), group: delta.group.clone() })
 }
 
 #[cfg(test)]
@@ -405,7 +463,7 @@ mod tests {
         }
     }
     fn reason(entries: Vec<Entry>) -> String {
-        validate(&Manifest { entries }).expect_err("must be refused").to_string()
+        validate(&Manifest { entries, ..Default::default() }).expect_err("must be refused").to_string()
     }
 
     #[test]
@@ -419,6 +477,7 @@ mod tests {
                 dir("etc"),
                 link("etc/up", "../bin"),
             ],
+            ..Default::default()
         };
         validate(&m).expect("valid");
         assert_eq!(hash(&m), hash(&m.clone()));
@@ -462,16 +521,19 @@ mod tests {
         assert!(reason(vec![setgid]).contains("mode 2755 is setuid or setgid"));
         let mut shared_group = dir("group");
         shared_group.mode = 0o2755;
-        assert!(validate(&Manifest { entries: vec![shared_group] }).is_ok(), "a setgid directory is fine");
+        assert!(
+            validate(&Manifest { entries: vec![shared_group], ..Default::default() }).is_ok(),
+            "a setgid directory is fine"
+        );
         let mut open = dir("uploads");
         open.mode = 0o1777;
         assert!(reason(vec![open]).contains("world-writable"));
         let mut writable = file("config.yml", b"x");
         writable.mode = 0o666;
-        let e = validate(&Manifest { entries: vec![writable] }).expect_err("refused");
+        let e = validate(&Manifest { entries: vec![writable], ..Default::default() }).expect_err("refused");
         assert_eq!(e.path, "config.yml", "{e}");
         // A symlink's mode is not its own.
-        assert!(validate(&Manifest { entries: vec![file("a", b"x"), link("b", "a")] }).is_ok());
+        assert!(validate(&Manifest { entries: vec![file("a", b"x"), link("b", "a")], ..Default::default() }).is_ok());
     }
 
     /// Regression: containment was checked on the target's text only, so a target walking
@@ -482,7 +544,7 @@ mod tests {
         assert!(reason(climb).contains("points outside the release"));
         // Through links that stay inside, a target resolves fine.
         let ok = vec![dir("d"), dir("d/e"), link("d/up", ".."), file("f", b"x"), link("y", "d/up/f")];
-        assert!(validate(&Manifest { entries: ok }).is_ok());
+        assert!(validate(&Manifest { entries: ok, ..Default::default() }).is_ok());
         // A target longer than the kernel takes is refused before any walk.
         let long = vec![link("l", &"a/".repeat(3000))];
         assert!(reason(long).contains("longer than 4095 bytes"));
@@ -517,9 +579,66 @@ mod tests {
         }
     }
 
+    fn shared(p: &str, kind: EntryKind) -> Entry {
+        Entry { path: p.into(), kind: kind as i32, mode: 0o750, ..Default::default() }
+    }
+
+    #[test]
+    fn shared_paths_hold_nothing_and_nothing_lies_under_them() {
+        let ok = Manifest {
+            entries: vec![
+                dir("config"),
+                shared("config/local.yml", EntryKind::SharedFile),
+                shared("log", EntryKind::SharedDir),
+                dir("public"),
+                shared("public/uploads", EntryKind::SharedDir),
+            ],
+            user: "web".into(),
+            group: "www-data".into(),
+        };
+        validate(&ok).expect("valid");
+        assert!(
+            reason(vec![shared("log", EntryKind::SharedDir), file("log/app.log", b"x")])
+                .contains("lies under the shared path \"log\": a release cannot ship files into a shared path")
+        );
+        let mut with_content = shared("log", EntryKind::SharedFile);
+        with_content.size = 1;
+        assert!(reason(vec![with_content]).contains("carries no content"));
+        let mut with_target = shared("log", EntryKind::SharedDir);
+        with_target.link_target = "/etc".into();
+        assert!(reason(vec![with_target]).contains("has no link target"));
+        assert!(
+            reason(vec![shared("a/log", EntryKind::SharedDir)]).contains("its directory \"a\" is not in the manifest")
+        );
+        let mut writable = shared("log", EntryKind::SharedDir);
+        writable.mode = 0o777;
+        assert!(reason(vec![writable]).contains("world-writable"));
+        assert_eq!(shared_link_target("log"), "../../shared/log");
+        assert_eq!(shared_link_target("public/uploads"), "../../../shared/public/uploads");
+    }
+
+    #[test]
+    fn owners_are_names_and_a_group_needs_a_user() {
+        let with =
+            |user: &str, group: &str| Manifest { entries: vec![dir("a")], user: user.into(), group: group.into() };
+        for good in [("web", ""), ("_app", "www-data"), ("svc.api-1", "svc")] {
+            validate(&with(good.0, good.1)).unwrap_or_else(|e| panic!("{good:?}: {e}"));
+        }
+        for (user, group, needle) in [
+            ("root;id", "", "user \"root;id\": not a user or group name"),
+            ("Web", "", "not a user or group name"),
+            ("web", "../etc", "group \"../etc\""),
+            ("", "web", "without a user"),
+            (&"a".repeat(33), "", "not a user or group name"),
+        ] {
+            let e = validate(&with(user, group)).expect_err("refused").to_string();
+            assert!(e.contains(needle), "{user:?} {group:?}: {e}");
+        }
+    }
+
     #[test]
     fn hash_changes_with_every_field() {
-        let base = Manifest { entries: vec![file("a", b"x")] };
+        let base = Manifest { entries: vec![file("a", b"x")], ..Default::default() };
         let h = hash(&base);
         let mut m = base.clone();
         m.entries[0].mode = 0o600;
@@ -527,8 +646,18 @@ mod tests {
         let mut m = base.clone();
         m.entries[0].path = "b".into();
         assert_ne!(hash(&m), h);
-        let mut m = base;
+        let mut m = base.clone();
         m.entries[0].hash[0] ^= 1;
+        assert_ne!(hash(&m), h);
+        // The owner counts; user and group are not interchangeable.
+        let owned =
+            |user: &str, group: &str| hash(&Manifest { user: user.into(), group: group.into(), ..base.clone() });
+        assert_ne!(owned("web", ""), h);
+        assert_ne!(owned("web", "web"), owned("web", ""));
+        assert_ne!(owned("ab", ""), owned("a", "b"));
+        assert_eq!(owned("", ""), h, "a manifest without an owner keeps its hash");
+        let mut m = base;
+        m.entries[0].kind = EntryKind::SharedFile as i32;
         assert_ne!(hash(&m), h);
     }
 
@@ -544,7 +673,8 @@ mod tests {
             state ^= state << 17;
             state
         };
-        let good = Manifest { entries: vec![dir("a"), file("a/b", b"hello"), link("c", "a/b")] }.encode_to_vec();
+        let good = Manifest { entries: vec![dir("a"), file("a/b", b"hello"), link("c", "a/b")], ..Default::default() }
+            .encode_to_vec();
         for _ in 0..20_000 {
             let mut bytes = good.clone();
             let flips = (next() % 8) as usize + 1;
@@ -613,7 +743,7 @@ mod props {
             if sort {
                 entries.sort_by(|a, b| a.path.cmp(&b.path));
             }
-            let m = Manifest { entries };
+            let m = Manifest { entries, ..Default::default() };
             let verdict = validate(&m);
             let _ = hash(&m);
             if verdict.is_ok() {
@@ -650,7 +780,7 @@ mod props {
             let sorted = |mut v: Vec<Entry>| {
                 v.sort_by(|x, y| x.path.cmp(&y.path));
                 v.dedup_by(|x, y| x.path == y.path);
-                Manifest { entries: v }
+                Manifest { entries: v, ..Default::default() }
             };
             let base = sorted(a.clone());
             // The new manifest shares some entries with the base, changes or adds others.

@@ -769,3 +769,107 @@ async fn an_activation_longer_than_request_timeout_succeeds() {
     assert_eq!(r.status, DeploymentStatus::Succeeded, "{r:?}");
     assert!(r.hosts[0].duration_ms >= 2000, "the hook ran: {r:?}");
 }
+
+/// `[app] shared`, `shared_files`, `user` and `group`: the app's state lives once per host,
+/// outside the releases, owned by the app's user; it survives deploys and rollbacks; the release
+/// itself belongs to root and the app's group, and nothing in it is writable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_paths_outlive_releases_and_belong_to_the_app_user() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: ownership needs root");
+        return;
+    }
+    use ferry_coordinator::artifact::Layout;
+    let mut s = Setup::new().await;
+    s.config.app.shared = vec!["log".into(), "public/uploads".into()];
+    s.config.app.shared_files = vec!["config/local.yml".into()];
+    s.config.app.user = Some("nobody".into());
+    s.config.app.group = Some("nogroup".into());
+    let nobody = nix::unistd::User::from_name("nobody").expect("lookup").expect("nobody exists");
+    let nogroup = nix::unistd::Group::from_name("nogroup").expect("lookup").expect("nogroup exists");
+    let deploy = |s: &Setup, dir: PathBuf, v: &'static str| {
+        let layout = Layout::of(&s.config.app);
+        let (config, tls) = (s.config.clone(), s.tls.clone());
+        async move {
+            let artifact = Arc::new(Artifact::scan_for(&dir, None, &layout, u64::MAX).expect("scan"));
+            ferry_tests::engine::deploy(&config, &tls, "test", artifact, v, None).await.expect("deploy runs")
+        }
+    };
+    let tree = |v: &str| -> Vec<(&'static str, Vec<u8>)> {
+        vec![
+            ("VERSION", format!("{v}\n").into_bytes()),
+            ("public/index.html", format!("<h1>{v}</h1>").into_bytes()),
+            ("config/app.yml", b"name: web\n".to_vec()),
+        ]
+    };
+    let r1 = deploy(&s, build(s.dir.path(), "s1", &tree("1")), "1").await;
+    assert_eq!(r1.status, DeploymentStatus::Succeeded, "{r1:?}");
+
+    // The app writes its state through its root, as it would.
+    let root = s.app_root();
+    let append = |rel: &str, line: &str| {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().append(true).create(true).open(root.join(rel)).expect("open");
+        writeln!(f, "{line}").expect("write");
+    };
+    append("log/app.log", "written under 1");
+    append("public/uploads/avatar.png", "png");
+    let shared = s.data().join("shared");
+    let meta = |p: PathBuf| std::fs::symlink_metadata(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    for (rel, uid, mode) in
+        [("log", nobody.uid, 0o750), ("public/uploads", nobody.uid, 0o750), ("config/local.yml", nobody.uid, 0o640)]
+    {
+        let m = meta(shared.join(rel));
+        assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (uid.as_raw(), nogroup.gid.as_raw(), mode), "{rel}");
+    }
+    assert_eq!(meta(shared.join("public")).uid(), 0, "the directories leading to a shared path stay root's");
+    assert_eq!(meta(shared.join("config/local.yml")).len(), 0, "a shared file the host lacked is created empty");
+    let release = s.data().join("releases").join(&r1.release_id);
+    for rel in ["VERSION", "public/index.html", "config/app.yml", "public", ""] {
+        let m = meta(release.join(rel));
+        assert_eq!((m.uid(), m.gid()), (0, nogroup.gid.as_raw()), "{rel:?} belongs to root and the app's group");
+        assert_eq!(m.mode() & 0o222 & if m.is_dir() { 0o022 } else { 0o222 }, 0, "{rel:?} is not writable by the app");
+    }
+
+    // Deploy 2, roll back to 1: the state is there throughout.
+    let r2 = deploy(&s, build(s.dir.path(), "s2", &tree("2")), "2").await;
+    assert_eq!(r2.status, DeploymentStatus::Succeeded, "{r2:?}");
+    assert_eq!(current(&root), "2");
+    append("log/app.log", "written under 2");
+    let rb = rollback(&s.config, &s.tls, None).await;
+    assert_eq!(rb.status, DeploymentStatus::Succeeded, "{rb:?}");
+    assert_eq!(current(&root), "1");
+    let log = std::fs::read_to_string(root.join("log/app.log")).expect("the log through the app root");
+    assert_eq!(log, "written under 1\nwritten under 2\n");
+    assert_eq!(std::fs::read_to_string(root.join("public/uploads/avatar.png")).expect("upload"), "png\n");
+
+    // A build that ships a shared path is refused as it is scanned, before any host changes.
+    let mut bad = tree("3");
+    bad.push(("log/old.log", b"from the build".to_vec()));
+    let bad = build(s.dir.path(), "s3", &bad);
+    let e = Artifact::scan_for(&bad, None, &Layout::of(&s.config.app), u64::MAX).expect_err("refused").to_string();
+    assert!(e.contains("it ships \"log/old.log\", inside the shared path \"log\" ([app] shared in fleet.toml)"), "{e}");
+
+    // A shared path the app's user replaced with a symlink is never followed by the agent.
+    let log_dir = shared.join("log");
+    std::fs::rename(&log_dir, shared.join("log.moved")).expect("move");
+    std::os::unix::fs::symlink("/etc", &log_dir).expect("plant a symlink");
+    let r4 = deploy(&s, build(s.dir.path(), "s4", &tree("4")), "4").await;
+    assert_eq!(r4.status, DeploymentStatus::Failed, "{r4:?}");
+    let error = r4.hosts[0].error.clone().unwrap_or_default();
+    assert!(error.contains("it is not the directory ferry made"), "{error}");
+    assert_eq!(meta(PathBuf::from("/etc")).uid(), 0, "/etc was not given to the app's user");
+    assert_eq!(current(&root), "1", "nothing changed on the host");
+    std::fs::remove_file(&log_dir).expect("remove the symlink");
+    std::fs::rename(shared.join("log.moved"), &log_dir).expect("move back");
+
+    // An app user the host does not have refuses the deployment before anything changes.
+    s.config.app.user = Some("ferry-no-such-user".into());
+    s.config.app.group = None;
+    let r5 = deploy(&s, build(s.dir.path(), "s5", &tree("5")), "5").await;
+    assert_eq!(r5.status, DeploymentStatus::Failed, "{r5:?}");
+    let error = r5.hosts[0].error.clone().unwrap_or_default();
+    assert!(error.contains("the app's user \"ferry-no-such-user\" does not exist on this host"), "{error}");
+    assert_eq!(current(&root), "1");
+    assert!(!s.data().join("staging").join("5").exists());
+}

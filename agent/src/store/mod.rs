@@ -39,8 +39,10 @@ use prost::Message;
 use tokio_util::sync::CancellationToken;
 
 use crate::failpoint;
+use crate::owner::Owner;
 
 mod kept;
+mod shared;
 
 use kept::Index;
 
@@ -369,6 +371,8 @@ impl AppStore {
                 Hex(&hash)
             )));
         }
+        // The app's user must exist here before anything changes.
+        Owner::of(m).map_err(StoreError::Refused)?;
         let release_id = manifest::release_id(version, &hash);
         if self.manifest_path(&release_id).exists() && self.release_path(&release_id).is_dir() {
             return Ok(Prepared {
@@ -617,9 +621,19 @@ impl AppStore {
                         failpoint::hit("mid-materialize");
                     }
                 }
+                EntryKind::SharedDir | EntryKind::SharedFile => {
+                    std::os::unix::fs::symlink(manifest::shared_link_target(&e.path), &dst)
+                        .map_err(StoreError::io("link shared path", &dst))?;
+                }
                 EntryKind::Unspecified => return Err(StoreError::Refused(format!("{}: unknown entry kind", e.path))),
             }
         }
+        let owner = Owner::of(&m).map_err(StoreError::Refused)?;
+        if let Some(o) = &owner {
+            give_group(&tree, &m, o)?;
+        }
+        // The shared paths exist before any release links to them.
+        shared::ensure(&self.dir, &m, owner.as_ref())?;
         // Directory modes last (a read-only directory would refuse its own entries).
         for e in m.entries.iter().filter(|e| e.kind == EntryKind::Dir as i32) {
             let p = tree.join(&e.path);
@@ -647,6 +661,14 @@ impl AppStore {
         Ok(stage_id.to_string())
     }
 
+    /// The app user the kept release `release_id` names (None: no user, or no such release).
+    pub fn owner(&self, release_id: &str) -> R<Option<Owner>> {
+        if !self.has_release(release_id) {
+            return Ok(None);
+        }
+        Owner::of(&self.load_manifest(release_id)?).map_err(StoreError::Refused)
+    }
+
     /// Whether a complete release of that id is kept.
     pub fn has_release(&self, release_id: &str) -> bool {
         manifest::check_release_id(release_id).is_ok()
@@ -666,6 +688,9 @@ impl AppStore {
         }
         let from = self.current().map_err(StoreError::io("read", &self.dir))?;
         self.ensure_root()?;
+        // Shared paths removed since the release was staged come back before it is switched in.
+        let m = self.load_manifest(release_id)?;
+        shared::ensure(&self.dir, &m, Owner::of(&m).map_err(StoreError::Refused)?.as_ref())?;
         if from.as_deref() == Some(release_id) {
             return Ok(Swap { from: from.clone(), to: release_id.to_string(), changed: false });
         }
@@ -1017,6 +1042,23 @@ fn write_file(
     out.set_permissions(fs::Permissions::from_mode(mode)).map_err(StoreError::io("set mode", dst))
 }
 
+/// Gives every entry of a freshly built tree (and the tree) to the app's group, root staying the
+/// owner: the app reads what the modes let a group read, and can change nothing. Reused files
+/// are hard links, so this also sets the group of the kept releases that share them (releases of
+/// the same app).
+fn give_group(tree: &Path, m: &v1::Manifest, o: &Owner) -> R<()> {
+    let root = Some(nix::unistd::Uid::from_raw(0));
+    let chown = |p: &Path| {
+        std::os::unix::fs::lchown(p, root.map(|u| u.as_raw()), Some(o.gid.as_raw()))
+            .map_err(StoreError::io("set group", p))
+    };
+    chown(tree)?;
+    for e in m.entries.iter().filter(|e| !manifest::is_shared(e)) {
+        chown(&tree.join(&e.path))?;
+    }
+    Ok(())
+}
+
 /// Checks every manifest entry exists in the tree with the right kind and size.
 fn verify_tree(tree: &Path, m: &v1::Manifest) -> R<()> {
     for e in &m.entries {
@@ -1026,7 +1068,7 @@ fn verify_tree(tree: &Path, m: &v1::Manifest) -> R<()> {
         let ok = match EntryKind::try_from(e.kind).unwrap_or(EntryKind::Unspecified) {
             EntryKind::File => meta.is_file() && meta.len() == e.size,
             EntryKind::Dir => meta.is_dir(),
-            EntryKind::Symlink => meta.file_type().is_symlink(),
+            EntryKind::Symlink | EntryKind::SharedDir | EntryKind::SharedFile => meta.file_type().is_symlink(),
             EntryKind::Unspecified => false,
         };
         if !ok {

@@ -16,7 +16,9 @@ pub fn validate(config: &crate::config::FleetConfig, env: &str, version: &str) -
 
 /// Scans an artifact for a deployment (off the async threads, through the scan cache).
 pub async fn scan(ctx: &Ctx<'_>, path: &Path) -> Result<Arc<Artifact>, Error> {
-    Ok(Arc::new(artifact::scan(path, ctx.cache, ctx.config.max_artifact_bytes).await?))
+    Ok(Arc::new(
+        artifact::scan(path, ctx.cache, &artifact::Layout::of(&ctx.config.app), ctx.config.max_artifact_bytes).await?,
+    ))
 }
 
 /// Checks the request and records a new deployment of `artifact` as `version` to `env`; its id.

@@ -15,6 +15,7 @@ pub async fn prepare(ctx: &Ctx<'_>, env: &str, paused_only: bool) -> Result<(Dep
     let artifact = artifact::rescan(
         Path::new(&d.artifact),
         ctx.cache,
+        &artifact::Layout::of(&ctx.config.app),
         ctx.config.max_artifact_bytes,
         &d.release_id,
         &d.manifest_hash,

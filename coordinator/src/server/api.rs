@@ -289,7 +289,8 @@ async fn register_version(
     }
     let scanned = one_scan_at_a_time(&state, {
         let (path, cache, limit) = (real.clone(), state.cache.clone(), state.config.max_artifact_bytes);
-        async move { crate::artifact::scan(&path, cache.as_ref(), limit).await }
+        let layout = crate::artifact::Layout::of(&state.config.app);
+        async move { crate::artifact::scan(&path, cache.as_ref(), &layout, limit).await }
     })
     .await?;
     let artifact = scanned
@@ -489,10 +490,12 @@ async fn start_deploy(
     }
     let scanned = one_scan_at_a_time(state, {
         let (cache, limit, v) = (state.cache.clone(), state.config.max_artifact_bytes, version.clone());
+        let layout = crate::artifact::Layout::of(&state.config.app);
         async move {
             crate::artifact::rescan(
                 std::path::Path::new(&v.artifact),
                 cache.as_ref(),
+                &layout,
                 limit,
                 &v.release_id,
                 &v.manifest_hash,

@@ -83,6 +83,7 @@ impl From<ArtifactError> for ApiError {
             | ArtifactError::Empty(_) => ApiError::conflict("artifact_missing", e.to_string()),
             ArtifactError::Aborted { .. } => ApiError::internal(e.to_string()),
             ArtifactError::TooLarge { .. } => ApiError::unprocessable("artifact_too_large", e.to_string()),
+            ArtifactError::Layout { .. } => ApiError::unprocessable("bad_artifact", e.to_string()),
         }
     }
 }
