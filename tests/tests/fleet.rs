@@ -430,3 +430,107 @@ fn an_upload_slower_than_request_timeout_succeeds_on_a_slow_link() {
         "the upload really took longer than the timeout: {json}"
     );
 }
+
+/// A stateful app that runs as its own user: on each start it appends to its log and writes an
+/// upload (both shared paths), tries to write into its own release, and reports all of it.
+const STATEFUL_APP: &str = r#"#!/usr/bin/python3
+import http.server, json, os
+HERE = os.path.dirname(os.path.realpath(__file__))
+VERSION = open(os.path.join(HERE, "VERSION")).read().strip()
+with open("/srv/web/log/app.log", "a") as f:
+    f.write("started %s as uid %d\n" % (VERSION, os.getuid()))
+with open("/srv/web/public/uploads/%s.txt" % VERSION, "w") as f:
+    f.write("uploaded under %s\n" % VERSION)
+try:
+    open(os.path.join(HERE, "VERSION"), "a").close()
+    WRITABLE = "yes"
+except OSError:
+    WRITABLE = "no"
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        if self.path == "/health":
+            body = json.dumps({"status": "healthy", "version": VERSION, "release_writable": WRITABLE})
+        else:
+            body = open("/srv/web/log/app.log").read()
+        data = body.encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+http.server.ThreadingHTTPServer(("0.0.0.0", 8080), Handler).serve_forever()
+"#;
+
+#[test]
+fn an_app_with_its_own_user_keeps_its_state_across_deploys_and_rollbacks() {
+    use std::os::unix::fs::MetadataExt;
+    let fleet = fleet_or_skip!(2);
+    for h in &fleet.hosts {
+        let etc = h.dir.join("etc");
+        std::fs::write(
+            etc.join("passwd"),
+            "root:x:0:0:root:/root:/bin/sh\nweb:x:990:990:web app:/nonexistent:/usr/sbin/nologin\n",
+        )
+        .expect("passwd");
+        std::fs::write(etc.join("group"), "root:x:0:\nweb:x:990:\n").expect("group");
+        let dropin = etc.join("systemd/system/web.service.d");
+        std::fs::create_dir_all(&dropin).expect("mkdir");
+        std::fs::write(dropin.join("user.conf"), "[Service]\nUser=web\nGroup=web\n").expect("drop-in");
+        h.systemctl(&["daemon-reload"]).unwrap_or_else(|e| panic!("{}: daemon-reload: {e}", h.name));
+    }
+    let base = fleet.write_fleet_toml("stateful.toml", &fleet.coordinator.clone()).expect("write");
+    let text = std::fs::read_to_string(&base).expect("read").replace(
+        "units = [\"web.service\"]\n",
+        "units = [\"web.service\"]\nshared = [\"log\", \"public/uploads\"]\nuser = \"web\"\n",
+    );
+    std::fs::write(&base, text).expect("write");
+    let config = base.to_str().unwrap_or_default();
+    let release = |v: &str| {
+        let dir = fleet.dir.join(format!("stateful-v{v}"));
+        demo_app::write_release(&dir, v, Variant::Healthy).expect("write release");
+        std::fs::write(dir.join("app.py"), STATEFUL_APP).expect("app");
+        // The validate hook runs as the app's user: it can write into the shared log.
+        std::fs::write(
+            dir.join("hooks/validate"),
+            "#!/bin/sh\necho \"validate by $(id -un)\" >> /srv/web/log/hooks.log\n",
+        )
+        .expect("hook");
+        dir
+    };
+    let deploy = |v: &str| {
+        let out = fleet.deploy(config, &release(v), v, false);
+        assert_eq!(out.status.code(), Some(0), "deploy {v}: {}{}", stdout(&out), stderr(&out));
+    };
+    let log_of = |h: &ferry_tests::fleet::FleetHost| {
+        fleet.http_get(&format!("http://{}:8080/", h.ip)).map(|(_, body)| body).unwrap_or_else(|e| e)
+    };
+    deploy("1");
+    deploy("2");
+    let out = fleet.ferry(&["rollback", "--config", config, "--env", "test"]);
+    assert_eq!(out.status.code(), Some(0), "{}{}", stdout(&out), stderr(&out));
+    for h in &fleet.hosts {
+        assert_eq!(
+            log_of(h),
+            "started 1 as uid 990\nstarted 2 as uid 990\nstarted 1 as uid 990",
+            "{}: the log outlived both releases",
+            h.name
+        );
+        let (_, health) = fleet.http_get(&format!("http://{}:8080/health", h.ip)).expect("health");
+        assert!(health.contains("\"release_writable\": \"no\""), "{}: {health}", h.name);
+        let uploads = h.exec(&["ls", "/srv/web/public/uploads"]).expect("ls");
+        assert_eq!(String::from_utf8_lossy(&uploads.stdout), "1.txt\n2.txt\n", "{}", h.name);
+        let hooks = h.exec(&["cat", "/srv/web/log/hooks.log"]).expect("cat");
+        assert_eq!(
+            String::from_utf8_lossy(&hooks.stdout),
+            "validate by web\n".repeat(2),
+            "{}: two deploys (a rollback runs no hooks)",
+            h.name
+        );
+        let shared = std::fs::metadata(h.path("/var/lib/ferry/apps/web/shared/log")).expect("stat");
+        assert_eq!((shared.uid(), shared.gid()), (990, 990), "{}", h.name);
+    }
+}
