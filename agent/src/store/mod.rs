@@ -9,6 +9,8 @@
 //! journal                  one JSON line per activation (append-only, fsync'd)
 //! activated                the release whose activation last ran to its end (units restarted,
 //!                          healthy): `current` alone does not say so
+//! shared/<path>            the app's shared paths (state outliving releases; see [`shared`]),
+//!                          linked from every release that lists them
 //! ```
 //!
 //! Invariants:
