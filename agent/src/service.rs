@@ -466,7 +466,8 @@ impl AgentService {
         tracing::info!(caller = who, app = req.app, stage = req.stage_id, deployment = req.deployment_id, "Commit");
         let started = Instant::now();
         let stage = req.stage_id.clone();
-        let id = blocking(move || store.commit(&stage, |_, _| {})).await?;
+        let facts = crate::store::HostFacts { host: req.host.clone(), address: req.address.clone() };
+        let id = blocking(move || store.commit_on(&stage, &facts, |_, _| {})).await?;
         e.release = id.clone();
         if let Some(stage) = self.stage_finished(&req.app, &req.stage_id) {
             e.version = stage.version;

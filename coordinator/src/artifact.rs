@@ -66,6 +66,11 @@ pub struct Layout {
     pub shared: Vec<(String, bool)>,
     pub user: String,
     pub group: String,
+    /// Files rendered on each host at staging.
+    pub rendered: Vec<v1::Rendered>,
+    /// The environment's values, sorted by name; `None` outside an environment (a version
+    /// registered with `ferry serve`, checked for everything but its values).
+    pub vars: Option<Vec<v1::Var>>,
 }
 
 /// Modes of what a layout adds.
@@ -74,12 +79,88 @@ const SHARED_FILE_MODE: u32 = 0o640;
 const PARENT_DIR_MODE: u32 = 0o755;
 
 impl Layout {
+    /// What is the same in every environment: shared paths, owner, templates (no values).
     pub fn of(app: &crate::config::AppConfig) -> Layout {
+        let rendered = app
+            .templates
+            .iter()
+            .map(|t| v1::Rendered {
+                path: t.path.clone(),
+                template: t.template.clone(),
+                text: String::new(),
+                mode: t.mode,
+                env_file: false,
+            })
+            .collect();
         Layout {
             shared: app.shared_paths().map(|(p, dir)| (p.to_string(), dir)).collect(),
             user: app.user.clone().unwrap_or_default(),
             group: app.group.clone().unwrap_or_default(),
+            rendered,
+            vars: None,
         }
+    }
+
+    /// The whole layout of a release for environment `env`: with its vars and environment file.
+    pub fn for_env(config: &crate::config::FleetConfig, env: &str) -> Layout {
+        let mut layout = Layout::of(&config.app);
+        let Some(e) = config.environments.get(env) else { return layout };
+        let mut vars = vec![v1::Var { name: "env".into(), value: env.to_string() }];
+        vars.extend(e.vars.iter().map(|(k, v)| v1::Var { name: format!("vars.{k}"), value: v.clone() }));
+        vars.sort_by(|a, b| a.name.cmp(&b.name));
+        if let Some(path) = &config.app.env_file {
+            let escape = |v: &str| v.replace('\\', "\\\\").replace('"', "\\\"");
+            let text: String = e.env.iter().map(|(k, v)| format!("{k}=\"{}\"\n", escape(v))).collect();
+            layout.rendered.push(v1::Rendered {
+                path: path.clone(),
+                template: String::new(),
+                text,
+                mode: 0o640,
+                env_file: true,
+            });
+        }
+        layout.vars = Some(vars);
+        layout
+    }
+
+    /// Checks the placeholders of every template (read from the scanned tree at `root`): well
+    /// formed, and each with a value in this environment (outside one, only the form).
+    fn check_templates(&self, root: &Path) -> Result<(), String> {
+        for r in &self.rendered {
+            let (text, source) = if r.template.is_empty() {
+                (r.text.clone(), format!("the environment file {}", r.path))
+            } else {
+                let mut text = String::new();
+                File::open(root.join(&r.template))
+                    .and_then(|f| f.take(ferry_proto::render::MAX_TEMPLATE_BYTES + 1).read_to_string(&mut text))
+                    .map_err(|e| format!("template {:?} ([app.templates] in fleet.toml): {e}", r.template))?;
+                if text.len() as u64 > ferry_proto::render::MAX_TEMPLATE_BYTES {
+                    return Err(format!(
+                        "template {:?} is over {} bytes",
+                        r.template,
+                        ferry_proto::render::MAX_TEMPLATE_BYTES
+                    ));
+                }
+                (text, format!("template {:?}", r.template))
+            };
+            let names = ferry_proto::render::names(&text).map_err(|e| format!("{source}, {e}"))?;
+            let Some(vars) = &self.vars else { continue };
+            let env = vars.iter().find(|v| v.name == "env").map_or("", |v| v.value.as_str());
+            for (name, line) in names {
+                if !ferry_proto::render::AGENT_VALUES.contains(&name) && !vars.iter().any(|v| v.name == name) {
+                    let known: Vec<&str> = ferry_proto::render::AGENT_VALUES
+                        .iter()
+                        .copied()
+                        .chain(vars.iter().map(|v| v.name.as_str()))
+                        .collect();
+                    return Err(format!(
+                        "{source}, line {line}: {{{{ {name} }}}} has no value in environment {env} (set [environments.{env}.vars]; known: {})",
+                        known.join(", ")
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Adds the shared paths (and the directories leading to them) and the owner to a scanned
@@ -134,6 +215,8 @@ impl Layout {
         m.entries = by_path.into_values().collect();
         m.user = self.user.clone();
         m.group = self.group.clone();
+        m.rendered = self.rendered.clone();
+        m.vars = self.vars.clone().unwrap_or_default();
         Ok(())
     }
 }
@@ -152,18 +235,28 @@ pub async fn scan(
         .map_err(|e| ArtifactError::Aborted { artifact: path.to_owned(), reason: e.to_string() })?
 }
 
-/// Scans again an artifact recorded as `release` with manifest hash `manifest_hash` (hex): it
-/// must still be exactly that content.
+/// What a recorded hash is the hash of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    /// The build alone (a version registered with `ferry serve`).
+    Build,
+    /// The release: the build with the app's layout (a deployment).
+    Release,
+}
+
+/// Scans again an artifact recorded as `release` with hash `hash` (hex, of `what`): it must
+/// still be exactly that content.
 pub async fn rescan(
     path: &Path,
     cache: Option<&Cache>,
     layout: &Layout,
     max_bytes: u64,
     release: &str,
-    manifest_hash: &str,
+    (what, hash): (Recorded, &str),
 ) -> Result<Artifact, ArtifactError> {
     let artifact = scan(path, cache, layout, max_bytes).await?;
-    if hex::encode(artifact.manifest_hash) != manifest_hash {
+    let found = if what == Recorded::Build { artifact.build_hash } else { artifact.manifest_hash };
+    if hex::encode(found) != hash {
         return Err(ArtifactError::Changed { artifact: path.to_owned(), release: release.to_string() });
     }
     Ok(artifact)
@@ -180,6 +273,8 @@ struct ChunkLoc {
 /// A scanned artifact.
 pub struct Artifact {
     pub source: PathBuf,
+    /// The hash of the build alone (before the app's layout): what a registered version is.
+    pub build_hash: [u8; HASH_LEN],
     pub manifest: v1::Manifest,
     pub manifest_hash: [u8; HASH_LEN],
     pub total_bytes: u64,
@@ -280,11 +375,16 @@ impl Artifact {
         if let Some(cache) = cache {
             cache.save_scan(path, records);
         }
-        layout.apply(&mut manifest).map_err(|reason| ArtifactError::Layout { artifact: path.to_owned(), reason })?;
+        let build_hash = manifest::hash(&manifest);
+        layout
+            .apply(&mut manifest)
+            .and_then(|()| layout.check_templates(&root))
+            .map_err(|reason| ArtifactError::Layout { artifact: path.to_owned(), reason })?;
         manifest::validate(&manifest)
             .map_err(|source| ArtifactError::Manifest { artifact: path.to_owned(), source })?;
         Ok(Artifact {
             source: path.to_owned(),
+            build_hash,
             manifest_hash: manifest::hash(&manifest),
             total_bytes: manifest::total_bytes(&manifest),
             manifest,
@@ -824,12 +924,13 @@ mod tests {
         let layout = |shared: &[(&str, bool)]| Layout {
             shared: shared.iter().map(|(p, dir)| (p.to_string(), *dir)).collect(),
             user: "web".into(),
-            group: String::new(),
+            ..Layout::default()
         };
         let a = Artifact::scan_for(d.path(), None, &layout(&[("var/log", true), ("db.sqlite3", false)]), u64::MAX)
             .expect("scan");
         assert_ne!(a.manifest_hash, plain.manifest_hash, "the layout is part of the release");
         assert_eq!(a.manifest.user, "web");
+        assert_eq!(a.build_hash, plain.manifest_hash, "the build's own hash is kept");
         let kinds: Vec<(&str, i32, u32)> = a
             .manifest
             .entries

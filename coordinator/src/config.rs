@@ -253,6 +253,32 @@ pub struct AppConfig {
     /// The app's group (default: the user's primary group).
     #[serde(default)]
     pub group: Option<String>,
+    /// Files rendered into the release on each host at staging, from a template of the build
+    /// and the environment's `vars` (see README, "Per-environment config").
+    #[serde(default)]
+    pub templates: Vec<TemplateConfig>,
+    /// A path in the release where each host gets an environment file (systemd's
+    /// `EnvironmentFile=`) of the environment's `env` table, e.g. `"config/app.env"`.
+    #[serde(default)]
+    pub env_file: Option<String>,
+}
+
+/// `[[app.templates]]`: one file rendered at staging.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateConfig {
+    /// The template: a file of the build, e.g. `"config/app.yml.tmpl"`.
+    pub template: String,
+    /// Where the rendered file goes in the release, e.g. `"config/app.yml"` (the build must not
+    /// ship that path).
+    pub path: String,
+    /// Its mode (the write bits are dropped: releases are read-only); default 0o640.
+    #[serde(default = "default_template_mode")]
+    pub mode: u32,
+}
+
+fn default_template_mode() -> u32 {
+    0o640
 }
 
 impl AppConfig {
@@ -458,6 +484,43 @@ fn app_owner_problems(app: &AppConfig, p: &mut Vec<Problem>) {
     }
 }
 
+/// Templates and the environment file: paths inside the release, each rendered once, none a
+/// shared path.
+fn template_problems(app: &AppConfig, p: &mut Vec<Problem>) {
+    let mut outputs: Vec<&str> = Vec::new();
+    let entries = app.templates.iter().enumerate().map(|(i, t)| (format!("app.templates[{i}]"), Some(t)));
+    let env_file = app.env_file.iter().map(|_| ("app.env_file".to_string(), None));
+    for (key, t) in entries.chain(env_file) {
+        let path = t.map_or(app.env_file.as_deref().unwrap_or_default(), |t| t.path.as_str());
+        let mut paths = vec![("path", path)];
+        if let Some(t) = t {
+            paths.push(("template", t.template.as_str()));
+            if t.mode & !0o777 != 0 || t.mode & 0o002 != 0 {
+                p.push(Problem::new(
+                    format!("{key}.mode"),
+                    format!("{:o} must be permission bits, not world-writable", t.mode),
+                ));
+            }
+        }
+        for (what, rel) in paths {
+            if let Err(e) = ferry_proto::manifest::check_path(rel) {
+                let k = if t.is_some() { format!("{key}.{what}") } else { key.clone() };
+                p.push(Problem::new(k, format!("{rel:?} must be a relative path inside the release: {e}")));
+            }
+        }
+        if outputs.contains(&path) {
+            p.push(Problem::new(&key, format!("{path:?} is rendered twice")));
+        }
+        if let Some((shared, _)) = app.shared_paths().find(|(s, _)| path == *s || path.starts_with(&format!("{s}/"))) {
+            p.push(Problem::new(
+                &key,
+                format!("{path:?} is in the shared path {shared:?}: rendered files belong to the release"),
+            ));
+        }
+        outputs.push(path);
+    }
+}
+
 /// Shared paths: inside the release, each once, none inside another.
 fn shared_problems(app: &AppConfig, p: &mut Vec<Problem>) {
     let mut seen: Vec<&str> = Vec::new();
@@ -551,6 +614,14 @@ pub struct Environment {
     /// than the one promoting.
     #[serde(default)]
     pub require_approval: bool,
+    /// Values for the app's templates, as `{{ vars.NAME }}` (and `{{ env }}` is this
+    /// environment's name). A changed value is a new release, rolled out like any other.
+    #[serde(default)]
+    pub vars: BTreeMap<String, String>,
+    /// The app's environment file (`[app] env_file`): `NAME = "value"`; values may use the same
+    /// placeholders as templates.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
 }
 
 impl Environment {
@@ -883,6 +954,7 @@ impl FleetConfig {
         }
         app_owner_problems(&self.app, &mut p);
         shared_problems(&self.app, &mut p);
+        template_problems(&self.app, &mut p);
         for (key, path) in [("tls.ca", &self.tls.ca), ("tls.cert", &self.tls.cert), ("tls.key", &self.tls.key)] {
             if path.as_os_str().is_empty() {
                 p.push(Problem::new(key, "must name a file"));
@@ -905,6 +977,30 @@ impl FleetConfig {
         }
         self.server_problems(&mut p);
         for (env, e) in &self.environments {
+            for name in e.vars.keys() {
+                if let Err(why) = ferry_proto::render::check_var_name(&format!("vars.{name}")) {
+                    p.push(Problem::new(format!("environments.{env}.vars.{name}"), why));
+                }
+            }
+            for (name, value) in &e.env {
+                let ok_name = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+                    && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+                if !ok_name {
+                    p.push(Problem::new(
+                        format!("environments.{env}.env.{name}"),
+                        "is not an environment variable name (A-Z, a-z, 0-9, _; not starting with a digit)",
+                    ));
+                }
+                if value.contains('\n') {
+                    p.push(Problem::new(format!("environments.{env}.env.{name}"), "holds a newline"));
+                }
+            }
+            if !e.env.is_empty() && self.app.env_file.is_none() {
+                p.push(Problem::new(
+                    format!("environments.{env}.env"),
+                    "needs app.env_file (the path in the release the units read it from)",
+                ));
+            }
             for (i, check) in e.smoke.iter().enumerate() {
                 check.problems(&format!("environments.{env}.smoke[{i}]"), &mut p);
             }
@@ -1211,6 +1307,31 @@ hosts = { web-1 = "10.0.0.11:7443", web-2 = "10.0.0.12", web-4 = "[fd00::4]:7443
         assert!(!err.contains("\"log/x\""), "log/x overlaps nothing: {err}");
         let err = load(&app("[[app.health]]\ntcp = \"127.0.0.1:1\"\nas_root = true")).expect_err("refused");
         assert!(err.contains("app.health[0].as_root: applies to exec probes only"), "{err}");
+    }
+
+    #[test]
+    fn templates_and_environment_values_are_validated() {
+        let text = GOOD
+            .replace(
+                "[tls]",
+                "shared = [\"log\"]\nenv_file = \"config/app.env\"\n[[app.templates]]\ntemplate = \"config/app.yml.tmpl\"\npath = \"config/app.env\"\n[[app.templates]]\ntemplate = \"/etc/passwd\"\npath = \"log/x\"\nmode = 0o666\n\n[tls]",
+            )
+            .replace("[environments.prod]", "[environments.prod]\nvars = { \"db.host\" = \"x\" }\nenv = { \"1BAD\" = \"v\", OK = \"a\\nb\" }");
+        let err = load(&text).expect_err("refused");
+        for says in [
+            "app.env_file: \"config/app.env\" is rendered twice",
+            "app.templates[1].template: \"/etc/passwd\" must be a relative path inside the release",
+            "app.templates[1]: \"log/x\" is in the shared path \"log\"",
+            "app.templates[1].mode: 666 must be permission bits, not world-writable",
+            "environments.prod.vars.db.host: \"vars.db.host\" is not a var name",
+            "environments.prod.env.1BAD: is not an environment variable name",
+            "environments.prod.env.OK: holds a newline",
+        ] {
+            assert!(err.contains(says), "expected {says:?} in:\n{err}");
+        }
+        let err = load(&GOOD.replace("[environments.prod]", "[environments.prod]\nenv = { A = \"1\" }"))
+            .expect_err("refused");
+        assert!(err.contains("environments.prod.env: needs app.env_file"), "{err}");
     }
 
     #[test]

@@ -26,6 +26,7 @@ pub mod identity;
 pub mod manifest;
 pub mod prometheus;
 pub mod reload;
+pub mod render;
 pub mod text;
 
 /// Generated code for package `ferry.agent.v1`.

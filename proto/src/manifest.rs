@@ -32,6 +32,8 @@ pub const MAX_FILE_SIZE: u64 = 1 << 40;
 pub const MAX_LINK_TARGET_LEN: usize = 4095;
 /// Symlinks followed while resolving one link's target (the kernel's own limit is 40).
 pub const MAX_LINK_HOPS: usize = 40;
+/// Rendered files of one manifest.
+pub const MAX_RENDERED: usize = 1024;
 /// Path components walked while resolving every link of one manifest.
 const MAX_LINK_STEPS: usize = 1 << 24;
 
@@ -294,6 +296,64 @@ pub fn validate(m: &v1::Manifest) -> Result<(), ManifestError> {
     if m.user.is_empty() && !m.group.is_empty() {
         return Err(err("", format!("group {:?} without a user (name the app's user too)", m.group)));
     }
+    validate_rendered(m, &kinds)
+}
+
+/// Rendered files: each at a new path of a directory of the release (not in a shared path), from
+/// a file of the release or an inline text; vars named once, in order.
+fn validate_rendered(
+    m: &v1::Manifest,
+    kinds: &std::collections::HashMap<&str, EntryKind>,
+) -> Result<(), ManifestError> {
+    if m.rendered.len() > MAX_RENDERED {
+        return Err(err("", format!("{} rendered files (at most {MAX_RENDERED})", m.rendered.len())));
+    }
+    let mut paths = std::collections::HashSet::new();
+    for r in &m.rendered {
+        let p = r.path.as_str();
+        check_path(p).map_err(|why| err(p, format!("rendered file: {why}")))?;
+        if kinds.contains_key(p) || !paths.insert(p) {
+            return Err(err(
+                p,
+                "a rendered file's path is already an entry of the release (leave it out of the build)",
+            ));
+        }
+        if let Some((parent, _)) = p.rsplit_once('/')
+            && kinds.get(parent) != Some(&EntryKind::Dir)
+        {
+            return Err(err(
+                p,
+                format!("a rendered file must lie in a directory of the release; {parent:?} is not one"),
+            ));
+        }
+        match (r.template.is_empty(), r.text.is_empty()) {
+            (false, true) => {
+                if kinds.get(r.template.as_str()) != Some(&EntryKind::File) {
+                    return Err(err(p, format!("its template {:?} is not a file of the release", r.template)));
+                }
+            }
+            (true, _) if r.text.len() <= crate::render::MAX_TEXT_BYTES => {}
+            (true, _) => return Err(err(p, format!("inline template over {} bytes", crate::render::MAX_TEXT_BYTES))),
+            (false, false) => return Err(err(p, "a rendered file has a template file or a text, not both")),
+        }
+        if r.mode & !0o777 != 0 || r.mode & 0o002 != 0 {
+            return Err(err(
+                p,
+                format!("mode {:04o} of a rendered file must be permission bits, not world-writable", r.mode),
+            ));
+        }
+    }
+    let mut prev: Option<&str> = None;
+    for v in &m.vars {
+        crate::render::check_var_name(&v.name).map_err(|why| err("", why))?;
+        if prev.is_some_and(|p| p >= v.name.as_str()) {
+            return Err(err("", format!("var {:?}: vars must be sorted by name, each once", v.name)));
+        }
+        if v.value.len() > crate::render::MAX_TEXT_BYTES {
+            return Err(err("", format!("var {:?}: value over {} bytes", v.name, crate::render::MAX_TEXT_BYTES)));
+        }
+        prev = Some(&v.name);
+    }
     Ok(())
 }
 
@@ -347,6 +407,26 @@ pub fn hash(m: &v1::Manifest) -> [u8; HASH_LEN] {
         for name in [&m.user, &m.group] {
             h.update(&(name.len() as u64).to_le_bytes());
             h.update(name.as_bytes());
+        }
+    }
+    if !m.rendered.is_empty() || !m.vars.is_empty() {
+        let field = |h: &mut blake3::Hasher, s: &str| {
+            h.update(&(s.len() as u64).to_le_bytes());
+            h.update(s.as_bytes());
+        };
+        h.update(b"rendered\0");
+        h.update(&(m.rendered.len() as u64).to_le_bytes());
+        for r in &m.rendered {
+            field(&mut h, &r.path);
+            field(&mut h, &r.template);
+            field(&mut h, &r.text);
+            h.update(&r.mode.to_le_bytes());
+            h.update(&[u8::from(r.env_file)]);
+        }
+        h.update(&(m.vars.len() as u64).to_le_bytes());
+        for v in &m.vars {
+            field(&mut h, &v.name);
+            field(&mut h, &v.value);
         }
     }
     *h.finalize().as_bytes()
@@ -405,6 +485,8 @@ pub fn diff(base: &v1::Manifest, new: &v1::Manifest) -> v1::ManifestDelta {
         removed: base.entries.iter().filter(|e| !now.contains(e.path.as_str())).map(|e| e.path.clone()).collect(),
         user: new.user.clone(),
         group: new.group.clone(),
+        rendered: new.rendered.clone(),
+        vars: new.vars.clone(),
     }
 }
 
@@ -429,7 +511,13 @@ pub fn apply_delta(base: &v1::Manifest, delta: &v1::ManifestDelta) -> Result<v1:
         }
         entries.insert(e.path.clone(), e.clone());
     }
-    Ok(v1::Manifest { entries: entries.into_values().collect(), user: delta.user.clone(), group: delta.group.clone() })
+    Ok(v1::Manifest {
+        entries: entries.into_values().collect(),
+        user: delta.user.clone(),
+        group: delta.group.clone(),
+        rendered: delta.rendered.clone(),
+        vars: delta.vars.clone(),
+    })
 }
 
 #[cfg(test)]
@@ -595,6 +683,7 @@ mod tests {
             ],
             user: "web".into(),
             group: "www-data".into(),
+            ..Default::default()
         };
         validate(&ok).expect("valid");
         assert!(
@@ -618,9 +707,64 @@ mod tests {
     }
 
     #[test]
+    fn rendered_files_land_on_new_paths_of_the_release() {
+        use crate::v1::{Rendered, Var};
+        let with = |rendered: Vec<Rendered>, vars: Vec<Var>| Manifest {
+            entries: vec![
+                dir("config"),
+                file("config/app.yml.tmpl", b"db: {{ vars.db }}"),
+                shared("log", EntryKind::SharedDir),
+            ],
+            rendered,
+            vars,
+            ..Default::default()
+        };
+        let r = |path: &str, template: &str, text: &str| Rendered {
+            path: path.into(),
+            template: template.into(),
+            text: text.into(),
+            mode: 0o640,
+            env_file: false,
+        };
+        let var = |n: &str| Var { name: n.into(), value: "x".into() };
+        let ok = with(
+            vec![r("config/app.yml", "config/app.yml.tmpl", ""), r("config/app.env", "", "A=1\n")],
+            vec![var("env"), var("vars.db")],
+        );
+        validate(&ok).expect("valid");
+        for (m, needle) in [
+            (
+                with(vec![r("config/app.yml.tmpl", "config/app.yml.tmpl", "")], vec![]),
+                "already an entry of the release",
+            ),
+            (with(vec![r("etc/app.yml", "config/app.yml.tmpl", "")], vec![]), "\"etc\" is not one"),
+            (with(vec![r("log/x", "config/app.yml.tmpl", "")], vec![]), "\"log\" is not one"),
+            (with(vec![r("config/a", "config", "")], vec![]), "its template \"config\" is not a file"),
+            (with(vec![r("config/a", "config/app.yml.tmpl", "x")], vec![]), "not both"),
+            (with(vec![r("../a", "", "x")], vec![]), "rendered file"),
+            (with(vec![], vec![var("vars.db"), var("env")]), "sorted by name"),
+            (with(vec![], vec![var("host")]), "is not a var name"),
+        ] {
+            let e = validate(&m).expect_err(needle).to_string();
+            assert!(e.contains(needle), "{needle}: {e}");
+        }
+        let h = hash(&ok);
+        let mut changed = ok.clone();
+        changed.vars[1].value = "y".into();
+        assert_ne!(hash(&changed), h, "a changed value is a new release");
+        let mut changed = ok.clone();
+        changed.rendered[1].env_file = true;
+        assert_ne!(hash(&changed), h);
+    }
+
+    #[test]
     fn owners_are_names_and_a_group_needs_a_user() {
-        let with =
-            |user: &str, group: &str| Manifest { entries: vec![dir("a")], user: user.into(), group: group.into() };
+        let with = |user: &str, group: &str| Manifest {
+            entries: vec![dir("a")],
+            user: user.into(),
+            group: group.into(),
+            ..Default::default()
+        };
         for good in [("web", ""), ("_app", "www-data"), ("svc.api-1", "svc")] {
             validate(&with(good.0, good.1)).unwrap_or_else(|e| panic!("{good:?}: {e}"));
         }

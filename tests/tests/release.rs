@@ -381,7 +381,12 @@ async fn hostile_requests_are_refused_and_the_current_release_is_untouched() {
 
     // Commit before the content arrived.
     let stream = c
-        .commit(v1::CommitRequest { app: "web".into(), stage_id: p.stage_id.clone(), deployment_id: "d".into() })
+        .commit(v1::CommitRequest {
+            app: "web".into(),
+            stage_id: p.stage_id.clone(),
+            deployment_id: "d".into(),
+            ..Default::default()
+        })
         .await;
     let e = match stream {
         Err(e) => e,
@@ -872,4 +877,79 @@ async fn shared_paths_outlive_releases_and_belong_to_the_app_user() {
     assert!(error.contains("the app's user \"ferry-no-such-user\" does not exist on this host"), "{error}");
     assert_eq!(current(&root), "1");
     assert!(!s.data().join("staging").join("5").exists());
+}
+
+/// `[[app.templates]]`, `[app] env_file` and `[environments.X] vars` / `env`: each host renders its
+/// files at staging with its environment's values and its own name and address; a changed value
+/// is a new release that sends no content, and a rollback brings the old values back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn templates_render_per_environment_and_host_and_a_config_change_is_a_tiny_release() {
+    use ferry_coordinator::artifact::Layout;
+    use ferry_coordinator::config::TemplateConfig;
+    let mut s = Setup::new().await;
+    s.config.app.templates =
+        vec![TemplateConfig { template: "config/app.yml.tmpl".into(), path: "config/app.yml".into(), mode: 0o640 }];
+    s.config.app.env_file = Some("config/app.env".into());
+    let set_vars = |s: &mut Setup, db: &str| {
+        let e = s.config.environments.get_mut("test").expect("env test");
+        e.vars = [("db_host".to_string(), db.to_string())].into();
+        e.env = [
+            ("DB_URL".to_string(), "postgres://{{ vars.db_host }}/app".to_string()),
+            ("RAILS_ENV".to_string(), "say \"{{ env }}\"".to_string()),
+        ]
+        .into();
+    };
+    set_vars(&mut s, "db-1.test");
+    let build = build(
+        s.dir.path(),
+        "t1",
+        &[
+            ("VERSION", b"1\n".to_vec()),
+            ("bin/app", pseudo_random(300_000, 3)),
+            (
+                "config/app.yml.tmpl",
+                b"env: {{ env }}\nhost: {{host}} ({{ address }})\nversion: {{ version }}\ndb: {{ vars.db_host }}\n"
+                    .to_vec(),
+            ),
+        ],
+    );
+    let deploy = |s: &Setup, v: &'static str| {
+        let layout = Layout::for_env(&s.config, "test");
+        let (config, tls, dir) = (s.config.clone(), s.tls.clone(), build.clone());
+        async move {
+            let artifact = Arc::new(Artifact::scan_for(&dir, None, &layout, u64::MAX).expect("scan"));
+            ferry_tests::engine::deploy(&config, &tls, "test", artifact, v, None).await.expect("deploy runs")
+        }
+    };
+    let r1 = deploy(&s, "1").await;
+    assert_eq!(r1.status, DeploymentStatus::Succeeded, "{r1:?}");
+    let root = s.app_root();
+    let read = |rel: &str| std::fs::read_to_string(root.join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"));
+    assert_eq!(read("config/app.yml"), "env: test\nhost: web-1 (127.0.0.1)\nversion: 1\ndb: db-1.test\n");
+    assert_eq!(read("config/app.env"), "DB_URL=\"postgres://db-1.test/app\"\nRAILS_ENV=\"say \\\"test\\\"\"\n");
+    let meta = std::fs::metadata(root.join("config/app.yml")).expect("stat");
+    assert_eq!(meta.mode() & 0o777, 0o440, "rendered files are read-only like the rest of the release");
+
+    // Only a value changes: a new release, no content crosses the wire.
+    set_vars(&mut s, "db-2.test");
+    let r2 = deploy(&s, "1").await;
+    assert_eq!(r2.status, DeploymentStatus::Succeeded, "{r2:?}");
+    assert_ne!(r2.release_id, r1.release_id, "a changed value is a new release");
+    assert!(r2.bytes_sent < 2_000, "a config-only change sends the manifest's changes only: {} bytes", r2.bytes_sent);
+    assert!(read("config/app.yml").ends_with("db: db-2.test\n"));
+    assert!(read("config/app.env").starts_with("DB_URL=\"postgres://db-2.test/app\""));
+
+    // A rollback brings the old values back, with the old release.
+    let rb = rollback(&s.config, &s.tls, None).await;
+    assert_eq!(rb.status, DeploymentStatus::Succeeded, "{rb:?}");
+    assert!(read("config/app.yml").ends_with("db: db-1.test\n"));
+
+    // A placeholder without a value is refused as the build is scanned, before any host changes.
+    s.config.environments.get_mut("test").expect("env").vars.clear();
+    let e = Artifact::scan_for(&build, None, &Layout::for_env(&s.config, "test"), u64::MAX).expect_err("refused");
+    assert!(
+        e.to_string()
+            .contains("template \"config/app.yml.tmpl\", line 4: {{ vars.db_host }} has no value in environment test"),
+        "{e}"
+    );
 }

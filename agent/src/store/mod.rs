@@ -142,6 +142,15 @@ pub enum ManifestSource {
 const BASES_MAX_BYTES: u64 = 256 << 20;
 const BASIS_ID_LEN: usize = 16;
 
+/// What a host is told about itself at Commit, for its rendered files.
+#[derive(Debug, Clone, Default)]
+pub struct HostFacts {
+    /// Its name in the coordinator's inventory.
+    pub host: String,
+    /// The address the coordinator reaches it at.
+    pub address: String,
+}
+
 /// An activation or rollback that happened (or did not need to).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Swap {
@@ -553,7 +562,12 @@ impl AppStore {
     /// the half-built tree is removed; the received chunks stay until the tree is complete, so a
     /// retry resumes the upload instead of starting over.
     pub fn commit(&self, stage_id: &str, progress: impl FnMut(u64, u64)) -> R<String> {
-        let result = self.commit_inner(stage_id, progress);
+        self.commit_on(stage_id, &HostFacts::default(), progress)
+    }
+
+    /// [`AppStore::commit`], rendering the release's files with this host's `facts`.
+    pub fn commit_on(&self, stage_id: &str, facts: &HostFacts, progress: impl FnMut(u64, u64)) -> R<String> {
+        let result = self.commit_inner(stage_id, facts, progress);
         if result.is_err()
             && let Ok(stage) = self.stage_dir(stage_id)
         {
@@ -562,7 +576,7 @@ impl AppStore {
         result
     }
 
-    fn commit_inner(&self, stage_id: &str, mut progress: impl FnMut(u64, u64)) -> R<String> {
+    fn commit_inner(&self, stage_id: &str, facts: &HostFacts, mut progress: impl FnMut(u64, u64)) -> R<String> {
         let stage = self.stage_dir(stage_id)?;
         if self.manifest_path(stage_id).exists() && self.release_path(stage_id).is_dir() {
             return Ok(stage_id.to_string());
@@ -630,6 +644,7 @@ impl AppStore {
                 EntryKind::Unspecified => return Err(StoreError::Refused(format!("{}: unknown entry kind", e.path))),
             }
         }
+        self.render(&tree, &m, stage_id, facts)?;
         let owner = Owner::of(&m).map_err(StoreError::Refused)?;
         if let Some(o) = &owner {
             give_group(&tree, &m, o)?;
@@ -661,6 +676,61 @@ impl AppStore {
         durable::sync_dir(&self.releases_dir()).map_err(StoreError::io("sync", &self.releases_dir()))?;
         fs::remove_dir_all(&stage).map_err(StoreError::io("remove staging", &stage))?;
         Ok(stage_id.to_string())
+    }
+
+    /// Writes the release's rendered files into `tree` (read-only, like the rest of it).
+    fn render(&self, tree: &Path, m: &v1::Manifest, release_id: &str, facts: &HostFacts) -> R<()> {
+        if m.rendered.is_empty() {
+            return Ok(());
+        }
+        let app = self.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let version = version_of(release_id).to_string();
+        let value = |name: &str| -> Option<String> {
+            let known = match name {
+                "app" => Some(app.clone()),
+                "version" => Some(version.clone()),
+                "host" => Some(facts.host.clone()),
+                "address" => Some(facts.address.clone()),
+                _ => None,
+            };
+            match known {
+                Some(v) if v.is_empty() => None,
+                Some(v) => Some(v),
+                None => m.vars.iter().find(|v| v.name == name).map(|v| v.value.clone()),
+            }
+        };
+        for r in &m.rendered {
+            let template = if r.template.is_empty() {
+                r.text.clone()
+            } else {
+                let src = tree.join(&r.template);
+                let mut text = String::new();
+                File::open(&src)
+                    .and_then(|f| f.take(ferry_proto::render::MAX_TEMPLATE_BYTES + 1).read_to_string(&mut text))
+                    .map_err(|e| StoreError::Refused(format!("template {}: {e}", r.template)))?;
+                if text.len() as u64 > ferry_proto::render::MAX_TEMPLATE_BYTES {
+                    return Err(StoreError::Refused(format!(
+                        "template {} is over {} bytes",
+                        r.template,
+                        ferry_proto::render::MAX_TEMPLATE_BYTES
+                    )));
+                }
+                text
+            };
+            let source = if r.template.is_empty() { "its text" } else { r.template.as_str() };
+            let text = ferry_proto::render::render(&template, value, r.env_file)
+                .map_err(|e| StoreError::Refused(format!("rendering {} from {source}: {e}", r.path)))?;
+            let dst = tree.join(&r.path);
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(r.mode & 0o555)
+                .open(&dst)
+                .map_err(StoreError::io("write rendered file", &dst))?;
+            f.write_all(text.as_bytes()).map_err(StoreError::io("write rendered file", &dst))?;
+            f.set_permissions(fs::Permissions::from_mode(r.mode & 0o555)).map_err(StoreError::io("set mode", &dst))?;
+        }
+        Ok(())
     }
 
     /// The app user the kept release `release_id` names (None: no user, or no such release).
@@ -1057,6 +1127,9 @@ fn give_group(tree: &Path, m: &v1::Manifest, o: &Owner) -> R<()> {
     chown(tree)?;
     for e in m.entries.iter().filter(|e| !manifest::is_shared(e)) {
         chown(&tree.join(&e.path))?;
+    }
+    for r in &m.rendered {
+        chown(&tree.join(&r.path))?;
     }
     Ok(())
 }

@@ -177,7 +177,7 @@ async fn deploy(ctx: &Ctx<'_>, a: &super::DeployArgs) -> anyhow::Result<DeployRe
     commands::deploy::validate(ctx.config, &a.env, &a.version)?;
     // A Ctrl-C while scanning stops before anything is recorded.
     let artifact = tokio::select! {
-        scanned = commands::deploy::scan(ctx, &a.artifact) => scanned?,
+        scanned = commands::deploy::scan(ctx, &a.env, &a.artifact) => scanned?,
         () = ctx.cancel.cancelled() => anyhow::bail!(
             "cancelled while scanning {}: nothing was recorded, no host was touched",
             a.artifact.display()

@@ -14,11 +14,11 @@ pub fn validate(config: &crate::config::FleetConfig, env: &str, version: &str) -
     Ok(())
 }
 
-/// Scans an artifact for a deployment (off the async threads, through the scan cache).
-pub async fn scan(ctx: &Ctx<'_>, path: &Path) -> Result<Arc<Artifact>, Error> {
-    Ok(Arc::new(
-        artifact::scan(path, ctx.cache, &artifact::Layout::of(&ctx.config.app), ctx.config.max_artifact_bytes).await?,
-    ))
+/// Scans an artifact for a deployment to `env` (off the async threads, through the scan cache), as
+/// a release of the app's layout in that environment.
+pub async fn scan(ctx: &Ctx<'_>, env: &str, path: &Path) -> Result<Arc<Artifact>, Error> {
+    let layout = artifact::Layout::for_env(ctx.config, env);
+    Ok(Arc::new(artifact::scan(path, ctx.cache, &layout, ctx.config.max_artifact_bytes).await?))
 }
 
 /// Checks the request and records a new deployment of `artifact` as `version` to `env`; its id.

@@ -15,10 +15,10 @@ pub async fn prepare(ctx: &Ctx<'_>, env: &str, paused_only: bool) -> Result<(Dep
     let artifact = artifact::rescan(
         Path::new(&d.artifact),
         ctx.cache,
-        &artifact::Layout::of(&ctx.config.app),
+        &artifact::Layout::for_env(ctx.config, env),
         ctx.config.max_artifact_bytes,
         &d.release_id,
-        &d.manifest_hash,
+        (artifact::Recorded::Release, &d.manifest_hash),
     )
     .await
     .map_err(|source| rollout::Error::Artifact { id: d.id.clone(), source })?;

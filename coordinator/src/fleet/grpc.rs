@@ -157,6 +157,8 @@ async fn stage_host(
                 app: app.clone(),
                 stage_id: prepared.stage_id.clone(),
                 deployment_id: deployment_id.to_string(),
+                host: host.name.clone(),
+                address: host.address.clone(),
             }),
             host,
             "commit",

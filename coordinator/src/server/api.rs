@@ -298,8 +298,9 @@ async fn register_version(
     let row = crate::registry::VersionRow {
         version: req.version.clone(),
         artifact: real.to_string_lossy().into_owned(),
-        release_id: artifact.release_id(&req.version),
-        manifest_hash: hex::encode(artifact.manifest_hash),
+        // A version is its build; each environment's release adds the app's layout to it.
+        release_id: ferry_proto::manifest::release_id(&req.version, &artifact.build_hash),
+        manifest_hash: hex::encode(artifact.build_hash),
         total_bytes: i64::try_from(artifact.total_bytes).unwrap_or(i64::MAX),
         files: i64::try_from(artifact.manifest.entries.len()).unwrap_or(i64::MAX),
         registered_by: who.0.clone(),
@@ -490,7 +491,7 @@ async fn start_deploy(
     }
     let scanned = one_scan_at_a_time(state, {
         let (cache, limit, v) = (state.cache.clone(), state.config.max_artifact_bytes, version.clone());
-        let layout = crate::artifact::Layout::of(&state.config.app);
+        let layout = crate::artifact::Layout::for_env(&state.config, env);
         async move {
             crate::artifact::rescan(
                 std::path::Path::new(&v.artifact),
@@ -498,7 +499,7 @@ async fn start_deploy(
                 &layout,
                 limit,
                 &v.release_id,
-                &v.manifest_hash,
+                (crate::artifact::Recorded::Build, &v.manifest_hash),
             )
             .await
         }
