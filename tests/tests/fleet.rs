@@ -534,3 +534,108 @@ fn an_app_with_its_own_user_keeps_its_state_across_deploys_and_rollbacks() {
         assert_eq!((shared.uid(), shared.gid()), (990, 990), "{}", h.name);
     }
 }
+
+/// An app that answers with what its config says: its environment file (through the unit's
+/// `EnvironmentFile=`) and a rendered file.
+const CONFIGURED_APP: &str = r#"#!/usr/bin/python3
+import http.server, json, os
+HERE = os.path.dirname(os.path.realpath(__file__))
+CONFIG = open(os.path.join(HERE, "config/app.conf")).read()
+ANSWER = json.dumps({"status": "healthy", "greeting": os.environ.get("GREETING", ""), "config": CONFIG})
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        data = ANSWER.encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+http.server.ThreadingHTTPServer(("0.0.0.0", 8080), Handler).serve_forever()
+"#;
+
+#[test]
+fn staging_and_prod_get_their_own_config_and_a_config_change_rolls_host_by_host() {
+    let fleet = fleet_or_skip!(3);
+    for h in &fleet.hosts {
+        let dropin = h.dir.join("etc/systemd/system/web.service.d");
+        std::fs::create_dir_all(&dropin).expect("mkdir");
+        std::fs::write(dropin.join("env.conf"), "[Service]\nEnvironmentFile=/srv/web/config/app.env\n")
+            .expect("drop-in");
+        h.systemctl(&["daemon-reload"]).unwrap_or_else(|e| panic!("{}: daemon-reload: {e}", h.name));
+    }
+    let addr = |i: usize| format!("{}:{}", fleet.hosts[i].ip, ferry_tests::fleet::AGENT_PORT);
+    let toml = |greeting: &str| {
+        let base = fleet.write_fleet_toml("configured.toml", &fleet.coordinator.clone()).expect("write");
+        let text = std::fs::read_to_string(&base).expect("read");
+        let (head, _) = text.split_once("[environments.test]").expect("an environment");
+        let text = head.replace(
+            "units = [\"web.service\"]\n",
+            "units = [\"web.service\"]\nenv_file = \"config/app.env\"\n[[app.templates]]\ntemplate = \"config/app.conf.tmpl\"\npath = \"config/app.conf\"\n",
+        ) + &format!(
+            "[environments.staging]\nhosts = {{ web-1 = \"{}\" }}\nvars = {{ db = \"db.staging\" }}\nenv = {{ GREETING = \"hello from {{{{ env }}}}\" }}\n\n\
+             [environments.prod]\nhosts = {{ web-2 = \"{}\", web-3 = \"{}\" }}\nvars = {{ db = \"db.prod\" }}\nenv = {{ GREETING = \"{greeting} from {{{{ env }}}}\" }}\n",
+            addr(0),
+            addr(1),
+            addr(2)
+        );
+        std::fs::write(&base, text).expect("write");
+        base
+    };
+    let dir = fleet.dir.join("configured");
+    demo_app::write_release(&dir, "1", Variant::Healthy).expect("write release");
+    std::fs::write(dir.join("app.py"), CONFIGURED_APP).expect("app");
+    std::fs::create_dir_all(dir.join("config")).expect("mkdir");
+    std::fs::write(dir.join("config/app.conf.tmpl"), "db={{ vars.db }} host={{ host }} env={{ env }}")
+        .expect("template");
+    let answer = |i: usize| -> serde_json::Value {
+        let (_, body) = fleet.http_get(&format!("http://{}:8080/", fleet.hosts[i].ip)).expect("GET /");
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{body}: {e}"))
+    };
+    let deploy = |config: &std::path::Path, env: &str| {
+        let artifact = dir.to_string_lossy().into_owned();
+        let out = fleet.ferry(&[
+            "deploy",
+            "--config",
+            &config.to_string_lossy(),
+            "--env",
+            env,
+            "--artifact",
+            &artifact,
+            "--version",
+            "1",
+        ]);
+        assert_eq!(out.status.code(), Some(0), "deploy to {env}: {}{}", stdout(&out), stderr(&out));
+        stdout(&out)
+    };
+    let config = toml("hello");
+    deploy(&config, "staging");
+    deploy(&config, "prod");
+    assert_eq!(answer(0)["config"], "db=db.staging host=web-1 env=staging");
+    assert_eq!(answer(0)["greeting"], "hello from staging");
+    for i in [1, 2] {
+        assert_eq!(answer(i)["config"], format!("db=db.prod host=web-{} env=prod", i + 1));
+        assert_eq!(answer(i)["greeting"], "hello from prod");
+    }
+
+    // Only prod's environment changes: prod rolls host by host (each restarted and checked before
+    // the next), with nothing but the manifest's changes on the wire; staging is untouched.
+    let pids: Vec<u32> = fleet.hosts.iter().map(|h| h.main_pid("web.service")).collect();
+    let config = toml("good evening");
+    let out = deploy(&config, "prod");
+    let (two, three) = (out.find("web-2: activated").expect("web-2 activated"), out.find("web-3: activated"));
+    assert!(three.is_some_and(|t| t > two), "host by host, in order:\n{out}");
+    assert!(out.contains("manifest sent as changes from 1-"), "{out}");
+    for i in [1, 2] {
+        assert_eq!(answer(i)["greeting"], "good evening from prod");
+        assert_ne!(fleet.hosts[i].main_pid("web.service"), pids[i], "web-{} restarted", i + 1);
+    }
+    assert_eq!(fleet.hosts[0].main_pid("web.service"), pids[0], "staging was not touched");
+    // The old config comes back with a rollback.
+    let out = fleet.ferry(&["rollback", "--config", &config.to_string_lossy(), "--env", "prod"]);
+    assert_eq!(out.status.code(), Some(0), "{}{}", stdout(&out), stderr(&out));
+    assert_eq!(answer(1)["greeting"], "hello from prod");
+}
