@@ -35,6 +35,9 @@ pub struct Plan {
     /// Lifecycle hooks of the release being activated (activations only).
     pub hooks: Option<v1::Hooks>,
     pub version: String,
+    /// The release's secrets, from the coordinator (activations; empty for a rollback, which
+    /// uses the values the release kept). Never logged.
+    pub secrets: Vec<v1::Var>,
 }
 
 type Tx = mpsc::Sender<Result<v1::StepEvent, Status>>;
@@ -185,10 +188,22 @@ async fn run_plan(config: Arc<AgentConfig>, plan: Plan, em: &Emitter) {
         }
     };
 
+    // The release's secrets are in place before anything runs; a changed value is a change.
+    let secrets_changed = match place_secrets(&config, &plan, &store, &target, owner.as_ref()) {
+        Ok(changed) => changed,
+        Err(e) => {
+            em.refuse(Status::failed_precondition(format!("secrets of {target}: {e}; nothing was changed"))).await;
+            return;
+        }
+    };
+
     // Idempotence: already current, its activation ran to its end, running and healthy →
     // nothing to do. (An activation cut short after the swap left the units on the old code:
     // that one is run again.)
-    if current.as_deref() == Some(target.as_str()) && store.activated().as_deref() == Some(target.as_str()) {
+    if current.as_deref() == Some(target.as_str())
+        && store.activated().as_deref() == Some(target.as_str())
+        && !secrets_changed
+    {
         let units_up = match &systemd {
             Some(sd) => {
                 let mut all = true;
@@ -310,6 +325,9 @@ async fn run_plan(config: Arc<AgentConfig>, plan: Plan, em: &Emitter) {
                     Ok(p) => pruned = p,
                     Err(e) => tracing::warn!(app = plan.app, "pruning old releases failed: {e}"),
                 }
+                for id in &pruned {
+                    crate::secrets::remove(&config.secrets_dir(&plan.app).join(id));
+                }
                 if !pruned.is_empty() {
                     em.send(Step::Prune, StepState::Succeeded, format!("removed {}", pruned.join(", ")), Some(t)).await;
                 }
@@ -339,6 +357,32 @@ async fn run_plan(config: Arc<AgentConfig>, plan: Plan, em: &Emitter) {
             };
             roll_back(em, &config, &plan, systemd.as_ref(), &root, &swap, &previous, failure).await;
         }
+    }
+}
+
+/// Writes the secrets the coordinator sent for `target`, or (when it sent none: a rollback)
+/// checks the release still has its own. Whether a value changed.
+fn place_secrets(
+    config: &AgentConfig,
+    plan: &Plan,
+    store: &crate::store::AppStore,
+    target: &str,
+    owner: Option<&crate::owner::Owner>,
+) -> Result<bool, String> {
+    let names = if store.has_release(target) {
+        store.manifest(target).map_err(|e| e.to_string())?.secrets
+    } else {
+        // The swap reports a missing release.
+        return Ok(false);
+    };
+    if names.is_empty() && plan.secrets.is_empty() {
+        return Ok(false);
+    }
+    let dir = config.secrets_dir(&plan.app).join(target);
+    if plan.secrets.is_empty() {
+        crate::secrets::present(&dir, &names).map(|()| false)
+    } else {
+        crate::secrets::write(&dir, &names, &plan.secrets, owner)
     }
 }
 

@@ -41,6 +41,15 @@ pub struct AgentConfig {
     pub http: Option<HttpConfig>,
     #[serde(default)]
     pub audit: AuditConfig,
+    /// Where the apps' secrets are written: `<secrets_dir>/<app>/<release>/<name>`. Keep it on a
+    /// tmpfs (the default `/run/ferry` is one, created by the packaged unit) so secrets never reach
+    /// a disk; after a reboot they are gone until the next deployment brings them again.
+    #[serde(default = "default_secrets_dir")]
+    pub secrets_dir: PathBuf,
+}
+
+fn default_secrets_dir() -> PathBuf {
+    PathBuf::from("/run/ferry")
 }
 
 /// `[http]`: Prometheus metrics and health endpoints, unauthenticated, on their own port.
@@ -144,6 +153,9 @@ impl AgentConfig {
     /// Every semantic problem of the config, so the operator fixes them in one go.
     pub fn problems(&self) -> Vec<Problem> {
         let mut p = Vec::new();
+        if !self.secrets_dir.is_absolute() {
+            p.push(Problem::new("secrets_dir", format!("{} must be an absolute path", self.secrets_dir.display())));
+        }
         if !self.data_dir.is_absolute() {
             p.push(Problem::new("data_dir", format!("{} must be an absolute path", self.data_dir.display())));
         }
@@ -226,6 +238,11 @@ impl AgentConfig {
     /// The directory holding one app's release store.
     pub fn app_dir(&self, app: &str) -> PathBuf {
         self.data_dir.join("apps").join(app)
+    }
+
+    /// Where the secrets of `app`'s releases are written.
+    pub fn secrets_dir(&self, app: &str) -> PathBuf {
+        self.secrets_dir.join(app)
     }
 
     /// The release store of a declared app.

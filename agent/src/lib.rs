@@ -36,6 +36,7 @@ pub mod metrics;
 pub mod notify;
 pub mod owner;
 pub mod probe;
+pub mod secrets;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -466,7 +466,11 @@ impl AgentService {
         tracing::info!(caller = who, app = req.app, stage = req.stage_id, deployment = req.deployment_id, "Commit");
         let started = Instant::now();
         let stage = req.stage_id.clone();
-        let facts = crate::store::HostFacts { host: req.host.clone(), address: req.address.clone() };
+        let facts = crate::store::HostFacts {
+            host: req.host.clone(),
+            address: req.address.clone(),
+            secrets_dir: self.config.secrets_dir(&req.app),
+        };
         let id = blocking(move || store.commit_on(&stage, &facts, |_, _| {})).await?;
         e.release = id.clone();
         if let Some(stage) = self.stage_finished(&req.app, &req.stage_id) {
@@ -520,6 +524,7 @@ impl AgentService {
             unit_action: req.unit_action,
             hooks: req.hooks,
             version: req.version,
+            secrets: req.secrets,
         };
         Ok((plan, lock))
     }
@@ -550,6 +555,8 @@ impl AgentService {
             unit_action: "restart".into(),
             hooks: None,
             version: String::new(),
+            // The release gone back to kept its own (a rollback brings none).
+            secrets: Vec::new(),
         };
         Ok((plan, lock))
     }

@@ -71,6 +71,8 @@ pub struct Layout {
     /// The environment's values, sorted by name; `None` outside an environment (a version
     /// registered with `ferry serve`, checked for everything but its values).
     pub vars: Option<Vec<v1::Var>>,
+    /// Names of the environment's secrets (sorted); their values never enter the manifest.
+    pub secrets: Vec<String>,
 }
 
 /// Modes of what a layout adds.
@@ -98,6 +100,7 @@ impl Layout {
             group: app.group.clone().unwrap_or_default(),
             rendered,
             vars: None,
+            secrets: Vec::new(),
         }
     }
 
@@ -108,6 +111,7 @@ impl Layout {
         let mut vars = vec![v1::Var { name: "env".into(), value: env.to_string() }];
         vars.extend(e.vars.iter().map(|(k, v)| v1::Var { name: format!("vars.{k}"), value: v.clone() }));
         vars.sort_by(|a, b| a.name.cmp(&b.name));
+        layout.secrets = e.secrets.keys().cloned().collect();
         if let Some(path) = &config.app.env_file {
             let escape = |v: &str| v.replace('\\', "\\\\").replace('"', "\\\"");
             let text: String = e.env.iter().map(|(k, v)| format!("{k}=\"{}\"\n", escape(v))).collect();
@@ -147,11 +151,15 @@ impl Layout {
             let Some(vars) = &self.vars else { continue };
             let env = vars.iter().find(|v| v.name == "env").map_or("", |v| v.value.as_str());
             for (name, line) in names {
-                if !ferry_proto::render::AGENT_VALUES.contains(&name) && !vars.iter().any(|v| v.name == name) {
+                let secret = name.strip_prefix("secrets.").is_some_and(|s| self.secrets.iter().any(|n| n == s));
+                if !ferry_proto::render::AGENT_VALUES.contains(&name) && !vars.iter().any(|v| v.name == name) && !secret
+                {
+                    let secrets: Vec<String> = self.secrets.iter().map(|n| format!("secrets.{n}")).collect();
                     let known: Vec<&str> = ferry_proto::render::AGENT_VALUES
                         .iter()
                         .copied()
                         .chain(vars.iter().map(|v| v.name.as_str()))
+                        .chain(secrets.iter().map(String::as_str))
                         .collect();
                     return Err(format!(
                         "{source}, line {line}: {{{{ {name} }}}} has no value in environment {env} (set [environments.{env}.vars]; known: {})",
@@ -217,6 +225,7 @@ impl Layout {
         m.group = self.group.clone();
         m.rendered = self.rendered.clone();
         m.vars = self.vars.clone().unwrap_or_default();
+        m.secrets = self.secrets.clone();
         Ok(())
     }
 }
@@ -275,6 +284,9 @@ pub struct Artifact {
     pub source: PathBuf,
     /// The hash of the build alone (before the app's layout): what a registered version is.
     pub build_hash: [u8; HASH_LEN],
+    /// The environment's secrets, fetched for this deployment ([`Artifact::with_secrets`]); they
+    /// travel with the release to each host's activation, never in its manifest.
+    pub secrets: std::sync::Arc<crate::secrets::Secrets>,
     pub manifest: v1::Manifest,
     pub manifest_hash: [u8; HASH_LEN],
     pub total_bytes: u64,
@@ -385,12 +397,19 @@ impl Artifact {
         Ok(Artifact {
             source: path.to_owned(),
             build_hash,
+            secrets: Default::default(),
             manifest_hash: manifest::hash(&manifest),
             total_bytes: manifest::total_bytes(&manifest),
             manifest,
             chunks,
             _extracted: extracted,
         })
+    }
+
+    /// This release with the environment's secrets, fetched for a deployment.
+    pub fn with_secrets(mut self, secrets: crate::secrets::Secrets) -> Artifact {
+        self.secrets = std::sync::Arc::new(secrets);
+        self
     }
 
     /// The release id this artifact becomes for `version`.

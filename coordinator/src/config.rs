@@ -622,6 +622,30 @@ pub struct Environment {
     /// placeholders as templates.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Secrets the app reads in this environment, by name: `{ file = "..." }` (mode 0600 or
+    /// stricter, else refused) or `{ command = "..." }` (run with `sh -c` where `ferry` runs; its
+    /// standard output is the value). Fetched at the start of every deployment, before any host
+    /// changes; sent to the hosts over mTLS only; a template names one as `{{ secrets.NAME }}`,
+    /// which is the path of the file holding it on the host.
+    #[serde(default)]
+    pub secrets: BTreeMap<String, SecretSource>,
+}
+
+/// Where a secret's value comes from. Exactly one of `file`, `command`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretSource {
+    /// A file on the coordinator (relative to fleet.toml), readable by its owner only.
+    pub file: Option<PathBuf>,
+    /// A command, e.g. `vault kv get -field=password secret/prod/db`, run with FERRY_ENV and
+    /// FERRY_APP set; it must exit 0 within `timeout`.
+    pub command: Option<String>,
+    #[serde(default = "default_secret_timeout", with = "config_file::duration")]
+    pub timeout: Duration,
+}
+
+fn default_secret_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 
 impl Environment {
@@ -883,6 +907,9 @@ impl FleetConfig {
             .chain(config.server.artifacts_dir.as_mut())
             .chain(config.server.audit_log.as_mut())
             .chain(config.server.artifact_roots.iter_mut())
+            .chain(
+                config.environments.values_mut().flat_map(|e| e.secrets.values_mut()).filter_map(|s| s.file.as_mut()),
+            )
         {
             if p.is_relative() {
                 *p = base.join(&*p);
@@ -993,6 +1020,21 @@ impl FleetConfig {
                 }
                 if value.contains('\n') {
                     p.push(Problem::new(format!("environments.{env}.env.{name}"), "holds a newline"));
+                }
+            }
+            for (name, source) in &e.secrets {
+                let key = format!("environments.{env}.secrets.{name}");
+                if let Err(why) = ferry_proto::render::check_secret_name(name) {
+                    p.push(Problem::new(&key, why));
+                }
+                if source.file.is_some() == source.command.is_some() {
+                    p.push(Problem::new(&key, "set exactly one of file or command"));
+                }
+                if source.command.as_deref().is_some_and(|c| c.trim().is_empty()) {
+                    p.push(Problem::new(format!("{key}.command"), "is empty"));
+                }
+                if source.timeout.is_zero() {
+                    p.push(Problem::new(format!("{key}.timeout"), "must be greater than 0"));
                 }
             }
             if !e.env.is_empty() && self.app.env_file.is_none() {

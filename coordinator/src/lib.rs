@@ -50,6 +50,7 @@ pub mod pki;
 pub mod plan;
 pub mod registry;
 pub mod rollout;
+pub mod secrets;
 pub mod server;
 pub mod state;
 pub mod tls;

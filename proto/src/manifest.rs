@@ -344,6 +344,17 @@ fn validate_rendered(
         }
     }
     let mut prev: Option<&str> = None;
+    for name in &m.secrets {
+        crate::render::check_secret_name(name).map_err(|why| err("", why))?;
+        if prev.is_some_and(|p| p >= name.as_str()) {
+            return Err(err("", format!("secret {name:?}: secrets must be sorted by name, each once")));
+        }
+        prev = Some(name);
+    }
+    if m.secrets.len() > MAX_RENDERED {
+        return Err(err("", format!("{} secrets (at most {MAX_RENDERED})", m.secrets.len())));
+    }
+    let mut prev: Option<&str> = None;
     for v in &m.vars {
         crate::render::check_var_name(&v.name).map_err(|why| err("", why))?;
         if prev.is_some_and(|p| p >= v.name.as_str()) {
@@ -429,6 +440,14 @@ pub fn hash(m: &v1::Manifest) -> [u8; HASH_LEN] {
             field(&mut h, &v.value);
         }
     }
+    if !m.secrets.is_empty() {
+        h.update(b"secrets\0");
+        h.update(&(m.secrets.len() as u64).to_le_bytes());
+        for name in &m.secrets {
+            h.update(&(name.len() as u64).to_le_bytes());
+            h.update(name.as_bytes());
+        }
+    }
     *h.finalize().as_bytes()
 }
 
@@ -487,6 +506,7 @@ pub fn diff(base: &v1::Manifest, new: &v1::Manifest) -> v1::ManifestDelta {
         group: new.group.clone(),
         rendered: new.rendered.clone(),
         vars: new.vars.clone(),
+        secrets: new.secrets.clone(),
     }
 }
 
@@ -517,6 +537,7 @@ pub fn apply_delta(base: &v1::Manifest, delta: &v1::ManifestDelta) -> Result<v1:
         group: delta.group.clone(),
         rendered: delta.rendered.clone(),
         vars: delta.vars.clone(),
+        secrets: delta.secrets.clone(),
     })
 }
 

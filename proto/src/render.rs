@@ -1,7 +1,8 @@
 //! Rendered files: templates with `{{ name }}` placeholders, filled in by the agent at staging.
 //!
 //! The values are the manifest's vars (`env`, `vars.NAME`, set per environment by the
-//! coordinator) and what only the host knows or is told at Commit ([`AGENT_VALUES`]). A
+//! coordinator), what only the host knows or is told at Commit ([`AGENT_VALUES`]), and
+//! `secrets.NAME`: the path of the file that holds a secret on the host (never its value). A
 //! placeholder is `{{`, optional spaces, a name of `[A-Za-z0-9_.-]`, optional spaces, `}}`; any
 //! other `{{` is an error, so a typo never ships as literal text. A name without a value is an
 //! error naming it and its line. The coordinator checks every template of a build with the same
@@ -66,6 +67,15 @@ pub fn render(template: &str, value: impl Fn(&str) -> Option<String>, env_file: 
     }
     out.push_str(rest);
     Ok(out)
+}
+
+/// Checks a secret's name: 1–128 of `[A-Za-z0-9_-]` (it names a file on the hosts).
+pub fn check_secret_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('-')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'));
+    if ok { Ok(()) } else { Err(format!("{name:?} is not a secret name (1-128 of A-Z a-z 0-9 _ -)")) }
 }
 
 /// Checks a var's name: `env`, or `vars.` and a name of `[A-Za-z0-9_-]`.

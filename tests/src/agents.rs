@@ -22,6 +22,7 @@ pub fn agent_toml(files: &CertFiles, data_dir: &Path) -> String {
     format!(
         r#"listen = "127.0.0.1:0"
 data_dir = "{data}"
+secrets_dir = "{data}-secrets"
 shutdown_grace = "2s"
 [tls]
 ca = "{ca}"

@@ -953,3 +953,103 @@ async fn templates_render_per_environment_and_host_and_a_config_change_is_a_tiny
         "{e}"
     );
 }
+
+/// Secrets reach the agent with the activation only: written to `secrets_dir/<app>/<release>/`,
+/// named by path in rendered files, never in the manifest, the release, the registry or the
+/// audit log; a changed value restarts the release in place, an unchanged one changes nothing;
+/// a rollback brings back the values the old release had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_travel_with_the_activation_only_and_a_changed_value_restarts_in_place() {
+    use ferry_coordinator::artifact::Layout;
+    use ferry_coordinator::config::TemplateConfig;
+    use ferry_coordinator::secrets::Secrets;
+    let mut s = Setup::new().await;
+    s.config.app.templates =
+        vec![TemplateConfig { template: "app.conf.tmpl".into(), path: "app.conf".into(), mode: 0o640 }];
+    let e = s.config.environments.get_mut("test").expect("env test");
+    e.secrets = [(
+        "db_password".to_string(),
+        ferry_coordinator::config::SecretSource {
+            file: None,
+            command: Some("unused: the test brings the values".into()),
+            timeout: Duration::from_secs(1),
+        },
+    )]
+    .into();
+    let deploy = |s: &Setup, v: &'static str, value: &'static str| {
+        let layout = Layout::for_env(&s.config, "test");
+        let (config, tls) = (s.config.clone(), s.tls.clone());
+        let dir = build(
+            s.dir.path(),
+            &format!("sec{v}"),
+            &[
+                ("VERSION", format!("{v}\n").into_bytes()),
+                ("app.conf.tmpl", b"password_file = {{ secrets.db_password }}\n".to_vec()),
+            ],
+        );
+        async move {
+            let artifact = Artifact::scan_for(&dir, None, &layout, u64::MAX).expect("scan");
+            let artifact = artifact.with_secrets(Secrets::from_values([("db_password".into(), value.into())]));
+            ferry_tests::engine::deploy(&config, &tls, "test", Arc::new(artifact), v, None).await.expect("deploy runs")
+        }
+    };
+    let secrets_dir = PathBuf::from(format!("{}-secrets/web", s.dir.path().join("data").display()));
+    let r1 = deploy(&s, "1", "hunter2-one").await;
+    assert_eq!(r1.status, DeploymentStatus::Succeeded, "{r1:?}");
+    let file = secrets_dir.join(&r1.release_id).join("db_password");
+    assert_eq!(std::fs::read_to_string(&file).expect("the secret"), "hunter2-one");
+    let conf = std::fs::read_to_string(s.app_root().join("app.conf")).expect("rendered");
+    assert_eq!(conf, format!("password_file = {}\n", file.display()), "the release names the file, not the value");
+
+    // The same value again: nothing to do. A new value: the release is activated again in place.
+    let same = deploy(&s, "1", "hunter2-one").await;
+    assert_eq!(same.hosts[0].status, HostOutcome::Unchanged, "{same:?}");
+    let rotated = deploy(&s, "1", "hunter2-two").await;
+    assert_eq!(rotated.hosts[0].status, HostOutcome::Succeeded, "{rotated:?}");
+    assert_eq!(rotated.release_id, r1.release_id, "a secret is not part of the release");
+    assert_eq!(std::fs::read_to_string(&file).expect("the secret"), "hunter2-two");
+
+    // Release 2 with its own value; a rollback goes back to release 1 and the value it had.
+    let r2 = deploy(&s, "2", "hunter2-three").await;
+    assert_eq!(r2.status, DeploymentStatus::Succeeded, "{r2:?}");
+    let rb = rollback(&s.config, &s.tls, None).await;
+    assert_eq!(rb.status, DeploymentStatus::Succeeded, "{rb:?}");
+    let conf = std::fs::read_to_string(s.app_root().join("app.conf")).expect("rendered");
+    assert!(conf.contains(&r1.release_id), "{conf}");
+    assert_eq!(std::fs::read_to_string(&file).expect("the secret"), "hunter2-two");
+
+    // No value anywhere but in the secrets directory: not in the store (releases, manifests,
+    // journal), the audit log or the registry.
+    let found = grep_tree(s.dir.path(), "hunter2", &secrets_dir);
+    assert!(found.is_empty(), "a secret value leaked into: {found:?}");
+
+    // A secret gone from the host (a reboot empties the tmpfs) is said, not ignored.
+    std::fs::remove_dir_all(&secrets_dir).expect("reboot");
+    let again = rollback(&s.config, &s.tls, Some("2")).await;
+    assert_eq!(again.status, DeploymentStatus::Failed, "{again:?}");
+    let error = again.hosts[0].error.clone().unwrap_or_default();
+    assert!(error.contains("the secrets [db_password] of this release are not on this host"), "{error}");
+}
+
+/// Files under `root` (but not under `except`) whose bytes contain `needle`.
+fn grep_tree(root: &Path, needle: &str, except: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(dir) = todo.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let p = entry.path();
+            let Ok(meta) = std::fs::symlink_metadata(&p) else { continue };
+            if p.starts_with(except) {
+                continue;
+            }
+            if meta.is_dir() {
+                todo.push(p);
+            } else if meta.is_file()
+                && std::fs::read(&p).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle.as_bytes()))
+            {
+                found.push(p);
+            }
+        }
+    }
+    found
+}

@@ -149,6 +149,9 @@ pub struct HostFacts {
     pub host: String,
     /// The address the coordinator reaches it at.
     pub address: String,
+    /// Where the app's secrets are written (`<secrets_dir>/<app>`): `{{ secrets.NAME }}` is
+    /// `<this>/<release>/<NAME>`.
+    pub secrets_dir: PathBuf,
 }
 
 /// An activation or rollback that happened (or did not need to).
@@ -693,6 +696,11 @@ impl AppStore {
                 "address" => Some(facts.address.clone()),
                 _ => None,
             };
+            if let Some(secret) = name.strip_prefix("secrets.") {
+                let declared = m.secrets.iter().any(|s| s == secret) && !facts.secrets_dir.as_os_str().is_empty();
+                return declared
+                    .then(|| facts.secrets_dir.join(release_id).join(secret).to_string_lossy().into_owned());
+            }
             match known {
                 Some(v) if v.is_empty() => None,
                 Some(v) => Some(v),
@@ -731,6 +739,12 @@ impl AppStore {
             f.set_permissions(fs::Permissions::from_mode(r.mode & 0o555)).map_err(StoreError::io("set mode", &dst))?;
         }
         Ok(())
+    }
+
+    /// The manifest of the kept release `release_id`.
+    pub fn manifest(&self, release_id: &str) -> R<v1::Manifest> {
+        manifest::check_release_id(release_id).map_err(StoreError::Refused)?;
+        self.load_manifest(release_id)
     }
 
     /// The app user the kept release `release_id` names (None: no user, or no such release).

@@ -16,9 +16,13 @@ pub fn validate(config: &crate::config::FleetConfig, env: &str, version: &str) -
 
 /// Scans an artifact for a deployment to `env` (off the async threads, through the scan cache), as
 /// a release of the app's layout in that environment.
+/// The environment's secrets are fetched first: one that cannot be fetched refuses the deployment
+/// before anything is scanned or touched.
 pub async fn scan(ctx: &Ctx<'_>, env: &str, path: &Path) -> Result<Arc<Artifact>, Error> {
+    let secrets = crate::secrets::fetch(ctx.config, env).await?;
     let layout = artifact::Layout::for_env(ctx.config, env);
-    Ok(Arc::new(artifact::scan(path, ctx.cache, &layout, ctx.config.max_artifact_bytes).await?))
+    let artifact = artifact::scan(path, ctx.cache, &layout, ctx.config.max_artifact_bytes).await?;
+    Ok(Arc::new(artifact.with_secrets(secrets)))
 }
 
 /// Checks the request and records a new deployment of `artifact` as `version` to `env`; its id.

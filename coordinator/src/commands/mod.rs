@@ -41,6 +41,8 @@ pub enum Error {
     Promotion(#[from] promote::Refused),
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Secret(#[from] crate::secrets::SecretError),
 }
 
 /// What a rollout use case works with; the front end builds it once per call.

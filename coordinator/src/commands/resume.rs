@@ -12,6 +12,7 @@ use crate::rollout::{self, DeployReport};
 /// be the recorded release); nothing is taken over yet ([`run`]).
 pub async fn prepare(ctx: &Ctx<'_>, env: &str, paused_only: bool) -> Result<(DeploymentRow, Arc<Artifact>), Error> {
     let d = ctx.engine(env).resumable(paused_only)?;
+    let secrets = crate::secrets::fetch(ctx.config, env).await?;
     let artifact = artifact::rescan(
         Path::new(&d.artifact),
         ctx.cache,
@@ -22,7 +23,7 @@ pub async fn prepare(ctx: &Ctx<'_>, env: &str, paused_only: bool) -> Result<(Dep
     )
     .await
     .map_err(|source| rollout::Error::Artifact { id: d.id.clone(), source })?;
-    Ok((d, Arc::new(artifact)))
+    Ok((d, Arc::new(artifact.with_secrets(secrets))))
 }
 
 /// Takes the environment over for `d` ([`prepare`]) and records that.

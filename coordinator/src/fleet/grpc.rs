@@ -196,6 +196,7 @@ async fn activate_host(
             keep_releases: config.app.keep_releases,
             rollback_on_failure: true,
             unit_action: config.app.unit_action.clone(),
+            secrets: activation.secrets.to_wire(),
         }),
         host,
         "activate",

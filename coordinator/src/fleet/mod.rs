@@ -59,6 +59,8 @@ pub struct Activation {
     pub release_id: String,
     pub version: String,
     pub deployment_id: String,
+    /// The environment's secrets, sent with every activation.
+    pub secrets: Arc<crate::secrets::Secrets>,
 }
 
 /// A release staged on a host.

@@ -373,12 +373,13 @@ impl Engine<'_> {
         }
         let plan = self.plan_of(&d)?;
         let work = run::Work::Deploy {
-            release: crate::fleet::Release { artifact, version: d.version.clone(), deployment_id: id.to_string() },
             activation: crate::fleet::Activation {
                 release_id: d.release_id.clone(),
                 version: d.version.clone(),
                 deployment_id: id.to_string(),
+                secrets: artifact.secrets.clone(),
             },
+            release: crate::fleet::Release { artifact, version: d.version.clone(), deployment_id: id.to_string() },
         };
         self.drive(&d, &plan, &work).await
     }

@@ -258,7 +258,10 @@ impl Engine<'_> {
                 let bytes = transfer.bytes.load(Ordering::Relaxed);
                 match staged {
                     Ok(s) => {
-                        let unchanged = s.current == s.release_id && !s.unfinished;
+                        // With secrets, the host is asked even on its release: only it can tell
+                        // whether a value changed (and then restarts the units).
+                        let unchanged =
+                            s.current == s.release_id && !s.unfinished && release.artifact.secrets.is_empty();
                         let state = if unchanged { HostState::Unchanged } else { HostState::Staged };
                         let previous = (!s.current.is_empty()).then_some(s.current.as_str());
                         let update = HostUpdate { previous_release: previous, bytes, ..Default::default() };
@@ -309,7 +312,12 @@ impl Engine<'_> {
             Ok(swap) => {
                 self.emit(&Event::Activated { host: &host.name, swap: &swap });
                 let update = HostUpdate { activate_ms: Some(swap.agent_ms), ..Default::default() };
-                self.host_state(id, &host.name, HostState::Healthy, &update)?;
+                // With secrets every host on the release is asked (staging cannot tell); one that
+                // found nothing to do (healthy, its secrets the same) is unchanged. Without, an
+                // agent's no-op is a resumed host this deployment had switched already.
+                let same = !swap.changed && !activation.secrets.is_empty();
+                let state = if same { HostState::Unchanged } else { HostState::Healthy };
+                self.host_state(id, &host.name, state, &update)?;
             }
             Err(e) => return self.host_failed(id, host, &e, 0),
         }

@@ -510,7 +510,11 @@ async fn start_deploy(
         api.message = format!("version {}: {}", version.version, api.message);
         api
     })?;
-    let op = Op::Deploy { artifact: Arc::new(artifact), version: version.version.clone(), prestage };
+    let secrets = crate::secrets::fetch(&state.config, env)
+        .await
+        .map_err(|e| ApiError::unprocessable("secret_unavailable", e.to_string()))?;
+    let op =
+        Op::Deploy { artifact: Arc::new(artifact.with_secrets(secrets)), version: version.version.clone(), prestage };
     jobs::start(state, env, &who.0, promoted_from, op).await
 }
 

@@ -135,6 +135,7 @@ impl From<commands::Error> for ApiError {
             commands::Error::Artifact(e) => e.into(),
             commands::Error::Promotion(e) => e.into(),
             commands::Error::Registry(e) => e.into(),
+            commands::Error::Secret(e) => ApiError::unprocessable("secret_unavailable", e.to_string()),
         }
     }
 }
