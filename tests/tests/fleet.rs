@@ -639,3 +639,152 @@ fn staging_and_prod_get_their_own_config_and_a_config_change_rolls_host_by_host(
     assert_eq!(out.status.code(), Some(0), "{}{}", stdout(&out), stderr(&out));
     assert_eq!(answer(1)["greeting"], "hello from prod");
 }
+
+/// An app that reads its secrets from the files its rendered config names.
+const SECRET_APP: &str = r#"#!/usr/bin/python3
+import http.server, json, os
+HERE = os.path.dirname(os.path.realpath(__file__))
+paths = dict(line.split(" = ", 1) for line in open(os.path.join(HERE, "config/app.conf")).read().splitlines())
+ANSWER = json.dumps({"status": "healthy", **{k: open(v).read() for k, v in paths.items()}})
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        data = ANSWER.encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+http.server.ThreadingHTTPServer(("0.0.0.0", 8080), Handler).serve_forever()
+"#;
+
+#[test]
+fn secrets_reach_the_app_and_nothing_else() {
+    use std::os::unix::fs::PermissionsExt;
+    let fleet = fleet_or_skip!(2);
+    for h in &fleet.hosts {
+        let etc = h.dir.join("etc");
+        std::fs::write(
+            etc.join("passwd"),
+            "root:x:0:0:root:/root:/bin/sh\nweb:x:990:990::/nonexistent:/usr/sbin/nologin\n",
+        )
+        .expect("passwd");
+        std::fs::write(etc.join("group"), "root:x:0:\nweb:x:990:\n").expect("group");
+        let dropin = etc.join("systemd/system/web.service.d");
+        std::fs::create_dir_all(&dropin).expect("mkdir");
+        std::fs::write(dropin.join("user.conf"), "[Service]\nUser=web\nGroup=web\n").expect("drop-in");
+        h.systemctl(&["daemon-reload"]).unwrap_or_else(|e| panic!("{}: daemon-reload: {e}", h.name));
+    }
+    let secret_file = fleet.dir.join("db-password.txt");
+    std::fs::write(&secret_file, "pw-from-file-7f3a\n").expect("write");
+    std::fs::set_permissions(&secret_file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let toml = |api_command: &str| {
+        let base = fleet.write_fleet_toml("secrets.toml", &fleet.coordinator.clone()).expect("write");
+        let text = std::fs::read_to_string(&base).expect("read").replace(
+            "units = [\"web.service\"]\n",
+            "units = [\"web.service\"]\nuser = \"web\"\n[[app.templates]]\ntemplate = \"config/app.conf.tmpl\"\npath = \"config/app.conf\"\n",
+        ) + &format!(
+            "[environments.test.secrets]\ndb_password = {{ file = \"{}\" }}\napi_key = {{ command = \"{api_command}\" }}\n",
+            secret_file.display()
+        );
+        std::fs::write(&base, text).expect("write");
+        base
+    };
+    let dir = fleet.dir.join("secret-app");
+    demo_app::write_release(&dir, "1", Variant::Healthy).expect("write release");
+    std::fs::write(dir.join("app.py"), SECRET_APP).expect("app");
+    std::fs::create_dir_all(dir.join("config")).expect("mkdir");
+    std::fs::write(dir.join("config/app.conf.tmpl"), "db = {{ secrets.db_password }}\napi = {{ secrets.api_key }}\n")
+        .expect("template");
+    let artifact = dir.to_string_lossy().into_owned();
+    let deploy = |config: &std::path::Path| {
+        fleet.ferry(&[
+            "deploy",
+            "--config",
+            &config.to_string_lossy(),
+            "--env",
+            "test",
+            "--artifact",
+            &artifact,
+            "--version",
+            "1",
+            "--output",
+            "json",
+        ])
+    };
+
+    // A failing secret command refuses the deployment before any host changes, naming the secret.
+    let out = deploy(&toml("echo api-key-leak-0c1d; echo vault: token expired >&2; exit 2"));
+    let text = format!("{}{}", stdout(&out), stderr(&out));
+    assert_ne!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("secret api_key of environment test: its command failed (exit status: 2): vault: token expired"),
+        "{text}"
+    );
+    assert!(!text.contains("api-key-leak"), "{text}");
+    assert_eq!(fleet.versions(), ["", ""], "no host was changed");
+
+    let out = deploy(&toml("printf api-key-$FERRY_ENV-9b2e"));
+    let mut coordinator_output = format!("{}{}", stdout(&out), stderr(&out));
+    assert_eq!(out.status.code(), Some(0), "{coordinator_output}");
+    for h in &fleet.hosts {
+        let (_, body) = fleet.http_get(&format!("http://{}:8080/", h.ip)).expect("GET /");
+        let answer: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{body}: {e}"));
+        assert_eq!(
+            (answer["db"].as_str(), answer["api"].as_str()),
+            (Some("pw-from-file-7f3a"), Some("api-key-test-9b2e"))
+        );
+    }
+    let out = fleet.ferry(&[
+        "status",
+        "--config",
+        &toml("printf api-key-$FERRY_ENV-9b2e").to_string_lossy(),
+        "--env",
+        "test",
+        "--output",
+        "json",
+    ]);
+    coordinator_output.push_str(&stdout(&out));
+    let out = fleet.ferry(&[
+        "history",
+        "--config",
+        &toml("printf api-key-$FERRY_ENV-9b2e").to_string_lossy(),
+        "--env",
+        "test",
+        "--output",
+        "json",
+    ]);
+    coordinator_output.push_str(&stdout(&out));
+
+    // Neither value is anywhere but in the secrets directories: not in what ferry printed, the
+    // registry, the cache, any agent's audit log, journal, releases or manifests.
+    let values = ["pw-from-file-7f3a", "api-key-test-9b2e"];
+    for v in values {
+        assert!(!coordinator_output.contains(v), "ferry printed {v}:\n{coordinator_output}");
+    }
+    let registry = std::fs::read(fleet.dir.join("registry.db")).expect("registry");
+    for v in values {
+        assert!(!registry.windows(v.len()).any(|w| w == v.as_bytes()), "the registry holds {v}");
+    }
+    for h in &fleet.hosts {
+        let journal = h.exec(&["journalctl", "--no-pager", "-q", "-o", "cat"]).expect("journal");
+        let grep = h.exec(&["grep", "-rlF", "-e", values[0], "-e", values[1], "/var/lib/ferry", "/srv"]).expect("grep");
+        for v in values {
+            assert!(!String::from_utf8_lossy(&journal.stdout).contains(v), "{}: the journal holds {v}", h.name);
+        }
+        assert_eq!(String::from_utf8_lossy(&grep.stdout), "", "{}: files hold a secret value", h.name);
+        let stat = h
+            .exec(&["stat", "-c", "%a %U %G", &format!("/run/ferry/web/{}/db_password", fleet_release(h))])
+            .expect("stat");
+        assert_eq!(String::from_utf8_lossy(&stat.stdout).trim(), "640 web web", "{}", h.name);
+    }
+}
+
+/// The release id current on `h`.
+fn fleet_release(h: &ferry_tests::fleet::FleetHost) -> String {
+    let out = h.exec(&["readlink", "/var/lib/ferry/apps/web/current"]).expect("readlink");
+    String::from_utf8_lossy(&out.stdout).trim().trim_start_matches("releases/").to_string()
+}
