@@ -104,3 +104,29 @@ pub fn write_release(dir: &Path, version: &str, variant: Variant) -> std::io::Re
     };
     std::fs::write(dir.join("health.json"), health + "\n")
 }
+
+/// A Python app for a test, on [`PORT`]: `prelude` runs once at start (with `HERE`, the release
+/// directory, and `json` and `os` imported); every GET answers 200 with `body`, a Python
+/// expression (which may look at `self.path`).
+pub fn python_app(prelude: &str, body: &str) -> String {
+    format!(
+        r#"#!/usr/bin/python3
+import http.server, json, os
+HERE = os.path.dirname(os.path.realpath(__file__))
+{prelude}
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        data = ({body}).encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+http.server.ThreadingHTTPServer(("0.0.0.0", {PORT}), Handler).serve_forever()
+"#
+    )
+}

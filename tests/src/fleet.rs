@@ -625,6 +625,25 @@ impl FleetHost {
         }
     }
 
+    /// Gives the host the app user `web` (uid and gid 990) and runs `unit` as it (a drop-in).
+    pub fn run_as_app_user(&self, unit: &str) {
+        let etc = self.dir.join("etc");
+        let w =
+            |p: PathBuf, text: &str| std::fs::write(&p, text).unwrap_or_else(|e| panic!("write {}: {e}", p.display()));
+        w(etc.join("passwd"), "root:x:0:0:root:/root:/bin/sh\nweb:x:990:990:web app:/nonexistent:/usr/sbin/nologin\n");
+        w(etc.join("group"), "root:x:0:\nweb:x:990:\n");
+        self.unit_dropin(unit, "user", "[Service]\nUser=web\nGroup=web\n");
+    }
+
+    /// Adds drop-in `name` to `unit` and reloads systemd.
+    pub fn unit_dropin(&self, unit: &str, name: &str, text: &str) {
+        let dir = self.dir.join("etc/systemd/system").join(format!("{unit}.d"));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        let file = dir.join(format!("{name}.conf"));
+        std::fs::write(&file, text).unwrap_or_else(|e| panic!("write {}: {e}", file.display()));
+        self.systemctl(&["daemon-reload"]).unwrap_or_else(|e| panic!("{}: daemon-reload: {e}", self.name));
+    }
+
     /// The unit's `MainPID` (0 when it has none).
     pub fn main_pid(&self, unit: &str) -> u32 {
         self.systemctl(&["show", "-p", "MainPID", "--value", unit]).ok().and_then(|s| s.parse().ok()).unwrap_or(0)

@@ -431,56 +431,12 @@ fn an_upload_slower_than_request_timeout_succeeds_on_a_slow_link() {
     );
 }
 
-/// A stateful app that runs as its own user: on each start it appends to its log and writes an
-/// upload (both shared paths), tries to write into its own release, and reports all of it.
-const STATEFUL_APP: &str = r#"#!/usr/bin/python3
-import http.server, json, os
-HERE = os.path.dirname(os.path.realpath(__file__))
-VERSION = open(os.path.join(HERE, "VERSION")).read().strip()
-with open("/srv/web/log/app.log", "a") as f:
-    f.write("started %s as uid %d\n" % (VERSION, os.getuid()))
-with open("/srv/web/public/uploads/%s.txt" % VERSION, "w") as f:
-    f.write("uploaded under %s\n" % VERSION)
-try:
-    open(os.path.join(HERE, "VERSION"), "a").close()
-    WRITABLE = "yes"
-except OSError:
-    WRITABLE = "no"
-
-class Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        if self.path == "/health":
-            body = json.dumps({"status": "healthy", "version": VERSION, "release_writable": WRITABLE})
-        else:
-            body = open("/srv/web/log/app.log").read()
-        data = body.encode()
-        self.send_response(200)
-        self.send_header("content-length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
-
-http.server.ThreadingHTTPServer(("0.0.0.0", 8080), Handler).serve_forever()
-"#;
-
 #[test]
 fn an_app_with_its_own_user_keeps_its_state_across_deploys_and_rollbacks() {
     use std::os::unix::fs::MetadataExt;
     let fleet = fleet_or_skip!(2);
     for h in &fleet.hosts {
-        let etc = h.dir.join("etc");
-        std::fs::write(
-            etc.join("passwd"),
-            "root:x:0:0:root:/root:/bin/sh\nweb:x:990:990:web app:/nonexistent:/usr/sbin/nologin\n",
-        )
-        .expect("passwd");
-        std::fs::write(etc.join("group"), "root:x:0:\nweb:x:990:\n").expect("group");
-        let dropin = etc.join("systemd/system/web.service.d");
-        std::fs::create_dir_all(&dropin).expect("mkdir");
-        std::fs::write(dropin.join("user.conf"), "[Service]\nUser=web\nGroup=web\n").expect("drop-in");
-        h.systemctl(&["daemon-reload"]).unwrap_or_else(|e| panic!("{}: daemon-reload: {e}", h.name));
+        h.run_as_app_user("web.service");
     }
     let base = fleet.write_fleet_toml("stateful.toml", &fleet.coordinator.clone()).expect("write");
     let text = std::fs::read_to_string(&base).expect("read").replace(
@@ -492,7 +448,7 @@ fn an_app_with_its_own_user_keeps_its_state_across_deploys_and_rollbacks() {
     let release = |v: &str| {
         let dir = fleet.dir.join(format!("stateful-v{v}"));
         demo_app::write_release(&dir, v, Variant::Healthy).expect("write release");
-        std::fs::write(dir.join("app.py"), STATEFUL_APP).expect("app");
+        std::fs::write(dir.join("app.py"), stateful_app()).expect("app");
         // The validate hook runs as the app's user: it can write into the shared log.
         std::fs::write(
             dir.join("hooks/validate"),
@@ -535,37 +491,11 @@ fn an_app_with_its_own_user_keeps_its_state_across_deploys_and_rollbacks() {
     }
 }
 
-/// An app that answers with what its config says: its environment file (through the unit's
-/// `EnvironmentFile=`) and a rendered file.
-const CONFIGURED_APP: &str = r#"#!/usr/bin/python3
-import http.server, json, os
-HERE = os.path.dirname(os.path.realpath(__file__))
-CONFIG = open(os.path.join(HERE, "config/app.conf")).read()
-ANSWER = json.dumps({"status": "healthy", "greeting": os.environ.get("GREETING", ""), "config": CONFIG})
-
-class Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        data = ANSWER.encode()
-        self.send_response(200)
-        self.send_header("content-length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
-
-http.server.ThreadingHTTPServer(("0.0.0.0", 8080), Handler).serve_forever()
-"#;
-
 #[test]
 fn staging_and_prod_get_their_own_config_and_a_config_change_rolls_host_by_host() {
     let fleet = fleet_or_skip!(3);
     for h in &fleet.hosts {
-        let dropin = h.dir.join("etc/systemd/system/web.service.d");
-        std::fs::create_dir_all(&dropin).expect("mkdir");
-        std::fs::write(dropin.join("env.conf"), "[Service]\nEnvironmentFile=/srv/web/config/app.env\n")
-            .expect("drop-in");
-        h.systemctl(&["daemon-reload"]).unwrap_or_else(|e| panic!("{}: daemon-reload: {e}", h.name));
+        h.unit_dropin("web.service", "env", "[Service]\nEnvironmentFile=/srv/web/config/app.env\n");
     }
     let addr = |i: usize| format!("{}:{}", fleet.hosts[i].ip, ferry_tests::fleet::AGENT_PORT);
     let toml = |greeting: &str| {
@@ -587,7 +517,7 @@ fn staging_and_prod_get_their_own_config_and_a_config_change_rolls_host_by_host(
     };
     let dir = fleet.dir.join("configured");
     demo_app::write_release(&dir, "1", Variant::Healthy).expect("write release");
-    std::fs::write(dir.join("app.py"), CONFIGURED_APP).expect("app");
+    std::fs::write(dir.join("app.py"), configured_app()).expect("app");
     std::fs::create_dir_all(dir.join("config")).expect("mkdir");
     std::fs::write(dir.join("config/app.conf.tmpl"), "db={{ vars.db }} host={{ host }} env={{ env }}")
         .expect("template");
@@ -640,43 +570,12 @@ fn staging_and_prod_get_their_own_config_and_a_config_change_rolls_host_by_host(
     assert_eq!(answer(1)["greeting"], "hello from prod");
 }
 
-/// An app that reads its secrets from the files its rendered config names.
-const SECRET_APP: &str = r#"#!/usr/bin/python3
-import http.server, json, os
-HERE = os.path.dirname(os.path.realpath(__file__))
-paths = dict(line.split(" = ", 1) for line in open(os.path.join(HERE, "config/app.conf")).read().splitlines())
-ANSWER = json.dumps({"status": "healthy", **{k: open(v).read() for k, v in paths.items()}})
-
-class Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        data = ANSWER.encode()
-        self.send_response(200)
-        self.send_header("content-length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
-
-http.server.ThreadingHTTPServer(("0.0.0.0", 8080), Handler).serve_forever()
-"#;
-
 #[test]
 fn secrets_reach_the_app_and_nothing_else() {
     use std::os::unix::fs::PermissionsExt;
     let fleet = fleet_or_skip!(2);
     for h in &fleet.hosts {
-        let etc = h.dir.join("etc");
-        std::fs::write(
-            etc.join("passwd"),
-            "root:x:0:0:root:/root:/bin/sh\nweb:x:990:990::/nonexistent:/usr/sbin/nologin\n",
-        )
-        .expect("passwd");
-        std::fs::write(etc.join("group"), "root:x:0:\nweb:x:990:\n").expect("group");
-        let dropin = etc.join("systemd/system/web.service.d");
-        std::fs::create_dir_all(&dropin).expect("mkdir");
-        std::fs::write(dropin.join("user.conf"), "[Service]\nUser=web\nGroup=web\n").expect("drop-in");
-        h.systemctl(&["daemon-reload"]).unwrap_or_else(|e| panic!("{}: daemon-reload: {e}", h.name));
+        h.run_as_app_user("web.service");
     }
     let secret_file = fleet.dir.join("db-password.txt");
     std::fs::write(&secret_file, "pw-from-file-7f3a\n").expect("write");
@@ -695,7 +594,7 @@ fn secrets_reach_the_app_and_nothing_else() {
     };
     let dir = fleet.dir.join("secret-app");
     demo_app::write_release(&dir, "1", Variant::Healthy).expect("write release");
-    std::fs::write(dir.join("app.py"), SECRET_APP).expect("app");
+    std::fs::write(dir.join("app.py"), secret_app()).expect("app");
     std::fs::create_dir_all(dir.join("config")).expect("mkdir");
     std::fs::write(dir.join("config/app.conf.tmpl"), "db = {{ secrets.db_password }}\napi = {{ secrets.api_key }}\n")
         .expect("template");
@@ -738,26 +637,11 @@ fn secrets_reach_the_app_and_nothing_else() {
             (Some("pw-from-file-7f3a"), Some("api-key-test-9b2e"))
         );
     }
-    let out = fleet.ferry(&[
-        "status",
-        "--config",
-        &toml("printf api-key-$FERRY_ENV-9b2e").to_string_lossy(),
-        "--env",
-        "test",
-        "--output",
-        "json",
-    ]);
-    coordinator_output.push_str(&stdout(&out));
-    let out = fleet.ferry(&[
-        "history",
-        "--config",
-        &toml("printf api-key-$FERRY_ENV-9b2e").to_string_lossy(),
-        "--env",
-        "test",
-        "--output",
-        "json",
-    ]);
-    coordinator_output.push_str(&stdout(&out));
+    let config = toml("printf api-key-$FERRY_ENV-9b2e");
+    for verb in ["status", "history"] {
+        let out = fleet.ferry(&[verb, "--config", &config.to_string_lossy(), "--env", "test", "--output", "json"]);
+        coordinator_output.push_str(&stdout(&out));
+    }
 
     // Neither value is anywhere but in the secrets directories: not in what ferry printed, the
     // registry, the cache, any agent's audit log, journal, releases or manifests.
@@ -787,4 +671,40 @@ fn secrets_reach_the_app_and_nothing_else() {
 fn fleet_release(h: &ferry_tests::fleet::FleetHost) -> String {
     let out = h.exec(&["readlink", "/var/lib/ferry/apps/web/current"]).expect("readlink");
     String::from_utf8_lossy(&out.stdout).trim().trim_start_matches("releases/").to_string()
+}
+
+/// A stateful app: on each start it appends to its log and writes an upload (both shared paths),
+/// tries to write into its own release; `/health` reports that, `/` its log.
+fn stateful_app() -> String {
+    demo_app::python_app(
+        r#"VERSION = open(os.path.join(HERE, "VERSION")).read().strip()
+with open("/srv/web/log/app.log", "a") as f:
+    f.write("started %s as uid %d\n" % (VERSION, os.getuid()))
+with open("/srv/web/public/uploads/%s.txt" % VERSION, "w") as f:
+    f.write("uploaded under %s\n" % VERSION)
+try:
+    open(os.path.join(HERE, "VERSION"), "a").close()
+    WRITABLE = "yes"
+except OSError:
+    WRITABLE = "no""#,
+        r#"json.dumps({"status": "healthy", "version": VERSION, "release_writable": WRITABLE}) if self.path == "/health" else open("/srv/web/log/app.log").read()"#,
+    )
+}
+
+/// An app that answers with what its config says: its environment file (through the unit's
+/// `EnvironmentFile=`) and a rendered file.
+fn configured_app() -> String {
+    demo_app::python_app(
+        r#"CONFIG = open(os.path.join(HERE, "config/app.conf")).read()"#,
+        r#"json.dumps({"status": "healthy", "greeting": os.environ.get("GREETING", ""), "config": CONFIG})"#,
+    )
+}
+
+/// An app that reads its secrets from the files its rendered config names.
+fn secret_app() -> String {
+    demo_app::python_app(
+        r#"paths = dict(line.split(" = ", 1) for line in open(os.path.join(HERE, "config/app.conf")).read().splitlines())
+ANSWER = json.dumps({"status": "healthy", **{k: open(v).read() for k, v in paths.items()}})"#,
+        "ANSWER",
+    )
 }
