@@ -123,7 +123,9 @@ impl Layout {
                 env_file: true,
             });
         }
-        layout.vars = Some(vars);
+        // Values count only where something is rendered with them: an app without templates keeps
+        // the release id of its build.
+        layout.vars = Some(if layout.rendered.is_empty() { Vec::new() } else { vars });
         layout
     }
 

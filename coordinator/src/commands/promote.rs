@@ -134,7 +134,12 @@ pub fn check(
         ))
         .into());
     }
-    let version = registry.version(&d.version)?.filter(|v| v.manifest_hash == d.manifest_hash).ok_or_else(|| {
+    // Through the API, a deployment runs the registered build (scanned again and checked against
+    // it), with its environment's layout; from the CLI, only the same content counts.
+    let version = registry
+        .version(&d.version)?
+        .filter(|v| v.manifest_hash == d.manifest_hash || d.requested_by.is_some())
+        .ok_or_else(|| {
         Refused::Blocked(format!(
             "deployment {} did not deploy the registered version {} (it was run outside the API, or the version was registered with other content): register it, deploy it to {} through the API, then promote that",
             d.id, d.version, d.environment
