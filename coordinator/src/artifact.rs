@@ -73,6 +73,8 @@ pub struct Layout {
     pub vars: Option<Vec<v1::Var>>,
     /// Names of the environment's secrets (sorted); their values never enter the manifest.
     pub secrets: Vec<String>,
+    /// The environment's hosts (each must have every label a template uses).
+    pub hosts: Vec<String>,
 }
 
 /// Modes of what a layout adds.
@@ -101,6 +103,7 @@ impl Layout {
             rendered,
             vars: None,
             secrets: Vec::new(),
+            hosts: Vec::new(),
         }
     }
 
@@ -110,6 +113,12 @@ impl Layout {
         let Some(e) = config.environments.get(env) else { return layout };
         let mut vars = vec![v1::Var { name: "env".into(), value: env.to_string() }];
         vars.extend(e.vars.iter().map(|(k, v)| v1::Var { name: format!("vars.{k}"), value: v.clone() }));
+        for (host, labels) in &e.labels {
+            vars.extend(
+                labels.iter().map(|(k, v)| v1::Var { name: ferry_proto::render::label_var(host, k), value: v.clone() }),
+            );
+        }
+        layout.hosts = e.hosts.keys().cloned().collect();
         vars.sort_by(|a, b| a.name.cmp(&b.name));
         layout.secrets = e.secrets.keys().cloned().collect();
         if let Some(path) = &config.app.env_file {
@@ -153,6 +162,21 @@ impl Layout {
             let Some(vars) = &self.vars else { continue };
             let env = vars.iter().find(|v| v.name == "env").map_or("", |v| v.value.as_str());
             for (name, line) in names {
+                if let Some(label) = name.strip_prefix("labels.") {
+                    let lacking: Vec<&str> = self
+                        .hosts
+                        .iter()
+                        .filter(|h| !vars.iter().any(|v| v.name == ferry_proto::render::label_var(h, label)))
+                        .map(String::as_str)
+                        .collect();
+                    if !lacking.is_empty() {
+                        return Err(format!(
+                            "{source}, line {line}: {{{{ {name} }}}}: host(s) {} of environment {env} have no label {label:?} (set [environments.{env}.labels])",
+                            lacking.join(", ")
+                        ));
+                    }
+                    continue;
+                }
                 let secret = name.strip_prefix("secrets.").is_some_and(|s| self.secrets.iter().any(|n| n == s));
                 if !ferry_proto::render::AGENT_VALUES.contains(&name) && !vars.iter().any(|v| v.name == name) && !secret
                 {

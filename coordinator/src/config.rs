@@ -629,6 +629,11 @@ pub struct Environment {
     /// which is the path of the file holding it on the host.
     #[serde(default)]
     pub secrets: BTreeMap<String, SecretSource>,
+    /// Per-host values for the app's templates, as `{{ labels.NAME }}` on that host, e.g.
+    /// `labels = { web-1 = { zone = "a", role = "primary" } }`. They are part of the release: a
+    /// changed label is a new release for every host of the environment.
+    #[serde(default)]
+    pub labels: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 /// Where a secret's value comes from. Exactly one of `file`, `command`.
@@ -1022,6 +1027,19 @@ impl FleetConfig {
                     p.push(Problem::new(format!("environments.{env}.env.{name}"), "holds a newline"));
                 }
             }
+            for (host, labels) in &e.labels {
+                if !e.hosts.contains_key(host) {
+                    p.push(Problem::new(
+                        format!("environments.{env}.labels.{host}"),
+                        "is not a host of the environment",
+                    ));
+                }
+                for name in labels.keys() {
+                    if let Err(why) = ferry_proto::render::check_var_name(&ferry_proto::render::label_var(host, name)) {
+                        p.push(Problem::new(format!("environments.{env}.labels.{host}.{name}"), why));
+                    }
+                }
+            }
             for (name, source) in &e.secrets {
                 let key = format!("environments.{env}.secrets.{name}");
                 if let Err(why) = ferry_proto::render::check_secret_name(name) {
@@ -1358,7 +1376,7 @@ hosts = { web-1 = "10.0.0.11:7443", web-2 = "10.0.0.12", web-4 = "[fd00::4]:7443
                 "[tls]",
                 "shared = [\"log\"]\nenv_file = \"config/app.env\"\n[[app.templates]]\ntemplate = \"config/app.yml.tmpl\"\npath = \"config/app.env\"\n[[app.templates]]\ntemplate = \"/etc/passwd\"\npath = \"log/x\"\nmode = 0o666\n\n[tls]",
             )
-            .replace("[environments.prod]", "[environments.prod]\nvars = { \"db.host\" = \"x\" }\nenv = { \"1BAD\" = \"v\", OK = \"a\\nb\" }");
+            .replace("[environments.prod]", "[environments.prod]\nvars = { \"db.host\" = \"x\" }\nenv = { \"1BAD\" = \"v\", OK = \"a\\nb\" }\nlabels = { web-9 = { zone = \"a\" }, web-1 = { \"bad key\" = \"b\" } }");
         let err = load(&text).expect_err("refused");
         for says in [
             "app.env_file: \"config/app.env\" is rendered twice",
@@ -1368,6 +1386,8 @@ hosts = { web-1 = "10.0.0.11:7443", web-2 = "10.0.0.12", web-4 = "[fd00::4]:7443
             "environments.prod.vars.db.host: \"vars.db.host\" is not a var name",
             "environments.prod.env.1BAD: is not an environment variable name",
             "environments.prod.env.OK: holds a newline",
+            "environments.prod.labels.web-9: is not a host of the environment",
+            "environments.prod.labels.web-1.bad key: \"labels:web-1:bad key\" is not a var name",
         ] {
             assert!(err.contains(says), "expected {says:?} in:\n{err}");
         }

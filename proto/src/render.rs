@@ -2,7 +2,8 @@
 //!
 //! The values are the manifest's vars (`env`, `vars.NAME`, set per environment by the
 //! coordinator), what only the host knows or is told at Commit ([`AGENT_VALUES`]), and
-//! `secrets.NAME`: the path of the file that holds a secret on the host (never its value). A
+//! `secrets.NAME`: the path of the file that holds a secret on the host (never its value), and
+//! `labels.NAME`: this host's label (the manifest holds every host's, as `labels:HOST:NAME`). A
 //! placeholder is `{{`, optional spaces, a name of `[A-Za-z0-9_.-]`, optional spaces, `}}`; any
 //! other `{{` is an error, so a typo never ships as literal text. A name without a value is an
 //! error naming it and its line. The coordinator checks every template of a build with the same
@@ -78,13 +79,28 @@ pub fn check_secret_name(name: &str) -> Result<(), String> {
     if ok { Ok(()) } else { Err(format!("{name:?} is not a secret name (1-128 of A-Z a-z 0-9 _ -)")) }
 }
 
-/// Checks a var's name: `env`, or `vars.` and a name of `[A-Za-z0-9_-]`.
+/// Checks a var's name: `env`, `vars.NAME`, or `labels:HOST:NAME` (host HOST's label NAME:
+/// `{{ labels.NAME }}` on that host); NAME of `[A-Za-z0-9_-]`, HOST of `[A-Za-z0-9.-]`.
 pub fn check_var_name(name: &str) -> Result<(), String> {
+    let word = |n: &str| {
+        !n.is_empty() && n.len() <= 128 && n.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
+    };
+    let host = |h: &str| {
+        !h.is_empty() && h.len() <= 253 && h.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-'))
+    };
     let ok = name == "env"
-        || name.strip_prefix("vars.").is_some_and(|n| {
-            !n.is_empty() && n.len() <= 128 && n.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
-        });
-    if ok { Ok(()) } else { Err(format!("{name:?} is not a var name (env, or vars.NAME of A-Z a-z 0-9 _ -)")) }
+        || name.strip_prefix("vars.").is_some_and(word)
+        || name.strip_prefix("labels:").and_then(|r| r.split_once(':')).is_some_and(|(h, n)| host(h) && word(n));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("{name:?} is not a var name (env, vars.NAME or labels:HOST:NAME; NAME of A-Z a-z 0-9 _ -)"))
+    }
+}
+
+/// The var holding host `host`'s label `name`.
+pub fn label_var(host: &str, name: &str) -> String {
+    format!("labels:{host}:{name}")
 }
 
 #[cfg(test)]
@@ -121,7 +137,10 @@ mod tests {
         for ok in ["env", "vars.db_host", "vars.A-1"] {
             assert!(check_var_name(ok).is_ok(), "{ok}");
         }
-        for bad in ["host", "vars.", "vars.a.b", "vars.a b", "secret"] {
+        assert!(check_var_name(&label_var("web-1.example", "zone")).is_ok());
+        for bad in
+            ["host", "vars.", "vars.a.b", "vars.a b", "secret", "labels:web-1", "labels::zone", "labels:a b:zone"]
+        {
             assert!(check_var_name(bad).is_err(), "{bad}");
         }
     }

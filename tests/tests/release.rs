@@ -893,6 +893,7 @@ async fn templates_render_per_environment_and_host_and_a_config_change_is_a_tiny
     let set_vars = |s: &mut Setup, db: &str| {
         let e = s.config.environments.get_mut("test").expect("env test");
         e.vars = [("db_host".to_string(), db.to_string())].into();
+        e.labels = [("web-1".to_string(), [("zone".to_string(), "eu-1a".to_string())].into())].into();
         e.env = [
             ("DB_URL".to_string(), "postgres://{{ vars.db_host }}/app".to_string()),
             ("RAILS_ENV".to_string(), "say \"{{ env }}\"".to_string()),
@@ -908,7 +909,7 @@ async fn templates_render_per_environment_and_host_and_a_config_change_is_a_tiny
             ("bin/app", pseudo_random(300_000, 3)),
             (
                 "config/app.yml.tmpl",
-                b"env: {{ env }}\nhost: {{host}} ({{ address }})\nversion: {{ version }}\ndb: {{ vars.db_host }}\n"
+                b"env: {{ env }}\nhost: {{host}} ({{ address }}) in {{ labels.zone }}\nversion: {{ version }}\ndb: {{ vars.db_host }}\n"
                     .to_vec(),
             ),
         ],
@@ -925,7 +926,7 @@ async fn templates_render_per_environment_and_host_and_a_config_change_is_a_tiny
     assert_eq!(r1.status, DeploymentStatus::Succeeded, "{r1:?}");
     let root = s.app_root();
     let read = |rel: &str| std::fs::read_to_string(root.join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"));
-    assert_eq!(read("config/app.yml"), "env: test\nhost: web-1 (127.0.0.1)\nversion: 1\ndb: db-1.test\n");
+    assert_eq!(read("config/app.yml"), "env: test\nhost: web-1 (127.0.0.1) in eu-1a\nversion: 1\ndb: db-1.test\n");
     assert_eq!(read("config/app.env"), "DB_URL=\"postgres://db-1.test/app\"\nRAILS_ENV=\"say \\\"test\\\"\"\n");
     let meta = std::fs::metadata(root.join("config/app.yml")).expect("stat");
     assert_eq!(meta.mode() & 0o777, 0o440, "rendered files are read-only like the rest of the release");
@@ -944,7 +945,15 @@ async fn templates_render_per_environment_and_host_and_a_config_change_is_a_tiny
     assert_eq!(rb.status, DeploymentStatus::Succeeded, "{rb:?}");
     assert!(read("config/app.yml").ends_with("db: db-1.test\n"));
 
-    // A placeholder without a value is refused as the build is scanned, before any host changes.
+    // A label a host lacks, and a placeholder without a value, are refused as the build is
+    // scanned, before any host changes.
+    s.config.environments.get_mut("test").expect("env").labels.clear();
+    let e = Artifact::scan_for(&build, None, &Layout::for_env(&s.config, "test"), u64::MAX).expect_err("refused");
+    assert!(
+        e.to_string().contains("{{ labels.zone }}: host(s) web-1 of environment test have no label \"zone\""),
+        "{e}"
+    );
+    set_vars(&mut s, "db-1.test");
     s.config.environments.get_mut("test").expect("env").vars.clear();
     let e = Artifact::scan_for(&build, None, &Layout::for_env(&s.config, "test"), u64::MAX).expect_err("refused");
     assert!(

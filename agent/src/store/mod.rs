@@ -696,6 +696,10 @@ impl AppStore {
                 "address" => Some(facts.address.clone()),
                 _ => None,
             };
+            if let Some(label) = name.strip_prefix("labels.") {
+                let var = ferry_proto::render::label_var(&facts.host, label);
+                return m.vars.iter().find(|v| v.name == var).map(|v| v.value.clone());
+            }
             if let Some(secret) = name.strip_prefix("secrets.") {
                 let declared = m.secrets.iter().any(|s| s == secret) && !facts.secrets_dir.as_os_str().is_empty();
                 return declared
