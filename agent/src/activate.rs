@@ -317,6 +317,9 @@ async fn run_plan(config: Arc<AgentConfig>, plan: Plan, em: &Emitter) {
     match result {
         Ok(()) => {
             mark_activated(&config, &plan.app, &swap.to).await;
+            if secrets_changed {
+                crate::secrets::forget_previous(&config.secrets_dir(&plan.app).join(&swap.to));
+            }
             let mut pruned = Vec::new();
             if let Some(keep) = plan.keep {
                 let t = Instant::now();
@@ -355,6 +358,13 @@ async fn run_plan(config: Arc<AgentConfig>, plan: Plan, em: &Emitter) {
                 .await;
                 return;
             };
+            // A release activated again for new secret values goes back to the values it had.
+            if previous == swap.to && secrets_changed {
+                let dir = config.secrets_dir(&plan.app).join(&previous);
+                if let Err(e) = crate::secrets::restore(&dir) {
+                    tracing::error!(app = plan.app, "cannot put the previous secret values back: {e}");
+                }
+            }
             roll_back(em, &config, &plan, systemd.as_ref(), &root, &swap, &previous, failure).await;
         }
     }

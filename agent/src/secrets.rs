@@ -34,6 +34,10 @@ pub fn write(dir: &Path, names: &[String], values: &[v1::Var], owner: Option<&Ow
     for d in [app_dir, dir] {
         make_dir(d, owner)?;
     }
+    let differs = values.iter().any(|v| fs::read(dir.join(&v.name)).map_or(true, |old| old != v.value.as_bytes()));
+    if differs {
+        keep_previous(dir)?;
+    }
     let mut changed = false;
     for v in values {
         ferry_proto::render::check_secret_name(&v.name)?;
@@ -70,6 +74,53 @@ pub fn write(dir: &Path, names: &[String], values: &[v1::Var], owner: Option<&Ow
     Ok(changed)
 }
 
+/// The values a release had before [`write`] changed them, until its activation succeeds.
+fn previous_dir(dir: &Path) -> std::path::PathBuf {
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    dir.with_file_name(format!(".{name}.previous"))
+}
+
+/// Copies the release's current values aside (none yet: nothing to keep).
+fn keep_previous(dir: &Path) -> Result<(), String> {
+    let Ok(entries) = fs::read_dir(dir) else { return Ok(()) };
+    let keep = previous_dir(dir);
+    let _ = fs::remove_dir_all(&keep);
+    fs::create_dir(&keep).map_err(|e| format!("create {}: {e}", keep.display()))?;
+    fs::set_permissions(&keep, fs::Permissions::from_mode(0o700))
+        .map_err(|e| format!("chmod {}: {e}", keep.display()))?;
+    for entry in entries.flatten() {
+        let to = keep.join(entry.file_name());
+        fs::copy(entry.path(), &to).map_err(|e| format!("keep {}: {e}", entry.path().display()))?;
+        let meta = fs::metadata(entry.path()).map_err(|e| format!("{}: {e}", entry.path().display()))?;
+        use std::os::unix::fs::MetadataExt;
+        std::os::unix::fs::chown(&to, Some(meta.uid()), Some(meta.gid()))
+            .map_err(|e| format!("chown {}: {e}", to.display()))?;
+        fs::set_permissions(&to, meta.permissions()).map_err(|e| format!("chmod {}: {e}", to.display()))?;
+    }
+    Ok(())
+}
+
+/// Puts back the values a failed activation replaced: the release runs on them again.
+pub fn restore(dir: &Path) -> Result<(), String> {
+    let keep = previous_dir(dir);
+    if !keep.is_dir() {
+        return Ok(());
+    }
+    for entry in fs::read_dir(dir).map_err(|e| format!("read {}: {e}", dir.display()))?.flatten() {
+        let _ = fs::remove_file(entry.path());
+    }
+    for entry in fs::read_dir(&keep).map_err(|e| format!("read {}: {e}", keep.display()))?.flatten() {
+        fs::rename(entry.path(), dir.join(entry.file_name()))
+            .map_err(|e| format!("restore {}: {e}", entry.path().display()))?;
+    }
+    fs::remove_dir(&keep).map_err(|e| format!("remove {}: {e}", keep.display()))
+}
+
+/// Drops the values kept aside once the new ones proved healthy.
+pub fn forget_previous(dir: &Path) {
+    let _ = fs::remove_dir_all(previous_dir(dir));
+}
+
 /// Checks that a release's secrets are on this host (an activation or rollback that brings none).
 pub fn present(dir: &Path, names: &[String]) -> Result<(), String> {
     let missing: Vec<&str> = names.iter().filter(|n| !dir.join(n).is_file()).map(String::as_str).collect();
@@ -83,12 +134,14 @@ pub fn present(dir: &Path, names: &[String]) -> Result<(), String> {
     ))
 }
 
-/// Removes a pruned release's secrets.
+/// Removes a pruned release's secrets (and any values kept aside for it).
 pub fn remove(dir: &Path) {
-    if let Err(e) = fs::remove_dir_all(dir)
-        && e.kind() != std::io::ErrorKind::NotFound
-    {
-        tracing::warn!(dir = %dir.display(), "cannot remove the secrets of a pruned release: {e}");
+    for d in [dir.to_path_buf(), previous_dir(dir)] {
+        if let Err(e) = fs::remove_dir_all(&d)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(dir = %d.display(), "cannot remove secrets: {e}");
+        }
     }
 }
 
@@ -139,6 +192,14 @@ mod tests {
         assert_eq!(fs::metadata(dir.join("db")).expect("stat").mode() & 0o777, 0o600);
         let e = write(&dir, &names, &[var("db", "b")], None).expect_err("api missing");
         assert!(e.contains("the coordinator sent the secrets [db], the release reads [api, db]"), "{e}");
+        // The values before the last change are kept until told otherwise, and can come back.
+        restore(&dir).expect("restore");
+        assert_eq!(fs::read_to_string(dir.join("db")).expect("read"), "a", "the values before the change are back");
+        assert!(!previous_dir(&dir).exists());
+        assert!(write(&dir, &names, &[var("db", "b"), var("api", "k")], None).expect("changed"));
+        forget_previous(&dir);
+        restore(&dir).expect("nothing kept: nothing to do");
+        assert_eq!(fs::read_to_string(dir.join("db")).expect("read"), "b");
         assert!(write(&dir, &["db".to_string()], &[var("db", "b")], None).expect("fewer"), "api was removed");
         assert!(!dir.join("api").exists());
         remove(&dir);

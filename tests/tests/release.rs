@@ -1018,6 +1018,22 @@ async fn secrets_travel_with_the_activation_only_and_a_changed_value_restarts_in
     assert_eq!(rotated.release_id, r1.release_id, "a secret is not part of the release");
     assert_eq!(std::fs::read_to_string(&file).expect("the secret"), "hunter2-two");
 
+    // A new value the app fails with is rolled back in place: the host runs on the old value.
+    s.config.app.health = vec![
+        serde_json::from_value(serde_json::json!({
+            "name": "secret",
+            "exec": ["sh", "-c", "test \"$(cat \"$(sed -n 's/^password_file = //p' app.conf)\")\" != hunter2-broken"],
+            "interval": "50ms",
+            "retries": 2,
+        }))
+        .expect("probe"),
+    ];
+    let broken = deploy(&s, "1", "hunter2-broken").await;
+    assert_eq!(broken.status, DeploymentStatus::Failed, "{broken:?}");
+    assert_eq!(broken.hosts[0].status, HostOutcome::RolledBack, "{broken:?}");
+    assert_eq!(std::fs::read_to_string(&file).expect("the secret"), "hunter2-two", "the old value is back");
+    s.config.app.health.clear();
+
     // Release 2 with its own value; a rollback goes back to release 1 and the value it had.
     let r2 = deploy(&s, "2", "hunter2-three").await;
     assert_eq!(r2.status, DeploymentStatus::Succeeded, "{r2:?}");
