@@ -472,6 +472,56 @@ async fn versions_register_once_and_environments_past_the_first_take_only_promot
     assert_eq!(s, 200);
 }
 
+/// An environment's release of a registered version adds its layout (rendered files, their
+/// values) to the build, so its hash is not the version's: a deployment made through the API may
+/// be promoted all the same; one made elsewhere only if it is the registered content itself.
+#[tokio::test]
+async fn a_release_with_its_environments_layout_is_still_the_registered_version() {
+    let api = setup();
+    let dir = api.artifact("build-1");
+    let body = json!({ "version": "1.0", "artifact": dir }).to_string();
+    let (s, _) = api.call("POST", "/api/v1/versions", "/api/v1/versions", Some(CI), Some(&body)).await;
+    assert_eq!(s, 201);
+    let a = crate::artifact::Artifact::scan(&dir, None).expect("scan");
+    let reg = api.state.registry.as_ref();
+    let laid_out = hex::encode(ferry_proto::manifest::hash(&ferry_proto::v1::Manifest {
+        vars: vec![ferry_proto::v1::Var { name: "env".into(), value: "staging".into() }],
+        ..a.manifest.clone()
+    }));
+    for (id, by) in [("d-cli", None), ("d-api", Some("token:ci"))] {
+        reg.create(&NewDeployment {
+            id,
+            kind: crate::state::DeploymentKind::Deploy,
+            environment: "staging",
+            version: "1.0",
+            release_id: &ferry_proto::manifest::release_id("1.0", &hex::decode(&laid_out).expect("hex")),
+            artifact: &dir.to_string_lossy(),
+            manifest_hash: &laid_out,
+            strategy: "{}",
+            hosts: &[("web-1".to_string(), 0)],
+        })
+        .expect("create");
+        if let Some(by) = by {
+            reg.set_requested_by(id, by, None).expect("requested_by");
+        }
+        reg.set_status(id, crate::state::DeploymentStatus::Succeeded, None).expect("status");
+        let (s, e) = api
+            .call(
+                "POST",
+                &format!("/api/v1/deployments/{id}/promote"),
+                "/api/v1/deployments/{id}/promote",
+                Some(CI),
+                None,
+            )
+            .await;
+        match by {
+            None => assert_eq!((s, e["error"].as_str()), (409, Some("promotion_blocked")), "{id}: {e}"),
+            // Past the version check, the next gate speaks: its smoke tests never ran.
+            Some(_) => assert_eq!((s, e["error"].as_str()), (409, Some("smoke_not_run")), "{id}: {e}"),
+        }
+    }
+}
+
 /// An HTTP server answering 200 "all good" while `healthy` is set, 500 otherwise.
 async fn app_server() -> (u16, Arc<std::sync::atomic::AtomicBool>) {
     use std::sync::atomic::{AtomicBool, Ordering};
