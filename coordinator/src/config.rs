@@ -15,7 +15,13 @@ use crate::plan::{Pause, Size, Sizes, Strategy};
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FleetConfig {
+    /// The app (`[app]`), or, in a fleet.toml of several apps (`[apps.NAME]`), the one a command
+    /// works on ([`FleetConfig::for_app`]; at load, the first in dependency order).
+    #[serde(default)]
     pub app: AppConfig,
+    /// Every app, by name (a single `[app]` included), each with its `depends_on`.
+    #[serde(default)]
+    pub apps: BTreeMap<String, AppConfig>,
     pub tls: TlsFiles,
     /// How long to wait for a TCP connection and TLS handshake to a host.
     #[serde(default = "default_connect_timeout", with = "config_file::duration")]
@@ -217,8 +223,17 @@ impl SmokeCheck {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AppConfig {
-    /// The app's name, as declared under `[apps.<name>]` in each host's agent.toml.
+    /// The app's name, as declared under `[apps.<name>]` in each host's agent.toml (in
+    /// fleet.toml's `[apps.NAME]`, the table's name).
+    #[serde(default)]
     pub name: String,
+    /// `[apps.NAME]`: apps that must be deployed (and healthy everywhere) before this one in a
+    /// bundle, and rolled back after it.
+    #[serde(default)]
+    pub depends_on: Vec<String>,
+    /// `[apps.NAME]`: the inventory hosts that run this app (default: every host).
+    #[serde(default)]
+    pub hosts: Option<Vec<String>>,
     /// The systemd units a deployment restarts (each must be allowed in the agents' agent.toml).
     #[serde(default)]
     pub units: Vec<String>,
@@ -279,6 +294,27 @@ pub struct TemplateConfig {
 
 fn default_template_mode() -> u32 {
     0o640
+}
+
+impl Default for AppConfig {
+    fn default() -> Self {
+        AppConfig {
+            name: String::new(),
+            depends_on: Vec::new(),
+            hosts: None,
+            units: Vec::new(),
+            unit_action: default_unit_action(),
+            keep_releases: default_keep_releases(),
+            health: Vec::new(),
+            hooks: HooksConfig::default(),
+            shared: Vec::new(),
+            shared_files: Vec::new(),
+            user: None,
+            group: None,
+            templates: Vec::new(),
+            env_file: None,
+        }
+    }
 }
 
 impl AppConfig {
@@ -467,9 +503,56 @@ impl ProbeConfig {
     }
 }
 
+/// One app's own keys (`prefix` is `app` or `apps.NAME`).
+fn app_problems(prefix: &str, app: &AppConfig, p: &mut Vec<Problem>) {
+    if app.name.is_empty() {
+        p.push(Problem::new(format!("{prefix}.name"), "must not be empty"));
+    }
+    if !matches!(app.unit_action.as_str(), "restart" | "reload" | "reload-or-restart") {
+        p.push(Problem::new(
+            format!("{prefix}.unit_action"),
+            format!("{:?} is not one of restart, reload, reload-or-restart", app.unit_action),
+        ));
+    }
+    if app.keep_releases < 2 {
+        p.push(Problem::new(
+            format!("{prefix}.keep_releases"),
+            "must be at least 2 (the current release and the one to roll back to)",
+        ));
+    }
+    for (i, probe) in app.health.iter().enumerate() {
+        probe.problems(&format!("{prefix}.health[{i}]"), p);
+    }
+    for (name, path) in app.hooks.entries() {
+        if let Some(path) = path
+            && let Err(e) = ferry_proto::manifest::check_path(path)
+        {
+            p.push(Problem::new(
+                format!("{prefix}.hooks.{name}"),
+                format!("{path:?} must be a path inside the release: {e}"),
+            ));
+        }
+    }
+    if app.hooks.timeout.is_zero() {
+        p.push(Problem::new(format!("{prefix}.hooks.timeout"), "must be greater than 0"));
+    }
+    let hook_names: Vec<&str> = app.hooks.entries().iter().map(|(n, _)| *n).collect();
+    for name in &app.hooks.as_root {
+        if !hook_names.contains(&name.as_str()) {
+            p.push(Problem::new(
+                format!("{prefix}.hooks.as_root"),
+                format!("{name:?} is not a hook (one of {})", hook_names.join(", ")),
+            ));
+        }
+    }
+    app_owner_problems(prefix, app, p);
+    shared_problems(prefix, app, p);
+    template_problems(prefix, app, p);
+}
+
 /// `app.user` / `app.group` are names a host can have.
-fn app_owner_problems(app: &AppConfig, p: &mut Vec<Problem>) {
-    for (key, name) in [("app.user", &app.user), ("app.group", &app.group)] {
+fn app_owner_problems(prefix: &str, app: &AppConfig, p: &mut Vec<Problem>) {
+    for (key, name) in [(format!("{prefix}.user"), &app.user), (format!("{prefix}.group"), &app.group)] {
         if let Some(name) = name
             && let Err(e) = ferry_proto::manifest::check_account_name(name)
         {
@@ -477,7 +560,10 @@ fn app_owner_problems(app: &AppConfig, p: &mut Vec<Problem>) {
         }
     }
     if app.group.is_some() && app.user.is_none() {
-        p.push(Problem::new("app.group", "needs app.user (the group is the one the user's hooks and probes run with)"));
+        p.push(Problem::new(
+            format!("{prefix}.group"),
+            "needs app.user (the group is the one the user's hooks and probes run with)",
+        ));
     }
     if app.user.is_none() && !app.hooks.as_root.is_empty() {
         p.push(Problem::new("app.hooks.as_root", "without app.user every hook runs as root already"));
@@ -486,10 +572,10 @@ fn app_owner_problems(app: &AppConfig, p: &mut Vec<Problem>) {
 
 /// Templates and the environment file: paths inside the release, each rendered once, none a
 /// shared path.
-fn template_problems(app: &AppConfig, p: &mut Vec<Problem>) {
+fn template_problems(prefix: &str, app: &AppConfig, p: &mut Vec<Problem>) {
     let mut outputs: Vec<&str> = Vec::new();
-    let entries = app.templates.iter().enumerate().map(|(i, t)| (format!("app.templates[{i}]"), Some(t)));
-    let env_file = app.env_file.iter().map(|_| ("app.env_file".to_string(), None));
+    let entries = app.templates.iter().enumerate().map(|(i, t)| (format!("{prefix}.templates[{i}]"), Some(t)));
+    let env_file = app.env_file.iter().map(|_| (format!("{prefix}.env_file").to_string(), None));
     for (key, t) in entries.chain(env_file) {
         let path = t.map_or(app.env_file.as_deref().unwrap_or_default(), |t| t.path.as_str());
         let mut paths = vec![("path", path)];
@@ -522,19 +608,21 @@ fn template_problems(app: &AppConfig, p: &mut Vec<Problem>) {
 }
 
 /// Shared paths: inside the release, each once, none inside another.
-fn shared_problems(app: &AppConfig, p: &mut Vec<Problem>) {
+fn shared_problems(prefix: &str, app: &AppConfig, p: &mut Vec<Problem>) {
     let mut seen: Vec<&str> = Vec::new();
-    for (key, list) in [("app.shared", &app.shared), ("app.shared_files", &app.shared_files)] {
+    for (key, list) in
+        [(format!("{prefix}.shared"), &app.shared), (format!("{prefix}.shared_files"), &app.shared_files)]
+    {
         for path in list {
             let path = path.as_str();
             if let Err(e) = ferry_proto::manifest::check_path(path) {
-                p.push(Problem::new(key, format!("{path:?} must be a relative path inside the release: {e}")));
+                p.push(Problem::new(&key, format!("{path:?} must be a relative path inside the release: {e}")));
                 continue;
             }
             let inside = |a: &str, b: &str| a == b || a.starts_with(&format!("{b}/"));
             if let Some(other) = seen.iter().find(|o| inside(path, o) || inside(o, path)) {
                 let why = if *other == path { "is listed twice".to_string() } else { format!("overlaps {other:?}") };
-                p.push(Problem::new(key, format!("{path:?} {why}: each shared path must stand on its own")));
+                p.push(Problem::new(&key, format!("{path:?} {why}: each shared path must stand on its own")));
             }
             seen.push(path);
         }
@@ -896,7 +984,23 @@ impl FleetConfig {
     /// Parses and validates; relative paths are made relative to `path`'s directory.
     pub fn from_toml(path: &Path, text: &str) -> Result<Self, ConfigError> {
         let mut config: FleetConfig = config_file::parse_toml(path, text)?;
+        let single = config.apps.is_empty();
+        if single {
+            config.apps.insert(config.app.name.clone(), config.app.clone());
+        } else {
+            for (name, app) in config.apps.iter_mut() {
+                if app.name.is_empty() {
+                    app.name = name.clone();
+                }
+            }
+        }
         config_file::check(path, config.problems())?;
+        if !single {
+            // Checked above: the order exists. Commands pick their app with `for_app`.
+            if let Some(first) = config.app_order().ok().and_then(|o| o.first().cloned()) {
+                config.app = config.apps[&first].clone();
+            }
+        }
         for e in config.environments.values_mut() {
             // Checked by `problems` above: every strategy parses.
             e.strategy = e.parse_strategy().unwrap_or_default();
@@ -923,6 +1027,103 @@ impl FleetConfig {
         Ok(config)
     }
 
+    /// Every app's problems: `[app]` or `[apps.NAME]` (not both), each app's keys, `depends_on`
+    /// (known apps, no cycle) and `hosts` (inventory hosts).
+    fn apps_problems(&self, p: &mut Vec<Problem>) {
+        let several = !(self.apps.len() == 1 && self.apps.contains_key(&self.app.name));
+        if several && !self.app.name.is_empty() {
+            p.push(Problem::new("app", "declare either [app] or [apps.NAME] tables, not both"));
+        }
+        if !several {
+            app_problems("app", &self.app, p);
+            return;
+        }
+        let hosts: std::collections::BTreeSet<&str> =
+            self.environments.values().flat_map(|e| e.hosts.keys().map(String::as_str)).collect();
+        for (name, app) in &self.apps {
+            let prefix = format!("apps.{name}");
+            if app.name != *name {
+                p.push(Problem::new(
+                    format!("{prefix}.name"),
+                    format!("{:?} is not the table's name {name:?}", app.name),
+                ));
+            }
+            if !name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_')) {
+                p.push(Problem::new(&prefix, "app names may use only a-z, 0-9, '-' and '_'"));
+            }
+            app_problems(&prefix, app, p);
+            for dep in &app.depends_on {
+                if !self.apps.contains_key(dep) {
+                    p.push(Problem::new(
+                        format!("{prefix}.depends_on"),
+                        format!("{dep:?} is not an app of fleet.toml"),
+                    ));
+                }
+            }
+            for host in app.hosts.iter().flatten() {
+                if !hosts.contains(host.as_str()) {
+                    p.push(Problem::new(
+                        format!("{prefix}.hosts"),
+                        format!("{host:?} is not a host of any environment"),
+                    ));
+                }
+            }
+        }
+        if let Err(cycle) = self.app_order() {
+            p.push(Problem::new("apps", format!("depends_on goes round in a cycle: {}", cycle.join(" → "))));
+        }
+    }
+
+    /// The apps in dependency order (an app after those it depends on; otherwise by name), or a
+    /// cycle (its apps, the first repeated at the end).
+    pub fn app_order(&self) -> Result<Vec<String>, Vec<String>> {
+        fn visit<'a>(
+            apps: &'a BTreeMap<String, AppConfig>,
+            name: &'a str,
+            path: &mut Vec<&'a str>,
+            done: &mut Vec<String>,
+        ) -> Result<(), Vec<String>> {
+            if done.iter().any(|d| d == name) {
+                return Ok(());
+            }
+            if let Some(at) = path.iter().position(|p| *p == name) {
+                let mut cycle: Vec<String> = path[at..].iter().map(|s| s.to_string()).collect();
+                cycle.push(name.to_string());
+                return Err(cycle);
+            }
+            path.push(name);
+            let mut deps: Vec<&'a String> = apps.get(name).map(|a| a.depends_on.iter().collect()).unwrap_or_default();
+            deps.sort();
+            for dep in deps {
+                if apps.contains_key(dep) {
+                    visit(apps, dep, path, done)?;
+                }
+            }
+            path.pop();
+            done.push(name.to_string());
+            Ok(())
+        }
+        let mut done = Vec::new();
+        for name in self.apps.keys() {
+            visit(&self.apps, name, &mut Vec::new(), &mut done)?;
+        }
+        Ok(done)
+    }
+
+    /// This fleet as app `name` sees it: `app` is that app, and each environment keeps only the
+    /// hosts that run it. `None` for an app fleet.toml does not declare.
+    pub fn for_app(&self, name: &str) -> Option<FleetConfig> {
+        let app = self.apps.get(name)?;
+        let mut view = self.clone();
+        view.app = app.clone();
+        if let Some(hosts) = &app.hosts {
+            for e in view.environments.values_mut() {
+                e.hosts.retain(|h, _| hosts.contains(h));
+            }
+        }
+        Some(view)
+    }
+
     /// The cache directory: the configured one, else the user's cache directory (None without a
     /// home: then nothing is cached).
     pub fn cache_dir(&self) -> Option<PathBuf> {
@@ -944,49 +1145,7 @@ impl FleetConfig {
 
     pub fn problems(&self) -> Vec<Problem> {
         let mut p = Vec::new();
-        if self.app.name.is_empty() {
-            p.push(Problem::new("app.name", "must not be empty"));
-        }
-        if !matches!(self.app.unit_action.as_str(), "restart" | "reload" | "reload-or-restart") {
-            p.push(Problem::new(
-                "app.unit_action",
-                format!("{:?} is not one of restart, reload, reload-or-restart", self.app.unit_action),
-            ));
-        }
-        if self.app.keep_releases < 2 {
-            p.push(Problem::new(
-                "app.keep_releases",
-                "must be at least 2 (the current release and the one to roll back to)",
-            ));
-        }
-        for (i, probe) in self.app.health.iter().enumerate() {
-            probe.problems(&format!("app.health[{i}]"), &mut p);
-        }
-        for (name, path) in self.app.hooks.entries() {
-            if let Some(path) = path
-                && let Err(e) = ferry_proto::manifest::check_path(path)
-            {
-                p.push(Problem::new(
-                    format!("app.hooks.{name}"),
-                    format!("{path:?} must be a path inside the release: {e}"),
-                ));
-            }
-        }
-        if self.app.hooks.timeout.is_zero() {
-            p.push(Problem::new("app.hooks.timeout", "must be greater than 0"));
-        }
-        let hook_names: Vec<&str> = self.app.hooks.entries().iter().map(|(n, _)| *n).collect();
-        for name in &self.app.hooks.as_root {
-            if !hook_names.contains(&name.as_str()) {
-                p.push(Problem::new(
-                    "app.hooks.as_root",
-                    format!("{name:?} is not a hook (one of {})", hook_names.join(", ")),
-                ));
-            }
-        }
-        app_owner_problems(&self.app, &mut p);
-        shared_problems(&self.app, &mut p);
-        template_problems(&self.app, &mut p);
+        self.apps_problems(&mut p);
         for (key, path) in [("tls.ca", &self.tls.ca), ("tls.cert", &self.tls.cert), ("tls.key", &self.tls.key)] {
             if path.as_os_str().is_empty() {
                 p.push(Problem::new(key, "must name a file"));
@@ -1055,7 +1214,7 @@ impl FleetConfig {
                     p.push(Problem::new(format!("{key}.timeout"), "must be greater than 0"));
                 }
             }
-            if !e.env.is_empty() && self.app.env_file.is_none() {
+            if !e.env.is_empty() && self.apps.values().all(|a| a.env_file.is_none()) {
                 p.push(Problem::new(
                     format!("environments.{env}.env"),
                     "needs app.env_file (the path in the release the units read it from)",
@@ -1070,12 +1229,13 @@ impl FleetConfig {
             if let Err(problems) = e.parse_strategy() {
                 p.extend(problems.into_iter().map(|q| q.prefixed(&format!("environments.{env}."))));
             }
-            if e.progress_deadline.is_some_and(|d| d <= self.app.hooks.timeout) {
+            let hooks = self.apps.values().map(|a| a.hooks.timeout).max().unwrap_or_default();
+            if e.progress_deadline.is_some_and(|d| d <= hooks) {
                 p.push(Problem::new(
                     format!("environments.{env}.progress_deadline"),
                     format!(
                         "must be longer than app.hooks.timeout ({}): an activation runs the app's hooks",
-                        humantime::format_duration(self.app.hooks.timeout)
+                        humantime::format_duration(hooks)
                     ),
                 ));
             }
@@ -1394,6 +1554,61 @@ hosts = { web-1 = "10.0.0.11:7443", web-2 = "10.0.0.12", web-4 = "[fd00::4]:7443
         let err = load(&GOOD.replace("[environments.prod]", "[environments.prod]\nenv = { A = \"1\" }"))
             .expect_err("refused");
         assert!(err.contains("environments.prod.env: needs app.env_file"), "{err}");
+    }
+
+    const APPS: &str = r#"
+[apps.api]
+units = ["api.service"]
+depends_on = ["db-migrate", "cache"]
+hosts = ["web-1", "web-2"]
+
+[apps.cache]
+units = ["cache.service"]
+
+[apps.db-migrate]
+units = ["migrate.service"]
+hosts = ["web-1"]
+
+[tls]
+ca = "ca.pem"
+cert = "c.pem"
+key = "c.key"
+
+[environments.prod]
+hosts = { web-1 = "10.0.0.11", web-2 = "10.0.0.12", web-3 = "10.0.0.13" }
+"#;
+
+    #[test]
+    fn several_apps_go_in_dependency_order_each_on_its_hosts() {
+        let c = load(APPS).expect("valid");
+        assert_eq!(c.app_order().expect("order"), ["cache", "db-migrate", "api"]);
+        assert_eq!(c.app.name, "cache", "the first in order until a command picks one");
+        let api = c.for_app("api").expect("api");
+        assert_eq!((api.app.name.as_str(), api.app.units.as_slice()), ("api", ["api.service".to_string()].as_slice()));
+        let names = |v: &FleetConfig| v.hosts("prod").expect("hosts").into_iter().map(|h| h.name).collect::<Vec<_>>();
+        assert_eq!(names(&api), ["web-1", "web-2"]);
+        assert_eq!(names(&c.for_app("cache").expect("cache")), ["web-1", "web-2", "web-3"]);
+        assert!(c.for_app("nope").is_none());
+        // A single [app] is the one app.
+        let single = load(GOOD).expect("valid");
+        assert_eq!(single.apps.keys().collect::<Vec<_>>(), ["web"]);
+
+        let cycle = APPS.replace("[apps.cache]\n", "[apps.cache]\ndepends_on = [\"api\"]\n");
+        let err = load(&cycle).expect_err("cycle");
+        assert!(err.contains("apps: depends_on goes round in a cycle: api → cache → api"), "{err}");
+        let err = load(
+            &APPS
+                .replace("\"db-migrate\", \"cache\"", "\"db-migrate\", \"redis\"")
+                .replace("hosts = [\"web-1\"]", "hosts = [\"web-9\"]"),
+        )
+        .expect_err("unknown");
+        assert!(err.contains("apps.api.depends_on: \"redis\" is not an app of fleet.toml"), "{err}");
+        assert!(err.contains("apps.db-migrate.hosts: \"web-9\" is not a host of any environment"), "{err}");
+        let err = load(&format!("[app]\nname = \"web\"\n{APPS}")).expect_err("both");
+        assert!(err.contains("app: declare either [app] or [apps.NAME] tables, not both"), "{err}");
+        let err = load(&APPS.replace("units = [\"cache.service\"]", "units = [\"cache.service\"]\nkeep_releases = 1"))
+            .expect_err("bad");
+        assert!(err.contains("apps.cache.keep_releases: must be at least 2"), "{err}");
     }
 
     #[test]

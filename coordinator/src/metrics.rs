@@ -222,6 +222,7 @@ mod tests {
             hosts_failed: if status == "succeeded" { 0 } else { 2 },
             requested_by: None,
             promoted_from: None,
+            app: "web".into(),
         }
     }
 

@@ -708,3 +708,127 @@ ANSWER = json.dumps({"status": "healthy", **{k: open(v).read() for k, v in paths
         "ANSWER",
     )
 }
+
+/// Three apps with `depends_on` deployed as one bundle: each goes out host by host only once the
+/// one before is healthy everywhere (the agents' audit logs record the order); when the last one
+/// fails, the two before it are rolled back, last first, and every app serves its old release.
+#[test]
+fn a_bundle_goes_out_in_dependency_order_and_a_failure_rolls_the_others_back() {
+    let fleet = fleet_or_skip!(2);
+    // ingest ← resolve ← gateway
+    let apps = [("ingest", 8081, ""), ("resolve", 8082, "ingest"), ("gateway", 8083, "resolve")];
+    for h in &fleet.hosts {
+        let agent_toml = h.dir.join("etc/ferry/agent.toml");
+        let mut text = std::fs::read_to_string(&agent_toml).expect("agent.toml");
+        for (app, port, _) in apps {
+            text.push_str(&format!("\n[apps.{app}]\nroot = \"/srv/{app}\"\nunits = [\"{app}.service\"]\n"));
+            let unit = h.dir.join(format!("etc/systemd/system/{app}.service"));
+            std::fs::write(
+                &unit,
+                format!(
+                    "[Service]\nType=exec\nEnvironment=PORT={port}\nExecStart=/usr/bin/python3 /srv/{app}/app.py\n"
+                ),
+            )
+            .expect("unit");
+        }
+        std::fs::write(&agent_toml, text).expect("agent.toml");
+        h.systemctl(&["daemon-reload"]).expect("daemon-reload");
+        h.systemctl(&["restart", "ferry-agent.service"]).expect("restart the agent");
+        assert!(
+            h.wait_unit_active("ferry-agent.service", Duration::from_secs(20)),
+            "{}",
+            h.journal("ferry-agent.service", 20)
+        );
+    }
+    let base = fleet.write_fleet_toml("bundle.toml", &fleet.coordinator.clone()).expect("write");
+    let text = std::fs::read_to_string(&base).expect("read");
+    let (_, rest) = text.split_once("[tls]").expect("[tls]");
+    let mut toml = String::from(
+        "connect_timeout = \"3s\"\nrequest_timeout = \"10s\"\ncache_dir = \"cache\"\nregistry = \"registry.db\"\n",
+    );
+    for (app, port, dep) in apps {
+        toml.push_str(&format!(
+            "\n[apps.{app}]\nunits = [\"{app}.service\"]\ndepends_on = [{}]\n[[apps.{app}.health]]\nhttp = \"http://127.0.0.1:{port}/health\"\njson_field = \"status\"\njson_value = \"healthy\"\ninterval = \"200ms\"\nretries = 5\n",
+            if dep.is_empty() { String::new() } else { format!("\"{dep}\"") }
+        ));
+    }
+    toml.push_str(&format!("\n[tls]{rest}auto_rollback = true\n"));
+    std::fs::write(&base, toml).expect("write");
+    let bundle = |v: &str, broken: Option<&str>| {
+        let dir = fleet.dir.join(format!("bundle-{v}"));
+        for (app, _, _) in apps {
+            let variant = if broken == Some(app) { Variant::Unhealthy } else { Variant::Healthy };
+            demo_app::write_release(&dir.join(app), v, variant).expect("release");
+        }
+        dir.to_string_lossy().into_owned()
+    };
+    let deploy = |dir: &str, v: &str| {
+        fleet.ferry(&["deploy", "--config", &base.to_string_lossy(), "--env", "test", "--bundle", dir, "--version", v])
+    };
+    let serving = || -> Vec<String> {
+        let mut all = Vec::new();
+        for h in &fleet.hosts {
+            for (_, port, _) in apps {
+                all.push(fleet.http_get(&format!("http://{}:{port}/", h.ip)).map(|(_, b)| b).unwrap_or_else(|e| e));
+            }
+        }
+        all
+    };
+
+    let out = deploy(&bundle("1", None), "1");
+    assert_eq!(out.status.code(), Some(0), "{}{}", stdout(&out), stderr(&out));
+    assert!(stdout(&out).contains("bundle: succeeded: ingest → resolve → gateway"), "{}", stdout(&out));
+    assert_eq!(serving(), ["1"; 6]);
+
+    // Without --app or --bundle, a command of a fleet of several apps asks which.
+    let out = fleet.ferry(&["rollback", "--config", &base.to_string_lossy(), "--env", "test"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("fleet.toml declares several apps (gateway, ingest, resolve): say which with --app NAME"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = deploy(&bundle("2", Some("gateway")), "2");
+    let text = format!("{}{}", stdout(&out), stderr(&out));
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("== app resolve (rolled back)") && text.contains("bundle: FAILED: ingest → resolve → gateway"),
+        "{text}"
+    );
+    assert_eq!(serving(), ["1"; 6], "every app serves its old release again");
+
+    // The agents' own records: v1 went out app by app; v2 too, until gateway failed on web-1 (its
+    // agent put its release back, and gateway's rollout halted before web-2), then resolve and
+    // ingest were rolled back, last first.
+    for h in &fleet.hosts {
+        let audit = h.exec(&["cat", "/var/lib/ferry/audit.log"]).expect("audit");
+        let steps: Vec<String> = String::from_utf8_lossy(&audit.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|e| matches!(e["rpc"].as_str(), Some("Activate" | "Rollback")))
+            .map(|e| {
+                format!(
+                    "{} {} {}",
+                    e["rpc"].as_str().unwrap_or(""),
+                    e["app"].as_str().unwrap_or(""),
+                    e["result"].as_str().unwrap_or("")
+                )
+            })
+            .collect();
+        let mut expected = vec![
+            "Activate ingest healthy",
+            "Activate resolve healthy",
+            "Activate gateway healthy",
+            "Activate ingest healthy",
+            "Activate resolve healthy",
+            "Activate gateway rolled_back",
+            "Rollback resolve healthy",
+            "Rollback ingest healthy",
+        ];
+        if h.name != "web-1" {
+            expected.retain(|s| *s != "Activate gateway rolled_back");
+        }
+        assert_eq!(steps, expected, "{}", h.name);
+    }
+}

@@ -54,6 +54,8 @@ pub(super) struct RolloutTarget<'a> {
     env: &'a str,
     output: Format,
     force_unlock: bool,
+    /// `--app`: the app of a fleet.toml of several.
+    app: Option<&'a str>,
 }
 
 /// The rollout verb `command` is, if it is one.
@@ -64,15 +66,31 @@ pub(super) fn rollout_target(command: &Command) -> Option<RolloutTarget<'_>> {
         env: &'a str,
         output: Format,
         force_unlock: bool,
+        app: &'a Option<String>,
     ) -> RolloutTarget<'a> {
-        RolloutTarget { verb, config, env, output, force_unlock }
+        RolloutTarget { verb, config, env, output, force_unlock, app: app.as_deref() }
     }
     match command {
-        Command::Deploy(a) => Some(t("deploy", &a.config, &a.env, a.output, a.force_unlock)),
-        Command::Rollback(a) => Some(t("rollback", &a.config, &a.env, a.output, a.force_unlock)),
-        Command::Resume(a) => Some(t("resume", &a.config, &a.env, a.output, a.force_unlock)),
-        Command::Promote(a) => Some(t("promote", &a.config, &a.env, a.output, a.force_unlock)),
+        Command::Deploy(a) => Some(t("deploy", &a.config, &a.env, a.output, a.force_unlock, &a.app)),
+        Command::Rollback(a) => Some(t("rollback", &a.config, &a.env, a.output, a.force_unlock, &a.app)),
+        Command::Resume(a) => Some(t("resume", &a.config, &a.env, a.output, a.force_unlock, &a.app)),
+        Command::Promote(a) => Some(t("promote", &a.config, &a.env, a.output, a.force_unlock, &a.app)),
         _ => None,
+    }
+}
+
+/// The fleet as the app a verb works on sees it: `--app`, or the only app.
+fn select_app(config: &FleetConfig, app: Option<&str>) -> anyhow::Result<FleetConfig> {
+    let names = || config.apps.keys().cloned().collect::<Vec<_>>().join(", ");
+    match app {
+        Some(name) => config
+            .for_app(name)
+            .ok_or_else(|| anyhow::anyhow!("--app {name}: fleet.toml declares no such app (it declares: {})", names())),
+        None if config.apps.len() > 1 => anyhow::bail!(
+            "fleet.toml declares several apps ({}): say which with --app NAME (or deploy them all with --bundle DIR)",
+            names()
+        ),
+        None => Ok(config.clone()),
     }
 }
 
@@ -110,10 +128,17 @@ pub async fn run(cli: Cli, shutdown: &CancellationToken) -> u8 {
         return other(cli.command, shutdown).await;
     };
     let (verb, env) = (target.verb, target.env);
-    let loaded = match Loaded::open(target.config, Some(env)) {
+    let mut loaded = match Loaded::open(target.config, Some(env)) {
         Ok(l) => l,
         Err(e) => return fail(exit::USAGE, &e),
     };
+    let bundle = matches!(&cli.command, Command::Deploy(a) if a.bundle.is_some());
+    if !bundle {
+        match select_app(&loaded.config, target.app) {
+            Ok(view) => loaded.config = view,
+            Err(e) => return fail(exit::USAGE, &e),
+        }
+    }
     let span = tracing::info_span!("run", command = verb, environment = env, app = loaded.config.app.name);
     let mut observed = crate::metrics::Run {
         command: verb,
@@ -159,8 +184,17 @@ async fn rollout_verb(
         cancel: shutdown,
         force_unlock,
     };
+    if let Command::Deploy(super::DeployArgs { bundle: Some(dir), .. }) = command
+        && let Command::Deploy(a) = command
+    {
+        let done = deploy_bundle(loaded, a, dir, observer, shutdown).await;
+        if let Some(live) = &live {
+            live.finish();
+        }
+        return emit(done, |b| ui::bundle_report(b, output), |b| b.exit_code());
+    }
     let done = match command {
-        Command::Deploy(a) => deploy(&ctx, a).await,
+        Command::Deploy(a) => deploy(&ctx, a, a.artifact.as_deref().unwrap_or(Path::new(""))).await,
         Command::Rollback(a) => commands::rollback::rollback(&ctx, &a.env, a.to.as_deref()).await.map_err(Into::into),
         Command::Resume(a) => commands::resume::resume(&ctx, &a.env, false).await.map_err(Into::into),
         Command::Promote(a) => commands::resume::resume(&ctx, &a.env, true).await.map_err(Into::into),
@@ -172,19 +206,88 @@ async fn rollout_verb(
     emit(done, |r| ui::deploy_report(r, output), deploy_exit)
 }
 
-async fn deploy(ctx: &Ctx<'_>, a: &super::DeployArgs) -> anyhow::Result<DeployReport> {
+async fn deploy(ctx: &Ctx<'_>, a: &super::DeployArgs, path: &Path) -> anyhow::Result<DeployReport> {
     // Before the scan, which may take a while on a large build.
     commands::deploy::validate(ctx.config, &a.env, &a.version)?;
     // A Ctrl-C while scanning stops before anything is recorded.
     let artifact = tokio::select! {
-        scanned = commands::deploy::scan(ctx, &a.env, &a.artifact) => scanned?,
+        scanned = commands::deploy::scan(ctx, &a.env, path) => scanned?,
         () = ctx.cancel.cancelled() => anyhow::bail!(
             "cancelled while scanning {}: nothing was recorded, no host was touched",
-            a.artifact.display()
+            path.display()
         ),
     };
     ui::deploy_start(&artifact, &a.version, &a.env, a.output);
     Ok(commands::deploy::deploy(ctx, &a.env, artifact, &a.version, !a.no_prestage).await?)
+}
+
+/// `ferry deploy --bundle DIR`: every app, in dependency order, each from DIR/APP; the next app
+/// starts only once the one before succeeded everywhere. On a failure the set halts, and with the
+/// environment's `auto_rollback` the apps already updated are rolled back, last first.
+async fn deploy_bundle(
+    loaded: &Loaded,
+    a: &super::DeployArgs,
+    dir: &Path,
+    observer: &dyn Observer,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<ui::BundleReport> {
+    let order = loaded.config.app_order().map_err(|c| anyhow::anyhow!("depends_on cycle: {}", c.join(" → ")))?;
+    // Every artifact is there before any app starts.
+    for app in &order {
+        let path = dir.join(app);
+        if !path.exists() {
+            anyhow::bail!(
+                "bundle {}: no artifact for app {app} ({} is missing); nothing was deployed",
+                dir.display(),
+                path.display()
+            );
+        }
+    }
+    let auto_rollback = loaded.config.environments.get(&a.env).is_some_and(|e| e.auto_rollback);
+    let mut report = ui::BundleReport::default();
+    let mut updated: Vec<FleetConfig> = Vec::new();
+    for app in &order {
+        let Some(config) = loaded.config.for_app(app) else { continue };
+        if config.hosts(&a.env)?.is_empty() {
+            report.skipped.push(app.clone());
+            continue;
+        }
+        let fleet = Grpc { config: &config, tls: &loaded.tls, cache: loaded.cache.as_ref() };
+        let ctx = Ctx {
+            config: &config,
+            fleet: &fleet,
+            registry: &loaded.registry,
+            cache: loaded.cache.as_ref(),
+            observer,
+            cancel: shutdown,
+            force_unlock: a.force_unlock,
+        };
+        let r = deploy(&ctx, a, &dir.join(app)).await?;
+        let ok = r.status == crate::state::DeploymentStatus::Succeeded;
+        report.steps.push(ui::BundleStep { app: app.clone(), report: r });
+        if ok {
+            updated.push(config);
+            continue;
+        }
+        if auto_rollback {
+            for config in updated.iter().rev() {
+                let fleet = Grpc { config, tls: &loaded.tls, cache: loaded.cache.as_ref() };
+                let ctx = Ctx {
+                    config,
+                    fleet: &fleet,
+                    registry: &loaded.registry,
+                    cache: loaded.cache.as_ref(),
+                    observer,
+                    cancel: shutdown,
+                    force_unlock: false,
+                };
+                let r = commands::rollback::rollback(&ctx, &a.env, None).await?;
+                report.steps.push(ui::BundleStep { app: config.app.name.clone(), report: r });
+            }
+        }
+        break;
+    }
+    Ok(report)
 }
 
 /// Every verb that is not a rollout.
@@ -264,6 +367,13 @@ async fn other(command: Command, shutdown: &CancellationToken) -> u8 {
 async fn serve(path: &Path, shutdown: &CancellationToken) -> u8 {
     let started = async {
         let config = FleetConfig::load(path)?;
+        if config.apps.len() > 1 {
+            anyhow::bail!(
+                "{}: ferry serve deploys one app, and this fleet.toml declares several ({}); deploy them with `ferry deploy --bundle`",
+                path.display(),
+                config.apps.keys().cloned().collect::<Vec<_>>().join(", ")
+            );
+        }
         let tls = ClientTls::load(&config.tls).map_err(|e| anyhow::anyhow!("{}: [tls]: {e}", path.display()))?;
         let (app, envs) = (config.app.name.clone(), config.environments.len());
         let ready = move |addr: std::net::SocketAddr| {

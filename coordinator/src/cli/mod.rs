@@ -146,6 +146,9 @@ pub struct ResumeArgs {
     /// Environment whose deployment to continue.
     #[arg(long, short)]
     pub env: String,
+    /// The app whose deployment to continue, when fleet.toml declares several.
+    #[arg(long)]
+    pub app: Option<String>,
     /// Take over even if the deployment's coordinator seems alive (a warning names it).
     #[arg(long)]
     pub force_unlock: bool,
@@ -192,8 +195,17 @@ pub struct DeployArgs {
     #[arg(long, short)]
     pub env: String,
     /// Build output to deploy: a directory, or a .tar / .tar.gz / .tar.zst archive.
-    #[arg(long, short)]
-    pub artifact: PathBuf,
+    #[arg(long, short, required_unless_present = "bundle", conflicts_with = "bundle")]
+    pub artifact: Option<PathBuf>,
+    /// The app to deploy, when fleet.toml declares several (`[apps.NAME]`).
+    #[arg(long, conflicts_with = "bundle")]
+    pub app: Option<String>,
+    /// Deploy every app of fleet.toml from this directory (DIR/APP is each app's artifact), in
+    /// dependency order (`depends_on`), each app healthy everywhere before the next starts. A
+    /// failure halts the set; with the environment's auto_rollback the apps already updated go
+    /// back, in reverse order.
+    #[arg(long, value_name = "DIR")]
+    pub bundle: Option<PathBuf>,
     /// Version label of this release (A-Z a-z 0-9 . _ + -), e.g. 1.4.0 or a git commit.
     #[arg(long, short)]
     pub version: String,
@@ -221,6 +233,9 @@ pub struct RollbackArgs {
     /// Version to return to (must still be kept on the hosts); default: each host's previous release.
     #[arg(long)]
     pub to: Option<String>,
+    /// The app to roll back, when fleet.toml declares several.
+    #[arg(long)]
+    pub app: Option<String>,
     /// Break another deployment's lock on the environment (a warning names it).
     #[arg(long)]
     pub force_unlock: bool,

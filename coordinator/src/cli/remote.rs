@@ -175,7 +175,10 @@ fn enc(s: &str) -> String {
 async fn verb(remote: &Remote, command: Command) -> anyhow::Result<u8> {
     match command {
         Command::Deploy(a) => {
-            register(remote, &a.version, &a.artifact, false, &[], a.output).await?;
+            let Some(artifact) = a.artifact.as_deref().filter(|_| a.app.is_none()) else {
+                anyhow::bail!("--server deploys one app from --artifact (--app and --bundle run without --server)");
+            };
+            register(remote, &a.version, artifact, false, &[], a.output).await?;
             let body = json!({ "environment": a.env, "version": a.version, "prestage": !a.no_prestage });
             let started = remote.call("POST", "/api/v1/deployments", Some(&body)).await?;
             follow(remote, &started, a.output).await

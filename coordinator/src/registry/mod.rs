@@ -185,6 +185,9 @@ pub struct DeploymentRow {
     /// `ferry serve`: the deployment it was promoted from.
     #[serde(default)]
     pub promoted_from: Option<String>,
+    /// The app it deploys ("" in registries from before fleet.toml could hold several).
+    #[serde(default)]
+    pub app: String,
 }
 
 /// A host of a deployment as recorded.
@@ -241,6 +244,8 @@ pub struct NewDeployment<'a> {
     pub artifact: &'a str,
     pub manifest_hash: &'a str,
     pub strategy: &'a str,
+    /// The app deployed (fleet.toml's `app.name`).
+    pub app: &'a str,
     /// (host, batch index), in plan order.
     pub hosts: &'a [(String, usize)],
 }

@@ -118,6 +118,8 @@ fn migrations() -> Migrations<'static> {
         ),
         // The release a host was switched to when it is not the deployment's own (rollbacks).
         M::up("ALTER TABLE hosts ADD COLUMN release TEXT;"),
+        // Several apps in one fleet.toml: the app a deployment is of ("" before there were several).
+        M::up("ALTER TABLE deployments ADD COLUMN app TEXT NOT NULL DEFAULT '';"),
     ])
 }
 
@@ -313,8 +315,8 @@ impl Db {
         let tx = self.conn.transaction().map_err(&sql)?;
         let now = now_ms();
         tx.execute(
-            "INSERT INTO deployments (id, kind, environment, version, release_id, artifact, manifest_hash, strategy, status, started_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'pending', ?9)",
+            "INSERT INTO deployments (id, kind, environment, version, release_id, artifact, manifest_hash, strategy, status, started_ms, app)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'pending', ?9, ?10)",
             params![
                 d.id,
                 d.kind.as_str(),
@@ -324,7 +326,8 @@ impl Db {
                 d.artifact,
                 d.manifest_hash,
                 d.strategy,
-                now
+                now,
+                d.app
             ],
         )
         .map_err(&sql)?;
@@ -417,7 +420,7 @@ impl Db {
         d.manifest_hash, d.strategy, d.status, d.started_ms, d.finished_ms, d.error,
         (SELECT COALESCE(SUM(bytes_sent), 0) FROM hosts h WHERE h.deployment_id = d.id),
         (SELECT COUNT(*) FROM hosts h WHERE h.deployment_id = d.id AND h.state IN ('failed', 'rolled_back', 'unreachable')),
-        d.requested_by, d.promoted_from";
+        d.requested_by, d.promoted_from, d.app";
 
     fn deployment_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeploymentRow> {
         Ok(DeploymentRow {
@@ -437,6 +440,7 @@ impl Db {
             hosts_failed: r.get(13)?,
             requested_by: r.get(14)?,
             promoted_from: r.get(15)?,
+            app: r.get(16)?,
         })
     }
 
@@ -638,6 +642,7 @@ mod tests {
             artifact: "/build",
             manifest_hash: "ab",
             strategy: "{}",
+            app: "web",
             hosts,
         }
     }

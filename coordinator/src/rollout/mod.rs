@@ -53,6 +53,10 @@ pub enum Error {
     #[error("no deployment of {env} is in progress")]
     NothingInProgress { env: String },
     #[error(
+        "{env} is held by deployment {id} of app {app}, not {this}: resume or roll back app {app} first (--app {app})"
+    )]
+    OtherApp { env: String, id: String, app: String, this: String },
+    #[error(
         "the lock of {env} names deployment {id}, which the registry does not know (`ferry deploy --force-unlock` clears it)"
     )]
     DanglingLock { env: String, id: String },
@@ -218,6 +222,7 @@ impl Engine<'_> {
             artifact: r.artifact,
             manifest_hash: r.manifest_hash,
             strategy: &strategy,
+            app: &self.config.app.name,
             hosts: r.placed,
         });
         if let Err(e) = created {
@@ -307,6 +312,7 @@ impl Engine<'_> {
     /// Touches nothing; [`Engine::take_over`] then [`Engine::run`] continue it.
     pub fn resumable(&self, paused_only: bool) -> Result<DeploymentRow, Error> {
         let (lock, d) = self.held()?;
+        self.same_app(&d)?;
         if d.kind != DeploymentKind::Deploy || d.status.is_finished() {
             return Err(Error::NotResumable { id: d.id, status: d.status, kind: d.kind });
         }
@@ -326,6 +332,19 @@ impl Engine<'_> {
             });
         }
         Ok(d)
+    }
+
+    /// Refuses to continue or unwind a deployment of another app than this engine's.
+    fn same_app(&self, d: &DeploymentRow) -> Result<(), Error> {
+        if d.app.is_empty() || d.app == self.config.app.name {
+            return Ok(());
+        }
+        Err(Error::OtherApp {
+            env: self.env.to_string(),
+            id: d.id.clone(),
+            app: d.app.clone(),
+            this: self.config.app.name.clone(),
+        })
     }
 
     /// Takes the environment over for deployment `d` (from [`Engine::resumable`]): its holder is
@@ -405,6 +424,9 @@ impl Engine<'_> {
         // goes to that version anyway: running the same rollback again finishes one cut short).
         if let Some((lock, d)) = self.lock_record()? {
             let open = d.filter(|d| !d.status.is_finished());
+            if let Some(d) = &open {
+                self.same_app(d)?;
+            }
             let unwind = open.as_ref().filter(|d| to_version.is_none() && d.kind == DeploymentKind::Deploy);
             if unwind.is_some() || to_version.is_some() {
                 let paused = open.as_ref().is_some_and(|d| d.status == DeploymentStatus::Paused);

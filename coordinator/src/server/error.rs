@@ -99,6 +99,7 @@ impl From<rollout::Error> for ApiError {
             E::NotResumable { .. } => ApiError::conflict("nothing_to_continue", message),
             E::NotPaused { .. } => ApiError::conflict("not_paused", message),
             E::StillRunning { .. } => ApiError::conflict("still_running", message),
+            E::OtherApp { .. } => ApiError::conflict("other_app", message),
             E::HostsGone { .. } => ApiError::conflict("inventory_changed", message),
             E::BlueGreenTo { .. } => ApiError::unprocessable("blue_green_rollback", message),
             E::NoLiveGroup { .. } => ApiError::conflict("no_live_group", message),

@@ -131,6 +131,7 @@ impl Api {
             artifact: &dir.to_string_lossy(),
             manifest_hash: &hex::encode(a.manifest_hash),
             strategy: "{}",
+            app: "web",
             hosts: &[("web-1".to_string(), 0)],
         })
         .expect("create");
@@ -498,6 +499,7 @@ async fn a_release_with_its_environments_layout_is_still_the_registered_version(
             artifact: &dir.to_string_lossy(),
             manifest_hash: &laid_out,
             strategy: "{}",
+            app: "web",
             hosts: &[("web-1".to_string(), 0)],
         })
         .expect("create");

@@ -211,6 +211,65 @@ pub fn token(t: &NewToken, format: Format) {
     ));
 }
 
+/// What `ferry deploy --bundle` did: each app's deployment in order, then the rollbacks of the
+/// apps already updated (last first) when one failed.
+#[derive(Debug, Default, Serialize)]
+pub struct BundleReport {
+    pub steps: Vec<BundleStep>,
+    /// Apps no host of the environment runs.
+    pub skipped: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BundleStep {
+    pub app: String,
+    pub report: DeployReport,
+}
+
+impl BundleReport {
+    /// Every app deployed, none failed.
+    pub fn succeeded(&self) -> bool {
+        self.steps.iter().all(|s| {
+            s.report.status == DeploymentStatus::Succeeded && s.report.kind != crate::state::DeploymentKind::Rollback
+        })
+    }
+
+    /// The exit code: the first failed deployment's, else success.
+    pub fn exit_code(&self) -> u8 {
+        match self.steps.iter().find(|s| s.report.status != DeploymentStatus::Succeeded) {
+            Some(s) if s.report.any_unreachable() => crate::exit::UNREACHABLE,
+            Some(_) => crate::exit::FAILED,
+            None if self.succeeded() => crate::exit::SUCCESS,
+            None => crate::exit::FAILED,
+        }
+    }
+}
+
+pub fn bundle_report(b: &BundleReport, format: Format) {
+    if format == Format::Json {
+        return json(&serde_json::json!({
+            "status": if b.succeeded() { "succeeded" } else { "failed" },
+            "apps": b.steps,
+            "skipped": b.skipped,
+        }));
+    }
+    for step in &b.steps {
+        let what = if step.report.kind == crate::state::DeploymentKind::Rollback { "rolled back" } else { "deployed" };
+        out(&format!("== app {} ({what})", step.app));
+        deploy_report(&step.report, format);
+    }
+    for app in &b.skipped {
+        out(&format!("== app {app}: no host of the environment runs it"));
+    }
+    let apps: Vec<&str> = b
+        .steps
+        .iter()
+        .filter(|s| s.report.kind != crate::state::DeploymentKind::Rollback)
+        .map(|s| s.app.as_str())
+        .collect();
+    out(&format!("bundle: {}: {}", if b.succeeded() { "succeeded" } else { "FAILED" }, apps.join(" → ")));
+}
+
 pub fn deploy_report(r: &DeployReport, format: Format) {
     if format == Format::Json {
         return json(r);
