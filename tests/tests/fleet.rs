@@ -831,4 +831,19 @@ fn a_bundle_goes_out_in_dependency_order_and_a_failure_rolls_the_others_back() {
         }
         assert_eq!(steps, expected, "{}", h.name);
     }
+
+    // An app no host's agent.toml declares refuses the whole bundle before any app starts.
+    let mut text = std::fs::read_to_string(&base).expect("read");
+    text = text.replacen(
+        "\n[tls]",
+        "\n[apps.notify]\nunits = [\"notify.service\"]\ndepends_on = [\"gateway\"]\n\n[tls]",
+        1,
+    );
+    std::fs::write(&base, text).expect("write");
+    let dir = bundle("3", None);
+    demo_app::write_release(&std::path::Path::new(&dir).join("notify"), "3", Variant::Healthy).expect("release");
+    let out = deploy(&dir, "3");
+    assert_eq!(out.status.code(), Some(2), "{}{}", stdout(&out), stderr(&out));
+    assert!(stderr(&out).contains("bundle: web-1 lacks app notify, web-2 lacks app notify"), "{}", stderr(&out));
+    assert_eq!(serving(), ["1"; 6], "nothing was deployed");
 }

@@ -243,6 +243,24 @@ async fn deploy_bundle(
             );
         }
     }
+    // Every host that answers declares every app it is to run: a host missing one would halt the
+    // set half-way; said here, before any app starts.
+    let mut missing = Vec::new();
+    for app in &order {
+        let Some(config) = loaded.config.for_app(app) else { continue };
+        let status = commands::status::run(&config, &a.env, &loaded.tls).await?;
+        for h in status.hosts.iter().filter(|h| h.reachable) {
+            if h.facts.as_ref().is_some_and(|f| !f.apps.iter().any(|x| x.name == *app)) {
+                missing.push(format!("{} lacks app {app}", h.name));
+            }
+        }
+    }
+    if !missing.is_empty() {
+        anyhow::bail!(
+            "bundle: {} (declare it under [apps.NAME] in the host's agent.toml, or leave the host out of the app's `hosts`); nothing was deployed",
+            missing.join(", ")
+        );
+    }
     let auto_rollback = loaded.config.environments.get(&a.env).is_some_and(|e| e.auto_rollback);
     let mut report = ui::BundleReport::default();
     let mut updated: Vec<FleetConfig> = Vec::new();
