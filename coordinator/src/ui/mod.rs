@@ -347,13 +347,25 @@ pub fn history(rows: &[crate::registry::DeploymentRow], format: Format) {
     }
     let mut table = Table::new();
     table.load_style(presets::NOTHING).set_content_arrangement(ContentArrangement::Disabled);
-    table.set_header(vec!["DEPLOYMENT", "KIND", "ENV", "VERSION", "STATUS", "STARTED", "TIME", "SENT", "FAILED HOSTS"]);
+    table.set_header(vec![
+        "DEPLOYMENT",
+        "KIND",
+        "ENV",
+        "APP",
+        "VERSION",
+        "STATUS",
+        "STARTED",
+        "TIME",
+        "SENT",
+        "FAILED HOSTS",
+    ]);
     for d in rows {
         let time = d.finished_ms.map_or("-".to_string(), |f| format!("{:.1}s", (f - d.started_ms) as f64 / 1000.0));
         table.add_row(vec![
             d.id.clone(),
             d.kind.to_string(),
             d.environment.clone(),
+            if d.app.is_empty() { "-".to_string() } else { d.app.clone() },
             d.version.clone(),
             d.status.to_string(),
             crate::registry::when(d.started_ms),
