@@ -211,6 +211,9 @@ pub struct HostRow {
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct EnvReport {
     pub environment: String,
+    /// The app ("" for deployments recorded before fleet.toml could hold several).
+    #[serde(default)]
+    pub app: String,
     pub deployments: u64,
     /// Deployments (not rollbacks) started in the last 28 days, divided by 4.
     pub deployments_per_week: f64,

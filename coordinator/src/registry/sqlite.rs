@@ -527,7 +527,8 @@ impl Db {
             .into_iter()
             .filter(|d| d.kind == DeploymentKind::Deploy && d.finished_ms.is_some())
             .collect();
-        let mut envs: Vec<String> = finished.iter().map(|d| d.environment.clone()).collect();
+        // One row per environment and app.
+        let mut envs: Vec<(String, String)> = finished.iter().map(|d| (d.environment.clone(), d.app.clone())).collect();
         envs.sort();
         envs.dedup();
         // Deployments a host of which went back (its agent's own rollback, or a halt's): one
@@ -540,8 +541,8 @@ impl Db {
             st.query_map([], |r| r.get(0)).map_err(self.sql())?.collect::<Result<_, _>>().map_err(self.sql())?;
         let now = now_ms();
         let mut out = Vec::new();
-        for e in envs {
-            let ds: Vec<&DeploymentRow> = finished.iter().filter(|d| d.environment == e).collect();
+        for (e, app) in envs {
+            let ds: Vec<&DeploymentRow> = finished.iter().filter(|d| d.environment == e && d.app == app).collect();
             let count = |s: DeploymentStatus| ds.iter().filter(|d| d.status == s).count() as u64;
             let rolled_back = ds
                 .iter()
@@ -556,17 +557,20 @@ impl Db {
                 .conn
                 .prepare(
                     "SELECT h.host, AVG(h.finished_ms - h.started_ms) AS mean FROM hosts h JOIN deployments d ON d.id = h.deployment_id
-                     WHERE d.environment = ?1 AND d.kind = 'deploy' AND h.started_ms IS NOT NULL AND h.finished_ms IS NOT NULL
+                     WHERE d.environment = ?1 AND d.app = ?2 AND d.kind = 'deploy' AND h.started_ms IS NOT NULL AND h.finished_ms IS NOT NULL
                      GROUP BY h.host ORDER BY mean DESC LIMIT 3",
                 )
                 .map_err(self.sql())?;
             let slowest = st
-                .query_map([&e], |r| Ok(SlowHost { host: r.get(0)?, mean_ms: r.get::<_, f64>(1)?.max(0.0) as u64 }))
+                .query_map([&e, &app], |r| {
+                    Ok(SlowHost { host: r.get(0)?, mean_ms: r.get::<_, f64>(1)?.max(0.0) as u64 })
+                })
                 .map_err(self.sql())?
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(self.sql())?;
             out.push(EnvReport {
                 environment: e,
+                app,
                 deployments: n,
                 deployments_per_week: recent as f64 / 4.0,
                 succeeded: count(DeploymentStatus::Succeeded),
@@ -740,8 +744,15 @@ mod tests {
         }
         // Unfinished deployments do not count.
         reg.create(&new("d-running", &hosts)).expect("create");
+        // Another app of the same environment has a row of its own.
+        reg.create(&NewDeployment { app: "worker", ..new("d-worker", &hosts) }).expect("create");
+        reg.set_status("d-worker", Succeeded, None).expect("status");
         let r = reg.report(None).expect("report");
-        assert_eq!(r.len(), 1);
+        assert_eq!(
+            r.iter().map(|r| (r.environment.as_str(), r.app.as_str())).collect::<Vec<_>>(),
+            [("prod", "web"), ("prod", "worker")]
+        );
+        assert_eq!((r[1].deployments, r[1].succeeded), (1, 1));
         let r = &r[0];
         assert_eq!((r.deployments, r.succeeded, r.failed, r.rolled_back), (4, 2, 1, 1));
         assert!((r.success_rate - 0.5).abs() < 1e-9);

@@ -152,7 +152,7 @@ pub fn document() -> Value {
                 "post": with_params(op("cancel", "Cancel: hosts in flight finish, the rest are not touched", (202, "Cancelling"), None, &[404, 409, 500, 503]), id())
             },
             "/api/v1/report": {
-                "get": with_params(op("report", "Per environment: deployments per week, success and rollback rates, durations", (200, "Report"), None, &[400, 422]), query_params(&["environment"]))
+                "get": with_params(op("report", "Per environment and app: deployments per week, success and rollback rates, durations", (200, "Report"), None, &[400, 422]), query_params(&["environment"]))
             }
         },
         "components": {

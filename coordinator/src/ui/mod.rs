@@ -386,12 +386,13 @@ pub fn report(rows: &[crate::registry::EnvReport], format: Format) {
     }
     let mut table = Table::new();
     table.load_style(presets::NOTHING).set_content_arrangement(ContentArrangement::Disabled);
-    table.set_header(vec!["ENV", "DEPLOYS", "PER WEEK", "SUCCESS", "ROLLBACK", "MEAN", "P95", "SLOWEST HOSTS"]);
+    table.set_header(vec!["ENV", "APP", "DEPLOYS", "PER WEEK", "SUCCESS", "ROLLBACK", "MEAN", "P95", "SLOWEST HOSTS"]);
     for r in rows {
         let slowest: Vec<String> =
             r.slowest_hosts.iter().map(|h| format!("{} {:.1}s", h.host, h.mean_ms as f64 / 1000.0)).collect();
         table.add_row(vec![
             r.environment.clone(),
+            if r.app.is_empty() { "-".to_string() } else { r.app.clone() },
             r.deployments.to_string(),
             format!("{:.1}", r.deployments_per_week),
             format!("{:.0}%", r.success_rate * 100.0),
