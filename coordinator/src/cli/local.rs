@@ -287,7 +287,8 @@ async fn deploy_bundle(
             updated.push(config);
             continue;
         }
-        if auto_rollback {
+        // A Ctrl-C stops the set where it is: nothing more is started, not even rollbacks.
+        if auto_rollback && !shutdown.is_cancelled() {
             for config in updated.iter().rev() {
                 let fleet = Grpc { config, tls: &loaded.tls, cache: loaded.cache.as_ref() };
                 let ctx = Ctx {

@@ -497,3 +497,26 @@ fn the_default_progress_deadline_leaves_room_for_the_apps_hooks() {
     let set = config(1, "progress_deadline = \"20m\"");
     assert_eq!(set.progress_deadline(&set.environments["prod"]), Duration::from_secs(20 * 60));
 }
+
+/// One deployment per environment at a time, whatever its app; and a deployment of one app is
+/// never continued or unwound with another app's config.
+#[test]
+fn another_apps_deployment_is_neither_resumed_nor_unwound() {
+    let w = World::new(2, "");
+    let a = artifact(&w.dir, "v2");
+    let web = w.engine(&quiet);
+    let id = web.create(&a, "2", true).expect("recorded");
+    let mut api_config = w.config.clone();
+    api_config.app.name = "api".into();
+    let api = Engine { config: &api_config, ..w.engine(&quiet) };
+    let e = api.resumable(false).expect_err("another app's").to_string();
+    assert_eq!(
+        e,
+        format!("prod is held by deployment {id} of app web, not api: resume or roll back app web first (--app web)")
+    );
+    let e = api.create_rollback(None).expect_err("another app's").to_string();
+    assert!(e.contains(&format!("held by deployment {id} of app web, not api")), "{e}");
+    assert!(api.create(&a, "2", true).is_err(), "the environment is taken");
+    // Its own app may continue it.
+    assert_eq!(web.resumable(false).expect("resumable").id, id);
+}
