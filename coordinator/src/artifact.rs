@@ -120,7 +120,7 @@ impl Layout {
         }
         layout.hosts = e.hosts.keys().cloned().collect();
         vars.sort_by(|a, b| a.name.cmp(&b.name));
-        layout.secrets = e.secrets.keys().cloned().collect();
+        layout.secrets = e.secrets.keys().filter(|n| config.app.reads_secret(n)).cloned().collect();
         if let Some(path) = &config.app.env_file {
             let escape = |v: &str| v.replace('\\', "\\\\").replace('"', "\\\"");
             let text: String = e.env.iter().map(|(k, v)| format!("{k}=\"{}\"\n", escape(v))).collect();

@@ -234,6 +234,9 @@ pub struct AppConfig {
     /// `[apps.NAME]`: the inventory hosts that run this app (default: every host).
     #[serde(default)]
     pub hosts: Option<Vec<String>>,
+    /// The environment secrets (by name) this app receives; default: all of them.
+    #[serde(default)]
+    pub secrets: Option<Vec<String>>,
     /// The systemd units a deployment restarts (each must be allowed in the agents' agent.toml).
     #[serde(default)]
     pub units: Vec<String>,
@@ -302,6 +305,7 @@ impl Default for AppConfig {
             name: String::new(),
             depends_on: Vec::new(),
             hosts: None,
+            secrets: None,
             units: Vec::new(),
             unit_action: default_unit_action(),
             keep_releases: default_keep_releases(),
@@ -318,6 +322,11 @@ impl Default for AppConfig {
 }
 
 impl AppConfig {
+    /// Whether the app receives the environment secret `name`.
+    pub fn reads_secret(&self, name: &str) -> bool {
+        self.secrets.as_ref().is_none_or(|names| names.iter().any(|n| n == name))
+    }
+
     /// The shared paths, each with whether it is a directory.
     pub fn shared_paths(&self) -> impl Iterator<Item = (&str, bool)> {
         self.shared.iter().map(|p| (p.as_str(), true)).chain(self.shared_files.iter().map(|p| (p.as_str(), false)))
@@ -1057,6 +1066,14 @@ impl FleetConfig {
                     p.push(Problem::new(
                         format!("{prefix}.depends_on"),
                         format!("{dep:?} is not an app of fleet.toml"),
+                    ));
+                }
+            }
+            for name in app.secrets.iter().flatten() {
+                if !self.environments.values().any(|e| e.secrets.contains_key(name)) {
+                    p.push(Problem::new(
+                        format!("{prefix}.secrets"),
+                        format!("{name:?} is not a secret of any environment"),
                     ));
                 }
             }

@@ -59,7 +59,8 @@ const MAX_VALUE: usize = 64 * 1024;
 pub async fn fetch(config: &FleetConfig, env: &str) -> Result<Secrets, SecretError> {
     let Some(e) = config.environments.get(env) else { return Ok(Secrets::default()) };
     let mut values = Vec::with_capacity(e.secrets.len());
-    for (name, source) in &e.secrets {
+    // Only what the app reads ([apps.NAME] secrets) leaves this machine.
+    for (name, source) in e.secrets.iter().filter(|(n, _)| config.app.reads_secret(n)) {
         let fail = |cause: String| SecretError { env: env.to_string(), name: name.clone(), cause };
         let value = fetch_one(source, env, &config.app.name).await.map_err(fail)?;
         if value.len() > MAX_VALUE {
@@ -154,6 +155,10 @@ mod tests {
         assert!(e.contains("secret db of environment prod:") && e.contains("is mode 0640: others can read it"), "{e}");
         assert!(!e.contains("s3cret"), "{e}");
 
+        // An app that does not read a secret never has it fetched.
+        let mut c = config(d.path(), "db = { command = \"exit 1\" }\napi = { command = \"echo k\" }");
+        c.app.secrets = Some(vec!["api".into()]);
+        assert_eq!(fetch(&c, "prod").await.expect("only api").to_wire().len(), 1);
         let c = config(d.path(), "db = { command = \"echo leaked-value; echo vault: permission denied >&2; exit 2\" }");
         let e = fetch(&c, "prod").await.expect_err("fails").to_string();
         assert!(
