@@ -846,4 +846,19 @@ fn a_bundle_goes_out_in_dependency_order_and_a_failure_rolls_the_others_back() {
     assert_eq!(out.status.code(), Some(2), "{}{}", stdout(&out), stderr(&out));
     assert!(stderr(&out).contains("bundle: web-1 lacks app notify, web-2 lacks app notify"), "{}", stderr(&out));
     assert_eq!(serving(), ["1"; 6], "nothing was deployed");
+
+    // Every app's build is scanned before the first app starts: the last one's bad build leaves
+    // the first ones untouched.
+    let text = std::fs::read_to_string(&base).expect("read");
+    let (head, tail) = text.split_once("\n[apps.notify]").expect("notify");
+    let (_, tail) = tail.split_once("\n[tls]").expect("tls");
+    std::fs::write(&base, format!("{head}\n[tls]{tail}")).expect("write");
+    let dir = bundle("4", None);
+    let bad = std::path::Path::new(&dir).join("gateway/health.json");
+    std::fs::set_permissions(&bad, std::os::unix::fs::PermissionsExt::from_mode(0o666)).expect("chmod");
+    let out = deploy(&dir, "4");
+    assert_eq!(out.status.code(), Some(2), "{}{}", stdout(&out), stderr(&out));
+    assert!(stderr(&out).contains("app gateway:") && stderr(&out).contains("world-writable"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("nothing was deployed"), "{}", stderr(&out));
+    assert_eq!(serving(), ["1"; 6], "no app was started");
 }

@@ -174,16 +174,8 @@ async fn rollout_verb(
         Some(live) => live,
         None => &rollout::quiet,
     };
-    let fleet = Grpc { config: &loaded.config, tls: &loaded.tls, cache: loaded.cache.as_ref() };
-    let ctx = Ctx {
-        config: &loaded.config,
-        fleet: &fleet,
-        registry: &loaded.registry,
-        cache: loaded.cache.as_ref(),
-        observer,
-        cancel: shutdown,
-        force_unlock,
-    };
+    let fleet = grpc(loaded, &loaded.config);
+    let ctx = ctx_of(loaded, &loaded.config, &fleet, observer, shutdown, force_unlock);
     if let Command::Deploy(super::DeployArgs { bundle: Some(dir), .. }) = command
         && let Command::Deploy(a) = command
     {
@@ -263,26 +255,33 @@ async fn deploy_bundle(
     }
     let auto_rollback = loaded.config.environments.get(&a.env).is_some_and(|e| e.auto_rollback);
     let mut report = ui::BundleReport::default();
-    let mut updated: Vec<FleetConfig> = Vec::new();
+    // Every artifact scanned and every secret fetched before any app starts: a bad build or a
+    // missing value of the last app must not leave the first ones updated.
+    let mut planned: Vec<(FleetConfig, std::sync::Arc<crate::artifact::Artifact>)> = Vec::new();
     for app in &order {
         let Some(config) = loaded.config.for_app(app) else { continue };
         if config.hosts(&a.env)?.is_empty() {
             report.skipped.push(app.clone());
             continue;
         }
-        let fleet = Grpc { config: &config, tls: &loaded.tls, cache: loaded.cache.as_ref() };
-        let ctx = Ctx {
-            config: &config,
-            fleet: &fleet,
-            registry: &loaded.registry,
-            cache: loaded.cache.as_ref(),
-            observer,
-            cancel: shutdown,
-            force_unlock: a.force_unlock,
+        commands::deploy::validate(&config, &a.env, &a.version)?;
+        let fleet = grpc(loaded, &config);
+        let ctx = ctx_of(loaded, &config, &fleet, observer, shutdown, a.force_unlock);
+        let path = dir.join(app);
+        let artifact = tokio::select! {
+            scanned = commands::deploy::scan(&ctx, &a.env, &path) => scanned.map_err(|e| anyhow::anyhow!("app {app}: {e}; nothing was deployed"))?,
+            () = shutdown.cancelled() => anyhow::bail!("cancelled while scanning {}: nothing was deployed", path.display()),
         };
-        let r = deploy(&ctx, a, &dir.join(app)).await?;
+        planned.push((config, artifact));
+    }
+    let mut updated: Vec<&FleetConfig> = Vec::new();
+    for (config, artifact) in &planned {
+        let fleet = grpc(loaded, config);
+        let ctx = ctx_of(loaded, config, &fleet, observer, shutdown, a.force_unlock);
+        ui::deploy_start(artifact, &a.version, &a.env, a.output);
+        let r = commands::deploy::deploy(&ctx, &a.env, artifact.clone(), &a.version, !a.no_prestage).await?;
         let ok = r.status == crate::state::DeploymentStatus::Succeeded;
-        report.steps.push(ui::BundleStep { app: app.clone(), report: r });
+        report.steps.push(ui::BundleStep { app: config.app.name.clone(), report: r });
         if ok {
             updated.push(config);
             continue;
@@ -290,16 +289,8 @@ async fn deploy_bundle(
         // A Ctrl-C stops the set where it is: nothing more is started, not even rollbacks.
         if auto_rollback && !shutdown.is_cancelled() {
             for config in updated.iter().rev() {
-                let fleet = Grpc { config, tls: &loaded.tls, cache: loaded.cache.as_ref() };
-                let ctx = Ctx {
-                    config,
-                    fleet: &fleet,
-                    registry: &loaded.registry,
-                    cache: loaded.cache.as_ref(),
-                    observer,
-                    cancel: shutdown,
-                    force_unlock: false,
-                };
+                let fleet = grpc(loaded, config);
+                let ctx = ctx_of(loaded, config, &fleet, observer, shutdown, false);
                 let r = commands::rollback::rollback(&ctx, &a.env, None).await?;
                 report.steps.push(ui::BundleStep { app: config.app.name.clone(), report: r });
             }
@@ -307,6 +298,23 @@ async fn deploy_bundle(
         break;
     }
     Ok(report)
+}
+
+/// The fleet of `config`'s app.
+fn grpc<'a>(loaded: &'a Loaded, config: &'a FleetConfig) -> Grpc<'a> {
+    Grpc { config, tls: &loaded.tls, cache: loaded.cache.as_ref() }
+}
+
+/// A use case's context for `config`'s app.
+fn ctx_of<'a>(
+    loaded: &'a Loaded,
+    config: &'a FleetConfig,
+    fleet: &'a Grpc<'a>,
+    observer: &'a dyn Observer,
+    cancel: &'a CancellationToken,
+    force_unlock: bool,
+) -> Ctx<'a> {
+    Ctx { config, fleet, registry: &loaded.registry, cache: loaded.cache.as_ref(), observer, cancel, force_unlock }
 }
 
 /// Every verb that is not a rollout.
