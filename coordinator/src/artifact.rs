@@ -145,17 +145,8 @@ impl Layout {
             let (text, source) = if r.template.is_empty() {
                 (r.text.clone(), format!("the environment file {}", r.path))
             } else {
-                let mut text = String::new();
-                File::open(root.join(&r.template))
-                    .and_then(|f| f.take(ferry_proto::render::MAX_TEMPLATE_BYTES + 1).read_to_string(&mut text))
-                    .map_err(|e| format!("template {:?} ([app.templates] in fleet.toml): {e}", r.template))?;
-                if text.len() as u64 > ferry_proto::render::MAX_TEMPLATE_BYTES {
-                    return Err(format!(
-                        "template {:?} is over {} bytes",
-                        r.template,
-                        ferry_proto::render::MAX_TEMPLATE_BYTES
-                    ));
-                }
+                let text = ferry_proto::render::read_template(&root.join(&r.template), &r.template)
+                    .map_err(|e| format!("{e} ([app.templates] in fleet.toml)"))?;
                 (text, format!("template {:?}", r.template))
             };
             let names = ferry_proto::render::names(&text).map_err(|e| format!("{source}, {e}"))?;

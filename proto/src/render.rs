@@ -17,6 +17,19 @@ pub const MAX_TEXT_BYTES: usize = 64 * 1024;
 /// address the coordinator reaches it at.
 pub const AGENT_VALUES: [&str; 4] = ["app", "version", "host", "address"];
 
+/// Reads a template file, at most [`MAX_TEMPLATE_BYTES`] of it; `what` names it in errors.
+pub fn read_template(path: &std::path::Path, what: &str) -> Result<String, String> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_TEMPLATE_BYTES + 1).read_to_string(&mut text))
+        .map_err(|e| format!("template {what:?}: {e}"))?;
+    if text.len() as u64 > MAX_TEMPLATE_BYTES {
+        return Err(format!("template {what:?} is over {MAX_TEMPLATE_BYTES} bytes"));
+    }
+    Ok(text)
+}
+
 /// The placeholder names `template` uses, each with its line, in order; or what is malformed.
 pub fn names(template: &str) -> Result<Vec<(&str, usize)>, String> {
     let mut out = Vec::new();

@@ -688,46 +688,32 @@ impl AppStore {
         }
         let app = self.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let version = version_of(release_id).to_string();
+        let given = |v: &str| (!v.is_empty()).then(|| v.to_string());
+        let var = |name: &str| m.vars.iter().find(|v| v.name == name).map(|v| v.value.clone());
         let value = |name: &str| -> Option<String> {
-            let known = match name {
-                "app" => Some(app.clone()),
-                "version" => Some(version.clone()),
-                "host" => Some(facts.host.clone()),
-                "address" => Some(facts.address.clone()),
-                _ => None,
-            };
-            if let Some(label) = name.strip_prefix("labels.") {
-                let var = ferry_proto::render::label_var(&facts.host, label);
-                return m.vars.iter().find(|v| v.name == var).map(|v| v.value.clone());
-            }
-            if let Some(secret) = name.strip_prefix("secrets.") {
-                let declared = m.secrets.iter().any(|s| s == secret) && !facts.secrets_dir.as_os_str().is_empty();
-                return declared
-                    .then(|| facts.secrets_dir.join(release_id).join(secret).to_string_lossy().into_owned());
-            }
-            match known {
-                Some(v) if v.is_empty() => None,
-                Some(v) => Some(v),
-                None => m.vars.iter().find(|v| v.name == name).map(|v| v.value.clone()),
+            match name {
+                "app" => given(&app),
+                "version" => given(&version),
+                "host" => given(&facts.host),
+                "address" => given(&facts.address),
+                _ => {
+                    if let Some(label) = name.strip_prefix("labels.") {
+                        var(&ferry_proto::render::label_var(&facts.host, label))
+                    } else if let Some(secret) = name.strip_prefix("secrets.") {
+                        let declared =
+                            m.secrets.iter().any(|s| s == secret) && !facts.secrets_dir.as_os_str().is_empty();
+                        declared.then(|| facts.secrets_dir.join(release_id).join(secret).to_string_lossy().into_owned())
+                    } else {
+                        var(name)
+                    }
+                }
             }
         };
         for r in &m.rendered {
             let template = if r.template.is_empty() {
                 r.text.clone()
             } else {
-                let src = tree.join(&r.template);
-                let mut text = String::new();
-                File::open(&src)
-                    .and_then(|f| f.take(ferry_proto::render::MAX_TEMPLATE_BYTES + 1).read_to_string(&mut text))
-                    .map_err(|e| StoreError::Refused(format!("template {}: {e}", r.template)))?;
-                if text.len() as u64 > ferry_proto::render::MAX_TEMPLATE_BYTES {
-                    return Err(StoreError::Refused(format!(
-                        "template {} is over {} bytes",
-                        r.template,
-                        ferry_proto::render::MAX_TEMPLATE_BYTES
-                    )));
-                }
-                text
+                ferry_proto::render::read_template(&tree.join(&r.template), &r.template).map_err(StoreError::Refused)?
             };
             let source = if r.template.is_empty() { "its text" } else { r.template.as_str() };
             let text = ferry_proto::render::render(&template, value, r.env_file)
