@@ -879,7 +879,8 @@ mod props {
     fn entry() -> impl Strategy<Value = Entry> {
         (
             path(),
-            0i32..5,
+            // Every kind (shared paths included) and one that does not exist.
+            0i32..7,
             prop_oneof![Just(0o644u32), Just(0o755), Just(0o100644), any::<u32>()],
             prop_oneof![Just(0usize), Just(5), Just(HASH_LEN)],
             path(),
@@ -916,7 +917,7 @@ mod props {
                 for (i, e) in m.entries.iter().enumerate() {
                     prop_assert!(!e.path.starts_with('/'), "absolute {:?}", e.path);
                     prop_assert!(e.path.split('/').all(|c| !c.is_empty() && c != "." && c != ".."), "{:?}", e.path);
-                    prop_assert!((1..=3).contains(&e.kind), "kind {}", e.kind);
+                    prop_assert!((1..=5).contains(&e.kind), "kind {}", e.kind);
                     prop_assert!(e.mode <= 0o7777);
                     if i > 0 {
                         prop_assert!(m.entries[i - 1].path < e.path, "sorted and unique");
@@ -930,6 +931,9 @@ mod props {
                     }
                     if e.kind == EntryKind::File as i32 {
                         prop_assert_eq!(e.chunks.iter().map(|c| c.length).sum::<u64>(), e.size);
+                    }
+                    if is_shared(e) {
+                        prop_assert!(e.size == 0 && e.hash.is_empty() && e.chunks.is_empty() && e.link_target.is_empty());
                     }
                 }
             }
