@@ -180,8 +180,8 @@ async fn run_plan(config: Arc<AgentConfig>, plan: Plan, em: &Emitter) {
     };
 
     // The release's app user runs its hooks and exec probes; it must exist before anything changes.
-    let owner = match store.owner(&target) {
-        Ok(o) => o,
+    let (owner, secret_names) = match release_facts(&store, &target) {
+        Ok(facts) => facts,
         Err(e) => {
             em.refuse(Status::failed_precondition(format!("{e}; nothing was changed"))).await;
             return;
@@ -189,7 +189,7 @@ async fn run_plan(config: Arc<AgentConfig>, plan: Plan, em: &Emitter) {
     };
 
     // The release's secrets are in place before anything runs; a changed value is a change.
-    let secrets_changed = match place_secrets(&config, &plan, &store, &target, owner.as_ref()) {
+    let secrets_changed = match place_secrets(&config, &plan, &secret_names, &target, owner.as_ref()) {
         Ok(changed) => changed,
         Err(e) => {
             em.refuse(Status::failed_precondition(format!("secrets of {target}: {e}; nothing was changed"))).await;
@@ -370,29 +370,36 @@ async fn run_plan(config: Arc<AgentConfig>, plan: Plan, em: &Emitter) {
     }
 }
 
+/// What release `id` says of itself, read from its manifest once: its app user and the secrets
+/// it reads. Nothing for a release not kept here (the swap reports it).
+fn release_facts(
+    store: &crate::store::AppStore,
+    id: &str,
+) -> Result<(Option<crate::owner::Owner>, Vec<String>), String> {
+    if !store.has_release(id) {
+        return Ok((None, Vec::new()));
+    }
+    let m = store.manifest(id).map_err(|e| e.to_string())?;
+    Ok((crate::owner::Owner::of(&m)?, m.secrets))
+}
+
 /// Writes the secrets the coordinator sent for `target`, or (when it sent none: a rollback)
 /// checks the release still has its own. Whether a value changed.
 fn place_secrets(
     config: &AgentConfig,
     plan: &Plan,
-    store: &crate::store::AppStore,
+    names: &[String],
     target: &str,
     owner: Option<&crate::owner::Owner>,
 ) -> Result<bool, String> {
-    let names = if store.has_release(target) {
-        store.manifest(target).map_err(|e| e.to_string())?.secrets
-    } else {
-        // The swap reports a missing release.
-        return Ok(false);
-    };
     if names.is_empty() && plan.secrets.is_empty() {
         return Ok(false);
     }
     let dir = config.secrets_dir(&plan.app).join(target);
     if plan.secrets.is_empty() {
-        crate::secrets::present(&dir, &names).map(|()| false)
+        crate::secrets::present(&dir, names).map(|()| false)
     } else {
-        crate::secrets::write(&dir, &names, &plan.secrets, owner)
+        crate::secrets::write(&dir, names, &plan.secrets, owner)
     }
 }
 
@@ -432,10 +439,13 @@ async fn roll_back(
     let again = match restart(em, systemd, &plan.units, "restart", plan.unit_timeout, Step::RollbackRestart).await {
         // The probes run in the release gone back to, as its own user.
         Ok(()) => {
-            let owner = config.store(&plan.app).map_or(Ok(None), |s| s.owner(previous)).unwrap_or_else(|e| {
-                tracing::warn!(app = plan.app, "{e}; the probes of {previous} run as root");
-                None
-            });
+            let owner = config
+                .store(&plan.app)
+                .map_or(Ok(None), |s| release_facts(&s, previous).map(|f| f.0))
+                .unwrap_or_else(|e| {
+                    tracing::warn!(app = plan.app, "{e}; the probes of {previous} run as root");
+                    None
+                });
             health(em, &plan.probes, root, owner.as_ref(), Step::RollbackHealth).await
         }
         Err(f) => Err(f),

@@ -34,18 +34,16 @@ pub fn write(dir: &Path, names: &[String], values: &[v1::Var], owner: Option<&Ow
     for d in [app_dir, dir] {
         make_dir(d, owner)?;
     }
-    let differs = values.iter().any(|v| fs::read(dir.join(&v.name)).map_or(true, |old| old != v.value.as_bytes()));
-    if differs {
+    // Each file is read once: the values that differ are kept aside, then written.
+    let differing: Vec<&v1::Var> =
+        values.iter().filter(|v| fs::read(dir.join(&v.name)).map_or(true, |old| old != v.value.as_bytes())).collect();
+    if !differing.is_empty() {
         keep_previous(dir)?;
     }
-    let mut changed = false;
-    for v in values {
+    let mut changed = !differing.is_empty();
+    for v in differing {
         ferry_proto::render::check_secret_name(&v.name)?;
         let path = dir.join(&v.name);
-        if fs::read(&path).is_ok_and(|old| old == v.value.as_bytes()) {
-            continue;
-        }
-        changed = true;
         let tmp = dir.join(format!(".{}.tmp", v.name));
         let _ = fs::remove_file(&tmp);
         let mode = if owner.is_some() { 0o640 } else { 0o600 };

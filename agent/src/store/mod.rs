@@ -737,14 +737,6 @@ impl AppStore {
         self.load_manifest(release_id)
     }
 
-    /// The app user the kept release `release_id` names (None: no user, or no such release).
-    pub fn owner(&self, release_id: &str) -> R<Option<Owner>> {
-        if !self.has_release(release_id) {
-            return Ok(None);
-        }
-        Owner::of(&self.load_manifest(release_id)?).map_err(StoreError::Refused)
-    }
-
     /// Whether a complete release of that id is kept.
     pub fn has_release(&self, release_id: &str) -> bool {
         manifest::check_release_id(release_id).is_ok()
@@ -1123,11 +1115,8 @@ fn write_file(
 /// are hard links, so this also sets the group of the kept releases that share them (releases of
 /// the same app).
 fn give_group(tree: &Path, m: &v1::Manifest, o: &Owner) -> R<()> {
-    let root = Some(nix::unistd::Uid::from_raw(0));
-    let chown = |p: &Path| {
-        std::os::unix::fs::lchown(p, root.map(|u| u.as_raw()), Some(o.gid.as_raw()))
-            .map_err(StoreError::io("set group", p))
-    };
+    let chown =
+        |p: &Path| std::os::unix::fs::lchown(p, Some(0), Some(o.gid.as_raw())).map_err(StoreError::io("set group", p));
     chown(tree)?;
     for e in m.entries.iter().filter(|e| !manifest::is_shared(e)) {
         chown(&tree.join(&e.path))?;
