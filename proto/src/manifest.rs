@@ -393,59 +393,54 @@ pub fn shared_link_target(path: &str) -> String {
 
 /// The canonical hash of a manifest: blake3 over a fixed encoding of every field, in order.
 pub fn hash(m: &v1::Manifest) -> [u8; HASH_LEN] {
+    // Variable-length fields go in with their length first, so no two manifests encode alike.
+    fn put(h: &mut blake3::Hasher, bytes: &[u8]) {
+        h.update(&(bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+    }
     let mut h = blake3::Hasher::new();
     h.update(b"ferry-manifest-v1\0");
     h.update(&(m.entries.len() as u64).to_le_bytes());
     for e in &m.entries {
-        h.update(&(e.path.len() as u64).to_le_bytes());
-        h.update(e.path.as_bytes());
+        put(&mut h, e.path.as_bytes());
         h.update(&e.kind.to_le_bytes());
         h.update(&e.mode.to_le_bytes());
         h.update(&e.size.to_le_bytes());
-        h.update(&(e.hash.len() as u64).to_le_bytes());
-        h.update(&e.hash);
-        h.update(&(e.link_target.len() as u64).to_le_bytes());
-        h.update(e.link_target.as_bytes());
+        put(&mut h, &e.hash);
+        put(&mut h, e.link_target.as_bytes());
         h.update(&(e.chunks.len() as u64).to_le_bytes());
         for c in &e.chunks {
             h.update(&c.hash);
             h.update(&c.length.to_le_bytes());
         }
     }
-    // After every entry, and only when set: manifests without an owner keep the hashes they had.
+    // After every entry, and only when set: manifests without them keep the hashes they had.
     if !m.user.is_empty() || !m.group.is_empty() {
         h.update(b"owner\0");
-        for name in [&m.user, &m.group] {
-            h.update(&(name.len() as u64).to_le_bytes());
-            h.update(name.as_bytes());
-        }
+        put(&mut h, m.user.as_bytes());
+        put(&mut h, m.group.as_bytes());
     }
     if !m.rendered.is_empty() || !m.vars.is_empty() {
-        let field = |h: &mut blake3::Hasher, s: &str| {
-            h.update(&(s.len() as u64).to_le_bytes());
-            h.update(s.as_bytes());
-        };
         h.update(b"rendered\0");
         h.update(&(m.rendered.len() as u64).to_le_bytes());
         for r in &m.rendered {
-            field(&mut h, &r.path);
-            field(&mut h, &r.template);
-            field(&mut h, &r.text);
+            put(&mut h, r.path.as_bytes());
+            put(&mut h, r.template.as_bytes());
+            put(&mut h, r.text.as_bytes());
             h.update(&r.mode.to_le_bytes());
             h.update(&[u8::from(r.env_file)]);
         }
         h.update(&(m.vars.len() as u64).to_le_bytes());
         for v in &m.vars {
-            field(&mut h, &v.name);
-            field(&mut h, &v.value);
+            put(&mut h, v.name.as_bytes());
+            put(&mut h, v.value.as_bytes());
         }
     }
     if !m.secrets.is_empty() {
         h.update(b"secrets\0");
         h.update(&(m.secrets.len() as u64).to_le_bytes());
         for name in &m.secrets {
-            h.update(&(name.len() as u64).to_le_bytes());
-            h.update(name.as_bytes());
+            put(&mut h, name.as_bytes());
         }
     }
     *h.finalize().as_bytes()
@@ -975,5 +970,50 @@ mod props {
             }
             prop_assert_eq!(symlink_stays_inside(&link, &target), !escaped);
         }
+    }
+}
+
+#[cfg(test)]
+mod pinned {
+    use super::*;
+    use crate::v1::{Chunk, Entry, Manifest, Rendered, Var};
+
+    /// The encoding behind release ids never changes by accident: releases on the hosts are named
+    /// by it.
+    #[test]
+    fn the_hash_of_a_known_manifest_is_pinned() {
+        let file = Entry {
+            path: "bin/app".into(),
+            kind: EntryKind::File as i32,
+            mode: 0o755,
+            size: 3,
+            hash: vec![9; HASH_LEN],
+            chunks: vec![Chunk { hash: vec![8; HASH_LEN], length: 3 }],
+            ..Default::default()
+        };
+        let dir = Entry { path: "bin".into(), kind: EntryKind::Dir as i32, mode: 0o755, ..Default::default() };
+        let link = Entry {
+            path: "run".into(),
+            kind: EntryKind::Symlink as i32,
+            link_target: "bin/app".into(),
+            ..Default::default()
+        };
+        let plain = Manifest { entries: vec![dir, file, link], ..Default::default() };
+        let full = Manifest {
+            user: "web".into(),
+            group: "www".into(),
+            rendered: vec![Rendered {
+                path: "a.conf".into(),
+                template: "a.tmpl".into(),
+                text: String::new(),
+                mode: 0o640,
+                env_file: false,
+            }],
+            vars: vec![Var { name: "env".into(), value: "prod".into() }],
+            secrets: vec!["db".into()],
+            ..plain.clone()
+        };
+        assert_eq!(Hex(&hash(&plain)).to_string(), "cb64c6894c7ed4313e0dc6a936755f31c9f5d22d904baeeb5c988dab9844d57f");
+        assert_eq!(Hex(&hash(&full)).to_string(), "5fad9fbc05eabd50a166dbfa87cbe916456fcc574ed23b544dd25f7ebabd1e93");
     }
 }
