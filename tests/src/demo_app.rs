@@ -130,3 +130,18 @@ http.server.ThreadingHTTPServer(("0.0.0.0", {PORT}), Handler).serve_forever()
 "#
     )
 }
+
+/// A healthy release of the demo app in `dir` whose `app.py` is `app` (see [`python_app`]),
+/// with `files` (path, content) added or replaced.
+pub fn write_app_release(dir: &Path, version: &str, app: &str, files: &[(&str, &str)]) -> std::io::Result<()> {
+    write_release(dir, version, Variant::Healthy)?;
+    std::fs::write(dir.join("app.py"), app)?;
+    for (path, content) in files {
+        let p = dir.join(path);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(p, content)?;
+    }
+    Ok(())
+}

@@ -381,6 +381,17 @@ impl Fleet {
         Ok(path)
     }
 
+    /// A fleet.toml (`file` in the run's directory, the fleet's coordinator certificate) with
+    /// `app` lines added to `[app]` and `extra` at its end (after `[environments.test]`).
+    pub fn app_fleet_toml(&self, file: &str, app: &str, extra: &str) -> PathBuf {
+        let path = self.write_fleet_toml(file, &self.coordinator.clone()).unwrap_or_else(|e| panic!("{e}"));
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+        let units = "units = [\"web.service\"]\n";
+        let text = text.replacen(units, &format!("{units}{app}"), 1) + extra;
+        std::fs::write(&path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+        path
+    }
+
     /// A fleet.toml (`file` in the run's directory) with `extra` lines added to
     /// `[environments.test]`: strategy keys, coordinator hooks. It shares the run's registry.
     pub fn fleet_toml_with(&self, file: &str, extra: &str) -> PathBuf {

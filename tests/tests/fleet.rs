@@ -438,23 +438,13 @@ fn an_app_with_its_own_user_keeps_its_state_across_deploys_and_rollbacks() {
     for h in &fleet.hosts {
         h.run_as_app_user("web.service");
     }
-    let base = fleet.write_fleet_toml("stateful.toml", &fleet.coordinator.clone()).expect("write");
-    let text = std::fs::read_to_string(&base).expect("read").replace(
-        "units = [\"web.service\"]\n",
-        "units = [\"web.service\"]\nshared = [\"log\", \"public/uploads\"]\nuser = \"web\"\n",
-    );
-    std::fs::write(&base, text).expect("write");
+    let base = fleet.app_fleet_toml("stateful.toml", "shared = [\"log\", \"public/uploads\"]\nuser = \"web\"\n", "");
     let config = base.to_str().unwrap_or_default();
     let release = |v: &str| {
         let dir = fleet.dir.join(format!("stateful-v{v}"));
-        demo_app::write_release(&dir, v, Variant::Healthy).expect("write release");
-        std::fs::write(dir.join("app.py"), stateful_app()).expect("app");
         // The validate hook runs as the app's user: it can write into the shared log.
-        std::fs::write(
-            dir.join("hooks/validate"),
-            "#!/bin/sh\necho \"validate by $(id -un)\" >> /srv/web/log/hooks.log\n",
-        )
-        .expect("hook");
+        let hook = "#!/bin/sh\necho \"validate by $(id -un)\" >> /srv/web/log/hooks.log\n";
+        demo_app::write_app_release(&dir, v, &stateful_app(), &[("hooks/validate", hook)]).expect("write release");
         dir
     };
     let deploy = |v: &str| {
@@ -499,28 +489,24 @@ fn staging_and_prod_get_their_own_config_and_a_config_change_rolls_host_by_host(
     }
     let addr = |i: usize| format!("{}:{}", fleet.hosts[i].ip, ferry_tests::fleet::AGENT_PORT);
     let toml = |greeting: &str| {
-        let base = fleet.write_fleet_toml("configured.toml", &fleet.coordinator.clone()).expect("write");
+        let base = fleet.app_fleet_toml("configured.toml", &format!("env_file = \"config/app.env\"\n{TEMPLATE}"), "");
         let text = std::fs::read_to_string(&base).expect("read");
         let (head, _) = text.split_once("[environments.test]").expect("an environment");
-        let text = head.replace(
-            "units = [\"web.service\"]\n",
-            "units = [\"web.service\"]\nenv_file = \"config/app.env\"\n[[app.templates]]\ntemplate = \"config/app.conf.tmpl\"\npath = \"config/app.conf\"\n",
-        ) + &format!(
-            "[environments.staging]\nhosts = {{ web-1 = \"{}\" }}\nvars = {{ db = \"db.staging\" }}\nenv = {{ GREETING = \"hello from {{{{ env }}}}\" }}\n\n\
+        let text = head.to_string()
+            + &format!(
+                "[environments.staging]\nhosts = {{ web-1 = \"{}\" }}\nvars = {{ db = \"db.staging\" }}\nenv = {{ GREETING = \"hello from {{{{ env }}}}\" }}\n\n\
              [environments.prod]\nhosts = {{ web-2 = \"{}\", web-3 = \"{}\" }}\nvars = {{ db = \"db.prod\" }}\nenv = {{ GREETING = \"{greeting} from {{{{ env }}}}\" }}\n",
-            addr(0),
-            addr(1),
-            addr(2)
-        );
+                addr(0),
+                addr(1),
+                addr(2)
+            );
         std::fs::write(&base, text).expect("write");
         base
     };
     let dir = fleet.dir.join("configured");
-    demo_app::write_release(&dir, "1", Variant::Healthy).expect("write release");
-    std::fs::write(dir.join("app.py"), configured_app()).expect("app");
-    std::fs::create_dir_all(dir.join("config")).expect("mkdir");
-    std::fs::write(dir.join("config/app.conf.tmpl"), "db={{ vars.db }} host={{ host }} env={{ env }}")
-        .expect("template");
+    let template = "db={{ vars.db }} host={{ host }} env={{ env }}";
+    demo_app::write_app_release(&dir, "1", &configured_app(), &[("config/app.conf.tmpl", template)])
+        .expect("write release");
     let answer = |i: usize| -> serde_json::Value {
         let (_, body) = fleet.http_get(&format!("http://{}:8080/", fleet.hosts[i].ip)).expect("GET /");
         serde_json::from_str(&body).unwrap_or_else(|e| panic!("{body}: {e}"))
@@ -581,23 +567,16 @@ fn secrets_reach_the_app_and_nothing_else() {
     std::fs::write(&secret_file, "pw-from-file-7f3a\n").expect("write");
     std::fs::set_permissions(&secret_file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     let toml = |api_command: &str| {
-        let base = fleet.write_fleet_toml("secrets.toml", &fleet.coordinator.clone()).expect("write");
-        let text = std::fs::read_to_string(&base).expect("read").replace(
-            "units = [\"web.service\"]\n",
-            "units = [\"web.service\"]\nuser = \"web\"\n[[app.templates]]\ntemplate = \"config/app.conf.tmpl\"\npath = \"config/app.conf\"\n",
-        ) + &format!(
+        let secrets = format!(
             "[environments.test.secrets]\ndb_password = {{ file = \"{}\" }}\napi_key = {{ command = \"{api_command}\" }}\n",
             secret_file.display()
         );
-        std::fs::write(&base, text).expect("write");
-        base
+        fleet.app_fleet_toml("secrets.toml", &format!("user = \"web\"\n{TEMPLATE}"), &secrets)
     };
     let dir = fleet.dir.join("secret-app");
-    demo_app::write_release(&dir, "1", Variant::Healthy).expect("write release");
-    std::fs::write(dir.join("app.py"), secret_app()).expect("app");
-    std::fs::create_dir_all(dir.join("config")).expect("mkdir");
-    std::fs::write(dir.join("config/app.conf.tmpl"), "db = {{ secrets.db_password }}\napi = {{ secrets.api_key }}\n")
-        .expect("template");
+    let template = "db = {{ secrets.db_password }}\napi = {{ secrets.api_key }}\n";
+    demo_app::write_app_release(&dir, "1", &secret_app(), &[("config/app.conf.tmpl", template)])
+        .expect("write release");
     let artifact = dir.to_string_lossy().into_owned();
     let deploy = |config: &std::path::Path| {
         fleet.ferry(&[
@@ -672,6 +651,9 @@ fn fleet_release(h: &ferry_tests::fleet::FleetHost) -> String {
     let out = h.exec(&["readlink", "/var/lib/ferry/apps/web/current"]).expect("readlink");
     String::from_utf8_lossy(&out.stdout).trim().trim_start_matches("releases/").to_string()
 }
+
+/// The `[[app.templates]]` the configured apps below render: `config/app.conf` from its template.
+const TEMPLATE: &str = "[[app.templates]]\ntemplate = \"config/app.conf.tmpl\"\npath = \"config/app.conf\"\n";
 
 /// A stateful app: on each start it appends to its log and writes an upload (both shared paths),
 /// tries to write into its own release; `/health` reports that, `/` its log.

@@ -176,8 +176,8 @@ async fn rollout_verb(
     };
     let fleet = grpc(loaded, &loaded.config);
     let ctx = ctx_of(loaded, &loaded.config, &fleet, observer, shutdown, force_unlock);
-    if let Command::Deploy(super::DeployArgs { bundle: Some(dir), .. }) = command
-        && let Command::Deploy(a) = command
+    if let Command::Deploy(a) = command
+        && let Some(dir) = &a.bundle
     {
         let done = deploy_bundle(loaded, a, dir, observer, shutdown).await;
         if let Some(live) = &live {
@@ -237,11 +237,14 @@ async fn deploy_bundle(
     }
     // Every host that answers declares every app it is to run: a host missing one would halt the
     // set half-way; said here, before any app starts.
+    // One status round over the environment's hosts serves every app.
+    let status = commands::status::run(&loaded.config, &a.env, &loaded.tls).await?;
     let mut missing = Vec::new();
     for app in &order {
-        let Some(config) = loaded.config.for_app(app) else { continue };
-        let status = commands::status::run(&config, &a.env, &loaded.tls).await?;
-        for h in status.hosts.iter().filter(|h| h.reachable) {
+        let runs = |host: &str| {
+            loaded.config.apps.get(app).and_then(|c| c.hosts.as_ref()).is_none_or(|hs| hs.iter().any(|h| h == host))
+        };
+        for h in status.hosts.iter().filter(|h| h.reachable && runs(&h.name)) {
             if h.facts.as_ref().is_some_and(|f| !f.apps.iter().any(|x| x.name == *app)) {
                 missing.push(format!("{} lacks app {app}", h.name));
             }
