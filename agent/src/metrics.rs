@@ -5,7 +5,7 @@
 //! names; nothing else can be recorded, so label sets stay bounded (apps come from `agent.toml`,
 //! outcomes and RPC names from fixed lists). Counters of each configured app start at 0 so that
 //! `rate()` and `increase()` see the first event. Values that describe the host now (free disk,
-//! releases kept) are set just before each scrape ([`crate::http`]).
+//! releases kept) are set just before each scrape (by the HTTP endpoint).
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 

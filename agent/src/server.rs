@@ -2,7 +2,7 @@
 //!
 //! The accept loop owns the handshake (with a timeout) so that every refused peer is logged with
 //! its address and the precise reason, and so that the service sees each caller's certificate
-//! name ([`PeerInfo`]) in its request extensions. Shutdown: stop accepting, refuse activations not
+//! name ([`crate::service::PeerInfo`]) in its request extensions. Shutdown: stop accepting, refuse activations not
 //! yet begun, wait for every activation in progress to end (they are bounded by their own unit,
 //! hook and probe limits; systemd is told to extend its stop timeout meanwhile), let the other
 //! in-flight requests finish (tonic's graceful shutdown), and give up on those after
@@ -27,17 +27,9 @@ use tonic::transport::server::Connected;
 
 use crate::audit::AuditError;
 use crate::config::AgentConfig;
-use crate::service::{Activations, AgentService};
+use crate::service::{Activations, AgentService, PeerInfo};
 use crate::telemetry::{Serving, Telemetry};
 use crate::tls::{self, TlsError};
-
-/// Who is on the other end of a connection, as its verified certificate says.
-#[derive(Debug, Clone)]
-pub struct PeerInfo {
-    pub addr: SocketAddr,
-    /// The certificate's name (common name), e.g. the coordinator's `ferry cert issue --name`.
-    pub name: String,
-}
 
 /// A connection whose TLS handshake (and so client certificate check) has completed.
 pub struct AuthenticatedConn {

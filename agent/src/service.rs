@@ -26,7 +26,6 @@ use crate::audit::Entry;
 use crate::config::AgentConfig;
 use crate::facts;
 use crate::metrics;
-use crate::server::PeerInfo;
 use crate::store::{AppStore, ManifestSource, StoreError};
 use crate::telemetry::Telemetry;
 use std::time::Instant;
@@ -34,6 +33,15 @@ use tracing::Instrument;
 
 /// Server streaming response for the step-event RPCs.
 pub type StepStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<v1::StepEvent, Status>> + Send>>;
+
+/// Who is on the other end of a connection, as its verified certificate says (the server puts it
+/// in each request's extensions).
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    pub addr: std::net::SocketAddr,
+    /// The certificate's name (common name), e.g. the coordinator's `ferry cert issue --name`.
+    pub name: String,
+}
 
 pub struct AgentService {
     config: Arc<AgentConfig>,
