@@ -1127,6 +1127,11 @@ impl FleetConfig {
         Ok(done)
     }
 
+    /// The names of the apps, in name order.
+    pub fn app_names(&self) -> Vec<&str> {
+        self.apps.keys().map(String::as_str).collect()
+    }
+
     /// This fleet as app `name` sees it: `app` is that app, and each environment keeps only the
     /// hosts that run it. `None` for an app fleet.toml does not declare.
     pub fn for_app(&self, name: &str) -> Option<FleetConfig> {

@@ -193,7 +193,7 @@ pub fn render(rows: &[DeploymentRow], run: &Run) -> String {
 
 /// Reads the environment's record from the registry and writes the file at `path` atomically.
 pub fn write(path: &Path, registry: &dyn Registry, run: &Run) -> anyhow::Result<()> {
-    let rows = registry.history(Some(&run.environment), usize::MAX >> 1)?;
+    let rows = registry.history(Some(&run.environment), None, usize::MAX >> 1)?;
     let text = render(&rows, run);
     ferry_proto::durable::write(path, text.as_bytes(), 0o644, ferry_proto::durable::Existing::Replace)
         .map_err(|e| anyhow::anyhow!("--metrics-file {}: {e}", path.display()))

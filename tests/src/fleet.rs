@@ -381,6 +381,31 @@ impl Fleet {
         Ok(path)
     }
 
+    /// Declares `apps` (name, port) in every host's agent.toml, each with a unit `NAME.service`
+    /// running `/srv/NAME/app.py` (the demo app) on its port, and restarts the agents.
+    pub fn add_agent_apps(&self, apps: &[(&str, u16)]) {
+        for h in &self.hosts {
+            let agent_toml = h.dir.join("etc/ferry/agent.toml");
+            let mut text = std::fs::read_to_string(&agent_toml).unwrap_or_else(|e| panic!("agent.toml: {e}"));
+            for (app, port) in apps {
+                text.push_str(&format!("\n[apps.{app}]\nroot = \"/srv/{app}\"\nunits = [\"{app}.service\"]\n"));
+                let unit = h.dir.join(format!("etc/systemd/system/{app}.service"));
+                let service = format!(
+                    "[Service]\nType=exec\nEnvironment=PORT={port}\nExecStart=/usr/bin/python3 /srv/{app}/app.py\n"
+                );
+                std::fs::write(&unit, service).unwrap_or_else(|e| panic!("{}: {e}", unit.display()));
+            }
+            std::fs::write(&agent_toml, text).unwrap_or_else(|e| panic!("agent.toml: {e}"));
+            h.systemctl(&["daemon-reload"]).unwrap_or_else(|e| panic!("{}: daemon-reload: {e}", h.name));
+            h.systemctl(&["restart", "ferry-agent.service"]).unwrap_or_else(|e| panic!("{}: restart: {e}", h.name));
+            assert!(
+                h.wait_unit_active("ferry-agent.service", Duration::from_secs(20)),
+                "{}",
+                h.journal("ferry-agent.service", 20)
+            );
+        }
+    }
+
     /// A fleet.toml (`file` in the run's directory, the fleet's coordinator certificate) with
     /// `app` lines added to `[app]` and `extra` at its end (after `[environments.test]`).
     pub fn app_fleet_toml(&self, file: &str, app: &str, extra: &str) -> PathBuf {

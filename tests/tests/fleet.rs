@@ -699,29 +699,7 @@ fn a_bundle_goes_out_in_dependency_order_and_a_failure_rolls_the_others_back() {
     let fleet = fleet_or_skip!(2);
     // ingest ← resolve ← gateway
     let apps = [("ingest", 8081, ""), ("resolve", 8082, "ingest"), ("gateway", 8083, "resolve")];
-    for h in &fleet.hosts {
-        let agent_toml = h.dir.join("etc/ferry/agent.toml");
-        let mut text = std::fs::read_to_string(&agent_toml).expect("agent.toml");
-        for (app, port, _) in apps {
-            text.push_str(&format!("\n[apps.{app}]\nroot = \"/srv/{app}\"\nunits = [\"{app}.service\"]\n"));
-            let unit = h.dir.join(format!("etc/systemd/system/{app}.service"));
-            std::fs::write(
-                &unit,
-                format!(
-                    "[Service]\nType=exec\nEnvironment=PORT={port}\nExecStart=/usr/bin/python3 /srv/{app}/app.py\n"
-                ),
-            )
-            .expect("unit");
-        }
-        std::fs::write(&agent_toml, text).expect("agent.toml");
-        h.systemctl(&["daemon-reload"]).expect("daemon-reload");
-        h.systemctl(&["restart", "ferry-agent.service"]).expect("restart the agent");
-        assert!(
-            h.wait_unit_active("ferry-agent.service", Duration::from_secs(20)),
-            "{}",
-            h.journal("ferry-agent.service", 20)
-        );
-    }
+    fleet.add_agent_apps(&apps.map(|(app, port, _)| (app, port)));
     let base = fleet.write_fleet_toml("bundle.toml", &fleet.coordinator.clone()).expect("write");
     let text = std::fs::read_to_string(&base).expect("read");
     let (_, rest) = text.split_once("[tls]").expect("[tls]");

@@ -317,3 +317,103 @@ fn a_canary_paused_through_the_api_is_continued_or_cancelled_there() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert_eq!(fleet.versions(), ["1", "1"]);
 }
+
+/// One `ferry serve` for a fleet.toml of two apps: each app's versions (one name, two builds),
+/// deployments, rollbacks and history kept apart, each app on its own hosts (the worker on web-2
+/// only), and a call that names no app refused with the apps it could mean.
+#[test]
+fn one_server_deploys_and_rolls_back_two_apps_each_on_its_own_hosts() {
+    let fleet = fleet_or_skip!(2);
+    fleet.add_agent_apps(&[("api", 8081), ("worker", 8082)]);
+    let base = fleet.write_fleet_toml("base.toml", &fleet.coordinator).unwrap_or_else(|e| panic!("{e}"));
+    let written = std::fs::read_to_string(&base).unwrap_or_else(|e| panic!("{e}"));
+    let (_, rest) = written.split_once("[tls]").unwrap_or_else(|| panic!("no [tls] in {written}"));
+    let api_cert = fleet.pki.issue("api", Role::Coordinator, &["127.0.0.1"]);
+    let app = |name: &str, port: u16, extra: &str| {
+        format!(
+            "[apps.{name}]\nunits = [\"{name}.service\"]\n{extra}[[apps.{name}.health]]\nhttp = \"http://127.0.0.1:{port}/health\"\njson_field = \"status\"\njson_value = \"healthy\"\ninterval = \"200ms\"\nretries = 10\n\n"
+        )
+    };
+    let toml = format!(
+        "connect_timeout = \"3s\"\nrequest_timeout = \"10s\"\ncache_dir = \"cache\"\nregistry = \"registry.db\"\n\n{}{}\
+         [tls]{rest}\n[server]\nlisten = \"127.0.0.1:18443\"\ncert = \"{}\"\nkey = \"{}\"\n\n\
+         [[server.tokens]]\nname = \"ci\"\nsha256 = \"{}\"\n",
+        app("api", 8081, ""),
+        app("worker", 8082, "hosts = [\"web-2\"]\n"),
+        api_cert.cert.display(),
+        api_cert.key.display(),
+        ferry_coordinator::commands::token::sha256_hex(CI_TOKEN),
+    );
+    let config = fleet.dir.join("apps.toml");
+    std::fs::write(&config, toml).unwrap_or_else(|e| panic!("{e}"));
+    let _server = start_server(&fleet, &config);
+    let serving = || -> Vec<String> {
+        let mut all = Vec::new();
+        for h in &fleet.hosts {
+            for port in [8081, 8082] {
+                all.push(fleet.http_get(&format!("http://{}:{port}/", h.ip)).map_or_else(|_| "-".into(), |(_, b)| b));
+            }
+        }
+        all
+    };
+    let deploy = |app: &str, version: &str| {
+        let dir = fleet.dir.join(format!("{app}-{version}"));
+        demo_app::write_release(&dir, version, Variant::Healthy).expect("write release");
+        let dir = dir.to_string_lossy().into_owned();
+        api(&fleet, CI_TOKEN, &["deploy", "--env", "test", "--app", app, "--artifact", &dir, "--version", version])
+    };
+
+    // One version name for both apps: two registrations, two rollouts, each to its hosts.
+    for app in ["api", "worker"] {
+        let out = deploy(app, "1");
+        assert_eq!(out.status.code(), Some(0), "{app}: {}", text(&out));
+        assert!(text(&out).contains(&format!("registered 1 of {app}")), "{}", text(&out));
+    }
+    // web-1: api 1, no worker; web-2: api 1, worker 1.
+    assert_eq!(serving(), ["1", "-", "1", "1"]);
+    let out = deploy("api", "2");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(serving(), ["2", "-", "2", "1"], "the worker kept its release");
+
+    // A call that names no app, or an unknown one: refused, naming the apps.
+    let out = api(&fleet, CI_TOKEN, &["rollback", "--env", "test"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("fleet.toml declares several apps (api, worker)"), "{}", text(&out));
+    let out = api(&fleet, CI_TOKEN, &["history", "--app", "mailer"]);
+    assert_ne!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains("unknown app \"mailer\""), "{}", text(&out));
+
+    // Rolling the api back leaves the worker alone.
+    let out = api(&fleet, CI_TOKEN, &["rollback", "--env", "test", "--app", "api", "--output", "json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(json(&out)["app"], "api");
+    assert_eq!(serving(), ["1", "-", "1", "1"]);
+
+    // History, by app and together.
+    let apps_of = |args: &[&str]| -> Vec<(String, String, String)> {
+        let mut all = vec!["history", "--output", "json"];
+        all.extend_from_slice(args);
+        let out = api(&fleet, CI_TOKEN, &all);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        json(&out)
+            .as_array()
+            .unwrap_or_else(|| panic!("not a list: {}", text(&out)))
+            .iter()
+            .map(|d| {
+                let s = |k: &str| d[k].as_str().unwrap_or("").to_string();
+                (s("app"), s("kind"), s("version"))
+            })
+            .collect()
+    };
+    let row = |app: &str, kind: &str, v: &str| (app.to_string(), kind.to_string(), v.to_string());
+    assert_eq!(apps_of(&["--app", "worker"]), [row("worker", "deploy", "1")]);
+    assert_eq!(
+        apps_of(&[]),
+        [
+            row("api", "rollback", "previous"),
+            row("api", "deploy", "2"),
+            row("worker", "deploy", "1"),
+            row("api", "deploy", "1")
+        ]
+    );
+}

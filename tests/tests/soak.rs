@@ -167,7 +167,7 @@ fn complete(h: &FleetHost, artifacts: &BTreeMap<String, PathBuf>) -> Result<Stri
 /// the registry recorded for it.
 fn agreed(fleet: &Fleet, artifacts: &BTreeMap<String, PathBuf>, want: &str) -> Result<(), String> {
     let registry = Sqlite::open(&fleet.dir.join("registry.db")).map_err(|e| e.to_string())?;
-    let newest = registry.history(Some("test"), 1).map_err(|e| e.to_string())?;
+    let newest = registry.history(Some("test"), None, 1).map_err(|e| e.to_string())?;
     let d = newest.first().ok_or("no deployment recorded")?;
     if d.status != DeploymentStatus::Succeeded || d.version != want {
         return Err(format!(

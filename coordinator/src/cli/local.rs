@@ -81,17 +81,26 @@ pub(super) fn rollout_target(command: &Command) -> Option<RolloutTarget<'_>> {
 
 /// The fleet as the app a verb works on sees it: `--app`, or the only app.
 fn select_app(config: &FleetConfig, app: Option<&str>) -> anyhow::Result<FleetConfig> {
-    let names = || config.apps.keys().cloned().collect::<Vec<_>>().join(", ");
     match app {
-        Some(name) => config
-            .for_app(name)
-            .ok_or_else(|| anyhow::anyhow!("--app {name}: fleet.toml declares no such app (it declares: {})", names())),
+        Some(name) => config.for_app(name).ok_or_else(|| no_such_app(config, name)),
         None if config.apps.len() > 1 => anyhow::bail!(
             "fleet.toml declares several apps ({}): say which with --app NAME (or deploy them all with --bundle DIR)",
-            names()
+            config.app_names().join(", ")
         ),
         None => Ok(config.clone()),
     }
+}
+
+/// `--app NAME` of a verb that only reads the registry: NAME must be an app of fleet.toml.
+fn known_app<'a>(config: &FleetConfig, app: Option<&'a str>) -> anyhow::Result<Option<&'a str>> {
+    match app {
+        Some(name) if !config.apps.contains_key(name) => Err(no_such_app(config, name)),
+        app => Ok(app),
+    }
+}
+
+fn no_such_app(config: &FleetConfig, name: &str) -> anyhow::Error {
+    anyhow::anyhow!("--app {name}: fleet.toml declares no such app (it declares: {})", config.app_names().join(", "))
 }
 
 /// Renders a verb's value and returns its exit code; an error is printed and exits 2.
@@ -375,15 +384,17 @@ async fn other(command: Command, shutdown: &CancellationToken) -> u8 {
             emit(plan(), |p| ui::plan(p, args.output), success)
         }
         Command::History(args) => {
-            let rows = FleetConfig::load(&args.config)
-                .map_err(anyhow::Error::from)
-                .and_then(|c| Ok(commands::history::history(&open_registry(&c)?, args.env.as_deref(), args.limit)?));
+            let rows = FleetConfig::load(&args.config).map_err(anyhow::Error::from).and_then(|c| {
+                let app = known_app(&c, args.app.as_deref())?;
+                Ok(commands::history::history(&open_registry(&c)?, args.env.as_deref(), app, args.limit)?)
+            });
             emit(rows, |rows| ui::history(rows, args.output), success)
         }
         Command::Report(args) => {
-            let rows = FleetConfig::load(&args.config)
-                .map_err(anyhow::Error::from)
-                .and_then(|c| Ok(commands::history::report(&open_registry(&c)?, args.env.as_deref())?));
+            let rows = FleetConfig::load(&args.config).map_err(anyhow::Error::from).and_then(|c| {
+                let app = known_app(&c, args.app.as_deref())?;
+                Ok(commands::history::report(&open_registry(&c)?, args.env.as_deref(), app)?)
+            });
             emit(rows, |rows| ui::report(rows, args.output), success)
         }
         Command::Pipeline(_) => fail(exit::USAGE, &anyhow::anyhow!("`ferry pipeline` needs --server URL")),
@@ -397,18 +408,12 @@ async fn other(command: Command, shutdown: &CancellationToken) -> u8 {
 async fn serve(path: &Path, shutdown: &CancellationToken) -> u8 {
     let started = async {
         let config = FleetConfig::load(path)?;
-        if config.apps.len() > 1 {
-            anyhow::bail!(
-                "{}: ferry serve deploys one app, and this fleet.toml declares several ({}); deploy them with `ferry deploy --bundle`",
-                path.display(),
-                config.apps.keys().cloned().collect::<Vec<_>>().join(", ")
-            );
-        }
         let tls = ClientTls::load(&config.tls).map_err(|e| anyhow::anyhow!("{}: [tls]: {e}", path.display()))?;
-        let (app, envs) = (config.app.name.clone(), config.environments.len());
+        let (apps, envs) = (config.app_names().join(", "), config.environments.len());
+        let noun = if config.apps.len() > 1 { "apps" } else { "app" };
         let ready = move |addr: std::net::SocketAddr| {
             eprintln!(
-                "ferry serve: listening on https://{addr} (app {app}, {envs} environments); API at /api/openapi.json"
+                "ferry serve: listening on https://{addr} ({noun} {apps}, {envs} environments); API at /api/openapi.json"
             );
         };
         // Registered before the server is ready: SIGHUP must never take its default action (exit).

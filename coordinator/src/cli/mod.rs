@@ -178,6 +178,9 @@ pub struct HistoryArgs {
     /// Only this environment.
     #[arg(long, short)]
     pub env: Option<String>,
+    /// Only this app (fleet.toml's `[apps.NAME]`).
+    #[arg(long)]
+    pub app: Option<String>,
     /// At most this many deployments (history only).
     #[arg(long, default_value_t = 20)]
     pub limit: usize,

@@ -18,6 +18,9 @@ pub enum PipelineCommand {
     /// here), or with --on-server name a path on the server (inside its [server] artifact_roots). Registering the same content
     /// again is a no-op; other content under a registered version is refused.
     Register {
+        /// The app it is a build of (needed when the server's fleet.toml declares several).
+        #[arg(long)]
+        app: Option<String>,
         #[arg(long, short)]
         version: String,
         #[arg(long, short)]
@@ -37,6 +40,9 @@ pub enum PipelineCommand {
     Deploy {
         #[arg(long, short)]
         env: String,
+        /// The app whose VERSION to deploy (needed when the server's fleet.toml declares several).
+        #[arg(long)]
+        app: Option<String>,
         #[arg(long, short)]
         version: String,
         /// Stage each batch just before activating it.
@@ -175,16 +181,18 @@ fn enc(s: &str) -> String {
 async fn verb(remote: &Remote, command: Command) -> anyhow::Result<u8> {
     match command {
         Command::Deploy(a) => {
-            let Some(artifact) = a.artifact.as_deref().filter(|_| a.app.is_none()) else {
-                anyhow::bail!("--server deploys one app from --artifact (--app and --bundle run without --server)");
+            let Some(artifact) = a.artifact.as_deref() else {
+                anyhow::bail!(
+                    "--server deploys one app from --artifact (with --app NAME where there are several); --bundle runs without --server"
+                );
             };
-            register(remote, &a.version, artifact, false, &[], a.output).await?;
-            let body = json!({ "environment": a.env, "version": a.version, "prestage": !a.no_prestage });
+            register(remote, a.app.as_deref(), &a.version, artifact, false, &[], a.output).await?;
+            let body = json!({ "app": a.app, "environment": a.env, "version": a.version, "prestage": !a.no_prestage });
             let started = remote.call("POST", "/api/v1/deployments", Some(&body)).await?;
             follow(remote, &started, a.output).await
         }
         Command::Rollback(a) => {
-            let body = json!({ "to": a.to });
+            let body = json!({ "app": a.app, "to": a.to });
             let started =
                 remote.call("POST", &format!("/api/v1/environments/{}/rollback", enc(&a.env)), Some(&body)).await?;
             follow(remote, &started, a.output).await
@@ -192,8 +200,8 @@ async fn verb(remote: &Remote, command: Command) -> anyhow::Result<u8> {
         Command::Promote(a) | Command::Resume(a) if a.force_unlock => {
             anyhow::bail!("--force-unlock is not available through --server (env {}): run it on the coordinator", a.env)
         }
-        Command::Promote(a) => continue_env(remote, &a.env, "continue", a.output).await,
-        Command::Resume(a) => continue_env(remote, &a.env, "resume", a.output).await,
+        Command::Promote(a) => continue_env(remote, &a.env, a.app.as_deref(), "continue", a.output).await,
+        Command::Resume(a) => continue_env(remote, &a.env, a.app.as_deref(), "resume", a.output).await,
         Command::Status(a) => {
             let v = remote.call("GET", &format!("/api/v1/environments/{}/status", enc(&a.env)), None).await?;
             let report: crate::commands::status::StatusReport = serde_json::from_value(v)?;
@@ -202,19 +210,14 @@ async fn verb(remote: &Remote, command: Command) -> anyhow::Result<u8> {
         }
         Command::History(a) => {
             let mut path = format!("/api/v1/deployments?limit={}", a.limit);
-            if let Some(env) = &a.env {
-                path.push_str(&format!("&environment={}", enc(env)));
-            }
+            path.push_str(&filters(&a));
             let v = remote.call("GET", &path, None).await?;
             let rows: Vec<crate::registry::DeploymentRow> = serde_json::from_value(v["deployments"].clone())?;
             ui::history(&rows, a.output);
             Ok(exit::SUCCESS)
         }
         Command::Report(a) => {
-            let path = a
-                .env
-                .as_ref()
-                .map_or("/api/v1/report".to_string(), |e| format!("/api/v1/report?environment={}", enc(e)));
+            let path = format!("/api/v1/report?{}", filters(&a).trim_start_matches('&'));
             let v = remote.call("GET", &path, None).await?;
             let rows: Vec<crate::registry::EnvReport> = serde_json::from_value(v["environments"].clone())?;
             ui::report(&rows, a.output);
@@ -225,8 +228,15 @@ async fn verb(remote: &Remote, command: Command) -> anyhow::Result<u8> {
     }
 }
 
-/// Continues (`continue`: a paused canary; `resume`: a dead coordinator's) the deployment holding `env`.
-async fn continue_env(remote: &Remote, env: &str, how: &str, output: Format) -> anyhow::Result<u8> {
+/// `&environment=E&app=A` of `ferry history` / `ferry report`, for what they name.
+fn filters(a: &super::HistoryArgs) -> String {
+    let env = a.env.iter().map(|e| format!("&environment={}", enc(e)));
+    env.chain(a.app.iter().map(|app| format!("&app={}", enc(app)))).collect()
+}
+
+/// Continues (`continue`: a paused canary; `resume`: a dead coordinator's) the deployment holding
+/// `env` (which must be of `app`, when given).
+async fn continue_env(remote: &Remote, env: &str, app: Option<&str>, how: &str, output: Format) -> anyhow::Result<u8> {
     let envs = remote.call("GET", "/api/v1/environments", None).await?;
     let holder = envs["environments"]
         .as_array()
@@ -235,6 +245,14 @@ async fn continue_env(remote: &Remote, env: &str, how: &str, output: Format) -> 
         .as_str()
         .map(str::to_string)
         .ok_or_else(|| anyhow::anyhow!("no deployment of {env} is in progress"))?;
+    if let Some(app) = app {
+        let d = remote.call("GET", &format!("/api/v1/deployments/{}", enc(&holder)), None).await?;
+        if let Some(other) = d["app"].as_str().filter(|a| !a.is_empty() && a != &app) {
+            anyhow::bail!(
+                "{env} is held by deployment {holder} of app {other}, not {app}: resume or roll back app {other} first (--app {other})"
+            );
+        }
+    }
     let started = remote.call("POST", &format!("/api/v1/deployments/{}/{how}", enc(&holder)), None).await?;
     follow(remote, &started, output).await
 }
@@ -242,6 +260,7 @@ async fn continue_env(remote: &Remote, env: &str, how: &str, output: Format) -> 
 /// Uploads (unless `on_server`) and registers; prints what happened in human output.
 async fn register(
     remote: &Remote,
+    app: Option<&str>,
     version: &str,
     artifact: &std::path::Path,
     on_server: bool,
@@ -268,11 +287,12 @@ async fn register(
         }
         up["artifact"].as_str().unwrap_or_default().to_string()
     };
-    let body = json!({ "version": version, "artifact": path, "metadata": metadata });
+    let body = json!({ "app": app, "version": version, "artifact": path, "metadata": metadata });
     let v = remote.call("POST", "/api/v1/versions", Some(&body)).await?;
     if output == Format::Human {
         println!(
-            "registered {version} (release {}, {} files) by {}",
+            "registered {version} of {} (release {}, {} files) by {}",
+            v["app"].as_str().unwrap_or("?"),
             v["release_id"].as_str().unwrap_or(""),
             v["files"],
             v["registered_by"].as_str().unwrap_or("")
@@ -350,15 +370,15 @@ fn print(v: &Value, output: Format, human: impl FnOnce(&Value) -> String) {
 
 async fn pipeline(remote: &Remote, p: PipelineCommand) -> anyhow::Result<u8> {
     match p {
-        PipelineCommand::Register { version, artifact, on_server, meta, output } => {
-            let v = register(remote, &version, &artifact, on_server, &meta, output).await?;
+        PipelineCommand::Register { app, version, artifact, on_server, meta, output } => {
+            let v = register(remote, app.as_deref(), &version, &artifact, on_server, &meta, output).await?;
             if output == Format::Json {
                 ui::json(&v);
             }
             Ok(exit::SUCCESS)
         }
-        PipelineCommand::Deploy { env, version, no_prestage, no_wait, output } => {
-            let body = json!({ "environment": env, "version": version, "prestage": !no_prestage });
+        PipelineCommand::Deploy { env, app, version, no_prestage, no_wait, output } => {
+            let body = json!({ "app": app, "environment": env, "version": version, "prestage": !no_prestage });
             let started = remote.call("POST", "/api/v1/deployments", Some(&body)).await?;
             follow_unless(no_wait, remote, &started, output).await
         }

@@ -1,12 +1,20 @@
 //! `ferry history` and `ferry report`: what the registry recorded.
 use crate::registry::{DeploymentRow, EnvReport, Registry, RegistryError};
 
-/// The newest deployments (of `env`, or all), newest first.
-pub fn history(registry: &dyn Registry, env: Option<&str>, limit: usize) -> Result<Vec<DeploymentRow>, RegistryError> {
-    registry.history(env, limit)
+/// The newest deployments (of `env`, of `app`, or all), newest first.
+pub fn history(
+    registry: &dyn Registry,
+    env: Option<&str>,
+    app: Option<&str>,
+    limit: usize,
+) -> Result<Vec<DeploymentRow>, RegistryError> {
+    registry.history(env, app, limit)
 }
 
-/// Per environment: deployments per week, success and rollback rates, durations, slowest hosts.
-pub fn report(registry: &dyn Registry, env: Option<&str>) -> Result<Vec<EnvReport>, RegistryError> {
-    registry.report(env)
+/// Per environment and app: deployments per week, success and rollback rates, durations,
+/// slowest hosts.
+pub fn report(registry: &dyn Registry, env: Option<&str>, app: Option<&str>) -> Result<Vec<EnvReport>, RegistryError> {
+    let mut rows = registry.report(env)?;
+    rows.retain(|r| app.is_none_or(|a| r.app == a));
+    Ok(rows)
 }

@@ -125,7 +125,9 @@ pub fn check(
         ))
         .into());
     }
-    if let Some(latest) = registry.latest_deployment(&d.environment)?
+    // The newest deployment of this app there (another app's deployments are not in its way).
+    if let Some(latest) =
+        registry.history(Some(&d.environment), Some(&config.app.name), 1)?.into_iter().next().map(|l| l.id)
         && latest != d.id
     {
         return Err(Refused::Blocked(format!(
@@ -137,7 +139,7 @@ pub fn check(
     // Through the API, a deployment runs the registered build (scanned again and checked against
     // it), with its environment's layout; from the CLI, only the same content counts.
     let version = registry
-        .version(&d.version)?
+        .version(&config.app.name, &d.version)?
         .filter(|v| v.manifest_hash == d.manifest_hash || d.requested_by.is_some())
         .ok_or_else(|| {
         Refused::Blocked(format!(

@@ -62,8 +62,8 @@ pub trait Registry: Send + Sync {
     fn hosts(&self, id: &str) -> Result<Vec<HostRow>, RegistryError>;
     /// The hosts of a deployment whose activation began (they may run its release).
     fn activated_hosts(&self, id: &str) -> Result<std::collections::HashSet<String>, RegistryError>;
-    /// The newest deployments, newest first.
-    fn history(&self, env: Option<&str>, limit: usize) -> Result<Vec<DeploymentRow>, RegistryError>;
+    /// The newest deployments (of `env`, of `app`, when given), newest first.
+    fn history(&self, env: Option<&str>, app: Option<&str>, limit: usize) -> Result<Vec<DeploymentRow>, RegistryError>;
     /// Per-environment success and rollback rates and durations of finished deployments.
     fn report(&self, env: Option<&str>) -> Result<Vec<EnvReport>, RegistryError>;
     /// The newest deployment of `env` (of any kind), if any.
@@ -79,9 +79,12 @@ pub trait Registry: Send + Sync {
     /// Records `v`; if the version is already registered, returns the existing row instead
     /// (the caller compares the manifest hashes).
     fn register_version(&self, v: &VersionRow) -> Result<Option<VersionRow>, RegistryError>;
-    fn version(&self, version: &str) -> Result<Option<VersionRow>, RegistryError>;
-    /// Registered versions, newest first.
-    fn versions(&self, limit: usize) -> Result<Vec<VersionRow>, RegistryError>;
+    fn version(&self, app: &str, version: &str) -> Result<Option<VersionRow>, RegistryError>;
+    /// Registered versions (of `app`, or of every app), newest first.
+    fn versions(&self, app: Option<&str>, limit: usize) -> Result<Vec<VersionRow>, RegistryError>;
+    /// Gives the versions registered before there were several apps to `app` (the only app of
+    /// the fleet that serves them); how many it took.
+    fn claim_versions(&self, app: &str) -> Result<usize, RegistryError>;
     /// Who asked for deployment `id` through the API (the first asker is kept), and the
     /// deployment it was promoted from.
     fn set_requested_by(&self, id: &str, by: &str, promoted_from: Option<&str>) -> Result<(), RegistryError>;
@@ -268,6 +271,8 @@ pub struct HostUpdate<'a> {
 /// A version registered for deployment: its artifact and what it hashed to when registered.
 #[derive(Debug, Clone, Serialize)]
 pub struct VersionRow {
+    /// The app it is a build of (versions are named per app).
+    pub app: String,
     pub version: String,
     pub artifact: String,
     pub release_id: String,

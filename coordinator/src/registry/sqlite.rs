@@ -120,6 +120,28 @@ fn migrations() -> Migrations<'static> {
         M::up("ALTER TABLE hosts ADD COLUMN release TEXT;"),
         // Several apps in one fleet.toml: the app a deployment is of ("" before there were several).
         M::up("ALTER TABLE deployments ADD COLUMN app TEXT NOT NULL DEFAULT '';"),
+        // `ferry serve` with several apps: a version is registered per app ("" before there were
+        // several: the server of a single-app fleet claims those rows for its app).
+        M::up(
+            "CREATE TABLE versions_by_app (
+            app TEXT NOT NULL,
+            version TEXT NOT NULL,
+            artifact TEXT NOT NULL,
+            release_id TEXT NOT NULL,
+            manifest_hash TEXT NOT NULL,
+            total_bytes INTEGER NOT NULL,
+            files INTEGER NOT NULL,
+            registered_by TEXT NOT NULL,
+            registered_ms INTEGER NOT NULL,
+            metadata TEXT NOT NULL,
+            PRIMARY KEY (app, version)
+        );
+        INSERT INTO versions_by_app
+            SELECT '', version, artifact, release_id, manifest_hash, total_bytes, files, registered_by, registered_ms, metadata
+            FROM versions ORDER BY rowid;
+        DROP TABLE versions;
+        ALTER TABLE versions_by_app RENAME TO versions;",
+        ),
     ])
 }
 
@@ -211,8 +233,8 @@ impl Registry for Sqlite {
     fn activated_hosts(&self, id: &str) -> Result<std::collections::HashSet<String>, RegistryError> {
         self.db()?.activated_hosts(id)
     }
-    fn history(&self, env: Option<&str>, limit: usize) -> Result<Vec<DeploymentRow>, RegistryError> {
-        self.db()?.history(env, limit)
+    fn history(&self, env: Option<&str>, app: Option<&str>, limit: usize) -> Result<Vec<DeploymentRow>, RegistryError> {
+        self.db()?.history(env, app, limit)
     }
     fn report(&self, env: Option<&str>) -> Result<Vec<EnvReport>, RegistryError> {
         self.db()?.report(env)
@@ -232,11 +254,14 @@ impl Registry for Sqlite {
     fn register_version(&self, v: &VersionRow) -> Result<Option<VersionRow>, RegistryError> {
         self.db()?.register_version(v)
     }
-    fn version(&self, version: &str) -> Result<Option<VersionRow>, RegistryError> {
-        self.db()?.version(version)
+    fn version(&self, app: &str, version: &str) -> Result<Option<VersionRow>, RegistryError> {
+        self.db()?.version(app, version)
     }
-    fn versions(&self, limit: usize) -> Result<Vec<VersionRow>, RegistryError> {
-        self.db()?.versions(limit)
+    fn versions(&self, app: Option<&str>, limit: usize) -> Result<Vec<VersionRow>, RegistryError> {
+        self.db()?.versions(app, limit)
+    }
+    fn claim_versions(&self, app: &str) -> Result<usize, RegistryError> {
+        self.db()?.claim_versions(app)
     }
     fn set_requested_by(&self, id: &str, by: &str, promoted_from: Option<&str>) -> Result<(), RegistryError> {
         self.db()?.set_requested_by(id, by, promoted_from)
@@ -510,20 +535,21 @@ impl Db {
     }
 
     /// The newest deployments, newest first.
-    fn history(&self, env: Option<&str>, limit: usize) -> Result<Vec<DeploymentRow>, RegistryError> {
+    fn history(&self, env: Option<&str>, app: Option<&str>, limit: usize) -> Result<Vec<DeploymentRow>, RegistryError> {
         let q = format!(
-            "SELECT {} FROM deployments d WHERE ?1 IS NULL OR d.environment = ?1 ORDER BY d.started_ms DESC, d.rowid DESC LIMIT ?2",
+            "SELECT {} FROM deployments d WHERE (?1 IS NULL OR d.environment = ?1) AND (?2 IS NULL OR d.app = ?2)
+             ORDER BY d.started_ms DESC, d.rowid DESC LIMIT ?3",
             Self::DEPLOYMENT_COLUMNS
         );
         let mut st = self.conn.prepare(&q).map_err(self.sql())?;
-        let rows = st.query_map(params![env, limit as i64], Self::deployment_row).map_err(self.sql())?;
+        let rows = st.query_map(params![env, app, limit as i64], Self::deployment_row).map_err(self.sql())?;
         rows.collect::<Result<Vec<_>, _>>().map_err(self.sql())
     }
 
     /// Per-environment success and rollback rates and durations of finished deployments.
     fn report(&self, env: Option<&str>) -> Result<Vec<EnvReport>, RegistryError> {
         let finished: Vec<DeploymentRow> = self
-            .history(env, usize::MAX >> 1)?
+            .history(env, None, usize::MAX >> 1)?
             .into_iter()
             .filter(|d| d.kind == DeploymentKind::Deploy && d.finished_ms.is_some())
             .collect();
@@ -636,6 +662,33 @@ mod tests {
         (dir, reg)
     }
 
+    /// A registry from before versions were kept per app keeps its versions, as app "" (which
+    /// a single-app server claims), and takes a second app's version of the same name.
+    #[test]
+    fn versions_registered_before_apps_survive_the_migration() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("registry.db");
+        {
+            let mut conn = Connection::open(&path).expect("open");
+            // The schema before the versions table was keyed by app.
+            migrations().to_version(&mut conn, 6).expect("old schema");
+            conn.execute(
+                "INSERT INTO versions (version, artifact, release_id, manifest_hash, total_bytes, files, registered_by, registered_ms, metadata)
+                 VALUES ('1.0', '/build', '1.0-aa', 'aa', 10, 1, 'token:ci', 5, '{\"git\":\"4f2a\"}')",
+                [],
+            )
+            .expect("insert");
+        }
+        let reg = Sqlite::open(&path).expect("migrates");
+        let old = reg.version("", "1.0").expect("lookup").expect("kept");
+        assert_eq!((old.artifact.as_str(), old.metadata["git"].as_str()), ("/build", Some("4f2a")));
+        let worker = VersionRow { app: "worker".into(), manifest_hash: "bb".into(), ..old.clone() };
+        assert!(reg.register_version(&worker).expect("register").is_none(), "another app's 1.0 is new");
+        assert_eq!(reg.versions(None, 10).expect("list").len(), 2);
+        assert_eq!(reg.claim_versions("web").expect("claim"), 1);
+        assert_eq!(reg.versions(Some("web"), 10).expect("list")[0].manifest_hash, "aa");
+    }
+
     fn new<'a>(id: &'a str, hosts: &'a [(String, usize)]) -> NewDeployment<'a> {
         NewDeployment {
             id,
@@ -687,7 +740,7 @@ mod tests {
         let path = PathBuf::from(reg.describe());
         drop(reg);
         let reg = Sqlite::open(&path).expect("reopen");
-        assert_eq!(reg.history(Some("prod"), 10).expect("history").len(), 1);
+        assert_eq!(reg.history(Some("prod"), None, 10).expect("history").len(), 1);
     }
 
     #[test]

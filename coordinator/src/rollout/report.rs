@@ -77,6 +77,9 @@ pub struct DeployReport {
     pub deployment_id: String,
     pub kind: DeploymentKind,
     pub environment: String,
+    /// The app it deployed ("" in a registry from before there were several apps).
+    #[serde(default)]
+    pub app: String,
     pub version: String,
     pub release_id: String,
     pub status: DeploymentStatus,
@@ -127,6 +130,7 @@ pub fn report_from(d: DeploymentRow, rows: Vec<HostRow>, transfers: &HashMap<Str
         deployment_id: d.id,
         kind: d.kind,
         environment: d.environment,
+        app: d.app,
         version: d.version,
         release_id: d.release_id,
         status: d.status,

@@ -358,8 +358,8 @@ impl Registry for Dies<'_> {
     fn activated_hosts(&self, id: &str) -> Result<std::collections::HashSet<String>, RegistryError> {
         self.inner.activated_hosts(id)
     }
-    fn history(&self, env: Option<&str>, limit: usize) -> Result<Vec<DeploymentRow>, RegistryError> {
-        self.inner.history(env, limit)
+    fn history(&self, env: Option<&str>, app: Option<&str>, limit: usize) -> Result<Vec<DeploymentRow>, RegistryError> {
+        self.inner.history(env, app, limit)
     }
     fn report(&self, env: Option<&str>) -> Result<Vec<crate::registry::EnvReport>, RegistryError> {
         self.inner.report(env)
@@ -382,11 +382,14 @@ impl Registry for Dies<'_> {
     ) -> Result<Option<crate::registry::VersionRow>, RegistryError> {
         self.inner.register_version(v)
     }
-    fn version(&self, version: &str) -> Result<Option<crate::registry::VersionRow>, RegistryError> {
-        self.inner.version(version)
+    fn version(&self, app: &str, version: &str) -> Result<Option<crate::registry::VersionRow>, RegistryError> {
+        self.inner.version(app, version)
     }
-    fn versions(&self, limit: usize) -> Result<Vec<crate::registry::VersionRow>, RegistryError> {
-        self.inner.versions(limit)
+    fn versions(&self, app: Option<&str>, limit: usize) -> Result<Vec<crate::registry::VersionRow>, RegistryError> {
+        self.inner.versions(app, limit)
+    }
+    fn claim_versions(&self, app: &str) -> Result<usize, RegistryError> {
+        self.inner.claim_versions(app)
     }
     fn set_requested_by(&self, id: &str, by: &str, from: Option<&str>) -> Result<(), RegistryError> {
         self.inner.set_requested_by(id, by, from)

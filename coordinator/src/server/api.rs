@@ -153,7 +153,9 @@ async fn openapi() -> Json<Value> {
 }
 
 async fn health(State(state): State<Shared>) -> Json<Value> {
-    Json(json!({ "status": "ok", "version": env!("CARGO_PKG_VERSION"), "app": state.config.app.name }))
+    // `app`: the fleet's app when it has one (null when it has several: see `apps`).
+    let app = (state.apps.len() == 1).then(|| state.config.app.name.clone());
+    Json(json!({ "status": "ok", "version": env!("CARGO_PKG_VERSION"), "app": app, "apps": state.config.app_names() }))
 }
 
 fn environment<'a>(
@@ -242,6 +244,9 @@ fn archive_kind(head: &[u8]) -> Option<&'static str> {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RegisterRequest {
+    /// The app it is a build of (needed when fleet.toml declares several).
+    #[serde(default)]
+    app: Option<String>,
     version: String,
     /// A path on the coordinator: a directory or archive, or what `POST /api/v1/artifacts` returned.
     artifact: PathBuf,
@@ -258,6 +263,7 @@ async fn register_version(
 ) -> ApiResult {
     ferry_proto::manifest::check_version(&req.version)
         .map_err(|e| ApiError::bad_request("invalid_version", format!("version {:?}: {e}", req.version)))?;
+    let app = state.app(req.app.as_deref())?.clone();
     if !req.artifact.is_absolute() {
         return Err(ApiError::bad_request(
             "invalid_artifact",
@@ -289,13 +295,14 @@ async fn register_version(
     }
     let scanned = one_scan_at_a_time(&state, {
         let (path, cache, limit) = (real.clone(), state.cache.clone(), state.config.max_artifact_bytes);
-        let layout = crate::artifact::Layout::of(&state.config.app);
+        let layout = crate::artifact::Layout::of(&app.app);
         async move { crate::artifact::scan(&path, cache.as_ref(), &layout, limit).await }
     })
     .await?;
     let artifact = scanned
         .map_err(|e| ApiError::unprocessable("bad_artifact", format!("artifact {}: {e}", req.artifact.display())))?;
     let row = crate::registry::VersionRow {
+        app: app.app.name.clone(),
         version: req.version.clone(),
         artifact: real.to_string_lossy().into_owned(),
         // A version is its build; each environment's release adds the app's layout to it.
@@ -315,8 +322,8 @@ async fn register_version(
         Some(existing) => Err(ApiError::conflict(
             "version_exists",
             format!(
-                "version {} is already registered with other content (by {}, from {}); register the new build as a new version",
-                existing.version, existing.registered_by, existing.artifact
+                "version {} of {} is already registered with other content (by {}, from {}); register the new build as a new version",
+                existing.version, existing.app, existing.registered_by, existing.artifact
             ),
         )),
     }
@@ -326,31 +333,52 @@ async fn register_version(
 #[serde(deny_unknown_fields)]
 struct ListQuery {
     environment: Option<String>,
+    app: Option<String>,
     limit: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct LimitQuery {
+struct VersionsQuery {
+    app: Option<String>,
     limit: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AppQuery {
+    app: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct EnvironmentQuery {
     environment: Option<String>,
+    app: Option<String>,
 }
 
-async fn list_versions(State(state): State<Shared>, ApiQuery(q): ApiQuery<LimitQuery>) -> ApiResult {
-    let rows = state.registry.versions(q.limit.unwrap_or(50).min(1000))?;
+/// `app` of a listing: an app of fleet.toml, or none (every app).
+fn app_filter<'a>(state: &Shared, app: &'a Option<String>) -> Result<Option<&'a str>, ApiError> {
+    match app.as_deref() {
+        Some(name) => state.app(Some(name)).map(|_| Some(name)),
+        None => Ok(None),
+    }
+}
+
+async fn list_versions(State(state): State<Shared>, ApiQuery(q): ApiQuery<VersionsQuery>) -> ApiResult {
+    let rows = state.registry.versions(app_filter(&state, &q.app)?, q.limit.unwrap_or(50).min(1000))?;
     Ok(Json(json!({ "versions": rows })).into_response())
 }
 
-async fn get_version(State(state): State<Shared>, ApiPath(version): ApiPath<String>) -> ApiResult {
-    let row = state
-        .registry
-        .version(&version)?
-        .ok_or_else(|| ApiError::not_found("unknown_version", format!("version {version:?} is not registered")))?;
+async fn get_version(
+    State(state): State<Shared>,
+    ApiPath(version): ApiPath<String>,
+    ApiQuery(q): ApiQuery<AppQuery>,
+) -> ApiResult {
+    let app = &state.app(q.app.as_deref())?.app.name;
+    let row = state.registry.version(app, &version)?.ok_or_else(|| {
+        ApiError::not_found("unknown_version", format!("version {version:?} of {app} is not registered"))
+    })?;
     Ok(Json(json!(row)).into_response())
 }
 
@@ -359,9 +387,16 @@ async fn list_environments(State(state): State<Shared>) -> ApiResult {
     for (name, e) in &state.config.environments {
         let lock = state.registry.lock_of(name)?;
         let latest = state.registry.latest_deployment(name)?;
+        let mut apps = Vec::new();
+        for (app, view) in &state.apps {
+            let hosts: Vec<&String> = view.environments.get(name).map(|v| v.hosts.keys().collect()).unwrap_or_default();
+            let latest = state.registry.history(Some(name), Some(app), 1)?.into_iter().next().map(|d| d.id);
+            apps.push(json!({ "name": app, "hosts": hosts, "latest_deployment": latest }));
+        }
         envs.push(json!({
             "name": name,
             "hosts": e.hosts.keys().collect::<Vec<_>>(),
+            "apps": apps,
             "strategy": e.strategy_name,
             "promotion_index": state.config.promotion.iter().position(|p| p == name),
             "next_environment": state.config.next_environment(name),
@@ -385,6 +420,8 @@ async fn environment_status(State(state): State<Shared>, ApiPath(env): ApiPath<S
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RollbackRequest {
+    /// The app to roll back (needed when fleet.toml declares several).
+    app: Option<String>,
     to: Option<String>,
 }
 
@@ -399,7 +436,8 @@ async fn rollback(
         ferry_proto::manifest::check_version(v)
             .map_err(|e| ApiError::bad_request("invalid_version", format!("to {v:?}: {e}")))?;
     }
-    let id = jobs::start(&state, &env, &who.0, None, Op::Rollback { to: req.to }).await?;
+    let app = state.app(req.app.as_deref())?.clone();
+    let id = jobs::start(&state, &app, &env, &who.0, None, Op::Rollback { to: req.to }).await?;
     Ok(accepted(&id, &env))
 }
 
@@ -420,6 +458,9 @@ fn accepted(id: &str, env: &str) -> Response {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct DeploymentRequest {
+    /// The app to deploy (needed when fleet.toml declares several).
+    #[serde(default)]
+    app: Option<String>,
     environment: String,
     version: String,
     /// Stage every host before the first activation (default true).
@@ -435,10 +476,11 @@ async fn create_deployment(
     ApiJson(req): ApiJson<DeploymentRequest>,
 ) -> ApiResult {
     environment(&state, &req.environment, StatusCode::UNPROCESSABLE_ENTITY)?;
-    let version = state.registry.version(&req.version)?.ok_or_else(|| {
+    let app = state.app(req.app.as_deref())?.clone();
+    let version = state.registry.version(&app.app.name, &req.version)?.ok_or_else(|| {
         ApiError::unprocessable(
             "version_not_registered",
-            format!("version {:?} is not registered: POST /api/v1/versions first", req.version),
+            format!("version {:?} of {} is not registered: POST /api/v1/versions first", req.version, app.app.name),
         )
     })?;
     if let Some(i) = state.config.promotion.iter().position(|e| *e == req.environment)
@@ -453,7 +495,7 @@ async fn create_deployment(
             ),
         ));
     }
-    let id = start_deploy(&state, &req.environment, &version, &who, None, req.prestage.unwrap_or(true)).await?;
+    let id = start_deploy(&state, &app, &req.environment, &version, &who, None, req.prestage.unwrap_or(true)).await?;
     Ok(accepted(&id, &req.environment))
 }
 
@@ -476,6 +518,7 @@ async fn one_scan_at_a_time<T: Send + 'static>(
 /// Scans the artifact again (it must still be what was registered) and starts the deployment.
 async fn start_deploy(
     state: &Shared,
+    app: &Arc<crate::config::FleetConfig>,
     env: &str,
     version: &crate::registry::VersionRow,
     who: &Identity,
@@ -491,7 +534,7 @@ async fn start_deploy(
     }
     let scanned = one_scan_at_a_time(state, {
         let (cache, limit, v) = (state.cache.clone(), state.config.max_artifact_bytes, version.clone());
-        let layout = crate::artifact::Layout::for_env(&state.config, env);
+        let layout = crate::artifact::Layout::for_env(app, env);
         async move {
             crate::artifact::rescan(
                 std::path::Path::new(&v.artifact),
@@ -510,19 +553,20 @@ async fn start_deploy(
         api.message = format!("version {}: {}", version.version, api.message);
         api
     })?;
-    let secrets = crate::secrets::fetch(&state.config, env)
+    let secrets = crate::secrets::fetch(app, env)
         .await
         .map_err(|e| ApiError::unprocessable("secret_unavailable", e.to_string()))?;
     let op =
         Op::Deploy { artifact: Arc::new(artifact.with_secrets(secrets)), version: version.version.clone(), prestage };
-    jobs::start(state, env, &who.0, promoted_from, op).await
+    jobs::start(state, app, env, &who.0, promoted_from, op).await
 }
 
 async fn list_deployments(State(state): State<Shared>, ApiQuery(q): ApiQuery<ListQuery>) -> ApiResult {
     if let Some(env) = &q.environment {
         environment(&state, env, StatusCode::UNPROCESSABLE_ENTITY)?;
     }
-    let rows = state.registry.history(q.environment.as_deref(), q.limit.unwrap_or(20).min(1000))?;
+    let app = app_filter(&state, &q.app)?;
+    let rows = state.registry.history(q.environment.as_deref(), app, q.limit.unwrap_or(20).min(1000))?;
     let mut list: Vec<Value> = rows.into_iter().map(|d| json!(d)).collect();
     for v in &mut list {
         if let Some(o) = v.as_object_mut() {
@@ -715,7 +759,7 @@ async fn run_smoke(
     }
     let rows = state.registry.hosts(&id)?;
     let hosts: Vec<crate::config::Host> = state
-        .config
+        .app_of(&d)?
         .hosts(&d.environment)
         .unwrap_or_default()
         .into_iter()
@@ -747,7 +791,7 @@ async fn approve(
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult {
     let d = deployment_row(&state, &id)?;
-    let next = promote::approve(&state.config, state.registry.as_ref(), &d, &who.0)?;
+    let next = promote::approve(state.app_of(&d)?, state.registry.as_ref(), &d, &who.0)?;
     Ok(noted(
         StatusCode::CREATED,
         &id,
@@ -775,8 +819,9 @@ async fn promote(
     if let Some(target) = &req.environment {
         environment(&state, target, StatusCode::UNPROCESSABLE_ENTITY)?;
     }
-    let p = promote::check(&state.config, state.registry.as_ref(), &d, &who.0, req.environment.as_deref())?;
-    let new = start_deploy(&state, &p.next, &p.version, &who, Some(id.clone()), true).await?;
+    let app = state.app_of(&d)?.clone();
+    let p = promote::check(&app, state.registry.as_ref(), &d, &who.0, req.environment.as_deref())?;
+    let new = start_deploy(&state, &app, &p.next, &p.version, &who, Some(id.clone()), true).await?;
     if let Some(by) = p.approver {
         state.registry.use_approval(&id, &p.next, &by, &new)?;
     }
@@ -809,7 +854,8 @@ async fn continue_canary(
         ));
     }
     holder(&state, &d)?;
-    let started = jobs::start(&state, &d.environment, &who.0, None, Op::Resume { paused_only: true }).await?;
+    let started =
+        jobs::start(&state, state.app_of(&d)?, &d.environment, &who.0, None, Op::Resume { paused_only: true }).await?;
     Ok(accepted(&started, &d.environment))
 }
 
@@ -824,7 +870,8 @@ async fn resume(
         return Err(ApiError::conflict("running", format!("deployment {id} is running in this server")));
     }
     holder(&state, &d)?;
-    let started = jobs::start(&state, &d.environment, &who.0, None, Op::Resume { paused_only: false }).await?;
+    let started =
+        jobs::start(&state, state.app_of(&d)?, &d.environment, &who.0, None, Op::Resume { paused_only: false }).await?;
     Ok(accepted(&started, &d.environment))
 }
 
@@ -844,7 +891,7 @@ async fn cancel(
     match d.status {
         DeploymentStatus::Paused => {
             holder(&state, &d)?;
-            jobs::start(&state, &d.environment, &who.0, None, Op::CancelPaused).await?;
+            jobs::start(&state, state.app_of(&d)?, &d.environment, &who.0, None, Op::CancelPaused).await?;
             Ok(noted(StatusCode::ACCEPTED, &id, json!({ "deployment_id": id, "status": "cancelling" })))
         }
         DeploymentStatus::Pending | DeploymentStatus::Running if !run_elsewhere(&state, &id, &d.environment) => {
@@ -874,6 +921,7 @@ async fn report(State(state): State<Shared>, ApiQuery(q): ApiQuery<EnvironmentQu
     if let Some(env) = &q.environment {
         environment(&state, env, StatusCode::UNPROCESSABLE_ENTITY)?;
     }
-    let rows = state.registry.report(q.environment.as_deref())?;
+    let app = app_filter(&state, &q.app)?;
+    let rows = crate::commands::history::report(state.registry.as_ref(), q.environment.as_deref(), app)?;
     Ok(Json(json!({ "environments": rows })).into_response())
 }

@@ -14,6 +14,7 @@ use super::Shared;
 use super::error::ApiError;
 use crate::artifact::Artifact;
 use crate::commands::{self, Ctx};
+use crate::config::FleetConfig;
 use crate::rollout::{Event, Observer, Rollback};
 
 /// A progress line of a running deployment.
@@ -27,6 +28,8 @@ pub struct Line {
 /// One rollout run by this server.
 pub struct Job {
     pub environment: String,
+    /// fleet.toml as the job's app sees it.
+    pub app: Arc<FleetConfig>,
     id: OnceLock<String>,
     lines: Mutex<Vec<Line>>,
     /// Cancelled: the rollout finishes its hosts in flight, then stops.
@@ -165,7 +168,7 @@ const KEEP_ENDED: usize = 100;
 /// The use cases' context for a job of this server.
 fn job_ctx<'a>(state: &'a Shared, fleet: &'a crate::fleet::grpc::Grpc<'a>, observer: &'a JobObserver) -> Ctx<'a> {
     Ctx {
-        config: &state.config,
+        config: &observer.0.app,
         fleet,
         registry: state.registry.as_ref(),
         cache: state.cache.as_ref(),
@@ -175,10 +178,12 @@ fn job_ctx<'a>(state: &'a Shared, fleet: &'a crate::fleet::grpc::Grpc<'a>, obser
     }
 }
 
-/// Records `op` in `env` for `who` and starts running it; the deployment id, or the refusal
-/// (environment locked, nothing to continue, …) with its exact status code.
+/// Records `op` of `app` (a view from [`super::AppState::app`]) in `env` for `who` and starts
+/// running it; the deployment id, or the refusal (environment locked, nothing to continue, …)
+/// with its exact status code. An environment runs one job at a time, whatever its app.
 pub async fn start(
     state: &Shared,
+    app: &Arc<FleetConfig>,
     env: &str,
     who: &str,
     promoted_from: Option<String>,
@@ -191,6 +196,7 @@ pub async fn start(
     }
     let job = Arc::new(Job {
         environment: env.to_string(),
+        app: app.clone(),
         id: OnceLock::new(),
         lines: Mutex::new(Vec::new()),
         cancel: CancellationToken::new(),
@@ -222,7 +228,7 @@ pub async fn start(
     let finished = Finished { state: state.clone(), job: job.clone(), _task: task };
     let observer = JobObserver(job.clone());
     let tls = state.tls.current();
-    let fleet = state.fleet(&tls.agents);
+    let fleet = state.fleet(&job.app, &tls.agents);
     let ctx = job_ctx(state, &fleet, &observer);
     let recorded: Result<(String, Run), commands::Error> = match op {
         Op::Deploy { artifact, version, prestage } => {
@@ -253,7 +259,7 @@ pub async fn start(
     state.jobs.tasks.clone().spawn(async move {
         let _finished = finished;
         let tls = state.tls.current();
-        let fleet = state.fleet(&tls.agents);
+        let fleet = state.fleet(&observer.0.app, &tls.agents);
         let ctx = job_ctx(&state, &fleet, &observer);
         let result = match run {
             Run::Deploy(artifact) => commands::deploy::run(&ctx, &env, &task_id, artifact).await.map(drop),

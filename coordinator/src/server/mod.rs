@@ -12,6 +12,7 @@
 //! (`crate::commands`); [`error`] turns their errors into status codes, in one place. [`serve`]
 //! takes its shutdown as a token (`main` owns the signals), caps its connections, and tracks
 //! every task it starts.
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -35,6 +36,7 @@ use crate::fleet::grpc::Grpc;
 use crate::registry::Registry;
 use crate::registry::sqlite::Sqlite;
 use crate::tls::ClientTls;
+use error::ApiError;
 
 pub mod api;
 pub mod auth;
@@ -52,7 +54,10 @@ const DRAIN: Duration = Duration::from_secs(5);
 
 /// Everything the handlers share.
 pub struct AppState {
+    /// fleet.toml as a whole (the server, the environments and every host).
     pub config: FleetConfig,
+    /// fleet.toml as each app sees it ([`FleetConfig::for_app`]): what its rollouts run with.
+    pub apps: BTreeMap<String, Arc<FleetConfig>>,
     /// The API's TLS and the coordinator's TLS towards the agents, reloaded together.
     pub tls: Arc<Reloadable<ServeTls>>,
     pub registry: Box<dyn Registry>,
@@ -82,6 +87,12 @@ impl AppState {
             config.state_dir().context("no registry: set `registry` in fleet.toml (there is no HOME to default to)")?;
         let registry_path = config.registry_path().context("no registry path")?;
         let registry = Sqlite::open(&registry_path)?;
+        let apps: BTreeMap<String, Arc<FleetConfig>> =
+            config.apps.keys().filter_map(|name| Some((name.clone(), Arc::new(config.for_app(name)?)))).collect();
+        if let [name] = config.app_names().as_slice() {
+            // Versions registered before versions were kept per app are this app's.
+            registry.claim_versions(name)?;
+        }
         let artifacts_dir = config.server.artifacts_dir.clone().unwrap_or_else(|| state_dir.join("artifacts"));
         std::fs::create_dir_all(&artifacts_dir)
             .with_context(|| format!("[server] artifacts_dir {}: cannot create it", artifacts_dir.display()))?;
@@ -108,6 +119,7 @@ impl AppState {
         let cache = config.cache_dir().map(Cache::new);
         Ok(AppState {
             config,
+            apps,
             tls,
             registry: Box::new(registry),
             cache,
@@ -141,9 +153,37 @@ impl AppState {
         }
     }
 
-    /// The agents of fleet.toml, dialled with `tls` (the current `self.tls`'s agents).
-    pub fn fleet<'a>(&'a self, tls: &'a ClientTls) -> Grpc<'a> {
-        Grpc { config: &self.config, tls, cache: self.cache.as_ref() }
+    /// The agents of fleet.toml running `app` (a view from [`AppState::app`]), dialled with `tls`
+    /// (the current `self.tls`'s agents).
+    pub fn fleet<'a>(&'a self, app: &'a FleetConfig, tls: &'a ClientTls) -> Grpc<'a> {
+        Grpc { config: app, tls, cache: self.cache.as_ref() }
+    }
+
+    /// The app a call names, or the only one when it names none; refused (422) for an app
+    /// fleet.toml does not declare, or for none when it declares several.
+    pub fn app(&self, name: Option<&str>) -> Result<&Arc<FleetConfig>, ApiError> {
+        let names = || self.config.app_names().join(", ");
+        match name {
+            Some(name) => self.apps.get(name).ok_or_else(|| {
+                ApiError::unprocessable(
+                    "unknown_app",
+                    format!("unknown app {name:?} (fleet.toml declares: {})", names()),
+                )
+            }),
+            None if self.apps.len() == 1 => {
+                self.apps.values().next().ok_or_else(|| ApiError::internal("fleet.toml declares no app"))
+            }
+            None => Err(ApiError::unprocessable(
+                "app_required",
+                format!("fleet.toml declares several apps ({}): name one with \"app\" (the CLI's --app NAME)", names()),
+            )),
+        }
+    }
+
+    /// The app deployment `d` is of (a deployment recorded before there were several apps is
+    /// of the only app, and refused as [`AppState::app`] refuses none when there are several).
+    pub fn app_of(&self, d: &crate::registry::DeploymentRow) -> Result<&Arc<FleetConfig>, ApiError> {
+        self.app(Some(d.app.as_str()).filter(|a| !a.is_empty()))
     }
 }
 

@@ -14,7 +14,9 @@ fn error_responses(codes: &[u16]) -> serde_json::Map<String, Value> {
             404 => "No such deployment, version or environment",
             409 => "The request conflicts with the state: locked environment, blocked promotion, …",
             413 => "The upload is too large",
-            422 => "A well-formed request naming something unknown (environment, version) or unusable",
+            422 => {
+                "A well-formed request naming something unknown (environment, app, version) or unusable, or naming no app where fleet.toml declares several (`app_required`)"
+            }
             500 => "The coordinator itself failed (its registry, a corrupt record): not the request's fault",
             503 => "The server is stopping: it starts nothing new",
             _ => "Error",
@@ -44,10 +46,11 @@ fn path_param(name: &str, what: &str) -> Value {
     json!({ "name": name, "in": "path", "required": true, "description": what, "schema": { "type": "string" } })
 }
 
-/// The query parameters `names` (environment, limit), as documented.
+/// The query parameters `names` (environment, app, limit), as documented.
 fn query_params(names: &[&str]) -> Value {
     let all = json!([
         { "name": "environment", "in": "query", "required": false, "description": "Only this environment", "schema": { "type": "string" } },
+        { "name": "app", "in": "query", "required": false, "description": "Only this app (for one version: the app it is of, needed when fleet.toml declares several)", "schema": { "type": "string" } },
         { "name": "limit", "in": "query", "required": false, "description": "At most this many", "schema": { "type": "integer", "minimum": 0 } }
     ]);
     Value::Array(
@@ -111,13 +114,13 @@ pub fn document() -> Value {
             "/api/v1/artifacts": { "post": upload },
             "/api/v1/versions": {
                 "post": register,
-                "get": with_params(op("listVersions", "Registered versions, newest first", (200, "VersionList"), None, &[400]), query_params(&["limit"]))
+                "get": with_params(op("listVersions", "Registered versions, newest first", (200, "VersionList"), None, &[400, 422]), query_params(&["app", "limit"]))
             },
             "/api/v1/versions/{version}": {
-                "get": with_params(op("getVersion", "One registered version", (200, "Version"), None, &[404]), json!([path_param("version", "The version label")]))
+                "get": with_params(op("getVersion", "One registered version", (200, "Version"), None, &[404, 422]), json!([path_param("version", "The version label"), query_params(&["app"])[0].clone()]))
             },
             "/api/v1/environments": {
-                "get": op("listEnvironments", "Environments, their hosts, promotion order, locks and latest deployment", (200, "EnvironmentList"), None, &[])
+                "get": op("listEnvironments", "Environments, their hosts, promotion order, locks and latest deployment, and each app's hosts and latest deployment there", (200, "EnvironmentList"), None, &[])
             },
             "/api/v1/environments/{environment}/status": {
                 "get": with_params(op("environmentStatus", "Ask every host of the environment for its facts and current release", (200, "Status"), None, &[404]), env())
@@ -127,7 +130,7 @@ pub fn document() -> Value {
             },
             "/api/v1/deployments": {
                 "post": op("createDeployment", "Deploy a registered version to an environment (environments after the first of `promotion` only through promote)", (202, "Accepted"), Some("DeploymentRequest"), &[400, 409, 422, 500, 503]),
-                "get": with_params(op("listDeployments", "Deployments and rollbacks, newest first", (200, "DeploymentList"), None, &[400, 422]), query_params(&["environment", "limit"]))
+                "get": with_params(op("listDeployments", "Deployments and rollbacks, newest first", (200, "DeploymentList"), None, &[400, 422]), query_params(&["environment", "app", "limit"]))
             },
             "/api/v1/deployments/{id}": {
                 "get": with_params(op("getDeployment", "A deployment: status, per-host state, bytes, timings, smoke runs, approvals, recorded events", (200, "Deployment"), None, &[404]), id())
@@ -152,7 +155,7 @@ pub fn document() -> Value {
                 "post": with_params(op("cancel", "Cancel: hosts in flight finish, the rest are not touched", (202, "Cancelling"), None, &[404, 409, 500, 503]), id())
             },
             "/api/v1/report": {
-                "get": with_params(op("report", "Per environment and app: deployments per week, success and rollback rates, durations", (200, "Report"), None, &[400, 422]), query_params(&["environment"]))
+                "get": with_params(op("report", "Per environment and app: deployments per week, success and rollback rates, durations", (200, "Report"), None, &[400, 422]), query_params(&["environment", "app"]))
             }
         },
         "components": {
@@ -173,16 +176,16 @@ fn schemas() -> Value {
     json!({
         "Any": {},
         "Error": { "type": "object", "required": ["error", "message"], "properties": { "error": s(), "message": s() } },
-        "Health": { "type": "object", "required": ["status", "version"], "properties": { "status": s(), "version": s(), "app": s() } },
+        "Health": { "type": "object", "required": ["status", "version", "apps"], "properties": { "status": s(), "version": s(), "app": { "type": ["string", "null"], "description": "The fleet's app; null when it declares several" }, "apps": { "type": "array", "items": s() } } },
         "Upload": { "type": "object", "required": ["artifact", "bytes", "blake3"], "properties": { "artifact": s(), "bytes": int(), "blake3": s() } },
         "VersionRequest": {
             "type": "object", "required": ["version", "artifact"], "additionalProperties": false,
-            "properties": { "version": s(), "artifact": { "type": "string", "description": "Absolute path on the coordinator" }, "metadata": { "type": "object", "additionalProperties": { "type": ["string", "number", "boolean", "null"] } } }
+            "properties": { "app": { "type": "string", "description": "The app it is a build of (needed when fleet.toml declares several)" }, "version": s(), "artifact": { "type": "string", "description": "Absolute path on the coordinator" }, "metadata": { "type": "object", "additionalProperties": { "type": ["string", "number", "boolean", "null"] } } }
         },
         "Version": {
             "type": "object",
-            "required": ["version", "artifact", "release_id", "manifest_hash", "total_bytes", "files", "registered_by", "registered_ms", "metadata"],
-            "properties": { "version": s(), "artifact": s(), "release_id": s(), "manifest_hash": s(), "total_bytes": int(), "files": int(), "registered_by": s(), "registered_ms": int(), "metadata": { "type": "object" } }
+            "required": ["app", "version", "artifact", "release_id", "manifest_hash", "total_bytes", "files", "registered_by", "registered_ms", "metadata"],
+            "properties": { "app": s(), "version": s(), "artifact": s(), "release_id": s(), "manifest_hash": s(), "total_bytes": int(), "files": int(), "registered_by": s(), "registered_ms": int(), "metadata": { "type": "object" } }
         },
         "VersionList": { "type": "object", "required": ["versions"], "properties": { "versions": { "type": "array", "items": { "$ref": "#/components/schemas/Version" } } } },
         "EnvironmentList": {
@@ -191,15 +194,16 @@ fn schemas() -> Value {
                 "promotion": { "type": "array", "items": s() },
                 "environments": { "type": "array", "items": {
                     "type": "object", "required": ["name", "hosts", "strategy", "require_approval", "smoke_checks"],
-                    "properties": { "name": s(), "hosts": { "type": "array", "items": s() }, "strategy": s(), "promotion_index": nint(), "next_environment": ns(), "require_approval": { "type": "boolean" }, "smoke_checks": int(), "locked_by": ns(), "latest_deployment": ns() }
+                    "properties": { "name": s(), "hosts": { "type": "array", "items": s() }, "strategy": s(), "promotion_index": nint(), "next_environment": ns(), "require_approval": { "type": "boolean" }, "smoke_checks": int(), "locked_by": ns(), "latest_deployment": ns(),
+                        "apps": { "type": "array", "items": { "type": "object", "required": ["name", "hosts", "latest_deployment"], "properties": { "name": s(), "hosts": { "type": "array", "items": s() }, "latest_deployment": ns() } } } }
                 } }
             }
         },
         "Status": { "type": "object", "required": ["environment", "app", "hosts"], "properties": { "environment": s(), "app": s(), "hosts": { "type": "array", "items": { "type": "object", "required": ["name", "address", "reachable"] } } } },
-        "RollbackRequest": { "type": "object", "additionalProperties": false, "properties": { "to": s() } },
+        "RollbackRequest": { "type": "object", "additionalProperties": false, "properties": { "app": { "type": "string", "description": "The app to roll back (needed when fleet.toml declares several)" }, "to": s() } },
         "DeploymentRequest": {
             "type": "object", "required": ["environment", "version"], "additionalProperties": false,
-            "properties": { "environment": s(), "version": s(), "prestage": { "type": "boolean", "default": true } }
+            "properties": { "app": { "type": "string", "description": "The app to deploy (needed when fleet.toml declares several)" }, "environment": s(), "version": s(), "prestage": { "type": "boolean", "default": true } }
         },
         "Accepted": {
             "type": "object", "required": ["deployment_id", "environment", "status_url", "events_url"],
@@ -208,14 +212,14 @@ fn schemas() -> Value {
         "Cancelling": { "type": "object", "required": ["deployment_id", "status"], "properties": { "deployment_id": s(), "status": s() } },
         "DeploymentSummary": {
             "type": "object", "required": ["id", "kind", "environment", "version", "status", "started_ms"],
-            "properties": { "id": s(), "kind": s(), "environment": s(), "version": s(), "release_id": s(), "status": s(), "started_ms": int(), "finished_ms": nint(), "error": ns(), "bytes_sent": int(), "hosts_failed": int(), "requested_by": ns(), "promoted_from": ns() }
+            "properties": { "id": s(), "kind": s(), "environment": s(), "app": s(), "version": s(), "release_id": s(), "status": s(), "started_ms": int(), "finished_ms": nint(), "error": ns(), "bytes_sent": int(), "hosts_failed": int(), "requested_by": ns(), "promoted_from": ns() }
         },
         "DeploymentList": { "type": "object", "required": ["deployments"], "properties": { "deployments": { "type": "array", "items": { "$ref": "#/components/schemas/DeploymentSummary" } } } },
         "Deployment": {
             "type": "object",
             "required": ["deployment_id", "kind", "environment", "version", "release_id", "status", "bytes_sent", "total_bytes", "hosts", "started_ms", "smoke", "approvals", "events"],
             "properties": {
-                "deployment_id": s(), "kind": { "enum": ["deploy", "rollback"] }, "environment": s(), "version": s(), "release_id": s(),
+                "deployment_id": s(), "kind": { "enum": ["deploy", "rollback"] }, "environment": s(), "app": s(), "version": s(), "release_id": s(),
                 "status": { "enum": ["pending", "running", "paused", "succeeded", "failed", "rolled_back", "cancelled"] },
                 "error": ns(), "bytes_sent": int(), "total_bytes": int(), "started_ms": int(), "finished_ms": nint(),
                 "requested_by": ns(), "promoted_from": ns(), "next_environment": ns(), "running_here": { "type": "boolean" },

@@ -33,6 +33,11 @@ fn setup() -> Api {
 
 /// The staging smoke check targets `port` on web-1 (127.0.0.1).
 fn setup_with_smoke_port(port: u16) -> Api {
+    setup_from(port, "[app]\nname = \"web\"\n")
+}
+
+/// The fleet of [`setup`] with `apps` (fleet.toml's app tables) for its app.
+fn setup_from(port: u16, apps: &str) -> Api {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path().to_path_buf();
     std::fs::create_dir_all(root.join("builds")).expect("mkdir");
@@ -46,9 +51,7 @@ fn setup_with_smoke_port(port: u16) -> Api {
 registry = "registry.db"
 cache_dir = "cache"
 max_artifact_bytes = 1048576
-[app]
-name = "web"
-[tls]
+{apps}[tls]
 ca = "pki/ca.pem"
 cert = "pki/ctl.pem"
 key = "pki/ctl.key"
@@ -387,7 +390,7 @@ async fn bad_requests_get_a_4xx_json_error_that_says_what_is_wrong() {
             Some(r#"{"environment": "staging", "version": "9.9"}"#.into()),
             422,
             "version_not_registered",
-            "version \"9.9\" is not registered",
+            "version \"9.9\" of web is not registered",
         ),
         ("GET", "/api/v1/deployments?limit=many", "/api/v1/deployments", None, 400, "invalid_query", "limit"),
         (
@@ -471,6 +474,122 @@ async fn versions_register_once_and_environments_past_the_first_take_only_promot
     assert_eq!((s, list["versions"].as_array().map(Vec::len)), (200, Some(1)));
     let (s, _) = api.call("GET", "/api/v1/environments", "/api/v1/environments", Some(CI), None).await;
     assert_eq!(s, 200);
+}
+
+/// With several apps, every call that starts or looks up something of one app names it; versions
+/// are named per app; listings say and filter by app; each app rolls out to its own hosts.
+#[tokio::test]
+async fn a_server_of_several_apps_keeps_each_apps_versions_and_deployments_apart() {
+    let api = setup_from(9, "[apps.web]\n[apps.worker]\nhosts = [\"web-1\"]\n");
+    let (s, h) = api.call("GET", "/api/v1/health", "/api/v1/health", None, None).await;
+    assert_eq!((s, h["app"].clone(), h["apps"].clone()), (200, Value::Null, json!(["web", "worker"])), "{h}");
+    let web = api.artifact("build-web");
+    let worker = api.artifact("build-worker");
+    let register = |app: Option<&str>, dir: &std::path::Path| {
+        let mut body = json!({ "version": "1.0", "artifact": dir });
+        if let Some(app) = app {
+            body["app"] = json!(app);
+        }
+        body.to_string()
+    };
+    let v = "/api/v1/versions";
+    let (s, e) = api.call("POST", v, v, Some(CI), Some(&register(None, &web))).await;
+    assert_eq!((s, e["error"].as_str()), (422, Some("app_required")), "{e}");
+    assert!(e["message"].as_str().is_some_and(|m| m.contains("web, worker")), "{e}");
+    let (s, e) = api.call("POST", v, v, Some(CI), Some(&register(Some("mailer"), &web))).await;
+    assert_eq!((s, e["error"].as_str()), (422, Some("unknown_app")), "{e}");
+    // One version name, two apps, two builds.
+    for (app, dir) in [("web", &web), ("worker", &worker)] {
+        let (s, row) = api.call("POST", v, v, Some(CI), Some(&register(Some(app), dir))).await;
+        assert_eq!((s, row["app"].as_str()), (201, Some(app)), "{row}");
+    }
+    let one = "/api/v1/versions/{version}";
+    let (s, e) = api.call("GET", "/api/v1/versions/1.0", one, Some(CI), None).await;
+    assert_eq!((s, e["error"].as_str()), (422, Some("app_required")), "{e}");
+    let (s, web_row) = api.call("GET", "/api/v1/versions/1.0?app=web", one, Some(CI), None).await;
+    let (_, worker_row) = api.call("GET", "/api/v1/versions/1.0?app=worker", one, Some(CI), None).await;
+    assert_eq!(s, 200);
+    assert_ne!(web_row["manifest_hash"], worker_row["manifest_hash"], "each app keeps its own build");
+    let (_, list) = api.call("GET", "/api/v1/versions?app=worker", v, Some(CI), None).await;
+    assert_eq!(list["versions"].as_array().map(Vec::len), Some(1), "{list}");
+    let (_, list) = api.call("GET", "/api/v1/versions", v, Some(CI), None).await;
+    assert_eq!(list["versions"].as_array().map(Vec::len), Some(2), "{list}");
+    // Deployments and rollbacks name their app.
+    let d = "/api/v1/deployments";
+    let (s, e) = api
+        .call("POST", d, d, Some(CI), Some(&json!({ "environment": "staging", "version": "1.0" }).to_string()))
+        .await;
+    assert_eq!((s, e["error"].as_str()), (422, Some("app_required")), "{e}");
+    let rb = "/api/v1/environments/{environment}/rollback";
+    let (s, e) = api.call("POST", "/api/v1/environments/staging/rollback", rb, Some(CI), None).await;
+    assert_eq!((s, e["error"].as_str()), (422, Some("app_required")), "{e}");
+    let body = json!({ "app": "worker", "environment": "staging", "version": "1.0" }).to_string();
+    let (s, started) = api.call("POST", d, d, Some(CI), Some(&body)).await;
+    assert_eq!(s, 202, "{started}");
+    let id = started["deployment_id"].as_str().expect("id").to_string();
+    // Nothing listens on web-1's port: it fails; wait for its end.
+    for _ in 0..200 {
+        if api.state.jobs.get(&id).is_some_and(|j| j.done()) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let (s, view) = api.call("GET", &format!("{d}/{id}"), "/api/v1/deployments/{id}", Some(CI), None).await;
+    assert_eq!((s, view["app"].as_str(), view["version"].as_str()), (200, Some("worker"), Some("1.0")), "{view}");
+    let row = api.state.registry.deployment(&id).expect("registry").expect("recorded");
+    assert_eq!(row.app, "worker");
+    for (query, n) in [("?app=worker", 1), ("?app=web", 0), ("", 1)] {
+        let (s, list) = api.call("GET", &format!("{d}{query}"), d, Some(CI), None).await;
+        assert_eq!((s, list["deployments"].as_array().map(Vec::len)), (200, Some(n)), "{query}: {list}");
+    }
+    let (s, e) = api.call("GET", &format!("{d}?app=mailer"), d, Some(CI), None).await;
+    assert_eq!((s, e["error"].as_str()), (422, Some("unknown_app")), "{e}");
+    // The environments say which hosts run which app, and each app's newest deployment.
+    let (_, envs) = api.call("GET", "/api/v1/environments", "/api/v1/environments", Some(CI), None).await;
+    let staging =
+        envs["environments"].as_array().and_then(|a| a.iter().find(|e| e["name"] == "staging")).expect("staging");
+    assert_eq!(
+        staging["apps"],
+        json!([
+            { "name": "web", "hosts": ["web-1"], "latest_deployment": null },
+            { "name": "worker", "hosts": ["web-1"], "latest_deployment": id },
+        ]),
+        "{staging}"
+    );
+    let production =
+        envs["environments"].as_array().and_then(|a| a.iter().find(|e| e["name"] == "production")).expect("production");
+    assert_eq!(production["apps"][1]["hosts"], json!([]), "worker runs on web-1 only: {production}");
+}
+
+/// A registry from before versions were kept per app: a single-app server takes its versions.
+#[test]
+fn a_single_app_server_claims_the_versions_registered_before_apps() {
+    let api = setup();
+    let reg = api.state.registry.as_ref();
+    let row = |app: &str, version: &str| crate::registry::VersionRow {
+        app: app.into(),
+        version: version.into(),
+        artifact: "/a".into(),
+        release_id: "r".into(),
+        manifest_hash: "h".into(),
+        total_bytes: 1,
+        files: 1,
+        registered_by: "token:ci".into(),
+        registered_ms: 1,
+        metadata: Default::default(),
+    };
+    reg.register_version(&row("", "0.9")).expect("register");
+    reg.register_version(&row("", "1.0")).expect("register");
+    reg.register_version(&row("web", "1.0")).expect("register");
+    assert_eq!(reg.claim_versions("web").expect("claim"), 1, "1.0 of web is taken already");
+    assert!(reg.version("web", "0.9").expect("lookup").is_some());
+    assert!(reg.version("", "0.9").expect("lookup").is_none());
+    // The server does it when it starts.
+    reg.register_version(&row("", "0.8")).expect("register");
+    let config = api.state.config.clone();
+    let tls = ClientTls::load(&config.tls).expect("tls");
+    let again = AppState::load(config, tls).expect("state");
+    assert!(again.registry.version("web", "0.8").expect("lookup").is_some());
 }
 
 /// An environment's release of a registered version adds its layout (rendered files, their
@@ -684,7 +803,11 @@ async fn query_parameters_are_the_documented_ones() {
             continue;
         }
         for p in get["parameters"].as_array().into_iter().flatten().filter(|p| p["in"] == "query") {
-            let value = if p["schema"]["type"] == "integer" { "5" } else { "staging" };
+            let value = match p["name"].as_str() {
+                _ if p["schema"]["type"] == "integer" => "5",
+                Some("app") => "web",
+                _ => "staging",
+            };
             let (s, v) = api
                 .call("GET", &format!("{path}?{}={value}", p["name"].as_str().unwrap_or("")), path, Some(CI), None)
                 .await;
@@ -719,7 +842,7 @@ async fn engine_refusals_get_their_own_status_codes() {
     assert_eq!((s, e["error"].as_str()), (400, Some("invalid_version")), "{e}");
     // The same refusal, from the use case the CLI runs, keeps its type.
     let tls = api.state.tls.current();
-    let fleet = api.state.fleet(&tls.agents);
+    let fleet = api.state.fleet(&api.state.config, &tls.agents);
     let cancel = tokio_util::sync::CancellationToken::new();
     let ctx = crate::commands::Ctx {
         config: &api.state.config,

@@ -9,14 +9,15 @@ impl Db {
     /// Records `v`; if the version is already registered, returns the existing row instead
     /// (the caller compares the manifest hashes).
     pub(super) fn register_version(&self, v: &VersionRow) -> Result<Option<VersionRow>, RegistryError> {
-        if let Some(existing) = self.version(&v.version)? {
+        if let Some(existing) = self.version(&v.app, &v.version)? {
             return Ok(Some(existing));
         }
         self.conn
             .execute(
-                "INSERT INTO versions (version, artifact, release_id, manifest_hash, total_bytes, files, registered_by, registered_ms, metadata)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                "INSERT INTO versions (app, version, artifact, release_id, manifest_hash, total_bytes, files, registered_by, registered_ms, metadata)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                 params![
+                    v.app,
                     v.version,
                     v.artifact,
                     v.release_id,
@@ -32,29 +33,40 @@ impl Db {
         Ok(None)
     }
 
-    pub(super) fn version(&self, version: &str) -> Result<Option<VersionRow>, RegistryError> {
+    pub(super) fn version(&self, app: &str, version: &str) -> Result<Option<VersionRow>, RegistryError> {
         self.conn
             .query_row(
-                "SELECT version, artifact, release_id, manifest_hash, total_bytes, files, registered_by, registered_ms, metadata
-                 FROM versions WHERE version = ?1",
-                [version],
+                "SELECT app, version, artifact, release_id, manifest_hash, total_bytes, files, registered_by, registered_ms, metadata
+                 FROM versions WHERE app = ?1 AND version = ?2",
+                [app, version],
                 version_row,
             )
             .optional()
             .map_err(self.sql())
     }
 
-    /// Registered versions, newest first.
-    pub(super) fn versions(&self, limit: usize) -> Result<Vec<VersionRow>, RegistryError> {
+    /// Registered versions (of `app`, or of every app), newest first.
+    pub(super) fn versions(&self, app: Option<&str>, limit: usize) -> Result<Vec<VersionRow>, RegistryError> {
         let mut st = self
             .conn
             .prepare(
-                "SELECT version, artifact, release_id, manifest_hash, total_bytes, files, registered_by, registered_ms, metadata
-                 FROM versions ORDER BY registered_ms DESC, rowid DESC LIMIT ?1",
+                "SELECT app, version, artifact, release_id, manifest_hash, total_bytes, files, registered_by, registered_ms, metadata
+                 FROM versions WHERE ?1 IS NULL OR app = ?1 ORDER BY registered_ms DESC, rowid DESC LIMIT ?2",
             )
             .map_err(self.sql())?;
-        let rows = st.query_map([limit as i64], version_row).map_err(self.sql())?;
+        let rows = st.query_map(params![app, limit as i64], version_row).map_err(self.sql())?;
         rows.collect::<Result<_, _>>().map_err(self.sql())
+    }
+
+    /// Gives the versions registered before there were several apps (app "") to `app`, unless it
+    /// already has a version of the same name; how many it took.
+    pub(super) fn claim_versions(&self, app: &str) -> Result<usize, RegistryError> {
+        self.conn
+            .execute(
+                "UPDATE versions SET app = ?1 WHERE app = '' AND version NOT IN (SELECT version FROM versions WHERE app = ?1)",
+                [app],
+            )
+            .map_err(self.sql())
     }
 
     /// Who asked for deployment `id` through the API (the first asker is kept; later ones, such as
@@ -208,16 +220,17 @@ impl Db {
 }
 
 fn version_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VersionRow> {
-    let metadata: String = r.get(8)?;
+    let metadata: String = r.get(9)?;
     Ok(VersionRow {
-        version: r.get(0)?,
-        artifact: r.get(1)?,
-        release_id: r.get(2)?,
-        manifest_hash: r.get(3)?,
-        total_bytes: r.get(4)?,
-        files: r.get(5)?,
-        registered_by: r.get(6)?,
-        registered_ms: r.get(7)?,
+        app: r.get(0)?,
+        version: r.get(1)?,
+        artifact: r.get(2)?,
+        release_id: r.get(3)?,
+        manifest_hash: r.get(4)?,
+        total_bytes: r.get(5)?,
+        files: r.get(6)?,
+        registered_by: r.get(7)?,
+        registered_ms: r.get(8)?,
         metadata: serde_json::from_str(&metadata).unwrap_or_default(),
     })
 }
