@@ -346,6 +346,13 @@ fn one_server_deploys_and_rolls_back_two_apps_each_on_its_own_hosts() {
     );
     let config = fleet.dir.join("apps.toml");
     std::fs::write(&config, toml).unwrap_or_else(|e| panic!("{e}"));
+    // The plan of one app covers its own hosts.
+    let cfg = config.to_string_lossy().into_owned();
+    let plan = fleet.ferry(&["plan", "--config", &cfg, "--env", "test", "--app", "worker", "--output", "json"]);
+    assert_eq!(plan.status.code(), Some(0), "{}", text(&plan));
+    assert_eq!(json(&plan)["batches"][0]["hosts"], serde_json::json!(["web-2"]), "{}", text(&plan));
+    let plan = fleet.ferry(&["plan", "--config", &cfg, "--env", "test"]);
+    assert_eq!(plan.status.code(), Some(2), "{}", text(&plan));
     let _server = start_server(&fleet, &config);
     let serving = || -> Vec<String> {
         let mut all = Vec::new();

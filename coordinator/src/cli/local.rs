@@ -376,7 +376,7 @@ async fn other(command: Command, shutdown: &CancellationToken) -> u8 {
         }
         Command::Plan(args) => {
             let plan = || -> anyhow::Result<commands::plan::PlanView> {
-                let config = FleetConfig::load(&args.config)?;
+                let config = select_app(&FleetConfig::load(&args.config)?, args.app.as_deref())?;
                 // The registry knows which blue-green group is live; none exists before the first deployment.
                 let registry = config.registry_path().filter(|p| p.exists()).map(|p| Sqlite::open(&p)).transpose()?;
                 Ok(commands::plan::plan(&config, registry.as_ref().map(|r| r as &dyn Registry), &args.env)?)

@@ -165,6 +165,9 @@ pub struct EnvArgs {
     /// Environment of fleet.toml.
     #[arg(long, short)]
     pub env: String,
+    /// The app to plan (its hosts, its strategy), when fleet.toml declares several.
+    #[arg(long)]
+    pub app: Option<String>,
     /// Result format: human text or one JSON object.
     #[arg(long, value_enum, default_value = "human")]
     pub output: Format,
