@@ -301,8 +301,12 @@ async fn run_plan(config: Arc<AgentConfig>, plan: Plan, em: &Emitter) {
         hook(em, Step::AfterInstall, "after_install", &hook_plan.after_install, &hook_env, hook_timeout).await?;
         restart(em, systemd.as_ref(), &plan.units, &plan.unit_action, plan.unit_timeout, Step::RestartUnits).await?;
         failpoint::hit("after-restart");
-        hook(em, Step::Validate, "validate", &hook_plan.validate, &hook_env, hook_timeout).await?;
-        health(em, &plan.probes, &root, owner.as_ref(), Step::Health).await?;
+        let checks = async {
+            hook(em, Step::Validate, "validate", &hook_plan.validate, &hook_env, hook_timeout).await?;
+            health(em, &plan.probes, &root, owner.as_ref(), Step::Health).await
+        };
+        let nothing_to_check = hook_plan.validate.is_empty() && plan.probes.is_empty();
+        watched(em, systemd.as_ref(), &plan.units, nothing_to_check, checks, Step::Health).await?;
         hook(
             em,
             Step::AfterAllowTraffic,
@@ -446,7 +450,8 @@ async fn roll_back(
                     tracing::warn!(app = plan.app, "{e}; the probes of {previous} run as root");
                     None
                 });
-            health(em, &plan.probes, root, owner.as_ref(), Step::RollbackHealth).await
+            let checks = health(em, &plan.probes, root, owner.as_ref(), Step::RollbackHealth);
+            watched(em, systemd, &plan.units, plan.probes.is_empty(), checks, Step::RollbackHealth).await
         }
         Err(f) => Err(f),
     };
@@ -504,34 +509,76 @@ async fn restart(
         em.send(step, StepState::Started, format!("{action} {unit}"), None).await;
         match sd.apply(action, unit, timeout).await {
             Ok(()) => em.send(step, StepState::Succeeded, format!("{unit} is active"), Some(t)).await,
-            Err(e) => {
-                em.send(step, StepState::Failed, e.to_string(), Some(t)).await;
-                let units = match &e {
-                    UnitError::Bus(_) => Vec::new(),
-                    other => other.state().cloned().into_iter().collect(),
-                };
-                let journal = units.first().map(|s| s.journal.join("\n")).unwrap_or_default();
-                let state = units
-                    .first()
-                    .map(|s| {
-                        format!(
-                            " [ActiveState={} SubState={} Result={} ExecMainStatus={}]",
-                            s.active_state, s.sub_state, s.result, s.exec_main_status
-                        )
-                    })
-                    .unwrap_or_default();
-                return Err(Failure {
-                    cause: format!(
-                        "{}: {e}{state}{}",
-                        step_name(step),
-                        if journal.is_empty() { String::new() } else { format!("\nlast journal lines:\n{journal}") }
-                    ),
-                    units,
-                });
-            }
+            Err(e) => return Err(unit_failure(em, step, &e, t).await),
         }
     }
     Ok(())
+}
+
+/// A unit's failure at `step`, reported, with its state and last journal lines.
+async fn unit_failure(em: &Emitter, step: Step, e: &UnitError, t: Instant) -> Failure {
+    em.send(step, StepState::Failed, e.to_string(), Some(t)).await;
+    let units = match e {
+        UnitError::Bus(_) => Vec::new(),
+        other => other.state().cloned().into_iter().collect(),
+    };
+    let journal = units.first().map(|s| s.journal.join("\n")).unwrap_or_default();
+    let state = units
+        .first()
+        .map(|s| {
+            format!(
+                " [ActiveState={} SubState={} Result={} ExecMainStatus={}]",
+                s.active_state, s.sub_state, s.result, s.exec_main_status
+            )
+        })
+        .unwrap_or_default();
+    Failure {
+        cause: format!(
+            "{}: {e}{state}{}",
+            step_name(step),
+            if journal.is_empty() { String::new() } else { format!("\nlast journal lines:\n{journal}") }
+        ),
+        units,
+    }
+}
+
+/// Runs `checks` (the validate hook, the health probes) while watching the units just restarted:
+/// a unit that stops or is restarted by systemd meanwhile fails them at once, and every unit must
+/// still be up when they pass. With `nothing_to_check` the units are watched for
+/// [`crate::systemd::SETTLE`] instead: staying up is then the only proof of health.
+async fn watched(
+    em: &Emitter,
+    systemd: Option<&Systemd>,
+    units: &[String],
+    nothing_to_check: bool,
+    checks: impl Future<Output = Result<(), Failure>>,
+    step: Step,
+) -> Result<(), Failure> {
+    let Some(sd) = systemd.filter(|_| !units.is_empty()) else { return checks.await };
+    let t = Instant::now();
+    let mut watch = sd.watch(units).await;
+    let checks = async {
+        checks.await?;
+        if nothing_to_check {
+            tokio::time::sleep(crate::systemd::SETTLE).await;
+        }
+        Ok(())
+    };
+    let ended = tokio::select! {
+        passed = checks => Ok(passed),
+        e = watch.failed() => Err(e),
+    };
+    let failed = match ended {
+        Ok(passed) => {
+            passed?;
+            watch.finish().await.err()
+        }
+        Err(e) => Some(e),
+    };
+    match failed {
+        None => Ok(()),
+        Some(e) => Err(unit_failure(em, step, &e, t).await),
+    }
 }
 
 async fn health(

@@ -1,23 +1,31 @@
 //! systemd unit control over D-Bus (`org.freedesktop.systemd1` on the system bus).
 //!
 //! A restart subscribes to `JobRemoved` *before* asking for the job (so the signal cannot be
-//! missed), waits for the job's result, then watches `ActiveState` through a short settle window:
-//! for `Type=simple`/`exec` units the job is done at exec time, and a process that dies right after
-//! must still count as a failed start. A failure carries the unit's `ActiveState`, `SubState`,
-//! `Result`, `ExecMainStatus` and its last journal lines.
+//! missed) and waits for the job's result. For `Type=simple`/`exec` units the job is done at exec
+//! time, so a process that dies right after must still count as a failed start: the activation
+//! then keeps a [`UnitWatch`] on its units while their health is checked (hooks, probes,
+//! `min_healthy_time`), and a unit that stops or restarts meanwhile fails it at once. An app with
+//! nothing to check its health watches its units for [`SETTLE`] instead. A failure carries the
+//! unit's `ActiveState`, `SubState`, `Result`, `ExecMainStatus` and its last journal lines.
 //!
 //! Before a restart the unit's failed state and start-rate counter are reset: a deploy's restart
 //! must not be refused because earlier restarts used up `StartLimitBurst`.
 //!
 //! Callers only ever pass units that the app declares in `agent.toml` (checked by the service).
+use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_proto::v1;
 use tokio_stream::StreamExt;
+use zbus::proxy::CacheProperties;
 use zbus_systemd::systemd1::{ManagerProxy, ServiceProxy, UnitProxy};
 
-/// How long a freshly started unit must stay up before its start counts as done.
+/// How long the units of an app without health probes or validate hook must stay up after their
+/// restart: the only proof of their health there is.
 pub const SETTLE: Duration = Duration::from_millis(500);
+
+/// How often a [`UnitWatch`] looks at its units.
+const WATCH_EVERY: Duration = Duration::from_millis(25);
 
 #[derive(Debug, thiserror::Error)]
 pub enum UnitError {
@@ -139,29 +147,97 @@ impl Systemd {
                 state: Box::new(self.state(unit).await),
             });
         }
-        // The job is done at exec time for simple/exec units: make sure the process stays up.
-        let settle_until = tokio::time::Instant::now() + SETTLE;
-        loop {
-            let state = self.state(unit).await;
-            match state.active_state.as_str() {
-                "active" | "activating" | "reloading" => {}
-                _ => {
-                    return Err(UnitError::Failed {
-                        unit: unit.to_string(),
-                        action,
-                        reason: format!("it is {} ({}) right after starting", state.active_state, state.sub_state),
-                        state: Box::new(state),
-                    });
+        // The job is done at exec time for simple/exec units: the process may already be gone.
+        // (That it stays up is the watch's part: see `watch`.)
+        let (active, sub) = self.active_state(unit).await;
+        if up(&active) {
+            return Ok(());
+        }
+        Err(UnitError::Failed {
+            unit: unit.to_string(),
+            action,
+            reason: format!("it is {active} ({sub}) right after starting"),
+            state: Box::new(self.state(unit).await),
+        })
+    }
+
+    /// `ActiveState` and `SubState` of `unit` (empty when systemd does not answer).
+    async fn active_state(&self, unit: &str) -> (String, String) {
+        let Some(u) = self.unit(unit).await else { return Default::default() };
+        (u.active_state().await.unwrap_or_default(), u.sub_state().await.unwrap_or_default())
+    }
+
+    async fn unit(&self, unit: &str) -> Option<UnitProxy<'static>> {
+        let path = self.manager().await.ok()?.load_unit(unit.to_string()).await.ok()?;
+        UnitProxy::builder(&self.conn).path(path).cache_properties(CacheProperties::No).build().await.ok()
+    }
+
+    async fn service(&self, unit: &str) -> Option<ServiceProxy<'static>> {
+        if !unit.ends_with(".service") {
+            return None;
+        }
+        let path = self.manager().await.ok()?.load_unit(unit.to_string()).await.ok()?;
+        ServiceProxy::builder(&self.conn).path(path).cache_properties(CacheProperties::No).build().await.ok()
+    }
+
+    /// Starts watching `units` (just restarted or reloaded): from now on, one that stops being
+    /// active, or that systemd restarts (its `NRestarts` grows: it died and `Restart=` brought
+    /// it back), is a failure of the activation.
+    pub async fn watch(&self, units: &[String]) -> UnitWatch {
+        let mut watched = Vec::new();
+        for name in units {
+            let service = self.service(name).await;
+            let restarts = match &service {
+                Some(s) => s.n_restarts().await.unwrap_or(0),
+                None => 0,
+            };
+            watched.push(Watched { name: name.clone(), unit: self.unit(name).await, service, restarts });
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let sd = Systemd { conn: self.conn.clone() };
+        let looking = Arc::new(tokio::sync::Mutex::new(watched));
+        let task = tokio::spawn({
+            let looking = looking.clone();
+            async move {
+                loop {
+                    tokio::time::sleep(WATCH_EVERY).await;
+                    if let Some(e) = sd.look(&looking).await {
+                        let _ = tx.send(e);
+                        return;
+                    }
                 }
             }
-            if tokio::time::Instant::now() >= settle_until && state.active_state == "active" {
-                return Ok(());
+        });
+        UnitWatch { sd: Systemd { conn: self.conn.clone() }, watched: looking, failed: rx, task }
+    }
+
+    /// One look at the watched units: the first that failed, with its state and journal.
+    async fn look(&self, watched: &tokio::sync::Mutex<Vec<Watched>>) -> Option<UnitError> {
+        let watched = watched.lock().await;
+        for w in watched.iter() {
+            let active = match &w.unit {
+                Some(u) => u.active_state().await.unwrap_or_default(),
+                None => String::new(),
+            };
+            let restarts = match &w.service {
+                Some(s) => s.n_restarts().await.unwrap_or(w.restarts),
+                None => w.restarts,
+            };
+            if up(&active) && restarts <= w.restarts {
+                continue;
             }
-            if tokio::time::Instant::now() >= settle_until + timeout {
-                return Err(UnitError::Timeout { unit: unit.to_string(), action, timeout, state: Box::new(state) });
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            let state = self.state(&w.name).await;
+            let reason = if restarts > w.restarts {
+                format!(
+                    "it died and systemd restarted it while its health was checked (NRestarts {} -> {restarts})",
+                    w.restarts
+                )
+            } else {
+                format!("it became {} ({}) while its health was checked", state.active_state, state.sub_state)
+            };
+            return Some(UnitError::Failed { unit: w.name.clone(), action: "watch", reason, state: Box::new(state) });
         }
+        None
     }
 
     /// The unit's state and its last journal lines (best effort: missing fields stay empty).
@@ -184,6 +260,55 @@ impl Systemd {
         let name = unit.to_string();
         s.journal = tokio::task::spawn_blocking(move || journal_tail(&name, 15)).await.unwrap_or_default();
         s
+    }
+}
+
+fn up(active_state: &str) -> bool {
+    matches!(active_state, "active" | "activating" | "reloading")
+}
+
+/// A unit being watched, and its `NRestarts` when the watch began.
+struct Watched {
+    name: String,
+    unit: Option<UnitProxy<'static>>,
+    service: Option<ServiceProxy<'static>>,
+    restarts: u32,
+}
+
+/// Units watched while an activation checks their health (see [`Systemd::watch`]); stops when
+/// dropped.
+pub struct UnitWatch {
+    sd: Systemd,
+    watched: Arc<tokio::sync::Mutex<Vec<Watched>>>,
+    failed: tokio::sync::oneshot::Receiver<UnitError>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl UnitWatch {
+    /// Resolves when a watched unit fails; never, if none does.
+    pub async fn failed(&mut self) -> UnitError {
+        match (&mut self.failed).await {
+            Ok(e) => e,
+            Err(_) => std::future::pending().await,
+        }
+    }
+
+    /// Ends the watch with one last look: the checks passed, and every unit must still be up.
+    pub async fn finish(mut self) -> Result<(), UnitError> {
+        self.task.abort();
+        if let Ok(e) = self.failed.try_recv() {
+            return Err(e);
+        }
+        match self.sd.look(&self.watched).await {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for UnitWatch {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 

@@ -344,12 +344,26 @@ impl Artifact {
         let started = std::time::SystemTime::now();
         let io = |source| ArtifactError::Io { path: path.to_owned(), source };
         let meta = std::fs::metadata(path).map_err(io)?;
-        let (root, extracted) = if meta.is_dir() {
-            (path.to_owned(), None)
-        } else {
-            let dir = tempfile::Builder::new().prefix("ferry-artifact-").tempdir().map_err(io)?;
-            extract(path, dir.path(), max_bytes)?;
-            (dir.path().to_owned(), Some(dir))
+        // An archive's tree: the one ferry extracted before while the archive is unchanged (see
+        // `cache`), else a new extraction, kept in the cache where it can be.
+        let (root, extracted) = match cache.and_then(|c| c.extracted(path, &meta)) {
+            _ if meta.is_dir() => (path.to_owned(), None),
+            Some(tree) => (tree, None),
+            None => {
+                let dir = match cache.and_then(|c| c.extraction_dir(path, &meta)) {
+                    Some(dir) => dir,
+                    None => tempfile::Builder::new().prefix("ferry-artifact-").tempdir().map_err(io)?,
+                };
+                extract(path, dir.path(), max_bytes)?;
+                let kept = match cache {
+                    Some(c) => c.keep_extracted(path, &meta, dir),
+                    None => Err(dir),
+                };
+                match kept {
+                    Ok(tree) => (tree, None),
+                    Err(dir) => (dir.path().to_owned(), Some(dir)),
+                }
+            }
         };
         let mut entries = Vec::new();
         walk(path, &root, "", &mut entries)?;
@@ -357,8 +371,11 @@ impl Artifact {
             return Err(ArtifactError::Empty(path.to_owned()));
         }
         entries.sort_by(|a, b| a.0.path.cmp(&b.0.path));
-        // An extracted archive is new on every run: only a directory's stat can vouch for content.
+        // A temporary extraction is new on every run: nothing vouches for its content. A tree kept in
+        // the cache is ferry's own extraction, hashed as soon as it was written: its files are
+        // remembered however recently they were written.
         let cache = cache.filter(|_| extracted.is_none());
+        let cached_tree = !meta.is_dir() && cache.is_some();
         let known = cache.map(|c| c.scan_records(path)).unwrap_or_default();
         let mut todo = Vec::new();
         for (i, (entry, file)) in entries.iter_mut().enumerate() {
@@ -395,7 +412,8 @@ impl Artifact {
                     }
                     offset += c.length;
                 }
-                if file.stat.mtime_ns < settled && file.stat.ctime_ns < settled && file.stat.size == entry.size {
+                let remember = cached_tree || (file.stat.mtime_ns < settled && file.stat.ctime_ns < settled);
+                if remember && file.stat.size == entry.size {
                     records.push(file.stat.record(&entry));
                 }
             }
@@ -403,6 +421,14 @@ impl Artifact {
         }
         if let Some(cache) = cache {
             cache.save_scan(path, records);
+        }
+        // A tree extracted earlier, under another max_artifact_bytes, still keeps to this one.
+        if !meta.is_dir() && manifest::total_bytes(&manifest) > max_bytes {
+            return Err(ArtifactError::TooLarge {
+                artifact: path.to_owned(),
+                entry: "(all of it)".into(),
+                limit: max_bytes,
+            });
         }
         let build_hash = manifest::hash(&manifest);
         layout
@@ -838,6 +864,59 @@ mod tests {
             hash_of(&Artifact::scan(d.path(), None).expect("scan"), "a"),
             blake3::hash(b"alpha").as_bytes().to_vec()
         );
+    }
+
+    /// An archive unchanged since its last scan is neither extracted nor hashed again: its tree
+    /// stays in the cache and the tree's scan records vouch for its files. A changed archive gets
+    /// a new tree; one changed within the last second is extracted to a temporary directory.
+    #[test]
+    fn an_unchanged_archive_reuses_its_extracted_tree_and_hashes() {
+        let d = tree();
+        let out = tempfile::tempdir().expect("tempdir");
+        let cache_dir = tempfile::tempdir().expect("tempdir");
+        let cache = Cache::new(cache_dir.path().to_owned());
+        let archive = out.path().join("a.tar.zst");
+        tar_of(d.path(), &archive, Some(3));
+        let trees = || -> Vec<std::path::PathBuf> {
+            let Ok(read) = std::fs::read_dir(cache_dir.path().join("extracted")) else { return Vec::new() };
+            let mut v: Vec<_> = read.map(|e| e.expect("entry").path()).collect();
+            v.sort();
+            v
+        };
+        // Just written: not trusted to be finished, so not kept.
+        let fresh = Artifact::scan(&archive, Some(&cache)).expect("scan");
+        assert!(trees().is_empty(), "{:?}", trees());
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        let first = Artifact::scan(&archive, Some(&cache)).expect("scan");
+        assert_eq!(first.manifest_hash, fresh.manifest_hash);
+        let kept = trees();
+        assert_eq!(kept.len(), 1, "{kept:?}");
+        let ino = |p: &Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).expect("stat"));
+        let tree_ino = ino(&kept[0]);
+        assert_eq!(cache.scan_records(&archive).len(), 2, "both files of the tree are remembered at once");
+        // Planted in the records, believed: the files were not read again.
+        let mut records = cache.scan_records(&archive);
+        let planted = blake3::hash(b"planted").as_bytes().to_vec();
+        if let Some(r) = records.get_mut("README") {
+            r.hash = planted.clone();
+        }
+        cache.save_scan(&archive, records.into_values().collect());
+        let second = Artifact::scan(&archive, Some(&cache)).expect("scan");
+        let readme = second.manifest.entries.iter().find(|e| e.path == "README").expect("README");
+        assert_eq!(readme.hash, planted);
+        assert_eq!((trees(), ino(&kept[0])), (kept.clone(), tree_ino), "the same tree, not extracted again");
+        let chunk = &first.manifest.entries[3].chunks[0];
+        assert_eq!(second.read_chunk(&chunk.hash).expect("read from the kept tree").len() as u64, chunk.length);
+        // A limit lower than what the kept tree holds still refuses it.
+        let e = Artifact::scan_within(&archive, Some(&cache), 1000).expect_err("too large");
+        assert!(e.to_string().contains("max_artifact_bytes (1000 bytes)"), "{e}");
+        // Another build under the same name: a tree of its own.
+        std::fs::write(d.path().join("README"), b"hello again").expect("write");
+        tar_of(d.path(), &archive, Some(3));
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        let third = Artifact::scan(&archive, Some(&cache)).expect("scan");
+        assert_ne!(third.manifest_hash, first.manifest_hash);
+        assert_eq!(trees().len(), 2, "{:?}", trees());
     }
 
     #[test]

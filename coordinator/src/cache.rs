@@ -10,6 +10,12 @@
 //!   the current time and no user can set a ctime, so an unchanged stat means unchanged content.
 //!   A file changed less than a second before it was scanned is not remembered (its timestamps
 //!   could still be equal after a later write in the same clock tick).
+//! - `extracted/<hash of the archive's path and stat>/`: the tree of a `.tar`/`.tar.gz`/`.tar.zst`
+//!   artifact as ferry extracted it, while the archive's stat (device, inode, size, mtime, ctime)
+//!   is unchanged: a redeploy of the same archive neither extracts nor hashes it again (the tree's
+//!   files are vouched for by their own scan records, like a directory's). An archive changed less
+//!   than a second before it is scanned is extracted to a temporary directory instead. The newest
+//!   [`KEEP_TREES`] trees are kept.
 //!
 //! Writes go to a temporary file renamed into place, so a reader never sees half a file; a file
 //! that does not decode is ignored. Each directory keeps its newest [`KEEP`] files.
@@ -22,6 +28,8 @@ use prost::Message;
 
 /// Files kept per cache directory.
 const KEEP: usize = 64;
+/// Extracted archives kept.
+pub const KEEP_TREES: usize = 4;
 
 /// The cached stat and content of one file of a directory artifact.
 #[derive(Clone, PartialEq, Message)]
@@ -103,6 +111,64 @@ impl Cache {
         self.write(&self.scan_path(artifact), &ScanFile { records }.encode_to_vec());
     }
 
+    fn trees_dir(&self) -> PathBuf {
+        self.dir.join("extracted")
+    }
+
+    /// Where the tree of `archive` (whose metadata is `meta`) is kept; None while the archive is
+    /// changing (changed less than a second ago).
+    fn tree_path(&self, archive: &Path, meta: &std::fs::Metadata) -> Option<PathBuf> {
+        use std::os::unix::fs::MetadataExt;
+        let ns = |s: i64, n: i64| s.saturating_mul(1_000_000_000).saturating_add(n);
+        let (mtime, ctime) = (ns(meta.mtime(), meta.mtime_nsec()), ns(meta.ctime(), meta.ctime_nsec()));
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok()?.as_nanos() as i64;
+        if mtime.max(ctime) > now - 1_000_000_000 {
+            return None;
+        }
+        let abs = std::fs::canonicalize(archive).unwrap_or_else(|_| archive.to_owned());
+        let mut h = blake3::Hasher::new();
+        h.update(abs.as_os_str().as_encoded_bytes());
+        for n in [meta.dev() as i64, meta.ino() as i64, meta.size() as i64, mtime, ctime] {
+            h.update(&n.to_le_bytes());
+        }
+        Some(self.trees_dir().join(&h.finalize().to_hex()[..32]))
+    }
+
+    /// The tree ferry extracted from `archive` earlier, if the archive has not changed since.
+    pub fn extracted(&self, archive: &Path, meta: &std::fs::Metadata) -> Option<PathBuf> {
+        let tree = self.tree_path(archive, meta)?;
+        let dir = std::fs::File::open(&tree).ok()?;
+        // Its mtime says how recently it was used (the oldest go first).
+        let _ = dir.set_modified(std::time::SystemTime::now());
+        dir.metadata().ok()?.is_dir().then_some(tree)
+    }
+
+    /// A temporary directory to extract `archive` into, on the cache's filesystem (so that
+    /// [`Cache::keep_extracted`] can rename it into place); None if the cache cannot hold one.
+    pub fn extraction_dir(&self, archive: &Path, meta: &std::fs::Metadata) -> Option<tempfile::TempDir> {
+        self.tree_path(archive, meta)?;
+        std::fs::create_dir_all(self.trees_dir()).ok()?;
+        tempfile::Builder::new().prefix(".tmp-").tempdir_in(self.trees_dir()).ok()
+    }
+
+    /// Keeps `dir`, a complete extraction of `archive`, as its tree; `dir` back if it cannot.
+    pub fn keep_extracted(
+        &self,
+        archive: &Path,
+        meta: &std::fs::Metadata,
+        dir: tempfile::TempDir,
+    ) -> Result<PathBuf, tempfile::TempDir> {
+        let Some(tree) = self.tree_path(archive, meta) else { return Err(dir) };
+        if let Err(e) = std::fs::rename(dir.path(), &tree) {
+            tracing::warn!(path = %tree.display(), error = %e, "cannot keep the extracted archive in the cache");
+            return Err(dir);
+        }
+        // Renamed away: nothing is left for the TempDir to remove.
+        let _ = dir.keep();
+        prune_trees(&self.trees_dir(), KEEP_TREES);
+        Ok(tree)
+    }
+
     /// Writes a cache file; a failure only costs the next run some time, so it is logged.
     fn write(&self, path: &Path, bytes: &[u8]) {
         let Some(dir) = path.parent() else { return };
@@ -116,6 +182,28 @@ impl Cache {
             return;
         }
         prune(dir, KEEP);
+    }
+}
+
+/// Keeps the `keep` most recently used trees of `dir`, and removes extractions a killed run left
+/// (`.tmp-*` older than a day).
+fn prune_trees(dir: &Path, keep: usize) {
+    let Ok(read) = std::fs::read_dir(dir) else { return };
+    let day_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(86_400);
+    let mut trees = Vec::new();
+    for e in read.filter_map(|e| e.ok()) {
+        let Some(modified) = e.metadata().ok().and_then(|m| m.modified().ok()) else { continue };
+        if e.file_name().to_string_lossy().starts_with(".tmp-") {
+            if modified < day_ago {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        } else {
+            trees.push((modified, e.path()));
+        }
+    }
+    trees.sort_by_key(|t| std::cmp::Reverse(t.0));
+    for (_, p) in trees.into_iter().skip(keep) {
+        let _ = std::fs::remove_dir_all(p);
     }
 }
 

@@ -29,6 +29,15 @@ with open(os.path.join(HERE, "health.json")) as f:
     HEALTH = f.read()
 if json.loads(HEALTH).get("crash_on_start"):
     sys.exit("demo app: this release is built to fail at start")
+if json.loads(HEALTH).get("start_delay_ms"):
+    import time
+    time.sleep(json.loads(HEALTH)["start_delay_ms"] / 1000)
+if json.loads(HEALTH).get("exit_after_ms"):
+    import threading
+    def leave():
+        print("demo app: this release is built to exit soon after it starts", flush=True)
+        os._exit(3)
+    threading.Timer(json.loads(HEALTH)["exit_after_ms"] / 1000, leave).start()
 
 class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
@@ -62,6 +71,10 @@ pub enum Variant {
     FailingValidateOn(&'static str),
     /// Healthy to the health probe, but `GET /` answers 500.
     BrokenPage,
+    /// Healthy, but the process exits (status 3) this many milliseconds after it starts.
+    ExitsAfter(u32),
+    /// Healthy, but only listens this many milliseconds after it starts.
+    SlowStart(u32),
 }
 
 /// Writes a release of the demo app for `version` into `dir` (created).
@@ -100,6 +113,12 @@ pub fn write_release(dir: &Path, version: &str, variant: Variant) -> std::io::Re
         Variant::BrokenPage => format!("{{\"status\": \"healthy\", \"version\": \"{version}\", \"page_error\": true}}"),
         Variant::CrashOnStart => {
             format!("{{\"status\": \"healthy\", \"version\": \"{version}\", \"crash_on_start\": true}}")
+        }
+        Variant::ExitsAfter(ms) => {
+            format!("{{\"status\": \"healthy\", \"version\": \"{version}\", \"exit_after_ms\": {ms}}}")
+        }
+        Variant::SlowStart(ms) => {
+            format!("{{\"status\": \"healthy\", \"version\": \"{version}\", \"start_delay_ms\": {ms}}}")
         }
     };
     std::fs::write(dir.join("health.json"), health + "\n")

@@ -260,6 +260,60 @@ fn deploy(
     (out.status.code(), json, stderr(&out))
 }
 
+/// No fixed wait after a restart: the units are watched while their health is checked. A unit that
+/// dies while its probes run (min_healthy_time) fails the activation at once, named with its
+/// state; an app with nothing to check its health is watched for a settle window instead; a unit
+/// slow to start that passes its probes is healthy.
+#[test]
+fn units_are_watched_while_their_health_is_checked() {
+    let fleet = fleet_or_skip!(1);
+    let base = fleet.fleet_toml();
+    let config = base.to_str().unwrap_or_default();
+    let (code, json, err) = deploy(&fleet, config, "1", Variant::Healthy);
+    assert_eq!(code, Some(0), "{json}{err}");
+
+    // Its probe passes at once, but the unit must stay healthy for 2 s: it exits after 0.3 s.
+    let text = std::fs::read_to_string(&base).expect("read");
+    let strict = fleet.dir.join("strict.toml");
+    std::fs::write(&strict, text.replacen("retries = 10\n", "retries = 10\nmin_healthy_time = \"2s\"\n", 1))
+        .expect("write");
+    let (code, json, err) = deploy(&fleet, strict.to_str().unwrap_or_default(), "2", Variant::ExitsAfter(300));
+    assert_eq!(code, Some(1), "{json}{err}");
+    assert_eq!(json["hosts"][0]["status"], "rolled_back", "{json}");
+    let cause = json["hosts"][0]["error"].as_str().unwrap_or_default();
+    assert!(cause.contains("unit web.service: watch failed: it became"), "{cause}");
+    assert!(cause.contains("while its health was checked") && cause.contains("ExecMainStatus=3"), "{cause}");
+    assert!(cause.contains("built to exit soon after it starts"), "the journal lines: {cause}");
+    assert_eq!(served(&fleet), ["1"]);
+
+    // With Restart=always systemd brings it straight back: still a failure, named as a restart.
+    fleet.hosts[0].unit_dropin("web.service", "restart", "[Service]\nRestart=always\nRestartSec=50ms\n");
+    let (code, json, err) = deploy(&fleet, strict.to_str().unwrap_or_default(), "2r", Variant::ExitsAfter(300));
+    assert_eq!(code, Some(1), "{json}{err}");
+    let cause = json["hosts"][0]["error"].as_str().unwrap_or_default();
+    assert!(cause.contains("it died and systemd restarted it while its health was checked"), "{cause}");
+    assert_eq!(served(&fleet), ["1"]);
+    let dropin = fleet.hosts[0].dir.join("etc/systemd/system/web.service.d/restart.conf");
+    std::fs::remove_file(&dropin).expect("remove the drop-in");
+    fleet.hosts[0].systemctl(&["daemon-reload"]).expect("daemon-reload");
+
+    // No probe and no validate hook: staying up is all there is to check.
+    let (head, rest) = text.split_once("[[app.health]]").expect("[[app.health]]");
+    let (_, tail) = rest.split_once("[tls]").expect("[tls]");
+    let bare = fleet.dir.join("bare.toml");
+    std::fs::write(&bare, format!("{head}[tls]{tail}")).expect("write");
+    let (code, json, err) = deploy(&fleet, bare.to_str().unwrap_or_default(), "3", Variant::ExitsAfter(300));
+    assert_eq!(code, Some(1), "{json}{err}");
+    let cause = json["hosts"][0]["error"].as_str().unwrap_or_default();
+    assert!(cause.contains("watch failed: it became"), "{cause}");
+    assert_eq!(served(&fleet), ["1"]);
+
+    // Slow to listen (1.5 s), within its probes' 10 attempts 200 ms apart: healthy.
+    let (code, json, err) = deploy(&fleet, config, "4", Variant::SlowStart(1500));
+    assert_eq!(code, Some(0), "{json}{err}");
+    assert_eq!(served(&fleet), ["4"]);
+}
+
 fn served(fleet: &ferry_tests::fleet::Fleet) -> Vec<String> {
     fleet
         .hosts
@@ -303,7 +357,12 @@ fn broken_releases_are_rolled_back_on_the_host_and_the_rollout_halts() {
     assert_eq!(code, Some(1), "{json}{err}");
     assert_eq!(json["hosts"][0]["status"], "rolled_back", "{json}");
     let cause = json["hosts"][0]["error"].as_str().unwrap_or_default();
-    assert!(cause.contains("units: unit web.service: restart failed"), "{cause}");
+    // Dead by the time the restart's job ended, or soon after, while its health was checked.
+    assert!(
+        cause.contains("units: unit web.service: restart failed")
+            || cause.contains("health: unit web.service: watch failed: it became failed"),
+        "{cause}"
+    );
     assert!(cause.contains("this release is built to fail at start"), "the journal lines: {cause}");
     assert_eq!(served(&fleet), ["2", "2"]);
 

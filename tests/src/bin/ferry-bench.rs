@@ -135,7 +135,16 @@ fn bench(mb: u64, mbit: u32) -> Result<(), String> {
     // Two releases kept per host: the 256 MiB state tmpfs holds two 50 MB releases and a staging.
     let config = fleet.fleet_toml_with("bench.toml", "strategy = \"rolling\"\nbatch = 1");
     let text = std::fs::read_to_string(&config).map_err(|e| e.to_string())?;
-    std::fs::write(&config, text.replacen("[app]\n", "[app]\nkeep_releases = 2\n", 1)).map_err(|e| e.to_string())?;
+    // The health probe polls as the by-hand restart below does: every 10 ms (for up to 3 s).
+    let text = text.replacen("[app]\n", "[app]\nkeep_releases = 2\n", 1).replacen(
+        "interval = \"200ms\"\nretries = 10\n",
+        "interval = \"10ms\"\nretries = 300\n",
+        1,
+    );
+    if !text.contains("interval = \"10ms\"") {
+        return Err(format!("{}: the health probe's interval was not found to change", config.display()));
+    }
+    std::fs::write(&config, text).map_err(|e| e.to_string())?;
 
     // 1. Overhead per host.
     deploy(&fleet, &config, &release(&fleet, "1", 0)?, "1", &[])?;
@@ -158,6 +167,48 @@ fn bench(mb: u64, mbit: u32) -> Result<(), String> {
     println!("   activation phase (registry)               {:>8} ms", phase);
     println!("   agents' activations (hooks, swap, restart, health), sum {:>5} ms", agent_ms);
     println!("   => overhead per host                      {overhead:>8.1} ms   (target < 100 ms)");
+
+    // 1b. A host's activation against the app's own restart: by hand, on each host, `systemctl
+    // restart` and GET /health every 10 ms until it answers 200 (timed on the host itself).
+    let by_hand = r#"
+import subprocess, time, urllib.request
+t = time.monotonic()
+subprocess.run(["systemctl", "restart", "web.service"], check=True)
+while True:
+    try:
+        if urllib.request.urlopen("http://127.0.0.1:8080/health", timeout=1).status == 200:
+            break
+    except Exception:
+        pass
+    time.sleep(0.01)
+print(round((time.monotonic() - t) * 1000))
+"#;
+    let mut hand = Vec::new();
+    for _ in 0..3 {
+        for h in &fleet.hosts {
+            let out = h.exec(&["python3", "-c", by_hand])?;
+            let ms: f64 = String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .parse()
+                .map_err(|e| format!("{}: restart by hand: {e}: {}", h.name, fleet::text_of(&out)))?;
+            hand.push(ms);
+        }
+    }
+    let mut ferry_ms = Vec::new();
+    let mut walls = Vec::new();
+    for v in ["2a", "2b", "2c"] {
+        let (wall, report) = deploy(&fleet, &config, &release(&fleet, v, 0)?, v, &[])?;
+        walls.push(wall);
+        ferry_ms.extend((0..HOSTS).map(|i| report["hosts"][i]["activate_ms"].as_u64().unwrap_or(0) as f64));
+    }
+    println!("\n1b. a host's activation against the app restarted by hand (medians, {HOSTS} hosts x 3)");
+    println!("   by hand: systemctl restart + GET /health every 10 ms until 200  {:>6.0} ms", median(hand.clone()));
+    println!("   ferry: agent's activation (hooks, swap, restart, probes)        {:>6.0} ms", median(ferry_ms.clone()));
+    println!(
+        "   => ratio                                                        {:>6.2}x",
+        median(ferry_ms) / median(hand)
+    );
+    println!("   whole rolling `ferry deploy` of {HOSTS} hosts, batch 1 (median wall)  {:>6.2} s", median(walls));
 
     // 2. 50 MB to 5 hosts, with and without pre-staging.
     println!("\n2. {mb} MiB of new content to {HOSTS} hosts, rolling batch 1");
@@ -225,7 +276,16 @@ fn bench_api(mb: u64) -> Result<(), String> {
         ),
     );
     let text = std::fs::read_to_string(&config).map_err(|e| e.to_string())?;
-    std::fs::write(&config, text.replacen("[app]\n", "[app]\nkeep_releases = 2\n", 1)).map_err(|e| e.to_string())?;
+    // The health probe polls as the by-hand restart below does: every 10 ms (for up to 3 s).
+    let text = text.replacen("[app]\n", "[app]\nkeep_releases = 2\n", 1).replacen(
+        "interval = \"200ms\"\nretries = 10\n",
+        "interval = \"10ms\"\nretries = 300\n",
+        1,
+    );
+    if !text.contains("interval = \"10ms\"") {
+        return Err(format!("{}: the health probe's interval was not found to change", config.display()));
+    }
+    std::fs::write(&config, text).map_err(|e| e.to_string())?;
     let cfg = config.to_string_lossy().into_owned();
     let log = fleet.dir.join("serve.log");
     let mut server = fleet.spawn_ferry(&["serve", "--config", &cfg], &log);
