@@ -359,7 +359,8 @@ impl AgentService {
         let req = request.into_inner();
         let (store, lock) = self.app(&req.app)?;
         let _guard = lock.lock().await;
-        let free = facts::disk_space(&self.config.data_dir).0;
+        let (free, total) = facts::disk_space(&self.config.data_dir);
+        let space = crate::store::DiskSpace { free, total };
         let (source, entries) = match (req.manifest, req.delta) {
             (Some(m), None) if req.base_release.is_empty() => {
                 let n = m.entries.len();
@@ -392,7 +393,7 @@ impl AgentService {
         let stage =
             Stage { prepared: Instant::now(), deployment: req.deployment_id.clone(), version: req.version.clone() };
         let app = req.app.clone();
-        let p = blocking(move || store.prepare(&version, source, &req.manifest_hash, free)).await?;
+        let p = blocking(move || store.prepare(&version, source, &req.manifest_hash, space)).await?;
         if !p.already_present {
             self.stage_started(&app, &p.release_id, stage);
         }

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_agent::store::ManifestSource;
+use ferry_agent::store::{DiskSpace, ManifestSource};
 use ferry_coordinator::artifact::Artifact;
 use ferry_coordinator::cache::Cache;
 use ferry_coordinator::client::{Agent, Timeouts};
@@ -510,7 +510,7 @@ fn a_kept_file_swapped_after_prepare_fails_the_commit_at_once_and_is_sent_next_t
     let store = ferry_agent::store::AppStore::new(dir.path().join("store"));
     let stage = |version: &str, art: &Artifact, upload: bool| {
         let p = store
-            .prepare(version, ManifestSource::Whole(art.manifest.clone()), &art.manifest_hash, u64::MAX)
+            .prepare(version, ManifestSource::Whole(art.manifest.clone()), &art.manifest_hash, DiskSpace::UNLIMITED)
             .expect("prepare");
         if upload {
             let mut up = store.upload(&p.release_id).expect("upload");
@@ -581,13 +581,90 @@ fn a_full_disk_is_refused_early_with_numbers() {
     let art = Artifact::scan(&build(dir.path(), "v1", &tree_v(1)), None).expect("scan");
     let store = ferry_agent::store::AppStore::new(dir.path().join("store"));
     let err = store
-        .prepare("1", ManifestSource::Whole(art.manifest.clone()), &art.manifest_hash, 1_000_000)
+        .prepare(
+            "1",
+            ManifestSource::Whole(art.manifest.clone()),
+            &art.manifest_hash,
+            DiskSpace { free: 1_000_000, total: 1 << 30 },
+        )
         .expect_err("no room")
         .to_string();
     assert!(err.contains("not enough disk space") && err.contains("1000000 bytes free"), "{err}");
     assert!(err.contains("staging needs"), "{err}");
     // Nothing was written: the refusal comes before any bookkeeping.
     assert!(!dir.path().join("store/staging").exists());
+}
+
+/// A release needs room for its new content plus the margin (0.1 % of the filesystem, 2 to 64
+/// MiB), and no more: chunks go straight into their files, so nothing is held twice. One byte
+/// less is refused, naming both numbers.
+#[test]
+fn the_disk_check_asks_for_the_new_content_plus_the_margin_and_no_more() {
+    use ferry_agent::store::margin;
+    assert_eq!((margin(1 << 30), margin(10 << 30), margin(1 << 50)), (2 << 20, (10 << 30) / 1000, 64 << 20));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let art = Artifact::scan(&build(dir.path(), "v1", &tree_v(1)), None).expect("scan");
+    let new = ferry_proto::manifest::total_bytes(&art.manifest);
+    let total = 4u64 << 30;
+    let need = new + margin(total);
+    let prepare = |store: &str, free: u64| {
+        ferry_agent::store::AppStore::new(dir.path().join(store)).prepare(
+            "1",
+            ManifestSource::Whole(art.manifest.clone()),
+            &art.manifest_hash,
+            DiskSpace { free, total },
+        )
+    };
+    prepare("fits", need).expect("exactly enough room");
+    let err = prepare("tight", need - 1).expect_err("one byte short").to_string();
+    assert!(err.contains(&format!("{} bytes free, staging needs {need}", need - 1)), "{err}");
+    assert!(err.contains(&format!("({new} bytes of new content plus a margin of {}", margin(total))), "{err}");
+}
+
+/// An upload cut midway resumes where it stopped. A staged file whose content is wrong (a torn
+/// write, a change on disk) never reaches a release: the commit refuses it and drops the stage,
+/// and the next Prepare asks for every chunk again.
+#[test]
+fn an_upload_cut_midway_resumes_and_a_wrong_staged_file_is_never_trusted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = ferry_agent::store::AppStore::new(dir.path().join("store"));
+    let art = Artifact::scan(&build(dir.path(), "v1", &tree_v(1)), None).expect("scan");
+    let prepare = || {
+        store
+            .prepare("1", ManifestSource::Whole(art.manifest.clone()), &art.manifest_hash, DiskSpace::UNLIMITED)
+            .expect("prepare")
+    };
+    let put = |hashes: &[Vec<u8>]| {
+        let mut up = store.upload(&prepare().release_id).expect("upload");
+        for h in hashes {
+            let data = art.read_chunk(h).expect("chunk");
+            let raw_length = data.len() as u64;
+            up.put(&v1::ContentChunk { hash: h.clone(), raw_length, data, ..Default::default() }).expect("put");
+        }
+    };
+    let p = prepare();
+    let all = p.missing.clone();
+    assert!(all.len() > 4, "{} chunks", all.len());
+    put(&all[..all.len() / 2]);
+    let err = store.commit(&p.release_id, |_, _| {}).expect_err("half uploaded").to_string();
+    assert!(err.contains("were never uploaded"), "{err}");
+    assert_eq!(prepare().missing, all[all.len() / 2..].to_vec(), "the upload resumes where it stopped");
+    put(&all[all.len() / 2..]);
+    // bin/app, as staged, gets a byte changed.
+    let n = art.manifest.entries.iter().position(|e| e.path == "bin/app").expect("bin/app");
+    let staged = dir.path().join("store/staging").join(&p.release_id).join("files").join(n.to_string());
+    let mut bytes = std::fs::read(&staged).expect("the staged file");
+    bytes[1000] ^= 0xff;
+    std::fs::write(&staged, bytes).expect("write");
+    let err = store.commit(&p.release_id, |_, _| {}).expect_err("wrong content").to_string();
+    assert!(err.contains("bin/app: the assembled file does not match its hash"), "{err}");
+    assert!(store.current().expect("current").is_none(), "nothing was promoted");
+    assert!(!dir.path().join("store/staging").join(&p.release_id).exists(), "the stage is gone");
+    assert_eq!(prepare().missing, all, "every chunk is asked for again");
+    put(&all);
+    store.commit(&p.release_id, |_, _| {}).expect("commit");
+    store.activate(&p.release_id, "d1").expect("activate");
+    assert_release_intact(&dir.path().join("store"));
 }
 
 #[test]
@@ -614,8 +691,9 @@ fn enospc_during_staging_fails_cleanly() {
     // v1 (small) is current; v2 lies about the free space so staging starts, then hits ENOSPC.
     let store = ferry_agent::store::AppStore::new(small.join("store"));
     let v1 = Artifact::scan(&build(dir.path(), "v1", &[("VERSION", b"1\n".to_vec())]), None).expect("scan");
-    let p =
-        store.prepare("1", ManifestSource::Whole(v1.manifest.clone()), &v1.manifest_hash, u64::MAX).expect("prepare");
+    let p = store
+        .prepare("1", ManifestSource::Whole(v1.manifest.clone()), &v1.manifest_hash, DiskSpace::UNLIMITED)
+        .expect("prepare");
     let mut up = store.upload(&p.release_id).expect("upload");
     for h in &p.missing {
         let data = v1.read_chunk(h).expect("chunk");
@@ -632,12 +710,12 @@ fn enospc_during_staging_fails_cleanly() {
     store.activate(&p.release_id, "d1").expect("activate v1");
 
     let v2 = Artifact::scan(
-        &build(dir.path(), "v2", &[("VERSION", b"2\n".to_vec()), ("big", pseudo_random(2_500_000, 9))]),
+        &build(dir.path(), "v2", &[("VERSION", b"2\n".to_vec()), ("big", pseudo_random(3_500_000, 9))]),
         None,
     )
     .expect("scan");
     let p2 = store
-        .prepare("2", ManifestSource::Whole(v2.manifest.clone()), &v2.manifest_hash, u64::MAX)
+        .prepare("2", ManifestSource::Whole(v2.manifest.clone()), &v2.manifest_hash, DiskSpace::UNLIMITED)
         .expect("prepare v2");
     let mut up = store.upload(&p2.release_id).expect("upload");
     let mut failed = None;

@@ -4,8 +4,9 @@
 //! releases/<id>/          complete releases, never modified (files read-only)
 //! manifests/<id>.manifest the manifest of each release: the index of what content the host has
 //! current -> releases/<id> replaced only by rename(2) of a fresh symlink; directory fsync'd
-//! staging/<id>/            manifest, received chunks, the bases offered for deltas, the tree
-//!                          being built; removed at start-up
+//! staging/<id>/            manifest, the bases offered for deltas, `files/<n>` (entry n of the
+//!                          manifest, written in place as its chunks arrive), `received` (the
+//!                          chunks written so far), the tree being built; removed at start-up
 //! journal                  one JSON line per activation (append-only, fsync'd)
 //! activated                the release whose activation last ran to its end (units restarted,
 //!                          healthy): `current` alone does not say so
@@ -53,9 +54,22 @@ pub fn version_of(release_id: &str) -> &str {
     release_id.rsplit_once('-').map_or(release_id, |(v, _)| v)
 }
 
-/// Extra room required beyond the bytes a release adds: a fixed floor plus 1 % of the release.
-pub fn margin(release_bytes: u64) -> u64 {
-    (16 << 20) + release_bytes / 100
+/// Extra room a release needs beyond its new content: 0.1 % of the filesystem, at least 2 MiB and
+/// at most 64 MiB (for the manifest, the directories, and what other writers add meanwhile).
+pub fn margin(fs_bytes: u64) -> u64 {
+    (fs_bytes / 1000).clamp(2 << 20, 64 << 20)
+}
+
+/// The free and total bytes of the data dir's filesystem.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskSpace {
+    pub free: u64,
+    pub total: u64,
+}
+
+impl DiskSpace {
+    /// Room for anything (tests).
+    pub const UNLIMITED: DiskSpace = DiskSpace { free: u64::MAX, total: u64::MAX };
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -68,7 +82,7 @@ pub enum StoreError {
         source: io::Error,
     },
     #[error(
-        "not enough disk space in {dir}: {free} bytes free, staging needs {need} ({new} bytes of new content plus a margin of {margin}); free space or lower keep_releases"
+        "not enough disk space in {dir}: {free} bytes free, staging needs {need} ({new} bytes of new content plus a margin of {margin}: 0.1% of the filesystem, 2 to 64 MiB); free space or lower keep_releases"
     )]
     NoSpace { dir: PathBuf, free: u64, need: u64, new: u64, margin: u64 },
     #[error("refused: {0}")]
@@ -331,9 +345,17 @@ impl AppStore {
         Ok(self.staging_dir().join(stage_id))
     }
 
+    /// The chunks already written into the stage's files (an upload cut short resumes from here).
     fn received(&self, stage: &Path) -> R<HashSet<[u8; HASH_LEN]>> {
-        let dir = stage.join("chunks");
-        Ok(read_names(&dir)?.iter().filter_map(|n| hex::decode(n).ok()).filter_map(|h| key(&h)).collect())
+        let log = stage.join("received");
+        let bytes = match fs::read(&log) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(HashSet::new()),
+            Err(e) => return Err(StoreError::io("read", &log)(e)),
+        };
+        // A record is appended once its chunk is in every file that holds it; a torn last record
+        // (the agent was stopped mid-write) counts for nothing.
+        Ok(bytes.chunks_exact(HASH_LEN).filter_map(key).collect())
     }
 
     /// Rebuilds the manifest of a delta from the base release's manifest.
@@ -363,9 +385,9 @@ impl AppStore {
         Ok(m)
     }
 
-    /// Validates a manifest and answers which chunks the host lacks. `free` reports the free bytes
-    /// of the data dir's filesystem.
-    pub fn prepare(&self, version: &str, source: ManifestSource, claimed_hash: &[u8], free: u64) -> R<Prepared> {
+    /// Validates a manifest and answers which chunks the host lacks. `space` is that of the data
+    /// dir's filesystem.
+    pub fn prepare(&self, version: &str, source: ManifestSource, claimed_hash: &[u8], space: DiskSpace) -> R<Prepared> {
         manifest::check_version(version).map_err(StoreError::Refused)?;
         // The base release's manifest, when the delta already read it: the bases come from it.
         let (m, base) = match source {
@@ -420,14 +442,21 @@ impl AppStore {
                 missing_bytes += c.length;
             }
         }
-        // Room for the received chunks and the files written from them.
-        let new = missing_bytes + new_file_bytes;
-        let margin = margin(manifest::total_bytes(m));
-        if free < new + margin {
-            return Err(StoreError::NoSpace { dir: self.dir.clone(), free, need: new + margin, new, margin });
+        // Room for the new files: chunks are written straight into them as they arrive (unchanged
+        // files are hard links, taking no room).
+        let new = new_file_bytes;
+        let margin = margin(space.total);
+        if space.free < new.saturating_add(margin) {
+            return Err(StoreError::NoSpace {
+                dir: self.dir.clone(),
+                free: space.free,
+                need: new.saturating_add(margin),
+                new,
+                margin,
+            });
         }
         self.ensure_dirs()?;
-        fs::create_dir_all(stage.join("chunks")).map_err(StoreError::io("create staging", &stage))?;
+        fs::create_dir_all(stage.join("files")).map_err(StoreError::io("create staging", &stage))?;
         let mpath = stage.join("manifest");
         fs::write(&mpath, m.encode_to_vec()).map_err(StoreError::io("write staging manifest", &mpath))?;
         let bases = if missing.is_empty() {
@@ -543,14 +572,21 @@ impl AppStore {
     /// Starts receiving chunks for a prepared stage.
     pub fn upload(&self, stage_id: &str) -> R<Upload> {
         let (stage, m) = self.staged(stage_id)?;
-        let wanted: HashSet<[u8; HASH_LEN]> =
-            m.entries.iter().flat_map(|e| e.chunks.iter()).filter_map(|c| key(&c.hash)).collect();
         let have = self.received(&stage)?;
         let bases: HashMap<[u8; BASIS_ID_LEN], Vec<[u8; HASH_LEN]>> = read_bases(&stage)?.into_iter().collect();
         let idx = if bases.is_empty() { Index::default() } else { self.index()? };
+        let log_path = stage.join("received");
+        let log = OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(&log_path)
+            .map_err(StoreError::io("open", &log_path))?;
         Ok(Upload {
-            dir: stage.join("chunks"),
-            wanted,
+            files: stage.join("files"),
+            places: places(&m),
+            open: None,
+            log,
             have,
             bases,
             idx,
@@ -562,8 +598,9 @@ impl AppStore {
     }
 
     /// Builds the release from staging and promotes it into `releases/`. Idempotent. On failure
-    /// the half-built tree is removed; the received chunks stay until the tree is complete, so a
-    /// retry resumes the upload instead of starting over.
+    /// the half-built tree is removed; the stage's files stay (the tree only links them), so a
+    /// retry resumes the upload instead of starting over, unless their content was found wrong:
+    /// then the whole stage goes, and the next Prepare asks for everything again.
     pub fn commit(&self, stage_id: &str, progress: impl FnMut(u64, u64)) -> R<String> {
         self.commit_on(stage_id, &HostFacts::default(), progress)
     }
@@ -571,10 +608,13 @@ impl AppStore {
     /// [`AppStore::commit`], rendering the release's files with this host's `facts`.
     pub fn commit_on(&self, stage_id: &str, facts: &HostFacts, progress: impl FnMut(u64, u64)) -> R<String> {
         let result = self.commit_inner(stage_id, facts, progress);
-        if result.is_err()
+        if let Err(e) = &result
             && let Ok(stage) = self.stage_dir(stage_id)
         {
             let _ = fs::remove_dir_all(stage.join("tree"));
+            if matches!(e, StoreError::Corrupt(_)) {
+                let _ = fs::remove_dir_all(&stage);
+            }
         }
         result
     }
@@ -587,7 +627,7 @@ impl AppStore {
         failpoint::hit("after-upload");
         let (_, m) = self.staged(stage_id)?;
         let idx = self.index()?;
-        let chunk_dir = stage.join("chunks");
+        let files_dir = stage.join("files");
         let have = self.received(&stage)?;
         let absent = m
             .entries
@@ -617,7 +657,7 @@ impl AppStore {
         let mut done = 0u64;
         let files = m.entries.iter().filter(|e| e.kind == EntryKind::File as i32).count();
         let mut files_done = 0usize;
-        for e in &m.entries {
+        for (n, e) in m.entries.iter().enumerate() {
             check_stop(self.stop.as_ref())?;
             let dst = tree.join(&e.path);
             match EntryKind::try_from(e.kind).unwrap_or(EntryKind::Unspecified) {
@@ -631,7 +671,11 @@ impl AppStore {
                     let mode = stored_mode(EntryKind::File, e.mode);
                     match key(&e.hash).and_then(|h| idx.files.get(&h)) {
                         Some(src) if src.mode == mode => idx.link(src, &dst)?,
-                        _ => write_file(&dst, e, mode, &idx, &chunk_dir, self.stop.as_ref())?,
+                        _ => {
+                            let staged = files_dir.join(n.to_string());
+                            finish_file(&staged, e, mode, &idx, &have, self.stop.as_ref())?;
+                            fs::hard_link(&staged, &dst).map_err(StoreError::io("link into the release", &dst))?;
+                        }
                     }
                     done += e.size;
                     files_done += 1;
@@ -661,9 +705,6 @@ impl AppStore {
                 .map_err(StoreError::io("set mode", &p))?;
         }
         verify_tree(&tree, &m)?;
-        // The received chunks are inside the files now; dropping them before the flush spares
-        // the disk from writing them at all.
-        let _ = fs::remove_dir_all(&chunk_dir);
         // One flush of the whole filesystem makes every file and directory of the tree durable
         // before the rename that publishes it (the same guarantee as an fsync of each, with one
         // wait instead of thousands).
@@ -928,10 +969,15 @@ fn stored_mode(kind: EntryKind, mode: u32) -> u32 {
     }
 }
 
-/// Receives chunks into a stage.
+/// Receives chunks into a stage: each is written straight into every file of the release that
+/// holds it, then recorded in the stage's `received` log.
 pub struct Upload {
-    dir: PathBuf,
-    wanted: HashSet<[u8; HASH_LEN]>,
+    files: PathBuf,
+    /// (entry index, offset) of every file holding each chunk of the release.
+    places: HashMap<[u8; HASH_LEN], Vec<(usize, u64)>>,
+    /// The file written last (consecutive chunks mostly go to the same file).
+    open: Option<(usize, File)>,
+    log: File,
     have: HashSet<[u8; HASH_LEN]>,
     /// The bases this stage offered, by id: the old chunks each concatenates.
     bases: HashMap<[u8; BASIS_ID_LEN], Vec<[u8; HASH_LEN]>>,
@@ -948,7 +994,7 @@ impl Upload {
     /// Verifies and stores one chunk. Blocking.
     pub fn put(&mut self, c: &v1::ContentChunk) -> R<()> {
         let h = key(&c.hash).ok_or_else(|| StoreError::Refused("a chunk hash is not 32 bytes".into()))?;
-        if !self.wanted.contains(&h) {
+        if !self.places.contains_key(&h) {
             return Err(StoreError::Refused(format!("chunk {} is not part of the prepared release", Hex(&c.hash))));
         }
         if c.raw_length == 0 || c.raw_length > u64::from(CHUNK_MAX) {
@@ -981,11 +1027,26 @@ impl Upload {
         if self.have.contains(&h) {
             return Ok(());
         }
-        let name = hex::encode(h);
-        let tmp = self.dir.join(format!(".{name}.tmp"));
-        let dst = self.dir.join(&name);
-        fs::write(&tmp, &data).map_err(StoreError::io("store chunk", &tmp))?;
-        fs::rename(&tmp, &dst).map_err(StoreError::io("store chunk", &dst))?;
+        use std::os::unix::fs::FileExt;
+        let places = self.places.get(&h).map_or(&[][..], Vec::as_slice);
+        for &(n, offset) in places {
+            let path = self.files.join(n.to_string());
+            if self.open.as_ref().is_none_or(|(open, _)| *open != n) {
+                let f = OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .mode(0o600)
+                    .open(&path)
+                    .map_err(StoreError::io("create file", &path))?;
+                self.open = Some((n, f));
+            }
+            if let Some((_, f)) = &self.open {
+                f.write_all_at(&data, offset).map_err(StoreError::io("write", &path))?;
+            }
+        }
+        // Recorded once it is in every file; made durable, with the files, by Commit's flush.
+        self.log.write_all(&h).map_err(StoreError::io("record chunk", &self.files))?;
         self.have.insert(h);
         Ok(())
     }
@@ -1066,48 +1127,68 @@ fn check_stop(stop: Option<&CancellationToken>) -> R<()> {
     }
 }
 
-fn write_file(
-    dst: &Path,
+/// Completes a new file of the release in staging: the chunks that were not uploaded (the host
+/// had them) are copied in from kept releases, then the whole file is read back and must hash
+/// to the manifest's hash before it gets its mode. Nothing half-written passes: a file an upload
+/// cut short, or one changed on disk, fails here.
+fn finish_file(
+    path: &Path,
     e: &v1::Entry,
     mode: u32,
     idx: &Index,
-    chunk_dir: &Path,
+    received: &HashSet<[u8; HASH_LEN]>,
     stop: Option<&CancellationToken>,
 ) -> R<()> {
-    let mut out = OpenOptions::new()
+    use std::os::unix::fs::FileExt;
+    let f = OpenOptions::new()
+        .read(true)
         .write(true)
-        .create_new(true)
+        .create(true)
+        .truncate(false)
         .mode(0o600)
-        .open(dst)
-        .map_err(StoreError::io("create file", dst))?;
-    let mut hasher = blake3::Hasher::new();
+        .open(path)
+        .map_err(StoreError::io("create file", path))?;
     let mut buf = Vec::with_capacity(CHUNK_MAX as usize);
+    let mut offset = 0u64;
     for c in &e.chunks {
         check_stop(stop)?;
         let h = key(&c.hash).ok_or_else(|| StoreError::Refused(format!("{}: bad chunk hash", e.path)))?;
-        buf.clear();
-        let staged = chunk_dir.join(hex::encode(h));
-        match File::open(&staged) {
-            Ok(mut f) => {
-                f.read_to_end(&mut buf).map_err(StoreError::io("read chunk", &staged))?;
+        if !received.contains(&h) {
+            let (src, at, len) = idx.chunks.get(&h).ok_or(StoreError::Incomplete(1))?;
+            buf.resize(usize::try_from(*len).unwrap_or(0), 0);
+            idx.read_at(src, *at, &mut buf)?;
+            if buf.len() as u64 != c.length || blake3::hash(&buf).as_bytes() != &h {
+                return Err(StoreError::Corrupt(format!("{}: a kept chunk's content does not match its hash", e.path)));
             }
-            Err(_) => {
-                let (src, offset, len) = idx.chunks.get(&h).ok_or(StoreError::Incomplete(1))?;
-                buf.resize(usize::try_from(*len).unwrap_or(0), 0);
-                idx.read_at(src, *offset, &mut buf)?;
-            }
+            f.write_all_at(&buf, offset).map_err(StoreError::io("write", path))?;
         }
-        if buf.len() as u64 != c.length || blake3::hash(&buf).as_bytes() != &h {
-            return Err(StoreError::Corrupt(format!("{}: a chunk's content does not match its hash", e.path)));
-        }
-        hasher.update(&buf);
-        out.write_all(&buf).map_err(StoreError::io("write", dst))?;
+        offset += c.length;
     }
-    if hasher.finalize().as_bytes().as_slice() != e.hash.as_slice() {
+    f.set_len(e.size).map_err(StoreError::io("write", path))?;
+    let mut hasher = blake3::Hasher::new();
+    let mut reader = io::BufReader::with_capacity(CHUNK_MAX as usize, &f);
+    reader.seek(SeekFrom::Start(0)).map_err(StoreError::io("read", path))?;
+    let read = io::copy(&mut reader, &mut hasher).map_err(StoreError::io("read", path))?;
+    if read != e.size || hasher.finalize().as_bytes().as_slice() != e.hash.as_slice() {
         return Err(StoreError::Corrupt(format!("{}: the assembled file does not match its hash", e.path)));
     }
     // Made durable by the syncfs that precedes promotion.
-    out.set_permissions(fs::Permissions::from_mode(mode)).map_err(StoreError::io("set mode", dst))
+    f.set_permissions(fs::Permissions::from_mode(mode)).map_err(StoreError::io("set mode", path))
+}
+
+/// Where each chunk goes: (entry index, offset) of every file that holds it.
+fn places(m: &v1::Manifest) -> HashMap<[u8; HASH_LEN], Vec<(usize, u64)>> {
+    let mut places: HashMap<[u8; HASH_LEN], Vec<(usize, u64)>> = HashMap::new();
+    for (n, e) in m.entries.iter().enumerate().filter(|(_, e)| e.kind == EntryKind::File as i32) {
+        let mut offset = 0;
+        for c in &e.chunks {
+            if let Some(h) = key(&c.hash) {
+                places.entry(h).or_default().push((n, offset));
+            }
+            offset += c.length;
+        }
+    }
+    places
 }
 
 /// Gives every entry of a freshly built tree (and the tree) to the app's group, root staying the
