@@ -21,6 +21,7 @@ cd "$(dirname "$0")/.."
 scale=1
 [ "${1:-}" = --quick ] && scale=10
 [ "$(id -u)" -eq 0 ] || { echo "bench: needs root (network namespace)" >&2; exit 2; }
+scripts/deps.sh --bench
 command -v rsync >/dev/null || { echo "bench: install rsync" >&2; exit 2; }
 
 cargo build --release --locked -p ferry-agent -p ferry-coordinator >&2

@@ -11,9 +11,11 @@
 # With --test (scripts/test.sh), also promtool (the monitoring test checks and unit-tests the alert
 # rules with it): only the binary, unpacked from Debian's prometheus package into
 # /var/cache/ferry-test/prometheus, so no Prometheus server is installed or started here.
+# With --bench (benches/*.sh), also rsync: the peer ferry's transfers are measured against.
 set -euo pipefail
 pkgs=(pkg-config libsystemd-dev systemd-container iproute2 nftables python3 dpkg-dev help2man binutils lintian
   debootstrap python3-yaml)
+[ "${1:-}" != "--bench" ] || pkgs+=(rsync)
 promtool_dir=/var/cache/ferry-test/prometheus
 sudo=()
 [ "$(id -u)" -eq 0 ] || sudo=(sudo)

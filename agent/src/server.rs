@@ -272,6 +272,10 @@ impl Server {
         let stopping = telemetry.clone();
         let serve = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+            // An upload is one stream: with HTTP/2's 64 KiB default window the sender stalls on
+            // every round trip. These let a fast link carry a few chunks in flight per stream.
+            .initial_stream_window_size(Some(ferry_proto::HTTP2_STREAM_WINDOW))
+            .initial_connection_window_size(Some(ferry_proto::HTTP2_CONNECTION_WINDOW))
             .add_service(service)
             .serve_with_incoming_shutdown(incoming, async move {
                 stop.cancelled().await;

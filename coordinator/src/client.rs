@@ -222,6 +222,8 @@ impl Agent {
             // take long. Unary calls carry their own deadline (`unary`); a dead or frozen agent is
             // found by HTTP/2 keepalive pings, which only a live agent process answers.
             .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .initial_stream_window_size(Some(ferry_proto::HTTP2_STREAM_WINDOW))
+            .initial_connection_window_size(Some(ferry_proto::HTTP2_CONNECTION_WINDOW))
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .keep_alive_while_idle(true)
             .connect_with_connector(tower::service_fn(move |_: Uri| {

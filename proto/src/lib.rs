@@ -37,3 +37,9 @@ pub mod v1 {
 
 /// The agent's default gRPC port.
 pub const DEFAULT_AGENT_PORT: u16 = 7443;
+
+/// The HTTP/2 flow-control window of one stream, on both ends of the agent's gRPC: an upload is
+/// one stream, and the 64 KiB default would stall it every round trip.
+pub const HTTP2_STREAM_WINDOW: u32 = 4 << 20;
+/// The window of a whole connection (several streams: an upload and its status calls).
+pub const HTTP2_CONNECTION_WINDOW: u32 = 8 << 20;

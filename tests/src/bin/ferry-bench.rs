@@ -129,13 +129,11 @@ fn release(fleet: &Fleet, version: &str, mb: u64) -> Result<std::path::PathBuf, 
     Ok(dir)
 }
 
-fn bench(mb: u64, mbit: u32) -> Result<(), String> {
-    println!("booting {HOSTS} hosts...");
-    let fleet = Fleet::boot_named(RUN, HOSTS)?;
-    // Two releases kept per host: the 256 MiB state tmpfs holds two 50 MB releases and a staging.
-    let config = fleet.fleet_toml_with("bench.toml", "strategy = \"rolling\"\nbatch = 1");
-    let text = std::fs::read_to_string(&config).map_err(|e| e.to_string())?;
-    // The health probe polls as the by-hand restart below does: every 10 ms (for up to 3 s).
+/// The benches' fleet.toml: two releases kept per host (the 256 MiB state tmpfs holds two 50 MB
+/// releases and a staging), and the health probe polling every 10 ms (for up to 3 s), as the
+/// by-hand restart of the rollout bench does.
+fn tune(config: &Path) -> Result<(), String> {
+    let text = std::fs::read_to_string(config).map_err(|e| e.to_string())?;
     let text = text.replacen("[app]\n", "[app]\nkeep_releases = 2\n", 1).replacen(
         "interval = \"200ms\"\nretries = 10\n",
         "interval = \"10ms\"\nretries = 300\n",
@@ -144,7 +142,14 @@ fn bench(mb: u64, mbit: u32) -> Result<(), String> {
     if !text.contains("interval = \"10ms\"") {
         return Err(format!("{}: the health probe's interval was not found to change", config.display()));
     }
-    std::fs::write(&config, text).map_err(|e| e.to_string())?;
+    std::fs::write(config, text).map_err(|e| e.to_string())
+}
+
+fn bench(mb: u64, mbit: u32) -> Result<(), String> {
+    println!("booting {HOSTS} hosts...");
+    let fleet = Fleet::boot_named(RUN, HOSTS)?;
+    let config = fleet.fleet_toml_with("bench.toml", "strategy = \"rolling\"\nbatch = 1");
+    tune(&config)?;
 
     // 1. Overhead per host.
     deploy(&fleet, &config, &release(&fleet, "1", 0)?, "1", &[])?;
@@ -275,17 +280,7 @@ fn bench_api(mb: u64) -> Result<(), String> {
             ferry_coordinator::commands::token::sha256_hex(TOKEN)
         ),
     );
-    let text = std::fs::read_to_string(&config).map_err(|e| e.to_string())?;
-    // The health probe polls as the by-hand restart below does: every 10 ms (for up to 3 s).
-    let text = text.replacen("[app]\n", "[app]\nkeep_releases = 2\n", 1).replacen(
-        "interval = \"200ms\"\nretries = 10\n",
-        "interval = \"10ms\"\nretries = 300\n",
-        1,
-    );
-    if !text.contains("interval = \"10ms\"") {
-        return Err(format!("{}: the health probe's interval was not found to change", config.display()));
-    }
-    std::fs::write(&config, text).map_err(|e| e.to_string())?;
+    tune(&config)?;
     let cfg = config.to_string_lossy().into_owned();
     let log = fleet.dir.join("serve.log");
     let mut server = fleet.spawn_ferry(&["serve", "--config", &cfg], &log);
