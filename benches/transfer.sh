@@ -13,6 +13,7 @@
 #      in a fresh copy of the tree (new inodes: ferry reads and hashes every file again)
 #   c  a 100 MB file with 1 MB changed in the middle
 #   r  rollback swap with 10 MB and 1 GB releases (`ferry rollback`, wall time)
+#   m  the agent's memory (resident, peak) after (a) and over 100 small deploys after it
 #
 # Usage: benches/transfer.sh [--quick]   (root; needs rsync, python3; builds release binaries)
 # --quick shrinks every size 10x (a smoke run, not the recorded figures).
@@ -159,7 +160,10 @@ measure() { # name tool "shell command"
 ferry_deploy() { echo "'$ferry' deploy --config fleet.toml --env bench --artifact '$1' --version '$2' --output json"; }
 rs() { echo "rsync -a --delete $*"; }
 
+rss() { awk '/VmRSS/ {r=$2} /VmHWM/ {h=$2} END {printf "%6.1f MB resident, peak %6.1f MB", r/1024, h/1024}' "/proc/$agent_pid/status"; }
+memory=("$(printf '%-34s %s' "m agent at start" "$(rss)")")
 measure "a first deploy (${size_a} B, ${files_a} files)" ferry "$(ferry_deploy "$work/a" a)"
+memory+=("$(printf '%-34s %s' "m agent after (a), 200 MB" "$(rss)")")
 measure "a first deploy" "rsync -a" "$(rs "$work/a/" rsync://127.0.0.1:18730/plain/)"
 measure "a first deploy" "rsync -az" "$(rs -z "$work/a/" rsync://127.0.0.1:18730/z/)"
 change_one_percent "$work/a" 2
@@ -198,7 +202,18 @@ rollback_ms() { # release dir of the given size in MB
 rollback_ms $((10 / scale > 0 ? 10 / scale : 1))
 rollback_ms $((1024 / scale))
 
+# m: the agent's memory: resident set and its peak at the start, after (a) (above), and after 1
+# to 100 more deploys of a small release (200 kB of new content each).
+for i in $(seq 1 100); do
+  mkdir -p "$work/m$i"; echo "$i" > "$work/m$i/VERSION"; head -c 200000 /dev/urandom > "$work/m$i/blob"
+  in_ns bash -c "cd '$work' && $(ferry_deploy "$work/m$i" "m$i")" > /dev/null 2>&1 || { echo "bench: small deploy $i failed"; exit 1; }
+  rm -rf "$work/m$i"
+  case $i in 1|10|25|50|100) memory+=("$(printf '%-34s %s' "m agent after $i small deploys" "$(rss)")");; esac
+done
+
 echo
 echo "ferry $("$ferry" --version | cut -d' ' -f2) vs $(rsync --version | head -1 | cut -c1-20); $(nproc) cores; scale 1/$scale"
 printf '%-34s %-10s %14s %9s\n' scenario tool wire_bytes wall_s
 for r in "${results[@]}"; do echo "$r"; done
+echo
+for m in "${memory[@]}"; do echo "$m"; done
