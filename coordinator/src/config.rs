@@ -711,6 +711,16 @@ pub struct Environment {
     /// than the one promoting.
     #[serde(default)]
     pub require_approval: bool,
+    /// When a deployment may start: weekly windows such as "Mon-Fri 09:00-17:00 Europe/Paris"
+    /// (none: any time), and dated freezes when it may not (see [`crate::window`]). Rollbacks are
+    /// never held back.
+    #[serde(default)]
+    pub windows: Vec<String>,
+    #[serde(default)]
+    pub freezes: Vec<crate::window::FreezeConfig>,
+    /// `windows` and `freezes`, parsed once at load.
+    #[serde(skip)]
+    pub schedule: crate::window::Schedule,
     /// Values for the app's templates, as `{{ vars.NAME }}` (and `{{ env }}` is this
     /// environment's name). A changed value is a new release, rolled out like any other.
     #[serde(default)]
@@ -1011,8 +1021,9 @@ impl FleetConfig {
             }
         }
         for e in config.environments.values_mut() {
-            // Checked by `problems` above: every strategy parses.
+            // Checked by `problems` above: every strategy, window and freeze parses.
             e.strategy = e.parse_strategy().unwrap_or_default();
+            e.schedule = crate::window::Schedule::parse(&e.windows, &e.freezes).unwrap_or_default();
         }
         let base = path.parent().unwrap_or(Path::new("."));
         for p in [&mut config.tls.ca, &mut config.tls.cert, &mut config.tls.key]
@@ -1250,6 +1261,9 @@ impl FleetConfig {
             }
             if let Err(problems) = e.parse_strategy() {
                 p.extend(problems.into_iter().map(|q| q.prefixed(&format!("environments.{env}."))));
+            }
+            if let Err(problems) = crate::window::Schedule::parse(&e.windows, &e.freezes) {
+                p.extend(problems.into_iter().map(|(key, why)| Problem::new(format!("environments.{env}.{key}"), why)));
             }
             let hooks = self.apps.values().map(|a| a.hooks.timeout).max().unwrap_or_default();
             if e.progress_deadline.is_some_and(|d| d <= hooks) {

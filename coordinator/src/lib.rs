@@ -9,6 +9,7 @@
 //! - [`state`]: the rollout state machine: host and deployment statuses (one table each), their
 //!   time limits, and `next`, the one function that says what a deployment does next.
 //! - [`exit`]: the process exit codes.
+//! - [`window`]: deploy windows and freezes: whether a deployment may start now, and when next.
 //!
 //! Effects, each behind a narrow interface:
 //! - [`config`]: `fleet.toml`: the app, TLS files, environments and their hosts, validated at load.
@@ -55,3 +56,4 @@ pub mod server;
 pub mod state;
 pub mod tls;
 pub mod ui;
+pub mod window;

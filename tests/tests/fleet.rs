@@ -881,3 +881,74 @@ fn a_bundle_goes_out_in_dependency_order_and_a_failure_rolls_the_others_back() {
     assert!(stderr(&out).contains("nothing was deployed"), "{}", stderr(&out));
     assert_eq!(serving(), ["1"; 6], "no app was started");
 }
+
+/// A freeze over today: a deployment is refused with the next opening and nothing changes; one
+/// with a stated reason goes out and the override is recorded with it; a rollback inside the
+/// freeze is never held back.
+#[test]
+fn a_freeze_refuses_deployments_but_not_an_override_or_a_rollback() {
+    let fleet = fleet_or_skip!(1);
+    let day = |which: &str| {
+        let out = std::process::Command::new("date").args(["-u", "-d", which, "+%F"]).output().expect("date");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let (yesterday, tomorrow, after) = (day("yesterday"), day("tomorrow"), day("2 days"));
+    let frozen = fleet.fleet_toml_with(
+        "frozen.toml",
+        &format!("freezes = [{{ from = \"{yesterday}\", to = \"{tomorrow}\", reason = \"year-end freeze\" }}]"),
+    );
+    let config = frozen.to_str().unwrap_or_default();
+    let dir = fleet.dir.join("demo-w1");
+    demo_app::write_release(&dir, "1", Variant::Healthy).expect("release");
+    let out = fleet.deploy(config, &dir, "1", false);
+    assert_eq!(out.status.code(), Some(2), "{}{}", stdout(&out), stderr(&out));
+    let text = stderr(&out);
+    assert!(
+        text.contains(&format!(
+            "environment test is closed to deployments: in the freeze \"year-end freeze\" ({yesterday} to {tomorrow}); the next opening is "
+        )) && text.contains(&format!("{after} 00:00 UTC")),
+        "{text}"
+    );
+    assert!(text.contains("--override-window REASON"), "{text}");
+    assert_eq!(versions(&fleet), [""], "no host was touched");
+
+    // With a reason: deployed, and the registry says who overrode what, and why.
+    let deploy = |v: &str| {
+        let dir = fleet.dir.join(format!("demo-w{v}"));
+        demo_app::write_release(&dir, v, Variant::Healthy).expect("release");
+        let art = dir.to_string_lossy().into_owned();
+        let args = [
+            "deploy",
+            "--config",
+            config,
+            "--env",
+            "test",
+            "--artifact",
+            &art,
+            "--version",
+            v,
+            "--override-window",
+            "hotfix INC-42",
+        ];
+        let out = fleet.ferry(&args);
+        assert_eq!(out.status.code(), Some(0), "{}{}", stdout(&out), stderr(&out));
+    };
+    deploy("1");
+    deploy("2");
+    assert_eq!(versions(&fleet), ["2"]);
+    let db = rusqlite::Connection::open(fleet.dir.join("registry.db")).expect("registry");
+    let notes: Vec<String> = db
+        .prepare("SELECT message FROM events WHERE kind = 'window_override' ORDER BY id")
+        .and_then(|mut st| st.query_map([], |r| r.get(0))?.collect())
+        .expect("events");
+    assert_eq!(notes.len(), 2, "{notes:?}");
+    assert!(
+        notes[0].contains("in the freeze \"year-end freeze\"") && notes[0].ends_with("; overridden: hotfix INC-42"),
+        "{notes:?}"
+    );
+
+    // A rollback inside the freeze needs no reason.
+    let out = fleet.ferry(&["rollback", "--config", config, "--env", "test"]);
+    assert_eq!(out.status.code(), Some(0), "{}{}", stdout(&out), stderr(&out));
+    assert_eq!(versions(&fleet), ["1"]);
+}

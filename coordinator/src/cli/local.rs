@@ -210,6 +210,7 @@ async fn rollout_verb(
 async fn deploy(ctx: &Ctx<'_>, a: &super::DeployArgs, path: &Path) -> anyhow::Result<DeployReport> {
     // Before the scan, which may take a while on a large build.
     commands::deploy::validate(ctx.config, &a.env, &a.version)?;
+    let overridden = commands::deploy::window(ctx.config, &a.env, a.override_window.as_deref())?;
     // A Ctrl-C while scanning stops before anything is recorded.
     let artifact = tokio::select! {
         scanned = commands::deploy::scan(ctx, &a.env, path) => scanned?,
@@ -219,7 +220,28 @@ async fn deploy(ctx: &Ctx<'_>, a: &super::DeployArgs, path: &Path) -> anyhow::Re
         ),
     };
     ui::deploy_start(&artifact, &a.version, &a.env, a.output);
-    Ok(commands::deploy::deploy(ctx, &a.env, artifact, &a.version, !a.no_prestage).await?)
+    Ok(start_and_run(ctx, &a.env, artifact, &a.version, !a.no_prestage, overridden.as_deref()).await?)
+}
+
+/// Records a deployment (with its window override, if any), then runs it.
+async fn start_and_run(
+    ctx: &Ctx<'_>,
+    env: &str,
+    artifact: std::sync::Arc<crate::artifact::Artifact>,
+    version: &str,
+    prestage: bool,
+    overridden: Option<&str>,
+) -> Result<DeployReport, commands::Error> {
+    let id = commands::deploy::start(ctx, env, &artifact, version, prestage)?;
+    if let Some(note) = overridden {
+        commands::deploy::record_override(ctx, &id, &local_user(), note)?;
+    }
+    commands::deploy::run(ctx, env, &id, artifact).await
+}
+
+/// Who runs this command, for the registry.
+fn local_user() -> String {
+    std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| "unknown".into())
 }
 
 /// `ferry deploy --bundle DIR`: every app, in dependency order, each from DIR/APP; the next app
@@ -233,6 +255,7 @@ async fn deploy_bundle(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<ui::BundleReport> {
     let order = loaded.config.app_order().map_err(|c| anyhow::anyhow!("depends_on cycle: {}", c.join(" → ")))?;
+    let overridden = commands::deploy::window(&loaded.config, &a.env, a.override_window.as_deref())?;
     // Every artifact is there before any app starts.
     for app in &order {
         let path = dir.join(app);
@@ -291,7 +314,8 @@ async fn deploy_bundle(
         let fleet = grpc(loaded, config);
         let ctx = ctx_of(loaded, config, &fleet, observer, shutdown, a.force_unlock);
         ui::deploy_start(artifact, &a.version, &a.env, a.output);
-        let r = commands::deploy::deploy(&ctx, &a.env, artifact.clone(), &a.version, !a.no_prestage).await?;
+        let r =
+            start_and_run(&ctx, &a.env, artifact.clone(), &a.version, !a.no_prestage, overridden.as_deref()).await?;
         let ok = r.status == crate::state::DeploymentStatus::Succeeded;
         report.steps.push(ui::BundleStep { app: config.app.name.clone(), report: r });
         if ok {

@@ -223,6 +223,10 @@ pub struct DeployArgs {
     /// (transfers no longer overlap activations); for hosts short of disk, or to compare.
     #[arg(long)]
     pub no_prestage: bool,
+    /// Start although the environment is outside its deploy windows or in a freeze, for this
+    /// stated reason (recorded with the deployment).
+    #[arg(long, value_name = "REASON")]
+    pub override_window: Option<String>,
     /// Result format: human (live progress, then a table) or json (one object at the end).
     #[arg(long, value_enum, default_value = "human")]
     pub output: Format,

@@ -48,6 +48,9 @@ pub enum PipelineCommand {
         /// Stage each batch just before activating it.
         #[arg(long)]
         no_prestage: bool,
+        /// Start outside the environment's deploy windows or in a freeze, for this reason.
+        #[arg(long, value_name = "REASON")]
+        override_window: Option<String>,
         /// Print the deployment id and return at once instead of following it.
         #[arg(long)]
         no_wait: bool,
@@ -87,6 +90,9 @@ pub enum PipelineCommand {
         /// The environment you expect it to go to; refused if it is not the next one.
         #[arg(long)]
         to: Option<String>,
+        /// Start outside that environment's deploy windows or in a freeze, for this reason.
+        #[arg(long, value_name = "REASON")]
+        override_window: Option<String>,
         /// Print the new deployment's id and return at once instead of following it.
         #[arg(long)]
         no_wait: bool,
@@ -187,7 +193,13 @@ async fn verb(remote: &Remote, command: Command) -> anyhow::Result<u8> {
                 );
             };
             register(remote, a.app.as_deref(), &a.version, artifact, false, &[], a.output).await?;
-            let body = json!({ "app": a.app, "environment": a.env, "version": a.version, "prestage": !a.no_prestage });
+            let body = json!({
+                "app": a.app,
+                "environment": a.env,
+                "version": a.version,
+                "prestage": !a.no_prestage,
+                "override_window": a.override_window,
+            });
             let started = remote.call("POST", "/api/v1/deployments", Some(&body)).await?;
             follow(remote, &started, a.output).await
         }
@@ -377,8 +389,14 @@ async fn pipeline(remote: &Remote, p: PipelineCommand) -> anyhow::Result<u8> {
             }
             Ok(exit::SUCCESS)
         }
-        PipelineCommand::Deploy { env, app, version, no_prestage, no_wait, output } => {
-            let body = json!({ "app": app, "environment": env, "version": version, "prestage": !no_prestage });
+        PipelineCommand::Deploy { env, app, version, no_prestage, override_window, no_wait, output } => {
+            let body = json!({
+                "app": app,
+                "environment": env,
+                "version": version,
+                "prestage": !no_prestage,
+                "override_window": override_window,
+            });
             let started = remote.call("POST", "/api/v1/deployments", Some(&body)).await?;
             follow_unless(no_wait, remote, &started, output).await
         }
@@ -459,8 +477,8 @@ async fn pipeline(remote: &Remote, p: PipelineCommand) -> anyhow::Result<u8> {
             });
             Ok(exit::SUCCESS)
         }
-        PipelineCommand::Promote { deployment, to, no_wait, output } => {
-            let body = json!({ "environment": to });
+        PipelineCommand::Promote { deployment, to, override_window, no_wait, output } => {
+            let body = json!({ "environment": to, "override_window": override_window });
             let started =
                 remote.call("POST", &format!("/api/v1/deployments/{}/promote", enc(&deployment)), Some(&body)).await?;
             follow_unless(no_wait, remote, &started, output).await

@@ -14,6 +14,27 @@ pub fn validate(config: &crate::config::FleetConfig, env: &str, version: &str) -
     Ok(())
 }
 
+/// Whether a deployment to `env` may start now (its deploy windows and freezes). Outside them, a
+/// stated `override_reason` lets it start: the note to record with the deployment.
+pub fn window(
+    config: &crate::config::FleetConfig,
+    env: &str,
+    override_reason: Option<&str>,
+) -> Result<Option<String>, Error> {
+    let Some(e) = config.environments.get(env) else { return Ok(None) };
+    match (e.schedule.check(jiff::Timestamp::now()), override_reason.map(str::trim)) {
+        (Ok(()), _) => Ok(None),
+        (Err(closed), Some(reason)) if !reason.is_empty() => Ok(Some(format!("{closed}; overridden: {reason}"))),
+        (Err(closed), _) => Err(Error::Closed { env: env.to_string(), closed }),
+    }
+}
+
+/// Records on deployment `id` that it started outside its windows, who overrode them and why.
+pub fn record_override(ctx: &Ctx<'_>, id: &str, who: &str, note: &str) -> Result<(), Error> {
+    ctx.registry.event(id, None, "window_override", &format!("by {who}: {note}"))?;
+    Ok(())
+}
+
 /// Scans an artifact for a deployment to `env` (off the async threads, through the scan cache), as
 /// a release of the app's layout in that environment.
 /// The environment's secrets are fetched first: one that cannot be fetched refuses the deployment

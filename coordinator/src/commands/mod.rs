@@ -43,6 +43,10 @@ pub enum Error {
     Registry(#[from] RegistryError),
     #[error(transparent)]
     Secret(#[from] crate::secrets::SecretError),
+    #[error(
+        "environment {env} is closed to deployments: {closed}: deploy then, or override with a reason (--override-window REASON; through the API, \"override_window\")"
+    )]
+    Closed { env: String, closed: crate::window::Closed },
 }
 
 /// What a rollout use case works with; the front end builds it once per call.

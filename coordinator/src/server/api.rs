@@ -466,6 +466,9 @@ struct DeploymentRequest {
     /// Stage every host before the first activation (default true).
     #[serde(default)]
     prestage: Option<bool>,
+    /// Start outside the environment's deploy windows or in a freeze, for this reason.
+    #[serde(default)]
+    override_window: Option<String>,
 }
 
 /// `POST /api/v1/deployments`: a registered version to an environment. An environment past the
@@ -495,8 +498,10 @@ async fn create_deployment(
             ),
         ));
     }
-    let id = start_deploy(&state, &app, &req.environment, &version, &who, None, req.prestage.unwrap_or(true)).await?;
-    Ok(accepted(&id, &req.environment))
+    let how =
+        Start { promoted_from: None, prestage: req.prestage.unwrap_or(true), override_window: req.override_window };
+    let (id, overridden) = start_deploy(&state, &app, &req.environment, &version, &who, how).await?;
+    Ok(with_override(accepted(&id, &req.environment), overridden))
 }
 
 /// Runs `scan` as the only scan of this server: in a task of its own that keeps the server's scan
@@ -515,16 +520,34 @@ async fn one_scan_at_a_time<T: Send + 'static>(
     .map_err(|e| ApiError::internal(format!("the scan failed: {e}")))
 }
 
-/// Scans the artifact again (it must still be what was registered) and starts the deployment.
+/// How a deployment of the API starts.
+struct Start {
+    /// The deployment it is promoted from.
+    promoted_from: Option<String>,
+    prestage: bool,
+    /// The reason given to start outside the environment's deploy windows.
+    override_window: Option<String>,
+}
+
+/// The audit log records a window override with the call.
+fn with_override(mut resp: Response, overridden: Option<String>) -> Response {
+    if let Some(note) = overridden {
+        resp.extensions_mut().insert(super::auth::AuditOverride(note));
+    }
+    resp
+}
+
+/// Scans the artifact again (it must still be what was registered) and starts the deployment;
+/// its id, and the window override it was started with.
 async fn start_deploy(
     state: &Shared,
     app: &Arc<crate::config::FleetConfig>,
     env: &str,
     version: &crate::registry::VersionRow,
     who: &Identity,
-    promoted_from: Option<String>,
-    prestage: bool,
-) -> Result<String, ApiError> {
+    how: Start,
+) -> Result<(String, Option<String>), ApiError> {
+    let overridden = crate::commands::deploy::window(app, env, how.override_window.as_deref())?;
     // Before the scan (which may take a while); the job table checks again when it starts.
     if state.jobs.running_in(env).is_some() {
         return Err(ApiError::conflict(
@@ -556,9 +579,18 @@ async fn start_deploy(
     let secrets = crate::secrets::fetch(app, env)
         .await
         .map_err(|e| ApiError::unprocessable("secret_unavailable", e.to_string()))?;
-    let op =
-        Op::Deploy { artifact: Arc::new(artifact.with_secrets(secrets)), version: version.version.clone(), prestage };
-    jobs::start(state, app, env, &who.0, promoted_from, op).await
+    let op = Op::Deploy {
+        artifact: Arc::new(artifact.with_secrets(secrets)),
+        version: version.version.clone(),
+        prestage: how.prestage,
+    };
+    let id = jobs::start(state, app, env, &who.0, how.promoted_from, op).await?;
+    if let Some(note) = &overridden
+        && let Err(e) = state.registry.event(&id, None, "window_override", &format!("by {}: {note}", who.0))
+    {
+        tracing::error!("deployment {id}: cannot record its window override: {e}");
+    }
+    Ok((id, overridden))
 }
 
 async fn list_deployments(State(state): State<Shared>, ApiQuery(q): ApiQuery<ListQuery>) -> ApiResult {
@@ -804,6 +836,8 @@ async fn approve(
 struct PromoteRequest {
     /// The environment the caller expects to promote to; refused if it is not the next one.
     environment: Option<String>,
+    /// Start outside the next environment's deploy windows or in a freeze, for this reason.
+    override_window: Option<String>,
 }
 
 /// `POST /api/v1/deployments/{id}/promote`: deploys a succeeded deployment's version to the next
@@ -821,11 +855,12 @@ async fn promote(
     }
     let app = state.app_of(&d)?.clone();
     let p = promote::check(&app, state.registry.as_ref(), &d, &who.0, req.environment.as_deref())?;
-    let new = start_deploy(&state, &app, &p.next, &p.version, &who, Some(id.clone()), true).await?;
+    let how = Start { promoted_from: Some(id.clone()), prestage: true, override_window: req.override_window };
+    let (new, overridden) = start_deploy(&state, &app, &p.next, &p.version, &who, how).await?;
     if let Some(by) = p.approver {
         state.registry.use_approval(&id, &p.next, &by, &new)?;
     }
-    Ok(accepted(&new, &p.next))
+    Ok(with_override(accepted(&new, &p.next), overridden))
 }
 
 /// The deployment holding its environment's lock, or why `id` is not it.

@@ -59,6 +59,10 @@ pub async fn require(needed: Permission, req: Request, next: Next) -> Response {
 #[derive(Debug, Clone)]
 pub struct AuditNote(pub String);
 
+/// A deploy window or freeze the call overrode, and the reason it gave.
+#[derive(Debug, Clone)]
+pub struct AuditOverride(pub String);
+
 /// `[tls] revoked`, re-read when the file changes (checked at each certificate-authenticated
 /// call: one stat). A list that no longer parses keeps the last good one, and says so.
 pub struct RevokedFile {
@@ -166,6 +170,7 @@ pub async fn authenticate(State(state): State<Shared>, mut req: Request, next: N
     };
     let note = response.extensions().get::<AuditNote>().map(|n| n.0.clone());
     let error = response.extensions().get::<ApiError>().map(|e| e.message.clone());
+    let window_override = response.extensions().get::<AuditOverride>().map(|n| n.0.clone());
     let line = AuditLine {
         time: crate::registry::when(crate::registry::now_ms()),
         who: &who,
@@ -174,6 +179,7 @@ pub async fn authenticate(State(state): State<Shared>, mut req: Request, next: N
         status: response.status().as_u16(),
         deployment_id: note.as_deref(),
         error: error.as_deref(),
+        window_override: window_override.as_deref(),
         ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
     };
     if refused {

@@ -137,6 +137,7 @@ impl From<commands::Error> for ApiError {
             commands::Error::Promotion(e) => e.into(),
             commands::Error::Registry(e) => e.into(),
             commands::Error::Secret(e) => ApiError::unprocessable("secret_unavailable", e.to_string()),
+            e @ commands::Error::Closed { .. } => ApiError::conflict("deploy_window_closed", e.to_string()),
         }
     }
 }

@@ -205,6 +205,9 @@ pub struct AuditLine<'a> {
     pub deployment_id: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<&'a str>,
+    /// A deploy window or freeze the call overrode, with its reason.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub window_override: Option<&'a str>,
     pub ms: u64,
 }
 
@@ -220,6 +223,7 @@ impl<'a> AuditLine<'a> {
             status: 0,
             deployment_id: None,
             error: Some(error),
+            window_override: None,
             ms: 0,
         }
     }

@@ -203,7 +203,7 @@ fn schemas() -> Value {
         "RollbackRequest": { "type": "object", "additionalProperties": false, "properties": { "app": { "type": "string", "description": "The app to roll back (needed when fleet.toml declares several)" }, "to": s() } },
         "DeploymentRequest": {
             "type": "object", "required": ["environment", "version"], "additionalProperties": false,
-            "properties": { "app": { "type": "string", "description": "The app to deploy (needed when fleet.toml declares several)" }, "environment": s(), "version": s(), "prestage": { "type": "boolean", "default": true } }
+            "properties": { "app": { "type": "string", "description": "The app to deploy (needed when fleet.toml declares several)" }, "environment": s(), "version": s(), "prestage": { "type": "boolean", "default": true }, "override_window": { "type": "string", "description": "Start outside the environment's deploy windows or in a freeze, for this reason (recorded with the deployment and in the audit log); without it such a deployment is refused with 409 deploy_window_closed, naming the next opening" } }
         },
         "Accepted": {
             "type": "object", "required": ["deployment_id", "environment", "status_url", "events_url"],
@@ -255,7 +255,7 @@ fn schemas() -> Value {
             "type": "object", "required": ["deployment_id", "environment", "approved_by"],
             "properties": { "deployment_id": s(), "version": s(), "environment": s(), "approved_by": s(), "time_ms": int() }
         },
-        "PromoteRequest": { "type": "object", "additionalProperties": false, "properties": { "environment": { "type": "string", "description": "The environment the caller expects; refused unless it is the next one" } } },
+        "PromoteRequest": { "type": "object", "additionalProperties": false, "properties": { "environment": { "type": "string", "description": "The environment the caller expects; refused unless it is the next one" }, "override_window": { "type": "string", "description": "Start outside the next environment's deploy windows or in a freeze, for this reason" } } },
         "Report": { "type": "object", "required": ["environments"], "properties": { "environments": { "type": "array", "items": { "type": "object", "required": ["environment", "deployments", "success_rate", "rollback_rate"] } } } }
     })
 }

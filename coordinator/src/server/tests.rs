@@ -33,11 +33,12 @@ fn setup() -> Api {
 
 /// The staging smoke check targets `port` on web-1 (127.0.0.1).
 fn setup_with_smoke_port(port: u16) -> Api {
-    setup_from(port, "[app]\nname = \"web\"\n")
+    setup_from(port, "[app]\nname = \"web\"\n", "")
 }
 
-/// The fleet of [`setup`] with `apps` (fleet.toml's app tables) for its app.
-fn setup_from(port: u16, apps: &str) -> Api {
+/// The fleet of [`setup`] with `apps` (fleet.toml's app tables) for its app, and `staging` added
+/// to the staging environment.
+fn setup_from(port: u16, apps: &str, staging: &str) -> Api {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path().to_path_buf();
     std::fs::create_dir_all(root.join("builds")).expect("mkdir");
@@ -68,6 +69,7 @@ sha256 = "{}"
 "token:RM" = ["approve", "promote"]
 [environments.staging]
 hosts = {{ web-1 = "127.0.0.1:9" }}
+{staging}
 [[environments.staging.smoke]]
 name = "home"
 url = "http://{{host}}:{port}/"
@@ -480,7 +482,7 @@ async fn versions_register_once_and_environments_past_the_first_take_only_promot
 /// are named per app; listings say and filter by app; each app rolls out to its own hosts.
 #[tokio::test]
 async fn a_server_of_several_apps_keeps_each_apps_versions_and_deployments_apart() {
-    let api = setup_from(9, "[apps.web]\n[apps.worker]\nhosts = [\"web-1\"]\n");
+    let api = setup_from(9, "[apps.web]\n[apps.worker]\nhosts = [\"web-1\"]\n", "");
     let (s, h) = api.call("GET", "/api/v1/health", "/api/v1/health", None, None).await;
     assert_eq!((s, h["app"].clone(), h["apps"].clone()), (200, Value::Null, json!(["web", "worker"])), "{h}");
     let web = api.artifact("build-web");
@@ -559,6 +561,56 @@ async fn a_server_of_several_apps_keeps_each_apps_versions_and_deployments_apart
     let production =
         envs["environments"].as_array().and_then(|a| a.iter().find(|e| e["name"] == "production")).expect("production");
     assert_eq!(production["apps"][1]["hosts"], json!([]), "worker runs on web-1 only: {production}");
+}
+
+/// A freeze refuses API deployments (409, with the next opening); a stated reason starts one,
+/// recorded with the deployment and in the audit log.
+#[tokio::test]
+async fn a_freeze_refuses_api_deployments_unless_overridden_with_a_reason() {
+    let api = setup_from(
+        9,
+        "[app]\nname = \"web\"\n",
+        "freezes = [{ from = \"2000-01-01\", to = \"2999-12-31\", reason = \"the long freeze\" }]\n",
+    );
+    let dir = api.artifact("build-1");
+    let v = "/api/v1/versions";
+    let (s, _) =
+        api.call("POST", v, v, Some(CI), Some(&json!({ "version": "1.0", "artifact": dir }).to_string())).await;
+    assert_eq!(s, 201);
+    let d = "/api/v1/deployments";
+    let (s, e) = api
+        .call("POST", d, d, Some(CI), Some(&json!({ "environment": "staging", "version": "1.0" }).to_string()))
+        .await;
+    assert_eq!((s, e["error"].as_str()), (409, Some("deploy_window_closed")), "{e}");
+    assert!(
+        e["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("in the freeze \"the long freeze\" (2000-01-01 to 2999-12-31)")),
+        "{e}"
+    );
+    assert!(api.state.jobs.running_in("staging").is_none());
+    let body = json!({ "environment": "staging", "version": "1.0", "override_window": "INC-7 hotfix" }).to_string();
+    let (s, started) = api.call("POST", d, d, Some(CI), Some(&body)).await;
+    assert_eq!(s, 202, "{started}");
+    let id = started["deployment_id"].as_str().expect("id");
+    let events = api.state.registry.events_since(id, 0).expect("events");
+    let note = events.iter().find(|e| e.kind == "window_override").expect("the override is recorded");
+    assert!(
+        note.message.starts_with("by token:ci: in the freeze") && note.message.ends_with("overridden: INC-7 hotfix"),
+        "{}",
+        note.message
+    );
+    let audit = std::fs::read_to_string(api.root.join("api-audit.log")).expect("audit log");
+    let line = audit
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| l["status"] == 202)
+        .expect("audited");
+    assert!(line["window_override"].as_str().is_some_and(|o| o.ends_with("overridden: INC-7 hotfix")), "{line}");
+    // A rollback is not held back (it is refused here for another reason: nothing to go back to).
+    let rb = "/api/v1/environments/{environment}/rollback";
+    let (_, e) = api.call("POST", "/api/v1/environments/staging/rollback", rb, Some(CI), None).await;
+    assert_ne!(e["error"].as_str(), Some("deploy_window_closed"), "{e}");
 }
 
 /// A registry from before versions were kept per app: a single-app server takes its versions.
