@@ -92,10 +92,12 @@ fn select_app(config: &FleetConfig, app: Option<&str>) -> anyhow::Result<FleetCo
 }
 
 /// `--app NAME` of a verb that only reads the registry: NAME must be an app of fleet.toml.
+/// The filter it makes: none in a fleet of one app, where every recorded deployment is that app's
+/// (those recorded before deployments named their app included).
 fn known_app<'a>(config: &FleetConfig, app: Option<&'a str>) -> anyhow::Result<Option<&'a str>> {
     match app {
         Some(name) if !config.apps.contains_key(name) => Err(no_such_app(config, name)),
-        app => Ok(app),
+        app => Ok(app.filter(|_| config.apps.len() > 1)),
     }
 }
 

@@ -134,7 +134,9 @@ async fn stage_host(
     let current = app_release(&agent.status, &app);
     let unfinished = agent.status.apps.iter().any(|a| a.name == app && a.activation_unfinished);
 
-    let prepared = prepare(&mut client, host, fleet, release, &current, agent_timeout, note).await?;
+    let prepared = prepare(&mut client, host, fleet, release, &current, agent_timeout, note)
+        .await
+        .map_err(|e| older_agent(e, &agent.status.agent_version))?;
     sent.manifest_delta.store(!prepared.1, Ordering::Relaxed);
     let prepared = prepared.0;
     if prepared.already_present {
@@ -203,6 +205,18 @@ async fn activate_host(
     )
     .await?;
     logged(final_result(fin, &fail), "activated")
+}
+
+/// A Prepare refused because the agent hashes the manifest otherwise: an agent older than this
+/// coordinator, which does not know the manifest's newer fields. Said, with both versions.
+fn older_agent(mut e: HostError, agent_version: &str) -> HostError {
+    let ours = env!("CARGO_PKG_VERSION");
+    if e.message.contains("manifest hash mismatch") {
+        e.message.push_str(&format!(
+            " (the agent runs ferry-agent {agent_version} and this coordinator is ferry {ours}: an agent older than the coordinator may not know every field of the manifest; upgrade the agent)"
+        ));
+    }
+    e
 }
 
 /// Logs how a host's activation or rollback ended (in its span), and passes the result on.
@@ -420,4 +434,27 @@ async fn rollback_host(
     )
     .await?;
     logged(final_result(fin, &fail), "rolled back")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hash_mismatch_from_an_older_agent_says_to_upgrade_it() {
+        let host = Host { name: "web-1".into(), address: "10.0.0.1".into(), port: 7443 };
+        let refused = HostError::new(
+            &host,
+            ErrorKind::Rpc,
+            "prepare: the agent answered InvalidArgument: refused: manifest hash mismatch: the request says 1a, the manifest hashes to 2b",
+        );
+        let e = older_agent(refused, "0.0.9");
+        let want = format!(
+            "(the agent runs ferry-agent 0.0.9 and this coordinator is ferry {}: an agent older than the coordinator may not know every field of the manifest; upgrade the agent)",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert!(e.message.ends_with(&want), "{}", e.message);
+        let other = older_agent(HostError::new(&host, ErrorKind::Rpc, "prepare: no space"), "0.0.9");
+        assert_eq!(other.message, "prepare: no space");
+    }
 }

@@ -357,10 +357,11 @@ struct EnvironmentQuery {
     app: Option<String>,
 }
 
-/// `app` of a listing: an app of fleet.toml, or none (every app).
+/// `app` of a listing: an app of fleet.toml, or none (every app). In a fleet of one app it filters
+/// nothing: every record is that app's, those made before records named their app included.
 fn app_filter<'a>(state: &Shared, app: &'a Option<String>) -> Result<Option<&'a str>, ApiError> {
     match app.as_deref() {
-        Some(name) => state.app(Some(name)).map(|_| Some(name)),
+        Some(name) => state.app(Some(name)).map(|_| Some(name).filter(|_| state.apps.len() > 1)),
         None => Ok(None),
     }
 }
