@@ -564,20 +564,14 @@ async fn watched(
         }
         Ok(())
     };
-    let ended = tokio::select! {
-        passed = checks => Ok(passed),
-        e = watch.failed() => Err(e),
+    let passed = tokio::select! {
+        passed = checks => passed,
+        e = watch.failed() => return Err(unit_failure(em, step, &e, t).await),
     };
-    let failed = match ended {
-        Ok(passed) => {
-            passed?;
-            watch.finish().await.err()
-        }
-        Err(e) => Some(e),
-    };
-    match failed {
-        None => Ok(()),
-        Some(e) => Err(unit_failure(em, step, &e, t).await),
+    passed?;
+    match watch.finish().await {
+        Ok(()) => Ok(()),
+        Err(e) => Err(unit_failure(em, step, &e, t).await),
     }
 }
 

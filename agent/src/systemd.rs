@@ -12,7 +12,6 @@
 //! must not be refused because earlier restarts used up `StartLimitBurst`.
 //!
 //! Callers only ever pass units that the app declares in `agent.toml` (checked by the service).
-use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_proto::v1;
@@ -163,21 +162,23 @@ impl Systemd {
 
     /// `ActiveState` and `SubState` of `unit` (empty when systemd does not answer).
     async fn active_state(&self, unit: &str) -> (String, String) {
-        let Some(u) = self.unit(unit).await else { return Default::default() };
+        let Some((u, _)) = self.proxies(unit).await else { return Default::default() };
         (u.active_state().await.unwrap_or_default(), u.sub_state().await.unwrap_or_default())
     }
 
-    async fn unit(&self, unit: &str) -> Option<UnitProxy<'static>> {
+    /// Uncached proxies of `unit` (every read asks systemd): the unit, and for a `.service` its
+    /// service interface.
+    async fn proxies(&self, unit: &str) -> Option<(UnitProxy<'static>, Option<ServiceProxy<'static>>)> {
         let path = self.manager().await.ok()?.load_unit(unit.to_string()).await.ok()?;
-        UnitProxy::builder(&self.conn).path(path).cache_properties(CacheProperties::No).build().await.ok()
-    }
-
-    async fn service(&self, unit: &str) -> Option<ServiceProxy<'static>> {
-        if !unit.ends_with(".service") {
-            return None;
-        }
-        let path = self.manager().await.ok()?.load_unit(unit.to_string()).await.ok()?;
-        ServiceProxy::builder(&self.conn).path(path).cache_properties(CacheProperties::No).build().await.ok()
+        let u = UnitProxy::builder(&self.conn).path(path.clone()).cache_properties(CacheProperties::No).build();
+        let u = u.await.ok()?;
+        let service = match unit.ends_with(".service") {
+            true => {
+                ServiceProxy::builder(&self.conn).path(path).cache_properties(CacheProperties::No).build().await.ok()
+            }
+            false => None,
+        };
+        Some((u, service))
     }
 
     /// Starts watching `units` (just restarted or reloaded): from now on, one that stops being
@@ -186,35 +187,31 @@ impl Systemd {
     pub async fn watch(&self, units: &[String]) -> UnitWatch {
         let mut watched = Vec::new();
         for name in units {
-            let service = self.service(name).await;
+            let (unit, service) = self.proxies(name).await.unzip();
+            let service = service.flatten();
             let restarts = match &service {
                 Some(s) => s.n_restarts().await.unwrap_or(0),
                 None => 0,
             };
-            watched.push(Watched { name: name.clone(), unit: self.unit(name).await, service, restarts });
+            watched.push(Watched { name: name.clone(), unit, service, restarts });
         }
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let sd = Systemd { conn: self.conn.clone() };
-        let looking = Arc::new(tokio::sync::Mutex::new(watched));
-        let task = tokio::spawn({
-            let looking = looking.clone();
-            async move {
-                loop {
-                    tokio::time::sleep(WATCH_EVERY).await;
-                    if let Some(e) = sd.look(&looking).await {
-                        let _ = tx.send(e);
-                        return;
-                    }
+        let (sd, looking) = (Systemd { conn: self.conn.clone() }, watched.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(WATCH_EVERY).await;
+                if let Some(e) = sd.look(&looking).await {
+                    let _ = tx.send(e);
+                    return;
                 }
             }
         });
-        UnitWatch { sd: Systemd { conn: self.conn.clone() }, watched: looking, failed: rx, task }
+        UnitWatch { sd: Systemd { conn: self.conn.clone() }, watched, failed: rx, task }
     }
 
     /// One look at the watched units: the first that failed, with its state and journal.
-    async fn look(&self, watched: &tokio::sync::Mutex<Vec<Watched>>) -> Option<UnitError> {
-        let watched = watched.lock().await;
-        for w in watched.iter() {
+    async fn look(&self, watched: &[Watched]) -> Option<UnitError> {
+        for w in watched {
             let active = match &w.unit {
                 Some(u) => u.active_state().await.unwrap_or_default(),
                 None => String::new(),
@@ -243,16 +240,10 @@ impl Systemd {
     /// The unit's state and its last journal lines (best effort: missing fields stay empty).
     pub async fn state(&self, unit: &str) -> v1::UnitState {
         let mut s = v1::UnitState { unit: unit.to_string(), ..Default::default() };
-        if let Ok(manager) = self.manager().await
-            && let Ok(path) = manager.load_unit(unit.to_string()).await
-        {
-            if let Ok(u) = UnitProxy::builder(&self.conn).path(path.clone()).build().await {
-                s.active_state = u.active_state().await.unwrap_or_default();
-                s.sub_state = u.sub_state().await.unwrap_or_default();
-            }
-            if unit.ends_with(".service")
-                && let Ok(svc) = ServiceProxy::builder(&self.conn).path(path).build().await
-            {
+        if let Some((u, service)) = self.proxies(unit).await {
+            s.active_state = u.active_state().await.unwrap_or_default();
+            s.sub_state = u.sub_state().await.unwrap_or_default();
+            if let Some(svc) = service {
                 s.result = svc.result().await.unwrap_or_default();
                 s.exec_main_status = svc.exec_main_status().await.unwrap_or_default();
             }
@@ -268,6 +259,7 @@ fn up(active_state: &str) -> bool {
 }
 
 /// A unit being watched, and its `NRestarts` when the watch began.
+#[derive(Clone)]
 struct Watched {
     name: String,
     unit: Option<UnitProxy<'static>>,
@@ -279,7 +271,7 @@ struct Watched {
 /// dropped.
 pub struct UnitWatch {
     sd: Systemd,
-    watched: Arc<tokio::sync::Mutex<Vec<Watched>>>,
+    watched: Vec<Watched>,
     failed: tokio::sync::oneshot::Receiver<UnitError>,
     task: tokio::task::JoinHandle<()>,
 }

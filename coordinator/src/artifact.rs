@@ -344,24 +344,21 @@ impl Artifact {
         let started = std::time::SystemTime::now();
         let io = |source| ArtifactError::Io { path: path.to_owned(), source };
         let meta = std::fs::metadata(path).map_err(io)?;
-        // An archive's tree: the one ferry extracted before while the archive is unchanged (see
-        // `cache`), else a new extraction, kept in the cache where it can be.
-        let (root, extracted) = match cache.and_then(|c| c.extracted(path, &meta)) {
-            _ if meta.is_dir() => (path.to_owned(), None),
-            Some(tree) => (tree, None),
-            None => {
-                let dir = match cache.and_then(|c| c.extraction_dir(path, &meta)) {
-                    Some(dir) => dir,
-                    None => tempfile::Builder::new().prefix("ferry-artifact-").tempdir().map_err(io)?,
-                };
-                extract(path, dir.path(), max_bytes)?;
-                let kept = match cache {
-                    Some(c) => c.keep_extracted(path, &meta, dir),
-                    None => Err(dir),
-                };
-                match kept {
-                    Ok(tree) => (tree, None),
-                    Err(dir) => (dir.path().to_owned(), Some(dir)),
+        // An archive's tree: kept in the cache while the archive is unchanged (see `cache`), else
+        // extracted to a temporary directory.
+        let (root, extracted) = if meta.is_dir() {
+            (path.to_owned(), None)
+        } else {
+            let kept = match cache {
+                Some(c) => c.archive_tree(path, &meta, |dir| extract(path, dir, max_bytes))?,
+                None => None,
+            };
+            match kept {
+                Some(tree) => tree,
+                None => {
+                    let dir = tempfile::Builder::new().prefix("ferry-artifact-").tempdir().map_err(io)?;
+                    extract(path, dir.path(), max_bytes)?;
+                    (dir.path().to_owned(), Some(dir))
                 }
             }
         };

@@ -134,39 +134,48 @@ impl Cache {
         Some(self.trees_dir().join(&h.finalize().to_hex()[..32]))
     }
 
-    /// The tree ferry extracted from `archive` earlier, if the archive has not changed since.
-    pub fn extracted(&self, archive: &Path, meta: &std::fs::Metadata) -> Option<PathBuf> {
-        let tree = self.tree_path(archive, meta)?;
-        let dir = std::fs::File::open(&tree).ok()?;
-        // Its mtime says how recently it was used (the oldest go first).
-        let _ = dir.set_modified(std::time::SystemTime::now());
-        dir.metadata().ok()?.is_dir().then_some(tree)
-    }
-
-    /// A temporary directory to extract `archive` into, on the cache's filesystem (so that
-    /// [`Cache::keep_extracted`] can rename it into place); None if the cache cannot hold one.
-    pub fn extraction_dir(&self, archive: &Path, meta: &std::fs::Metadata) -> Option<tempfile::TempDir> {
-        self.tree_path(archive, meta)?;
-        std::fs::create_dir_all(self.trees_dir()).ok()?;
-        tempfile::Builder::new().prefix(".tmp-").tempdir_in(self.trees_dir()).ok()
-    }
-
-    /// Keeps `dir`, a complete extraction of `archive`, as its tree; `dir` back if it cannot.
-    pub fn keep_extracted(
+    /// The tree of `archive` (whose metadata is `meta`) kept in the cache: the one ferry extracted
+    /// earlier while the archive is unchanged, else a new one `extract` fills. With it, a
+    /// temporary directory to keep alive for as long as the tree is read when it could not be
+    /// kept. None while the archive is changing (changed less than a second ago) or when the
+    /// cache has no room for a tree: the caller extracts elsewhere.
+    pub fn archive_tree<E>(
         &self,
         archive: &Path,
         meta: &std::fs::Metadata,
-        dir: tempfile::TempDir,
-    ) -> Result<PathBuf, tempfile::TempDir> {
-        let Some(tree) = self.tree_path(archive, meta) else { return Err(dir) };
-        if let Err(e) = std::fs::rename(dir.path(), &tree) {
-            tracing::warn!(path = %tree.display(), error = %e, "cannot keep the extracted archive in the cache");
-            return Err(dir);
+        extract: impl FnOnce(&Path) -> Result<(), E>,
+    ) -> Result<Option<(PathBuf, Option<tempfile::TempDir>)>, E> {
+        let Some(tree) = self.tree_path(archive, meta) else { return Ok(None) };
+        if let Ok(dir) = std::fs::File::open(&tree)
+            && dir.metadata().is_ok_and(|m| m.is_dir())
+        {
+            // Its mtime says how recently it was used (the oldest go first).
+            let _ = dir.set_modified(std::time::SystemTime::now());
+            return Ok(Some((tree, None)));
         }
-        // Renamed away: nothing is left for the TempDir to remove.
-        let _ = dir.keep();
-        prune_trees(&self.trees_dir(), KEEP_TREES);
-        Ok(tree)
+        // Extracted beside it, on the cache's filesystem, then renamed into place.
+        let trees = self.trees_dir();
+        let Some(tmp) = std::fs::create_dir_all(&trees)
+            .ok()
+            .and_then(|()| tempfile::Builder::new().prefix(".tmp-").tempdir_in(&trees).ok())
+        else {
+            return Ok(None);
+        };
+        extract(tmp.path())?;
+        match std::fs::rename(tmp.path(), &tree) {
+            Ok(()) => {
+                // Renamed away: nothing is left for the TempDir to remove.
+                let _ = tmp.keep();
+                prune_trees(&trees, KEEP_TREES);
+                Ok(Some((tree, None)))
+            }
+            // Another run kept the same tree meanwhile.
+            Err(_) if tree.is_dir() => Ok(Some((tree, None))),
+            Err(e) => {
+                tracing::warn!(path = %tree.display(), error = %e, "cannot keep the extracted archive in the cache");
+                Ok(Some((tmp.path().to_owned(), Some(tmp))))
+            }
+        }
     }
 
     /// Writes a cache file; a failure only costs the next run some time, so it is logged.

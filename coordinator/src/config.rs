@@ -12,6 +12,15 @@ use serde::Deserialize;
 
 use crate::plan::{Pause, Size, Sizes, Strategy};
 
+/// Why a command's app could not be picked ([`FleetConfig::pick_app`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AppPick {
+    /// fleet.toml declares no app of that name.
+    Unknown(String),
+    /// fleet.toml declares several apps and the command named none.
+    Required,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FleetConfig {
@@ -1141,6 +1150,25 @@ impl FleetConfig {
     /// The names of the apps, in name order.
     pub fn app_names(&self) -> Vec<&str> {
         self.apps.keys().map(String::as_str).collect()
+    }
+
+    /// The app a command names: `name`, or the only one when it names none.
+    pub fn pick_app<'a>(&'a self, name: Option<&'a str>) -> Result<&'a str, AppPick> {
+        match name {
+            Some(name) if self.apps.contains_key(name) => Ok(name),
+            Some(name) => Err(AppPick::Unknown(name.to_string())),
+            None if self.apps.len() > 1 => Err(AppPick::Required),
+            None => Ok(self.app.name.as_str()),
+        }
+    }
+
+    /// The app filter of a listing naming `name`: none in a fleet of one app, where every record
+    /// is that app's (those made before records named their app included).
+    pub fn app_filter<'a>(&self, name: Option<&'a str>) -> Result<Option<&'a str>, AppPick> {
+        match name {
+            Some(name) if !self.apps.contains_key(name) => Err(AppPick::Unknown(name.to_string())),
+            name => Ok(name.filter(|_| self.apps.len() > 1)),
+        }
     }
 
     /// This fleet as app `name` sees it: `app` is that app, and each environment keeps only the

@@ -71,21 +71,20 @@ impl std::fmt::Display for Closed {
 }
 
 const DAYS: [(&str, Weekday); 7] = [
-    ("mon", Weekday::Monday),
-    ("tue", Weekday::Tuesday),
-    ("wed", Weekday::Wednesday),
-    ("thu", Weekday::Thursday),
-    ("fri", Weekday::Friday),
-    ("sat", Weekday::Saturday),
-    ("sun", Weekday::Sunday),
+    ("monday", Weekday::Monday),
+    ("tuesday", Weekday::Tuesday),
+    ("wednesday", Weekday::Wednesday),
+    ("thursday", Weekday::Thursday),
+    ("friday", Weekday::Friday),
+    ("saturday", Weekday::Saturday),
+    ("sunday", Weekday::Sunday),
 ];
 
+/// A day by its name or a prefix of it of at least 3 letters (`Mon`, `Thurs`, `sunday`).
 fn day(name: &str) -> Result<Weekday, String> {
     let lower = name.to_ascii_lowercase();
     DAYS.iter()
-        .find(|(n, _)| {
-            lower.get(..3) == Some(*n) && "monday tuesday wednesday thursday friday saturday sunday".contains(&lower)
-        })
+        .find(|(full, _)| lower.len() >= 3 && full.starts_with(lower.as_str()))
         .map(|(_, d)| *d)
         .ok_or_else(|| format!("{name:?} is not a day (Mon, Tue, Wed, Thu, Fri, Sat, Sun)"))
 }

@@ -1031,19 +1031,18 @@ impl Upload {
         let places = self.places.get(&h).map_or(&[][..], Vec::as_slice);
         for &(n, offset) in places {
             let path = self.files.join(n.to_string());
-            if self.open.as_ref().is_none_or(|(open, _)| *open != n) {
-                let f = OpenOptions::new()
+            let f = match self.open.take() {
+                Some((open, f)) if open == n => f,
+                _ => OpenOptions::new()
                     .write(true)
                     .create(true)
                     .truncate(false)
                     .mode(0o600)
                     .open(&path)
-                    .map_err(StoreError::io("create file", &path))?;
-                self.open = Some((n, f));
-            }
-            if let Some((_, f)) = &self.open {
-                f.write_all_at(&data, offset).map_err(StoreError::io("write", &path))?;
-            }
+                    .map_err(StoreError::io("create file", &path))?,
+            };
+            f.write_all_at(&data, offset).map_err(StoreError::io("write", &path))?;
+            self.open = Some((n, f));
         }
         // Recorded once it is in every file; made durable, with the files, by Commit's flush.
         self.log.write_all(&h).map_err(StoreError::io("record chunk", &self.files))?;

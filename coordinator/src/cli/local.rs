@@ -9,7 +9,7 @@ use tracing::Instrument;
 use super::{CaCommand, CertCommand, Cli, Command, TokenCommand, deploy_exit, fail};
 use crate::cache::Cache;
 use crate::commands::{self, Ctx};
-use crate::config::FleetConfig;
+use crate::config::{AppPick, FleetConfig};
 use crate::exit;
 use crate::fleet::grpc::Grpc;
 use crate::registry::Registry;
@@ -81,28 +81,26 @@ pub(super) fn rollout_target(command: &Command) -> Option<RolloutTarget<'_>> {
 
 /// The fleet as the app a verb works on sees it: `--app`, or the only app.
 fn select_app(config: &FleetConfig, app: Option<&str>) -> anyhow::Result<FleetConfig> {
-    match app {
-        Some(name) => config.for_app(name).ok_or_else(|| no_such_app(config, name)),
-        None if config.apps.len() > 1 => anyhow::bail!(
-            "fleet.toml declares several apps ({}): say which with --app NAME (or deploy them all with --bundle DIR)",
-            config.app_names().join(", ")
-        ),
-        None => Ok(config.clone()),
-    }
+    let name = config.pick_app(app).map_err(|e| app_error(config, e))?;
+    config.for_app(name).ok_or_else(|| app_error(config, AppPick::Unknown(name.to_string())))
 }
 
-/// `--app NAME` of a verb that only reads the registry: NAME must be an app of fleet.toml.
-/// The filter it makes: none in a fleet of one app, where every recorded deployment is that app's
-/// (those recorded before deployments named their app included).
+/// `--app NAME` of a verb that only reads the registry: the filter it makes
+/// ([`FleetConfig::app_filter`]).
 fn known_app<'a>(config: &FleetConfig, app: Option<&'a str>) -> anyhow::Result<Option<&'a str>> {
-    match app {
-        Some(name) if !config.apps.contains_key(name) => Err(no_such_app(config, name)),
-        app => Ok(app.filter(|_| config.apps.len() > 1)),
-    }
+    config.app_filter(app).map_err(|e| app_error(config, e))
 }
 
-fn no_such_app(config: &FleetConfig, name: &str) -> anyhow::Error {
-    anyhow::anyhow!("--app {name}: fleet.toml declares no such app (it declares: {})", config.app_names().join(", "))
+fn app_error(config: &FleetConfig, e: AppPick) -> anyhow::Error {
+    let names = config.app_names().join(", ");
+    match e {
+        AppPick::Unknown(name) => {
+            anyhow::anyhow!("--app {name}: fleet.toml declares no such app (it declares: {names})")
+        }
+        AppPick::Required => anyhow::anyhow!(
+            "fleet.toml declares several apps ({names}): say which with --app NAME (or deploy them all with --bundle DIR)"
+        ),
+    }
 }
 
 /// Renders a verb's value and returns its exit code; an error is printed and exits 2.
@@ -236,7 +234,7 @@ async fn start_and_run(
 ) -> Result<DeployReport, commands::Error> {
     let id = commands::deploy::start(ctx, env, &artifact, version, prestage)?;
     if let Some(note) = overridden {
-        commands::deploy::record_override(ctx, &id, &local_user(), note)?;
+        commands::deploy::record_override(ctx.registry, &id, &local_user(), note)?;
     }
     commands::deploy::run(ctx, env, &id, artifact).await
 }

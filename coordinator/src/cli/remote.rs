@@ -260,9 +260,8 @@ async fn continue_env(remote: &Remote, env: &str, app: Option<&str>, how: &str, 
     if let Some(app) = app {
         let d = remote.call("GET", &format!("/api/v1/deployments/{}", enc(&holder)), None).await?;
         if let Some(other) = d["app"].as_str().filter(|a| !a.is_empty() && a != &app) {
-            anyhow::bail!(
-                "{env} is held by deployment {holder} of app {other}, not {app}: resume or roll back app {other} first (--app {other})"
-            );
+            let (env, id, app, this) = (env.to_string(), holder, other.to_string(), app.to_string());
+            return Err(crate::rollout::Error::OtherApp { env, id, app, this }.into());
         }
     }
     let started = remote.call("POST", &format!("/api/v1/deployments/{}/{how}", enc(&holder)), None).await?;

@@ -30,9 +30,13 @@ pub fn window(
 }
 
 /// Records on deployment `id` that it started outside its windows, who overrode them and why.
-pub fn record_override(ctx: &Ctx<'_>, id: &str, who: &str, note: &str) -> Result<(), Error> {
-    ctx.registry.event(id, None, "window_override", &format!("by {who}: {note}"))?;
-    Ok(())
+pub fn record_override(
+    registry: &dyn crate::registry::Registry,
+    id: &str,
+    who: &str,
+    note: &str,
+) -> Result<(), crate::registry::RegistryError> {
+    registry.event(id, None, "window_override", &format!("by {who}: {note}"))
 }
 
 /// Scans an artifact for a deployment to `env` (off the async threads, through the scan cache), as

@@ -126,8 +126,7 @@ pub fn check(
         .into());
     }
     // The newest deployment of this app there (another app's deployments are not in its way).
-    if let Some(latest) =
-        registry.history(Some(&d.environment), Some(&config.app.name), 1)?.into_iter().next().map(|l| l.id)
+    if let Some(latest) = registry.latest_deployment(&d.environment, Some(&config.app.name))?
         && latest != d.id
     {
         return Err(Refused::Blocked(format!(

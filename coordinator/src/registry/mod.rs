@@ -66,8 +66,8 @@ pub trait Registry: Send + Sync {
     fn history(&self, env: Option<&str>, app: Option<&str>, limit: usize) -> Result<Vec<DeploymentRow>, RegistryError>;
     /// Per-environment success and rollback rates and durations of finished deployments.
     fn report(&self, env: Option<&str>) -> Result<Vec<EnvReport>, RegistryError>;
-    /// The newest deployment of `env` (of any kind), if any.
-    fn latest_deployment(&self, env: &str) -> Result<Option<String>, RegistryError>;
+    /// The newest deployment of `env` (of any kind; of `app`, when given), if any.
+    fn latest_deployment(&self, env: &str, app: Option<&str>) -> Result<Option<String>, RegistryError>;
     /// Events of deployment `id` after sequence number `after` (0: all), oldest first.
     fn events_since(&self, id: &str, after: i64) -> Result<Vec<EventRow>, RegistryError>;
 

@@ -239,8 +239,8 @@ impl Registry for Sqlite {
     fn report(&self, env: Option<&str>) -> Result<Vec<EnvReport>, RegistryError> {
         self.db()?.report(env)
     }
-    fn latest_deployment(&self, env: &str) -> Result<Option<String>, RegistryError> {
-        self.db()?.latest_deployment(env)
+    fn latest_deployment(&self, env: &str, app: Option<&str>) -> Result<Option<String>, RegistryError> {
+        self.db()?.latest_deployment(env, app)
     }
     fn events_since(&self, id: &str, after: i64) -> Result<Vec<EventRow>, RegistryError> {
         self.db()?.events_since(id, after)

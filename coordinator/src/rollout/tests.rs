@@ -364,8 +364,8 @@ impl Registry for Dies<'_> {
     fn report(&self, env: Option<&str>) -> Result<Vec<crate::registry::EnvReport>, RegistryError> {
         self.inner.report(env)
     }
-    fn latest_deployment(&self, env: &str) -> Result<Option<String>, RegistryError> {
-        self.inner.latest_deployment(env)
+    fn latest_deployment(&self, env: &str, app: Option<&str>) -> Result<Option<String>, RegistryError> {
+        self.inner.latest_deployment(env, app)
     }
     fn events_since(&self, id: &str, after: i64) -> Result<Vec<crate::registry::EventRow>, RegistryError> {
         self.inner.events_since(id, after)

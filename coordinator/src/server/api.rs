@@ -357,17 +357,8 @@ struct EnvironmentQuery {
     app: Option<String>,
 }
 
-/// `app` of a listing: an app of fleet.toml, or none (every app). In a fleet of one app it filters
-/// nothing: every record is that app's, those made before records named their app included.
-fn app_filter<'a>(state: &Shared, app: &'a Option<String>) -> Result<Option<&'a str>, ApiError> {
-    match app.as_deref() {
-        Some(name) => state.app(Some(name)).map(|_| Some(name).filter(|_| state.apps.len() > 1)),
-        None => Ok(None),
-    }
-}
-
 async fn list_versions(State(state): State<Shared>, ApiQuery(q): ApiQuery<VersionsQuery>) -> ApiResult {
-    let rows = state.registry.versions(app_filter(&state, &q.app)?, q.limit.unwrap_or(50).min(1000))?;
+    let rows = state.registry.versions(state.app_filter(q.app.as_deref())?, q.limit.unwrap_or(50).min(1000))?;
     Ok(Json(json!({ "versions": rows })).into_response())
 }
 
@@ -387,11 +378,11 @@ async fn list_environments(State(state): State<Shared>) -> ApiResult {
     let mut envs = Vec::new();
     for (name, e) in &state.config.environments {
         let lock = state.registry.lock_of(name)?;
-        let latest = state.registry.latest_deployment(name)?;
+        let latest = state.registry.latest_deployment(name, None)?;
         let mut apps = Vec::new();
         for (app, view) in &state.apps {
             let hosts: Vec<&String> = view.environments.get(name).map(|v| v.hosts.keys().collect()).unwrap_or_default();
-            let latest = state.registry.history(Some(name), Some(app), 1)?.into_iter().next().map(|d| d.id);
+            let latest = state.registry.latest_deployment(name, Some(app))?;
             apps.push(json!({ "name": app, "hosts": hosts, "latest_deployment": latest }));
         }
         envs.push(json!({
@@ -587,7 +578,7 @@ async fn start_deploy(
     };
     let id = jobs::start(state, app, env, &who.0, how.promoted_from, op).await?;
     if let Some(note) = &overridden
-        && let Err(e) = state.registry.event(&id, None, "window_override", &format!("by {}: {note}", who.0))
+        && let Err(e) = crate::commands::deploy::record_override(state.registry.as_ref(), &id, &who.0, note)
     {
         tracing::error!("deployment {id}: cannot record its window override: {e}");
     }
@@ -598,7 +589,7 @@ async fn list_deployments(State(state): State<Shared>, ApiQuery(q): ApiQuery<Lis
     if let Some(env) = &q.environment {
         environment(&state, env, StatusCode::UNPROCESSABLE_ENTITY)?;
     }
-    let app = app_filter(&state, &q.app)?;
+    let app = state.app_filter(q.app.as_deref())?;
     let rows = state.registry.history(q.environment.as_deref(), app, q.limit.unwrap_or(20).min(1000))?;
     let mut list: Vec<Value> = rows.into_iter().map(|d| json!(d)).collect();
     for v in &mut list {
@@ -957,7 +948,7 @@ async fn report(State(state): State<Shared>, ApiQuery(q): ApiQuery<EnvironmentQu
     if let Some(env) = &q.environment {
         environment(&state, env, StatusCode::UNPROCESSABLE_ENTITY)?;
     }
-    let app = app_filter(&state, &q.app)?;
+    let app = state.app_filter(q.app.as_deref())?;
     let rows = crate::commands::history::report(state.registry.as_ref(), q.environment.as_deref(), app)?;
     Ok(Json(json!({ "environments": rows })).into_response())
 }

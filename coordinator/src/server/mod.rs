@@ -162,21 +162,25 @@ impl AppState {
     /// The app a call names, or the only one when it names none; refused (422) for an app
     /// fleet.toml does not declare, or for none when it declares several.
     pub fn app(&self, name: Option<&str>) -> Result<&Arc<FleetConfig>, ApiError> {
-        let names = || self.config.app_names().join(", ");
-        match name {
-            Some(name) => self.apps.get(name).ok_or_else(|| {
-                ApiError::unprocessable(
-                    "unknown_app",
-                    format!("unknown app {name:?} (fleet.toml declares: {})", names()),
-                )
-            }),
-            None if self.apps.len() == 1 => {
-                self.apps.values().next().ok_or_else(|| ApiError::internal("fleet.toml declares no app"))
+        let name = self.config.pick_app(name).map_err(|e| self.app_error(e))?;
+        self.apps.get(name).ok_or_else(|| self.app_error(crate::config::AppPick::Unknown(name.to_string())))
+    }
+
+    /// `app` of a listing: the filter it makes ([`FleetConfig::app_filter`]).
+    pub fn app_filter<'a>(&self, name: Option<&'a str>) -> Result<Option<&'a str>, ApiError> {
+        self.config.app_filter(name).map_err(|e| self.app_error(e))
+    }
+
+    fn app_error(&self, e: crate::config::AppPick) -> ApiError {
+        let names = self.config.app_names().join(", ");
+        match e {
+            crate::config::AppPick::Unknown(name) => {
+                ApiError::unprocessable("unknown_app", format!("unknown app {name:?} (fleet.toml declares: {names})"))
             }
-            None => Err(ApiError::unprocessable(
+            crate::config::AppPick::Required => ApiError::unprocessable(
                 "app_required",
-                format!("fleet.toml declares several apps ({}): name one with \"app\" (the CLI's --app NAME)", names()),
-            )),
+                format!("fleet.toml declares several apps ({names}): name one with \"app\" (the CLI's --app NAME)"),
+            ),
         }
     }
 

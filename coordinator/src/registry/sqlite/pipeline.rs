@@ -207,11 +207,12 @@ impl Db {
     }
 
     /// The newest deployment of `env` (of any kind), if any.
-    pub(super) fn latest_deployment(&self, env: &str) -> Result<Option<String>, RegistryError> {
+    pub(super) fn latest_deployment(&self, env: &str, app: Option<&str>) -> Result<Option<String>, RegistryError> {
         self.conn
             .query_row(
-                "SELECT id FROM deployments WHERE environment = ?1 ORDER BY started_ms DESC, rowid DESC LIMIT 1",
-                [env],
+                "SELECT id FROM deployments WHERE environment = ?1 AND (?2 IS NULL OR app = ?2)
+                 ORDER BY started_ms DESC, rowid DESC LIMIT 1",
+                params![env, app],
                 |r| r.get(0),
             )
             .optional()
