@@ -63,6 +63,9 @@ pub struct FleetConfig {
     #[serde(default)]
     pub server: ServerConfig,
     pub environments: BTreeMap<String, Environment>,
+    /// Where rollouts' events are sent (`[[notify]]`, see [`crate::notify`]).
+    #[serde(default)]
+    pub notify: Vec<crate::notify::Target>,
 }
 
 /// `[server]`: how `ferry serve` serves its API.
@@ -716,6 +719,13 @@ pub struct Environment {
     /// a pipeline asks for smoke tests; a deployment is promoted further only once they passed.
     #[serde(default)]
     pub smoke: Vec<SmokeCheck>,
+    /// Metric gates: PromQL queries judged after each batch and during canary pauses (see
+    /// [`crate::gate`]); a failed one halts the rollout (and, with `auto_rollback`, rolls back).
+    #[serde(default)]
+    pub gates: Vec<crate::gate::MetricGate>,
+    /// Webhook gates: URLs POSTed the deployment at chosen points; anything but 2xx halts.
+    #[serde(default)]
+    pub webhooks: Vec<crate::gate::WebhookGate>,
     /// `ferry serve`: a promotion into this environment needs an approval by an identity other
     /// than the one promoting.
     #[serde(default)]
@@ -1033,6 +1043,9 @@ impl FleetConfig {
             // Checked by `problems` above: every strategy, window and freeze parses.
             e.strategy = e.parse_strategy().unwrap_or_default();
             e.schedule = crate::window::Schedule::parse(&e.windows, &e.freezes).unwrap_or_default();
+            for g in &mut e.gates {
+                g.check = crate::gate::Condition::parse(&g.condition).unwrap_or_default();
+            }
         }
         let base = path.parent().unwrap_or(Path::new("."));
         for p in [&mut config.tls.ca, &mut config.tls.cert, &mut config.tls.key]
@@ -1045,9 +1058,12 @@ impl FleetConfig {
             .chain(config.server.artifacts_dir.as_mut())
             .chain(config.server.audit_log.as_mut())
             .chain(config.server.artifact_roots.iter_mut())
-            .chain(
-                config.environments.values_mut().flat_map(|e| e.secrets.values_mut()).filter_map(|s| s.file.as_mut()),
-            )
+            .chain(config.environments.values_mut().flat_map(|e| {
+                let secrets = e.secrets.values_mut().filter_map(|s| s.file.as_mut());
+                let gates = e.gates.iter_mut().filter_map(|g| g.ca.as_mut());
+                secrets.chain(gates).chain(e.webhooks.iter_mut().filter_map(|w| w.ca.as_mut()))
+            }))
+            .chain(config.notify.iter_mut().filter_map(|t| t.ca.as_mut()))
         {
             if p.is_relative() {
                 *p = base.join(&*p);
@@ -1207,6 +1223,10 @@ impl FleetConfig {
     pub fn problems(&self) -> Vec<Problem> {
         let mut p = Vec::new();
         self.apps_problems(&mut p);
+        let envs: Vec<&String> = self.environments.keys().collect();
+        for (i, t) in self.notify.iter().enumerate() {
+            t.problems(&format!("notify[{i}]"), &envs, &mut p);
+        }
         for (key, path) in [("tls.ca", &self.tls.ca), ("tls.cert", &self.tls.cert), ("tls.key", &self.tls.key)] {
             if path.as_os_str().is_empty() {
                 p.push(Problem::new(key, "must name a file"));
@@ -1283,6 +1303,12 @@ impl FleetConfig {
             }
             for (i, check) in e.smoke.iter().enumerate() {
                 check.problems(&format!("environments.{env}.smoke[{i}]"), &mut p);
+            }
+            for (i, gate) in e.gates.iter().enumerate() {
+                gate.problems(&format!("environments.{env}.gates[{i}]"), &mut p);
+            }
+            for (i, hook) in e.webhooks.iter().enumerate() {
+                hook.problems(&format!("environments.{env}.webhooks[{i}]"), &mut p);
             }
             if e.hosts.is_empty() {
                 p.push(Problem::new(format!("environments.{env}.hosts"), "has no hosts"));

@@ -1,6 +1,7 @@
 //! The verbs run here: each parses nothing of its own (clap did), loads fleet.toml once, calls
 //! one use case of [`crate::commands`] and renders its value with [`crate::ui`].
 use std::path::Path;
+use std::sync::Arc;
 
 use clap::CommandFactory;
 use tokio_util::sync::CancellationToken;
@@ -22,8 +23,10 @@ use crate::ui::{self, Format};
 struct Loaded {
     config: FleetConfig,
     tls: ClientTls,
-    registry: Sqlite,
+    registry: Arc<Sqlite>,
     cache: Option<Cache>,
+    /// fleet.toml's `[[notify]]` targets.
+    notifier: crate::notify::Notifier,
 }
 
 impl Loaded {
@@ -33,9 +36,10 @@ impl Loaded {
             config.hosts(env)?;
         }
         let tls = ClientTls::load(&config.tls).map_err(|e| anyhow::anyhow!("{}: [tls]: {e}", path.display()))?;
-        let registry = open_registry(&config)?;
+        let registry = Arc::new(open_registry(&config)?);
         let cache = config.cache_dir().map(Cache::new);
-        Ok(Loaded { config, tls, registry, cache })
+        let notifier = crate::notify::Notifier::start(&config.notify, registry.clone());
+        Ok(Loaded { config, tls, registry, cache, notifier })
     }
 }
 
@@ -155,10 +159,12 @@ pub async fn run(cli: Cli, shutdown: &CancellationToken) -> u8 {
         started: crate::metrics::now(),
         ended: None,
     };
-    write_metrics(cli.metrics_file.as_deref(), &loaded.registry, &observed);
+    write_metrics(cli.metrics_file.as_deref(), loaded.registry.as_ref(), &observed);
     let code = rollout_verb(&loaded, &target, &cli.command, shutdown).instrument(span).await;
+    // Notifications still queued get at most their targets' timeout; a rollout never waits.
+    loaded.notifier.flush().await;
     observed.ended = Some((crate::metrics::now(), code));
-    write_metrics(cli.metrics_file.as_deref(), &loaded.registry, &observed);
+    write_metrics(cli.metrics_file.as_deref(), loaded.registry.as_ref(), &observed);
     code
 }
 
@@ -350,7 +356,16 @@ fn ctx_of<'a>(
     cancel: &'a CancellationToken,
     force_unlock: bool,
 ) -> Ctx<'a> {
-    Ctx { config, fleet, registry: &loaded.registry, cache: loaded.cache.as_ref(), observer, cancel, force_unlock }
+    Ctx {
+        config,
+        fleet,
+        registry: loaded.registry.as_ref(),
+        cache: loaded.cache.as_ref(),
+        observer,
+        cancel,
+        force_unlock,
+        notifier: &loaded.notifier,
+    }
 }
 
 /// Every verb that is not a rollout.

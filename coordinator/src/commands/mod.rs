@@ -61,6 +61,8 @@ pub struct Ctx<'a> {
     pub cancel: &'a CancellationToken,
     /// Break another deployment's lock on the environment (a warning names it).
     pub force_unlock: bool,
+    /// Where rollouts' notifications go.
+    pub notifier: &'a crate::notify::Notifier,
 }
 
 impl Ctx<'_> {
@@ -74,6 +76,7 @@ impl Ctx<'_> {
             observer: self.observer,
             cancel: self.cancel,
             force_unlock: self.force_unlock,
+            notifier: self.notifier,
         }
     }
 }

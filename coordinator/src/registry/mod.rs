@@ -102,6 +102,10 @@ pub trait Registry: Send + Sync {
         promotion: &str,
     ) -> Result<(), RegistryError>;
     fn approvals(&self, deployment_id: &str) -> Result<Vec<Approval>, RegistryError>;
+    /// Records a metric gate's measurement of a deployment.
+    fn record_measurement(&self, m: &Measurement) -> Result<(), RegistryError>;
+    /// The measurements of a deployment, oldest first.
+    fn measurements(&self, deployment_id: &str) -> Result<Vec<Measurement>, RegistryError>;
 }
 
 pub fn now_ms() -> i64 {
@@ -298,6 +302,22 @@ pub struct SmokeRun {
     /// The environment's own `smoke` checks ran (not checks sent with the request): only such
     /// runs count for promotion.
     pub env_checks: bool,
+}
+
+/// One measurement of a metric gate ([`crate::gate`]) during a deployment.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct Measurement {
+    pub deployment_id: String,
+    /// The batch it judged (from 1).
+    pub batch: u32,
+    pub gate: String,
+    pub at_ms: i64,
+    pub outcome: crate::gate::Outcome,
+    /// The value that decided, and a baseline gate's baseline.
+    pub value: Option<f64>,
+    pub baseline: Option<f64>,
+    /// How it was judged, or why it is inconclusive.
+    pub detail: String,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -14,8 +14,8 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use rusqlite_migration::{M, Migrations};
 
 use super::{
-    Approval, DeploymentRow, EnvReport, EventRow, HostRow, HostUpdate, Lock, NewDeployment, Registry, RegistryError,
-    SlowHost, SmokeRun, VersionRow, now_ms, this_hostname,
+    Approval, DeploymentRow, EnvReport, EventRow, HostRow, HostUpdate, Lock, Measurement, NewDeployment, Registry,
+    RegistryError, SlowHost, SmokeRun, VersionRow, now_ms, this_hostname,
 };
 use crate::state::{DeploymentKind, DeploymentStatus, HostState, legal};
 
@@ -141,6 +141,21 @@ fn migrations() -> Migrations<'static> {
             FROM versions ORDER BY rowid;
         DROP TABLE versions;
         ALTER TABLE versions_by_app RENAME TO versions;",
+        ),
+        // Metric gates: every measurement of a deployment.
+        M::up(
+            "CREATE TABLE measurements (
+            id INTEGER PRIMARY KEY,
+            deployment_id TEXT NOT NULL REFERENCES deployments(id),
+            batch INTEGER NOT NULL,
+            gate TEXT NOT NULL,
+            at_ms INTEGER NOT NULL,
+            outcome TEXT NOT NULL,
+            value REAL,
+            baseline REAL,
+            detail TEXT NOT NULL
+        );
+        CREATE INDEX measurements_by_deployment ON measurements (deployment_id, id);",
         ),
     ])
 }
@@ -286,6 +301,12 @@ impl Registry for Sqlite {
     }
     fn approvals(&self, deployment_id: &str) -> Result<Vec<Approval>, RegistryError> {
         self.db()?.approvals(deployment_id)
+    }
+    fn record_measurement(&self, m: &Measurement) -> Result<(), RegistryError> {
+        self.db()?.record_measurement(m)
+    }
+    fn measurements(&self, deployment_id: &str) -> Result<Vec<Measurement>, RegistryError> {
+        self.db()?.measurements(deployment_id)
     }
 }
 

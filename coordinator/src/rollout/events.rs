@@ -72,6 +72,17 @@ pub enum Event<'a> {
     Waiting {
         wait: Duration,
     },
+    /// A metric gate measured (recorded in the registry).
+    Measured {
+        measurement: &'a crate::registry::Measurement,
+        condition: &'a str,
+    },
+    /// A webhook gate answered at `point` (`error`: it failed).
+    Webhook {
+        name: &'a str,
+        point: &'a str,
+        error: Option<&'a String>,
+    },
     /// The rollout stops.
     Halting {
         reason: &'a str,

@@ -33,6 +33,7 @@ use crate::state::{DeploymentKind, DeploymentStatus, HostState};
 
 mod blue_green;
 pub mod events;
+mod gates;
 mod hooks;
 pub mod report;
 mod run;
@@ -162,6 +163,8 @@ pub struct Engine<'a> {
     pub cancel: &'a CancellationToken,
     /// Break another deployment's lock on the environment (it is named in a warning).
     pub force_unlock: bool,
+    /// Where the rollout's notifications go ([`crate::notify::OFF`]: nowhere).
+    pub notifier: &'a crate::notify::Notifier,
 }
 
 /// What a new deployment record holds besides its id.
@@ -231,6 +234,7 @@ impl Engine<'_> {
             return Err(e.into());
         }
         self.emit(&Event::Started { id });
+        self.notify(crate::notify::Kind::Started, id, None, None);
         Ok(())
     }
 
@@ -513,7 +517,9 @@ impl Engine<'_> {
             .deployment(id)?
             .ok_or_else(|| Error::Corrupt { id: id.to_string(), reason: "it vanished from the registry".into() })?;
         let rows = self.registry.hosts(id)?;
-        Ok(report_from(d, rows, transfers))
+        let mut report = report_from(d, rows, transfers);
+        report.measurements = self.registry.measurements(id)?;
+        Ok(report)
     }
 
     /// Ends a deployment: untouched hosts are skipped, the status recorded, the environment
@@ -532,6 +538,16 @@ impl Engine<'_> {
         }
         self.registry.set_status(id, status, error)?;
         self.registry.unlock(self.env, id)?;
+        let kind = match status {
+            DeploymentStatus::Succeeded => Some(crate::notify::Kind::Succeeded),
+            DeploymentStatus::RolledBack => Some(crate::notify::Kind::RolledBack),
+            DeploymentStatus::Failed => Some(crate::notify::Kind::Failed),
+            DeploymentStatus::Cancelled => Some(crate::notify::Kind::Cancelled),
+            DeploymentStatus::Pending | DeploymentStatus::Running | DeploymentStatus::Paused => None,
+        };
+        if let Some(kind) = kind {
+            self.notify(kind, id, None, error);
+        }
         self.report(id, transfers)
     }
 }

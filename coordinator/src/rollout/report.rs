@@ -86,6 +86,9 @@ pub struct DeployReport {
     pub bytes_sent: u64,
     pub total_bytes: u64,
     pub hosts: Vec<HostResult>,
+    /// The metric gates' measurements, oldest first (none without gates).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub measurements: Vec<crate::registry::Measurement>,
 }
 
 impl DeployReport {
@@ -137,5 +140,6 @@ pub fn report_from(d: DeploymentRow, rows: Vec<HostRow>, transfers: &HashMap<Str
         bytes_sent: u64::try_from(d.bytes_sent).unwrap_or(0),
         total_bytes,
         hosts,
+        measurements: Vec::new(),
     }
 }

@@ -10,6 +10,8 @@ use super::{Engine, Error, Event, Stored, hooks};
 use crate::client::{ErrorKind, HostError};
 use crate::config::Host;
 use crate::fleet::{Activation, Release, Target, Transfer};
+use crate::gate::Point;
+use crate::notify::Kind;
 use crate::plan::{Pause, Strategy};
 use crate::registry::{DeploymentRow, HostRow, HostUpdate};
 use crate::state::{self, DeploymentStatus, HostState, Limits, Next, Outcome};
@@ -147,6 +149,24 @@ impl Engine<'_> {
             prestage: plan.prestage,
             pauses: (0..total).map(|n| pause_after(&plan.strategy, n, total)).collect(),
         };
+        let deploying = matches!(work, Work::Deploy { .. });
+        let gated = deploying && !self.environment()?.gates.is_empty();
+        // A paused canary going on: its before_promotion webhooks first.
+        if deploying
+            && d.status == DeploymentStatus::Paused
+            && let Some(reason) = self.webhooks(id, Point::BeforePromotion, None).await?
+        {
+            return self.halt(id, plan, &transfers, Some(&reason)).await;
+        }
+        // A coordinator that died mid-bake: the last batch it activated is baked again.
+        if gated
+            && let Some(last) = rows.iter().filter(|h| h.state == HostState::Healthy).map(|h| h.batch).max()
+            && let Ok(last) = usize::try_from(last)
+            && !self.baked(id, last)?
+            && let Some(reason) = self.bake(id, last, None).await?
+        {
+            return self.halt(id, plan, &transfers, Some(&reason)).await;
+        }
         let mut just_activated = None;
         loop {
             let rows = self.registry.hosts(id)?;
@@ -162,6 +182,12 @@ impl Engine<'_> {
                     self.stage_all(id, &hosts, release, &transfers).await?;
                 }
                 Next::Activate { batch, hosts } => {
+                    if deploying
+                        && self.registry.activated_hosts(id)?.is_empty()
+                        && let Some(reason) = self.webhooks(id, Point::BeforeActivation, None).await?
+                    {
+                        return self.halt(id, plan, &transfers, Some(&reason)).await;
+                    }
                     let names: Vec<&str> = hosts.iter().map(|&i| rows[i].host.as_str()).collect();
                     self.emit(&Event::Batch { number: batch + 1, total, hosts: &names });
                     let steps = names.iter().map(|name| {
@@ -176,19 +202,36 @@ impl Engine<'_> {
                     for r in futures_util::future::join_all(steps).await {
                         r?;
                     }
+                    // Past the failure budget the state machine halts next; otherwise the batch
+                    // is judged from outside before the rollout goes on.
+                    if deploying && failures(&self.registry.hosts(id)?) <= plan.max_failures {
+                        if let Some(reason) = self.bake(id, batch, None).await? {
+                            return self.halt(id, plan, &transfers, Some(&reason)).await;
+                        }
+                        if let Some(reason) = self.webhooks(id, Point::AfterBatch, Some(batch)).await? {
+                            return self.halt(id, plan, &transfers, Some(&reason)).await;
+                        }
+                    }
+                    self.notify(Kind::BatchDone, id, Some(batch), None);
                     just_activated = Some(batch);
                 }
                 Next::Pause { after, pause: Pause::Manual } => {
                     self.registry.set_status(id, DeploymentStatus::Paused, None)?;
                     self.emit(&Event::Paused { after: after + 1, total, env: self.env });
+                    self.notify(Kind::Paused, id, Some(after), None);
                     return self.report(id, &transfers);
                 }
-                Next::Pause { pause: Pause::For(wait), .. } => {
+                Next::Pause { after, pause: Pause::For(wait) } => {
                     self.emit(&Event::Waiting { wait });
                     self.registry.event(id, None, "pause", &humantime::format_duration(wait).to_string())?;
+                    let until = tokio::time::Instant::now() + wait;
+                    // The metric gates keep measuring the batch through the pause.
+                    if gated && let Some(reason) = self.bake(id, after, Some(wait)).await? {
+                        return self.halt(id, plan, &transfers, Some(&reason)).await;
+                    }
                     // Woken by the cancel itself, not by polling for it.
                     tokio::select! {
-                        () = tokio::time::sleep(wait) => {}
+                        () = tokio::time::sleep_until(until) => {}
                         () = self.cancel.cancelled() => {}
                     }
                     just_activated = None;
@@ -363,6 +406,7 @@ impl Engine<'_> {
             str::to_string,
         );
         self.emit(&Event::Halting { reason: &reason });
+        self.notify(Kind::Halted, id, None, Some(&reason));
         // Unwinding a blue-green deployment whose switch went through: the old group goes back first.
         if let Some(sw) = &plan.switch
             && self.registry.live_group(self.env)?.is_some_and(|(group, by)| group == sw.to && by == id)

@@ -71,6 +71,7 @@ impl World {
             observer,
             cancel: &self.cancel,
             force_unlock: false,
+            notifier: &crate::notify::OFF,
         }
     }
 
@@ -399,6 +400,12 @@ impl Registry for Dies<'_> {
     }
     fn smoke_runs(&self, id: &str) -> Result<Vec<crate::registry::SmokeRun>, RegistryError> {
         self.inner.smoke_runs(id)
+    }
+    fn record_measurement(&self, m: &crate::registry::Measurement) -> Result<(), RegistryError> {
+        self.inner.record_measurement(m)
+    }
+    fn measurements(&self, id: &str) -> Result<Vec<crate::registry::Measurement>, RegistryError> {
+        self.inner.measurements(id)
     }
     fn approve(&self, id: &str, env: &str, by: &str) -> Result<(), RegistryError> {
         self.inner.approve(id, env, by)

@@ -611,7 +611,9 @@ pub fn view(state: &Shared, id: &str) -> Result<Value, ApiError> {
     let smoke = reg.smoke_runs(id)?;
     let approvals = reg.approvals(id)?;
     let events = reg.events_since(id, 0)?;
-    let mut v = json!(rollout::report_from(d.clone(), rows.clone(), &HashMap::new()));
+    let mut report = rollout::report_from(d.clone(), rows.clone(), &HashMap::new());
+    report.measurements = reg.measurements(id)?;
+    let mut v = json!(report);
     if let Some(hosts) = v.get_mut("hosts").and_then(Value::as_array_mut) {
         for (h, row) in hosts.iter_mut().zip(&rows) {
             if let Some(o) = h.as_object_mut() {

@@ -175,6 +175,7 @@ fn job_ctx<'a>(state: &'a Shared, fleet: &'a crate::fleet::grpc::Grpc<'a>, obser
         observer,
         cancel: &observer.0.cancel,
         force_unlock: false,
+        notifier: &state.notifier,
     }
 }
 

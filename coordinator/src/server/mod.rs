@@ -60,7 +60,9 @@ pub struct AppState {
     pub apps: BTreeMap<String, Arc<FleetConfig>>,
     /// The API's TLS and the coordinator's TLS towards the agents, reloaded together.
     pub tls: Arc<Reloadable<ServeTls>>,
-    pub registry: Box<dyn Registry>,
+    pub registry: Arc<dyn Registry>,
+    /// fleet.toml's `[[notify]]` targets, for every rollout the server runs.
+    pub notifier: crate::notify::Notifier,
     pub cache: Option<Cache>,
     pub artifacts_dir: PathBuf,
     /// Where registered artifacts may be read from: `artifacts_dir` and `[server] artifact_roots`,
@@ -86,7 +88,7 @@ impl AppState {
         let state_dir =
             config.state_dir().context("no registry: set `registry` in fleet.toml (there is no HOME to default to)")?;
         let registry_path = config.registry_path().context("no registry path")?;
-        let registry = Sqlite::open(&registry_path)?;
+        let registry: Arc<dyn Registry> = Arc::new(Sqlite::open(&registry_path)?);
         let apps: BTreeMap<String, Arc<FleetConfig>> =
             config.apps.keys().filter_map(|name| Some((name.clone(), Arc::new(config.for_app(name)?)))).collect();
         if let [name] = config.app_names().as_slice() {
@@ -117,11 +119,13 @@ impl AppState {
         let revoked = auth::RevokedFile::load(config.tls.revoked.as_deref())?;
         let tls = Arc::new(serve_tls(&config, tls)?);
         let cache = config.cache_dir().map(Cache::new);
+        let notifier = crate::notify::Notifier::start(&config.notify, registry.clone());
         Ok(AppState {
             config,
             apps,
             tls,
-            registry: Box::new(registry),
+            notifier,
+            registry,
             cache,
             artifacts_dir,
             artifact_roots,

@@ -2,14 +2,9 @@
 //! status it must answer and, optionally, text its body must contain.
 use std::time::{Duration, Instant};
 
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper::body::Bytes;
 use serde::Serialize;
 
 use crate::config::{Host, SmokeCheck};
-
-/// The most of a response body a check reads.
-const BODY_LIMIT: usize = 256 * 1024;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct CheckResult {
@@ -82,39 +77,9 @@ pub async fn run(checks: &[SmokeCheck], hosts: &[Host]) -> Vec<CheckResult> {
     futures_util::future::join_all(all).await
 }
 
-/// `http://host[:port]/path` → (host, port, path-and-query).
-pub fn split_url(url: &str) -> Result<(String, u16, String), String> {
-    let rest = url.strip_prefix("http://").ok_or_else(|| format!("{url}: only http:// URLs are supported"))?;
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    let (host, port) = crate::config::parse_host_port(authority, 80).map_err(|e| format!("{url}: the host {e}"))?;
-    Ok((host, port, path.to_string()))
-}
-
 async fn get(url: &str) -> Result<(u16, String), String> {
-    let (host, port, path) = split_url(url)?;
-    let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
-        .await
-        .map_err(|e| format!("cannot connect to {host}:{port}: {e}"))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-        .await
-        .map_err(|e| format!("HTTP handshake with {host}:{port}: {e}"))?;
-    tokio::spawn(conn);
-    let req = hyper::Request::get(path)
-        .header(hyper::header::HOST, if port == 80 { host.clone() } else { format!("{host}:{port}") })
-        .header(hyper::header::USER_AGENT, concat!("ferry-smoke/", env!("CARGO_PKG_VERSION")))
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| format!("{url}: {e}"))?;
-    let resp = sender.send_request(req).await.map_err(|e| format!("{url}: {e}"))?;
-    let status = resp.status().as_u16();
-    let body = Limited::new(resp.into_body(), BODY_LIMIT)
-        .collect()
-        .await
-        .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
-        .unwrap_or_default();
-    Ok((status, body))
+    let r = crate::http::get(url, &crate::http::Roots::System).await?;
+    Ok((r.status, r.body))
 }
 
 /// How long the slowest check may take, for the caller's own deadline.
@@ -125,16 +90,6 @@ pub fn deadline(checks: &[SmokeCheck]) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn urls_split_into_host_port_and_path() {
-        assert_eq!(split_url("http://10.0.0.1:8080/health"), Ok(("10.0.0.1".into(), 8080, "/health".into())));
-        assert_eq!(split_url("http://web-1"), Ok(("web-1".into(), 80, "/".into())));
-        assert_eq!(split_url("http://[fd00::1]:81/x?y=1"), Ok(("fd00::1".into(), 81, "/x?y=1".into())));
-        assert!(split_url("https://x/").is_err());
-        assert!(split_url("http://x:99999/").is_err());
-        assert!(split_url("http:///path").is_err());
-    }
 
     #[tokio::test]
     async fn a_check_passes_on_the_expected_status_and_text_and_fails_otherwise() {

@@ -904,6 +904,7 @@ async fn engine_refusals_get_their_own_status_codes() {
         observer: &crate::rollout::quiet,
         cancel: &cancel,
         force_unlock: false,
+        notifier: &crate::notify::OFF,
     };
     let e = crate::commands::resume::resume(&ctx, "staging", true).await.expect_err("nothing paused");
     let api_error = super::error::ApiError::from(e);

@@ -80,6 +80,19 @@ fn words<'a>(event: &Event<'a>) -> Option<(&'a str, String)> {
             (FERRY, format!("pausing {} before the next batch", humantime::format_duration(wait)))
         }
         Event::Halting { reason } => (FERRY, format!("halting: {reason}")),
+        Event::Measured { measurement: m, condition } => {
+            let verdict = match m.outcome {
+                crate::gate::Outcome::Pass => "passed",
+                crate::gate::Outcome::Fail => "FAILED",
+                crate::gate::Outcome::Inconclusive => "inconclusive",
+                crate::gate::Outcome::Skipped => "skipped",
+            };
+            (FERRY, format!("gate {} after batch {} {verdict} ({condition}): {}", m.gate, m.batch, m.detail))
+        }
+        Event::Webhook { name, point, error } => match error {
+            None => (FERRY, format!("webhook gate {name} at {point}: passed")),
+            Some(e) => (FERRY, format!("webhook gate {name} at {point} FAILED: {e}")),
+        },
         Event::NoPrevious { host } => (host, "has no previous release to go back to; left on the new one".to_string()),
         Event::Activated { host, swap } => (host, format!("activated ({})", summary(swap))),
         Event::Reverted { host, swap } => {

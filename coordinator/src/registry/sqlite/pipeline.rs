@@ -3,7 +3,7 @@
 use rusqlite::{OptionalExtension, params};
 
 use super::Db;
-use crate::registry::{Approval, EventRow, RegistryError, SmokeRun, VersionRow, now_ms};
+use crate::registry::{Approval, EventRow, Measurement, RegistryError, SmokeRun, VersionRow, now_ms};
 
 impl Db {
     /// Records `v`; if the version is already registered, returns the existing row instead
@@ -84,6 +84,44 @@ impl Db {
             )
             .map_err(self.sql())?;
         Ok(())
+    }
+
+    pub(super) fn record_measurement(&self, m: &Measurement) -> Result<(), RegistryError> {
+        self.conn
+            .execute(
+                "INSERT INTO measurements (deployment_id, batch, gate, at_ms, outcome, value, baseline, detail)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![m.deployment_id, m.batch, m.gate, m.at_ms, m.outcome.as_str(), m.value, m.baseline, m.detail],
+            )
+            .map_err(self.sql())?;
+        Ok(())
+    }
+
+    /// The measurements of a deployment, oldest first.
+    pub(super) fn measurements(&self, deployment_id: &str) -> Result<Vec<Measurement>, RegistryError> {
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT deployment_id, batch, gate, at_ms, outcome, value, baseline, detail FROM measurements
+                 WHERE deployment_id = ?1 ORDER BY id",
+            )
+            .map_err(self.sql())?;
+        let rows = st
+            .query_map([deployment_id], |r| {
+                let outcome: String = r.get(4)?;
+                Ok(Measurement {
+                    deployment_id: r.get(0)?,
+                    batch: r.get(1)?,
+                    gate: r.get(2)?,
+                    at_ms: r.get(3)?,
+                    outcome: crate::gate::Outcome::parse(&outcome).unwrap_or(crate::gate::Outcome::Inconclusive),
+                    value: r.get(5)?,
+                    baseline: r.get(6)?,
+                    detail: r.get(7)?,
+                })
+            })
+            .map_err(self.sql())?;
+        rows.collect::<Result<_, _>>().map_err(self.sql())
     }
 
     pub(super) fn record_smoke(&self, run: &SmokeRun) -> Result<i64, RegistryError> {
