@@ -376,7 +376,10 @@ pub async fn query(gate: &MetricGate, query: &str, at: f64) -> Answer {
     let asked = tokio::time::timeout(gate.timeout, crate::http::get(&url, &roots)).await;
     let r = match asked {
         Err(_) => {
-            return Err(format!("Prometheus {base} did not answer within {}", humantime::format_duration(gate.timeout)));
+            return Err(format!(
+                "Prometheus {base} did not answer within {}",
+                humantime::format_duration(gate.timeout)
+            ));
         }
         Ok(Err(e)) => return Err(format!("Prometheus {base}: {e}")),
         Ok(Ok(r)) => r,

@@ -129,28 +129,50 @@ pub struct Note {
 
 /// The queues of fleet.toml's targets. [`OFF`] has none.
 pub struct Notifier {
-    targets: Vec<(Target, mpsc::UnboundedSender<Note>)>,
+    targets: Vec<(Target, mpsc::UnboundedSender<(u64, Note)>)>,
     pending: Option<Arc<Pending>>,
+    registry: Option<Arc<dyn Registry>>,
 }
 
+/// The notes queued or being sent: (note number, deployment, kind, target).
 #[derive(Default)]
 struct Pending {
     count: AtomicUsize,
     changed: tokio::sync::Notify,
+    notes: std::sync::Mutex<Vec<(u64, String, Kind, String)>>,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl Pending {
+    fn add(&self, note: &Note, target: &str) -> u64 {
+        let n = self.next.fetch_add(1, Ordering::SeqCst);
+        if let Ok(mut notes) = self.notes.lock() {
+            notes.push((n, note.deployment_id.clone(), note.kind, target.to_string()));
+        }
+        self.count.fetch_add(1, Ordering::SeqCst);
+        n
+    }
+    fn done(&self, n: u64) {
+        if let Ok(mut notes) = self.notes.lock() {
+            notes.retain(|p| p.0 != n);
+        }
+        self.count.fetch_sub(1, Ordering::SeqCst);
+        self.changed.notify_waiters();
+    }
 }
 
 /// No targets: notifying does nothing.
-pub static OFF: Notifier = Notifier { targets: Vec::new(), pending: None };
+pub static OFF: Notifier = Notifier { targets: Vec::new(), pending: None, registry: None };
 
 impl Notifier {
     /// Starts one sender per target (on the current tokio runtime); failures go to `registry`.
     pub fn start(targets: &[Target], registry: Arc<dyn Registry>) -> Notifier {
         if targets.is_empty() {
-            return Notifier { targets: Vec::new(), pending: None };
+            return Notifier { targets: Vec::new(), pending: None, registry: None };
         }
         if tokio::runtime::Handle::try_current().is_err() {
             tracing::warn!("notifications are off: no async runtime to send them from");
-            return Notifier { targets: Vec::new(), pending: None };
+            return Notifier { targets: Vec::new(), pending: None, registry: None };
         }
         let pending = Arc::new(Pending::default());
         let targets = targets
@@ -161,7 +183,7 @@ impl Notifier {
                 (t.clone(), tx)
             })
             .collect();
-        Notifier { targets, pending: Some(pending) }
+        Notifier { targets, pending: Some(pending), registry: Some(registry) }
     }
 
     /// Whether any target wants `kind` of `env` (so the caller can skip building the note).
@@ -174,16 +196,16 @@ impl Notifier {
         let Some(pending) = &self.pending else { return };
         for (t, tx) in &self.targets {
             if t.wants(note.kind, &note.environment) {
-                pending.count.fetch_add(1, Ordering::SeqCst);
-                if tx.send(note.clone()).is_err() {
-                    pending.count.fetch_sub(1, Ordering::SeqCst);
+                let n = pending.add(note, &t.name);
+                if tx.send((n, note.clone())).is_err() {
+                    pending.done(n);
                 }
             }
         }
     }
 
     /// Waits until every queued note was delivered or given up, at most the longest target
-    /// timeout; whether they all went.
+    /// timeout; whether they all went. Notes still pending then are recorded as not delivered.
     pub async fn flush(&self) -> bool {
         let Some(pending) = &self.pending else { return true };
         let limit = self.targets.iter().map(|(t, _)| t.timeout).max().unwrap_or_default();
@@ -196,9 +218,20 @@ impl Notifier {
             tokio::select! {
                 () = changed => {}
                 () = tokio::time::sleep_until(deadline) => {
-                    let left = pending.count.load(Ordering::SeqCst);
-                    tracing::warn!("{left} notification(s) not delivered before ferry exited");
-                    return left == 0;
+                    let left: Vec<_> = pending.notes.lock().map(|n| n.clone()).unwrap_or_default();
+                    for (_, id, kind, target) in &left {
+                        let message = format!(
+                            "notification {} to {target} not delivered: ferry exited while it was still being retried",
+                            kind.as_str()
+                        );
+                        tracing::warn!("{message}");
+                        if let Some(registry) = &self.registry
+                            && let Err(e) = registry.event(id, None, "notify_failed", &message)
+                        {
+                            tracing::warn!("recording a failed notification: {e}");
+                        }
+                    }
+                    return left.is_empty();
                 }
             }
         }
@@ -208,11 +241,11 @@ impl Notifier {
 /// A target's sender: its notes one at a time, in order.
 async fn sender(
     target: Target,
-    mut rx: mpsc::UnboundedReceiver<Note>,
+    mut rx: mpsc::UnboundedReceiver<(u64, Note)>,
     registry: Arc<dyn Registry>,
     pending: Arc<Pending>,
 ) {
-    while let Some(note) = rx.recv().await {
+    while let Some((n, note)) = rx.recv().await {
         if let Err(e) = deliver(&target, &note).await {
             let message =
                 format!("notification {} to {} ({}) not delivered: {e}", note.kind.as_str(), target.name, target.url);
@@ -221,8 +254,7 @@ async fn sender(
                 tracing::warn!("recording a failed notification: {e}");
             }
         }
-        pending.count.fetch_sub(1, Ordering::SeqCst);
-        pending.changed.notify_waiters();
+        pending.done(n);
     }
 }
 

@@ -18,9 +18,9 @@ ExecStart=/usr/bin/python3 /srv/web/app.py\nRestart=no\n";
 /// Port the demo app listens on, on every host.
 pub const PORT: u16 = 8080;
 
-const APP: &str = r#"#!/usr/bin/python3
+const APP: &str = r##"#!/usr/bin/python3
 # ferry demo app: answers from the files of the release it was started from.
-import http.server, json, os, sys
+import http.server, json, os, sys, threading
 
 HERE = os.path.dirname(os.path.realpath(__file__))
 with open(os.path.join(HERE, "VERSION")) as f:
@@ -39,9 +39,45 @@ if json.loads(HEALTH).get("exit_after_ms"):
         os._exit(3)
     threading.Timer(json.loads(HEALTH)["exit_after_ms"] / 1000, leave).start()
 
+# Requests to /work (which the app sends itself, ~20 a second, once it listens) are counted by
+# status and timed for /metrics: `error_every` N makes every Nth one answer 500, `work_ms` is how
+# long each takes (default 20 ms).
+ERROR_EVERY = json.loads(HEALTH).get("error_every", 0)
+WORK_MS = json.loads(HEALTH).get("work_ms", 20)
+LOCK = threading.Lock()
+COUNTS = {"200": 0, "500": 0}
+SECONDS = [0.0, 0]
+
+def traffic():
+    import time, urllib.request, urllib.error
+    while True:
+        time.sleep(0.05)
+        try:
+            urllib.request.urlopen("http://127.0.0.1:%s/work" % os.environ.get("PORT", "8080"), timeout=2).read()
+        except Exception:
+            pass
+
 class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
-        if self.path == "/health":
+        if self.path == "/work":
+            import time
+            started = time.monotonic()
+            time.sleep(WORK_MS / 1000)
+            with LOCK:
+                n = COUNTS["200"] + COUNTS["500"] + 1
+                code = 500 if ERROR_EVERY and n % ERROR_EVERY == 0 else 200
+                COUNTS[str(code)] += 1
+                SECONDS[0] += time.monotonic() - started
+                SECONDS[1] += 1
+            body = b"work\n"
+        elif self.path == "/metrics":
+            with LOCK:
+                lines = ["# TYPE demo_requests_total counter"]
+                lines += ['demo_requests_total{code="%s"} %d' % (c, v) for c, v in COUNTS.items()]
+                lines += ["# TYPE demo_request_seconds summary",
+                          "demo_request_seconds_sum %f" % SECONDS[0], "demo_request_seconds_count %d" % SECONDS[1]]
+            body, code = ("\n".join(lines) + "\n").encode(), 200
+        elif self.path == "/health":
             healthy = json.loads(HEALTH).get("status") == "healthy"
             body, code = HEALTH.encode(), 200 if healthy else 503
         elif json.loads(HEALTH).get("page_error"):
@@ -57,8 +93,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
-http.server.ThreadingHTTPServer(("0.0.0.0", int(os.environ.get("PORT", "8080"))), Handler).serve_forever()
-"#;
+SERVER = http.server.ThreadingHTTPServer(("0.0.0.0", int(os.environ.get("PORT", "8080"))), Handler)
+threading.Thread(target=traffic, daemon=True).start()
+SERVER.serve_forever()
+"##;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Variant {
@@ -75,6 +113,12 @@ pub enum Variant {
     ExitsAfter(u32),
     /// Healthy, but only listens this many milliseconds after it starts.
     SlowStart(u32),
+    /// Healthy to its probes, but every Nth request to `/work` answers 500 (10: a 10 % error rate
+    /// in `/metrics`).
+    Errors(u32),
+    /// Healthy to its probes, but each request to `/work` takes this many milliseconds (20 for
+    /// the others).
+    Slow(u32),
 }
 
 /// Writes a release of the demo app for `version` into `dir` (created).
@@ -120,6 +164,8 @@ pub fn write_release(dir: &Path, version: &str, variant: Variant) -> std::io::Re
         Variant::SlowStart(ms) => {
             format!("{{\"status\": \"healthy\", \"version\": \"{version}\", \"start_delay_ms\": {ms}}}")
         }
+        Variant::Errors(n) => format!("{{\"status\": \"healthy\", \"version\": \"{version}\", \"error_every\": {n}}}"),
+        Variant::Slow(ms) => format!("{{\"status\": \"healthy\", \"version\": \"{version}\", \"work_ms\": {ms}}}"),
     };
     std::fs::write(dir.join("health.json"), health + "\n")
 }

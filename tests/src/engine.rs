@@ -30,6 +30,7 @@ async fn with_ctx<T>(
         observer: &rollout::quiet,
         cancel: &cancel,
         force_unlock: false,
+        notifier: &ferry_coordinator::notify::OFF,
     };
     f(&ctx).await
 }

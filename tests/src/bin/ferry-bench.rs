@@ -435,6 +435,7 @@ fn engine_run(hosts: usize, on_disk: bool) -> Result<(f64, f64, u64), String> {
         observer: &ferry_coordinator::rollout::quiet,
         cancel: &cancel,
         force_unlock: false,
+        notifier: &ferry_coordinator::notify::OFF,
     };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
     let (cpu0, _) = usage_now();
