@@ -8,9 +8,10 @@
 #                               packaging/build-deb.sh (dpkg-shlibdeps, man pages, strip)
 #   lintian, debootstrap        the package tests (lintian; a Debian host of its own to dpkg -i on)
 #   python3-yaml                the monitoring test reads the Prometheus alert rules
-# With --test (scripts/test.sh), also promtool (the monitoring test checks and unit-tests the alert
-# rules with it): only the binary, unpacked from Debian's prometheus package into
-# /var/cache/ferry-test/prometheus, so no Prometheus server is installed or started here.
+# With --test (scripts/test.sh), also Debian's prometheus package unpacked (not installed) into
+# /var/cache/ferry-test/prometheus: promtool (the monitoring test checks and unit-tests the alert
+# rules with it) and the prometheus server the metric gate tests start themselves, in their own
+# fleet's namespace, and stop; no Prometheus service is installed or started on the machine.
 # With --bench (benches/*.sh), also rsync: the peer ferry's transfers are measured against.
 set -euo pipefail
 pkgs=(pkg-config libsystemd-dev systemd-container iproute2 nftables python3 dpkg-dev help2man binutils lintian
@@ -21,8 +22,8 @@ sudo=()
 [ "$(id -u)" -eq 0 ] || sudo=(sudo)
 updated=
 fetch_promtool() {
-  command -v promtool >/dev/null 2>&1 && return 0
-  [ -x "$promtool_dir/usr/bin/promtool" ] && return 0
+  command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 && return 0
+  [ -x "$promtool_dir/usr/bin/promtool" ] && [ -x "$promtool_dir/usr/bin/prometheus" ] && return 0
   echo "deps: fetching promtool (Debian's prometheus package, unpacked into $promtool_dir)" >&2
   [ -n "$updated" ] || "${sudo[@]}" apt-get update -qq
   local tmp

@@ -1478,6 +1478,32 @@ hosts = { web-1 = "10.0.0.11:7443", web-2 = "10.0.0.12", web-4 = "[fd00::4]:7443
     }
 
     #[test]
+    fn gates_webhooks_and_notify_targets_load_and_name_their_problems() {
+        let gate = "\n[[environments.prod.gates]]\nname = \"errors\"\nprometheus = \"http://10.0.0.5:9090\"\nquery = 'sum(x{host=~\"{batch_hosts}\"})'\ncondition = \"< 0.05\"\n";
+        let hook = "\n[[environments.prod.webhooks]]\nname = \"cab\"\nurl = \"https://cab.example/gate\"\nat = [\"after_batch\"]\nca = \"cab.pem\"\n";
+        let notify = "\n[[notify]]\nname = \"slack\"\nurl = \"https://hooks.slack.com/services/x\"\nformat = \"slack\"\nevents = [\"halted\"]\n";
+        let e = load(&format!("{GOOD}{gate}")).expect_err("on_empty is required");
+        assert!(e.contains("on_empty"), "{e}");
+        let c = load(&format!("{GOOD}{gate}on_empty = \"inconclusive\"\n{hook}{notify}")).expect("valid");
+        let prod = &c.environments["prod"];
+        assert_eq!(prod.gates[0].check.to_string(), "< 0.05");
+        assert_eq!(prod.gates[0].bake, std::time::Duration::from_secs(60), "the default bake");
+        assert_eq!(prod.webhooks[0].ca.as_deref(), Some(Path::new("/etc/fleet/cab.pem")), "relative to fleet.toml");
+        assert_eq!(c.notify[0].format, crate::notify::Format::Slack);
+        let bad = format!(
+            "{GOOD}{}on_empty = \"fail\"\n{}\n[[notify]]\nname = \"x\"\nurl = \"http://x/\"\nevents = [\"halted\"]\nenvironments = [\"qa\"]\n",
+            gate.replace("< 0.05", "about 5%"),
+            hook.replace("[\"after_batch\"]", "[]")
+        );
+        let e = load(&bad).expect_err("bad keys");
+        for key in
+            ["environments.prod.gates[0].condition", "environments.prod.webhooks[0].at", "notify[0].environments"]
+        {
+            assert!(e.contains(key), "{key} missing from {e}");
+        }
+    }
+
+    #[test]
     fn parses_and_resolves_paths() {
         let c = load(GOOD).expect("valid");
         assert_eq!(c.tls.ca, PathBuf::from("/etc/fleet/pki/ca.pem"));

@@ -89,6 +89,11 @@ fn metric_gates_halt_on_errors_and_latency_and_on_empty_decides_what_nothing_mea
     let statuses: Vec<&str> =
         r["hosts"].as_array().into_iter().flatten().filter_map(|h| h["status"].as_str()).collect();
     assert_eq!(statuses, ["rolled_back", "skipped", "skipped"], "{r:#}");
+    let id = r["deployment_id"].as_str().unwrap_or_default().to_string();
+    let out = fleet.ferry(&["history", "--config", &errors.to_string_lossy(), "--deployment", &id]);
+    let shown = text(&out);
+    assert!(shown.contains("measurements:") && shown.contains("errors batch 1  fail  "), "{shown}");
+    assert!(shown.contains("metric gate errors failed: ") && shown.contains("web-1 rolled_back"), "{shown}");
 
     // Twice the latency of the hosts still on the old release fails the baseline gate…
     let latency = "sum(rate(demo_request_seconds_sum{host=~\"{HOSTS}\"}[3s])) / sum(rate(demo_request_seconds_count{host=~\"{HOSTS}\"}[3s]))";

@@ -422,6 +422,13 @@ async fn other(command: Command, shutdown: &CancellationToken) -> u8 {
             };
             emit(plan(), |p| ui::plan(p, args.output), success)
         }
+        Command::History(args) if args.deployment.is_some() => {
+            let id = args.deployment.as_deref().unwrap_or_default();
+            let v = FleetConfig::load(&args.config)
+                .map_err(anyhow::Error::from)
+                .and_then(|c| Ok(commands::history::deployment(&open_registry(&c)?, id)?));
+            emit(v, |v| ui::deployment_detail(v, args.output), success)
+        }
         Command::History(args) => {
             let rows = FleetConfig::load(&args.config).map_err(anyhow::Error::from).and_then(|c| {
                 let app = known_app(&c, args.app.as_deref())?;

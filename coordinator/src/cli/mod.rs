@@ -187,6 +187,10 @@ pub struct HistoryArgs {
     /// At most this many deployments (history only).
     #[arg(long, default_value_t = 20)]
     pub limit: usize,
+    /// history: one deployment in full instead: its hosts, metric gate measurements and every
+    /// recorded event.
+    #[arg(long, value_name = "ID")]
+    pub deployment: Option<String>,
     /// Result format: human (a table) or json.
     #[arg(long, value_enum, default_value = "human")]
     pub output: Format,

@@ -220,6 +220,12 @@ async fn verb(remote: &Remote, command: Command) -> anyhow::Result<u8> {
             ui::status(&report, a.output);
             Ok(if report.unreachable() > 0 { exit::UNREACHABLE } else { exit::SUCCESS })
         }
+        Command::History(a) if a.deployment.is_some() => {
+            let id = a.deployment.as_deref().unwrap_or_default();
+            let v = remote.call("GET", &format!("/api/v1/deployments/{}", enc(id)), None).await?;
+            ui::deployment_detail(&v, a.output);
+            Ok(exit::SUCCESS)
+        }
         Command::History(a) => {
             let mut path = format!("/api/v1/deployments?limit={}", a.limit);
             path.push_str(&filters(&a));

@@ -11,6 +11,26 @@ pub fn history(
     registry.history(env, app, limit)
 }
 
+/// Deployment `id` in full: its report (hosts, measurements) with its status, error and every
+/// recorded event; the shape of the API's `GET /api/v1/deployments/{id}`.
+pub fn deployment(registry: &dyn Registry, id: &str) -> Result<serde_json::Value, RegistryError> {
+    let d = registry.deployment(id)?.ok_or_else(|| RegistryError::Storage {
+        registry: registry.describe(),
+        message: format!("it records no deployment {id:?} (`ferry history` lists them)"),
+    })?;
+    let rows = registry.hosts(id)?;
+    let mut report = crate::rollout::report_from(d.clone(), rows, &std::collections::HashMap::new());
+    report.measurements = registry.measurements(id)?;
+    let mut v = serde_json::json!(report);
+    if let Some(o) = v.as_object_mut() {
+        o.insert("error".into(), serde_json::json!(d.error));
+        o.insert("started_ms".into(), serde_json::json!(d.started_ms));
+        o.insert("finished_ms".into(), serde_json::json!(d.finished_ms));
+        o.insert("events".into(), serde_json::json!(registry.events_since(id, 0)?));
+    }
+    Ok(v)
+}
+
 /// Per environment and app: deployments per week, success and rollback rates, durations,
 /// slowest hosts.
 pub fn report(registry: &dyn Registry, env: Option<&str>, app: Option<&str>) -> Result<Vec<EnvReport>, RegistryError> {

@@ -133,7 +133,7 @@ pub fn document() -> Value {
                 "get": with_params(op("listDeployments", "Deployments and rollbacks, newest first", (200, "DeploymentList"), None, &[400, 422]), query_params(&["environment", "app", "limit"]))
             },
             "/api/v1/deployments/{id}": {
-                "get": with_params(op("getDeployment", "A deployment: status, per-host state, bytes, timings, smoke runs, approvals, recorded events", (200, "Deployment"), None, &[404]), id())
+                "get": with_params(op("getDeployment", "A deployment: status, per-host state, bytes, timings, smoke runs, approvals, metric gate measurements, recorded events", (200, "Deployment"), None, &[404]), id())
             },
             "/api/v1/deployments/{id}/events": { "get": events },
             "/api/v1/deployments/{id}/smoke": {
@@ -229,6 +229,10 @@ fn schemas() -> Value {
                 } },
                 "smoke": { "type": "array", "items": { "$ref": "#/components/schemas/SmokeRun" } },
                 "approvals": { "type": "array", "items": { "$ref": "#/components/schemas/Approval" } },
+                "measurements": { "type": "array", "description": "metric gates' measurements, oldest first (absent without gates)", "items": {
+                    "type": "object", "required": ["deployment_id", "batch", "gate", "at_ms", "outcome", "detail"],
+                    "properties": { "deployment_id": s(), "batch": int(), "gate": s(), "at_ms": int(), "outcome": { "type": "string", "enum": ["pass", "fail", "inconclusive", "skipped"] }, "value": { "type": ["number", "null"] }, "baseline": { "type": ["number", "null"] }, "detail": s() }
+                } },
                 "events": { "type": "array", "items": { "$ref": "#/components/schemas/Event" } }
             }
         },

@@ -380,6 +380,52 @@ pub fn history(rows: &[crate::registry::DeploymentRow], format: Format) {
     }
 }
 
+/// One deployment in full (`ferry history --deployment ID`): its hosts, metric gate
+/// measurements and recorded events, from the report-shaped JSON the registry or the API gives.
+pub fn deployment_detail(v: &serde_json::Value, format: Format) {
+    if format == Format::Json {
+        return json(v);
+    }
+    let s = |v: &serde_json::Value, k: &str| v[k].as_str().unwrap_or("-").to_string();
+    out(&format!(
+        "deployment {} ({}) of {} {} to {}: {}",
+        s(v, "deployment_id"),
+        s(v, "kind"),
+        s(v, "app"),
+        s(v, "version"),
+        s(v, "environment"),
+        s(v, "status")
+    ));
+    if let Some(e) = v["error"].as_str() {
+        out(&format!("  {}", ferry_proto::text::printable(e)));
+    }
+    out("hosts:");
+    for h in v["hosts"].as_array().into_iter().flatten() {
+        let error = h["error"].as_str().map(|e| format!(": {}", ferry_proto::text::printable(e))).unwrap_or_default();
+        out(&format!("  {} {}{error}", s(h, "name"), s(h, "status")));
+    }
+    let measurements = v["measurements"].as_array().cloned().unwrap_or_default();
+    if !measurements.is_empty() {
+        out("measurements:");
+        for m in &measurements {
+            let at = m["at_ms"].as_i64().map_or("-".to_string(), crate::registry::when);
+            out(&format!(
+                "  {at}  {} batch {}  {}  {}",
+                s(m, "gate"),
+                m["batch"],
+                s(m, "outcome"),
+                ferry_proto::text::printable(&s(m, "detail"))
+            ));
+        }
+    }
+    out("events:");
+    for e in v["events"].as_array().into_iter().flatten() {
+        let at = e["time_ms"].as_i64().map_or("-".to_string(), crate::registry::when);
+        let host = e["host"].as_str().map(|h| format!(" {h}")).unwrap_or_default();
+        out(&format!("  {at}{host}  {}  {}", s(e, "kind"), ferry_proto::text::printable(&s(e, "message"))));
+    }
+}
+
 pub fn report(rows: &[crate::registry::EnvReport], format: Format) {
     if format == Format::Json {
         return json(&rows);
