@@ -7,6 +7,10 @@
 //! 1%) per fleet size, with the registry in memory and, for the smallest size, on disk. No root,
 //! no hosts. Run by `benches/engine.sh`.
 //!
+//! `ferry-bench gates`: how long after a failing batch its rollback starts, on 3 hosts with a real
+//! Prometheus scraping the demo app: a release with 10 % errors against an error-rate gate
+//! (rolling batch 1, auto_rollback), per measurement interval. Run by `benches/gates.sh`.
+//!
 //! 1. Coordinator overhead per host beyond the health wait: a rolling deployment (batch 1) of a
 //!    small change. The activation phase (first `activating` to last `healthy` in the registry)
 //!    minus the time the agents report for their activations (hooks, swap, restart, health
@@ -50,7 +54,7 @@ fn main() -> ExitCode {
                 mbit = u32::try_from(v).unwrap_or(u32::MAX);
                 it.next();
             }
-            ("rollout" | "api" | "engine", _) => cmd = Some(a),
+            ("rollout" | "api" | "engine" | "gates", _) => cmd = Some(a),
             _ => return usage(),
         }
     }
@@ -69,7 +73,11 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     fleet::teardown(RUN);
-    let result = if cmd == "api" { bench_api(mb) } else { bench(mb, mbit) };
+    let result = match cmd {
+        "api" => bench_api(mb),
+        "gates" => bench_gates(),
+        _ => bench(mb, mbit),
+    };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -81,9 +89,68 @@ fn main() -> ExitCode {
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: ferry-bench rollout [--mb 50] [--mbit 200] | ferry-bench api [--mb 50] | ferry-bench engine [--hosts 1000,10000]"
+        "usage: ferry-bench rollout [--mb 50] [--mbit 200] | ferry-bench api [--mb 50] | ferry-bench engine [--hosts 1000,10000] | ferry-bench gates"
     );
     ExitCode::from(2)
+}
+
+/// A failing batch to its rollback: per measurement interval, three releases with 10 % errors
+/// against an error-rate gate; from the registry, the batch's host healthy → the failing
+/// measurement → the rollback's first step → the host rolled back.
+fn bench_gates() -> Result<(), String> {
+    let bin = ferry_tests::signals::prometheus_bin().map_err(|u| u.0)?;
+    println!("booting 3 hosts and Prometheus (scraping every 1 s)...");
+    let fleet = Fleet::boot_named(RUN, 3)?;
+    let prom = ferry_tests::signals::Prometheus::start(&fleet, &bin);
+    let rolling = "strategy = \"rolling\"\nbatch = 1\nauto_rollback = true\n";
+    let plain = fleet.fleet_toml_with("plain.toml", rolling);
+    tune(&plain)?;
+    deploy(&fleet, &plain, &release(&fleet, "0", 0)?, "0", &[])?;
+    prom.wait_scraped(&fleet);
+    let db = rusqlite::Connection::open(fleet.dir.join("registry.db")).map_err(|e| e.to_string())?;
+    let at = |id: &str, sql: &str| -> Result<i64, String> {
+        db.query_row(sql, [id], |r| r.get::<_, Option<i64>>(0))
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("{id}: {sql}: nothing"))
+    };
+    println!("\nerror-rate gate (< 0.05 over rate[3s]); a release with 10 % errors; medians of 3");
+    println!("   interval   healthy -> failing measurement   -> rollback starts   -> host rolled back");
+    for interval in [1u64, 5] {
+        let gate = format!(
+            "\n[[environments.test.gates]]\nname = \"errors\"\nprometheus = \"http://127.0.0.1:9090\"\nquery = 'sum(rate(demo_requests_total{{code=\"500\",host=~\"{{batch_hosts}}\"}}[3s])) / sum(rate(demo_requests_total{{host=~\"{{batch_hosts}}\"}}[3s]))'\ncondition = \"< 0.05\"\non_empty = \"fail\"\ninterval = \"{interval}s\"\ntimeout = \"1s\"\nbake = \"{}s\"\n",
+            interval * 6
+        );
+        let config = fleet.fleet_toml_with(&format!("gate-{interval}.toml"), &format!("{rolling}{gate}"));
+        tune(&config)?;
+        let (mut detect, mut start, mut done) = (Vec::new(), Vec::new(), Vec::new());
+        for n in 0..3 {
+            let version = format!("e{interval}-{n}");
+            let dir = fleet.dir.join(format!("bench-{version}"));
+            demo_app::write_release(&dir, &version, Variant::Errors(10)).map_err(|e| e.to_string())?;
+            let out = fleet.deploy(&config.to_string_lossy(), &dir, &version, true);
+            let report: serde_json::Value =
+                serde_json::from_slice(&out.stdout).map_err(|e| format!("{e}: {}", fleet::text_of(&out)))?;
+            if report["status"] != "rolled_back" {
+                return Err(format!("deploy {version} was not rolled back: {report}"));
+            }
+            let id = report["deployment_id"].as_str().unwrap_or_default().to_string();
+            let healthy = at(&id, "SELECT MIN(time_ms) FROM events WHERE deployment_id = ?1 AND kind = 'healthy'")?;
+            let failed = at(&id, "SELECT MIN(at_ms) FROM measurements WHERE deployment_id = ?1 AND outcome = 'fail'")?;
+            let rolling_back =
+                at(&id, "SELECT MIN(time_ms) FROM events WHERE deployment_id = ?1 AND kind = 'rolling_back'")?;
+            let back = at(&id, "SELECT MAX(time_ms) FROM events WHERE deployment_id = ?1 AND kind = 'rolled_back'")?;
+            detect.push((failed - healthy) as f64 / 1000.0);
+            start.push((rolling_back - failed) as f64);
+            done.push((back - rolling_back) as f64);
+        }
+        println!(
+            "   {interval:>5} s   {:>14.2} s   {:>16.0} ms   {:>14.0} ms",
+            median(detect),
+            median(start),
+            median(done)
+        );
+    }
+    Ok(())
 }
 
 /// One `ferry deploy --output json`: its wall time and report.

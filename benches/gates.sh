@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# How long after a failing batch its rollback starts: on a real test fleet of 3 systemd-nspawn
+# hosts with a real Prometheus (Debian's, unpacked by scripts/deps.sh --test) scraping the demo
+# app, releases with 10 % errors against an error-rate metric gate, per measurement interval.
+# See tests/src/bin/ferry-bench.rs (bench_gates) for what is measured and how.
+#
+# Usage: benches/gates.sh   (root; release binaries)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ "$(id -u)" -eq 0 ] || { echo "bench: needs root (containers, network namespaces)" >&2; exit 2; }
+./scripts/deps.sh --test
+cargo build --release --locked -p ferry-agent -p ferry-coordinator -p ferry-tests --bins >&2
+export FERRY_BIN=$PWD/target/release/ferry FERRY_AGENT_BIN=$PWD/target/release/ferry-agent
+exec target/release/ferry-bench gates "$@"
