@@ -975,42 +975,7 @@ pub fn parse_host_address(s: &str) -> Result<(String, u16), String> {
     parse_host_port(s, ferry_proto::DEFAULT_AGENT_PORT)
 }
 
-/// Splits `"addr:port"`, `"addr"` (port `default`), `"[v6]:port"` or a bare IPv6 literal; the
-/// address must be an IP or a host name.
-pub fn parse_host_port(s: &str, default: u16) -> Result<(String, u16), String> {
-    let s = s.trim();
-    if s.is_empty() {
-        return Err("is empty".into());
-    }
-    if let Some(rest) = s.strip_prefix('[') {
-        let (ip, after) = rest.split_once(']').ok_or_else(|| format!("{s:?}: missing ']'"))?;
-        ip.parse::<std::net::Ipv6Addr>().map_err(|_| format!("{s:?}: {ip:?} is not an IPv6 address"))?;
-        let port = match after.strip_prefix(':') {
-            Some(p) => parse_port(s, p)?,
-            None if after.is_empty() => default,
-            None => return Err(format!("{s:?}: unexpected {after:?} after ']'")),
-        };
-        return Ok((ip.to_string(), port));
-    }
-    if s.parse::<std::net::Ipv6Addr>().is_ok() {
-        return Ok((s.to_string(), default));
-    }
-    let (addr, port) = match s.rsplit_once(':') {
-        Some((a, p)) => (a, parse_port(s, p)?),
-        None => (s, default),
-    };
-    if addr.parse::<std::net::IpAddr>().is_err() && !crate::pki::is_dns_name(addr) {
-        return Err(format!("{s:?}: {addr:?} is neither an IP address nor a host name"));
-    }
-    Ok((addr.to_string(), port))
-}
-
-fn parse_port(whole: &str, p: &str) -> Result<u16, String> {
-    match p.parse::<u16>() {
-        Ok(0) | Err(_) => Err(format!("{whole:?}: {p:?} is not a port (1-65535)")),
-        Ok(port) => Ok(port),
-    }
-}
+pub use crate::http::parse_host_port;
 
 impl FleetConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {

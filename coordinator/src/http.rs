@@ -44,8 +44,8 @@ impl Url {
         if authority.contains('@') {
             return Err(format!("{url}: credentials in the URL are not supported"));
         }
-        let (host, port) = crate::config::parse_host_port(authority, if tls { 443 } else { 80 })
-            .map_err(|e| format!("{url}: the host {e}"))?;
+        let (host, port) =
+            parse_host_port(authority, if tls { 443 } else { 80 }).map_err(|e| format!("{url}: the host {e}"))?;
         Ok(Url { tls, host, port, path })
     }
 
@@ -154,11 +154,48 @@ fn build_config(file: &Path) -> Result<ClientConfig, String> {
     if added == 0 {
         return Err(format!("CA roots {}: no usable CA certificate", file.display()));
     }
-    Ok(ClientConfig::builder_with_provider(crate::tls::provider())
+    Ok(ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS: {e}"))?
         .with_root_certificates(store)
         .with_no_client_auth())
+}
+
+/// Splits `"addr:port"`, `"addr"` (port `default`), `"[v6]:port"` or a bare IPv6 literal; the
+/// address must be an IP or a host name.
+pub fn parse_host_port(s: &str, default: u16) -> Result<(String, u16), String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Err("is empty".into());
+    }
+    if let Some(rest) = s.strip_prefix('[') {
+        let (ip, after) = rest.split_once(']').ok_or_else(|| format!("{s:?}: missing ']'"))?;
+        ip.parse::<std::net::Ipv6Addr>().map_err(|_| format!("{s:?}: {ip:?} is not an IPv6 address"))?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => parse_port(s, p)?,
+            None if after.is_empty() => default,
+            None => return Err(format!("{s:?}: unexpected {after:?} after ']'")),
+        };
+        return Ok((ip.to_string(), port));
+    }
+    if s.parse::<std::net::Ipv6Addr>().is_ok() {
+        return Ok((s.to_string(), default));
+    }
+    let (addr, port) = match s.rsplit_once(':') {
+        Some((a, p)) => (a, parse_port(s, p)?),
+        None => (s, default),
+    };
+    if addr.parse::<std::net::IpAddr>().is_err() && !crate::pki::is_dns_name(addr) {
+        return Err(format!("{s:?}: {addr:?} is neither an IP address nor a host name"));
+    }
+    Ok((addr.to_string(), port))
+}
+
+fn parse_port(whole: &str, p: &str) -> Result<u16, String> {
+    match p.parse::<u16>() {
+        Ok(0) | Err(_) => Err(format!("{whole:?}: {p:?} is not a port (1-65535)")),
+        Ok(port) => Ok(port),
+    }
 }
 
 /// `s` percent-encoded for a query string's value.
