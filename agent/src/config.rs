@@ -46,6 +46,22 @@ pub struct AgentConfig {
     /// a disk; after a reboot they are gone until the next deployment brings them again.
     #[serde(default = "default_secrets_dir")]
     pub secrets_dir: PathBuf,
+    /// `[signing]`: run only releases signed by one of these keys.
+    #[serde(default)]
+    pub signing: SigningConfig,
+}
+
+/// `[signing]`: `trusted_keys` are public key files (`ferry key new` writes them). With any, every
+/// release must carry a signature one of them verifies, at Prepare and again at each switch to it
+/// (Activate, Rollback); without, signatures are kept but not required.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SigningConfig {
+    #[serde(default)]
+    pub trusted_keys: Vec<PathBuf>,
+    /// The keys, read at load.
+    #[serde(skip)]
+    pub trusted: Vec<ferry_proto::signing::PublicKey>,
 }
 
 fn default_secrets_dir() -> PathBuf {
@@ -150,9 +166,27 @@ impl AgentConfig {
         Ok(config)
     }
 
+    /// Reads the keys of `[signing] trusted_keys` (at start, like the TLS files; `--check` too).
+    pub fn load_trusted_keys(&mut self) -> Result<(), String> {
+        let mut keys = Vec::new();
+        for path in &self.signing.trusted_keys {
+            keys.push(ferry_proto::signing::PublicKey::load(path).map_err(|e| format!("[signing] trusted_keys: {e}"))?);
+        }
+        self.signing.trusted = keys;
+        Ok(())
+    }
+
     /// Every semantic problem of the config, so the operator fixes them in one go.
     pub fn problems(&self) -> Vec<Problem> {
         let mut p = Vec::new();
+        for (i, key) in self.signing.trusted_keys.iter().enumerate() {
+            if !key.is_absolute() {
+                p.push(Problem::new(
+                    format!("signing.trusted_keys[{i}]"),
+                    format!("{} must be an absolute path", key.display()),
+                ));
+            }
+        }
         if !self.secrets_dir.is_absolute() {
             p.push(Problem::new("secrets_dir", format!("{} must be an absolute path", self.secrets_dir.display())));
         }

@@ -183,7 +183,7 @@ fn main() -> ExitCode {
     // One crypto provider for the whole process, chosen before any TLS object exists.
     let _ = rustls::crypto::ring::default_provider().install_default();
 
-    let config = match AgentConfig::load(&cli.config) {
+    let mut config = match AgentConfig::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("ferry-agent: {e}");
@@ -191,6 +191,10 @@ fn main() -> ExitCode {
         }
     };
     if cli.check {
+        if let Err(e) = config.load_trusted_keys() {
+            eprintln!("ferry-agent: {}: {e}", cli.config.display());
+            return ExitCode::from(2);
+        }
         return match ferry_agent::tls::server_config(&config.tls) {
             Ok(_) => {
                 eprintln!("ferry-agent: {} is valid", cli.config.display());

@@ -108,6 +108,8 @@ impl Refusals {
 pub enum StartError {
     #[error("TLS setup: {0}")]
     Tls(#[from] TlsError),
+    #[error("{0}")]
+    Signing(String),
     #[error("{0} (under the packaged unit the agent may write only in /var/lib/ferry and /srv)")]
     Audit(#[from] AuditError),
     #[error("cannot listen on {addr}: {source}")]
@@ -143,8 +145,9 @@ impl Server {
     }
 
     /// [`Server::bind`] recording into `telemetry`.
-    pub async fn bind_with(config: AgentConfig, telemetry: Arc<Telemetry>) -> Result<Server, StartError> {
+    pub async fn bind_with(mut config: AgentConfig, telemetry: Arc<Telemetry>) -> Result<Server, StartError> {
         let tls = Arc::new(tls::live(&config.tls)?);
+        config.load_trusted_keys().map_err(StartError::Signing)?;
         let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
             .map_err(|source| StartError::Signal { source })?;
         // Staging leftovers of an earlier run are never resumed: a partial release must not

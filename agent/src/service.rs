@@ -287,6 +287,23 @@ impl Agent for AgentService {
 }
 
 impl AgentService {
+    /// With trusted keys: refuses a switch to `release_id` unless the signature kept with it
+    /// verifies for its app, version and manifest (a release staged unsigned, or before signing
+    /// was required, or changed on disk since).
+    async fn check_signed(&self, app: &str, store: &AppStore, release_id: &str) -> Result<(), Status> {
+        let trusted = &self.config.signing.trusted;
+        if trusted.is_empty() {
+            return Ok(());
+        }
+        let (s, id) = (store.clone(), release_id.to_string());
+        let manifest = blocking(move || s.manifest(&id)).await?;
+        let hash = ferry_proto::manifest::hash(&manifest);
+        let version = crate::store::version_of(release_id);
+        ferry_proto::signing::check(trusted, app, version, &hash, &store.signature(release_id))
+            .map(|_| ())
+            .map_err(|e| Status::permission_denied(format!("{e}; deploy it again from a coordinator that signs it")))
+    }
+
     /// An Activate or Rollback: checked by `prepared`, then run as a plan of its own (recorded
     /// when it ends), or recorded at once when refused.
     async fn plan_command(
@@ -389,11 +406,27 @@ impl AgentService {
             manifest = entries,
             "Prepare"
         );
+        let trusted = &self.config.signing.trusted;
+        if !trusted.is_empty() {
+            let key = ferry_proto::signing::check(trusted, &req.app, &req.version, &req.manifest_hash, &req.signature)
+                .map_err(|e| Status::permission_denied(e.to_string()))?;
+            tracing::info!(key = key.name, "the release's signature verifies");
+        }
         let version = req.version.clone();
         let stage =
             Stage { prepared: Instant::now(), deployment: req.deployment_id.clone(), version: req.version.clone() };
         let app = req.app.clone();
-        let p = blocking(move || store.prepare(&version, source, &req.manifest_hash, space)).await?;
+        let signature = req.signature;
+        let p = {
+            let store = store.clone();
+            blocking(move || store.prepare(&version, source, &req.manifest_hash, space)).await?
+        };
+        if !signature.is_empty() {
+            // Kept with the release, whether or not this host requires signatures yet: every
+            // switch to the release checks it against the keys trusted then.
+            let id = p.release_id.clone();
+            blocking(move || store.keep_signature(&id, &signature)).await?;
+        }
         if !p.already_present {
             self.stage_started(&app, &p.release_id, stage);
         }
@@ -513,6 +546,7 @@ impl AgentService {
                 req.release_id
             )));
         }
+        self.check_signed(&req.app, &store, &req.release_id).await?;
         tracing::info!(
             caller = who,
             app = req.app,
@@ -548,6 +582,15 @@ impl AgentService {
         self.check_units(&req.app, &req.units)?;
         if !req.to_release.is_empty() && !store.has_release(&req.to_release) {
             return Err(Status::not_found(format!("release {} is not kept on this host", req.to_release)));
+        }
+        let target = if req.to_release.is_empty() {
+            let s = store.clone();
+            blocking(move || s.previous()).await?
+        } else {
+            Some(req.to_release.clone())
+        };
+        if let Some(target) = target {
+            self.check_signed(&req.app, &store, &target).await?;
         }
         tracing::info!(caller = who, app = req.app, to = req.to_release, deployment = req.deployment_id, "Rollback");
         let plan = activate::Plan {

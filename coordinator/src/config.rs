@@ -62,6 +62,10 @@ pub struct FleetConfig {
     /// `ferry serve`: the pipeline API (listen address, TLS, bearer tokens, where uploads go).
     #[serde(default)]
     pub server: ServerConfig,
+    /// `[signing]`: sign every release this coordinator deploys (agents with trusted keys run
+    /// only signed releases).
+    #[serde(default)]
+    pub signing: Option<SigningConfig>,
     pub environments: BTreeMap<String, Environment>,
     /// Where rollouts' events are sent (`[[notify]]`, see [`crate::notify`]).
     #[serde(default)]
@@ -69,6 +73,14 @@ pub struct FleetConfig {
 }
 
 /// `[server]`: how `ferry serve` serves its API.
+/// `[signing]`: the private key (`ferry key new`; mode 0600) that signs each release's app,
+/// version and manifest hash.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SigningConfig {
+    pub key: PathBuf,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
@@ -1029,6 +1041,7 @@ impl FleetConfig {
                 secrets.chain(gates).chain(e.webhooks.iter_mut().filter_map(|w| w.ca.as_mut()))
             }))
             .chain(config.notify.iter_mut().filter_map(|t| t.ca.as_mut()))
+            .chain(config.signing.as_mut().map(|s| &mut s.key))
         {
             if p.is_relative() {
                 *p = base.join(&*p);

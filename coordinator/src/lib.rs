@@ -56,6 +56,7 @@ pub mod registry;
 pub mod rollout;
 pub mod secrets;
 pub mod server;
+pub mod signing;
 pub mod state;
 pub mod tls;
 pub mod ui;

@@ -27,6 +27,7 @@ pub mod manifest;
 pub mod prometheus;
 pub mod reload;
 pub mod render;
+pub mod signing;
 pub mod text;
 
 /// Generated code for package `ferry.agent.v1`.

@@ -177,6 +177,7 @@ pub struct Swap {
 }
 
 /// One app's store on disk.
+#[derive(Clone)]
 pub struct AppStore {
     dir: PathBuf,
     /// The app's public path, kept a symlink to `<dir>/current`.
@@ -285,6 +286,26 @@ impl AppStore {
         let path = self.dir.join("activated");
         durable::write(&path, format!("{release_id}\n").as_bytes(), 0o644, Existing::Replace)
             .map_err(StoreError::io("record the activation", &path))
+    }
+
+    /// Keeps `signature` with release `release_id` (checked again at each switch to it).
+    pub fn keep_signature(&self, release_id: &str, signature: &[u8]) -> R<()> {
+        manifest::check_release_id(release_id).map_err(StoreError::Refused)?;
+        let path = self.signature_path(release_id);
+        durable::write(&path, hex::encode(signature).as_bytes(), 0o644, Existing::Replace)
+            .map_err(StoreError::io("keep the signature", &path))
+    }
+
+    /// The signature kept with release `release_id` (empty: none).
+    pub fn signature(&self, release_id: &str) -> Vec<u8> {
+        fs::read_to_string(self.signature_path(release_id))
+            .ok()
+            .and_then(|s| hex::decode(s.trim()).ok())
+            .unwrap_or_default()
+    }
+
+    fn signature_path(&self, id: &str) -> PathBuf {
+        self.manifests_dir().join(format!("{id}.sig"))
     }
 
     /// Complete releases (those with a manifest), newest promotion first.
@@ -912,6 +933,7 @@ impl AppStore {
             // Index entry first: nothing will borrow content from this release any more.
             let m = self.manifest_path(&r.id);
             fs::remove_file(&m).map_err(StoreError::io("remove manifest", &m))?;
+            let _ = fs::remove_file(self.signature_path(&r.id));
             durable::sync_dir(&self.manifests_dir()).map_err(StoreError::io("sync", &self.manifests_dir()))?;
             let trash = self.releases_dir().join(format!(".trash-{}", r.id));
             let src = self.release_path(&r.id);

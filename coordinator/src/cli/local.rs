@@ -7,7 +7,7 @@ use clap::CommandFactory;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::{CaCommand, CertCommand, Cli, Command, TokenCommand, deploy_exit, fail};
+use super::{CaCommand, CertCommand, Cli, Command, KeyCommand, TokenCommand, deploy_exit, fail};
 use crate::cache::Cache;
 use crate::commands::{self, Ctx};
 use crate::config::{AppPick, FleetConfig};
@@ -403,6 +403,9 @@ async fn other(command: Command, shutdown: &CancellationToken) -> u8 {
         Command::Serve { config } => serve(&config, shutdown).await,
         Command::Token(TokenCommand::New { name, output }) => {
             emit(commands::token::new(&name), |t| ui::token(t, output), success)
+        }
+        Command::Key(KeyCommand::New { name, out, force, output }) => {
+            emit(commands::key::new(&name, &out, force), |k| ui::key(k, output), success)
         }
         Command::Completions { shell } => {
             // Into a buffer first: clap_complete panics on a write error (a closed pipe, a full disk).

@@ -125,6 +125,10 @@ pub enum Command {
     /// Make bearer tokens for `ferry serve`.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Make the key pair that signs releases: agents with its public key in `[signing]
+    /// trusted_keys` run only releases it signed.
+    #[command(subcommand)]
+    Key(KeyCommand),
     /// Pipeline steps on a running `ferry serve` (needs --server): register a version, smoke test
     /// a deployment, approve and promote it to the next environment, follow or cancel it.
     #[command(subcommand)]
@@ -256,6 +260,27 @@ pub struct RollbackArgs {
     /// Result format: human (live progress, then a table) or json (one object at the end).
     #[arg(long, value_enum, default_value = "human")]
     pub output: Format,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Write a new ed25519 key pair: OUT/NAME.key (0600; fleet.toml's `[signing] key`, where
+    /// `ferry` deploys) and OUT/NAME.pub (every agent.toml's `[signing] trusted_keys`).
+    New {
+        /// Names the key (in the files' names and in agents' refusals).
+        #[arg(long)]
+        name: String,
+        /// Directory to write into (created if missing).
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+        /// Replace an existing key of the same name (agents trusting only the old one then refuse
+        /// new releases).
+        #[arg(long)]
+        force: bool,
+        /// Result format: human-readable text, or one JSON object.
+        #[arg(long, value_enum, default_value = "human")]
+        output: Format,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -23,6 +23,7 @@ pub mod ca;
 pub mod cert;
 pub mod deploy;
 pub mod history;
+pub mod key;
 pub mod plan;
 pub mod promote;
 pub mod resume;

@@ -87,6 +87,7 @@ async fn prepare(
         manifest_hash: send.artifact.manifest_hash.to_vec(),
         base_release: base_release.to_string(),
         delta,
+        signature: send.signature.clone(),
     };
     let manifest = &send.artifact.manifest;
     let base = if current.is_empty() { None } else { fleet.cache.and_then(|c| c.manifest(current)) };

@@ -51,6 +51,8 @@ pub struct Release {
     pub artifact: Arc<Artifact>,
     pub version: String,
     pub deployment_id: String,
+    /// The release's signature (`[signing] key`); empty: unsigned.
+    pub signature: Vec<u8>,
 }
 
 /// What a deployment activates on a host.

@@ -238,6 +238,14 @@ impl Engine<'_> {
         Ok(())
     }
 
+    /// The signature of `artifact` as `version` with fleet.toml's `[signing] key` (empty without).
+    fn sign(&self, artifact: &Artifact, version: &str) -> Result<Vec<u8>, Error> {
+        let Some(signing) = &self.config.signing else { return Ok(Vec::new()) };
+        let signer = crate::signing::Signer::load(&signing.key)
+            .map_err(|reason| Error::Misconfigured { env: self.env.to_string(), reason })?;
+        Ok(signer.sign(&self.config.app.name, version, &artifact.manifest_hash))
+    }
+
     fn plan_of(&self, d: &DeploymentRow) -> Result<Stored, Error> {
         serde_json::from_str(&d.strategy)
             .map_err(|e| Error::Corrupt { id: d.id.clone(), reason: format!("its plan does not parse: {e}") })
@@ -247,6 +255,8 @@ impl Engine<'_> {
     /// environment; its id. No host is touched until [`Engine::run`].
     pub fn create(&self, artifact: &Artifact, version: &str, prestage: bool) -> Result<String, Error> {
         check_version(version)?;
+        // A key that cannot sign is found before anything is recorded.
+        self.sign(artifact, version)?;
         let env = self.environment()?;
         let mut hosts = self.config.hosts(self.env)?;
         let mut switch = None;
@@ -402,7 +412,12 @@ impl Engine<'_> {
                 deployment_id: id.to_string(),
                 secrets: artifact.secrets.clone(),
             },
-            release: crate::fleet::Release { artifact, version: d.version.clone(), deployment_id: id.to_string() },
+            release: crate::fleet::Release {
+                signature: self.sign(&artifact, &d.version)?,
+                artifact,
+                version: d.version.clone(),
+                deployment_id: id.to_string(),
+            },
         };
         self.drive(&d, &plan, &work).await
     }

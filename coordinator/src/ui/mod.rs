@@ -200,6 +200,24 @@ pub fn deploy_start(a: &crate::artifact::Artifact, version: &str, env: &str, for
     }
 }
 
+/// `ferry key new`.
+pub fn key(k: &crate::commands::key::NewKey, format: Format) {
+    if format == Format::Json {
+        return json(k);
+    }
+    out(&format!(
+        "key {} ({}):
+  private {}  (mode 0600; in fleet.toml: [signing] key = \"{}\")
+  public  {}  (on every host, in agent.toml: [signing] trusted_keys = [\"/etc/ferry/keys/{}.pub\"])",
+        k.name,
+        k.id,
+        k.private.display(),
+        k.private.display(),
+        k.public.display(),
+        k.name
+    ));
+}
+
 /// `ferry token new`.
 pub fn token(t: &NewToken, format: Format) {
     if format == Format::Json {
