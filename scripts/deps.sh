@@ -12,11 +12,15 @@
 # /var/cache/ferry-test/prometheus: promtool (the monitoring test checks and unit-tests the alert
 # rules with it) and the prometheus server the metric gate tests start themselves, in their own
 # fleet's namespace, and stop; no Prometheus service is installed or started on the machine.
+# With --test, also postgresql: the registry's tests on PostgreSQL make a throwaway cluster of
+# their own (initdb in a temp dir, pg_ctl on a loopback port) and remove it; the package's own
+# cluster is not used.
 # With --bench (benches/*.sh), also rsync: the peer ferry's transfers are measured against.
 set -euo pipefail
 pkgs=(pkg-config libsystemd-dev systemd-container iproute2 nftables python3 dpkg-dev help2man binutils lintian
   debootstrap python3-yaml)
 [ "${1:-}" != "--bench" ] || pkgs+=(rsync)
+[ "${1:-}" != "--test" ] || pkgs+=(postgresql)
 promtool_dir=/var/cache/ferry-test/prometheus
 sudo=()
 [ "$(id -u)" -eq 0 ] || sudo=(sudo)

@@ -50,8 +50,9 @@ pub struct FleetConfig {
     /// read again). Default `$XDG_CACHE_HOME/ferry` or `~/.cache/ferry`. Safe to delete.
     #[serde(default)]
     pub cache_dir: Option<PathBuf>,
-    /// The registry of deployments (SQLite). Default `$XDG_STATE_HOME/ferry/registry.db` or
-    /// `~/.local/state/ferry/registry.db`. Keep it where every run of `ferry` for this fleet sees
+    /// The registry of deployments: a SQLite file (default `$XDG_STATE_HOME/ferry/registry.db` or
+    /// `~/.local/state/ferry/registry.db`), or a PostgreSQL URL (`postgres://user@host/db`), for
+    /// coordinators on several machines. Keep it where every run of `ferry` for this fleet sees
     /// it: the environment locks and `ferry resume` depend on it.
     #[serde(default)]
     pub registry: Option<PathBuf>,
@@ -989,6 +990,17 @@ pub fn parse_host_address(s: &str) -> Result<(String, u16), String> {
 
 pub use crate::http::parse_host_port;
 
+/// `postgres://…` or `postgresql://…`.
+fn is_database_url(r: &Path) -> bool {
+    r.to_str().is_some_and(|s| s.starts_with("postgres://") || s.starts_with("postgresql://"))
+}
+
+/// `$XDG_STATE_HOME/ferry`, else `~/.local/state/ferry`.
+fn default_state_dir() -> Option<PathBuf> {
+    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    env("XDG_STATE_HOME").map(|d| d.join("ferry")).or_else(|| env("HOME").map(|d| d.join(".local/state/ferry")))
+}
+
 impl FleetConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text =
@@ -1028,7 +1040,7 @@ impl FleetConfig {
         for p in [&mut config.tls.ca, &mut config.tls.cert, &mut config.tls.key]
             .into_iter()
             .chain(config.cache_dir.as_mut())
-            .chain(config.registry.as_mut())
+            .chain(config.registry.as_mut().filter(|r| !is_database_url(r)))
             .chain(config.tls.revoked.as_mut())
             .chain(config.server.cert.as_mut())
             .chain(config.server.key.as_mut())
@@ -1189,13 +1201,18 @@ impl FleetConfig {
             .or_else(|| env("HOME").map(|d| d.join(".cache/ferry")))
     }
 
-    /// The registry file: the configured one, else the user's state directory.
+    /// The registry file: the configured one, else the user's state directory (`None` for a
+    /// PostgreSQL registry: [`FleetConfig::registry_url`]).
     pub fn registry_path(&self) -> Option<PathBuf> {
-        let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
-        self.registry
-            .clone()
-            .or_else(|| env("XDG_STATE_HOME").map(|d| d.join("ferry/registry.db")))
-            .or_else(|| env("HOME").map(|d| d.join(".local/state/ferry/registry.db")))
+        if self.registry_url().is_some() {
+            return None;
+        }
+        self.registry.clone().or_else(|| default_state_dir().map(|d| d.join("registry.db")))
+    }
+
+    /// The PostgreSQL registry's URL, when `registry` names one.
+    pub fn registry_url(&self) -> Option<&str> {
+        self.registry.as_deref().filter(|r| is_database_url(r)).and_then(|r| r.to_str())
     }
 
     pub fn problems(&self) -> Vec<Problem> {
@@ -1394,6 +1411,9 @@ impl FleetConfig {
 
     /// Where `ferry serve` keeps its files when `[server]` does not say: beside the registry.
     pub fn state_dir(&self) -> Option<PathBuf> {
+        if self.registry_url().is_some() {
+            return default_state_dir();
+        }
         self.registry_path().map(|r| r.parent().map(Path::to_path_buf).unwrap_or_default())
     }
 

@@ -14,7 +14,6 @@ use crate::config::{AppPick, FleetConfig};
 use crate::exit;
 use crate::fleet::grpc::Grpc;
 use crate::registry::Registry;
-use crate::registry::sqlite::Sqlite;
 use crate::rollout::{self, DeployReport, Observer};
 use crate::tls::ClientTls;
 use crate::ui::{self, Format};
@@ -23,7 +22,7 @@ use crate::ui::{self, Format};
 struct Loaded {
     config: FleetConfig,
     tls: ClientTls,
-    registry: Arc<Sqlite>,
+    registry: Arc<dyn Registry>,
     cache: Option<Cache>,
     /// fleet.toml's `[[notify]]` targets.
     notifier: crate::notify::Notifier,
@@ -36,7 +35,7 @@ impl Loaded {
             config.hosts(env)?;
         }
         let tls = ClientTls::load(&config.tls).map_err(|e| anyhow::anyhow!("{}: [tls]: {e}", path.display()))?;
-        let registry = Arc::new(open_registry(&config)?);
+        let registry = open_registry(&config)?;
         let cache = config.cache_dir().map(Cache::new);
         let notifier = crate::notify::Notifier::start(&config.notify, registry.clone());
         Ok(Loaded { config, tls, registry, cache, notifier })
@@ -44,11 +43,8 @@ impl Loaded {
 }
 
 /// The registry fleet.toml names.
-fn open_registry(config: &FleetConfig) -> anyhow::Result<Sqlite> {
-    let path = config
-        .registry_path()
-        .ok_or_else(|| anyhow::anyhow!("no registry: set `registry` in fleet.toml (there is no HOME to default to)"))?;
-    Ok(Sqlite::open(&path)?)
+fn open_registry(config: &FleetConfig) -> anyhow::Result<Arc<dyn Registry>> {
+    Ok(crate::registry::open(config)?)
 }
 
 /// What every rollout verb has: its name, fleet.toml, environment, output and --force-unlock.
@@ -420,8 +416,9 @@ async fn other(command: Command, shutdown: &CancellationToken) -> u8 {
             let plan = || -> anyhow::Result<commands::plan::PlanView> {
                 let config = select_app(&FleetConfig::load(&args.config)?, args.app.as_deref())?;
                 // The registry knows which blue-green group is live; none exists before the first deployment.
-                let registry = config.registry_path().filter(|p| p.exists()).map(|p| Sqlite::open(&p)).transpose()?;
-                Ok(commands::plan::plan(&config, registry.as_ref().map(|r| r as &dyn Registry), &args.env)?)
+                let exists = config.registry_url().is_some() || config.registry_path().is_some_and(|p| p.exists());
+                let registry = if exists { Some(open_registry(&config)?) } else { None };
+                Ok(commands::plan::plan(&config, registry.as_deref(), &args.env)?)
             };
             emit(plan(), |p| ui::plan(p, args.output), success)
         }
@@ -429,20 +426,20 @@ async fn other(command: Command, shutdown: &CancellationToken) -> u8 {
             let id = args.deployment.as_deref().unwrap_or_default();
             let v = FleetConfig::load(&args.config)
                 .map_err(anyhow::Error::from)
-                .and_then(|c| Ok(commands::history::deployment(&open_registry(&c)?, id)?));
+                .and_then(|c| Ok(commands::history::deployment(open_registry(&c)?.as_ref(), id)?));
             emit(v, |v| ui::deployment_detail(v, args.output), success)
         }
         Command::History(args) => {
             let rows = FleetConfig::load(&args.config).map_err(anyhow::Error::from).and_then(|c| {
                 let app = known_app(&c, args.app.as_deref())?;
-                Ok(commands::history::history(&open_registry(&c)?, args.env.as_deref(), app, args.limit)?)
+                Ok(commands::history::history(open_registry(&c)?.as_ref(), args.env.as_deref(), app, args.limit)?)
             });
             emit(rows, |rows| ui::history(rows, args.output), success)
         }
         Command::Report(args) => {
             let rows = FleetConfig::load(&args.config).map_err(anyhow::Error::from).and_then(|c| {
                 let app = known_app(&c, args.app.as_deref())?;
-                Ok(commands::history::report(&open_registry(&c)?, args.env.as_deref(), app)?)
+                Ok(commands::history::report(open_registry(&c)?.as_ref(), args.env.as_deref(), app)?)
             });
             emit(rows, |rows| ui::report(rows, args.output), success)
         }

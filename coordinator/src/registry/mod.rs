@@ -12,7 +12,24 @@ use serde::Serialize;
 
 use crate::state::{DeploymentKind, DeploymentStatus, HostState};
 
+pub mod postgres;
 pub mod sqlite;
+#[cfg(test)]
+pub(crate) mod suite;
+#[cfg(test)]
+pub(crate) mod testpg;
+
+/// The registry fleet.toml names: PostgreSQL for a `postgres://` URL, else the SQLite file.
+pub fn open(config: &crate::config::FleetConfig) -> Result<std::sync::Arc<dyn Registry>, RegistryError> {
+    if let Some(url) = config.registry_url() {
+        return Ok(std::sync::Arc::new(postgres::Postgres::open(url)?));
+    }
+    let path = config.registry_path().ok_or_else(|| RegistryError::Open {
+        registry: "(none)".into(),
+        reason: "set `registry` in fleet.toml (there is no HOME to default to)".into(),
+    })?;
+    Ok(std::sync::Arc::new(sqlite::Sqlite::open(&path)?))
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -106,6 +123,67 @@ pub trait Registry: Send + Sync {
     fn record_measurement(&self, m: &Measurement) -> Result<(), RegistryError>;
     /// The measurements of a deployment, oldest first.
     fn measurements(&self, deployment_id: &str) -> Result<Vec<Measurement>, RegistryError>;
+}
+
+/// The three hosts of (environment, app) slowest on average over finished deploys: `$1`/`?1`
+/// the environment, `$2`/`?2` the app (the same text works on both backends).
+pub(crate) const SLOWEST_HOSTS: &str = "SELECT h.host, CAST(AVG(h.finished_ms - h.started_ms) AS DOUBLE PRECISION) AS mean FROM hosts h JOIN deployments d ON d.id = h.deployment_id
+     WHERE d.environment = $1 AND d.app = $2 AND d.kind = 'deploy' AND h.started_ms IS NOT NULL AND h.finished_ms IS NOT NULL
+     GROUP BY h.host ORDER BY mean DESC LIMIT 3";
+
+/// Per (environment, app): rates and durations of the finished deploys among `deployments`;
+/// `rolled_back` names those a host of which went back; `slowest` asks the backend for an
+/// environment's and app's slowest hosts.
+pub(crate) fn build_report(
+    deployments: Vec<DeploymentRow>,
+    rolled_back: &std::collections::HashSet<String>,
+    mut slowest: impl FnMut(&str, &str) -> Result<Vec<SlowHost>, RegistryError>,
+) -> Result<Vec<EnvReport>, RegistryError> {
+    let finished: Vec<DeploymentRow> =
+        deployments.into_iter().filter(|d| d.kind == DeploymentKind::Deploy && d.finished_ms.is_some()).collect();
+    let mut envs: Vec<(String, String)> = finished.iter().map(|d| (d.environment.clone(), d.app.clone())).collect();
+    envs.sort();
+    envs.dedup();
+    let now = now_ms();
+    let mut out = Vec::new();
+    for (e, app) in envs {
+        let ds: Vec<&DeploymentRow> = finished.iter().filter(|d| d.environment == e && d.app == app).collect();
+        let count = |s: DeploymentStatus| ds.iter().filter(|d| d.status == s).count() as u64;
+        let went_back =
+            ds.iter().filter(|d| d.status == DeploymentStatus::RolledBack || rolled_back.contains(&d.id)).count()
+                as u64;
+        let mut durations: Vec<u64> =
+            ds.iter().map(|d| (d.finished_ms.unwrap_or(d.started_ms) - d.started_ms).max(0) as u64).collect();
+        durations.sort_unstable();
+        let n = ds.len() as u64;
+        let recent = ds.iter().filter(|d| now - d.started_ms <= 28 * 86_400_000).count();
+        let slowest_hosts = slowest(&e, &app)?;
+        out.push(EnvReport {
+            environment: e,
+            app,
+            deployments: n,
+            deployments_per_week: recent as f64 / 4.0,
+            succeeded: count(DeploymentStatus::Succeeded),
+            failed: count(DeploymentStatus::Failed),
+            rolled_back: count(DeploymentStatus::RolledBack),
+            cancelled: count(DeploymentStatus::Cancelled),
+            success_rate: count(DeploymentStatus::Succeeded) as f64 / n.max(1) as f64,
+            rollback_rate: went_back as f64 / n.max(1) as f64,
+            mean_duration_ms: durations.iter().sum::<u64>() / n.max(1),
+            p95_duration_ms: percentile(&durations, 95),
+            slowest_hosts,
+        });
+    }
+    Ok(out)
+}
+
+/// Nearest-rank percentile of sorted values.
+fn percentile(sorted: &[u64], p: usize) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = (sorted.len() * p).div_ceil(100).max(1);
+    sorted[rank - 1]
 }
 
 pub fn now_ms() -> i64 {

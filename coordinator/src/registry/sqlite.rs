@@ -569,15 +569,7 @@ impl Db {
 
     /// Per-environment success and rollback rates and durations of finished deployments.
     fn report(&self, env: Option<&str>) -> Result<Vec<EnvReport>, RegistryError> {
-        let finished: Vec<DeploymentRow> = self
-            .history(env, None, usize::MAX >> 1)?
-            .into_iter()
-            .filter(|d| d.kind == DeploymentKind::Deploy && d.finished_ms.is_some())
-            .collect();
-        // One row per environment and app.
-        let mut envs: Vec<(String, String)> = finished.iter().map(|d| (d.environment.clone(), d.app.clone())).collect();
-        envs.sort();
-        envs.dedup();
+        let finished = self.history(env, None, usize::MAX >> 1)?;
         // Deployments a host of which went back (its agent's own rollback, or a halt's): one
         // query, not one per deployment.
         let mut st = self
@@ -586,52 +578,13 @@ impl Db {
             .map_err(self.sql())?;
         let with_rolled_back_host: std::collections::HashSet<String> =
             st.query_map([], |r| r.get(0)).map_err(self.sql())?.collect::<Result<_, _>>().map_err(self.sql())?;
-        let now = now_ms();
-        let mut out = Vec::new();
-        for (e, app) in envs {
-            let ds: Vec<&DeploymentRow> = finished.iter().filter(|d| d.environment == e && d.app == app).collect();
-            let count = |s: DeploymentStatus| ds.iter().filter(|d| d.status == s).count() as u64;
-            let rolled_back = ds
-                .iter()
-                .filter(|d| d.status == DeploymentStatus::RolledBack || with_rolled_back_host.contains(&d.id))
-                .count() as u64;
-            let mut durations: Vec<u64> =
-                ds.iter().map(|d| (d.finished_ms.unwrap_or(d.started_ms) - d.started_ms).max(0) as u64).collect();
-            durations.sort_unstable();
-            let n = ds.len() as u64;
-            let recent = ds.iter().filter(|d| now - d.started_ms <= 28 * 86_400_000).count();
-            let mut st = self
-                .conn
-                .prepare(
-                    "SELECT h.host, AVG(h.finished_ms - h.started_ms) AS mean FROM hosts h JOIN deployments d ON d.id = h.deployment_id
-                     WHERE d.environment = ?1 AND d.app = ?2 AND d.kind = 'deploy' AND h.started_ms IS NOT NULL AND h.finished_ms IS NOT NULL
-                     GROUP BY h.host ORDER BY mean DESC LIMIT 3",
-                )
-                .map_err(self.sql())?;
-            let slowest = st
-                .query_map([&e, &app], |r| {
-                    Ok(SlowHost { host: r.get(0)?, mean_ms: r.get::<_, f64>(1)?.max(0.0) as u64 })
-                })
+        super::build_report(finished, &with_rolled_back_host, |e, app| {
+            let mut st = self.conn.prepare(super::SLOWEST_HOSTS).map_err(self.sql())?;
+            st.query_map([e, app], |r| Ok(SlowHost { host: r.get(0)?, mean_ms: r.get::<_, f64>(1)?.max(0.0) as u64 }))
                 .map_err(self.sql())?
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(self.sql())?;
-            out.push(EnvReport {
-                environment: e,
-                app,
-                deployments: n,
-                deployments_per_week: recent as f64 / 4.0,
-                succeeded: count(DeploymentStatus::Succeeded),
-                failed: count(DeploymentStatus::Failed),
-                rolled_back: count(DeploymentStatus::RolledBack),
-                cancelled: count(DeploymentStatus::Cancelled),
-                success_rate: count(DeploymentStatus::Succeeded) as f64 / n.max(1) as f64,
-                rollback_rate: rolled_back as f64 / n.max(1) as f64,
-                mean_duration_ms: durations.iter().sum::<u64>() / n.max(1),
-                p95_duration_ms: percentile(&durations, 95),
-                slowest_hosts: slowest,
-            });
-        }
-        Ok(out)
+                .map_err(self.sql())
+        })
     }
 }
 
@@ -664,18 +617,10 @@ fn read_lock(conn: &Connection, env: &str) -> rusqlite::Result<Option<Lock>> {
     .optional()
 }
 
-/// Nearest-rank percentile of sorted values.
-fn percentile(sorted: &[u64], p: usize) -> u64 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let rank = (sorted.len() * p).div_ceil(100).max(1);
-    sorted[rank - 1]
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::registry::suite;
 
     fn open() -> (tempfile::TempDir, Sqlite) {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -710,53 +655,10 @@ mod tests {
         assert_eq!(reg.versions(Some("web"), 10).expect("list")[0].manifest_hash, "aa");
     }
 
-    fn new<'a>(id: &'a str, hosts: &'a [(String, usize)]) -> NewDeployment<'a> {
-        NewDeployment {
-            id,
-            kind: DeploymentKind::Deploy,
-            environment: "prod",
-            version: "2",
-            release_id: "2-0000000a",
-            artifact: "/build",
-            manifest_hash: "ab",
-            strategy: "{}",
-            app: "web",
-            hosts,
-        }
-    }
-
     #[test]
     fn transitions_are_recorded_with_timings_and_bytes() {
         let (_d, reg) = open();
-        let hosts = vec![("web-1".to_string(), 0), ("web-2".to_string(), 1)];
-        reg.create(&new("d-1", &hosts)).expect("create");
-        reg.set_status("d-1", DeploymentStatus::Running, None).expect("running");
-        reg.set_host("d-1", "web-1", HostState::Staging, &HostUpdate::default()).expect("staging");
-        reg.set_host(
-            "d-1",
-            "web-1",
-            HostState::Staged,
-            &HostUpdate { bytes: 100, previous_release: Some("1-0000000b"), ..Default::default() },
-        )
-        .expect("staged");
-        // The state machine's rules hold: a staged host is activated before it is healthy.
-        let e = reg.set_host("d-1", "web-1", HostState::Healthy, &HostUpdate::default()).expect_err("skips a step");
-        assert!(e.to_string().contains("web-1: staged → healthy is not a legal step"), "{e}");
-        reg.set_host("d-1", "web-1", HostState::Activating, &HostUpdate::default()).expect("activating");
-        reg.set_host("d-1", "web-1", HostState::Healthy, &HostUpdate { activate_ms: Some(420), ..Default::default() })
-            .expect("healthy");
-        reg.set_host("d-1", "web-2", HostState::Staging, &HostUpdate::default()).expect("staging");
-        reg.set_host("d-1", "web-2", HostState::Failed, &HostUpdate { error: Some("probe"), ..Default::default() })
-            .expect("failed");
-        reg.set_status("d-1", DeploymentStatus::Failed, Some("web-2 failed")).expect("failed");
-        let d = reg.deployment("d-1").expect("query").expect("row");
-        assert_eq!((d.status.as_str(), d.bytes_sent, d.hosts_failed), ("failed", 100, 1));
-        assert!(d.finished_ms.is_some());
-        let h = reg.hosts("d-1").expect("hosts");
-        assert_eq!(h.iter().map(|h| h.host.as_str()).collect::<Vec<_>>(), ["web-1", "web-2"]);
-        assert_eq!(h[0].previous_release.as_deref(), Some("1-0000000b"));
-        assert_eq!((h[0].activate_ms, h[1].activate_ms), (Some(420), None));
-        assert!(h[0].started_ms.is_some() && h[0].finished_ms >= h[0].started_ms);
+        suite::transitions_are_recorded_with_timings_and_bytes(&reg);
         // Reopening keeps everything (migrations are not re-run destructively).
         let path = PathBuf::from(reg.describe());
         drop(reg);
@@ -766,76 +668,28 @@ mod tests {
 
     #[test]
     fn one_rollout_per_environment() {
-        let (_d, reg) = open();
-        assert_eq!(reg.lock("prod", "d-1", false).expect("lock"), None);
-        // The same process may take its own lock again (resume in-process).
-        reg.lock("prod", "d-1", false).expect("relock");
-        // A live holder (this process, for another deployment) refuses...
-        let e = reg.lock("prod", "d-2", false).expect_err("held").to_string();
-        assert!(e.contains("locked by deployment d-1") && e.contains("--force-unlock"), "{e}");
-        // ...other environments are free...
-        reg.lock("staging", "d-3", false).expect("other env");
-        // ...and --force-unlock breaks it, returning what it broke.
-        let broken = reg.lock("prod", "d-2", true).expect("forced").expect("was held");
-        assert_eq!(broken.deployment_id, "d-1");
-        reg.unlock("prod", "d-1").expect("not the holder: no-op");
-        assert_eq!(reg.lock_of("prod").expect("q").map(|l| l.deployment_id), Some("d-2".into()));
-        reg.unlock("prod", "d-2").expect("unlock");
-        assert_eq!(reg.lock_of("prod").expect("q"), None);
+        suite::one_rollout_per_environment(&open().1);
     }
 
     #[test]
     fn a_dead_holder_is_stale_and_only_its_deployment_takes_over() {
         let (_d, reg) = open();
-        reg.lock("prod", "d-1", false).expect("lock");
-        // Pretend the holder was a process that has exited.
-        let mut child = std::process::Command::new("true").spawn().expect("spawn");
-        let pid = child.id();
-        child.wait().expect("wait");
-        reg.db().expect("db").conn.execute("UPDATE locks SET pid = ?1", [pid]).expect("fake pid");
-        let lock = reg.lock_of("prod").expect("q").expect("held");
-        assert!(lock.stale());
-        assert!(
-            reg.lock("prod", "d-9", false).expect_err("other deployment").to_string().contains("that process is gone")
-        );
-        reg.lock("prod", "d-1", false).expect("resume takes over");
-        assert!(reg.lock_of("prod").expect("q").expect("held").mine());
+        let set_pid = |pid: u32| {
+            reg.db().expect("db").conn.execute("UPDATE locks SET pid = ?1", [pid]).expect("fake pid");
+        };
+        suite::a_dead_holder_is_stale_and_only_its_deployment_takes_over(&reg, &set_pid);
     }
 
     #[test]
     fn report_rates_and_percentiles() {
-        let (_d, reg) = open();
-        let hosts = vec![("web-1".to_string(), 0)];
-        use DeploymentStatus::{Failed, RolledBack, Succeeded};
-        for (i, status) in [Succeeded, Succeeded, RolledBack, Failed].iter().enumerate() {
-            let id = format!("d-{i}");
-            reg.create(&new(&id, &hosts)).expect("create");
-            let end = if *status == Succeeded { HostState::Healthy } else { HostState::RolledBack };
-            for state in [HostState::Staging, HostState::Staged, HostState::Activating, end] {
-                reg.set_host(&id, "web-1", state, &HostUpdate::default()).expect("host");
-            }
-            reg.set_status(&id, *status, None).expect("status");
-        }
-        // Unfinished deployments do not count.
-        reg.create(&new("d-running", &hosts)).expect("create");
-        // Another app of the same environment has a row of its own.
-        reg.create(&NewDeployment { app: "worker", ..new("d-worker", &hosts) }).expect("create");
-        reg.set_status("d-worker", Succeeded, None).expect("status");
-        let r = reg.report(None).expect("report");
-        assert_eq!(
-            r.iter().map(|r| (r.environment.as_str(), r.app.as_str())).collect::<Vec<_>>(),
-            [("prod", "web"), ("prod", "worker")]
-        );
-        assert_eq!((r[1].deployments, r[1].succeeded), (1, 1));
-        let r = &r[0];
-        assert_eq!((r.deployments, r.succeeded, r.failed, r.rolled_back), (4, 2, 1, 1));
-        assert!((r.success_rate - 0.5).abs() < 1e-9);
-        // The failed deployment's host went back too: 2 of 4 involved a rollback.
-        assert!((r.rollback_rate - 0.5).abs() < 1e-9);
-        assert!((r.deployments_per_week - 1.0).abs() < 1e-9);
-        assert_eq!(r.slowest_hosts.len(), 1);
-        assert_eq!(percentile(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 95), 10);
-        assert_eq!(percentile(&[5], 95), 5);
-        assert_eq!(percentile(&[], 95), 0);
+        suite::report_rates_and_percentiles(&open().1);
+        assert_eq!(crate::registry::percentile(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 95), 10);
+        assert_eq!(crate::registry::percentile(&[5], 95), 5);
+        assert_eq!(crate::registry::percentile(&[], 95), 0);
+    }
+
+    #[test]
+    fn pipeline_records_round_trip() {
+        suite::pipeline_records_round_trip(&open().1);
     }
 }

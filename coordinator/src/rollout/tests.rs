@@ -38,7 +38,7 @@ fn artifact(dir: &tempfile::TempDir, content: &str) -> Arc<Artifact> {
 
 struct World {
     config: FleetConfig,
-    registry: Sqlite,
+    registry: Box<dyn Registry>,
     fleet: Fake,
     cancel: CancellationToken,
     /// Every event, as the output layer words it.
@@ -48,9 +48,14 @@ struct World {
 
 impl World {
     fn new(hosts: usize, env: &str) -> World {
+        World::on(Box::new(Sqlite::in_memory().expect("registry")), hosts, env)
+    }
+
+    /// A world whose registry is `registry`.
+    fn on(registry: Box<dyn Registry>, hosts: usize, env: &str) -> World {
         let world = World {
             config: config(hosts, env),
-            registry: Sqlite::in_memory().expect("registry"),
+            registry,
             fleet: Fake::new(),
             cancel: CancellationToken::new(),
             lines: Mutex::new(Vec::new()),
@@ -67,7 +72,7 @@ impl World {
             config: &self.config,
             env: "prod",
             fleet: &self.fleet,
-            registry: &self.registry,
+            registry: self.registry.as_ref(),
             observer,
             cancel: &self.cancel,
             force_unlock: false,
@@ -131,7 +136,10 @@ fn outcomes(r: &DeployReport) -> Vec<HostOutcome> {
 
 #[tokio::test]
 async fn failures_within_the_budget_go_on_and_one_more_halts() {
-    let w = World::new(5, "batch = 1\nmax_failures = 1");
+    failures_within_the_budget(World::new(5, "batch = 1\nmax_failures = 1")).await;
+}
+
+async fn failures_within_the_budget(w: World) {
     w.fails(1, ErrorKind::RolledBack);
     w.fails(3, ErrorKind::Failed);
     let r = w.deploy("v2", "2").await;
@@ -147,7 +155,12 @@ async fn failures_within_the_budget_go_on_and_one_more_halts() {
 
 #[tokio::test]
 async fn a_canary_pauses_after_each_step_until_promoted() {
-    let w = World::new(4, "strategy = \"canary\"\nsteps = [1, \"50%\"]\npause = \"manual\"");
+    canary_pauses(World::new(4, CANARY)).await;
+}
+
+const CANARY: &str = "strategy = \"canary\"\nsteps = [1, \"50%\"]\npause = \"manual\"";
+
+async fn canary_pauses(w: World) {
     let r = w.deploy("v2", "2").await;
     assert_eq!(r.status, DeploymentStatus::Paused);
     assert_eq!(w.activations(), [name(0)]);
@@ -201,7 +214,22 @@ async fn a_cancel_lets_the_batch_in_flight_finish_and_touches_nothing_after() {
 
 #[tokio::test]
 async fn a_halt_with_auto_rollback_sends_every_updated_host_back_and_no_other() {
-    let w = World::new(4, "batch = 1\nauto_rollback = true");
+    halt_with_auto_rollback(World::new(4, "batch = 1\nauto_rollback = true")).await;
+}
+
+/// The engine's rollouts, halts, pauses and resumes on a real PostgreSQL registry.
+#[tokio::test]
+async fn the_engine_runs_the_same_on_a_postgres_registry() {
+    let Some(pg) = crate::registry::testpg::TestPg::start() else { return };
+    let on = |db: &str| -> Box<dyn Registry> {
+        Box::new(crate::registry::postgres::Postgres::open(&pg.database(db)).expect("postgres"))
+    };
+    failures_within_the_budget(World::on(on("budget"), 5, "batch = 1\nmax_failures = 1")).await;
+    canary_pauses(World::on(on("canary"), 4, CANARY)).await;
+    halt_with_auto_rollback(World::on(on("halt"), 4, "batch = 1\nauto_rollback = true")).await;
+}
+
+async fn halt_with_auto_rollback(w: World) {
     let before = w.deploy("v2", "2").await;
     assert_eq!(before.status, DeploymentStatus::Succeeded);
     let v2 = before.release_id.clone();
@@ -301,7 +329,7 @@ async fn a_rollback_cut_short_is_finished_by_running_it_again() {
     let w = World::new(3, "batch = 1");
     assert_eq!(w.deploy("v2", "2").await.status, DeploymentStatus::Succeeded);
     assert_eq!(w.deploy("v3", "3").await.status, DeploymentStatus::Succeeded);
-    let dies = Dies { inner: &w.registry, left: Mutex::new(2) };
+    let dies = Dies { inner: w.registry.as_ref(), left: Mutex::new(2) };
     let killed = Engine { registry: &dies, ..w.engine(&quiet) };
     let r = killed.create_rollback(Some("2")).expect("recorded");
     let e = killed.run_rollback(&r).await.expect_err("the coordinator died");
@@ -316,7 +344,7 @@ async fn a_rollback_cut_short_is_finished_by_running_it_again() {
 
 /// A registry that dies (like its coordinator) right after the `n`th host transition is durable.
 struct Dies<'a> {
-    inner: &'a Sqlite,
+    inner: &'a dyn Registry,
     left: Mutex<usize>,
 }
 
@@ -428,7 +456,7 @@ async fn resume_from_every_persisted_state() {
     for n in 0..transitions {
         let w = World::new(3, "batch = 2");
         let a = artifact(&w.dir, "v2");
-        let dies = Dies { inner: &w.registry, left: Mutex::new(n) };
+        let dies = Dies { inner: w.registry.as_ref(), left: Mutex::new(n) };
         let killed = Engine { registry: &dies, ..w.engine(&quiet) };
         let id = killed.create(&a, "2", true).expect("recorded");
         let e = killed.run(&id, a.clone()).await.expect_err("the coordinator died");

@@ -34,7 +34,6 @@ use crate::cache::Cache;
 use crate::config::FleetConfig;
 use crate::fleet::grpc::Grpc;
 use crate::registry::Registry;
-use crate::registry::sqlite::Sqlite;
 use crate::tls::ClientTls;
 use error::ApiError;
 
@@ -87,8 +86,7 @@ impl AppState {
     pub fn load(config: FleetConfig, tls: ClientTls) -> anyhow::Result<AppState> {
         let state_dir =
             config.state_dir().context("no registry: set `registry` in fleet.toml (there is no HOME to default to)")?;
-        let registry_path = config.registry_path().context("no registry path")?;
-        let registry: Arc<dyn Registry> = Arc::new(Sqlite::open(&registry_path)?);
+        let registry: Arc<dyn Registry> = crate::registry::open(&config)?;
         let apps: BTreeMap<String, Arc<FleetConfig>> =
             config.apps.keys().filter_map(|name| Some((name.clone(), Arc::new(config.for_app(name)?)))).collect();
         if let [name] = config.app_names().as_slice() {

@@ -1,0 +1,957 @@
+//! The registry on PostgreSQL (`registry = "postgres://…"`): the same tables as SQLite's, for
+//! coordinators on several machines sharing one database.
+//!
+//! tokio-postgres through a deadpool pool (a connection that broke, such as after a server
+//! restart, is replaced on the next call). The [`Registry`] trait is synchronous, as SQLite's calls
+//! are: each call runs its queries to their end on the calling thread while a small runtime of
+//! this registry's own drives the connections, so it works the same from async and blocking code.
+//! TLS to the server is rustls (`sslmode=require` or `verify-full`: the system's CA roots, or
+//! `sslrootcert`). The password never appears in [`Registry::describe`] or an error.
+//!
+//! The schema is versioned in `ferry_schema`; a database whose schema is newer than this binary
+//! knows is refused, not changed.
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake};
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::Row;
+use tokio_postgres::types::ToSql;
+
+use super::{
+    Approval, DeploymentRow, EnvReport, EventRow, HostRow, HostUpdate, Lock, Measurement, NewDeployment, Registry,
+    RegistryError, SlowHost, SmokeRun, VersionRow, now_ms, this_hostname,
+};
+use crate::state::{DeploymentKind, DeploymentStatus, HostState, legal};
+
+/// The schema, one step per version (the first is SQLite's migrations 1-8 at once).
+const SCHEMA: &[&str] = &["CREATE TABLE deployments (
+        id TEXT PRIMARY KEY,
+        seq BIGSERIAL,
+        kind TEXT NOT NULL,
+        environment TEXT NOT NULL,
+        version TEXT NOT NULL,
+        release_id TEXT NOT NULL,
+        artifact TEXT NOT NULL,
+        manifest_hash TEXT NOT NULL,
+        strategy TEXT NOT NULL,
+        status TEXT NOT NULL,
+        started_ms BIGINT NOT NULL,
+        finished_ms BIGINT,
+        error TEXT,
+        requested_by TEXT,
+        promoted_from TEXT,
+        app TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX deployments_by_env ON deployments (environment, started_ms);
+    CREATE TABLE hosts (
+        deployment_id TEXT NOT NULL REFERENCES deployments (id),
+        seq BIGSERIAL,
+        host TEXT NOT NULL,
+        batch BIGINT NOT NULL,
+        state TEXT NOT NULL,
+        previous_release TEXT,
+        started_ms BIGINT,
+        finished_ms BIGINT,
+        bytes_sent BIGINT NOT NULL DEFAULT 0,
+        error TEXT,
+        activate_ms BIGINT,
+        release TEXT,
+        PRIMARY KEY (deployment_id, host)
+    );
+    CREATE TABLE events (
+        id BIGSERIAL PRIMARY KEY,
+        deployment_id TEXT NOT NULL REFERENCES deployments (id),
+        time_ms BIGINT NOT NULL,
+        host TEXT,
+        kind TEXT NOT NULL,
+        message TEXT NOT NULL
+    );
+    CREATE INDEX events_by_deployment ON events (deployment_id, id);
+    CREATE TABLE locks (
+        environment TEXT PRIMARY KEY,
+        deployment_id TEXT NOT NULL,
+        owner TEXT NOT NULL,
+        hostname TEXT NOT NULL,
+        pid BIGINT NOT NULL,
+        since_ms BIGINT NOT NULL
+    );
+    CREATE TABLE live_groups (
+        environment TEXT PRIMARY KEY,
+        grp TEXT NOT NULL,
+        deployment_id TEXT NOT NULL,
+        since_ms BIGINT NOT NULL
+    );
+    CREATE TABLE versions (
+        app TEXT NOT NULL,
+        version TEXT NOT NULL,
+        seq BIGSERIAL,
+        artifact TEXT NOT NULL,
+        release_id TEXT NOT NULL,
+        manifest_hash TEXT NOT NULL,
+        total_bytes BIGINT NOT NULL,
+        files BIGINT NOT NULL,
+        registered_by TEXT NOT NULL,
+        registered_ms BIGINT NOT NULL,
+        metadata TEXT NOT NULL,
+        PRIMARY KEY (app, version)
+    );
+    CREATE TABLE smoke_runs (
+        id BIGSERIAL PRIMARY KEY,
+        deployment_id TEXT NOT NULL REFERENCES deployments (id),
+        run_by TEXT NOT NULL,
+        started_ms BIGINT NOT NULL,
+        finished_ms BIGINT NOT NULL,
+        passed BOOLEAN NOT NULL,
+        results TEXT NOT NULL,
+        env_checks BOOLEAN NOT NULL DEFAULT FALSE
+    );
+    CREATE INDEX smoke_by_deployment ON smoke_runs (deployment_id, id);
+    CREATE TABLE approvals (
+        deployment_id TEXT NOT NULL REFERENCES deployments (id),
+        environment TEXT NOT NULL,
+        approved_by TEXT NOT NULL,
+        time_ms BIGINT NOT NULL,
+        used_by TEXT,
+        PRIMARY KEY (deployment_id, environment, approved_by)
+    );
+    CREATE TABLE measurements (
+        id BIGSERIAL PRIMARY KEY,
+        deployment_id TEXT NOT NULL REFERENCES deployments (id),
+        batch BIGINT NOT NULL,
+        gate TEXT NOT NULL,
+        at_ms BIGINT NOT NULL,
+        outcome TEXT NOT NULL,
+        value DOUBLE PRECISION,
+        baseline DOUBLE PRECISION,
+        detail TEXT NOT NULL
+    );
+    CREATE INDEX measurements_by_deployment ON measurements (deployment_id, id);"];
+
+/// The PostgreSQL registry.
+pub struct Postgres {
+    pool: Pool,
+    /// Drives the connections (their I/O and the pool's timers) whatever thread calls; taken
+    /// on drop, which may happen in async code.
+    runtime: Option<tokio::runtime::Runtime>,
+    /// `postgres://user@host:port/db`: never the password.
+    describe: String,
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Wakes the thread that waits for a call to end.
+struct Unpark(std::thread::Thread);
+
+impl Wake for Unpark {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+}
+
+/// A registry URL without its password (for messages).
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let rest = rest.split('?').next().unwrap_or_default();
+    match rest.rsplit_once('@') {
+        Some((user, host)) => format!("{scheme}://{}@{host}", user.split(':').next().unwrap_or_default()),
+        None => format!("{scheme}://{rest}"),
+    }
+}
+
+impl Postgres {
+    /// Connects to `url` (a libpq-style URL), checks the schema and migrates it to this binary's.
+    pub fn open(url: &str) -> Result<Postgres, RegistryError> {
+        let describe = redact(url);
+        let open_error = |reason: String| RegistryError::Open { registry: describe.clone(), reason };
+        let config: tokio_postgres::Config =
+            url.parse().map_err(|e: tokio_postgres::Error| open_error(scrub(&e, url)))?;
+        let tls = tls_for(url).map_err(&open_error)?;
+        let manager = Manager::from_config(config, tls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("ferry-registry")
+            .enable_all()
+            .build()
+            .map_err(|e| open_error(format!("cannot start its runtime: {e}")))?;
+        let pool = {
+            let _in = runtime.enter();
+            Pool::builder(manager)
+                .max_size(4)
+                .runtime(deadpool_postgres::Runtime::Tokio1)
+                .wait_timeout(Some(std::time::Duration::from_secs(10)))
+                .create_timeout(Some(std::time::Duration::from_secs(10)))
+                .build()
+                .map_err(|e| open_error(e.to_string()))?
+        };
+        let pg = Postgres { pool, runtime: Some(runtime), describe };
+        pg.migrate()?;
+        Ok(pg)
+    }
+
+    /// Runs `f` to its end on this thread, with the registry's runtime driving the I/O.
+    fn run<T>(&self, f: impl Future<Output = Result<T, RegistryError>>) -> Result<T, RegistryError> {
+        let _in = self.runtime.as_ref().map(tokio::runtime::Runtime::enter);
+        let waker = Arc::new(Unpark(std::thread::current())).into();
+        let mut cx = Context::from_waker(&waker);
+        let mut f = std::pin::pin!(f);
+        loop {
+            if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+                return v;
+            }
+            std::thread::park();
+        }
+    }
+
+    fn error(&self, e: &tokio_postgres::Error) -> RegistryError {
+        let message = match e.as_db_error() {
+            Some(db) => format!("{}: {}", db.code().code(), db.message()),
+            None => e.to_string(),
+        };
+        RegistryError::Storage { registry: self.describe.clone(), message }
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, RegistryError> {
+        self.pool.get().await.map_err(|e| RegistryError::Storage {
+            registry: self.describe.clone(),
+            message: format!("cannot reach the database: {e}"),
+        })
+    }
+
+    async fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, RegistryError> {
+        let c = self.client().await?;
+        c.execute(sql, params).await.map_err(|e| self.error(&e))
+    }
+
+    async fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, RegistryError> {
+        let c = self.client().await?;
+        c.query(sql, params).await.map_err(|e| self.error(&e))
+    }
+
+    async fn query_opt(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Option<Row>, RegistryError> {
+        let c = self.client().await?;
+        c.query_opt(sql, params).await.map_err(|e| self.error(&e))
+    }
+
+    fn migrate(&self) -> Result<(), RegistryError> {
+        self.run(async {
+            let mut c = self.client().await?;
+            let tx = c.transaction().await.map_err(|e| self.error(&e))?;
+            tx.batch_execute("CREATE TABLE IF NOT EXISTS ferry_schema (version BIGINT NOT NULL); LOCK TABLE ferry_schema")
+                .await
+                .map_err(|e| self.error(&e))?;
+            let row = tx.query_opt("SELECT version FROM ferry_schema", &[]).await.map_err(|e| self.error(&e))?;
+            let have = row.map_or(0, |r| r.get::<_, i64>(0));
+            let know = i64::try_from(SCHEMA.len()).unwrap_or(i64::MAX);
+            if have > know {
+                return Err(RegistryError::Open {
+                    registry: self.describe.clone(),
+                    reason: format!(
+                        "its schema is version {have}, newer than this ferry knows ({know}): upgrade ferry; the database was not changed"
+                    ),
+                });
+            }
+            for step in SCHEMA.iter().skip(usize::try_from(have).unwrap_or(0)) {
+                tx.batch_execute(step).await.map_err(|e| self.error(&e))?;
+            }
+            if have == 0 {
+                tx.execute("INSERT INTO ferry_schema (version) VALUES ($1)", &[&know]).await
+            } else {
+                tx.execute("UPDATE ferry_schema SET version = $1", &[&know]).await
+            }
+            .map_err(|e| self.error(&e))?;
+            tx.commit().await.map_err(|e| self.error(&e))
+        })
+    }
+
+    async fn event_async(&self, id: &str, host: Option<&str>, kind: &str, message: &str) -> Result<(), RegistryError> {
+        self.execute(
+            "INSERT INTO events (deployment_id, time_ms, host, kind, message) VALUES ($1, $2, $3, $4, $5)",
+            &[&id, &now_ms(), &host, &kind, &message],
+        )
+        .await
+        .map(|_| ())
+    }
+}
+
+/// A connection error's text without the URL's password.
+fn scrub(e: &tokio_postgres::Error, url: &str) -> String {
+    let text = e.to_string();
+    match url.split_once("://").and_then(|(_, r)| r.split_once('@')).and_then(|(u, _)| u.split_once(':')) {
+        Some((_, password)) if !password.is_empty() => text.replace(password, "****"),
+        _ => text,
+    }
+}
+
+/// The TLS connector for `url`'s `sslmode` (rustls; the system's roots or `sslrootcert`).
+fn tls_for(url: &str) -> Result<tokio_postgres_rustls::MakeRustlsConnect, String> {
+    let query = url.split_once('?').map(|(_, q)| q).unwrap_or_default();
+    let param = |k: &str| query.split('&').find_map(|kv| kv.strip_prefix(k).and_then(|v| v.strip_prefix('=')));
+    let file = param("sslrootcert").map_or_else(
+        || std::env::var_os("SSL_CERT_FILE").map_or_else(|| "/etc/ssl/certs/ca-certificates.crt".into(), Into::into),
+        std::path::PathBuf::from,
+    );
+    let mut roots = rustls::RootCertStore::empty();
+    if param("sslmode").is_some_and(|m| m != "disable" && m != "prefer" && m != "allow") {
+        let certs =
+            ferry_proto::identity::load_certs(&file).map_err(|e| format!("sslrootcert {}: {e}", file.display()))?;
+        roots.add_parsable_certificates(certs);
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+}
+
+fn parsed<T>(row: &Row, i: usize, parse: fn(&str) -> Option<T>) -> Result<T, RegistryError> {
+    let text: String = row.get(i);
+    parse(&text).ok_or_else(|| RegistryError::Storage {
+        registry: "postgres".into(),
+        message: format!("unknown value {text:?} in column {i}"),
+    })
+}
+
+const DEPLOYMENT_COLUMNS: &str = "d.id, d.kind, d.environment, d.version, d.release_id, d.artifact,
+    d.manifest_hash, d.strategy, d.status, d.started_ms, d.finished_ms, d.error,
+    (SELECT COALESCE(SUM(bytes_sent), 0)::BIGINT FROM hosts h WHERE h.deployment_id = d.id),
+    (SELECT COUNT(*) FROM hosts h WHERE h.deployment_id = d.id AND h.state IN ('failed', 'rolled_back', 'unreachable')),
+    d.requested_by, d.promoted_from, d.app";
+
+fn deployment_row(r: &Row) -> Result<DeploymentRow, RegistryError> {
+    Ok(DeploymentRow {
+        id: r.get(0),
+        kind: parsed(r, 1, DeploymentKind::parse)?,
+        environment: r.get(2),
+        version: r.get(3),
+        release_id: r.get(4),
+        artifact: r.get(5),
+        manifest_hash: r.get(6),
+        strategy: r.get(7),
+        status: parsed(r, 8, DeploymentStatus::parse)?,
+        started_ms: r.get(9),
+        finished_ms: r.get(10),
+        error: r.get(11),
+        bytes_sent: r.get(12),
+        hosts_failed: r.get(13),
+        requested_by: r.get(14),
+        promoted_from: r.get(15),
+        app: r.get(16),
+    })
+}
+
+fn lock_row(r: &Row) -> Lock {
+    Lock {
+        deployment_id: r.get(0),
+        owner: r.get(1),
+        hostname: r.get(2),
+        pid: u32::try_from(r.get::<_, i64>(3)).unwrap_or(0),
+        since_ms: r.get(4),
+    }
+}
+
+const VERSION_COLUMNS: &str =
+    "app, version, artifact, release_id, manifest_hash, total_bytes, files, registered_by, registered_ms, metadata";
+
+fn version_row(r: &Row) -> VersionRow {
+    let metadata: String = r.get(9);
+    VersionRow {
+        app: r.get(0),
+        version: r.get(1),
+        artifact: r.get(2),
+        release_id: r.get(3),
+        manifest_hash: r.get(4),
+        total_bytes: r.get(5),
+        files: r.get(6),
+        registered_by: r.get(7),
+        registered_ms: r.get(8),
+        metadata: serde_json::from_str(&metadata).unwrap_or_default(),
+    }
+}
+
+impl Registry for Postgres {
+    fn describe(&self) -> String {
+        self.describe.clone()
+    }
+
+    fn lock_of(&self, env: &str) -> Result<Option<Lock>, RegistryError> {
+        self.run(async {
+            let row = self
+                .query_opt(
+                    "SELECT deployment_id, owner, hostname, pid, since_ms FROM locks WHERE environment = $1",
+                    &[&env],
+                )
+                .await?;
+            Ok(row.as_ref().map(lock_row))
+        })
+    }
+
+    fn lock(&self, env: &str, deployment_id: &str, force: bool) -> Result<Option<Lock>, RegistryError> {
+        self.run(async {
+            let mut c = self.client().await?;
+            let tx = c.transaction().await.map_err(|e| self.error(&e))?;
+            // One taker at a time, also when no row exists yet.
+            tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&env]).await.map_err(|e| self.error(&e))?;
+            let held = tx
+                .query_opt("SELECT deployment_id, owner, hostname, pid, since_ms FROM locks WHERE environment = $1", &[&env])
+                .await
+                .map_err(|e| self.error(&e))?
+                .as_ref()
+                .map(lock_row);
+            let broken = match held {
+                Some(l) if l.mine() && l.deployment_id == deployment_id => None,
+                Some(l) if l.deployment_id == deployment_id && l.stale() => None,
+                Some(l) if force => Some(l),
+                Some(lock) => return Err(RegistryError::Locked { env: env.to_string(), lock: Box::new(lock) }),
+                None => None,
+            };
+            let owner =
+                std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| "unknown".into());
+            let pid = i64::from(std::process::id());
+            tx.execute(
+                "INSERT INTO locks (environment, deployment_id, owner, hostname, pid, since_ms) VALUES ($1, $2, $3, $4, $5, $6)
+                 ON CONFLICT (environment) DO UPDATE SET deployment_id = $2, owner = $3, hostname = $4, pid = $5, since_ms = $6",
+                &[&env, &deployment_id, &owner, &this_hostname(), &pid, &now_ms()],
+            )
+            .await
+            .map_err(|e| self.error(&e))?;
+            tx.commit().await.map_err(|e| self.error(&e))?;
+            Ok(broken)
+        })
+    }
+
+    fn unlock(&self, env: &str, deployment_id: &str) -> Result<(), RegistryError> {
+        self.run(async {
+            self.execute("DELETE FROM locks WHERE environment = $1 AND deployment_id = $2", &[&env, &deployment_id])
+                .await
+                .map(|_| ())
+        })
+    }
+
+    fn create(&self, d: &NewDeployment<'_>) -> Result<(), RegistryError> {
+        self.run(async {
+            let mut c = self.client().await?;
+            let tx = c.transaction().await.map_err(|e| self.error(&e))?;
+            let now = now_ms();
+            tx.execute(
+                "INSERT INTO deployments (id, kind, environment, version, release_id, artifact, manifest_hash, strategy, status, started_ms, app)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'pending', $9, $10)",
+                &[&d.id, &d.kind.as_str(), &d.environment, &d.version, &d.release_id, &d.artifact, &d.manifest_hash, &d.strategy, &now, &d.app],
+            )
+            .await
+            .map_err(|e| self.error(&e))?;
+            for (host, batch) in d.hosts {
+                let batch = i64::try_from(*batch).unwrap_or(i64::MAX);
+                tx.execute(
+                    "INSERT INTO hosts (deployment_id, host, batch, state) VALUES ($1, $2, $3, 'pending')",
+                    &[&d.id, host, &batch],
+                )
+                .await
+                .map_err(|e| self.error(&e))?;
+            }
+            let message = format!("{} of {} to {} ({} hosts)", d.kind, d.version, d.environment, d.hosts.len());
+            tx.execute(
+                "INSERT INTO events (deployment_id, time_ms, host, kind, message) VALUES ($1, $2, NULL, 'created', $3)",
+                &[&d.id, &now, &message],
+            )
+            .await
+            .map_err(|e| self.error(&e))?;
+            tx.commit().await.map_err(|e| self.error(&e))
+        })
+    }
+
+    fn set_status(&self, id: &str, status: DeploymentStatus, error: Option<&str>) -> Result<(), RegistryError> {
+        self.run(async {
+            let finished = status.is_finished().then(now_ms);
+            let text = status.as_str();
+            self.execute(
+                "UPDATE deployments SET status = $2, error = COALESCE($3, error), finished_ms = $4 WHERE id = $1",
+                &[&id, &text, &error, &finished],
+            )
+            .await?;
+            self.event_async(id, None, text, error.unwrap_or("")).await
+        })
+    }
+
+    fn set_host(&self, id: &str, host: &str, to: HostState, update: &HostUpdate<'_>) -> Result<(), RegistryError> {
+        self.run(async {
+            let row = self
+                .query_opt("SELECT state FROM hosts WHERE deployment_id = $1 AND host = $2", &[&id, &host])
+                .await?
+                .ok_or_else(|| RegistryError::Storage {
+                    registry: self.describe.clone(),
+                    message: format!("deployment {id} has no host {host}"),
+                })?;
+            let from: String = row.get(0);
+            if !HostState::parse(&from).is_some_and(|f| legal(f, to)) {
+                return Err(RegistryError::Illegal { deployment: id.into(), host: host.into(), from, to });
+            }
+            let now = now_ms();
+            let starts = to == HostState::Staging;
+            let ends = to.is_terminal() || to == HostState::Staged;
+            let bytes = i64::try_from(update.bytes).unwrap_or(i64::MAX);
+            let activate_ms = update.activate_ms.and_then(|ms| i64::try_from(ms).ok());
+            self.execute(
+                "UPDATE hosts SET state = $3,
+                   previous_release = COALESCE($4, previous_release),
+                   bytes_sent = bytes_sent + $5,
+                   error = COALESCE($6, error),
+                   started_ms = CASE WHEN $7 OR started_ms IS NULL THEN $9 ELSE started_ms END,
+                   finished_ms = CASE WHEN $8 THEN $9 ELSE finished_ms END,
+                   activate_ms = COALESCE($10, activate_ms),
+                   release = COALESCE($11, release)
+                 WHERE deployment_id = $1 AND host = $2",
+                &[
+                    &id,
+                    &host,
+                    &to.as_str(),
+                    &update.previous_release,
+                    &bytes,
+                    &update.error,
+                    &starts,
+                    &ends,
+                    &now,
+                    &activate_ms,
+                    &update.release,
+                ],
+            )
+            .await?;
+            self.event_async(id, Some(host), to.as_str(), update.error.unwrap_or("")).await
+        })
+    }
+
+    fn event(&self, id: &str, host: Option<&str>, kind: &str, message: &str) -> Result<(), RegistryError> {
+        self.run(self.event_async(id, host, kind, message))
+    }
+
+    fn deployment(&self, id: &str) -> Result<Option<DeploymentRow>, RegistryError> {
+        self.run(async {
+            let q = format!("SELECT {DEPLOYMENT_COLUMNS} FROM deployments d WHERE d.id = $1");
+            self.query_opt(&q, &[&id]).await?.as_ref().map(deployment_row).transpose()
+        })
+    }
+
+    fn hosts(&self, id: &str) -> Result<Vec<HostRow>, RegistryError> {
+        self.run(async {
+            let rows = self
+                .query(
+                    "SELECT host, batch, state, previous_release, started_ms, finished_ms, bytes_sent, error, activate_ms, release
+                     FROM hosts WHERE deployment_id = $1 ORDER BY seq",
+                    &[&id],
+                )
+                .await?;
+            rows.iter()
+                .map(|r| {
+                    Ok(HostRow {
+                        host: r.get(0),
+                        batch: r.get(1),
+                        state: parsed(r, 2, HostState::parse)?,
+                        previous_release: r.get(3),
+                        started_ms: r.get(4),
+                        finished_ms: r.get(5),
+                        bytes_sent: r.get(6),
+                        error: r.get(7),
+                        activate_ms: r.get(8),
+                        release: r.get(9),
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn activated_hosts(&self, id: &str) -> Result<HashSet<String>, RegistryError> {
+        self.run(async {
+            let rows = self
+                .query(
+                    "SELECT DISTINCT host FROM events WHERE deployment_id = $1 AND kind = 'activating' AND host IS NOT NULL",
+                    &[&id],
+                )
+                .await?;
+            Ok(rows.iter().map(|r| r.get(0)).collect())
+        })
+    }
+
+    fn history(&self, env: Option<&str>, app: Option<&str>, limit: usize) -> Result<Vec<DeploymentRow>, RegistryError> {
+        self.run(async {
+            let q = format!(
+                "SELECT {DEPLOYMENT_COLUMNS} FROM deployments d WHERE ($1::TEXT IS NULL OR d.environment = $1)
+                 AND ($2::TEXT IS NULL OR d.app = $2) ORDER BY d.started_ms DESC, d.seq DESC LIMIT $3"
+            );
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            self.query(&q, &[&env, &app, &limit]).await?.iter().map(deployment_row).collect()
+        })
+    }
+
+    fn report(&self, env: Option<&str>) -> Result<Vec<EnvReport>, RegistryError> {
+        let finished = self.history(env, None, usize::MAX >> 1)?;
+        let rolled_back: HashSet<String> = self.run(async {
+            let rows = self.query("SELECT DISTINCT deployment_id FROM hosts WHERE state = 'rolled_back'", &[]).await?;
+            Ok(rows.iter().map(|r| r.get(0)).collect())
+        })?;
+        super::build_report(finished, &rolled_back, |e, app| {
+            self.run(async {
+                let rows = self.query(super::SLOWEST_HOSTS, &[&e, &app]).await?;
+                Ok(rows
+                    .iter()
+                    .map(|r| SlowHost {
+                        host: r.get(0),
+                        mean_ms: u64::try_from(r.get::<_, f64>(1).max(0.0).round() as i64).unwrap_or(0),
+                    })
+                    .collect())
+            })
+        })
+    }
+
+    fn latest_deployment(&self, env: &str, app: Option<&str>) -> Result<Option<String>, RegistryError> {
+        self.run(async {
+            let row = self
+                .query_opt(
+                    "SELECT id FROM deployments WHERE environment = $1 AND ($2::TEXT IS NULL OR app = $2)
+                     ORDER BY started_ms DESC, seq DESC LIMIT 1",
+                    &[&env, &app],
+                )
+                .await?;
+            Ok(row.map(|r| r.get(0)))
+        })
+    }
+
+    fn events_since(&self, id: &str, after: i64) -> Result<Vec<EventRow>, RegistryError> {
+        self.run(async {
+            let rows = self
+                .query(
+                    "SELECT id, time_ms, host, kind, message FROM events WHERE deployment_id = $1 AND id > $2 ORDER BY id",
+                    &[&id, &after],
+                )
+                .await?;
+            Ok(rows
+                .iter()
+                .map(|r| EventRow { seq: r.get(0), time_ms: r.get(1), host: r.get(2), kind: r.get(3), message: r.get(4) })
+                .collect())
+        })
+    }
+
+    fn live_group(&self, env: &str) -> Result<Option<(String, String)>, RegistryError> {
+        self.run(async {
+            let row =
+                self.query_opt("SELECT grp, deployment_id FROM live_groups WHERE environment = $1", &[&env]).await?;
+            Ok(row.map(|r| (r.get(0), r.get(1))))
+        })
+    }
+
+    fn set_live_group(&self, env: &str, group: &str, deployment_id: &str) -> Result<(), RegistryError> {
+        self.run(async {
+            self.execute(
+                "INSERT INTO live_groups (environment, grp, deployment_id, since_ms) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (environment) DO UPDATE SET grp = $2, deployment_id = $3, since_ms = $4",
+                &[&env, &group, &deployment_id, &now_ms()],
+            )
+            .await?;
+            self.event_async(deployment_id, None, "live", group).await
+        })
+    }
+
+    fn register_version(&self, v: &VersionRow) -> Result<Option<VersionRow>, RegistryError> {
+        if let Some(existing) = self.version(&v.app, &v.version)? {
+            return Ok(Some(existing));
+        }
+        self.run(async {
+            let metadata = serde_json::Value::Object(v.metadata.clone()).to_string();
+            let inserted = self
+                .execute(
+                    &format!(
+                        "INSERT INTO versions ({VERSION_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                         ON CONFLICT (app, version) DO NOTHING"
+                    ),
+                    &[
+                        &v.app,
+                        &v.version,
+                        &v.artifact,
+                        &v.release_id,
+                        &v.manifest_hash,
+                        &v.total_bytes,
+                        &v.files,
+                        &v.registered_by,
+                        &v.registered_ms,
+                        &metadata,
+                    ],
+                )
+                .await?;
+            Ok(inserted)
+        })
+        .and_then(|inserted| if inserted == 0 { self.version(&v.app, &v.version) } else { Ok(None) })
+    }
+
+    fn version(&self, app: &str, version: &str) -> Result<Option<VersionRow>, RegistryError> {
+        self.run(async {
+            let q = format!("SELECT {VERSION_COLUMNS} FROM versions WHERE app = $1 AND version = $2");
+            Ok(self.query_opt(&q, &[&app, &version]).await?.as_ref().map(version_row))
+        })
+    }
+
+    fn versions(&self, app: Option<&str>, limit: usize) -> Result<Vec<VersionRow>, RegistryError> {
+        self.run(async {
+            let q = format!(
+                "SELECT {VERSION_COLUMNS} FROM versions WHERE $1::TEXT IS NULL OR app = $1 ORDER BY registered_ms DESC, seq DESC LIMIT $2"
+            );
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            Ok(self.query(&q, &[&app, &limit]).await?.iter().map(version_row).collect())
+        })
+    }
+
+    fn claim_versions(&self, app: &str) -> Result<usize, RegistryError> {
+        self.run(async {
+            let n = self
+                .execute(
+                    "UPDATE versions SET app = $1 WHERE app = '' AND version NOT IN (SELECT version FROM versions WHERE app = $1)",
+                    &[&app],
+                )
+                .await?;
+            Ok(usize::try_from(n).unwrap_or(usize::MAX))
+        })
+    }
+
+    fn set_requested_by(&self, id: &str, by: &str, promoted_from: Option<&str>) -> Result<(), RegistryError> {
+        self.run(async {
+            self.execute(
+                "UPDATE deployments SET requested_by = COALESCE(requested_by, $2), promoted_from = COALESCE($3, promoted_from) WHERE id = $1",
+                &[&id, &by, &promoted_from],
+            )
+            .await
+            .map(|_| ())
+        })
+    }
+
+    fn record_smoke(&self, run: &SmokeRun) -> Result<i64, RegistryError> {
+        self.run(async {
+            let row = self
+                .query_opt(
+                    "INSERT INTO smoke_runs (deployment_id, run_by, started_ms, finished_ms, passed, results, env_checks)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+                    &[
+                        &run.deployment_id,
+                        &run.run_by,
+                        &run.started_ms,
+                        &run.finished_ms,
+                        &run.passed,
+                        &run.results.to_string(),
+                        &run.env_checks,
+                    ],
+                )
+                .await?;
+            let seq: i64 = row.map_or(0, |r| r.get(0));
+            let verdict = if run.passed { "passed" } else { "failed" };
+            let message = format!("smoke tests {verdict} (run {seq} by {})", run.run_by);
+            self.event_async(&run.deployment_id, None, "smoke", &message).await?;
+            Ok(seq)
+        })
+    }
+
+    fn smoke_runs(&self, deployment_id: &str) -> Result<Vec<SmokeRun>, RegistryError> {
+        self.run(async {
+            let rows = self
+                .query(
+                    "SELECT id, deployment_id, run_by, started_ms, finished_ms, passed, results, env_checks FROM smoke_runs
+                     WHERE deployment_id = $1 ORDER BY id",
+                    &[&deployment_id],
+                )
+                .await?;
+            Ok(rows
+                .iter()
+                .map(|r| {
+                    let results: String = r.get(6);
+                    SmokeRun {
+                        id: r.get(0),
+                        deployment_id: r.get(1),
+                        run_by: r.get(2),
+                        started_ms: r.get(3),
+                        finished_ms: r.get(4),
+                        passed: r.get(5),
+                        results: serde_json::from_str(&results).unwrap_or(serde_json::Value::Null),
+                        env_checks: r.get(7),
+                    }
+                })
+                .collect())
+        })
+    }
+
+    fn approve(&self, deployment_id: &str, environment: &str, by: &str) -> Result<(), RegistryError> {
+        self.run(async {
+            self.execute(
+                "INSERT INTO approvals (deployment_id, environment, approved_by, time_ms) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT DO NOTHING",
+                &[&deployment_id, &environment, &by, &now_ms()],
+            )
+            .await?;
+            let message = format!("promotion to {environment} approved by {by}");
+            self.event_async(deployment_id, None, "approved", &message).await
+        })
+    }
+
+    fn use_approval(
+        &self,
+        deployment_id: &str,
+        environment: &str,
+        by: &str,
+        promotion: &str,
+    ) -> Result<(), RegistryError> {
+        self.run(async {
+            self.execute(
+                "UPDATE approvals SET used_by = $4
+                 WHERE deployment_id = $1 AND environment = $2 AND approved_by = $3 AND used_by IS NULL",
+                &[&deployment_id, &environment, &by, &promotion],
+            )
+            .await?;
+            let message = format!("{by}'s approval used by {promotion}");
+            self.event_async(deployment_id, None, "approval_used", &message).await
+        })
+    }
+
+    fn approvals(&self, deployment_id: &str) -> Result<Vec<Approval>, RegistryError> {
+        self.run(async {
+            let rows = self
+                .query(
+                    "SELECT deployment_id, environment, approved_by, time_ms, used_by FROM approvals WHERE deployment_id = $1 ORDER BY time_ms",
+                    &[&deployment_id],
+                )
+                .await?;
+            Ok(rows
+                .iter()
+                .map(|r| Approval {
+                    deployment_id: r.get(0),
+                    environment: r.get(1),
+                    approved_by: r.get(2),
+                    time_ms: r.get(3),
+                    used_by: r.get(4),
+                })
+                .collect())
+        })
+    }
+
+    fn record_measurement(&self, m: &Measurement) -> Result<(), RegistryError> {
+        self.run(async {
+            self.execute(
+                "INSERT INTO measurements (deployment_id, batch, gate, at_ms, outcome, value, baseline, detail)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                &[
+                    &m.deployment_id,
+                    &i64::from(m.batch),
+                    &m.gate,
+                    &m.at_ms,
+                    &m.outcome.as_str(),
+                    &m.value,
+                    &m.baseline,
+                    &m.detail,
+                ],
+            )
+            .await
+            .map(|_| ())
+        })
+    }
+
+    fn measurements(&self, deployment_id: &str) -> Result<Vec<Measurement>, RegistryError> {
+        self.run(async {
+            let rows = self
+                .query(
+                    "SELECT deployment_id, batch, gate, at_ms, outcome, value, baseline, detail FROM measurements
+                     WHERE deployment_id = $1 ORDER BY id",
+                    &[&deployment_id],
+                )
+                .await?;
+            Ok(rows
+                .iter()
+                .map(|r| {
+                    let outcome: String = r.get(4);
+                    Measurement {
+                        deployment_id: r.get(0),
+                        batch: u32::try_from(r.get::<_, i64>(1)).unwrap_or(0),
+                        gate: r.get(2),
+                        at_ms: r.get(3),
+                        outcome: crate::gate::Outcome::parse(&outcome).unwrap_or(crate::gate::Outcome::Inconclusive),
+                        value: r.get(5),
+                        baseline: r.get(6),
+                        detail: r.get(7),
+                    }
+                })
+                .collect())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::suite;
+    use crate::registry::testpg::TestPg;
+
+    fn open(pg: &TestPg) -> Postgres {
+        Postgres::open(&pg.database("ferry")).expect("open")
+    }
+
+    /// The registry's whole suite on a real PostgreSQL server, one database per part.
+    #[test]
+    fn the_registry_suite_passes_on_postgres() {
+        let Some(pg) = TestPg::start() else { return };
+        suite::transitions_are_recorded_with_timings_and_bytes(
+            &Postgres::open(&pg.database("transitions")).expect("open"),
+        );
+        suite::one_rollout_per_environment(&Postgres::open(&pg.database("locks")).expect("open"));
+        let reg = Postgres::open(&pg.database("stale")).expect("open");
+        let set_pid = |pid: u32| pg.psql("stale", &format!("UPDATE locks SET pid = {pid}"));
+        suite::a_dead_holder_is_stale_and_only_its_deployment_takes_over(&reg, &set_pid);
+        suite::report_rates_and_percentiles(&Postgres::open(&pg.database("report")).expect("open"));
+        suite::pipeline_records_round_trip(&open(&pg));
+    }
+
+    /// Called from async code (the engine and `ferry serve` are), and reopened: the schema is
+    /// migrated once and kept.
+    #[tokio::test]
+    async fn it_works_from_async_code_and_keeps_its_schema() {
+        let Some(pg) = TestPg::start() else { return };
+        let url = pg.database("ferry");
+        let reg = Postgres::open(&url).expect("open");
+        reg.lock("prod", "d-1", false).expect("lock");
+        drop(reg);
+        let reg = Postgres::open(&url).expect("reopen");
+        assert_eq!(reg.lock_of("prod").expect("lock").map(|l| l.deployment_id), Some("d-1".into()));
+        assert_eq!(reg.describe(), format!("postgres://ferry@127.0.0.1:{}/ferry", pg.port));
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused_and_left_alone() {
+        let Some(pg) = TestPg::start() else { return };
+        let url = pg.database("ferry");
+        drop(Postgres::open(&url).expect("open"));
+        pg.psql("ferry", "UPDATE ferry_schema SET version = 99");
+        let e = Postgres::open(&url).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("schema is version 99, newer than this ferry knows") && e.contains("not changed"), "{e}");
+    }
+
+    #[test]
+    fn an_unreachable_database_is_named_without_its_password() {
+        // Nothing listens on port 1.
+        let e = Postgres::open("postgres://ferry:hunter2@127.0.0.1:1/fleet")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("postgres://ferry@127.0.0.1:1/fleet") && e.contains("cannot reach the database"), "{e}");
+        assert!(!e.contains("hunter2"), "{e}");
+    }
+
+    #[test]
+    fn urls_are_described_without_their_password() {
+        assert_eq!(
+            redact("postgres://ferry:s3cret@db.internal:5432/ferry?sslmode=verify-full"),
+            "postgres://ferry@db.internal:5432/ferry"
+        );
+        assert_eq!(redact("postgresql://db/ferry"), "postgresql://db/ferry");
+        assert_eq!(redact("postgres://u@h/d"), "postgres://u@h/d");
+    }
+}
