@@ -42,8 +42,7 @@ pub enum RegistryError {
     Poisoned,
     #[error(
         "environment {env} is locked by deployment {} ({} on {}, pid {}, since {}){}; run `ferry resume` to continue it, `ferry rollback` to unwind it, or pass --force-unlock if it is gone",
-        lock.deployment_id, lock.owner, lock.hostname, lock.pid, when(lock.since_ms),
-        if lock.stale() { ": that process is gone" } else { "" }
+        lock.deployment_id, lock.owner, lock.hostname, lock.pid, when(lock.since_ms), lock.lease_note()
     )]
     Locked { env: String, lock: Box<Lock> },
     #[error(
@@ -65,6 +64,8 @@ pub trait Registry: Send + Sync {
     fn lock(&self, env: &str, deployment_id: &str, force: bool) -> Result<Option<Lock>, RegistryError>;
     /// Releases the environment if `deployment_id` holds it.
     fn unlock(&self, env: &str, deployment_id: &str) -> Result<(), RegistryError>;
+    /// Renews `deployment_id`'s lock of `env` (a no-op if it holds none).
+    fn renew_lock(&self, env: &str, deployment_id: &str) -> Result<(), RegistryError>;
 
     /// Records a new deployment (`pending`) and its hosts (`pending`), at once.
     fn create(&self, d: &NewDeployment<'_>) -> Result<(), RegistryError>;
@@ -231,12 +232,38 @@ pub struct Lock {
     pub hostname: String,
     pub pid: u32,
     pub since_ms: i64,
+    /// When its holder last renewed it (every [`LOCK_RENEW`] while the deployment runs).
+    pub renewed_ms: i64,
 }
 
+/// How long a lock holds without renewal before a holder on another machine counts as gone.
+pub const LOCK_LEASE: std::time::Duration = std::time::Duration::from_secs(60);
+/// How often a running deployment renews its environment's lock.
+pub const LOCK_RENEW: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl Lock {
-    /// The holder ran on this machine and its process is gone.
+    /// Its holder is gone: on this machine, its process has exited; on another, it has not
+    /// renewed the lock for [`LOCK_LEASE`] (it died, or lost the registry).
     pub fn stale(&self) -> bool {
-        self.hostname == this_hostname() && process_gone(self.pid)
+        if self.hostname == this_hostname() {
+            process_gone(self.pid)
+        } else {
+            now_ms() - self.renewed_ms > i64::try_from(LOCK_LEASE.as_millis()).unwrap_or(i64::MAX)
+        }
+    }
+
+    /// Why the holder counts as gone, or how long until it would ("" on this machine, alive).
+    pub fn lease_note(&self) -> String {
+        let ago = (now_ms() - self.renewed_ms).max(0) / 1000;
+        let lease = LOCK_LEASE.as_secs();
+        match (self.hostname == this_hostname(), self.stale()) {
+            (true, true) => ": that process is gone".into(),
+            (true, false) => String::new(),
+            (false, true) => format!(": its holder has not renewed it for {ago} s (the lease is {lease} s)"),
+            (false, false) => format!(
+                "; renewed {ago} s ago: if that coordinator died, `ferry resume` takes over once {lease} s pass without a renewal"
+            ),
+        }
     }
 
     /// The holder is this process.
@@ -435,8 +462,14 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "the child never became a zombie");
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
-        let lock =
-            Lock { deployment_id: "d-1".into(), owner: "ci".into(), hostname: this_hostname(), pid, since_ms: 0 };
+        let lock = Lock {
+            deployment_id: "d-1".into(),
+            owner: "ci".into(),
+            hostname: this_hostname(),
+            pid,
+            since_ms: 0,
+            renewed_ms: 0,
+        };
         assert!(lock.stale(), "a zombie's lock is stale");
         let me = Lock { pid: std::process::id(), ..lock.clone() };
         assert!(!me.stale() && me.mine());

@@ -25,8 +25,10 @@ use super::{
 };
 use crate::state::{DeploymentKind, DeploymentStatus, HostState, legal};
 
-/// The schema, one step per version (the first is SQLite's migrations 1-8 at once).
-const SCHEMA: &[&str] = &["CREATE TABLE deployments (
+/// The schema, one step per version (the first is SQLite's migrations 1-8 at once, the second
+/// its 9th).
+const SCHEMA: &[&str] = &[
+    "CREATE TABLE deployments (
         id TEXT PRIMARY KEY,
         seq BIGSERIAL,
         kind TEXT NOT NULL,
@@ -127,7 +129,10 @@ const SCHEMA: &[&str] = &["CREATE TABLE deployments (
         baseline DOUBLE PRECISION,
         detail TEXT NOT NULL
     );
-    CREATE INDEX measurements_by_deployment ON measurements (deployment_id, id);"];
+    CREATE INDEX measurements_by_deployment ON measurements (deployment_id, id);",
+    // Environment locks are leases: renewed while their deployment runs.
+    "ALTER TABLE locks ADD COLUMN renewed_ms BIGINT;",
+];
 
 /// The PostgreSQL registry.
 pub struct Postgres {
@@ -355,6 +360,7 @@ fn lock_row(r: &Row) -> Lock {
         hostname: r.get(2),
         pid: u32::try_from(r.get::<_, i64>(3)).unwrap_or(0),
         since_ms: r.get(4),
+        renewed_ms: r.get::<_, Option<i64>>(5).unwrap_or_else(|| r.get(4)),
     }
 }
 
@@ -386,7 +392,7 @@ impl Registry for Postgres {
         self.run(async {
             let row = self
                 .query_opt(
-                    "SELECT deployment_id, owner, hostname, pid, since_ms FROM locks WHERE environment = $1",
+                    "SELECT deployment_id, owner, hostname, pid, since_ms, renewed_ms FROM locks WHERE environment = $1",
                     &[&env],
                 )
                 .await?;
@@ -401,7 +407,7 @@ impl Registry for Postgres {
             // One taker at a time, also when no row exists yet.
             tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&env]).await.map_err(|e| self.error(&e))?;
             let held = tx
-                .query_opt("SELECT deployment_id, owner, hostname, pid, since_ms FROM locks WHERE environment = $1", &[&env])
+                .query_opt("SELECT deployment_id, owner, hostname, pid, since_ms, renewed_ms FROM locks WHERE environment = $1", &[&env])
                 .await
                 .map_err(|e| self.error(&e))?
                 .as_ref()
@@ -417,8 +423,8 @@ impl Registry for Postgres {
                 std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| "unknown".into());
             let pid = i64::from(std::process::id());
             tx.execute(
-                "INSERT INTO locks (environment, deployment_id, owner, hostname, pid, since_ms) VALUES ($1, $2, $3, $4, $5, $6)
-                 ON CONFLICT (environment) DO UPDATE SET deployment_id = $2, owner = $3, hostname = $4, pid = $5, since_ms = $6",
+                "INSERT INTO locks (environment, deployment_id, owner, hostname, pid, since_ms, renewed_ms) VALUES ($1, $2, $3, $4, $5, $6, $6)
+                 ON CONFLICT (environment) DO UPDATE SET deployment_id = $2, owner = $3, hostname = $4, pid = $5, since_ms = $6, renewed_ms = $6",
                 &[&env, &deployment_id, &owner, &this_hostname(), &pid, &now_ms()],
             )
             .await
@@ -433,6 +439,17 @@ impl Registry for Postgres {
             self.execute("DELETE FROM locks WHERE environment = $1 AND deployment_id = $2", &[&env, &deployment_id])
                 .await
                 .map(|_| ())
+        })
+    }
+
+    fn renew_lock(&self, env: &str, deployment_id: &str) -> Result<(), RegistryError> {
+        self.run(async {
+            self.execute(
+                "UPDATE locks SET renewed_ms = $3 WHERE environment = $1 AND deployment_id = $2",
+                &[&env, &deployment_id, &now_ms()],
+            )
+            .await
+            .map(|_| ())
         })
     }
 
@@ -907,6 +924,8 @@ mod tests {
         let set_pid = |pid: u32| pg.psql("stale", &format!("UPDATE locks SET pid = {pid}"));
         suite::a_dead_holder_is_stale_and_only_its_deployment_takes_over(&reg, &set_pid);
         suite::report_rates_and_percentiles(&Postgres::open(&pg.database("report")).expect("open"));
+        let reg = Postgres::open(&pg.database("lease")).expect("open");
+        suite::a_holder_elsewhere_is_stale_once_its_lease_lapses(&reg, &|sql| pg.psql("lease", sql));
         suite::pipeline_records_round_trip(&open(&pg));
     }
 

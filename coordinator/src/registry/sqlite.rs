@@ -142,6 +142,8 @@ fn migrations() -> Migrations<'static> {
         DROP TABLE versions;
         ALTER TABLE versions_by_app RENAME TO versions;",
         ),
+        // Environment locks are leases: renewed while their deployment runs.
+        M::up("ALTER TABLE locks ADD COLUMN renewed_ms INTEGER;"),
         // Metric gates: every measurement of a deployment.
         M::up(
             "CREATE TABLE measurements (
@@ -226,6 +228,16 @@ impl Registry for Sqlite {
     }
     fn unlock(&self, env: &str, deployment_id: &str) -> Result<(), RegistryError> {
         self.db()?.unlock(env, deployment_id)
+    }
+    fn renew_lock(&self, env: &str, deployment_id: &str) -> Result<(), RegistryError> {
+        let db = self.db()?;
+        db.conn
+            .execute(
+                "UPDATE locks SET renewed_ms = ?3 WHERE environment = ?1 AND deployment_id = ?2",
+                params![env, deployment_id, now_ms()],
+            )
+            .map_err(db.sql())?;
+        Ok(())
     }
     fn create(&self, d: &NewDeployment<'_>) -> Result<(), RegistryError> {
         self.db()?.create(d)
@@ -337,8 +349,8 @@ impl Db {
         };
         let owner = std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| "unknown".into());
         tx.execute(
-            "INSERT OR REPLACE INTO locks (environment, deployment_id, owner, hostname, pid, since_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT OR REPLACE INTO locks (environment, deployment_id, owner, hostname, pid, since_ms, renewed_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
             params![env, deployment_id, owner, this_hostname(), std::process::id(), now_ms()],
         )
         .map_err(&sql)?;
@@ -602,7 +614,7 @@ fn parsed<T>(r: &rusqlite::Row<'_>, i: usize, parse: fn(&str) -> Option<T>) -> r
 
 fn read_lock(conn: &Connection, env: &str) -> rusqlite::Result<Option<Lock>> {
     conn.query_row(
-        "SELECT deployment_id, owner, hostname, pid, since_ms FROM locks WHERE environment = ?1",
+        "SELECT deployment_id, owner, hostname, pid, since_ms, COALESCE(renewed_ms, since_ms) FROM locks WHERE environment = ?1",
         [env],
         |r| {
             Ok(Lock {
@@ -611,6 +623,7 @@ fn read_lock(conn: &Connection, env: &str) -> rusqlite::Result<Option<Lock>> {
                 hostname: r.get(2)?,
                 pid: r.get(3)?,
                 since_ms: r.get(4)?,
+                renewed_ms: r.get(5)?,
             })
         },
     )
@@ -678,6 +691,15 @@ mod tests {
             reg.db().expect("db").conn.execute("UPDATE locks SET pid = ?1", [pid]).expect("fake pid");
         };
         suite::a_dead_holder_is_stale_and_only_its_deployment_takes_over(&reg, &set_pid);
+    }
+
+    #[test]
+    fn a_holder_elsewhere_is_stale_once_its_lease_lapses() {
+        let (_d, reg) = open();
+        let exec = |sql: &str| {
+            reg.db().expect("db").conn.execute(sql, []).expect("sql");
+        };
+        suite::a_holder_elsewhere_is_stale_once_its_lease_lapses(&reg, &exec);
     }
 
     #[test]

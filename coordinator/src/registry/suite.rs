@@ -193,3 +193,27 @@ pub fn pipeline_records_round_trip(reg: &dyn Registry) {
     assert_eq!(reg.latest_deployment("prod", Some("web")).expect("latest"), Some("d-1".into()));
     assert_eq!(reg.latest_deployment("prod", Some("worker")).expect("latest"), None);
 }
+
+/// A lock held from another machine: alive while renewed; once its lease lapses, only its own
+/// deployment takes it over (`ferry resume`), without --force-unlock. `exec` runs SQL on the
+/// backend (the same text works on both).
+pub fn a_holder_elsewhere_is_stale_once_its_lease_lapses(reg: &dyn Registry, exec: &dyn Fn(&str)) {
+    reg.lock("prod", "d-1", false).expect("lock");
+    exec(&format!("UPDATE locks SET hostname = 'elsewhere', pid = 1, renewed_ms = {}", now_ms()));
+    let lock = reg.lock_of("prod").expect("q").expect("held");
+    assert!(!lock.stale() && !lock.mine(), "renewed just now");
+    let e = reg.lock("prod", "d-1", false).expect_err("its holder is alive elsewhere").to_string();
+    assert!(e.contains("renewed 0 s ago") && e.contains("once 60 s pass without a renewal"), "{e}");
+    exec("UPDATE locks SET renewed_ms = 0");
+    let lock = reg.lock_of("prod").expect("q").expect("held");
+    assert!(lock.stale());
+    let e = reg.lock("prod", "d-9", false).expect_err("another deployment").to_string();
+    assert!(e.contains("has not renewed it for"), "{e}");
+    reg.lock("prod", "d-1", false).expect("its own deployment takes over");
+    let lock = reg.lock_of("prod").expect("q").expect("held");
+    assert!(lock.mine() && now_ms() - lock.renewed_ms < 60_000);
+    exec("UPDATE locks SET renewed_ms = 0");
+    reg.renew_lock("prod", "d-1").expect("renew");
+    assert!(now_ms() - reg.lock_of("prod").expect("q").expect("held").renewed_ms < 60_000);
+    reg.renew_lock("prod", "d-other").expect("not the holder: no-op");
+}

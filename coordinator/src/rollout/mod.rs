@@ -66,7 +66,7 @@ pub enum Error {
     #[error("deployment {id} is {status}, not paused at a canary step{hint}")]
     NotPaused { id: String, status: DeploymentStatus, hint: &'static str },
     #[error(
-        "deployment {id} is still running ({} on {}, pid {}); {next}", lock.owner, lock.hostname, lock.pid
+        "deployment {id} is still running ({} on {}, pid {}{}); {next}", lock.owner, lock.hostname, lock.pid, lock.lease_note()
     )]
     StillRunning { id: String, lock: Box<Lock>, next: &'static str },
     #[error("deployment {id} includes hosts no longer in environment {env}: {}", hosts.join(", "))]

@@ -122,13 +122,29 @@ impl Engine<'_> {
         )
     }
 
-    /// Drives deployment `d` from whatever state it is in to its end (or a pause).
+    /// Drives deployment `d` from whatever state it is in to its end (or a pause), renewing the
+    /// environment's lock all along (so a coordinator elsewhere sees this one is alive).
     pub(super) async fn drive(
         &self,
         d: &DeploymentRow,
         plan: &Stored,
         work: &Work,
     ) -> Result<super::DeployReport, Error> {
+        let renew = async {
+            loop {
+                tokio::time::sleep(crate::registry::LOCK_RENEW).await;
+                if let Err(e) = self.registry.renew_lock(self.env, &d.id) {
+                    tracing::warn!("cannot renew the lock of {}: {e}", self.env);
+                }
+            }
+        };
+        tokio::select! {
+            r = self.drive_held(d, plan, work) => r,
+            () = renew => unreachable!("the renewal never ends"),
+        }
+    }
+
+    async fn drive_held(&self, d: &DeploymentRow, plan: &Stored, work: &Work) -> Result<super::DeployReport, Error> {
         let id = d.id.as_str();
         let rows = self.registry.hosts(id)?;
         let inventory = self.inventory_of(id, &rows)?;

@@ -291,6 +291,21 @@ async fn a_host_stuck_past_its_time_limit_fails_and_the_failure_policy_takes_ove
     assert!(error.contains("rollback did not finish within 10m"), "{error}");
 }
 
+/// A deployment renews its lock while it runs, also through a step that takes long.
+#[tokio::test(start_paused = true)]
+async fn a_running_deployment_renews_its_lock() {
+    let w = World::new(2, "batch = 1\nprogress_deadline = \"10m\"");
+    w.fleet.script(&name(1), Script { activate: Behave::Hang, ..Default::default() });
+    let counted = Dies { inner: w.registry.as_ref(), left: Mutex::new(usize::MAX), renewals: Default::default() };
+    let engine = Engine { registry: &counted, ..w.engine(&quiet) };
+    let a = artifact(&w.dir, "v2");
+    let id = engine.create(&a, "2", true).expect("recorded");
+    let r = engine.run(&id, a).await.expect("runs");
+    assert_eq!(r.status, DeploymentStatus::Failed, "web-0002 hung for its 10 minutes");
+    let renewals = counted.renewals.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(renewals >= 59, "one renewal every 10 s over 10 minutes, got {renewals}");
+}
+
 #[tokio::test]
 async fn a_rollback_goes_through_the_state_machine_and_reports_the_release_it_went_back_to() {
     let w = World::new(4, "batch = 2\nmax_failures = 0");
@@ -329,7 +344,7 @@ async fn a_rollback_cut_short_is_finished_by_running_it_again() {
     let w = World::new(3, "batch = 1");
     assert_eq!(w.deploy("v2", "2").await.status, DeploymentStatus::Succeeded);
     assert_eq!(w.deploy("v3", "3").await.status, DeploymentStatus::Succeeded);
-    let dies = Dies { inner: w.registry.as_ref(), left: Mutex::new(2) };
+    let dies = Dies { inner: w.registry.as_ref(), left: Mutex::new(2), renewals: Default::default() };
     let killed = Engine { registry: &dies, ..w.engine(&quiet) };
     let r = killed.create_rollback(Some("2")).expect("recorded");
     let e = killed.run_rollback(&r).await.expect_err("the coordinator died");
@@ -346,6 +361,8 @@ async fn a_rollback_cut_short_is_finished_by_running_it_again() {
 struct Dies<'a> {
     inner: &'a dyn Registry,
     left: Mutex<usize>,
+    /// Lock renewals seen.
+    renewals: std::sync::atomic::AtomicUsize,
 }
 
 impl Registry for Dies<'_> {
@@ -368,6 +385,10 @@ impl Registry for Dies<'_> {
     }
     fn unlock(&self, env: &str, id: &str) -> Result<(), RegistryError> {
         self.inner.unlock(env, id)
+    }
+    fn renew_lock(&self, env: &str, id: &str) -> Result<(), RegistryError> {
+        self.renewals.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner.renew_lock(env, id)
     }
     fn create(&self, d: &NewDeployment<'_>) -> Result<(), RegistryError> {
         self.inner.create(d)
@@ -456,7 +477,7 @@ async fn resume_from_every_persisted_state() {
     for n in 0..transitions {
         let w = World::new(3, "batch = 2");
         let a = artifact(&w.dir, "v2");
-        let dies = Dies { inner: w.registry.as_ref(), left: Mutex::new(n) };
+        let dies = Dies { inner: w.registry.as_ref(), left: Mutex::new(n), renewals: Default::default() };
         let killed = Engine { registry: &dies, ..w.engine(&quiet) };
         let id = killed.create(&a, "2", true).expect("recorded");
         let e = killed.run(&id, a.clone()).await.expect_err("the coordinator died");
