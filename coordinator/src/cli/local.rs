@@ -7,7 +7,7 @@ use clap::CommandFactory;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::{CaCommand, CertCommand, Cli, Command, KeyCommand, TokenCommand, deploy_exit, fail};
+use super::{CaCommand, CertCommand, Cli, Command, KeyCommand, RegistryCommand, TokenCommand, deploy_exit, fail};
 use crate::cache::Cache;
 use crate::commands::{self, Ctx};
 use crate::config::{AppPick, FleetConfig};
@@ -403,6 +403,11 @@ async fn other(command: Command, shutdown: &CancellationToken) -> u8 {
         Command::Key(KeyCommand::New { name, out, force, output }) => {
             emit(commands::key::new(&name, &out, force), |k| ui::key(k, output), success)
         }
+        Command::Registry(RegistryCommand::Migrate { from, to, output }) => emit(
+            crate::registry::migrate::sqlite_to_postgres(&from, &to).map_err(anyhow::Error::from),
+            |c| ui::migrated(c, output),
+            success,
+        ),
         Command::Completions { shell } => {
             // Into a buffer first: clap_complete panics on a write error (a closed pipe, a full disk).
             let mut script = Vec::new();

@@ -129,6 +129,9 @@ pub enum Command {
     /// trusted_keys` run only releases it signed.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Move the registry between backends.
+    #[command(subcommand)]
+    Registry(RegistryCommand),
     /// Pipeline steps on a running `ferry serve` (needs --server): register a version, smoke test
     /// a deployment, approve and promote it to the next environment, follow or cancel it.
     #[command(subcommand)]
@@ -260,6 +263,25 @@ pub struct RollbackArgs {
     /// Result format: human (live progress, then a table) or json (one object at the end).
     #[arg(long, value_enum, default_value = "human")]
     pub output: Format,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RegistryCommand {
+    /// Copy a SQLite registry's whole history (deployments, host steps, events, versions, smoke
+    /// runs, approvals, measurements, live groups) into an empty PostgreSQL registry, in one
+    /// transaction; then point fleet.toml's `registry` at the URL. Refused while an environment
+    /// is locked (a deployment in progress or paused); the SQLite file is left as it was.
+    Migrate {
+        /// The SQLite registry file.
+        #[arg(long)]
+        from: PathBuf,
+        /// The PostgreSQL registry: postgres://user[:password]@host[:port]/database[?sslmode=…].
+        #[arg(long)]
+        to: String,
+        /// Result format: human-readable text, or one JSON object.
+        #[arg(long, value_enum, default_value = "human")]
+        output: Format,
+    },
 }
 
 #[derive(Debug, Subcommand)]

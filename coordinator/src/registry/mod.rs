@@ -12,6 +12,7 @@ use serde::Serialize;
 
 use crate::state::{DeploymentKind, DeploymentStatus, HostState};
 
+pub mod migrate;
 pub mod postgres;
 pub mod sqlite;
 #[cfg(test)]

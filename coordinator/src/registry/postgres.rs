@@ -276,6 +276,55 @@ impl Postgres {
         })
     }
 
+    /// Writes `tables` (from [`super::migrate`]) into this registry, which must hold no
+    /// deployment yet, in one transaction; the id sequences continue after the copied ids.
+    pub(crate) fn import(&self, tables: &[super::migrate::Table<'_>]) -> Result<(), RegistryError> {
+        use super::migrate::Value;
+        self.run(async {
+            let mut c = self.client().await?;
+            let tx = c.transaction().await.map_err(|e| self.error(&e))?;
+            let have: i64 =
+                tx.query_one("SELECT COUNT(*) FROM deployments", &[]).await.map_err(|e| self.error(&e))?.get(0);
+            if have > 0 {
+                return Err(RegistryError::Open {
+                    registry: self.describe.clone(),
+                    reason: format!("it already holds {have} deployment(s): migrate into an empty database; nothing was copied"),
+                });
+            }
+            for (table, columns, rows) in tables {
+                let names: Vec<&str> = columns.iter().map(|(c, _)| *c).collect();
+                let marks: Vec<String> = (1..=names.len()).map(|i| format!("${i}")).collect();
+                let sql = format!("INSERT INTO {table} ({}) VALUES ({})", names.join(", "), marks.join(", "));
+                let st = tx.prepare(&sql).await.map_err(|e| self.error(&e))?;
+                for row in rows {
+                    let params: Vec<&(dyn ToSql + Sync)> = row
+                        .iter()
+                        .map(|v| -> &(dyn ToSql + Sync) {
+                            match v {
+                                Value::Int(x) => x,
+                                Value::Real(x) => x,
+                                Value::Text(x) => x,
+                                Value::Bool(x) => x,
+                            }
+                        })
+                        .collect();
+                    tx.execute(&st, &params).await.map_err(|e| self.error(&e))?;
+                }
+                if columns.first() == Some(&("id", super::migrate::Kind::Int)) {
+                    tx.execute(
+                        &format!(
+                            "SELECT setval(pg_get_serial_sequence('{table}', 'id'), COALESCE((SELECT MAX(id) FROM {table}), 0) + 1, false)"
+                        ),
+                        &[],
+                    )
+                    .await
+                    .map_err(|e| self.error(&e))?;
+                }
+            }
+            tx.commit().await.map_err(|e| self.error(&e))
+        })
+    }
+
     async fn event_async(&self, id: &str, host: Option<&str>, kind: &str, message: &str) -> Result<(), RegistryError> {
         self.execute(
             "INSERT INTO events (deployment_id, time_ms, host, kind, message) VALUES ($1, $2, $3, $4, $5)",

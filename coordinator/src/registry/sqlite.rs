@@ -196,6 +196,45 @@ impl Sqlite {
     }
 
     /// A registry in memory, gone with the process: for tests and benchmarks of the engine.
+    /// Some environment's lock (environment, deployment), if any is held.
+    pub(crate) fn any_lock(&self) -> Result<Option<(String, String)>, RegistryError> {
+        let db = self.db()?;
+        db.conn
+            .query_row("SELECT environment, deployment_id FROM locks LIMIT 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()
+            .map_err(db.sql())
+    }
+
+    /// Every row of `table` (`columns` of it), in the order they were recorded.
+    pub(crate) fn dump(
+        &self,
+        table: &str,
+        columns: &[(&str, super::migrate::Kind)],
+    ) -> Result<Vec<Vec<super::migrate::Value>>, RegistryError> {
+        use super::migrate::{Kind, Value};
+        let db = self.db()?;
+        let names: Vec<&str> = columns.iter().map(|(c, _)| *c).collect();
+        let mut st =
+            db.conn.prepare(&format!("SELECT {} FROM {table} ORDER BY rowid", names.join(", "))).map_err(db.sql())?;
+        let rows = st
+            .query_map([], |r| {
+                columns
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (_, kind))| {
+                        Ok(match kind {
+                            Kind::Int => Value::Int(r.get(i)?),
+                            Kind::Real => Value::Real(r.get(i)?),
+                            Kind::Text => Value::Text(r.get(i)?),
+                            Kind::Bool => Value::Bool(r.get(i)?),
+                        })
+                    })
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .map_err(db.sql())?;
+        rows.collect::<Result<_, _>>().map_err(db.sql())
+    }
+
     pub fn in_memory() -> Result<Sqlite, RegistryError> {
         let path = Path::new(":memory:");
         let conn = Connection::open_in_memory().map_err(sql_error(path))?;

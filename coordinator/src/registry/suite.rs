@@ -126,7 +126,7 @@ pub fn report_rates_and_percentiles(reg: &dyn Registry) {
 /// measurements.
 pub fn pipeline_records_round_trip(reg: &dyn Registry) {
     let hosts = vec![("web-1".to_string(), 0)];
-    reg.create(&new("d-1", &hosts)).expect("create");
+    reg.create(&new("d-p", &hosts)).expect("create");
     let mut metadata = serde_json::Map::new();
     metadata.insert("git".into(), serde_json::json!("4f2a"));
     let v = VersionRow {
@@ -152,13 +152,13 @@ pub fn pipeline_records_round_trip(reg: &dyn Registry) {
     let listed: Vec<String> = reg.versions(Some("web"), 10).expect("list").into_iter().map(|v| v.version).collect();
     assert_eq!(listed, ["3", "2"]);
     assert_eq!(reg.claim_versions("web").expect("claim"), 0);
-    reg.set_requested_by("d-1", "token:ci", Some("d-0")).expect("requested");
-    reg.set_requested_by("d-1", "token:other", None).expect("again");
-    let d = reg.deployment("d-1").expect("get").expect("row");
+    reg.set_requested_by("d-p", "token:ci", Some("d-0")).expect("requested");
+    reg.set_requested_by("d-p", "token:other", None).expect("again");
+    let d = reg.deployment("d-p").expect("get").expect("row");
     assert_eq!((d.requested_by.as_deref(), d.promoted_from.as_deref()), (Some("token:ci"), Some("d-0")));
     let run = SmokeRun {
         id: 0,
-        deployment_id: "d-1".into(),
+        deployment_id: "d-p".into(),
         run_by: "token:ci".into(),
         started_ms: 1,
         finished_ms: 2,
@@ -167,19 +167,19 @@ pub fn pipeline_records_round_trip(reg: &dyn Registry) {
         env_checks: true,
     };
     let seq = reg.record_smoke(&run).expect("smoke");
-    let runs = reg.smoke_runs("d-1").expect("runs");
+    let runs = reg.smoke_runs("d-p").expect("runs");
     assert_eq!((runs.len(), runs[0].id, runs[0].passed, runs[0].env_checks), (1, seq, true, true));
-    reg.approve("d-1", "prod", "alice").expect("approve");
-    reg.approve("d-1", "prod", "alice").expect("twice is once");
-    reg.use_approval("d-1", "prod", "alice", "d-2").expect("use");
-    let a = reg.approvals("d-1").expect("approvals");
+    reg.approve("d-p", "prod", "alice").expect("approve");
+    reg.approve("d-p", "prod", "alice").expect("twice is once");
+    reg.use_approval("d-p", "prod", "alice", "d-2").expect("use");
+    let a = reg.approvals("d-p").expect("approvals");
     assert_eq!((a.len(), a[0].used_by.as_deref()), (1, Some("d-2")));
     assert_eq!(reg.live_group("prod").expect("live"), None);
-    reg.set_live_group("prod", "blue", "d-1").expect("live");
-    reg.set_live_group("prod", "green", "d-1").expect("switch");
-    assert_eq!(reg.live_group("prod").expect("live"), Some(("green".into(), "d-1".into())));
+    reg.set_live_group("prod", "blue", "d-p").expect("live");
+    reg.set_live_group("prod", "green", "d-p").expect("switch");
+    assert_eq!(reg.live_group("prod").expect("live"), Some(("green".into(), "d-p".into())));
     let m = Measurement {
-        deployment_id: "d-1".into(),
+        deployment_id: "d-p".into(),
         batch: 1,
         gate: "errors".into(),
         at_ms: 7,
@@ -189,9 +189,9 @@ pub fn pipeline_records_round_trip(reg: &dyn Registry) {
         detail: "0.1 is not < 0.05".into(),
     };
     reg.record_measurement(&m).expect("measure");
-    assert_eq!(reg.measurements("d-1").expect("measurements"), [m]);
-    assert_eq!(reg.latest_deployment("prod", Some("web")).expect("latest"), Some("d-1".into()));
-    assert_eq!(reg.latest_deployment("prod", Some("worker")).expect("latest"), None);
+    assert_eq!(reg.measurements("d-p").expect("measurements"), [m]);
+    assert_eq!(reg.latest_deployment("prod", Some("web")).expect("latest"), Some("d-p".into()));
+    assert_eq!(reg.latest_deployment("prod", Some("nobody")).expect("latest"), None);
 }
 
 /// A lock held from another machine: alive while renewed; once its lease lapses, only its own

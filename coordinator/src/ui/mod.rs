@@ -200,6 +200,21 @@ pub fn deploy_start(a: &crate::artifact::Artifact, version: &str, env: &str, for
     }
 }
 
+/// `ferry registry migrate`.
+pub fn migrated(c: &crate::registry::migrate::Copied, format: Format) {
+    if format == Format::Json {
+        return json(c);
+    }
+    let rows: Vec<String> = c.tables.iter().map(|(t, n)| format!("  {t}: {n}")).collect();
+    out(&format!(
+        "copied {} into {}:\n{}\nnow set in fleet.toml: registry = \"{}\" (with its password, or sslmode)",
+        c.from,
+        c.to,
+        rows.join("\n"),
+        c.to
+    ));
+}
+
 /// `ferry key new`.
 pub fn key(k: &crate::commands::key::NewKey, format: Format) {
     if format == Format::Json {
