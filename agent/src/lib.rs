@@ -30,6 +30,7 @@ pub mod audit;
 pub mod config;
 pub mod facts;
 pub mod failpoint;
+pub mod fence;
 pub mod hooks;
 pub mod http;
 pub mod metrics;

@@ -54,6 +54,8 @@ pub struct AgentService {
     /// Each stage in progress (app, stage id): when it was prepared (for the stage duration) and
     /// for which deployment and version (the audit line of its Upload, which names neither).
     stages: std::sync::Mutex<std::collections::HashMap<(String, String), Stage>>,
+    /// The highest coordinator epoch seen: lower ones are refused.
+    fence: crate::fence::Fence,
 }
 
 /// Stages remembered; older ones (abandoned) are forgotten first.
@@ -108,7 +110,8 @@ impl AgentService {
             .map(|id| id.name().to_string())
             .unwrap_or_default();
         let locks = config.apps.keys().map(|a| (a.clone(), Arc::new(tokio::sync::Mutex::new(())))).collect();
-        AgentService { config, name, locks, activations, telemetry, stages: Default::default() }
+        let fence = crate::fence::Fence::open(&config.data_dir);
+        AgentService { config, name, locks, activations, telemetry, stages: Default::default(), fence }
     }
 
     /// The app's store and lock, or NotFound for an app this agent does not manage.
@@ -217,6 +220,7 @@ impl Agent for AgentService {
     }
 
     async fn prepare(&self, request: Request<v1::PrepareRequest>) -> Result<Response<v1::PrepareResponse>, Status> {
+        let fenced = self.fenced(&request);
         let r = request.get_ref();
         let e = Entry {
             app: r.app.clone(),
@@ -224,7 +228,10 @@ impl Agent for AgentService {
             deployment: r.deployment_id.clone(),
             ..entry(&request, "Prepare")
         };
-        let r = self.prepare_inner(request).instrument(span_of(&e)).await;
+        let r = match fenced {
+            Ok(()) => self.prepare_inner(request).instrument(span_of(&e)).await,
+            Err(s) => Err(s),
+        };
         self.done(e, r, |r, e| {
             e.release = r.release_id.clone();
             e.detail = if r.already_present {
@@ -242,7 +249,10 @@ impl Agent for AgentService {
     ) -> Result<Response<v1::UploadResponse>, Status> {
         let mut e = entry(&request, "Upload");
         let span = span_of(&e);
-        let r = self.upload_inner(request, &mut e).instrument(span).await;
+        let r = match self.fenced(&request) {
+            Ok(()) => self.upload_inner(request, &mut e).instrument(span).await,
+            Err(s) => Err(s),
+        };
         self.done(e, r, |r, e| e.detail = format!("{} chunk(s), {} bytes", r.chunks_received, r.bytes_received)).await
     }
 
@@ -256,7 +266,10 @@ impl Agent for AgentService {
             ..entry(&request, "Commit")
         };
         let span = span_of(&e);
-        let r = self.commit_inner(request, &mut e).instrument(span).await;
+        let r = match self.fenced(&request) {
+            Ok(()) => self.commit_inner(request, &mut e).instrument(span).await,
+            Err(s) => Err(s),
+        };
         self.done(e, r, |_, _| {}).await
     }
 
@@ -270,6 +283,9 @@ impl Agent for AgentService {
             deployment: r.deployment_id.clone(),
             ..entry(&request, "Activate")
         };
+        if let Err(s) = self.fenced(&request) {
+            return self.done(e, Err(s), |_, _| {}).await;
+        }
         self.plan_command(e, self.activate_inner(request)).await
     }
 
@@ -282,11 +298,20 @@ impl Agent for AgentService {
             deployment: r.deployment_id.clone(),
             ..entry(&request, "Rollback")
         };
+        if let Err(s) = self.fenced(&request) {
+            return self.done(e, Err(s), |_, _| {}).await;
+        }
         self.plan_command(e, self.rollback_inner(request)).await
     }
 }
 
 impl AgentService {
+    /// Refuses a command of a lower coordinator epoch than this host follows (see
+    /// [`crate::fence`]).
+    fn fenced<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        self.fence.check(crate::fence::epoch_of(request)?)
+    }
+
     /// With trusted keys: refuses a switch to `release_id` unless the signature kept with it
     /// verifies for its app, version and manifest (a release staged unsigned, or before signing
     /// was required, or changed on disk since).

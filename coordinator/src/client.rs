@@ -103,6 +103,17 @@ pub fn unary<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
     req
 }
 
+/// `req` carrying the coordinator's fencing epoch (none for epoch 0: agents take that as the
+/// lowest, which any epoch they have seen fences out).
+pub fn fenced<T>(mut req: tonic::Request<T>, epoch: i64) -> tonic::Request<T> {
+    if epoch > 0
+        && let Ok(v) = epoch.to_string().parse()
+    {
+        req.metadata_mut().insert("ferry-epoch", v);
+    }
+    req
+}
+
 /// A connected, authenticated agent.
 pub struct Agent {
     pub host: Host,

@@ -68,6 +68,10 @@ pub struct FleetConfig {
     #[serde(default)]
     pub signing: Option<SigningConfig>,
     pub environments: BTreeMap<String, Environment>,
+    /// The fencing epoch every command to an agent carries: the registry's `ferry serve` leader
+    /// lease (0 where none was ever taken). Set by the front end once the registry is open.
+    #[serde(skip)]
+    pub epoch: i64,
     /// Where rollouts' events are sent (`[[notify]]`, see [`crate::notify`]).
     #[serde(default)]
     pub notify: Vec<crate::notify::Target>,

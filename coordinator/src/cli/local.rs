@@ -30,12 +30,14 @@ struct Loaded {
 
 impl Loaded {
     fn open(path: &Path, env: Option<&str>) -> anyhow::Result<Loaded> {
-        let config = FleetConfig::load(path)?;
+        let mut config = FleetConfig::load(path)?;
         if let Some(env) = env {
             config.hosts(env)?;
         }
         let tls = ClientTls::load(&config.tls).map_err(|e| anyhow::anyhow!("{}: [tls]: {e}", path.display()))?;
         let registry = open_registry(&config)?;
+        // A shared registry's leader epoch: agents that follow it refuse commands without it.
+        config.epoch = registry.lease_of(crate::registry::SERVE_LEASE)?.map_or(0, |l| l.epoch);
         let cache = config.cache_dir().map(Cache::new);
         let notifier = crate::notify::Notifier::start(&config.notify, registry.clone());
         Ok(Loaded { config, tls, registry, cache, notifier })

@@ -18,7 +18,7 @@ use tonic::transport::Channel;
 use super::{Activation, Fleet, Release, StageNote, Staged, Swap, Target, Transfer};
 use crate::artifact::Artifact;
 use crate::cache::Cache;
-use crate::client::{Agent, ErrorKind, HostError, Timeouts, classify_status, unary};
+use crate::client::{Agent, ErrorKind, HostError, Timeouts, classify_status, fenced, unary};
 use crate::config::{FleetConfig, Host};
 use crate::tls::ClientTls;
 
@@ -95,7 +95,8 @@ async fn prepare(
         let delta = ferry_proto::manifest::diff(&base, manifest);
         if prost::Message::encoded_len(&delta) < prost::Message::encoded_len(manifest) {
             let (changed, removed) = (delta.upserts.len(), delta.removed.len());
-            match client.prepare(unary(request(None, current, Some(delta)), timeout)).await {
+            match client.prepare(fenced(unary(request(None, current, Some(delta)), timeout), fleet.config.epoch)).await
+            {
                 Ok(r) => {
                     note(StageNote::ManifestDelta { base: current.to_string(), changed, removed });
                     return Ok((r.into_inner(), false));
@@ -108,7 +109,7 @@ async fn prepare(
         }
     }
     let whole = client
-        .prepare(unary(request(Some(manifest.clone()), "", None), timeout))
+        .prepare(fenced(unary(request(Some(manifest.clone()), "", None), timeout), fleet.config.epoch))
         .await
         .map_err(|s| step_error(host, "prepare", &s))?;
     Ok((whole.into_inner(), true))
@@ -150,19 +151,30 @@ async fn stage_host(
         });
         if !prepared.missing_chunks.is_empty() {
             let missing = Missing { chunks: prepared.missing_chunks, bases: prepared.bases };
-            let rebuilt =
-                upload(&mut client, host, &app, &prepared.stage_id, artifact.clone(), missing, &sent.bytes).await?;
+            let rebuilt = upload(
+                &mut client,
+                host,
+                (&app, fleet.config.epoch),
+                &prepared.stage_id,
+                artifact.clone(),
+                missing,
+                &sent.bytes,
+            )
+            .await?;
             sent.delta_chunks.store(rebuilt, Ordering::Relaxed);
             note(StageNote::Uploaded { bytes: sent.bytes.load(Ordering::Relaxed), delta_chunks: rebuilt });
         }
         let (fin, _) = run_steps(
-            client.commit(v1::CommitRequest {
-                app: app.clone(),
-                stage_id: prepared.stage_id.clone(),
-                deployment_id: deployment_id.to_string(),
-                host: host.name.clone(),
-                address: host.address.clone(),
-            }),
+            client.commit(fenced(
+                tonic::Request::new(v1::CommitRequest {
+                    app: app.clone(),
+                    stage_id: prepared.stage_id.clone(),
+                    deployment_id: deployment_id.to_string(),
+                    host: host.name.clone(),
+                    address: host.address.clone(),
+                }),
+                fleet.config.epoch,
+            )),
             host,
             "commit",
         )
@@ -188,19 +200,22 @@ async fn activate_host(
     let fail = |kind: ErrorKind, message: String| HostError::new(host, kind, message);
     let (mut client, _, app) = open(config, host, tls).await?;
     let fin = run_steps(
-        client.activate(v1::ActivateRequest {
-            app,
-            release_id: activation.release_id.clone(),
-            deployment_id: activation.deployment_id.clone(),
-            version: activation.version.clone(),
-            units: config.app.units.clone(),
-            probes: probes(config),
-            hooks: Some(config.app.hooks.to_wire()),
-            keep_releases: config.app.keep_releases,
-            rollback_on_failure: true,
-            unit_action: config.app.unit_action.clone(),
-            secrets: activation.secrets.to_wire(),
-        }),
+        client.activate(fenced(
+            tonic::Request::new(v1::ActivateRequest {
+                app,
+                release_id: activation.release_id.clone(),
+                deployment_id: activation.deployment_id.clone(),
+                version: activation.version.clone(),
+                units: config.app.units.clone(),
+                probes: probes(config),
+                hooks: Some(config.app.hooks.to_wire()),
+                keep_releases: config.app.keep_releases,
+                rollback_on_failure: true,
+                unit_action: config.app.unit_action.clone(),
+                secrets: activation.secrets.to_wire(),
+            }),
+            config.epoch,
+        )),
         host,
         "activate",
     )
@@ -334,7 +349,7 @@ fn encode_chunk(hash: Vec<u8>, raw: &[u8], basis: Option<&v1::Basis>) -> Result<
 async fn upload(
     client: &mut AgentClient<Channel>,
     host: &Host,
-    app: &str,
+    (app, epoch): (&str, i64),
     stage_id: &str,
     artifact: Arc<Artifact>,
     missing: Missing,
@@ -372,7 +387,8 @@ async fn upload(
         let _ = tx.blocking_send(v1::UploadRequest { msg: Some(v1::upload_request::Msg::Finish(v1::UploadFinish {})) });
         Ok(())
     });
-    let result = client.upload(tokio_stream::wrappers::ReceiverStream::new(rx)).await;
+    let result =
+        client.upload(fenced(tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx)), epoch)).await;
     let produced_ok = producer.await;
     sent.fetch_add(counter.load(Ordering::Relaxed), Ordering::Relaxed);
     match produced_ok {
@@ -423,13 +439,16 @@ async fn rollback_host(
         }
     };
     let fin = run_steps(
-        client.rollback(v1::RollbackRequest {
-            app,
-            to_release,
-            deployment_id: deployment_id.to_string(),
-            units: config.app.units.clone(),
-            probes: probes(config),
-        }),
+        client.rollback(fenced(
+            tonic::Request::new(v1::RollbackRequest {
+                app,
+                to_release,
+                deployment_id: deployment_id.to_string(),
+                units: config.app.units.clone(),
+                probes: probes(config),
+            }),
+            config.epoch,
+        )),
         host,
         "rollback",
     )

@@ -67,6 +67,20 @@ pub trait Registry: Send + Sync {
     fn unlock(&self, env: &str, deployment_id: &str) -> Result<(), RegistryError>;
     /// Renews `deployment_id`'s lock of `env` (a no-op if it holds none).
     fn renew_lock(&self, env: &str, deployment_id: &str) -> Result<(), RegistryError>;
+    /// Takes or renews lease `name` for `holder` (reachable at `address`) for `ttl`, atomically:
+    /// free or lapsed, it becomes `holder`'s with the next epoch; `holder`'s own, it is renewed
+    /// (same epoch); another's that holds, it is returned as it is (see [`Lease::holder`]).
+    fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        address: &str,
+        ttl: std::time::Duration,
+    ) -> Result<Lease, RegistryError>;
+    /// Lease `name` as recorded, if it was ever taken.
+    fn lease_of(&self, name: &str) -> Result<Option<Lease>, RegistryError>;
+    /// Gives lease `name` up if `holder` has it (it lapses at once; the epoch stays).
+    fn release_lease(&self, name: &str, holder: &str) -> Result<(), RegistryError>;
 
     /// Records a new deployment (`pending`) and its hosts (`pending`), at once.
     fn create(&self, d: &NewDeployment<'_>) -> Result<(), RegistryError>;
@@ -235,6 +249,47 @@ pub struct Lock {
     pub since_ms: i64,
     /// When its holder last renewed it (every [`LOCK_RENEW`] while the deployment runs).
     pub renewed_ms: i64,
+}
+
+/// The name of `ferry serve`'s leader lease, whose epoch fences the agents.
+pub const SERVE_LEASE: &str = "serve";
+
+/// A lease (the `ferry serve` leader's): who holds it, where it is reached, its fencing epoch
+/// (one more each time it changes hands) and until when it holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Lease {
+    pub name: String,
+    pub holder: String,
+    pub address: String,
+    pub epoch: i64,
+    pub expires_ms: i64,
+}
+
+impl Lease {
+    pub fn live(&self) -> bool {
+        self.expires_ms >= now_ms()
+    }
+}
+
+/// The lease decision both backends make, from the row as read (in their transaction): the
+/// row to write, if any, and the lease as it stands after.
+pub(crate) fn lease_step(
+    row: Option<Lease>,
+    name: &str,
+    holder: &str,
+    address: &str,
+    ttl: std::time::Duration,
+) -> (bool, Lease) {
+    let now = now_ms();
+    let until = now.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX));
+    let mine =
+        |epoch| Lease { name: name.into(), holder: holder.into(), address: address.into(), epoch, expires_ms: until };
+    match row {
+        None => (true, mine(1)),
+        Some(l) if l.holder == holder => (true, mine(l.epoch)),
+        Some(l) if l.expires_ms < now => (true, mine(l.epoch + 1)),
+        Some(l) => (false, l),
+    }
 }
 
 /// How long a lock holds without renewal before a holder on another machine counts as gone.

@@ -20,8 +20,8 @@ use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
 use super::{
-    Approval, DeploymentRow, EnvReport, EventRow, HostRow, HostUpdate, Lock, Measurement, NewDeployment, Registry,
-    RegistryError, SlowHost, SmokeRun, VersionRow, now_ms, this_hostname,
+    Approval, DeploymentRow, EnvReport, EventRow, HostRow, HostUpdate, Lease, Lock, Measurement, NewDeployment,
+    Registry, RegistryError, SlowHost, SmokeRun, VersionRow, now_ms, this_hostname,
 };
 use crate::state::{DeploymentKind, DeploymentStatus, HostState, legal};
 
@@ -132,6 +132,14 @@ const SCHEMA: &[&str] = &[
     CREATE INDEX measurements_by_deployment ON measurements (deployment_id, id);",
     // Environment locks are leases: renewed while their deployment runs.
     "ALTER TABLE locks ADD COLUMN renewed_ms BIGINT;",
+    // `ferry serve`'s leader lease and its fencing epoch.
+    "CREATE TABLE leases (
+        name TEXT PRIMARY KEY,
+        holder TEXT NOT NULL,
+        address TEXT NOT NULL,
+        epoch BIGINT NOT NULL,
+        expires_ms BIGINT NOT NULL
+    );",
 ];
 
 /// The PostgreSQL registry.
@@ -413,6 +421,10 @@ fn lock_row(r: &Row) -> Lock {
     }
 }
 
+fn lease_row(r: &Row) -> Lease {
+    Lease { name: r.get(0), holder: r.get(1), address: r.get(2), epoch: r.get(3), expires_ms: r.get(4) }
+}
+
 const VERSION_COLUMNS: &str =
     "app, version, artifact, release_id, manifest_hash, total_bytes, files, registered_by, registered_ms, metadata";
 
@@ -486,6 +498,57 @@ impl Registry for Postgres {
     fn unlock(&self, env: &str, deployment_id: &str) -> Result<(), RegistryError> {
         self.run(async {
             self.execute("DELETE FROM locks WHERE environment = $1 AND deployment_id = $2", &[&env, &deployment_id])
+                .await
+                .map(|_| ())
+        })
+    }
+
+    fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        address: &str,
+        ttl: std::time::Duration,
+    ) -> Result<Lease, RegistryError> {
+        self.run(async {
+            let mut c = self.client().await?;
+            let tx = c.transaction().await.map_err(|e| self.error(&e))?;
+            tx.execute("SELECT pg_advisory_xact_lock(hashtext('lease:' || $1))", &[&name])
+                .await
+                .map_err(|e| self.error(&e))?;
+            let row = tx
+                .query_opt("SELECT name, holder, address, epoch, expires_ms FROM leases WHERE name = $1", &[&name])
+                .await
+                .map_err(|e| self.error(&e))?
+                .as_ref()
+                .map(lease_row);
+            let (write, lease) = super::lease_step(row, name, holder, address, ttl);
+            if write {
+                tx.execute(
+                    "INSERT INTO leases (name, holder, address, epoch, expires_ms) VALUES ($1, $2, $3, $4, $5)
+                     ON CONFLICT (name) DO UPDATE SET holder = $2, address = $3, epoch = $4, expires_ms = $5",
+                    &[&lease.name, &lease.holder, &lease.address, &lease.epoch, &lease.expires_ms],
+                )
+                .await
+                .map_err(|e| self.error(&e))?;
+            }
+            tx.commit().await.map_err(|e| self.error(&e))?;
+            Ok(lease)
+        })
+    }
+
+    fn lease_of(&self, name: &str) -> Result<Option<Lease>, RegistryError> {
+        self.run(async {
+            let row = self
+                .query_opt("SELECT name, holder, address, epoch, expires_ms FROM leases WHERE name = $1", &[&name])
+                .await?;
+            Ok(row.as_ref().map(lease_row))
+        })
+    }
+
+    fn release_lease(&self, name: &str, holder: &str) -> Result<(), RegistryError> {
+        self.run(async {
+            self.execute("UPDATE leases SET expires_ms = 0 WHERE name = $1 AND holder = $2", &[&name, &holder])
                 .await
                 .map(|_| ())
         })
@@ -669,7 +732,8 @@ impl Registry for Postgres {
                     .iter()
                     .map(|r| SlowHost {
                         host: r.get(0),
-                        mean_ms: u64::try_from(r.get::<_, f64>(1).max(0.0).round() as i64).unwrap_or(0),
+                        // As SQLite's: whole milliseconds, truncated.
+                        mean_ms: r.get::<_, f64>(1).max(0.0) as u64,
                     })
                     .collect())
             })
@@ -973,6 +1037,8 @@ mod tests {
         let set_pid = |pid: u32| pg.psql("stale", &format!("UPDATE locks SET pid = {pid}"));
         suite::a_dead_holder_is_stale_and_only_its_deployment_takes_over(&reg, &set_pid);
         suite::report_rates_and_percentiles(&Postgres::open(&pg.database("report")).expect("open"));
+        let reg = Postgres::open(&pg.database("leader")).expect("open");
+        suite::one_leader_at_a_time_and_each_takeover_is_a_new_epoch(&reg, &|sql| pg.psql("leader", sql));
         let reg = Postgres::open(&pg.database("lease")).expect("open");
         suite::a_holder_elsewhere_is_stale_once_its_lease_lapses(&reg, &|sql| pg.psql("lease", sql));
         suite::pipeline_records_round_trip(&open(&pg));

@@ -14,8 +14,8 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use rusqlite_migration::{M, Migrations};
 
 use super::{
-    Approval, DeploymentRow, EnvReport, EventRow, HostRow, HostUpdate, Lock, Measurement, NewDeployment, Registry,
-    RegistryError, SlowHost, SmokeRun, VersionRow, now_ms, this_hostname,
+    Approval, DeploymentRow, EnvReport, EventRow, HostRow, HostUpdate, Lease, Lock, Measurement, NewDeployment,
+    Registry, RegistryError, SlowHost, SmokeRun, VersionRow, now_ms, this_hostname,
 };
 use crate::state::{DeploymentKind, DeploymentStatus, HostState, legal};
 
@@ -159,6 +159,16 @@ fn migrations() -> Migrations<'static> {
         );
         CREATE INDEX measurements_by_deployment ON measurements (deployment_id, id);",
         ),
+        // `ferry serve`'s leader lease and its fencing epoch.
+        M::up(
+            "CREATE TABLE leases (
+            name TEXT PRIMARY KEY,
+            holder TEXT NOT NULL,
+            address TEXT NOT NULL,
+            epoch INTEGER NOT NULL,
+            expires_ms INTEGER NOT NULL
+        );",
+        ),
     ])
 }
 
@@ -267,6 +277,40 @@ impl Registry for Sqlite {
     }
     fn unlock(&self, env: &str, deployment_id: &str) -> Result<(), RegistryError> {
         self.db()?.unlock(env, deployment_id)
+    }
+    fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        address: &str,
+        ttl: std::time::Duration,
+    ) -> Result<Lease, RegistryError> {
+        let mut db = self.db()?;
+        let path = db.path.clone();
+        let sql = sql_error(&path);
+        let tx = db.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(&sql)?;
+        let row = read_lease(&tx, name).map_err(&sql)?;
+        let (write, lease) = super::lease_step(row, name, holder, address, ttl);
+        if write {
+            tx.execute(
+                "INSERT OR REPLACE INTO leases (name, holder, address, epoch, expires_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![lease.name, lease.holder, lease.address, lease.epoch, lease.expires_ms],
+            )
+            .map_err(&sql)?;
+        }
+        tx.commit().map_err(&sql)?;
+        Ok(lease)
+    }
+    fn lease_of(&self, name: &str) -> Result<Option<Lease>, RegistryError> {
+        let db = self.db()?;
+        read_lease(&db.conn, name).map_err(db.sql())
+    }
+    fn release_lease(&self, name: &str, holder: &str) -> Result<(), RegistryError> {
+        let db = self.db()?;
+        db.conn
+            .execute("UPDATE leases SET expires_ms = 0 WHERE name = ?1 AND holder = ?2", [name, holder])
+            .map_err(db.sql())?;
+        Ok(())
     }
     fn renew_lock(&self, env: &str, deployment_id: &str) -> Result<(), RegistryError> {
         let db = self.db()?;
@@ -651,6 +695,13 @@ fn parsed<T>(r: &rusqlite::Row<'_>, i: usize, parse: fn(&str) -> Option<T>) -> r
     })
 }
 
+fn read_lease(conn: &Connection, name: &str) -> rusqlite::Result<Option<Lease>> {
+    conn.query_row("SELECT name, holder, address, epoch, expires_ms FROM leases WHERE name = ?1", [name], |r| {
+        Ok(Lease { name: r.get(0)?, holder: r.get(1)?, address: r.get(2)?, epoch: r.get(3)?, expires_ms: r.get(4)? })
+    })
+    .optional()
+}
+
 fn read_lock(conn: &Connection, env: &str) -> rusqlite::Result<Option<Lock>> {
     conn.query_row(
         "SELECT deployment_id, owner, hostname, pid, since_ms, COALESCE(renewed_ms, since_ms) FROM locks WHERE environment = ?1",
@@ -739,6 +790,15 @@ mod tests {
             reg.db().expect("db").conn.execute(sql, []).expect("sql");
         };
         suite::a_holder_elsewhere_is_stale_once_its_lease_lapses(&reg, &exec);
+    }
+
+    #[test]
+    fn one_leader_at_a_time_and_each_takeover_is_a_new_epoch() {
+        let (_d, reg) = open();
+        let exec = |sql: &str| {
+            reg.db().expect("db").conn.execute(sql, []).expect("sql");
+        };
+        suite::one_leader_at_a_time_and_each_takeover_is_a_new_epoch(&reg, &exec);
     }
 
     #[test]

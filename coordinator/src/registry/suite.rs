@@ -217,3 +217,32 @@ pub fn a_holder_elsewhere_is_stale_once_its_lease_lapses(reg: &dyn Registry, exe
     assert!(now_ms() - reg.lock_of("prod").expect("q").expect("held").renewed_ms < 60_000);
     reg.renew_lock("prod", "d-other").expect("not the holder: no-op");
 }
+
+/// The leader lease: one holder at a time, renewed in place, taken over with the next epoch
+/// once it lapses or is given up. `exec` runs SQL on the backend.
+pub fn one_leader_at_a_time_and_each_takeover_is_a_new_epoch(reg: &dyn Registry, exec: &dyn Fn(&str)) {
+    let ttl = std::time::Duration::from_secs(15);
+    assert_eq!(reg.lease_of("serve").expect("read"), None);
+    let a = reg.acquire_lease("serve", "a", "https://a:7444", ttl).expect("a");
+    assert_eq!((a.holder.as_str(), a.epoch), ("a", 1));
+    assert!(a.live());
+    let seen = reg.acquire_lease("serve", "b", "https://b:7444", ttl).expect("b asks");
+    assert_eq!(
+        (seen.holder.as_str(), seen.address.as_str(), seen.epoch),
+        ("a", "https://a:7444", 1),
+        "a still holds it"
+    );
+    let renewed = reg.acquire_lease("serve", "a", "https://a:7444", ttl).expect("a renews");
+    assert_eq!(renewed.epoch, 1);
+    exec("UPDATE leases SET expires_ms = 0");
+    let b = reg.acquire_lease("serve", "b", "https://b:7444", ttl).expect("b takes over");
+    assert_eq!((b.holder.as_str(), b.epoch), ("b", 2));
+    let refused = reg.acquire_lease("serve", "a", "https://a:7444", ttl).expect("a asks again");
+    assert_eq!((refused.holder.as_str(), refused.epoch), ("b", 2), "a came back too late");
+    reg.release_lease("serve", "a").expect("not a's: no-op");
+    assert!(reg.lease_of("serve").expect("read").expect("held").live());
+    reg.release_lease("serve", "b").expect("b steps down");
+    let a = reg.acquire_lease("serve", "a", "https://a:7444", ttl).expect("a again");
+    assert_eq!((a.holder.as_str(), a.epoch), ("a", 3));
+    assert_eq!(reg.lease_of("serve").expect("read"), Some(a));
+}

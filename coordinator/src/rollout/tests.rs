@@ -386,6 +386,21 @@ impl Registry for Dies<'_> {
     fn unlock(&self, env: &str, id: &str) -> Result<(), RegistryError> {
         self.inner.unlock(env, id)
     }
+    fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        address: &str,
+        ttl: std::time::Duration,
+    ) -> Result<crate::registry::Lease, RegistryError> {
+        self.inner.acquire_lease(name, holder, address, ttl)
+    }
+    fn lease_of(&self, name: &str) -> Result<Option<crate::registry::Lease>, RegistryError> {
+        self.inner.lease_of(name)
+    }
+    fn release_lease(&self, name: &str, holder: &str) -> Result<(), RegistryError> {
+        self.inner.release_lease(name, holder)
+    }
     fn renew_lock(&self, env: &str, id: &str) -> Result<(), RegistryError> {
         self.renewals.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.inner.renew_lock(env, id)

@@ -83,10 +83,11 @@ pub type Shared = Arc<AppState>;
 impl AppState {
     /// The state `ferry serve` runs with: fleet.toml, the coordinator's client TLS for the
     /// agents, the registry, and the directories and audit log `[server]` names.
-    pub fn load(config: FleetConfig, tls: ClientTls) -> anyhow::Result<AppState> {
+    pub fn load(mut config: FleetConfig, tls: ClientTls) -> anyhow::Result<AppState> {
         let state_dir =
             config.state_dir().context("no registry: set `registry` in fleet.toml (there is no HOME to default to)")?;
         let registry: Arc<dyn Registry> = crate::registry::open(&config)?;
+        config.epoch = registry.lease_of(crate::registry::SERVE_LEASE)?.map_or(0, |l| l.epoch);
         let apps: BTreeMap<String, Arc<FleetConfig>> =
             config.apps.keys().filter_map(|name| Some((name.clone(), Arc::new(config.for_app(name)?)))).collect();
         if let [name] = config.app_names().as_slice() {
