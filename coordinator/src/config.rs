@@ -124,6 +124,18 @@ pub struct ServerConfig {
     /// everything but `approve` (a pipeline cannot approve promotions).
     #[serde(default)]
     pub roles: BTreeMap<String, Vec<String>>,
+    /// On a shared (PostgreSQL) registry: where clients reach this server, told to them by a
+    /// standby (default `https://` + `listen`).
+    #[serde(default)]
+    pub advertise: Option<String>,
+    /// On a shared registry: how long the leader's lease holds without renewal (renewed every
+    /// third of it); a standby takes over once it lapses.
+    #[serde(default = "default_leader_lease", deserialize_with = "config_file::duration::deserialize")]
+    pub leader_lease: Duration,
+}
+
+fn default_leader_lease() -> Duration {
+    Duration::from_secs(10)
 }
 
 /// What an API caller may do besides reading (`[server.roles]`).
@@ -169,6 +181,8 @@ impl Default for ServerConfig {
             tokens: Vec::new(),
             max_upload_bytes: default_max_upload(),
             roles: BTreeMap::new(),
+            advertise: None,
+            leader_lease: default_leader_lease(),
         }
     }
 }

@@ -214,7 +214,7 @@ pub fn when(ms: i64) -> String {
         .unwrap_or_else(|| ms.to_string())
 }
 
-fn this_hostname() -> String {
+pub(crate) fn this_hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default()
 }
 
@@ -293,9 +293,9 @@ pub(crate) fn lease_step(
 }
 
 /// How long a lock holds without renewal before a holder on another machine counts as gone.
-pub const LOCK_LEASE: std::time::Duration = std::time::Duration::from_secs(60);
+pub const LOCK_LEASE: std::time::Duration = std::time::Duration::from_secs(20);
 /// How often a running deployment renews its environment's lock.
-pub const LOCK_RENEW: std::time::Duration = std::time::Duration::from_secs(10);
+pub const LOCK_RENEW: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Lock {
     /// Its holder is gone: on this machine, its process has exited; on another, it has not

@@ -142,6 +142,7 @@ pub fn router(state: Shared) -> Router {
         .method_not_allowed_fallback(|| async {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this route does not take that method")
         })
+        .layer(axum::middleware::from_fn_with_state(state.clone(), leader_only))
         .layer(axum::middleware::from_fn_with_state(state.clone(), super::auth::authenticate))
         // JSON bodies are small; the upload streams its body and checks its own limit.
         .layer(axum::extract::DefaultBodyLimit::max(1 << 20))
@@ -155,7 +156,35 @@ async fn openapi() -> Json<Value> {
 async fn health(State(state): State<Shared>) -> Json<Value> {
     // `app`: the fleet's app when it has one (null when it has several: see `apps`).
     let app = (state.apps.len() == 1).then(|| state.config.app.name.clone());
-    Json(json!({ "status": "ok", "version": env!("CARGO_PKG_VERSION"), "app": app, "apps": state.config.app_names() }))
+    let l = &state.leadership;
+    Json(json!({
+        "status": "ok",
+        "version": env!("CARGO_PKG_VERSION"),
+        "app": app,
+        "apps": state.config.app_names(),
+        "role": l.role(),
+        "epoch": l.epoch(),
+        "leader": l.leader_address(),
+    }))
+}
+
+/// A standby takes reads only: every other call is answered 503 with the leader's address.
+async fn leader_only(
+    State(state): State<Shared>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let read = matches!(*req.method(), axum::http::Method::GET | axum::http::Method::HEAD);
+    if read || state.leadership.is_leader() {
+        return next.run(req).await;
+    }
+    let leader = state.leadership.leader_address();
+    let message = match &leader {
+        Some(a) => format!("this ferry serve is a standby; the leader is {a}: send writes there (--server {a})"),
+        None => "this ferry serve is a standby and no leader holds the lease yet: retry in a few seconds".into(),
+    };
+    let body = json!({ "error": "not_leader", "message": message, "leader": leader });
+    (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
 }
 
 fn environment<'a>(

@@ -39,6 +39,23 @@ pub struct Job {
     pub changed: Notify,
 }
 
+impl Jobs {
+    /// Stops every running job after its hosts in flight (this server lost the leadership);
+    /// new ones may start once it leads again.
+    pub fn cancel_running(&self) {
+        if let Ok(busy) = self.busy.lock() {
+            for job in busy.values() {
+                job.cancel.cancel();
+            }
+        }
+    }
+
+    /// Whether a job of this server runs in `env`.
+    pub fn runs_in(&self, env: &str) -> bool {
+        self.busy.lock().is_ok_and(|b| b.contains_key(env))
+    }
+}
+
 impl Job {
     pub fn lines_from(&self, from: usize) -> Vec<Line> {
         self.lines.lock().map(|l| l.get(from..).map(<[Line]>::to_vec).unwrap_or_default()).unwrap_or_default()
@@ -195,9 +212,15 @@ pub async fn start(
     {
         by_id.retain(|_, j| !j.done());
     }
+    // On a shared registry the job's commands carry this leader's epoch.
+    let app = if state.leadership.contested {
+        Arc::new(FleetConfig { epoch: state.leadership.epoch(), ..(**app).clone() })
+    } else {
+        app.clone()
+    };
     let job = Arc::new(Job {
         environment: env.to_string(),
-        app: app.clone(),
+        app,
         id: OnceLock::new(),
         lines: Mutex::new(Vec::new()),
         cancel: CancellationToken::new(),

@@ -41,6 +41,7 @@ pub mod api;
 pub mod auth;
 pub mod error;
 pub mod jobs;
+pub mod leader;
 pub mod openapi;
 pub mod smoke;
 
@@ -76,6 +77,8 @@ pub struct AppState {
     pub refusals: std::sync::Mutex<RefusalSampler>,
     /// Client certificates refused before they expire (`[tls] revoked`).
     pub revoked: auth::RevokedFile,
+    /// Leader or standby, on a shared registry.
+    pub leadership: leader::Leadership,
 }
 
 pub type Shared = Arc<AppState>;
@@ -119,11 +122,17 @@ impl AppState {
         let tls = Arc::new(serve_tls(&config, tls)?);
         let cache = config.cache_dir().map(Cache::new);
         let notifier = crate::notify::Notifier::start(&config.notify, registry.clone());
+        let leadership = leader::Leadership::new(
+            config.registry_url().is_some(),
+            config.server.advertise.clone().unwrap_or_else(|| format!("https://{}", config.server.listen)),
+            config.server.leader_lease,
+        );
         Ok(AppState {
             config,
             apps,
             tls,
             notifier,
+            leadership,
             registry,
             cache,
             artifacts_dir,
@@ -335,6 +344,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let listen: SocketAddr = config.server.listen.parse().context("[server] listen")?;
     let state: Shared = Arc::new(AppState::load(config, tls)?);
+    tokio::spawn(leader::run(state.clone(), shutdown.clone()));
     tokio::spawn(reload::watch(state.tls.clone(), hangup, shutdown.clone().cancelled_owned(), |r| match r.result {
         Ok(what) => tracing::info!("reloaded TLS ({}): {what}", r.why),
         Err(e) => tracing::error!("cannot reload TLS ({}); still using the previous certificates and CA: {e}", r.why),

@@ -18,7 +18,9 @@ fn error_responses(codes: &[u16]) -> serde_json::Map<String, Value> {
                 "A well-formed request naming something unknown (environment, app, version) or unusable, or naming no app where fleet.toml declares several (`app_required`)"
             }
             500 => "The coordinator itself failed (its registry, a corrupt record): not the request's fault",
-            503 => "The server is stopping: it starts nothing new",
+            503 => {
+                "The server is stopping (it starts nothing new), or is a standby (`not_leader`: the answer names the leader)"
+            }
             _ => "Error",
         };
         m.insert(code.to_string(), json!({ "description": what, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } } }));
@@ -176,7 +178,7 @@ fn schemas() -> Value {
     json!({
         "Any": {},
         "Error": { "type": "object", "required": ["error", "message"], "properties": { "error": s(), "message": s() } },
-        "Health": { "type": "object", "required": ["status", "version", "apps"], "properties": { "status": s(), "version": s(), "app": { "type": ["string", "null"], "description": "The fleet's app; null when it declares several" }, "apps": { "type": "array", "items": s() } } },
+        "Health": { "type": "object", "required": ["status", "version", "apps"], "properties": { "status": s(), "version": s(), "app": { "type": ["string", "null"], "description": "The fleet's app; null when it declares several" }, "apps": { "type": "array", "items": s() }, "role": { "type": "string", "enum": ["leader", "standby"], "description": "On a shared (PostgreSQL) registry: whether this server leads (runs rollouts, takes writes) or stands by (reads only; writes get 503 not_leader with the leader's address)" }, "epoch": { "type": "integer", "description": "The fencing epoch this server's commands carry (0 on a SQLite registry)" }, "leader": { "type": ["string", "null"], "description": "The leader's address, as this server last saw it" } } },
         "Upload": { "type": "object", "required": ["artifact", "bytes", "blake3"], "properties": { "artifact": s(), "bytes": int(), "blake3": s() } },
         "VersionRequest": {
             "type": "object", "required": ["version", "artifact"], "additionalProperties": false,

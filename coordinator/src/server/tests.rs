@@ -1110,3 +1110,89 @@ async fn serve_reloads_its_certificate_on_sighup() {
     let stopped = tokio::time::timeout(std::time::Duration::from_secs(30), server).await;
     assert!(matches!(stopped, Ok(Ok(Ok(())))), "serve did not return cleanly: {stopped:?}");
 }
+
+/// `serve` of `api`'s fleet on a loopback port with `registry` (a PostgreSQL URL), its own state
+/// directory `name`, a 1 s leader lease, and `https://NAME.example:7444` as its address.
+async fn serve_shared(
+    api: &Api,
+    registry: &str,
+    name: &str,
+) -> (std::net::SocketAddr, tokio_util::sync::CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>) {
+    let mut config = FleetConfig::load(&api.root.join("fleet.toml")).expect("fleet.toml");
+    config.server.listen = "127.0.0.1:0".into();
+    config.registry = Some(registry.into());
+    config.server.artifacts_dir = Some(api.root.join(name).join("artifacts"));
+    config.server.audit_log = Some(api.root.join(name).join("audit.log"));
+    config.server.leader_lease = std::time::Duration::from_secs(1);
+    config.server.advertise = Some(format!("https://{name}.example:7444"));
+    if !api.root.join("pki/api.pem").exists() {
+        let req = CertRequest {
+            name: "api".into(),
+            role: Role::Coordinator,
+            sans: vec!["127.0.0.1".into()],
+            validity: Validity::days_from_now(1),
+        };
+        pki::issue(&api.root.join("pki"), &req, &api.root.join("pki"), false).expect("api cert");
+    }
+    (config.server.cert, config.server.key) = (Some(api.root.join("pki/api.pem")), Some(api.root.join("pki/api.key")));
+    let tls = ClientTls::load(&config.tls).expect("tls");
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let ready = move |addr| {
+        let _ = tx.send(addr);
+    };
+    let server = tokio::spawn(super::serve(config, tls, ready, shutdown.clone(), None));
+    (rx.await.expect("listening"), shutdown, server)
+}
+
+/// Two `ferry serve` on one PostgreSQL registry: one leads (epoch 1), the other is a standby
+/// that answers reads, refuses writes with the leader's address, and takes over with the next
+/// epoch once the leader is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_on_one_postgres_registry_lead_and_stand_by_and_the_standby_takes_over() {
+    let Some(pg) = crate::registry::testpg::TestPg::start() else { return };
+    let api = setup();
+    let url = pg.database("ferry");
+    let remote = |addr: std::net::SocketAddr| {
+        crate::cli::api_client::Remote::new(&crate::cli::api_client::RemoteArgs {
+            url: format!("https://{addr}"),
+            ca: Some(api.root.join("pki/ca.pem")),
+            token: Some(CI.into()),
+            ..Default::default()
+        })
+        .expect("client")
+    };
+    let role = async |r: &crate::cli::api_client::Remote, want: &str| -> Value {
+        for _ in 0..100 {
+            let h = r.call("GET", "/api/v1/health", None).await.expect("health");
+            if h["role"] == want {
+                return h;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        panic!("never {want}");
+    };
+    let (a_addr, a_stop, a_task) = serve_shared(&api, &url, "a").await;
+    let a = remote(a_addr);
+    let h = role(&a, "leader").await;
+    assert_eq!((h["epoch"].as_i64(), h["leader"].as_str()), (Some(1), Some("https://a.example:7444")), "{h}");
+    let (b_addr, b_stop, b_task) = serve_shared(&api, &url, "b").await;
+    let b = remote(b_addr);
+    let h = role(&b, "standby").await;
+    assert_eq!(h["leader"], "https://a.example:7444", "{h}");
+    // Reads work on the standby; writes are sent to the leader.
+    b.call("GET", "/api/v1/versions", None).await.expect("a read");
+    let e = b
+        .call("POST", "/api/v1/deployments", Some(&json!({"environment": "staging", "version": "1"})))
+        .await
+        .expect_err("a write");
+    let text = e.to_string();
+    assert!(text.contains("503 not_leader") && text.contains("the leader is https://a.example:7444"), "{text}");
+    // The leader stops (and gives the lease up): the standby leads with the next epoch.
+    a_stop.cancel();
+    let _ = a_task.await;
+    let h = role(&b, "leader").await;
+    assert_eq!((h["epoch"].as_i64(), h["leader"].as_str()), (Some(2), Some("https://b.example:7444")), "{h}");
+    b_stop.cancel();
+    let _ = b_task.await;
+}

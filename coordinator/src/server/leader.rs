@@ -1,0 +1,140 @@
+//! Active/standby `ferry serve` on a shared (PostgreSQL) registry: the instances compete for the
+//! registry's leader lease ([`crate::registry::SERVE_LEASE`]); the holder is the leader, renews
+//! the lease every third of its length and steps down at once when it cannot (its rollouts stop
+//! after their hosts in flight); the others are standbys. A standby that takes the lease over
+//! (the leader died, or lost the registry) has the next epoch, which fences the old leader out of
+//! every host it then touches, and resumes each deployment the old leader left running (a paused
+//! canary stays paused). A standby answers reads; writes get 503 with the leader's address.
+//!
+//! On a SQLite registry there is one server and no lease: it is always the leader, epoch 0.
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::Shared;
+use crate::registry::SERVE_LEASE;
+use crate::state::{DeploymentKind, DeploymentStatus};
+
+/// This server's part in the lease.
+pub struct Leadership {
+    /// A shared registry: leadership is contested.
+    pub contested: bool,
+    /// Who this server is in the lease (host, pid, start).
+    pub holder: String,
+    /// Where clients reach this server (`[server] advertise`).
+    pub address: String,
+    pub lease: Duration,
+    leader: AtomicBool,
+    epoch: AtomicI64,
+    /// The leader's address as last read (a standby's 503 names it).
+    seen: Mutex<Option<String>>,
+}
+
+impl Leadership {
+    pub fn new(contested: bool, address: String, lease: Duration) -> Leadership {
+        let holder =
+            format!("{}:{}:{}", crate::registry::this_hostname(), std::process::id(), crate::registry::now_ms());
+        Leadership {
+            contested,
+            holder,
+            address,
+            lease,
+            leader: AtomicBool::new(!contested),
+            epoch: AtomicI64::new(0),
+            seen: Mutex::new(None),
+        }
+    }
+
+    /// Whether this server may run rollouts and take writes.
+    pub fn is_leader(&self) -> bool {
+        self.leader.load(Ordering::SeqCst)
+    }
+
+    /// The epoch this server's commands carry.
+    pub fn epoch(&self) -> i64 {
+        self.epoch.load(Ordering::SeqCst)
+    }
+
+    /// The leader's address, as this server last saw it.
+    pub fn leader_address(&self) -> Option<String> {
+        if self.is_leader() {
+            return Some(self.address.clone());
+        }
+        self.seen.lock().ok().and_then(|s| s.clone())
+    }
+
+    pub fn role(&self) -> &'static str {
+        if self.is_leader() { "leader" } else { "standby" }
+    }
+}
+
+/// Contests the lease until `shutdown`, then gives it up if held.
+pub async fn run(state: Shared, shutdown: CancellationToken) {
+    let me = &state.leadership;
+    if !me.contested {
+        return;
+    }
+    let every = (me.lease / 3).max(Duration::from_millis(200));
+    loop {
+        match state.registry.acquire_lease(SERVE_LEASE, &me.holder, &me.address, me.lease) {
+            Ok(lease) if lease.holder == me.holder => {
+                me.epoch.store(lease.epoch, Ordering::SeqCst);
+                if !me.leader.swap(true, Ordering::SeqCst) {
+                    tracing::warn!(epoch = lease.epoch, "this server is the leader now");
+                }
+                // Every tick, not only at the takeover: a lock the old leader held goes stale
+                // only once its own lease lapses.
+                take_over(&state).await;
+            }
+            Ok(lease) => {
+                if let Ok(mut seen) = me.seen.lock() {
+                    *seen = Some(lease.address.clone());
+                }
+                step_down(&state, &format!("{} holds the lease (epoch {})", lease.holder, lease.epoch));
+            }
+            Err(e) => step_down(&state, &format!("cannot renew the lease: {e}")),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = shutdown.cancelled() => break,
+        }
+    }
+    if me.leader.swap(false, Ordering::SeqCst)
+        && let Err(e) = state.registry.release_lease(SERVE_LEASE, &me.holder)
+    {
+        tracing::warn!("cannot give the lease up: {e}");
+    }
+}
+
+/// No longer the leader: the rollouts this server runs stop after their hosts in flight.
+fn step_down(state: &Shared, why: &str) {
+    if state.leadership.leader.swap(false, Ordering::SeqCst) {
+        tracing::error!("this server is a standby now: {why}; its rollouts stop after their hosts in flight");
+        state.jobs.cancel_running();
+    }
+}
+
+/// Resumes every deployment of the registry that is running but not run here (its server is
+/// gone). Paused ones stay paused; ones whose lock is still live wait for the next tick.
+async fn take_over(state: &Shared) {
+    for env in state.config.environments.keys() {
+        if state.jobs.runs_in(env) {
+            continue;
+        }
+        let Ok(Some(lock)) = state.registry.lock_of(env) else { continue };
+        let Ok(Some(d)) = state.registry.deployment(&lock.deployment_id) else { continue };
+        let running = matches!(d.status, DeploymentStatus::Running | DeploymentStatus::Pending);
+        if !running || d.kind != DeploymentKind::Deploy || !(lock.stale() || lock.mine()) {
+            continue;
+        }
+        let Ok(app) = state.app_of(&d) else { continue };
+        let app = app.clone();
+        let op = super::jobs::Op::Resume { paused_only: false };
+        match super::jobs::start(state, &app, env, "leader takeover", None, op).await {
+            Ok(id) => tracing::warn!(deployment_id = id, environment = env, "resumed the deployment its server left"),
+            Err(e) => tracing::warn!(environment = env, "cannot resume deployment {} yet: {}", d.id, e.message),
+        }
+    }
+}
