@@ -28,7 +28,15 @@ pub enum RemoteError {
     Unreachable { url: String, reason: String },
     /// The server answered with an error.
     #[error("{method} {path}: {status} {code}: {message}")]
-    Refused { method: String, path: String, status: u16, code: String, message: String },
+    Refused {
+        method: String,
+        path: String,
+        status: u16,
+        code: String,
+        message: String,
+        /// A standby's answer (`not_leader`): where the leader is.
+        leader: Option<String>,
+    },
 }
 
 impl RemoteError {
@@ -176,15 +184,48 @@ impl Remote {
             status,
             code: value["error"].as_str().unwrap_or("error").to_string(),
             message: value["message"].as_str().map(str::to_string).unwrap_or_else(|| value.to_string()),
+            leader: value["leader"].as_str().map(str::to_string),
         })
     }
 
-    /// A JSON call: the answer's JSON, or the refusal.
+    /// A JSON call: the answer's JSON, or the refusal. A standby's refusal is followed once to
+    /// the leader it names.
     pub async fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value, RemoteError> {
+        match self.call_here(method, path, body).await {
+            Err(RemoteError::Refused { status: 503, code, leader: Some(leader), .. })
+                if code == "not_leader" && leader != self.url =>
+            {
+                eprintln!("ferry: {} is a standby; sending {method} {path} to the leader, {leader}", self.url);
+                self.at(&leader)?.call_here(method, path, body).await
+            }
+            other => other,
+        }
+    }
+
+    /// A JSON call to this server only (a standby's refusal is returned as it is).
+    pub async fn call_here(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value, RemoteError> {
         let bytes = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
         let body = Full::new(bytes).map_err(|never| match never {}).boxed();
         let resp = self.send(method, path, body, "application/json").await?;
         self.answer(method, path, resp).await
+    }
+
+    /// The same credentials, sent to `url` (an https:// address) instead.
+    fn at(&self, url: &str) -> Result<Remote, RemoteError> {
+        let bad = |reason: String| RemoteError::Unreachable { url: url.to_string(), reason };
+        let authority =
+            url.strip_prefix("https://").ok_or_else(|| bad("the leader's address is not https://".into()))?;
+        let (host, port) = crate::config::parse_host_port(authority.trim_end_matches('/'), 443)
+            .map_err(|e| bad(format!("the leader's address {e}")))?;
+        let name = ServerName::try_from(host.clone()).map_err(|e| bad(e.to_string()))?;
+        Ok(Remote {
+            url: url.trim_end_matches('/').to_string(),
+            host,
+            port,
+            tls: self.tls.clone(),
+            name,
+            token: self.token.clone(),
+        })
     }
 
     /// Uploads an archive, or a directory as a tar made on the fly (in a temporary file).

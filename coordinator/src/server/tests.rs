@@ -1112,19 +1112,20 @@ async fn serve_reloads_its_certificate_on_sighup() {
 }
 
 /// `serve` of `api`'s fleet on a loopback port with `registry` (a PostgreSQL URL), its own state
-/// directory `name`, a 1 s leader lease, and `https://NAME.example:7444` as its address.
+/// directory `name`, and a 1 s leader lease.
 async fn serve_shared(
     api: &Api,
     registry: &str,
     name: &str,
 ) -> (std::net::SocketAddr, tokio_util::sync::CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>) {
     let mut config = FleetConfig::load(&api.root.join("fleet.toml")).expect("fleet.toml");
-    config.server.listen = "127.0.0.1:0".into();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
+    config.server.listen = format!("127.0.0.1:{port}");
     config.registry = Some(registry.into());
     config.server.artifacts_dir = Some(api.root.join(name).join("artifacts"));
     config.server.audit_log = Some(api.root.join(name).join("audit.log"));
     config.server.leader_lease = std::time::Duration::from_secs(1);
-    config.server.advertise = Some(format!("https://{name}.example:7444"));
+    config.server.advertise = Some(format!("https://127.0.0.1:{port}"));
     if !api.root.join("pki/api.pem").exists() {
         let req = CertRequest {
             name: "api".into(),
@@ -1175,24 +1176,27 @@ async fn two_servers_on_one_postgres_registry_lead_and_stand_by_and_the_standby_
     let (a_addr, a_stop, a_task) = serve_shared(&api, &url, "a").await;
     let a = remote(a_addr);
     let h = role(&a, "leader").await;
-    assert_eq!((h["epoch"].as_i64(), h["leader"].as_str()), (Some(1), Some("https://a.example:7444")), "{h}");
+    let a_url = format!("https://{a_addr}");
+    assert_eq!((h["epoch"].as_i64(), h["leader"].as_str()), (Some(1), Some(a_url.as_str())), "{h}");
     let (b_addr, b_stop, b_task) = serve_shared(&api, &url, "b").await;
     let b = remote(b_addr);
     let h = role(&b, "standby").await;
-    assert_eq!(h["leader"], "https://a.example:7444", "{h}");
-    // Reads work on the standby; writes are sent to the leader.
+    assert_eq!(h["leader"].as_str(), Some(a_url.as_str()), "{h}");
+    // Reads work on the standby; a write is refused with the leader's address...
     b.call("GET", "/api/v1/versions", None).await.expect("a read");
-    let e = b
-        .call("POST", "/api/v1/deployments", Some(&json!({"environment": "staging", "version": "1"})))
-        .await
-        .expect_err("a write");
-    let text = e.to_string();
-    assert!(text.contains("503 not_leader") && text.contains("the leader is https://a.example:7444"), "{text}");
+    let deploy = json!({"environment": "staging", "version": "1"});
+    let raw = b.call_here("POST", "/api/v1/deployments", Some(&deploy)).await.expect_err("a write");
+    let text = raw.to_string();
+    assert!(text.contains("503 not_leader") && text.contains(&format!("the leader is {a_url}")), "{text}");
+    // ...which the client follows: the leader answers (version 1 was never registered).
+    let e = b.call("POST", "/api/v1/deployments", Some(&deploy)).await.expect_err("unknown version");
+    assert!(matches!(&e, crate::cli::api_client::RemoteError::Refused { status: 422, .. }), "{e}");
     // The leader stops (and gives the lease up): the standby leads with the next epoch.
     a_stop.cancel();
     let _ = a_task.await;
     let h = role(&b, "leader").await;
-    assert_eq!((h["epoch"].as_i64(), h["leader"].as_str()), (Some(2), Some("https://b.example:7444")), "{h}");
+    let b_url = format!("https://{b_addr}");
+    assert_eq!((h["epoch"].as_i64(), h["leader"].as_str()), (Some(2), Some(b_url.as_str())), "{h}");
     b_stop.cancel();
     let _ = b_task.await;
 }
