@@ -10,6 +10,7 @@
 //! - [`engine`]: the coordinator's engine run in-process against real agents (deploy, rollback).
 //! - [`debroot`]: a cached minimal Debian root (debootstrap) for hosts that install packages.
 //! - [`demo_app`]: the app the fleet runs, whose `/health` tells versions apart.
+//! - [`postgres`]: a real PostgreSQL in the coordinator's namespace (a shared registry).
 //! - [`signals`]: a real Prometheus and a webhook receiver in the coordinator's namespace.
 //! - [`bin`]: paths of the built `ferry` and `ferry-agent` binaries for CLI-level tests.
 //! - [`wait_for`]: polling for an asynchronous effect with a bounded number of tries (never a
@@ -22,6 +23,7 @@ pub mod demo_app;
 pub mod engine;
 pub mod fleet;
 pub mod pki;
+pub mod postgres;
 pub mod signals;
 
 use std::path::PathBuf;
