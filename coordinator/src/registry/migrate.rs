@@ -9,24 +9,7 @@ use super::RegistryError;
 use super::postgres::Postgres;
 use super::sqlite::Sqlite;
 
-/// A column's kind, for reading it from SQLite and binding it for PostgreSQL.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    Int,
-    Real,
-    Text,
-    Bool,
-}
-
-/// One value of a copied row.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Value {
-    Int(Option<i64>),
-    Real(Option<f64>),
-    Text(Option<String>),
-    Bool(Option<bool>),
-}
-
+use super::Kind;
 use Kind::{Bool, Int, Real, Text};
 
 /// Every table and column a registry holds (locks excepted: a migration needs none held), in
@@ -120,9 +103,6 @@ pub const TABLES: &[(&str, &[(&str, Kind)])] = &[
         ],
     ),
 ];
-
-/// A table's name, columns and rows, as copied.
-pub type Table<'a> = (&'a str, &'a [(&'a str, Kind)], Vec<Vec<Value>>);
 
 /// What a migration copied: rows per table.
 #[derive(Debug, Serialize)]

@@ -251,6 +251,29 @@ pub struct Lock {
     pub renewed_ms: i64,
 }
 
+// What `ferry registry migrate` copies between backends ([`migrate`]).
+
+/// A column's kind, for reading it from SQLite and binding it for PostgreSQL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Int,
+    Real,
+    Text,
+    Bool,
+}
+
+/// One value of a copied row.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Int(Option<i64>),
+    Real(Option<f64>),
+    Text(Option<String>),
+    Bool(Option<bool>),
+}
+
+/// A table's name, columns and rows, as copied.
+pub type Table<'a> = (&'a str, &'a [(&'a str, Kind)], Vec<Vec<Value>>);
+
 /// The name of `ferry serve`'s leader lease, whose epoch fences the agents.
 pub const SERVE_LEASE: &str = "serve";
 

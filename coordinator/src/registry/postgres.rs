@@ -284,10 +284,10 @@ impl Postgres {
         })
     }
 
-    /// Writes `tables` (from [`super::migrate`]) into this registry, which must hold no
+    /// Writes `tables` (from `ferry registry migrate`) into this registry, which must hold no
     /// deployment yet, in one transaction; the id sequences continue after the copied ids.
-    pub(crate) fn import(&self, tables: &[super::migrate::Table<'_>]) -> Result<(), RegistryError> {
-        use super::migrate::Value;
+    pub(crate) fn import(&self, tables: &[super::Table<'_>]) -> Result<(), RegistryError> {
+        use super::Value;
         self.run(async {
             let mut c = self.client().await?;
             let tx = c.transaction().await.map_err(|e| self.error(&e))?;
@@ -318,7 +318,7 @@ impl Postgres {
                         .collect();
                     tx.execute(&st, &params).await.map_err(|e| self.error(&e))?;
                 }
-                if columns.first() == Some(&("id", super::migrate::Kind::Int)) {
+                if columns.first() == Some(&("id", super::Kind::Int)) {
                     tx.execute(
                         &format!(
                             "SELECT setval(pg_get_serial_sequence('{table}', 'id'), COALESCE((SELECT MAX(id) FROM {table}), 0) + 1, false)"

@@ -219,9 +219,9 @@ impl Sqlite {
     pub(crate) fn dump(
         &self,
         table: &str,
-        columns: &[(&str, super::migrate::Kind)],
-    ) -> Result<Vec<Vec<super::migrate::Value>>, RegistryError> {
-        use super::migrate::{Kind, Value};
+        columns: &[(&str, super::Kind)],
+    ) -> Result<Vec<Vec<super::Value>>, RegistryError> {
+        use super::{Kind, Value};
         let db = self.db()?;
         let names: Vec<&str> = columns.iter().map(|(c, _)| *c).collect();
         let mut st =

@@ -1166,7 +1166,8 @@ async fn two_servers_on_one_postgres_registry_lead_and_stand_by_and_the_standby_
     let role = async |r: &crate::cli::api_client::Remote, want: &str| -> Value {
         for _ in 0..100 {
             let h = r.call("GET", "/api/v1/health", None).await.expect("health");
-            if h["role"] == want {
+            // A server that has not read the lease yet knows no leader.
+            if h["role"] == want && h["leader"].is_string() {
                 return h;
             }
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
