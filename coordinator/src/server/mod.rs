@@ -384,6 +384,8 @@ pub async fn serve(
     tracing::info!("stopping: deployments in flight finish their current hosts, then stop");
     state.jobs.cancel_all();
     state.jobs.wait_idle().await;
+    // The last rollouts' notifications get their targets' timeout to go out.
+    state.notifier.flush().await;
     connections.close();
     if tokio::time::timeout(DRAIN, connections.wait()).await.is_err() {
         tracing::info!("closing the event streams still open");

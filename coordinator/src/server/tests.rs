@@ -917,15 +917,29 @@ async fn serve_on_loopback(
     api: &Api,
     hangup: Option<tokio::signal::unix::Signal>,
 ) -> (std::net::SocketAddr, tokio_util::sync::CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>) {
+    serve_with(api, hangup, |_| {}).await
+}
+
+/// [`serve_on_loopback`] with `edit` applied to fleet.toml first (its `listen` is a free
+/// loopback port).
+async fn serve_with(
+    api: &Api,
+    hangup: Option<tokio::signal::unix::Signal>,
+    edit: impl FnOnce(&mut FleetConfig),
+) -> (std::net::SocketAddr, tokio_util::sync::CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>) {
     let mut config = FleetConfig::load(&api.root.join("fleet.toml")).expect("fleet.toml");
-    config.server.listen = "127.0.0.1:0".into();
-    let req = CertRequest {
-        name: "api".into(),
-        role: Role::Coordinator,
-        sans: vec!["127.0.0.1".into()],
-        validity: Validity::days_from_now(1),
-    };
-    pki::issue(&api.root.join("pki"), &req, &api.root.join("pki"), false).expect("api cert");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
+    config.server.listen = format!("127.0.0.1:{port}");
+    edit(&mut config);
+    if !api.root.join("pki/api.pem").exists() {
+        let req = CertRequest {
+            name: "api".into(),
+            role: Role::Coordinator,
+            sans: vec!["127.0.0.1".into()],
+            validity: Validity::days_from_now(1),
+        };
+        pki::issue(&api.root.join("pki"), &req, &api.root.join("pki"), false).expect("api cert");
+    }
     (config.server.cert, config.server.key) = (Some(api.root.join("pki/api.pem")), Some(api.root.join("pki/api.key")));
     let tls = ClientTls::load(&config.tls).expect("tls");
     let shutdown = tokio_util::sync::CancellationToken::new();
@@ -1111,39 +1125,21 @@ async fn serve_reloads_its_certificate_on_sighup() {
     assert!(matches!(stopped, Ok(Ok(Ok(())))), "serve did not return cleanly: {stopped:?}");
 }
 
-/// `serve` of `api`'s fleet on a loopback port with `registry` (a PostgreSQL URL), its own state
-/// directory `name`, and a 1 s leader lease.
+/// `serve` of `api`'s fleet with `registry` (a PostgreSQL URL), its own state directory `name`,
+/// a 1 s leader lease, and its own address advertised.
 async fn serve_shared(
     api: &Api,
     registry: &str,
     name: &str,
 ) -> (std::net::SocketAddr, tokio_util::sync::CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>) {
-    let mut config = FleetConfig::load(&api.root.join("fleet.toml")).expect("fleet.toml");
-    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
-    config.server.listen = format!("127.0.0.1:{port}");
-    config.registry = Some(registry.into());
-    config.server.artifacts_dir = Some(api.root.join(name).join("artifacts"));
-    config.server.audit_log = Some(api.root.join(name).join("audit.log"));
-    config.server.leader_lease = std::time::Duration::from_secs(1);
-    config.server.advertise = Some(format!("https://127.0.0.1:{port}"));
-    if !api.root.join("pki/api.pem").exists() {
-        let req = CertRequest {
-            name: "api".into(),
-            role: Role::Coordinator,
-            sans: vec!["127.0.0.1".into()],
-            validity: Validity::days_from_now(1),
-        };
-        pki::issue(&api.root.join("pki"), &req, &api.root.join("pki"), false).expect("api cert");
-    }
-    (config.server.cert, config.server.key) = (Some(api.root.join("pki/api.pem")), Some(api.root.join("pki/api.key")));
-    let tls = ClientTls::load(&config.tls).expect("tls");
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let ready = move |addr| {
-        let _ = tx.send(addr);
-    };
-    let server = tokio::spawn(super::serve(config, tls, ready, shutdown.clone(), None));
-    (rx.await.expect("listening"), shutdown, server)
+    serve_with(api, None, |config| {
+        config.registry = Some(registry.into());
+        config.server.artifacts_dir = Some(api.root.join(name).join("artifacts"));
+        config.server.audit_log = Some(api.root.join(name).join("audit.log"));
+        config.server.leader_lease = std::time::Duration::from_secs(1);
+        config.server.advertise = Some(format!("https://{}", config.server.listen));
+    })
+    .await
 }
 
 /// Two `ferry serve` on one PostgreSQL registry: one leads (epoch 1), the other is a standby
