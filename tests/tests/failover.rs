@@ -37,6 +37,11 @@ impl Drop for Proc {
 
 /// fleet.toml of server `name` on `port`, sharing the PostgreSQL registry.
 fn server_toml(fleet: &Fleet, pg: &FleetPg, name: &str, port: u16) -> PathBuf {
+    server_toml_with(fleet, pg, name, port, "strategy = \"rolling\"\nbatch = 1\n")
+}
+
+/// [`server_toml`] with `strategy` lines for the environment.
+fn server_toml_with(fleet: &Fleet, pg: &FleetPg, name: &str, port: u16, strategy: &str) -> PathBuf {
     let base =
         fleet.write_fleet_toml(&format!("{name}-base.toml"), &fleet.coordinator).unwrap_or_else(|e| panic!("{e}"));
     let text = std::fs::read_to_string(&base).unwrap_or_else(|e| panic!("{e}"));
@@ -45,7 +50,7 @@ fn server_toml(fleet: &Fleet, pg: &FleetPg, name: &str, port: u16) -> PathBuf {
     let text = text.replacen("retries = 10", "retries = 40", 1);
     let text = text.replacen("registry = \"registry.db\"", &format!("registry = \"{}\"", pg.url), 1)
         + &format!(
-            "strategy = \"rolling\"\nbatch = 1\n\n[server]\nlisten = \"127.0.0.1:{port}\"\nadvertise = \"https://127.0.0.1:{port}\"\n\
+            "{strategy}\n[server]\nlisten = \"127.0.0.1:{port}\"\nadvertise = \"https://127.0.0.1:{port}\"\n\
              leader_lease = \"2s\"\ncert = \"{}\"\nkey = \"{}\"\nartifacts_dir = \"{}\"\naudit_log = \"{}\"\n\n\
              [[server.tokens]]\nname = \"ci\"\nsha256 = \"{}\"\n",
             api.cert.display(),
@@ -177,4 +182,56 @@ fn the_standby_finishes_a_rollout_whose_leader_was_killed_mid_activation() {
     }
     let followed = fleet.hosts[2].exec(&["cat", "/var/lib/ferry/epoch"]).expect("epoch");
     assert_eq!(String::from_utf8_lossy(&followed.stdout).trim(), (epoch + 1).to_string());
+}
+
+/// A canary paused when its leader dies stays paused on the standby that takes over, and
+/// `ferry promote` through the new leader continues it.
+#[test]
+fn a_paused_canary_stays_paused_across_a_failover_and_the_new_leader_promotes_it() {
+    let fleet = fleet_or_skip!(2);
+    let pg = match FleetPg::start(&fleet) {
+        Ok(pg) => pg,
+        Err(why) => return skip_unless_ci(&why, "the failover test"),
+    };
+    let canary = "strategy = \"canary\"\nsteps = [1]\npause = \"manual\"\n";
+    let a_toml = server_toml_with(&fleet, &pg, "a", 18443, canary);
+    let b_toml = server_toml_with(&fleet, &pg, "b", 18444, canary);
+    let v1 = fleet.dir.join("demo-1");
+    demo_app::write_release(&v1, "1", Variant::Healthy).expect("release");
+    // A canary of v1 pauses after web-1 too: finish it by hand first.
+    let out = fleet.deploy(&a_toml.to_string_lossy(), &v1, "1", false);
+    assert!(text(&out).contains("paused"), "{}", text(&out));
+    let out = fleet.ferry(&["promote", "--config", &a_toml.to_string_lossy(), "--env", "test"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(fleet.versions(), ["1", "1"]);
+
+    let mut a = serve(&fleet, &a_toml, "a");
+    assert!(poll(Duration::from_secs(20), || role(&fleet, 18443).filter(|(r, _)| r == "leader")).is_some());
+    let _b = serve(&fleet, &b_toml, "b");
+    let ca = fleet.coordinator.ca.to_string_lossy().into_owned();
+    let v2 = fleet.dir.join("demo-2");
+    demo_app::write_release(&v2, "2", Variant::Healthy).expect("release");
+    let art = v2.to_string_lossy().into_owned();
+    let on = |port: u16, args: &[&str]| {
+        let url = format!("https://127.0.0.1:{port}");
+        let mut all = vec!["--server", url.as_str(), "--server-ca", ca.as_str(), "--token", TOKEN];
+        all.extend_from_slice(args);
+        fleet.ferry(&all)
+    };
+    let out = on(18443, &["deploy", "--env", "test", "--artifact", &art, "--version", "2"]);
+    assert!(text(&out).contains("paused"), "{}", text(&out));
+    assert_eq!(fleet.versions(), ["2", "1"]);
+    a.kill9();
+
+    // b leads; the canary is left paused (no host moves on by itself)...
+    assert!(poll(Duration::from_secs(30), || role(&fleet, 18444).filter(|(r, _)| r == "leader")).is_some());
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(fleet.versions(), ["2", "1"]);
+    let out = fleet.ferry(&["history", "--config", &b_toml.to_string_lossy(), "--output", "json", "--limit", "1"]);
+    let h: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
+    assert_eq!(h[0]["status"], "paused", "{h:#}");
+    // ...until promoted through it.
+    let out = on(18444, &["promote", "--env", "test"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(fleet.versions(), ["2", "2"]);
 }
