@@ -129,7 +129,7 @@ where
 }
 
 /// The TLS client configuration for `roots`, built once per CA file.
-fn client_config(roots: &Roots) -> Result<Arc<ClientConfig>, String> {
+pub(crate) fn client_config(roots: &Roots) -> Result<Arc<ClientConfig>, String> {
     type Configs = Mutex<Vec<(Roots, Arc<ClientConfig>)>>;
     static CONFIGS: OnceLock<Configs> = OnceLock::new();
     let configs = CONFIGS.get_or_init(Mutex::default);

@@ -8,7 +8,7 @@
 //! target timeout at its end for its queues to empty ([`Notifier::flush`]).
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -137,10 +137,9 @@ pub struct Notifier {
 /// The notes queued or being sent: (note number, deployment, kind, target).
 #[derive(Default)]
 struct Pending {
-    count: AtomicUsize,
     changed: tokio::sync::Notify,
     notes: std::sync::Mutex<Vec<(u64, String, Kind, String)>>,
-    next: std::sync::atomic::AtomicU64,
+    next: AtomicU64,
 }
 
 impl Pending {
@@ -149,15 +148,16 @@ impl Pending {
         if let Ok(mut notes) = self.notes.lock() {
             notes.push((n, note.deployment_id.clone(), note.kind, target.to_string()));
         }
-        self.count.fetch_add(1, Ordering::SeqCst);
         n
     }
     fn done(&self, n: u64) {
         if let Ok(mut notes) = self.notes.lock() {
             notes.retain(|p| p.0 != n);
         }
-        self.count.fetch_sub(1, Ordering::SeqCst);
         self.changed.notify_waiters();
+    }
+    fn is_empty(&self) -> bool {
+        self.notes.lock().map_or(true, |n| n.is_empty())
     }
 }
 
@@ -212,7 +212,7 @@ impl Notifier {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             let changed = pending.changed.notified();
-            if pending.count.load(Ordering::SeqCst) == 0 {
+            if pending.is_empty() {
                 return true;
             }
             tokio::select! {

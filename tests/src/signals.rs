@@ -96,7 +96,9 @@ impl Prometheus {
         let want = fleet.hosts.len();
         let query = "count(rate(demo_requests_total[5s]) > 0)";
         let all = poll(Duration::from_secs(30), || {
-            let (_, body) = fleet.http_get(&format!("{}/api/v1/query?query={}", self.url, encode(query))).ok()?;
+            let (_, body) = fleet
+                .http_get(&format!("{}/api/v1/query?query={}", self.url, ferry_coordinator::http::query_value(query)))
+                .ok()?;
             body.contains(&format!("\"{want}\"")).then_some(())
         });
         assert!(all.is_some(), "Prometheus never saw the demo app on all {want} hosts:\n{}", self.log_tail());
@@ -106,11 +108,6 @@ impl Prometheus {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         text.lines().rev().take(20).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
     }
-}
-
-/// `s` percent-encoded for a URL's query.
-pub fn encode(s: &str) -> String {
-    s.bytes().map(|b| if b.is_ascii_alphanumeric() { char::from(b).to_string() } else { format!("%{b:02X}") }).collect()
 }
 
 const RECEIVER: &str = r#"

@@ -52,6 +52,18 @@ impl RemoteError {
     }
 }
 
+/// A server's `https://host[:port]` address: host, port and TLS name.
+fn target(url: &str) -> Result<(String, u16, ServerName<'static>), String> {
+    let rest = url.strip_prefix("https://").ok_or("must be an https:// URL")?;
+    let authority = rest.trim_end_matches('/');
+    if authority.contains('/') {
+        return Err("give the server's address only, e.g. https://ferry.example:8443".into());
+    }
+    let (host, port) = crate::config::parse_host_port(authority, 443).map_err(|e| format!("the address {e}"))?;
+    let name = ServerName::try_from(host.clone()).map_err(|e| e.to_string())?;
+    Ok((host, port, name))
+}
+
 type Body = BoxBody<Bytes, std::io::Error>;
 
 pub struct Remote {
@@ -65,16 +77,7 @@ pub struct Remote {
 
 impl Remote {
     pub fn new(args: &RemoteArgs) -> anyhow::Result<Remote> {
-        let rest = args
-            .url
-            .strip_prefix("https://")
-            .ok_or_else(|| anyhow::anyhow!("--server {}: must be an https:// URL", args.url))?;
-        let authority = rest.trim_end_matches('/');
-        if authority.contains('/') {
-            anyhow::bail!("--server {}: give the server's address only, e.g. https://ferry.example:8443", args.url);
-        }
-        let (host, port) = crate::config::parse_host_port(authority, 443)
-            .map_err(|e| anyhow::anyhow!("--server {}: the address {e}", args.url))?;
+        let (host, port, name) = target(&args.url).map_err(|e| anyhow::anyhow!("--server {}: {e}", args.url))?;
         let ca = args.ca.as_ref().ok_or_else(|| {
             anyhow::anyhow!(
                 "--server needs the CA of the server's certificate: --server-ca (or a fleet.toml with [tls] ca)"
@@ -96,7 +99,6 @@ impl Remote {
             _ => builder.with_no_client_auth(),
         };
         tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let name = ServerName::try_from(host.clone()).map_err(|e| anyhow::anyhow!("--server {}: {e}", args.url))?;
         Ok(Remote {
             url: args.url.trim_end_matches('/').to_string(),
             host,
@@ -212,12 +214,10 @@ impl Remote {
 
     /// The same credentials, sent to `url` (an https:// address) instead.
     fn at(&self, url: &str) -> Result<Remote, RemoteError> {
-        let bad = |reason: String| RemoteError::Unreachable { url: url.to_string(), reason };
-        let authority =
-            url.strip_prefix("https://").ok_or_else(|| bad("the leader's address is not https://".into()))?;
-        let (host, port) = crate::config::parse_host_port(authority.trim_end_matches('/'), 443)
-            .map_err(|e| bad(format!("the leader's address {e}")))?;
-        let name = ServerName::try_from(host.clone()).map_err(|e| bad(e.to_string()))?;
+        let (host, port, name) = target(url).map_err(|e| RemoteError::Unreachable {
+            url: url.to_string(),
+            reason: format!("the leader's address: {e}"),
+        })?;
         Ok(Remote {
             url: url.trim_end_matches('/').to_string(),
             host,

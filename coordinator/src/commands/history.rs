@@ -19,14 +19,26 @@ pub fn deployment(registry: &dyn Registry, id: &str) -> Result<serde_json::Value
         message: format!("it records no deployment {id:?} (`ferry history` lists them)"),
     })?;
     let rows = registry.hosts(id)?;
-    let mut report = crate::rollout::report_from(d.clone(), rows, &std::collections::HashMap::new());
-    report.measurements = registry.measurements(id)?;
+    recorded(registry, d, rows)
+}
+
+/// Deployment `d` (with its host `rows`) as recorded: its report with the metric gates'
+/// measurements (the report carries its status), its error, times and every event. The API's view adds to it.
+pub fn recorded(
+    registry: &dyn Registry,
+    d: crate::registry::DeploymentRow,
+    rows: Vec<crate::registry::HostRow>,
+) -> Result<serde_json::Value, RegistryError> {
+    let (error, started, finished) = (d.error.clone(), d.started_ms, d.finished_ms);
+    let id = d.id.clone();
+    let mut report = crate::rollout::report_from(d, rows, &std::collections::HashMap::new());
+    report.measurements = registry.measurements(&id)?;
     let mut v = serde_json::json!(report);
     if let Some(o) = v.as_object_mut() {
-        o.insert("error".into(), serde_json::json!(d.error));
-        o.insert("started_ms".into(), serde_json::json!(d.started_ms));
-        o.insert("finished_ms".into(), serde_json::json!(d.finished_ms));
-        o.insert("events".into(), serde_json::json!(registry.events_since(id, 0)?));
+        o.insert("error".into(), serde_json::json!(error));
+        o.insert("started_ms".into(), serde_json::json!(started));
+        o.insert("finished_ms".into(), serde_json::json!(finished));
+        o.insert("events".into(), serde_json::json!(registry.events_since(&id, 0)?));
     }
     Ok(v)
 }

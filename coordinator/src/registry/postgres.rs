@@ -356,20 +356,17 @@ fn scrub(e: &tokio_postgres::Error, url: &str) -> String {
 fn tls_for(url: &str) -> Result<tokio_postgres_rustls::MakeRustlsConnect, String> {
     let query = url.split_once('?').map(|(_, q)| q).unwrap_or_default();
     let param = |k: &str| query.split('&').find_map(|kv| kv.strip_prefix(k).and_then(|v| v.strip_prefix('=')));
-    let file = param("sslrootcert").map_or_else(
-        || std::env::var_os("SSL_CERT_FILE").map_or_else(|| "/etc/ssl/certs/ca-certificates.crt".into(), Into::into),
-        std::path::PathBuf::from,
-    );
-    let mut roots = rustls::RootCertStore::empty();
     if param("sslmode").is_some_and(|m| m != "disable" && m != "prefer" && m != "allow") {
-        let certs =
-            ferry_proto::identity::load_certs(&file).map_err(|e| format!("sslrootcert {}: {e}", file.display()))?;
-        roots.add_parsable_certificates(certs);
+        // Verified TLS: the same roots as every other outbound call (sslrootcert, or the system's).
+        let roots = param("sslrootcert").map_or(crate::http::Roots::System, |f| crate::http::Roots::File(f.into()));
+        let config = crate::http::client_config(&roots).map_err(|e| format!("sslrootcert: {e}"))?;
+        return Ok(tokio_postgres_rustls::MakeRustlsConnect::new((*config).clone()));
     }
+    // No verification asked for: a connector that trusts nothing, for servers that offer TLS.
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS: {e}"))?
-        .with_root_certificates(roots)
+        .with_root_certificates(rustls::RootCertStore::empty())
         .with_no_client_auth();
     Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }

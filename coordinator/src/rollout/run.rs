@@ -241,8 +241,8 @@ impl Engine<'_> {
                     self.emit(&Event::Waiting { wait });
                     self.registry.event(id, None, "pause", &humantime::format_duration(wait).to_string())?;
                     let until = tokio::time::Instant::now() + wait;
-                    // The metric gates keep measuring the batch through the pause.
-                    if gated && let Some(reason) = self.bake(id, after, Some(wait)).await? {
+                    // The metric gates keep measuring the batch through the pause (none: no wait).
+                    if deploying && let Some(reason) = self.bake(id, after, Some(wait)).await? {
                         return self.halt(id, plan, &transfers, Some(&reason)).await;
                     }
                     // Woken by the cancel itself, not by polling for it.

@@ -1,6 +1,5 @@
 //! The API's routes and handlers. Every answer is JSON; every refusal is
 //! `{"error": CODE, "message": TEXT}` with a 4xx status that says whose fault it is.
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -24,7 +23,6 @@ use super::{Shared, smoke};
 use crate::commands::promote;
 use crate::config::Permission;
 use crate::config::SmokeCheck;
-use crate::rollout;
 use crate::state::DeploymentStatus;
 
 /// A JSON body; a malformed one is a 400 that says where.
@@ -639,10 +637,7 @@ pub fn view(state: &Shared, id: &str) -> Result<Value, ApiError> {
     let rows = reg.hosts(id)?;
     let smoke = reg.smoke_runs(id)?;
     let approvals = reg.approvals(id)?;
-    let events = reg.events_since(id, 0)?;
-    let mut report = rollout::report_from(d.clone(), rows.clone(), &HashMap::new());
-    report.measurements = reg.measurements(id)?;
-    let mut v = json!(report);
+    let mut v = crate::commands::history::recorded(reg, d.clone(), rows.clone())?;
     if let Some(hosts) = v.get_mut("hosts").and_then(Value::as_array_mut) {
         for (h, row) in hosts.iter_mut().zip(&rows) {
             if let Some(o) = h.as_object_mut() {
@@ -653,16 +648,11 @@ pub fn view(state: &Shared, id: &str) -> Result<Value, ApiError> {
     }
     let running = state.jobs.get(id).is_some_and(|j| !j.done());
     if let Some(o) = v.as_object_mut() {
-        o.insert("status".into(), json!(d.status));
-        o.insert("error".into(), json!(d.error));
-        o.insert("started_ms".into(), json!(d.started_ms));
-        o.insert("finished_ms".into(), json!(d.finished_ms));
         o.insert("requested_by".into(), json!(d.requested_by));
         o.insert("promoted_from".into(), json!(d.promoted_from));
         o.insert("next_environment".into(), json!(state.config.next_environment(&d.environment)));
         o.insert("smoke".into(), json!(smoke));
         o.insert("approvals".into(), json!(approvals));
-        o.insert("events".into(), json!(events));
         o.insert("running_here".into(), json!(running));
     }
     Ok(v)
