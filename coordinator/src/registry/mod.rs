@@ -39,6 +39,15 @@ pub enum RegistryError {
     Storage { registry: String, message: String },
     #[error("registry {registry}: cannot prepare the database: {reason}")]
     Open { registry: String, reason: String },
+    /// The database could not be reached, or went away mid-call (retried for a while first).
+    #[error("registry {registry}: cannot reach the database: {message}")]
+    Unreachable { registry: String, message: String },
+    /// A `ferry serve` that no longer holds the leader lease tried to write: refused.
+    #[error(
+        "registry {registry}: this server no longer holds the leader lease ({} has it, epoch {epoch}): the write was refused",
+        if holder.is_empty() { "nobody" } else { holder.as_str() }
+    )]
+    Fenced { registry: String, holder: String, epoch: i64 },
     #[error("registry: a panic while it was in use left it unusable in this process; restart ferry")]
     Poisoned,
     #[error(
@@ -56,6 +65,12 @@ pub enum RegistryError {
 pub trait Registry: Send + Sync {
     /// Where it is kept, for messages.
     fn describe(&self) -> String;
+
+    /// From now on this process writes only while `holder` has the `ferry serve` leader lease
+    /// ([`SERVE_LEASE`]); any other write is refused ([`RegistryError::Fenced`]), so a leader
+    /// that lost the lease cannot change the record. A shared registry only; SQLite has one
+    /// server and ignores it.
+    fn fence_writes(&self, _holder: &str) {}
 
     /// The lock of an environment, if held.
     fn lock_of(&self, env: &str) -> Result<Option<Lock>, RegistryError>;

@@ -14,6 +14,7 @@ use std::collections::HashSet;
 use std::future::Future;
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake};
+use std::time::{Duration, Instant};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::Row;
@@ -21,7 +22,7 @@ use tokio_postgres::types::ToSql;
 
 use super::{
     Approval, DeploymentRow, EnvReport, EventRow, HostRow, HostUpdate, Lease, Lock, Measurement, NewDeployment,
-    Registry, RegistryError, SlowHost, SmokeRun, VersionRow, now_ms, this_hostname,
+    Registry, RegistryError, SERVE_LEASE, SlowHost, SmokeRun, VersionRow, now_ms, this_hostname,
 };
 use crate::state::{DeploymentKind, DeploymentStatus, HostState, legal};
 
@@ -150,7 +151,16 @@ pub struct Postgres {
     runtime: Option<tokio::runtime::Runtime>,
     /// `postgres://user@host:port/db`: never the password.
     describe: String,
+    /// Set by a `ferry serve` on this registry ([`Registry::fence_writes`]): its writes go
+    /// through only while this holder has the leader lease.
+    fence: std::sync::OnceLock<String>,
 }
+
+/// How long one call may take before it counts as unanswered (a database gone quiet, a link
+/// cut: TCP alone would wait minutes).
+const ATTEMPT: Duration = Duration::from_secs(10);
+/// How long a call is retried while the database cannot be reached (a restart, a failover).
+const RETRY_FOR: Duration = Duration::from_secs(30);
 
 impl Drop for Postgres {
     fn drop(&mut self) {
@@ -204,13 +214,55 @@ impl Postgres {
                 .build()
                 .map_err(|e| open_error(e.to_string()))?
         };
-        let pg = Postgres { pool, runtime: Some(runtime), describe };
-        pg.migrate()?;
+        let pg = Postgres { pool, runtime: Some(runtime), describe, fence: std::sync::OnceLock::new() };
+        // At start an unreachable database is an error at once, not after the retries.
+        pg.block_on(pg.bounded(pg.migrate())).map_err(|e| match e {
+            RegistryError::Unreachable { registry, message } => {
+                RegistryError::Open { registry, reason: format!("cannot reach the database: {message}") }
+            }
+            e => e,
+        })?;
         Ok(pg)
     }
 
+    /// Runs the call `f` makes to its end: each attempt bounded by [`ATTEMPT`], retried with
+    /// backoff for [`RETRY_FOR`] while the database cannot be reached. Every call is one
+    /// transaction (or one statement), so an attempt cut short changed nothing.
+    fn run<T, F>(&self, mut f: impl FnMut() -> F) -> Result<T, RegistryError>
+    where
+        F: Future<Output = Result<T, RegistryError>>,
+    {
+        let mut retrying = || {
+            let started = Instant::now();
+            let mut pause = Duration::from_millis(100);
+            loop {
+                match self.block_on(self.bounded(f())) {
+                    Err(RegistryError::Unreachable { message, .. }) if started.elapsed() + pause < RETRY_FOR => {
+                        tracing::warn!(registry = self.describe, "{message}; retrying in {} ms", pause.as_millis());
+                        std::thread::sleep(pause);
+                        pause = (pause * 2).min(Duration::from_secs(2));
+                    }
+                    r => return r,
+                }
+            }
+        };
+        // A worker of a multi-threaded runtime hands its other tasks on while this one waits.
+        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(retrying),
+            _ => retrying(),
+        }
+    }
+
+    /// `f`, or [`RegistryError::Unreachable`] once it has taken [`ATTEMPT`].
+    async fn bounded<T>(&self, f: impl Future<Output = Result<T, RegistryError>>) -> Result<T, RegistryError> {
+        match tokio::time::timeout(ATTEMPT, f).await {
+            Ok(r) => r,
+            Err(_) => Err(self.unreachable(format!("no answer in {} s", ATTEMPT.as_secs()))),
+        }
+    }
+
     /// Runs `f` to its end on this thread, with the registry's runtime driving the I/O.
-    fn run<T>(&self, f: impl Future<Output = Result<T, RegistryError>>) -> Result<T, RegistryError> {
+    fn block_on<T>(&self, f: impl Future<Output = T>) -> T {
         let _in = self.runtime.as_ref().map(tokio::runtime::Runtime::enter);
         let waker = Arc::new(Unpark(std::thread::current())).into();
         let mut cx = Context::from_waker(&waker);
@@ -223,24 +275,72 @@ impl Postgres {
         }
     }
 
+    fn unreachable(&self, message: String) -> RegistryError {
+        RegistryError::Unreachable { registry: self.describe.clone(), message }
+    }
+
+    /// A failed statement: [`RegistryError::Unreachable`] when the connection or the server
+    /// went away (worth retrying), else [`RegistryError::Storage`].
     fn error(&self, e: &tokio_postgres::Error) -> RegistryError {
-        let message = match e.as_db_error() {
-            Some(db) => format!("{}: {}", db.code().code(), db.message()),
-            None => e.to_string(),
+        let Some(db) = e.as_db_error() else {
+            let io = std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>());
+            if e.is_closed() || io {
+                return self.unreachable(e.to_string());
+            }
+            return RegistryError::Storage { registry: self.describe.clone(), message: e.to_string() };
         };
+        let code = db.code().code();
+        let message = format!("{code}: {}", db.message());
+        // Connection exceptions, the server shutting down or starting, serialization failures.
+        if code.starts_with("08") || code.starts_with("57P") || code == "40001" || code == "40P01" {
+            return self.unreachable(message);
+        }
         RegistryError::Storage { registry: self.describe.clone(), message }
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, RegistryError> {
-        self.pool.get().await.map_err(|e| RegistryError::Storage {
-            registry: self.describe.clone(),
-            message: format!("cannot reach the database: {e}"),
+        use deadpool_postgres::PoolError;
+        self.pool.get().await.map_err(|e| match e {
+            PoolError::Backend(e) => self.error(&e),
+            PoolError::Timeout(_) => self.unreachable("no connection in time".into()),
+            e => RegistryError::Storage { registry: self.describe.clone(), message: e.to_string() },
         })
     }
 
+    /// A transaction on `c` for a write: when fenced, it first checks (and holds, until it ends)
+    /// the leader lease, so a server that lost the lease writes nothing.
+    async fn begin<'c>(
+        &self,
+        c: &'c mut deadpool_postgres::Object,
+    ) -> Result<deadpool_postgres::Transaction<'c>, RegistryError> {
+        let tx = c.transaction().await.map_err(|e| self.error(&e))?;
+        if let Some(me) = self.fence.get() {
+            let row = tx
+                .query_opt("SELECT holder, epoch FROM leases WHERE name = $1 FOR SHARE", &[&SERVE_LEASE])
+                .await
+                .map_err(|e| self.error(&e))?;
+            let (holder, epoch) = row.map_or((String::new(), 0), |r| (r.get(0), r.get(1)));
+            if holder != *me {
+                return Err(RegistryError::Fenced { registry: self.describe.clone(), holder, epoch });
+            }
+        }
+        Ok(tx)
+    }
+
+    async fn commit(&self, tx: deadpool_postgres::Transaction<'_>) -> Result<(), RegistryError> {
+        tx.commit().await.map_err(|e| self.error(&e))
+    }
+
+    /// One write statement (fenced when the registry is).
     async fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, RegistryError> {
-        let c = self.client().await?;
-        c.execute(sql, params).await.map_err(|e| self.error(&e))
+        let mut c = self.client().await?;
+        if self.fence.get().is_none() {
+            return c.execute(sql, params).await.map_err(|e| self.error(&e));
+        }
+        let tx = self.begin(&mut c).await?;
+        let n = tx.execute(sql, params).await.map_err(|e| self.error(&e))?;
+        self.commit(tx).await?;
+        Ok(n)
     }
 
     async fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, RegistryError> {
@@ -253,13 +353,15 @@ impl Postgres {
         c.query_opt(sql, params).await.map_err(|e| self.error(&e))
     }
 
-    fn migrate(&self) -> Result<(), RegistryError> {
-        self.run(async {
+    async fn migrate(&self) -> Result<(), RegistryError> {
+        {
             let mut c = self.client().await?;
             let tx = c.transaction().await.map_err(|e| self.error(&e))?;
-            tx.batch_execute("CREATE TABLE IF NOT EXISTS ferry_schema (version BIGINT NOT NULL); LOCK TABLE ferry_schema")
-                .await
-                .map_err(|e| self.error(&e))?;
+            tx.batch_execute(
+                "CREATE TABLE IF NOT EXISTS ferry_schema (version BIGINT NOT NULL); LOCK TABLE ferry_schema",
+            )
+            .await
+            .map_err(|e| self.error(&e))?;
             let row = tx.query_opt("SELECT version FROM ferry_schema", &[]).await.map_err(|e| self.error(&e))?;
             let have = row.map_or(0, |r| r.get::<_, i64>(0));
             let know = i64::try_from(SCHEMA.len()).unwrap_or(i64::MAX);
@@ -281,14 +383,14 @@ impl Postgres {
             }
             .map_err(|e| self.error(&e))?;
             tx.commit().await.map_err(|e| self.error(&e))
-        })
+        }
     }
 
     /// Writes `tables` (from `ferry registry migrate`) into this registry, which must hold no
     /// deployment yet, in one transaction; the id sequences continue after the copied ids.
     pub(crate) fn import(&self, tables: &[super::Table<'_>]) -> Result<(), RegistryError> {
         use super::Value;
-        self.run(async {
+        self.run(|| async move {
             let mut c = self.client().await?;
             let tx = c.transaction().await.map_err(|e| self.error(&e))?;
             let have: i64 =
@@ -334,14 +436,11 @@ impl Postgres {
     }
 
     async fn event_async(&self, id: &str, host: Option<&str>, kind: &str, message: &str) -> Result<(), RegistryError> {
-        self.execute(
-            "INSERT INTO events (deployment_id, time_ms, host, kind, message) VALUES ($1, $2, $3, $4, $5)",
-            &[&id, &now_ms(), &host, &kind, &message],
-        )
-        .await
-        .map(|_| ())
+        self.execute(EVENT, &[&id, &now_ms(), &host, &kind, &message]).await.map(|_| ())
     }
 }
+
+const EVENT: &str = "INSERT INTO events (deployment_id, time_ms, host, kind, message) VALUES ($1, $2, $3, $4, $5)";
 
 /// A connection error's text without the URL's password.
 fn scrub(e: &tokio_postgres::Error, url: &str) -> String {
@@ -447,7 +546,7 @@ impl Registry for Postgres {
     }
 
     fn lock_of(&self, env: &str) -> Result<Option<Lock>, RegistryError> {
-        self.run(async {
+        self.run(|| async move {
             let row = self
                 .query_opt(
                     "SELECT deployment_id, owner, hostname, pid, since_ms, renewed_ms FROM locks WHERE environment = $1",
@@ -459,9 +558,9 @@ impl Registry for Postgres {
     }
 
     fn lock(&self, env: &str, deployment_id: &str, force: bool) -> Result<Option<Lock>, RegistryError> {
-        self.run(async {
+        self.run(|| async move {
             let mut c = self.client().await?;
-            let tx = c.transaction().await.map_err(|e| self.error(&e))?;
+            let tx = self.begin(&mut c).await?;
             // One taker at a time, also when no row exists yet.
             tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&env]).await.map_err(|e| self.error(&e))?;
             let held = tx
@@ -493,7 +592,7 @@ impl Registry for Postgres {
     }
 
     fn unlock(&self, env: &str, deployment_id: &str) -> Result<(), RegistryError> {
-        self.run(async {
+        self.run(|| async move {
             self.execute("DELETE FROM locks WHERE environment = $1 AND deployment_id = $2", &[&env, &deployment_id])
                 .await
                 .map(|_| ())
@@ -507,7 +606,7 @@ impl Registry for Postgres {
         address: &str,
         ttl: std::time::Duration,
     ) -> Result<Lease, RegistryError> {
-        self.run(async {
+        self.run(|| async move {
             let mut c = self.client().await?;
             let tx = c.transaction().await.map_err(|e| self.error(&e))?;
             tx.execute("SELECT pg_advisory_xact_lock(hashtext('lease:' || $1))", &[&name])
@@ -535,7 +634,7 @@ impl Registry for Postgres {
     }
 
     fn lease_of(&self, name: &str) -> Result<Option<Lease>, RegistryError> {
-        self.run(async {
+        self.run(|| async move {
             let row = self
                 .query_opt("SELECT name, holder, address, epoch, expires_ms FROM leases WHERE name = $1", &[&name])
                 .await?;
@@ -544,15 +643,22 @@ impl Registry for Postgres {
     }
 
     fn release_lease(&self, name: &str, holder: &str) -> Result<(), RegistryError> {
-        self.run(async {
-            self.execute("UPDATE leases SET expires_ms = 0 WHERE name = $1 AND holder = $2", &[&name, &holder])
+        self.run(|| async move {
+            // Not fenced: it changes nothing unless `holder` has the lease.
+            let c = self.client().await?;
+            c.execute("UPDATE leases SET expires_ms = 0 WHERE name = $1 AND holder = $2", &[&name, &holder])
                 .await
                 .map(|_| ())
+                .map_err(|e| self.error(&e))
         })
     }
 
+    fn fence_writes(&self, holder: &str) {
+        let _ = self.fence.set(holder.to_string());
+    }
+
     fn renew_lock(&self, env: &str, deployment_id: &str) -> Result<(), RegistryError> {
-        self.run(async {
+        self.run(|| async move {
             self.execute(
                 "UPDATE locks SET renewed_ms = $3 WHERE environment = $1 AND deployment_id = $2",
                 &[&env, &deployment_id, &now_ms()],
@@ -563,9 +669,9 @@ impl Registry for Postgres {
     }
 
     fn create(&self, d: &NewDeployment<'_>) -> Result<(), RegistryError> {
-        self.run(async {
+        self.run(|| async move {
             let mut c = self.client().await?;
-            let tx = c.transaction().await.map_err(|e| self.error(&e))?;
+            let tx = self.begin(&mut c).await?;
             let now = now_ms();
             tx.execute(
                 "INSERT INTO deployments (id, kind, environment, version, release_id, artifact, manifest_hash, strategy, status, started_ms, app)
@@ -595,23 +701,32 @@ impl Registry for Postgres {
     }
 
     fn set_status(&self, id: &str, status: DeploymentStatus, error: Option<&str>) -> Result<(), RegistryError> {
-        self.run(async {
+        self.run(|| async move {
             let finished = status.is_finished().then(now_ms);
             let text = status.as_str();
-            self.execute(
+            let mut c = self.client().await?;
+            let tx = self.begin(&mut c).await?;
+            tx.execute(
                 "UPDATE deployments SET status = $2, error = COALESCE($3, error), finished_ms = $4 WHERE id = $1",
                 &[&id, &text, &error, &finished],
             )
-            .await?;
-            self.event_async(id, None, text, error.unwrap_or("")).await
+            .await
+            .map_err(|e| self.error(&e))?;
+            let message = error.unwrap_or("");
+            let none: Option<&str> = None;
+            tx.execute(EVENT, &[&id, &now_ms(), &none, &text, &message]).await.map_err(|e| self.error(&e))?;
+            self.commit(tx).await
         })
     }
 
     fn set_host(&self, id: &str, host: &str, to: HostState, update: &HostUpdate<'_>) -> Result<(), RegistryError> {
-        self.run(async {
-            let row = self
-                .query_opt("SELECT state FROM hosts WHERE deployment_id = $1 AND host = $2", &[&id, &host])
-                .await?
+        self.run(|| async move {
+            let mut c = self.client().await?;
+            let tx = self.begin(&mut c).await?;
+            let row = tx
+                .query_opt("SELECT state FROM hosts WHERE deployment_id = $1 AND host = $2 FOR UPDATE", &[&id, &host])
+                .await
+                .map_err(|e| self.error(&e))?
                 .ok_or_else(|| RegistryError::Storage {
                     registry: self.describe.clone(),
                     message: format!("deployment {id} has no host {host}"),
@@ -625,7 +740,7 @@ impl Registry for Postgres {
             let ends = to.is_terminal() || to == HostState::Staged;
             let bytes = i64::try_from(update.bytes).unwrap_or(i64::MAX);
             let activate_ms = update.activate_ms.and_then(|ms| i64::try_from(ms).ok());
-            self.execute(
+            tx.execute(
                 "UPDATE hosts SET state = $3,
                    previous_release = COALESCE($4, previous_release),
                    bytes_sent = bytes_sent + $5,
@@ -649,24 +764,27 @@ impl Registry for Postgres {
                     &update.release,
                 ],
             )
-            .await?;
-            self.event_async(id, Some(host), to.as_str(), update.error.unwrap_or("")).await
+            .await
+            .map_err(|e| self.error(&e))?;
+            let (kind, message) = (to.as_str(), update.error.unwrap_or(""));
+            tx.execute(EVENT, &[&id, &now, &host, &kind, &message]).await.map_err(|e| self.error(&e))?;
+            self.commit(tx).await
         })
     }
 
     fn event(&self, id: &str, host: Option<&str>, kind: &str, message: &str) -> Result<(), RegistryError> {
-        self.run(self.event_async(id, host, kind, message))
+        self.run(|| self.event_async(id, host, kind, message))
     }
 
     fn deployment(&self, id: &str) -> Result<Option<DeploymentRow>, RegistryError> {
-        self.run(async {
+        self.run(|| async move {
             let q = format!("SELECT {DEPLOYMENT_COLUMNS} FROM deployments d WHERE d.id = $1");
             self.query_opt(&q, &[&id]).await?.as_ref().map(deployment_row).transpose()
         })
     }
 
     fn hosts(&self, id: &str) -> Result<Vec<HostRow>, RegistryError> {
-        self.run(async {
+        self.run(|| async move {
             let rows = self
                 .query(
                     "SELECT host, batch, state, previous_release, started_ms, finished_ms, bytes_sent, error, activate_ms, release
@@ -694,7 +812,7 @@ impl Registry for Postgres {
     }
 
     fn activated_hosts(&self, id: &str) -> Result<HashSet<String>, RegistryError> {
-        self.run(async {
+        self.run(|| async move {
             let rows = self
                 .query(
                     "SELECT DISTINCT host FROM events WHERE deployment_id = $1 AND kind = 'activating' AND host IS NOT NULL",
@@ -706,7 +824,7 @@ impl Registry for Postgres {
     }
 
     fn history(&self, env: Option<&str>, app: Option<&str>, limit: usize) -> Result<Vec<DeploymentRow>, RegistryError> {
-        self.run(async {
+        self.run(|| async move {
             let q = format!(
                 "SELECT {DEPLOYMENT_COLUMNS} FROM deployments d WHERE ($1::TEXT IS NULL OR d.environment = $1)
                  AND ($2::TEXT IS NULL OR d.app = $2) ORDER BY d.started_ms DESC, d.seq DESC LIMIT $3"
@@ -718,12 +836,12 @@ impl Registry for Postgres {
 
     fn report(&self, env: Option<&str>) -> Result<Vec<EnvReport>, RegistryError> {
         let finished = self.history(env, None, usize::MAX >> 1)?;
-        let rolled_back: HashSet<String> = self.run(async {
+        let rolled_back: HashSet<String> = self.run(|| async move {
             let rows = self.query("SELECT DISTINCT deployment_id FROM hosts WHERE state = 'rolled_back'", &[]).await?;
             Ok(rows.iter().map(|r| r.get(0)).collect())
         })?;
         super::build_report(finished, &rolled_back, |e, app| {
-            self.run(async {
+            self.run(|| async move {
                 let rows = self.query(super::SLOWEST_HOSTS, &[&e, &app]).await?;
                 Ok(rows
                     .iter()
@@ -738,7 +856,7 @@ impl Registry for Postgres {
     }
 
     fn latest_deployment(&self, env: &str, app: Option<&str>) -> Result<Option<String>, RegistryError> {
-        self.run(async {
+        self.run(|| async move {
             let row = self
                 .query_opt(
                     "SELECT id FROM deployments WHERE environment = $1 AND ($2::TEXT IS NULL OR app = $2)
@@ -751,7 +869,7 @@ impl Registry for Postgres {
     }
 
     fn events_since(&self, id: &str, after: i64) -> Result<Vec<EventRow>, RegistryError> {
-        self.run(async {
+        self.run(|| async move {
             let rows = self
                 .query(
                     "SELECT id, time_ms, host, kind, message FROM events WHERE deployment_id = $1 AND id > $2 ORDER BY id",
@@ -766,7 +884,7 @@ impl Registry for Postgres {
     }
 
     fn live_group(&self, env: &str) -> Result<Option<(String, String)>, RegistryError> {
-        self.run(async {
+        self.run(|| async move {
             let row =
                 self.query_opt("SELECT grp, deployment_id FROM live_groups WHERE environment = $1", &[&env]).await?;
             Ok(row.map(|r| (r.get(0), r.get(1))))
@@ -774,7 +892,7 @@ impl Registry for Postgres {
     }
 
     fn set_live_group(&self, env: &str, group: &str, deployment_id: &str) -> Result<(), RegistryError> {
-        self.run(async {
+        self.run(|| async move {
             self.execute(
                 "INSERT INTO live_groups (environment, grp, deployment_id, since_ms) VALUES ($1, $2, $3, $4)
                  ON CONFLICT (environment) DO UPDATE SET grp = $2, deployment_id = $3, since_ms = $4",
@@ -789,7 +907,7 @@ impl Registry for Postgres {
         if let Some(existing) = self.version(&v.app, &v.version)? {
             return Ok(Some(existing));
         }
-        self.run(async {
+        self.run(|| async move {
             let metadata = serde_json::Value::Object(v.metadata.clone()).to_string();
             let inserted = self
                 .execute(
@@ -817,14 +935,14 @@ impl Registry for Postgres {
     }
 
     fn version(&self, app: &str, version: &str) -> Result<Option<VersionRow>, RegistryError> {
-        self.run(async {
+        self.run(|| async move {
             let q = format!("SELECT {VERSION_COLUMNS} FROM versions WHERE app = $1 AND version = $2");
             Ok(self.query_opt(&q, &[&app, &version]).await?.as_ref().map(version_row))
         })
     }
 
     fn versions(&self, app: Option<&str>, limit: usize) -> Result<Vec<VersionRow>, RegistryError> {
-        self.run(async {
+        self.run(|| async move {
             let q = format!(
                 "SELECT {VERSION_COLUMNS} FROM versions WHERE $1::TEXT IS NULL OR app = $1 ORDER BY registered_ms DESC, seq DESC LIMIT $2"
             );
@@ -834,7 +952,7 @@ impl Registry for Postgres {
     }
 
     fn claim_versions(&self, app: &str) -> Result<usize, RegistryError> {
-        self.run(async {
+        self.run(|| async move {
             let n = self
                 .execute(
                     "UPDATE versions SET app = $1 WHERE app = '' AND version NOT IN (SELECT version FROM versions WHERE app = $1)",
@@ -846,7 +964,7 @@ impl Registry for Postgres {
     }
 
     fn set_requested_by(&self, id: &str, by: &str, promoted_from: Option<&str>) -> Result<(), RegistryError> {
-        self.run(async {
+        self.run(|| async move {
             self.execute(
                 "UPDATE deployments SET requested_by = COALESCE(requested_by, $2), promoted_from = COALESCE($3, promoted_from) WHERE id = $1",
                 &[&id, &by, &promoted_from],
@@ -857,7 +975,7 @@ impl Registry for Postgres {
     }
 
     fn record_smoke(&self, run: &SmokeRun) -> Result<i64, RegistryError> {
-        self.run(async {
+        self.run(|| async move {
             let row = self
                 .query_opt(
                     "INSERT INTO smoke_runs (deployment_id, run_by, started_ms, finished_ms, passed, results, env_checks)
@@ -882,7 +1000,7 @@ impl Registry for Postgres {
     }
 
     fn smoke_runs(&self, deployment_id: &str) -> Result<Vec<SmokeRun>, RegistryError> {
-        self.run(async {
+        self.run(|| async move {
             let rows = self
                 .query(
                     "SELECT id, deployment_id, run_by, started_ms, finished_ms, passed, results, env_checks FROM smoke_runs
@@ -910,7 +1028,7 @@ impl Registry for Postgres {
     }
 
     fn approve(&self, deployment_id: &str, environment: &str, by: &str) -> Result<(), RegistryError> {
-        self.run(async {
+        self.run(|| async move {
             self.execute(
                 "INSERT INTO approvals (deployment_id, environment, approved_by, time_ms) VALUES ($1, $2, $3, $4)
                  ON CONFLICT DO NOTHING",
@@ -929,7 +1047,7 @@ impl Registry for Postgres {
         by: &str,
         promotion: &str,
     ) -> Result<(), RegistryError> {
-        self.run(async {
+        self.run(|| async move {
             self.execute(
                 "UPDATE approvals SET used_by = $4
                  WHERE deployment_id = $1 AND environment = $2 AND approved_by = $3 AND used_by IS NULL",
@@ -942,7 +1060,7 @@ impl Registry for Postgres {
     }
 
     fn approvals(&self, deployment_id: &str) -> Result<Vec<Approval>, RegistryError> {
-        self.run(async {
+        self.run(|| async move {
             let rows = self
                 .query(
                     "SELECT deployment_id, environment, approved_by, time_ms, used_by FROM approvals WHERE deployment_id = $1 ORDER BY time_ms",
@@ -963,7 +1081,7 @@ impl Registry for Postgres {
     }
 
     fn record_measurement(&self, m: &Measurement) -> Result<(), RegistryError> {
-        self.run(async {
+        self.run(|| async move {
             self.execute(
                 "INSERT INTO measurements (deployment_id, batch, gate, at_ms, outcome, value, baseline, detail)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
@@ -984,7 +1102,7 @@ impl Registry for Postgres {
     }
 
     fn measurements(&self, deployment_id: &str) -> Result<Vec<Measurement>, RegistryError> {
-        self.run(async {
+        self.run(|| async move {
             let rows = self
                 .query(
                     "SELECT deployment_id, batch, gate, at_ms, outcome, value, baseline, detail FROM measurements
@@ -1074,6 +1192,65 @@ mod tests {
             .unwrap_or_default();
         assert!(e.contains("postgres://ferry@127.0.0.1:1/fleet") && e.contains("cannot reach the database"), "{e}");
         assert!(!e.contains("hunter2"), "{e}");
+    }
+
+    /// The server restarted under a running deployment: the call made while it is down waits
+    /// for it and goes through, exactly once; nothing is lost.
+    #[test]
+    fn calls_ride_out_a_database_restart() {
+        let Some(pg) = TestPg::start() else { return };
+        let reg = open(&pg);
+        let hosts = [("web-1".to_string(), 0usize)];
+        let d = NewDeployment {
+            id: "d-1",
+            kind: DeploymentKind::Deploy,
+            environment: "prod",
+            version: "2",
+            release_id: "r",
+            artifact: "a",
+            manifest_hash: "h",
+            strategy: "rolling",
+            hosts: &hosts,
+            app: "web",
+        };
+        reg.create(&d).expect("create");
+        reg.set_host("d-1", "web-1", HostState::Staging, &HostUpdate::default()).expect("staging");
+        pg.stop();
+        let back = std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(1500));
+                pg.start_again();
+            });
+            let t = Instant::now();
+            reg.set_host("d-1", "web-1", HostState::Staged, &HostUpdate::default()).expect("staged, after the restart");
+            t.elapsed()
+        });
+        assert!(back >= Duration::from_millis(1000), "it returned before the server was back: {back:?}");
+        reg.set_host("d-1", "web-1", HostState::Activating, &HostUpdate::default()).expect("activating");
+        let kinds: Vec<String> = reg.events_since("d-1", 0).expect("events").into_iter().map(|e| e.kind).collect();
+        assert_eq!(kinds, ["created", "staging", "staged", "activating"]);
+    }
+
+    /// A server fenced to its lease writes only while it holds it; reads go on.
+    #[test]
+    fn a_fenced_registry_writes_only_while_it_holds_the_lease() {
+        let Some(pg) = TestPg::start() else { return };
+        let reg = open(&pg);
+        reg.fence_writes("a:1:1");
+        let e = reg.lock("prod", "d-1", false).expect_err("no lease yet");
+        assert!(matches!(e, RegistryError::Fenced { .. }), "{e}");
+        let lease = Duration::from_secs(60);
+        reg.acquire_lease(SERVE_LEASE, "a:1:1", "https://a", lease).expect("a leads");
+        reg.lock("prod", "d-1", false).expect("a writes");
+        // b takes over (a's lease lapsed): a's writes are refused, naming b and its epoch.
+        pg.psql("ferry", "UPDATE leases SET expires_ms = 0");
+        let b = open(&pg);
+        assert_eq!(b.acquire_lease(SERVE_LEASE, "b:2:2", "https://b", lease).expect("b leads").epoch, 2);
+        let e = reg.renew_lock("prod", "d-1").expect_err("a was deposed");
+        assert!(e.to_string().contains("no longer holds the leader lease (b:2:2 has it, epoch 2)"), "{e}");
+        let e = reg.event("d-1", None, "note", "from a").expect_err("a was deposed");
+        assert!(matches!(e, RegistryError::Fenced { .. }), "{e}");
+        assert_eq!(reg.lock_of("prod").expect("reads go on").map(|l| l.deployment_id), Some("d-1".into()));
     }
 
     #[test]

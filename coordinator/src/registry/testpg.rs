@@ -71,6 +71,18 @@ impl TestPg {
         );
     }
 
+    /// Stops the server (fast: its sessions are ended), keeping its data.
+    pub fn stop(&self) {
+        self.run("pg_ctl", &["-D", &self.dir.join("data").to_string_lossy(), "-m", "fast", "-w", "stop"]);
+    }
+
+    /// Starts it again after [`TestPg::stop`], on the same port.
+    pub fn start_again(&self) {
+        let opts = format!("-p {} -c listen_addresses=127.0.0.1 -k {} -c fsync=off", self.port, self.dir.display());
+        let (data, log) = (self.dir.join("data"), self.dir.join("log"));
+        self.run("pg_ctl", &["-D", &data.to_string_lossy(), "-l", &log.to_string_lossy(), "-o", &opts, "-w", "start"]);
+    }
+
     /// A URL of a fresh database `name` on this server.
     pub fn database(&self, name: &str) -> String {
         if name != "ferry" {

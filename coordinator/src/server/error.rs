@@ -65,6 +65,12 @@ impl From<RegistryError> for ApiError {
     fn from(e: RegistryError) -> Self {
         match e {
             RegistryError::Locked { .. } => ApiError::conflict("environment_locked", e.to_string()),
+            RegistryError::Unreachable { .. } => {
+                ApiError::new(axum::http::StatusCode::SERVICE_UNAVAILABLE, "registry_unavailable", e.to_string())
+            }
+            RegistryError::Fenced { .. } => {
+                ApiError::new(axum::http::StatusCode::SERVICE_UNAVAILABLE, "not_leader", e.to_string())
+            }
             RegistryError::Storage { .. }
             | RegistryError::Open { .. }
             | RegistryError::Poisoned

@@ -127,6 +127,9 @@ impl AppState {
             config.server.advertise.clone().unwrap_or_else(|| format!("https://{}", config.server.listen)),
             config.server.leader_lease,
         );
+        if leadership.contested {
+            registry.fence_writes(&leadership.holder);
+        }
         Ok(AppState {
             config,
             apps,
