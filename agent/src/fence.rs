@@ -14,6 +14,9 @@ pub const EPOCH_KEY: &str = "ferry-epoch";
 pub struct Fence {
     path: PathBuf,
     highest: Mutex<u64>,
+    /// The highest epoch, for the uploads in progress to stop at once when a newer coordinator
+    /// comes ([`Fence::overtaken`]).
+    seen: tokio::sync::watch::Sender<u64>,
 }
 
 /// The epoch `req` carries (0 without one).
@@ -42,7 +45,7 @@ impl Fence {
             }),
             Err(_) => 0,
         };
-        Fence { path, highest: Mutex::new(highest) }
+        Fence { path, highest: Mutex::new(highest), seen: tokio::sync::watch::Sender::new(highest) }
     }
 
     /// The highest epoch seen.
@@ -66,8 +69,24 @@ impl Fence {
             })?;
             tracing::info!(epoch, previous = *highest, "following a new coordinator epoch");
             *highest = epoch;
+            self.seen.send_replace(epoch);
         }
         Ok(())
+    }
+
+    /// Resolves once a coordinator of a higher epoch than `epoch` has been let through: a
+    /// command of `epoch` still in progress (an upload from a leader cut off mid-transfer) is
+    /// stopped then, and frees its app for the new leader at once.
+    pub async fn overtaken(&self, epoch: u64) -> Status {
+        let mut seen = self.seen.subscribe();
+        let newer = seen.wait_for(|h| *h > epoch).await.map(|h| *h);
+        match newer {
+            Ok(h) => Status::failed_precondition(format!(
+                "fenced: coordinator epoch {h} took over while this command of epoch {epoch} was in progress; it was stopped, and nothing this host runs changed"
+            )),
+            // The fence is gone with its service: nothing newer will come.
+            Err(_) => std::future::pending().await,
+        }
     }
 }
 
@@ -94,5 +113,22 @@ mod tests {
         req.metadata_mut().insert(EPOCH_KEY, "x".parse().expect("value"));
         assert!(epoch_of(&req).is_err());
         assert_eq!(epoch_of(&Request::new(())).expect("none"), 0);
+    }
+
+    /// A command in progress is stopped when a newer epoch comes, not by its own epoch again.
+    #[tokio::test]
+    async fn a_command_in_progress_is_overtaken_by_a_newer_epoch_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = Fence::open(dir.path());
+        f.check(2).expect("leader 2");
+        let waiting = f.overtaken(2);
+        tokio::pin!(waiting);
+        f.check(2).expect("leader 2 again");
+        let quiet = tokio::time::timeout(std::time::Duration::from_millis(50), &mut waiting).await;
+        assert!(quiet.is_err(), "overtaken by its own epoch");
+        f.check(3).expect("leader 3");
+        let s = tokio::time::timeout(std::time::Duration::from_secs(5), waiting).await.expect("overtaken");
+        assert_eq!(s.code(), tonic::Code::FailedPrecondition);
+        assert!(s.message().contains("epoch 3 took over while this command of epoch 2"), "{s}");
     }
 }

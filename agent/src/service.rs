@@ -478,6 +478,9 @@ impl AgentService {
         e: &mut Entry,
     ) -> Result<Response<v1::UploadResponse>, Status> {
         let who = caller(&request);
+        let epoch = crate::fence::epoch_of(&request)?;
+        let overtaken = self.fence.overtaken(epoch);
+        tokio::pin!(overtaken);
         let mut stream = request.into_inner();
         let first = stream.message().await?.and_then(|m| m.msg);
         let Some(v1::upload_request::Msg::Start(start)) = first else {
@@ -489,11 +492,20 @@ impl AgentService {
             (e.deployment, e.version) = (stage.deployment, stage.version);
         }
         let (store, lock) = self.app(&start.app)?;
-        let _guard = lock.lock().await;
+        // A newer coordinator stops an upload of an older one, waiting or in progress.
+        let _guard = tokio::select! {
+            g = lock.lock() => g,
+            s = &mut overtaken => return Err(s),
+        };
         tracing::info!(caller = who, app = start.app, stage = start.stage_id, "Upload");
         let stage = start.stage_id.clone();
         let mut upload = blocking(move || store.upload(&stage)).await?;
-        while let Some(msg) = stream.message().await? {
+        loop {
+            let next = tokio::select! {
+                m = stream.message() => m?,
+                s = &mut overtaken => return Err(s),
+            };
+            let Some(msg) = next else { break };
             match msg.msg {
                 Some(v1::upload_request::Msg::Chunk(chunk)) => {
                     let received = chunk.data.len() as f64;

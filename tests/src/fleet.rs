@@ -235,6 +235,24 @@ impl Fleet {
         self.plug(&self.ctl_ns, "vctl", CTL_IP)
     }
 
+    /// A network namespace of its own for a second coordinator (`{run}-{name}`), on the switch
+    /// at 10.199.0.`octet` (3 to 9: the hosts start at 10): its namespace and its switch port,
+    /// for [`Fleet::set_link`]. Removed with the fleet.
+    pub fn add_coordinator_ns(&self, name: &str, octet: u8) -> (String, String) {
+        assert!((3..10).contains(&octet), "10.199.0.{octet} is not a coordinator's address");
+        let ns = format!("{}-{name}", self.run);
+        let veth = format!("vc{octet}");
+        ip(&["netns", "add", &ns]).unwrap_or_else(|e| panic!("{e}"));
+        self.plug(&ns, &veth, Ipv4Addr::new(10, 199, 0, octet)).unwrap_or_else(|e| panic!("{e}"));
+        (ns, veth)
+    }
+
+    /// Raises or cuts the link of switch port `veth` (a host's or a coordinator's).
+    pub fn set_link(&self, veth: &str, up: bool) {
+        let state = if up { "up" } else { "down" };
+        ip(&["-n", &self.sw_ns, "link", "set", veth, state]).unwrap_or_else(|e| panic!("{e}"));
+    }
+
     /// Creates a veth pair between the switch and `ns`, addresses and raises it.
     fn plug(&self, ns: &str, veth: &str, addr: Ipv4Addr) -> Result<(), String> {
         ip(&["link", "add", veth, "netns", &self.sw_ns, "type", "veth", "peer", "name", "eth0", "netns", ns])?;
@@ -431,15 +449,17 @@ impl Fleet {
     /// Starts the real `ferry` CLI in the coordinator's namespace, in its own process group
     /// (so a test can kill it and everything it started), output to `log`.
     pub fn spawn_ferry(&self, args: &[&str], log: &Path) -> std::process::Child {
+        self.spawn_ferry_in(&self.ctl_ns, args, log)
+    }
+
+    /// [`Fleet::spawn_ferry`] in namespace `ns` (one from [`Fleet::add_coordinator_ns`]).
+    pub fn spawn_ferry_in(&self, ns: &str, args: &[&str], log: &Path) -> std::process::Child {
         use std::os::unix::process::CommandExt;
         let out = std::fs::File::create(log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
         let err = out.try_clone().unwrap_or_else(|e| panic!("dup: {e}"));
-        self.ferry_command(args)
-            .stdout(out)
-            .stderr(err)
-            .process_group(0)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn ferry {args:?}: {e}"))
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns]).arg(&self.ferry).args(args).current_dir(&self.dir).env_remove("FERRY_LOG");
+        cmd.stdout(out).stderr(err).process_group(0).spawn().unwrap_or_else(|e| panic!("spawn ferry {args:?}: {e}"))
     }
 
     pub fn fleet_toml(&self) -> PathBuf {

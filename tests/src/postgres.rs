@@ -1,17 +1,19 @@
 //! A real PostgreSQL server (Debian's `postgresql`, from `scripts/deps.sh --test`) in the
-//! coordinator's namespace of a [`Fleet`], on 127.0.0.1:5432 there: a throwaway cluster
-//! (`initdb` into a directory of its own, run as the `postgres` user), stopped and removed on
-//! drop.
+//! coordinator's namespace of a [`Fleet`], on 127.0.0.1:5432 there and on the fleet's network
+//! at [`CTL_IP`] (for coordinators in namespaces of their own): a throwaway cluster (`initdb`
+//! into a directory of its own, run as the `postgres` user), stopped and removed on drop.
 use std::path::PathBuf;
 use std::process::Command;
 
-use crate::fleet::{Fleet, Unsupported};
+use crate::fleet::{CTL_IP, Fleet, Unsupported};
 
 pub struct FleetPg {
     dir: PathBuf,
     bin: PathBuf,
     ns: String,
     pub url: String,
+    /// The same database reached over the fleet's network.
+    pub net_url: String,
 }
 
 fn bin_dir() -> Option<PathBuf> {
@@ -38,14 +40,40 @@ impl FleetPg {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|e| Unsupported(format!("{}: {e}", dir.display())))?;
         nix::unistd::chown(&dir, Some(user.uid), Some(user.gid)).map_err(|e| Unsupported(format!("chown: {e}")))?;
-        let pg = FleetPg { dir, bin, ns: fleet.ctl_ns.clone(), url: "postgres://ferry@127.0.0.1:5432/ferry".into() };
+        let pg = FleetPg {
+            dir,
+            bin,
+            ns: fleet.ctl_ns.clone(),
+            url: "postgres://ferry@127.0.0.1:5432/ferry".into(),
+            net_url: format!("postgres://ferry@{CTL_IP}:5432/ferry"),
+        };
         let data = pg.dir.join("data").to_string_lossy().into_owned();
         pg.run(false, "initdb", &["-D", &data, "-A", "trust", "-U", "ferry", "--no-sync", "-E", "UTF8"]);
-        let opts = format!("-p 5432 -c listen_addresses=127.0.0.1 -k {} -c fsync=off", pg.dir.display());
-        let log = pg.dir.join("log").to_string_lossy().into_owned();
-        pg.run(true, "pg_ctl", &["-D", &data, "-l", &log, "-o", &opts, "-w", "start"]);
+        let hba = pg.dir.join("data/pg_hba.conf");
+        let mut rules = std::fs::read_to_string(&hba).map_err(|e| Unsupported(format!("{}: {e}", hba.display())))?;
+        rules.push_str("host all all 10.199.0.0/24 trust\n");
+        std::fs::write(&hba, rules).map_err(|e| Unsupported(format!("{}: {e}", hba.display())))?;
+        pg.start_server();
         pg.run(true, "createdb", &["-h", "127.0.0.1", "-p", "5432", "-U", "ferry", "ferry"]);
         Ok(pg)
+    }
+
+    fn start_server(&self) {
+        let data = self.dir.join("data").to_string_lossy().into_owned();
+        let opts = format!("-p 5432 -c listen_addresses=127.0.0.1,{CTL_IP} -k {} -c fsync=off", self.dir.display());
+        let log = self.dir.join("log").to_string_lossy().into_owned();
+        self.run(true, "pg_ctl", &["-D", &data, "-l", &log, "-o", &opts, "-w", "start"]);
+    }
+
+    /// Stops the server (fast: its sessions end at once), keeping its data.
+    pub fn stop(&self) {
+        let data = self.dir.join("data").to_string_lossy().into_owned();
+        self.run(true, "pg_ctl", &["-D", &data, "-m", "fast", "-w", "stop"]);
+    }
+
+    /// Starts it again after [`FleetPg::stop`].
+    pub fn start_again(&self) {
+        self.start_server();
     }
 
     /// Runs a PostgreSQL tool as the postgres user (in the coordinator's namespace if `in_ns`).

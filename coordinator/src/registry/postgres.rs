@@ -161,6 +161,8 @@ pub struct Postgres {
 const ATTEMPT: Duration = Duration::from_secs(10);
 /// How long a call is retried while the database cannot be reached (a restart, a failover).
 const RETRY_FOR: Duration = Duration::from_secs(30);
+/// Every session's limit on a transaction left open with nothing running (its client is gone).
+const IDLE_IN_TRANSACTION: &str = "-c idle_in_transaction_session_timeout=3000";
 
 impl Drop for Postgres {
     fn drop(&mut self) {
@@ -194,8 +196,12 @@ impl Postgres {
     pub fn open(url: &str) -> Result<Postgres, RegistryError> {
         let describe = redact(url);
         let open_error = |reason: String| RegistryError::Open { registry: describe.clone(), reason };
-        let config: tokio_postgres::Config =
+        let mut config: tokio_postgres::Config =
             url.parse().map_err(|e: tokio_postgres::Error| open_error(scrub(&e, url)))?;
+        // A coordinator cut off mid-transaction must not hold its row locks (the leader lease's
+        // above all) until TCP notices: the server ends such a transaction after a few seconds.
+        let options = [config.get_options().unwrap_or_default(), IDLE_IN_TRANSACTION].join(" ");
+        config.options(options.trim());
         let tls = tls_for(url).map_err(&open_error)?;
         let manager = Manager::from_config(config, tls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -609,6 +615,8 @@ impl Registry for Postgres {
         self.run(|| async move {
             let mut c = self.client().await?;
             let tx = c.transaction().await.map_err(|e| self.error(&e))?;
+            // A taker that cannot get the row in time tries again at its next tick.
+            tx.batch_execute("SET LOCAL lock_timeout = 2000").await.map_err(|e| self.error(&e))?;
             tx.execute("SELECT pg_advisory_xact_lock(hashtext('lease:' || $1))", &[&name])
                 .await
                 .map_err(|e| self.error(&e))?;
