@@ -52,10 +52,11 @@ pub struct FleetConfig {
     pub cache_dir: Option<PathBuf>,
     /// The registry of deployments: a SQLite file (default `$XDG_STATE_HOME/ferry/registry.db` or
     /// `~/.local/state/ferry/registry.db`), or a PostgreSQL URL (`postgres://user@host/db`), for
-    /// coordinators on several machines. Keep it where every run of `ferry` for this fleet sees
-    /// it: the environment locks and `ferry resume` depend on it.
+    /// coordinators on several machines, or a `[registry]` table (`url`, `ca`, `password_file`).
+    /// Keep it where every run of `ferry` for this fleet sees it: the environment locks and
+    /// `ferry resume` depend on it.
     #[serde(default)]
-    pub registry: Option<PathBuf>,
+    pub registry: Option<RegistrySetting>,
     /// `ferry serve`: the order a version goes through the environments, e.g. `["staging",
     /// "production"]`; a succeeded deployment is promoted only to the environment after its own.
     #[serde(default)]
@@ -1009,8 +1010,73 @@ pub fn parse_host_address(s: &str) -> Result<(String, u16), String> {
 pub use crate::http::parse_host_port;
 
 /// `postgres://…` or `postgresql://…`.
-fn is_database_url(r: &Path) -> bool {
-    r.to_str().is_some_and(|s| s.starts_with("postgres://") || s.starts_with("postgresql://"))
+fn is_database_url(s: &str) -> bool {
+    s.starts_with("postgres://") || s.starts_with("postgresql://")
+}
+
+/// fleet.toml's `registry`: a SQLite file, or a PostgreSQL database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegistrySetting {
+    File(PathBuf),
+    Postgres(PostgresRegistry),
+}
+
+/// A PostgreSQL registry: `registry = "postgres://…"`, or the `[registry]` table.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresRegistry {
+    /// `postgres://user@host[:port]/database[?sslmode=verify-full]`.
+    pub url: String,
+    /// The CA that signed the database server's certificate (PEM), for `sslmode=verify-ca` or
+    /// `verify-full`; default the URL's `sslrootcert`, else the system's roots.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// A file holding the database user's password (its first line); not readable by others.
+    /// Keeps the password out of fleet.toml and the URL.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+}
+
+impl PostgresRegistry {
+    pub fn at(url: &str) -> PostgresRegistry {
+        PostgresRegistry { url: url.to_string(), ..Default::default() }
+    }
+}
+
+impl From<&str> for RegistrySetting {
+    fn from(s: &str) -> RegistrySetting {
+        if is_database_url(s) {
+            RegistrySetting::Postgres(PostgresRegistry::at(s))
+        } else {
+            RegistrySetting::File(s.into())
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for RegistrySetting {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Setting;
+        impl<'de> serde::de::Visitor<'de> for Setting {
+            type Value = RegistrySetting;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a SQLite file's path, a postgres:// URL, or a table with url, ca and password_file")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<RegistrySetting, E> {
+                Ok(RegistrySetting::from(s))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<RegistrySetting, A::Error> {
+                let pg = PostgresRegistry::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                if !is_database_url(&pg.url) {
+                    return Err(serde::de::Error::custom(format!(
+                        "registry.url must be a postgres:// URL, not {:?} (a SQLite file is `registry = \"PATH\"`)",
+                        pg.url
+                    )));
+                }
+                Ok(RegistrySetting::Postgres(pg))
+            }
+        }
+        d.deserialize_any(Setting)
+    }
 }
 
 /// `$XDG_STATE_HOME/ferry`, else `~/.local/state/ferry`.
@@ -1058,7 +1124,10 @@ impl FleetConfig {
         for p in [&mut config.tls.ca, &mut config.tls.cert, &mut config.tls.key]
             .into_iter()
             .chain(config.cache_dir.as_mut())
-            .chain(config.registry.as_mut().filter(|r| !is_database_url(r)))
+            .chain(config.registry.as_mut().into_iter().flat_map(|r| match r {
+                RegistrySetting::File(f) => vec![f],
+                RegistrySetting::Postgres(pg) => pg.ca.iter_mut().chain(pg.password_file.iter_mut()).collect(),
+            }))
             .chain(config.tls.revoked.as_mut())
             .chain(config.server.cert.as_mut())
             .chain(config.server.key.as_mut())
@@ -1220,17 +1289,21 @@ impl FleetConfig {
     }
 
     /// The registry file: the configured one, else the user's state directory (`None` for a
-    /// PostgreSQL registry: [`FleetConfig::registry_url`]).
+    /// PostgreSQL registry: [`FleetConfig::postgres_registry`]).
     pub fn registry_path(&self) -> Option<PathBuf> {
-        if self.registry_url().is_some() {
-            return None;
+        match &self.registry {
+            Some(RegistrySetting::File(f)) => Some(f.clone()),
+            Some(RegistrySetting::Postgres(_)) => None,
+            None => default_state_dir().map(|d| d.join("registry.db")),
         }
-        self.registry.clone().or_else(|| default_state_dir().map(|d| d.join("registry.db")))
     }
 
-    /// The PostgreSQL registry's URL, when `registry` names one.
-    pub fn registry_url(&self) -> Option<&str> {
-        self.registry.as_deref().filter(|r| is_database_url(r)).and_then(|r| r.to_str())
+    /// The PostgreSQL registry, when `registry` names one (shared by coordinators).
+    pub fn postgres_registry(&self) -> Option<&PostgresRegistry> {
+        match &self.registry {
+            Some(RegistrySetting::Postgres(pg)) => Some(pg),
+            _ => None,
+        }
     }
 
     pub fn problems(&self) -> Vec<Problem> {
@@ -1429,7 +1502,7 @@ impl FleetConfig {
 
     /// Where `ferry serve` keeps its files when `[server]` does not say: beside the registry.
     pub fn state_dir(&self) -> Option<PathBuf> {
-        if self.registry_url().is_some() {
+        if self.postgres_registry().is_some() {
             return default_state_dir();
         }
         self.registry_path().map(|r| r.parent().map(Path::to_path_buf).unwrap_or_default())
@@ -1530,6 +1603,28 @@ hosts = { web-1 = "10.0.0.11:7443", web-2 = "10.0.0.12", web-4 = "[fd00::4]:7443
         // In the order written, not sorted: the inventory's order is the rollout's.
         assert_eq!(hosts[2].endpoint(), "[fd00::4]:7443");
         assert_eq!(hosts[3].endpoint(), "web-3.example.com:9000");
+    }
+
+    /// `registry` is a file (relative to fleet.toml), a URL, or a `[registry]` table whose files
+    /// are relative to fleet.toml too.
+    #[test]
+    fn the_registry_is_a_file_a_url_or_a_table() {
+        let c = load(&format!("registry = \"state/registry.db\"\n{GOOD}")).expect("file");
+        assert_eq!(c.registry_path(), Some(PathBuf::from("/etc/fleet/state/registry.db")));
+        assert!(c.postgres_registry().is_none());
+        let c = load(&format!("registry = \"postgres://ferry@db/ferry\"\n{GOOD}")).expect("url");
+        assert_eq!(c.postgres_registry(), Some(&PostgresRegistry::at("postgres://ferry@db/ferry")));
+        assert_eq!(c.registry_path(), None);
+        let table = "[registry]\nurl = \"postgres://ferry@db/ferry?sslmode=verify-full\"\nca = \"db-ca.pem\"\npassword_file = \"/run/secrets/db\"\n";
+        let c = load(&format!("{GOOD}\n{table}")).expect("table");
+        let pg = c.postgres_registry().expect("postgres");
+        assert_eq!(pg.ca.as_deref(), Some(Path::new("/etc/fleet/db-ca.pem")));
+        assert_eq!(pg.password_file.as_deref(), Some(Path::new("/run/secrets/db")));
+        let e = load(&format!("{GOOD}\n[registry]\nurl = \"registry.db\"\n")).expect_err("not a URL");
+        assert!(e.contains("registry.url must be a postgres:// URL"), "{e}");
+        let e =
+            load(&format!("{GOOD}\n[registry]\nurl = \"postgres://db/f\"\npassword = \"x\"\n")).expect_err("unknown");
+        assert!(e.contains("unknown field `password`"), "{e}");
     }
 
     #[test]

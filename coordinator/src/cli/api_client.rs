@@ -245,7 +245,25 @@ impl Remote {
         } else {
             Upload::Path(artifact.to_owned())
         };
-        let f = tokio::fs::File::open(file.path()).await.map_err(|e| anyhow::anyhow!("{}: {e}", artifact.display()))?;
+        tokio::fs::File::open(file.path()).await.map_err(|e| anyhow::anyhow!("{}: {e}", artifact.display()))?;
+        let sent = match self.upload_file(file.path(), artifact).await {
+            Err(RemoteError::Refused { status: 503, code, leader: Some(leader), .. })
+                if code == "not_leader" && leader != self.url =>
+            {
+                eprintln!("ferry: {} is a standby; uploading to the leader, {leader}", self.url);
+                self.at(&leader)?.upload_file(file.path(), artifact).await
+            }
+            other => other,
+        };
+        drop(file);
+        Ok(sent?)
+    }
+
+    /// POSTs the archive at `path` (`artifact` names it in errors) to this server.
+    async fn upload_file(&self, path: &Path, artifact: &Path) -> Result<Value, RemoteError> {
+        let f = tokio::fs::File::open(path)
+            .await
+            .map_err(|e| self.unreachable(format!("cannot read {}: {e}", artifact.display())))?;
         let stream = futures_util::stream::unfold(f, |mut f| async move {
             use tokio::io::AsyncReadExt;
             let mut buf = vec![0u8; 1 << 20];
@@ -260,8 +278,7 @@ impl Remote {
         });
         let body = BodyExt::boxed(StreamBody::new(stream));
         let resp = self.send("POST", "/api/v1/artifacts", body, "application/octet-stream").await?;
-        drop(file);
-        Ok(self.answer("POST", "/api/v1/artifacts", resp).await?)
+        self.answer("POST", "/api/v1/artifacts", resp).await
     }
 
     /// Follows a deployment's event stream: `on_event(kind, data)` for each `line` and `event`;

@@ -405,8 +405,12 @@ async fn other(command: Command, shutdown: &CancellationToken) -> u8 {
         Command::Key(KeyCommand::New { name, out, force, output }) => {
             emit(commands::key::new(&name, &out, force), |k| ui::key(k, output), success)
         }
-        Command::Registry(RegistryCommand::Migrate { from, to, output }) => emit(
-            crate::registry::migrate::sqlite_to_postgres(&from, &to).map_err(anyhow::Error::from),
+        Command::Registry(RegistryCommand::Migrate { from, to, to_password_file, to_ca, output }) => emit(
+            crate::registry::migrate::sqlite_to_postgres(
+                &from,
+                &crate::config::PostgresRegistry { url: to, ca: to_ca, password_file: to_password_file },
+            )
+            .map_err(anyhow::Error::from),
             |c| ui::migrated(c, output),
             success,
         ),
@@ -423,7 +427,7 @@ async fn other(command: Command, shutdown: &CancellationToken) -> u8 {
             let plan = || -> anyhow::Result<commands::plan::PlanView> {
                 let config = select_app(&FleetConfig::load(&args.config)?, args.app.as_deref())?;
                 // The registry knows which blue-green group is live; none exists before the first deployment.
-                let exists = config.registry_url().is_some() || config.registry_path().is_some_and(|p| p.exists());
+                let exists = config.postgres_registry().is_some() || config.registry_path().is_some_and(|p| p.exists());
                 let registry = if exists { Some(open_registry(&config)?) } else { None };
                 Ok(commands::plan::plan(&config, registry.as_deref(), &args.env)?)
             };

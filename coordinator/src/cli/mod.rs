@@ -275,9 +275,15 @@ pub enum RegistryCommand {
         /// The SQLite registry file.
         #[arg(long)]
         from: PathBuf,
-        /// The PostgreSQL registry: postgres://user[:password]@host[:port]/database[?sslmode=…].
+        /// The PostgreSQL registry: postgres://user@host[:port]/database[?sslmode=…].
         #[arg(long)]
         to: String,
+        /// A file holding the database user's password (its first line; not readable by others).
+        #[arg(long, value_name = "FILE")]
+        to_password_file: Option<PathBuf>,
+        /// The CA of the database server's certificate (PEM), for sslmode=verify-full.
+        #[arg(long, value_name = "FILE")]
+        to_ca: Option<PathBuf>,
         /// Result format: human-readable text, or one JSON object.
         #[arg(long, value_enum, default_value = "human")]
         output: Format,

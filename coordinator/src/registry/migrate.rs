@@ -113,7 +113,7 @@ pub struct Copied {
 }
 
 /// Copies the SQLite registry at `from` into the (empty) PostgreSQL registry at `to`.
-pub fn sqlite_to_postgres(from: &Path, to: &str) -> Result<Copied, RegistryError> {
+pub fn sqlite_to_postgres(from: &Path, to: &crate::config::PostgresRegistry) -> Result<Copied, RegistryError> {
     if !from.is_file() {
         return Err(RegistryError::Open { registry: from.display().to_string(), reason: "no such file".into() });
     }
@@ -130,11 +130,11 @@ pub fn sqlite_to_postgres(from: &Path, to: &str) -> Result<Copied, RegistryError
     for (table, columns) in TABLES {
         rows.push((*table, *columns, source.dump(table, columns)?));
     }
-    let target = Postgres::open(to)?;
+    let target = Postgres::open_with(to)?;
     target.import(&rows)?;
     Ok(Copied {
         from: from.display().to_string(),
-        to: super::postgres::redact(to),
+        to: super::postgres::redact(&to.url),
         tables: rows.iter().map(|(t, _, r)| ((*t).to_string(), r.len())).collect(),
     })
 }
@@ -142,6 +142,7 @@ pub fn sqlite_to_postgres(from: &Path, to: &str) -> Result<Copied, RegistryError
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::PostgresRegistry;
     use crate::registry::Registry;
     use crate::registry::suite;
     use crate::registry::testpg::TestPg;
@@ -181,7 +182,7 @@ mod tests {
         let before = everything(&sqlite);
         drop(sqlite);
         let url = pg.database("ferry");
-        let copied = sqlite_to_postgres(&path, &url).expect("migrated");
+        let copied = sqlite_to_postgres(&path, &PostgresRegistry::at(&url)).expect("migrated");
         assert_eq!(copied.tables.iter().find(|(t, _)| t == "deployments").map(|(_, n)| *n), Some(7), "{copied:?}");
         let postgres = Postgres::open(&url).expect("postgres");
         assert_eq!(everything(&postgres), before, "history, report and every record read the same");
@@ -190,7 +191,7 @@ mod tests {
         postgres.event("d-p", None, "note", "after the move").expect("event");
         assert!(postgres.events_since("d-p", last).expect("new").iter().all(|e| e.seq > last));
         // Never into a registry that has deployments already.
-        let e = sqlite_to_postgres(&path, &url).err().map(|e| e.to_string()).unwrap_or_default();
+        let e = sqlite_to_postgres(&path, &PostgresRegistry::at(&url)).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(e.contains("already holds 7 deployment(s)") && e.contains("nothing was copied"), "{e}");
     }
 
@@ -202,12 +203,14 @@ mod tests {
         sqlite.lock("prod", "d-7", false).expect("lock");
         drop(sqlite);
         // Refused before the target is even contacted.
-        let e = sqlite_to_postgres(&path, "postgres://ferry@127.0.0.1:1/x")
+        let e = sqlite_to_postgres(&path, &PostgresRegistry::at("postgres://ferry@127.0.0.1:1/x"))
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(e.contains("environment prod is locked by deployment d-7"), "{e}");
-        let e = sqlite_to_postgres(&dir.path().join("missing.db"), "postgres://x@y/z").err().map(|e| e.to_string());
+        let e = sqlite_to_postgres(&dir.path().join("missing.db"), &PostgresRegistry::at("postgres://x@y/z"))
+            .err()
+            .map(|e| e.to_string());
         assert!(e.is_some_and(|e| e.contains("missing.db") && e.contains("no such file")));
     }
 }

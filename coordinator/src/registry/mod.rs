@@ -22,8 +22,8 @@ pub(crate) mod testpg;
 
 /// The registry fleet.toml names: PostgreSQL for a `postgres://` URL, else the SQLite file.
 pub fn open(config: &crate::config::FleetConfig) -> Result<std::sync::Arc<dyn Registry>, RegistryError> {
-    if let Some(url) = config.registry_url() {
-        return Ok(std::sync::Arc::new(postgres::Postgres::open(url)?));
+    if let Some(pg) = config.postgres_registry() {
+        return Ok(std::sync::Arc::new(postgres::Postgres::open_with(pg)?));
     }
     let path = config.registry_path().ok_or_else(|| RegistryError::Open {
         registry: "(none)".into(),

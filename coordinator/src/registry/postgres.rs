@@ -24,6 +24,7 @@ use super::{
     Approval, DeploymentRow, EnvReport, EventRow, HostRow, HostUpdate, Lease, Lock, Measurement, NewDeployment,
     Registry, RegistryError, SERVE_LEASE, SlowHost, SmokeRun, VersionRow, now_ms, this_hostname,
 };
+use crate::config::PostgresRegistry;
 use crate::state::{DeploymentKind, DeploymentStatus, HostState, legal};
 
 /// The schema, one step per version (the first is SQLite's migrations 1-8 at once, the second
@@ -194,15 +195,30 @@ pub fn redact(url: &str) -> String {
 impl Postgres {
     /// Connects to `url` (a libpq-style URL), checks the schema and migrates it to this binary's.
     pub fn open(url: &str) -> Result<Postgres, RegistryError> {
+        Postgres::open_with(&PostgresRegistry::at(url))
+    }
+
+    /// [`Postgres::open`] with fleet.toml's `[registry]` table: its CA and password file.
+    pub fn open_with(at: &PostgresRegistry) -> Result<Postgres, RegistryError> {
+        let url = at.url.as_str();
         let describe = redact(url);
         let open_error = |reason: String| RegistryError::Open { registry: describe.clone(), reason };
         let mut config: tokio_postgres::Config =
             url.parse().map_err(|e: tokio_postgres::Error| open_error(scrub(&e, url)))?;
+        if let Some(file) = &at.password_file {
+            if config.get_password().is_some() {
+                return Err(open_error(format!(
+                    "the URL has a password and password_file {} names another: keep it in the file only",
+                    file.display()
+                )));
+            }
+            config.password(read_password(file).map_err(&open_error)?);
+        }
         // A coordinator cut off mid-transaction must not hold its row locks (the leader lease's
         // above all) until TCP notices: the server ends such a transaction after a few seconds.
         let options = [config.get_options().unwrap_or_default(), IDLE_IN_TRANSACTION].join(" ");
         config.options(options.trim());
-        let tls = tls_for(url).map_err(&open_error)?;
+        let tls = tls_for(url, at.ca.as_deref()).map_err(&open_error)?;
         let manager = Manager::from_config(config, tls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -289,11 +305,13 @@ impl Postgres {
     /// went away (worth retrying), else [`RegistryError::Storage`].
     fn error(&self, e: &tokio_postgres::Error) -> RegistryError {
         let Some(db) = e.as_db_error() else {
-            let io = std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>());
-            if e.is_closed() || io {
-                return self.unreachable(e.to_string());
+            let source = std::error::Error::source(e);
+            // "invalid configuration: password missing", "error connecting to server: Connection refused".
+            let text = source.map_or_else(|| e.to_string(), |s| format!("{e}: {s}"));
+            if e.is_closed() || source.is_some_and(|s| s.is::<std::io::Error>()) {
+                return self.unreachable(text);
             }
-            return RegistryError::Storage { registry: self.describe.clone(), message: e.to_string() };
+            return RegistryError::Storage { registry: self.describe.clone(), message: text };
         };
         let code = db.code().code();
         let message = format!("{code}: {}", db.message());
@@ -457,14 +475,48 @@ fn scrub(e: &tokio_postgres::Error, url: &str) -> String {
     }
 }
 
-/// The TLS connector for `url`'s `sslmode` (rustls; the system's roots or `sslrootcert`).
-fn tls_for(url: &str) -> Result<tokio_postgres_rustls::MakeRustlsConnect, String> {
+/// The password in `file`: its first line. A file others may read is refused (as libpq refuses
+/// such a `.pgpass`).
+fn read_password(file: &std::path::Path) -> Result<String, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let named = |e: std::io::Error| format!("password_file {}: {e}", file.display());
+    let mode = std::fs::metadata(file).map_err(named)?.permissions().mode();
+    if mode & 0o007 != 0 {
+        return Err(format!(
+            "password_file {} may be read by any user (mode {:04o}): `chmod o-rwx` it (0600 or 0640)",
+            file.display(),
+            mode & 0o7777
+        ));
+    }
+    let text = std::fs::read_to_string(file).map_err(named)?;
+    let password = text.lines().next().unwrap_or_default().to_string();
+    if password.is_empty() {
+        return Err(format!("password_file {}: its first line is empty", file.display()));
+    }
+    Ok(password)
+}
+
+/// The TLS connector for `url`'s `sslmode` (rustls; the roots of `ca`, else of `sslrootcert`,
+/// else the system's).
+fn tls_for(url: &str, ca: Option<&std::path::Path>) -> Result<tokio_postgres_rustls::MakeRustlsConnect, String> {
     let query = url.split_once('?').map(|(_, q)| q).unwrap_or_default();
     let param = |k: &str| query.split('&').find_map(|kv| kv.strip_prefix(k).and_then(|v| v.strip_prefix('=')));
-    if param("sslmode").is_some_and(|m| m != "disable" && m != "prefer" && m != "allow") {
-        // Verified TLS: the same roots as every other outbound call (sslrootcert, or the system's).
-        let roots = param("sslrootcert").map_or(crate::http::Roots::System, |f| crate::http::Roots::File(f.into()));
-        let config = crate::http::client_config(&roots).map_err(|e| format!("sslrootcert: {e}"))?;
+    let verify = param("sslmode").is_some_and(|m| m != "disable" && m != "prefer" && m != "allow");
+    if let (Some(ca), false) = (ca, verify) {
+        return Err(format!(
+            "registry.ca is {}, but the URL's sslmode ({}) does not verify the server: add ?sslmode=verify-full",
+            ca.display(),
+            param("sslmode").unwrap_or("none")
+        ));
+    }
+    if verify {
+        // Verified TLS: the same roots as every other outbound call.
+        let (roots, key) = match (ca, param("sslrootcert")) {
+            (Some(f), _) => (crate::http::Roots::File(f.into()), "registry.ca"),
+            (None, Some(f)) => (crate::http::Roots::File(f.into()), "sslrootcert"),
+            (None, None) => (crate::http::Roots::System, "the system's roots"),
+        };
+        let config = crate::http::client_config(&roots).map_err(|e| format!("{key}: {e}"))?;
         return Ok(tokio_postgres_rustls::MakeRustlsConnect::new((*config).clone()));
     }
     // No verification asked for: a connector that trusts nothing, for servers that offer TLS.
@@ -1259,6 +1311,44 @@ mod tests {
         let e = reg.event("d-1", None, "note", "from a").expect_err("a was deposed");
         assert!(matches!(e, RegistryError::Fenced { .. }), "{e}");
         assert_eq!(reg.lock_of("prod").expect("reads go on").map(|l| l.deployment_id), Some("d-1".into()));
+    }
+
+    /// A password kept in `[registry] password_file`: used, never shown; a file others may
+    /// read, a wrong password and a missing one are clear errors naming the database.
+    #[test]
+    fn a_password_file_logs_in_and_its_password_never_shows() {
+        let Some(pg) = TestPg::start() else { return };
+        pg.require_password("deployer", "s3cret-Pa55");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("password");
+        let write = |text: &str, mode: u32| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::write(&file, text).expect("write");
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        };
+        let url = format!("postgres://deployer@127.0.0.1:{}/ferry", pg.port);
+        let at = PostgresRegistry { url: url.clone(), ca: None, password_file: Some(file.clone()) };
+        write("s3cret-Pa55\n", 0o600);
+        let reg = Postgres::open_with(&at).expect("logs in with the file's password");
+        reg.lock("prod", "d-1", false).expect("writes");
+        write("s3cret-Pa55\n", 0o644);
+        let e = Postgres::open_with(&at).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("may be read by any user (mode 0644)") && e.contains(&file.display().to_string()), "{e}");
+        write("wrong\n", 0o640);
+        let e = Postgres::open_with(&at).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            e.contains(&format!("postgres://deployer@127.0.0.1:{}/ferry", pg.port)) && e.contains("password"),
+            "{e}"
+        );
+        assert!(!e.contains("wrong") && !e.contains("s3cret"), "{e}");
+        let e = Postgres::open(&url).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("password"), "{e}");
+        let both = PostgresRegistry { url: format!("postgres://deployer:x@127.0.0.1:{}/ferry", pg.port), ..at.clone() };
+        let e = Postgres::open_with(&both).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("keep it in the file only") && !e.contains(":x@"), "{e}");
+        let ca = PostgresRegistry { ca: Some(dir.path().join("ca.pem")), ..at };
+        let e = Postgres::open_with(&ca).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("does not verify the server: add ?sslmode=verify-full"), "{e}");
     }
 
     #[test]

@@ -91,6 +91,19 @@ impl TestPg {
         format!("postgres://ferry@127.0.0.1:{}/{name}", self.port)
     }
 
+    /// Adds role `user` with `password`, which it must give over TCP (scram-sha-256).
+    pub fn require_password(&self, user: &str, password: &str) {
+        self.psql(
+            "ferry",
+            &format!("CREATE ROLE {user} LOGIN PASSWORD '{password}'; GRANT ALL ON SCHEMA public TO {user}"),
+        );
+        let hba = self.dir.join("data/pg_hba.conf");
+        let rules = std::fs::read_to_string(&hba).expect("pg_hba.conf");
+        std::fs::write(&hba, format!("host all {user} 127.0.0.1/32 scram-sha-256\n{rules}")).expect("pg_hba.conf");
+        self.run("pg_ctl", &["-D", &self.dir.join("data").to_string_lossy(), "reload"]);
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+
     /// Runs `sql` with psql on database `name`.
     pub fn psql(&self, name: &str, sql: &str) {
         self.run(

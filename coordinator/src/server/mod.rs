@@ -123,7 +123,7 @@ impl AppState {
         let cache = config.cache_dir().map(Cache::new);
         let notifier = crate::notify::Notifier::start(&config.notify, registry.clone());
         let leadership = leader::Leadership::new(
-            config.registry_url().is_some(),
+            config.postgres_registry().is_some(),
             config.server.advertise.clone().unwrap_or_else(|| format!("https://{}", config.server.listen)),
             config.server.leader_lease,
         );

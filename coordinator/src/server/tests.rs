@@ -1188,6 +1188,10 @@ async fn two_servers_on_one_postgres_registry_lead_and_stand_by_and_the_standby_
     // ...which the client follows: the leader answers (version 1 was never registered).
     let e = b.call("POST", "/api/v1/deployments", Some(&deploy)).await.expect_err("unknown version");
     assert!(matches!(&e, crate::cli::api_client::RemoteError::Refused { status: 422, .. }), "{e}");
+    // An artifact upload (a write) sent to the standby lands on the leader too.
+    let uploaded = b.upload(&api.artifact("build-9")).await.expect("uploaded through the standby");
+    let path = uploaded["artifact"].as_str().unwrap_or_default();
+    assert!(path.starts_with(&api.root.join("a").to_string_lossy().into_owned()), "{uploaded}");
     // The leader stops (and gives the lease up): the standby leads with the next epoch.
     a_stop.cancel();
     let _ = a_task.await;
