@@ -11,6 +11,7 @@
 //! - [`debroot`]: a cached minimal Debian root (debootstrap) for hosts that install packages.
 //! - [`demo_app`]: the app the fleet runs, whose `/health` tells versions apart.
 //! - [`postgres`]: a real PostgreSQL in the coordinator's namespace (a shared registry).
+//! - [`serve`]: `ferry serve` on the fleet (its fleet.toml, its role) for failover tests.
 //! - [`signals`]: a real Prometheus and a webhook receiver in the coordinator's namespace.
 //! - [`bin`]: paths of the built `ferry` and `ferry-agent` binaries for CLI-level tests.
 //! - [`wait_for`]: polling for an asynchronous effect with a bounded number of tries (never a
@@ -24,6 +25,7 @@ pub mod engine;
 pub mod fleet;
 pub mod pki;
 pub mod postgres;
+pub mod serve;
 pub mod signals;
 
 use std::path::PathBuf;

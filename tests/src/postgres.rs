@@ -1,7 +1,8 @@
-//! A real PostgreSQL server (Debian's `postgresql`, from `scripts/deps.sh --test`) in the
-//! coordinator's namespace of a [`Fleet`], on 127.0.0.1:5432 there and on the fleet's network
-//! at [`CTL_IP`] (for coordinators in namespaces of their own): a throwaway cluster (`initdb`
-//! into a directory of its own, run as the `postgres` user), stopped and removed on drop.
+//! A real PostgreSQL server (Debian's `postgresql`, from `scripts/deps.sh --test`): a throwaway
+//! cluster (`initdb` into a directory of its own, run as the `postgres` user), stopped and
+//! removed on drop. [`FleetPg::start`] runs it in the coordinator's namespace of a [`Fleet`], on
+//! 127.0.0.1:5432 there and on the fleet's network at [`CTL_IP`] (for coordinators in namespaces
+//! of their own); [`FleetPg::local`] on a free loopback port of this machine (benchmarks).
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -10,9 +11,12 @@ use crate::fleet::{CTL_IP, Fleet, Unsupported};
 pub struct FleetPg {
     dir: PathBuf,
     bin: PathBuf,
-    ns: String,
+    /// The namespace it runs in (`None`: this machine's).
+    ns: Option<String>,
+    port: u16,
+    listen: String,
     pub url: String,
-    /// The same database reached over the fleet's network.
+    /// The same database reached over the fleet's network (a fleet's server only).
     pub net_url: String,
 }
 
@@ -28,24 +32,41 @@ fn bin_dir() -> Option<PathBuf> {
 }
 
 impl FleetPg {
+    /// A server in `fleet`'s coordinator namespace (fsync off: tests).
     pub fn start(fleet: &Fleet) -> Result<FleetPg, Unsupported> {
+        let dir = PathBuf::from(format!("/tmp/ferry-pg-{}", fleet.run));
+        FleetPg::make(dir, Some(fleet.ctl_ns.clone()), 5432, format!("127.0.0.1,{CTL_IP}"), "-c fsync=off")
+    }
+
+    /// A server on a free loopback port of this machine, durable as a real one (fsync on).
+    pub fn local() -> Result<FleetPg, Unsupported> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| Unsupported(format!("a free port: {e}")))?
+            .port();
+        let dir = PathBuf::from(format!("/tmp/ferry-pg-local-{}", std::process::id()));
+        FleetPg::make(dir, None, port, "127.0.0.1".into(), "")
+    }
+
+    fn make(dir: PathBuf, ns: Option<String>, port: u16, listen: String, opts: &str) -> Result<FleetPg, Unsupported> {
         let bin =
             bin_dir().ok_or_else(|| Unsupported("PostgreSQL is not installed (scripts/deps.sh --test)".into()))?;
         let user = nix::unistd::User::from_name("postgres")
             .ok()
             .flatten()
             .ok_or_else(|| Unsupported("there is no postgres user (scripts/deps.sh --test)".into()))?;
-        // Outside the run's directory: the server's user must reach it.
-        let dir = PathBuf::from(format!("/tmp/ferry-pg-{}", fleet.run));
+        // Outside any run's directory: the server's user must reach it.
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|e| Unsupported(format!("{}: {e}", dir.display())))?;
         nix::unistd::chown(&dir, Some(user.uid), Some(user.gid)).map_err(|e| Unsupported(format!("chown: {e}")))?;
         let pg = FleetPg {
             dir,
             bin,
-            ns: fleet.ctl_ns.clone(),
-            url: "postgres://ferry@127.0.0.1:5432/ferry".into(),
-            net_url: format!("postgres://ferry@{CTL_IP}:5432/ferry"),
+            ns,
+            port,
+            listen: format!("{listen} {opts}"),
+            url: format!("postgres://ferry@127.0.0.1:{port}/ferry"),
+            net_url: format!("postgres://ferry@{CTL_IP}:{port}/ferry"),
         };
         let data = pg.dir.join("data").to_string_lossy().into_owned();
         pg.run(false, "initdb", &["-D", &data, "-A", "trust", "-U", "ferry", "--no-sync", "-E", "UTF8"]);
@@ -54,13 +75,14 @@ impl FleetPg {
         rules.push_str("host all all 10.199.0.0/24 trust\n");
         std::fs::write(&hba, rules).map_err(|e| Unsupported(format!("{}: {e}", hba.display())))?;
         pg.start_server();
-        pg.run(true, "createdb", &["-h", "127.0.0.1", "-p", "5432", "-U", "ferry", "ferry"]);
+        pg.run(true, "createdb", &["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "ferry", "ferry"]);
         Ok(pg)
     }
 
     fn start_server(&self) {
         let data = self.dir.join("data").to_string_lossy().into_owned();
-        let opts = format!("-p 5432 -c listen_addresses=127.0.0.1,{CTL_IP} -k {} -c fsync=off", self.dir.display());
+        let (addrs, opts) = self.listen.split_once(' ').unwrap_or((&self.listen, ""));
+        let opts = format!("-p {} -c listen_addresses={addrs} -k {} {opts}", self.port, self.dir.display());
         let log = self.dir.join("log").to_string_lossy().into_owned();
         self.run(true, "pg_ctl", &["-D", &data, "-l", &log, "-o", &opts, "-w", "start"]);
     }
@@ -76,14 +98,21 @@ impl FleetPg {
         self.start_server();
     }
 
-    /// Runs a PostgreSQL tool as the postgres user (in the coordinator's namespace if `in_ns`).
+    /// A URL of a fresh database `name` on this server.
+    pub fn database(&self, name: &str) -> String {
+        self.run(true, "createdb", &["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "ferry", name]);
+        format!("postgres://ferry@127.0.0.1:{}/{name}", self.port)
+    }
+
+    /// Runs a PostgreSQL tool as the postgres user (in the server's namespace if `in_ns`).
     fn run(&self, in_ns: bool, tool: &str, args: &[&str]) {
-        let mut cmd = if in_ns {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", &self.ns, "runuser"]);
-            c
-        } else {
-            Command::new("runuser")
+        let mut cmd = match (&self.ns, in_ns) {
+            (Some(ns), true) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "runuser"]);
+                c
+            }
+            _ => Command::new("runuser"),
         };
         cmd.args(["-u", "postgres", "--"]).arg(self.bin.join(tool)).args(args).current_dir(&self.dir);
         let out = cmd.output().unwrap_or_else(|e| panic!("{tool}: {e}"));

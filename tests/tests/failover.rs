@@ -3,36 +3,17 @@
 //! with the next epoch and finishes the rollout; no host is activated twice, none is skipped, and
 //! the hosts it touched follow its epoch.
 use std::path::{Path, PathBuf};
-use std::process::{Child, Output};
+use std::process::Output;
 use std::time::Duration;
 
-use ferry_proto::identity::Role;
 use ferry_tests::demo_app::{self, Variant};
 use ferry_tests::fleet::{Fleet, poll, skip_unless_ci};
 use ferry_tests::fleet_or_skip;
 use ferry_tests::postgres::FleetPg;
-
-const TOKEN: &str = "ferry_ci_0123456789abcdef0123456789abcdef";
+use ferry_tests::serve::{Proc, Server, TOKEN, role_at, serve_in, server_toml as server_toml_at};
 
 fn text(o: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
-}
-
-/// A process group started with `spawn_ferry`, killed when dropped.
-struct Proc(Child);
-
-impl Proc {
-    fn kill9(&mut self) {
-        let pgid = nix::unistd::Pid::from_raw(-(self.0.id() as i32));
-        let _ = nix::sys::signal::kill(pgid, nix::sys::signal::Signal::SIGKILL);
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill9();
-    }
 }
 
 const ROLLING: &str = "strategy = \"rolling\"\nbatch = 1\n";
@@ -48,75 +29,13 @@ fn server_toml_with(fleet: &Fleet, pg: &FleetPg, name: &str, port: u16, strategy
     server_toml_at(fleet, &at, strategy)
 }
 
-/// Where a server listens and what it shares.
-struct Server<'a> {
-    name: &'a str,
-    ip: &'a str,
-    port: u16,
-    registry: &'a str,
-    lease: &'a str,
-}
-
-fn server_toml_at(fleet: &Fleet, at: &Server<'_>, strategy: &str) -> PathBuf {
-    let (name, ip, port) = (at.name, at.ip, at.port);
-    let base =
-        fleet.write_fleet_toml(&format!("{name}-base.toml"), &fleet.coordinator).unwrap_or_else(|e| panic!("{e}"));
-    let text = std::fs::read_to_string(&base).unwrap_or_else(|e| panic!("{e}"));
-    let api = fleet.pki.issue(&format!("api-{name}"), Role::Coordinator, &[ip]);
-    // The release starts in 3 s: its probe may take up to 8 s.
-    let text = text.replacen("retries = 10", "retries = 40", 1);
-    let text = text.replacen("registry = \"registry.db\"", &format!("registry = \"{}\"", at.registry), 1)
-        + &format!(
-            "{strategy}\n[server]\nlisten = \"{ip}:{port}\"\nadvertise = \"https://{ip}:{port}\"\n\
-             leader_lease = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nartifacts_dir = \"{}\"\naudit_log = \"{}\"\n\n\
-             [[server.tokens]]\nname = \"ci\"\nsha256 = \"{}\"\n",
-            at.lease,
-            api.cert.display(),
-            api.key.display(),
-            fleet.dir.join(format!("{name}-artifacts")).display(),
-            fleet.dir.join(format!("{name}-audit.log")).display(),
-            ferry_coordinator::commands::token::sha256_hex(TOKEN),
-        );
-    assert!(text.contains("postgres://"), "{text}");
-    let path = fleet.dir.join(format!("{name}.toml"));
-    std::fs::write(&path, text).unwrap_or_else(|e| panic!("{e}"));
-    path
-}
-
 fn serve(fleet: &Fleet, config: &Path, name: &str) -> Proc {
     serve_in(fleet, &fleet.ctl_ns, config, name)
-}
-
-fn serve_in(fleet: &Fleet, ns: &str, config: &Path, name: &str) -> Proc {
-    let log = fleet.dir.join(format!("{name}-serve.log"));
-    let child = fleet.spawn_ferry_in(ns, &["serve", "--config", &config.to_string_lossy()], &log);
-    let up = poll(Duration::from_secs(20), || {
-        std::fs::read_to_string(&log).ok().filter(|l| l.contains("listening on")).map(|_| ())
-    });
-    assert!(up.is_some(), "ferry serve {name} did not start: {}", std::fs::read_to_string(&log).unwrap_or_default());
-    Proc(child)
 }
 
 /// The role `GET /api/v1/health` of the server on `port` reports.
 fn role(fleet: &Fleet, port: u16) -> Option<(String, i64)> {
     role_at(fleet, "127.0.0.1", port)
-}
-
-/// [`role`] of the server at `ip`, seen from the coordinator's namespace.
-fn role_at(fleet: &Fleet, ip: &str, port: u16) -> Option<(String, i64)> {
-    let script = format!(
-        "import json, ssl, urllib.request\nc = ssl.create_default_context(cafile='{}')\n\
-         h = json.load(urllib.request.urlopen('https://{ip}:{port}/api/v1/health', context=c, timeout=3))\n\
-         print(h['role'], h['epoch'])",
-        fleet.coordinator.ca.display()
-    );
-    let out = std::process::Command::new("ip")
-        .args(["netns", "exec", &fleet.ctl_ns, "python3", "-c", &script])
-        .output()
-        .ok()?;
-    let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let (r, e) = line.split_once(' ')?;
-    Some((r.to_string(), e.parse().ok()?))
 }
 
 #[test]
@@ -304,19 +223,6 @@ fn deploy_through(fleet: &Fleet, url: &str, artifact: &Path, version: &str, log:
     Proc(fleet.spawn_ferry(&all, &fleet.dir.join(log)))
 }
 
-/// `len` bytes that do not compress (and so cross the wire whole).
-fn noise(len: usize) -> Vec<u8> {
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
-
 /// The leader, in a namespace of its own, loses its link mid-transfer: the standby takes over
 /// (its epoch stops the old leader's uploads on every host at once), finishes the rollout, and
 /// once the link is back nothing the old leader sends changes a host or the record.
@@ -345,7 +251,7 @@ fn a_leader_cut_off_mid_rollout_is_fenced_out_of_every_host_and_of_the_registry(
     // v2 carries 4 MiB of noise; a's uploads leave at 6 Mbit/s: about 16 s for the three hosts.
     let v2 = fleet.dir.join("demo-2");
     demo_app::write_release(&v2, "2", Variant::Healthy).expect("release");
-    std::fs::write(v2.join("noise.bin"), noise(4 << 20)).expect("noise");
+    std::fs::write(v2.join("noise.bin"), ferry_tests::pseudo_random(4 << 20, 7)).expect("noise");
     let tc = ["netns", "exec", &a_ns, "tc", "qdisc", "add", "dev", "eth0", "root", "tbf"];
     let shaped = std::process::Command::new("ip")
         .args(tc)

@@ -284,11 +284,15 @@ impl Postgres {
     }
 
     /// Runs `f` to its end on this thread, with the registry's runtime driving the I/O.
+    ///
+    /// Outside tokio's cooperative budget: called from a task (the engine's), `f` would spend
+    /// that task's budget, and once it is spent tokio defers `f`'s wake-up until the task
+    /// yields to its runtime, which it cannot while this thread waits here.
     fn block_on<T>(&self, f: impl Future<Output = T>) -> T {
         let _in = self.runtime.as_ref().map(tokio::runtime::Runtime::enter);
         let waker = Arc::new(Unpark(std::thread::current())).into();
         let mut cx = Context::from_waker(&waker);
-        let mut f = std::pin::pin!(f);
+        let mut f = std::pin::pin!(tokio::task::unconstrained(f));
         loop {
             if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
                 return v;
@@ -1231,6 +1235,41 @@ mod tests {
         let reg = Postgres::open(&url).expect("reopen");
         assert_eq!(reg.lock_of("prod").expect("lock").map(|l| l.deployment_id), Some("d-1".into()));
         assert_eq!(reg.describe(), format!("postgres://ferry@127.0.0.1:{}/ferry", pg.port));
+    }
+
+    /// Hundreds of calls from one task that never yields (the engine staging many hosts):
+    /// each still ends, whatever the task's cooperative budget.
+    #[test]
+    fn many_calls_from_a_task_that_does_not_yield_all_end() {
+        let Some(pg) = TestPg::start() else { return };
+        let reg = open(&pg);
+        let hosts = [("web-1".to_string(), 0usize)];
+        let d = NewDeployment {
+            id: "d-1",
+            kind: DeploymentKind::Deploy,
+            environment: "prod",
+            version: "2",
+            release_id: "r",
+            artifact: "a",
+            manifest_hash: "h",
+            strategy: "rolling",
+            hosts: &hosts,
+            app: "web",
+        };
+        reg.create(&d).expect("create");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            let n = rt.block_on(async {
+                for i in 0..600 {
+                    reg.event("d-1", None, "note", &i.to_string()).expect("event");
+                }
+                reg.events_since("d-1", 0).expect("events").len()
+            });
+            let _ = tx.send(n);
+        });
+        let n = rx.recv_timeout(Duration::from_secs(120)).expect("the calls hung");
+        assert_eq!(n, 601);
     }
 
     #[test]

@@ -7,6 +7,10 @@
 //! 1%) per fleet size, with the registry in memory and, for the smallest size, on disk. No root,
 //! no hosts. Run by `benches/engine.sh`.
 //!
+//! `ferry-bench registry`: SQLite and PostgreSQL side by side (write latency, a deployment's
+//! registry time, deployments and reads through the API) and the failover time of two `ferry
+//! serve` on PostgreSQL (see `registry.rs`). Run by `benches/registry.sh`.
+//!
 //! `ferry-bench gates`: how long after a failing batch its rollback starts, on 3 hosts with a real
 //! Prometheus scraping the demo app: a release with 10 % errors against an error-rate gate
 //! (rolling batch 1, auto_rollback), per measurement interval. Run by `benches/gates.sh`.
@@ -24,6 +28,8 @@ use std::time::Instant;
 
 use ferry_tests::demo_app::{self, Variant};
 use ferry_tests::fleet::{self, Fleet};
+
+mod registry;
 
 const RUN: &str = "fybench";
 const HOSTS: usize = 5;
@@ -54,7 +60,7 @@ fn main() -> ExitCode {
                 mbit = u32::try_from(v).unwrap_or(u32::MAX);
                 it.next();
             }
-            ("rollout" | "api" | "engine" | "gates", _) => cmd = Some(a),
+            ("rollout" | "api" | "engine" | "gates" | "registry", _) => cmd = Some(a),
             _ => return usage(),
         }
     }
@@ -76,6 +82,7 @@ fn main() -> ExitCode {
     let result = match cmd {
         "api" => bench_api(mb),
         "gates" => bench_gates(),
+        "registry" => registry::bench_registry(),
         _ => bench(mb, mbit),
     };
     match result {
@@ -89,7 +96,7 @@ fn main() -> ExitCode {
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: ferry-bench rollout [--mb 50] [--mbit 200] | ferry-bench api [--mb 50] | ferry-bench engine [--hosts 1000,10000] | ferry-bench gates"
+        "usage: ferry-bench rollout [--mb 50] [--mbit 200] | ferry-bench api [--mb 50] | ferry-bench engine [--hosts 1000,10000] | ferry-bench gates | ferry-bench registry"
     );
     ExitCode::from(2)
 }
@@ -463,12 +470,14 @@ fn usage_now() -> (f64, u64) {
     (cpu, peak)
 }
 
-/// One rolling deployment (batches of 1%) of `hosts` scripted hosts through the engine.
-fn engine_run(hosts: usize, on_disk: bool) -> Result<(f64, f64, u64), String> {
+/// One rolling deployment (batches of 1%) of `hosts` scripted hosts through the engine, on
+/// `registry`.
+fn engine_run(
+    hosts: usize,
+    registry: Box<dyn ferry_coordinator::registry::Registry>,
+) -> Result<(f64, f64, u64), String> {
     use ferry_coordinator::commands::{self, Ctx};
     use ferry_coordinator::fleet::fake::Fake;
-    use ferry_coordinator::registry::Registry;
-    use ferry_coordinator::registry::sqlite::Sqlite;
 
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let mut text = String::from(
@@ -484,11 +493,6 @@ fn engine_run(hosts: usize, on_disk: bool) -> Result<(f64, f64, u64), String> {
     std::fs::write(build.join("index.html"), "v2").map_err(|e| e.to_string())?;
     let artifact =
         std::sync::Arc::new(ferry_coordinator::artifact::Artifact::scan(&build, None).map_err(|e| e.to_string())?);
-    let registry: Box<dyn Registry> = if on_disk {
-        Box::new(Sqlite::open(&dir.path().join("registry.db")).map_err(|e| e.to_string())?)
-    } else {
-        Box::new(Sqlite::in_memory().map_err(|e| e.to_string())?)
-    };
     let fleet = Fake::quiet();
     for i in 0..hosts {
         fleet.runs(&format!("web-{i}"), "1-00000000");
@@ -528,7 +532,14 @@ fn bench_engine(sizes: &[usize]) -> Result<(), String> {
     println!("| hosts | registry | CPU (s) | wall (s) | CPU per host (µs) | peak RSS of the process (MiB) |");
     println!("|---:|---|---:|---:|---:|---:|");
     for (hosts, on_disk) in runs {
-        let (cpu, wall, peak) = engine_run(hosts, on_disk)?;
+        use ferry_coordinator::registry::sqlite::Sqlite;
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let registry: Box<dyn ferry_coordinator::registry::Registry> = if on_disk {
+            Box::new(Sqlite::open(&dir.path().join("registry.db")).map_err(|e| e.to_string())?)
+        } else {
+            Box::new(Sqlite::in_memory().map_err(|e| e.to_string())?)
+        };
+        let (cpu, wall, peak) = engine_run(hosts, registry)?;
         println!(
             "| {hosts} | {} | {cpu:.2} | {wall:.2} | {:.0} | {:.1} |",
             if on_disk { "SQLite on disk (synchronous=FULL)" } else { "SQLite in memory" },
