@@ -49,6 +49,11 @@ pub struct AgentConfig {
     /// `[signing]`: run only releases signed by one of these keys.
     #[serde(default)]
     pub signing: SigningConfig,
+    /// Peer fetch: how many other hosts this agent serves chunks to at once; one more is told
+    /// to try elsewhere, so serving peers never takes more than this from the host's own app.
+    /// 0 serves none.
+    #[serde(default = "default_peer_uploads")]
+    pub peer_uploads: usize,
 }
 
 /// `[signing]`: `trusted_keys` are public key files (`ferry key new` writes them). With any, every
@@ -133,6 +138,9 @@ fn default_handshake_timeout() -> Duration {
 }
 fn default_shutdown_grace() -> Duration {
     Duration::from_secs(30)
+}
+fn default_peer_uploads() -> usize {
+    4
 }
 /// The default observability port (in the range exporters commonly use).
 pub const DEFAULT_HTTP_PORT: u16 = 9187;

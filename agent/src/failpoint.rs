@@ -11,7 +11,27 @@
 //! Points: `after-upload` (commit begins), `mid-materialize` (half the files written),
 //! `before-promote` (tree complete, not yet in releases/), `before-swap-rename` (new symlink
 //! made, not yet renamed over `current`), `after-swap` (`current` switched, units not yet
-//! restarted), `after-restart` (units restarted, health not yet probed).
+//! restarted), `after-restart` (units restarted, health not yet probed), `peer-serve` (serving
+//! a peer's GetChunks).
+//!
+//! Faults that do not kill ([`armed`]): `peer-corrupt` (every chunk served to a peer has a byte
+//! flipped), armed the same two ways, and left armed while listed.
+
+/// Whether the named fault is armed (by `FERRY_FAILPOINTS` or the file, which is left as it is).
+pub fn armed(name: &str) -> bool {
+    #[cfg(feature = "failpoints")]
+    {
+        let listed = |v: &str| v.split([',', '\n']).any(|n| n.trim() == name);
+        let by_file = std::env::var_os("FERRY_FAILPOINTS_FILE")
+            .is_some_and(|f| std::fs::read_to_string(f).is_ok_and(|v| listed(&v)));
+        std::env::var("FERRY_FAILPOINTS").is_ok_and(|v| listed(&v)) || by_file
+    }
+    #[cfg(not(feature = "failpoints"))]
+    {
+        let _ = name;
+        false
+    }
+}
 
 /// Dies here if the named failpoint is armed.
 pub fn hit(name: &str) {

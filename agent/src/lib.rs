@@ -36,6 +36,7 @@ pub mod http;
 pub mod metrics;
 pub mod notify;
 pub mod owner;
+pub mod peers;
 pub mod probe;
 pub mod secrets;
 pub mod server;

@@ -236,16 +236,17 @@ impl Server {
                     let presented = presented.unwrap_or_default();
                     match handshake {
                         Ok(Ok(stream)) => {
-                            let name = stream
+                            let id = stream
                                 .get_ref()
                                 .1
                                 .peer_certificates()
                                 .and_then(|c| c.first())
-                                .and_then(|c| CertIdentity::from_der(c).ok())
-                                .map(|id| id.name().to_string())
-                                .unwrap_or_default();
+                                .and_then(|c| CertIdentity::from_der(c).ok());
+                            let name = id.as_ref().map(|id| id.name().to_string()).unwrap_or_default();
+                            let role = id.and_then(|id| id.role);
                             tracing::debug!(peer = %addr, name, "accepted connection");
-                            let _ = tx.send(AuthenticatedConn { inner: stream, peer: PeerInfo { addr, name } }).await;
+                            let peer = PeerInfo { addr, name, role };
+                            let _ = tx.send(AuthenticatedConn { inner: stream, peer }).await;
                         }
                         Ok(Err(e)) => {
                             let reason = tls::describe_handshake_error(&e);
@@ -267,8 +268,10 @@ impl Server {
 
         let incoming = tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<_, io::Error>);
         let activations = Activations::default();
-        let service =
-            AgentServer::new(AgentService::with_activations(config.clone(), activations.clone(), telemetry.clone()));
+        let service = crate::peers::RoleGate::new(
+            AgentServer::new(AgentService::with_activations(config.clone(), activations.clone(), telemetry.clone())),
+            telemetry.clone(),
+        );
         let grace = config.shutdown_grace;
         let stop = shutdown.clone();
         let refuse_new = activations.clone();

@@ -41,6 +41,9 @@ pub struct PeerInfo {
     pub addr: std::net::SocketAddr,
     /// The certificate's name (common name), e.g. the coordinator's `ferry cert issue --name`.
     pub name: String,
+    /// The certificate's ferry role: a coordinator, or another agent (peer fetch only:
+    /// [`crate::peers::RoleGate`]).
+    pub role: Option<ferry_proto::identity::Role>,
 }
 
 pub struct AgentService {
@@ -56,6 +59,8 @@ pub struct AgentService {
     stages: std::sync::Mutex<std::collections::HashMap<(String, String), Stage>>,
     /// The highest coordinator epoch seen: lower ones are refused.
     fence: crate::fence::Fence,
+    /// Peers served at once (agent.toml `peer_uploads`).
+    peer_slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// Stages remembered; older ones (abandoned) are forgotten first.
@@ -111,7 +116,8 @@ impl AgentService {
             .unwrap_or_default();
         let locks = config.apps.keys().map(|a| (a.clone(), Arc::new(tokio::sync::Mutex::new(())))).collect();
         let fence = crate::fence::Fence::open(&config.data_dir);
-        AgentService { config, name, locks, activations, telemetry, stages: Default::default(), fence }
+        let peer_slots = Arc::new(tokio::sync::Semaphore::new(config.peer_uploads));
+        AgentService { config, name, locks, activations, telemetry, stages: Default::default(), fence, peer_slots }
     }
 
     /// The app's store and lock, or NotFound for an app this agent does not manage.
@@ -287,6 +293,41 @@ impl Agent for AgentService {
             return self.done(e, Err(s), |_, _| {}).await;
         }
         self.plan_command(e, self.activate_inner(request)).await
+    }
+
+    type GetChunksStream = crate::peers::ChunkStream;
+    async fn get_chunks(
+        &self,
+        request: Request<v1::GetChunksRequest>,
+    ) -> Result<Response<crate::peers::ChunkStream>, Status> {
+        let r = request.get_ref();
+        let e = Entry { app: r.app.clone(), ..entry(&request, "GetChunks") };
+        let n = r.hashes.len();
+        let r = self.get_chunks_inner(request).instrument(span_of(&e)).await;
+        self.done(e, r, |_, e| e.detail = format!("{n} chunk(s) asked for")).await
+    }
+
+    async fn fetch_from_peers(
+        &self,
+        request: Request<v1::FetchFromPeersRequest>,
+    ) -> Result<Response<v1::FetchFromPeersResponse>, Status> {
+        let fenced = self.fenced(&request);
+        let r = request.get_ref();
+        let e = Entry {
+            app: r.app.clone(),
+            release: r.stage_id.clone(),
+            deployment: r.deployment_id.clone(),
+            ..entry(&request, "FetchFromPeers")
+        };
+        let r = match fenced {
+            Ok(()) => self.fetch_from_peers_inner(request).instrument(span_of(&e)).await,
+            Err(s) => Err(s),
+        };
+        self.done(e, r, |r, e| {
+            e.detail =
+                format!("{} chunk(s), {} bytes from peers; {} peer(s) fell short", r.chunks, r.bytes, r.failures.len())
+        })
+        .await
     }
 
     type RollbackStream = StepStream;
@@ -530,6 +571,64 @@ impl AgentService {
         Ok(Response::new(v1::UploadResponse {
             chunks_received: upload.chunks_received,
             bytes_received: upload.bytes_received,
+        }))
+    }
+
+    async fn get_chunks_inner(
+        &self,
+        request: Request<v1::GetChunksRequest>,
+    ) -> Result<Response<crate::peers::ChunkStream>, Status> {
+        let req = request.into_inner();
+        if req.hashes.len() > crate::peers::MAX_HASHES {
+            return Err(Status::invalid_argument(format!(
+                "{} hashes asked for; at most {} at once",
+                req.hashes.len(),
+                crate::peers::MAX_HASHES
+            )));
+        }
+        let (store, _) = self.app(&req.app)?;
+        let permit = self.peer_slots.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "already serving {} peer(s) (agent.toml peer_uploads): fetch elsewhere",
+                self.config.peer_uploads
+            ))
+        })?;
+        let reader = blocking(move || store.chunk_reader()).await?;
+        Ok(Response::new(crate::peers::serve_chunks(reader, req.hashes, permit)))
+    }
+
+    async fn fetch_from_peers_inner(
+        &self,
+        request: Request<v1::FetchFromPeersRequest>,
+    ) -> Result<Response<v1::FetchFromPeersResponse>, Status> {
+        let epoch = crate::fence::epoch_of(&request)?;
+        let req = request.into_inner();
+        let tls = crate::tls::peer_client_config(&self.config.tls)
+            .map_err(|e| Status::failed_precondition(format!("cannot reach peers: {e}")))?;
+        let (store, lock) = self.app(&req.app)?;
+        let _guard = tokio::select! {
+            g = lock.lock() => g,
+            s = self.fence.overtaken(epoch) => return Err(s),
+        };
+        let stage = req.stage_id.clone();
+        let upload = blocking(move || store.upload(&stage)).await?;
+        let asked: Vec<Vec<u8>> = req.sources.iter().flat_map(|s| s.hashes.iter().cloned()).collect();
+        let (upload, fetched) = tokio::select! {
+            r = crate::peers::fetch(tls, &req.app, req.sources, upload) => r?,
+            s = self.fence.overtaken(epoch) => return Err(s),
+        };
+        let still_missing: Vec<Vec<u8>> = asked.into_iter().filter(|h| !upload.has(h)).collect();
+        tracing::info!(
+            chunks = fetched.chunks,
+            bytes = fetched.bytes,
+            failures = fetched.failures.len(),
+            "fetched from peers"
+        );
+        Ok(Response::new(v1::FetchFromPeersResponse {
+            chunks: fetched.chunks,
+            bytes: fetched.bytes,
+            failures: fetched.failures,
+            still_missing,
         }))
     }
 

@@ -1,8 +1,10 @@
-//! The agent's side of mTLS: present the host's agent certificate, accept only coordinators.
+//! The agent's side of mTLS: present the host's agent certificate, accept coordinators (and other
+//! agents, for peer fetch only: [`crate::peers::RoleGate`] keeps them to `GetChunks`).
 //!
 //! Trust anchor: the fleet CA from `agent.toml`, nothing else (no system roots). A client must
 //! present a certificate chaining to it, valid now, with the `clientAuth` purpose and the
-//! `ferry:role:coordinator` URI SAN; anything else is refused during the handshake. TLS 1.3 only.
+//! `ferry:role:coordinator` (or `ferry:role:agent`) URI SAN; anything else is refused during the
+//! handshake. TLS 1.3 only. [`peer_client_config`] is this host as a client of its peers.
 use std::sync::Arc;
 
 use ferry_proto::identity::{self, CertIdentity, PemError, Revoked, Role};
@@ -86,6 +88,27 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
     Ok(Arc::new(config))
 }
 
+/// This host as a client of its peers (peer fetch): its own agent certificate, and only the
+/// fleet CA trusted for theirs (which must name the address the coordinator gave).
+pub fn peer_client_config(files: &TlsFiles) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let roots = root_store(&files.ca)?;
+    let chain = identity::load_certs(&files.cert)?;
+    let key = identity::load_key(&files.key)?;
+    let cert_path = files.cert.display().to_string();
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::BadCert { path: cert_path.clone(), reason: e.to_string() })?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| TlsError::KeyMismatch {
+            cert: cert_path,
+            key: files.key.display().to_string(),
+            reason: e.to_string(),
+        })?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
 fn root_store(path: &std::path::Path) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
     for cert in identity::load_certs(path)? {
@@ -94,7 +117,8 @@ fn root_store(path: &std::path::Path) -> Result<RootCertStore, TlsError> {
     Ok(roots)
 }
 
-/// Accepts a client only if the fleet CA vouches for it *and* it carries the coordinator role.
+/// Accepts a client only if the fleet CA vouches for it *and* it carries the coordinator role, or
+/// the agent role (a peer: what it may call is [`crate::peers::RoleGate`]'s to say).
 ///
 /// A role refusal is reported as `ApplicationVerificationFailure`, which rustls sends as the
 /// `access_denied` alert: the coordinator translates that alert into "not a coordinator
@@ -140,12 +164,12 @@ impl ClientCertVerifier for CoordinatorOnly {
             return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
         }
         match self.inner.verify_client_cert(end_entity, intermediates, now) {
-            Ok(verified) if role == Some(Role::Coordinator) => Ok(verified),
+            Ok(verified) if matches!(role, Some(Role::Coordinator | Role::Agent)) => Ok(verified),
             Ok(_) => Err(refuse_role()),
             // An agent certificate lacks the clientAuth purpose; say what it really is.
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. },
-            )) if role.is_some_and(|r| r != Role::Coordinator) => Err(refuse_role()),
+            )) if role.is_some_and(|r| r != Role::Coordinator && r != Role::Agent) => Err(refuse_role()),
             Err(e) => Err(e),
         }
     }

@@ -61,6 +61,12 @@ pub struct FleetConfig {
     /// "production"]`; a succeeded deployment is promoted only to the environment after its own.
     #[serde(default)]
     pub promotion: Vec<String>,
+    /// Peer fetch: hosts get a release's new content from the hosts that already hold it (a
+    /// few seeds get it from the coordinator), so the coordinator sends about one copy
+    /// whatever the fleet's size. Agents must reach each other on their gRPC port; what a
+    /// peer cannot give comes from the coordinator. `false`: everything from the coordinator.
+    #[serde(default = "default_peer_fetch")]
+    pub peer_fetch: bool,
     /// `ferry serve`: the pipeline API (listen address, TLS, bearer tokens, where uploads go).
     #[serde(default)]
     pub server: ServerConfig,
@@ -133,6 +139,10 @@ pub struct ServerConfig {
     /// third of it); a standby takes over once it lapses.
     #[serde(default = "default_leader_lease", deserialize_with = "config_file::duration::deserialize")]
     pub leader_lease: Duration,
+}
+
+fn default_peer_fetch() -> bool {
+    true
 }
 
 fn default_leader_lease() -> Duration {

@@ -201,7 +201,8 @@ fn sign(ca_dir: &Path, req: &CertRequest) -> Result<Signed, PkiError> {
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = match req.role {
-        Role::Agent => vec![ExtendedKeyUsagePurpose::ServerAuth],
+        // clientAuth too: an agent fetches chunks from its peers with its own certificate.
+        Role::Agent => vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth],
         Role::Coordinator => vec![ExtendedKeyUsagePurpose::ClientAuth, ExtendedKeyUsagePurpose::ServerAuth],
         Role::Operator => vec![ExtendedKeyUsagePurpose::ClientAuth],
     };

@@ -130,15 +130,13 @@ async fn agent_role_certificate_used_as_coordinator_is_refused() {
     let local = ClientTls::load(&files).expect_err("ferry must not use an agent certificate");
     assert!(local.to_string().contains("has role agent; the coordinator needs one issued with"), "{local}");
 
-    // ...and an agent refuses a client that does.
+    // ...and an agent refuses it every command (a peer's certificate gets GetChunks only).
     let tls = ClientTls::load_any_role(&files).expect("load without the local check");
     let err = expect_refused(connect("web-1", &agent, &tls).await);
     assert_eq!(err.kind, ErrorKind::Tls, "{err}");
-    assert!(err.message.contains("it does not carry the coordinator role"), "{err}");
-    agent
-        .refusal_containing("client certificate does not carry the coordinator role")
-        .await
-        .expect("agent logs the cause");
+    assert!(err.message.contains("refused this certificate: GetStatus needs a coordinator certificate"), "{err}");
+    let audit = std::fs::read_to_string(data.path().join("audit.log")).expect("audit");
+    assert!(audit.contains("\"peer\":\"web-2\"") && audit.contains("permission_denied"), "{audit}");
 }
 
 #[tokio::test]
@@ -240,23 +238,25 @@ async fn coordinator_explains_a_peer_that_does_not_speak_tls() {
 }
 
 /// The audit log names who was refused (the name on the certificate it presented) and who was
-/// served, with the RPC and its result; the refusal counter agrees.
+/// served, with the RPC and its result; the refusal counter agrees. An operator's certificate is
+/// refused in the handshake; another agent's (a peer) gets through it, but any RPC other than
+/// GetChunks is refused to it and audited.
 #[tokio::test]
 async fn refusals_and_commands_are_audited_with_the_peer_name() {
     let pki = TestPki::new();
     let data = tempfile::tempdir().expect("tempdir");
     let agent = TestAgent::start(&pki.issue("web-1", Role::Agent, &["127.0.0.1"]), data.path()).await.expect("start");
-    // Another agent's certificate: right CA, wrong role.
-    let wrong_role = pki.issue("web-2", Role::Agent, &[]);
-    let files = TlsFiles {
-        ca: wrong_role.ca.clone(),
-        cert: wrong_role.cert.clone(),
-        key: wrong_role.key.clone(),
-        revoked: None,
+    let any_role = |name: &str, role: Role| {
+        let c = pki.issue(name, role, &[]);
+        let files = TlsFiles { ca: c.ca.clone(), cert: c.cert.clone(), key: c.key.clone(), revoked: None };
+        ClientTls::load_any_role(&files).expect("load without the local check")
     };
-    let tls = ClientTls::load_any_role(&files).expect("load without the local check");
-    expect_refused(connect("web-1", &agent, &tls).await);
+    // Right CA, wrong role.
+    expect_refused(connect("web-1", &agent, &any_role("alice", Role::Operator)).await);
     agent.refusal_containing("coordinator role").await.expect("refused for its role");
+    // A peer: its GetStatus is refused.
+    let e = expect_refused(connect("web-1", &agent, &any_role("web-2", Role::Agent)).await);
+    assert!(e.message.contains("needs a coordinator certificate"), "{e}");
     connect("web-1", &agent, &client_tls(&pki.issue("ctl", Role::Coordinator, &[]))).await.expect("accepted");
 
     let log = std::fs::read_to_string(data.path().join("audit.log")).expect("the audit log is in the data dir");
@@ -264,12 +264,16 @@ async fn refusals_and_commands_are_audited_with_the_peer_name() {
         log.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect();
     let refused: Vec<_> = records.iter().filter(|r| r.result == "refused").collect();
     assert_eq!(refused.len(), 1, "{records:#?}");
-    assert_eq!((refused[0].rpc.as_str(), refused[0].peer.as_str()), ("connect", "web-2"), "{records:#?}");
+    assert_eq!((refused[0].rpc.as_str(), refused[0].peer.as_str()), ("connect", "alice"), "{records:#?}");
     assert!(refused[0].detail.contains("does not carry the coordinator role"), "{records:#?}");
     assert!(refused[0].peer_addr.starts_with("127.0.0.1:"), "{records:#?}");
-    let served: Vec<_> = records.iter().filter(|r| r.rpc == "GetStatus").collect();
+    let peer: Vec<_> = records.iter().filter(|r| r.peer == "web-2").collect();
+    assert_eq!(peer.len(), 1, "{records:#?}");
+    assert_eq!((peer[0].rpc.as_str(), peer[0].result.as_str()), ("GetStatus", "error: permission_denied"));
+    assert!(peer[0].detail.contains("an agent certificate may call GetChunks only"), "{records:#?}");
+    let served: Vec<_> = records.iter().filter(|r| r.rpc == "GetStatus" && r.result == "ok").collect();
     assert_eq!(served.len(), 1, "{records:#?}");
-    assert_eq!((served[0].peer.as_str(), served[0].result.as_str()), ("ctl", "ok"), "{records:#?}");
+    assert_eq!(served[0].peer.as_str(), "ctl", "{records:#?}");
 }
 
 /// Regression: every connection got a handshake task holding its descriptor for the whole

@@ -591,6 +591,11 @@ impl AppStore {
     }
 
     /// Starts receiving chunks for a prepared stage.
+    /// A reader of the chunks of every kept release (checked as [`kept`] checks them).
+    pub fn chunk_reader(&self) -> R<ChunkReader> {
+        Ok(ChunkReader { idx: self.index()? })
+    }
+
     pub fn upload(&self, stage_id: &str) -> R<Upload> {
         let (stage, m) = self.staged(stage_id)?;
         let have = self.received(&stage)?;
@@ -991,6 +996,23 @@ fn stored_mode(kind: EntryKind, mode: u32) -> u32 {
     }
 }
 
+/// Reads the chunks of this app's committed releases, for peers ([`AppStore::chunk_reader`]).
+pub struct ChunkReader {
+    idx: Index,
+}
+
+impl ChunkReader {
+    /// The chunk with this hash, read back and checked against it; `None` when this host does
+    /// not keep it (or its copy no longer matches: then it is not served). Blocking.
+    pub fn read(&self, hash: &[u8]) -> Option<Vec<u8>> {
+        let h = key(hash)?;
+        let (kept, offset, len) = self.idx.chunks.get(&h)?;
+        let mut data = vec![0u8; usize::try_from(*len).ok()?];
+        self.idx.read_at(kept, *offset, &mut data).ok()?;
+        (blake3::hash(&data).as_bytes() == &h).then_some(data)
+    }
+}
+
 /// Receives chunks into a stage: each is written straight into every file of the release that
 /// holds it, then recorded in the stage's `received` log.
 pub struct Upload {
@@ -1013,6 +1035,11 @@ pub struct Upload {
 }
 
 impl Upload {
+    /// Whether the stage has received chunk `hash`.
+    pub fn has(&self, hash: &[u8]) -> bool {
+        key(hash).is_some_and(|h| self.have.contains(&h))
+    }
+
     /// Verifies and stores one chunk. Blocking.
     pub fn put(&mut self, c: &v1::ContentChunk) -> R<()> {
         let h = key(&c.hash).ok_or_else(|| StoreError::Refused("a chunk hash is not 32 bytes".into()))?;

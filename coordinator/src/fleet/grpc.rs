@@ -15,6 +15,7 @@ use ferry_proto::v1::{self, agent_client::AgentClient};
 use futures_util::future::BoxFuture;
 use tonic::transport::Channel;
 
+use super::swarm::{Part, Swarm};
 use super::{Activation, Fleet, Release, StageNote, Staged, Swap, Target, Transfer};
 use crate::artifact::Artifact;
 use crate::cache::Cache;
@@ -143,14 +144,38 @@ async fn stage_host(
     let prepared = prepared.0;
     if prepared.already_present {
         note(StageNote::AlreadyPresent { release: prepared.release_id.clone() });
+        release.swarm.holds(host, false);
     } else {
         note(StageNote::Prepared {
             chunks: prepared.missing_chunks.len(),
             missing_bytes: prepared.missing_bytes,
             total_bytes: artifact.total_bytes,
         });
-        if !prepared.missing_chunks.is_empty() {
-            let missing = Missing { chunks: prepared.missing_chunks, bases: prepared.bases };
+        // Peer fetch: a seed gets everything from here; any other host first asks the hosts
+        // that hold the release, and gets here only what they did not give.
+        let mut seeding = None;
+        let mut chunks = prepared.missing_chunks;
+        if !chunks.is_empty() && release.swarm.enabled() {
+            match release.swarm.join().await {
+                Part::Seed => seeding = Some(SeedGuard(&release.swarm)),
+                Part::Fetch(peers) => {
+                    let asked =
+                        (&mut client, fleet.config, app.as_str(), prepared.stage_id.as_str(), deployment_id.as_str());
+                    match from_peers(asked, &peers, &chunks, agent_timeout).await {
+                        Ok(got) => {
+                            sent.peer_bytes.fetch_add(got.bytes, Ordering::Relaxed);
+                            let fell_short = got.failures.iter().map(|f| format!("{}: {}", f.host, f.reason)).collect();
+                            note(StageNote::FromPeers { chunks: got.chunks, bytes: got.bytes, fell_short });
+                            chunks = got.still_missing;
+                        }
+                        // An agent too old for peer fetch, or one that cannot reach its peers.
+                        Err(e) => tracing::warn!("peer fetch: {}; everything from the coordinator", e.message()),
+                    }
+                }
+            }
+        }
+        if !chunks.is_empty() {
+            let missing = Missing { chunks, bases: prepared.bases };
             let rebuilt = upload(
                 &mut client,
                 host,
@@ -183,9 +208,58 @@ async fn stage_host(
             return Err(fail(ErrorKind::Rpc, format!("commit ended with {:?}: {}", fin.outcome, fin.cause)));
         }
         note(StageNote::Committed { release: fin.release_id.clone() });
+        if let Some(seed) = seeding.take() {
+            std::mem::forget(seed);
+            release.swarm.holds(host, true);
+        } else {
+            release.swarm.holds(host, false);
+        }
     }
     tracing::info!(release = prepared.release_id, bytes_sent = sent.bytes.load(Ordering::Relaxed), "staged");
     Ok(Staged { current, release_id: prepared.release_id, unfinished })
+}
+
+/// A seed's place, given up (for another host to seed) if it does not stage.
+struct SeedGuard<'a>(&'a Swarm);
+
+impl Drop for SeedGuard<'_> {
+    fn drop(&mut self) {
+        self.0.seed_failed();
+    }
+}
+
+/// `FetchFromPeers`: `chunks` shared out among `peers` (round robin).
+async fn from_peers(
+    (client, config, app, stage_id, deployment_id): (&mut AgentClient<Channel>, &FleetConfig, &str, &str, &str),
+    peers: &[Host],
+    chunks: &[Vec<u8>],
+    timeout: Duration,
+) -> Result<v1::FetchFromPeersResponse, tonic::Status> {
+    let mut sources: Vec<v1::PeerSource> = peers
+        .iter()
+        .map(|p| v1::PeerSource {
+            host: p.name.clone(),
+            endpoint: p.endpoint(),
+            server_name: p.address.clone(),
+            hashes: Vec::new(),
+        })
+        .collect();
+    for (i, h) in chunks.iter().enumerate() {
+        sources[i % peers.len().max(1)].hashes.push(h.clone());
+    }
+    let req = v1::FetchFromPeersRequest {
+        app: app.to_string(),
+        stage_id: stage_id.to_string(),
+        deployment_id: deployment_id.to_string(),
+        sources,
+    };
+    // Bounded like an upload would be: by the peers' own stall limit, and this as a backstop.
+    let limit = timeout.max(Duration::from_secs(60)) * 10;
+    let call = client.fetch_from_peers(fenced(tonic::Request::new(req), config.epoch));
+    match tokio::time::timeout(limit, call).await {
+        Ok(r) => r.map(tonic::Response::into_inner),
+        Err(_) => Err(tonic::Status::deadline_exceeded(format!("no answer in {} s", limit.as_secs()))),
+    }
 }
 
 /// Activates a staged release on a host: swap, restart, probes; the host swaps itself back when

@@ -19,6 +19,7 @@ use crate::config::Host;
 
 pub mod fake;
 pub mod grpc;
+pub mod swarm;
 
 /// What the engine asks of hosts. Object-safe (futures are boxed) so the engine takes any fleet
 /// as `&dyn Fleet`.
@@ -53,6 +54,8 @@ pub struct Release {
     pub deployment_id: String,
     /// The release's signature (`[signing] key`); empty: unsigned.
     pub signature: Vec<u8>,
+    /// Peer fetch: who holds the release so far (fleet.toml `peer_fetch`).
+    pub swarm: Arc<swarm::Swarm>,
 }
 
 /// What a deployment activates on a host.
@@ -90,6 +93,9 @@ pub enum StageNote {
     /// What went on the wire; `delta_chunks` of the chunks went as deltas against the host's
     /// previous version of their file.
     Uploaded { bytes: u64, delta_chunks: u64 },
+    /// Peer fetch: `chunks` chunks (`bytes` on the wire) came from the host's peers; `fell_short`
+    /// says which peers did not give all they were asked for, and why.
+    FromPeers { chunks: u64, bytes: u64, fell_short: Vec<String> },
     /// The host built and verified the release.
     Committed { release: String },
 }
@@ -97,7 +103,10 @@ pub enum StageNote {
 /// What was sent to one host, counted while it happens (the live view reads it).
 #[derive(Debug, Default)]
 pub struct Transfer {
+    /// Sent by the coordinator.
     pub bytes: AtomicU64,
+    /// Fetched by the host from its peers (peer fetch).
+    pub peer_bytes: AtomicU64,
     pub manifest_delta: AtomicBool,
     pub delta_chunks: AtomicU64,
 }

@@ -413,6 +413,11 @@ impl Engine<'_> {
                 secrets: artifact.secrets.clone(),
             },
             release: crate::fleet::Release {
+                swarm: Arc::new(if self.config.peer_fetch {
+                    crate::fleet::swarm::Swarm::for_hosts(self.environment()?.hosts.len())
+                } else {
+                    crate::fleet::swarm::Swarm::off()
+                }),
                 signature: self.sign(&artifact, &d.version)?,
                 artifact,
                 version: d.version.clone(),

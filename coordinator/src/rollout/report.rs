@@ -56,6 +56,9 @@ pub struct HostResult {
     pub status: HostOutcome,
     /// Content bytes sent (compressed chunks and deltas; not the manifest or protocol overhead).
     pub bytes_sent: u64,
+    /// Content bytes the host fetched from its peers instead (peer fetch; counted while the
+    /// deployment runs, 0 when read back from the registry).
+    pub bytes_from_peers: u64,
     /// The manifest went as changes from the host's current release.
     pub manifest_delta: bool,
     /// Chunks sent as deltas against the host's previous version of their file.
@@ -116,6 +119,7 @@ pub fn report_from(d: DeploymentRow, rows: Vec<HostRow>, transfers: &HashMap<Str
                 name: h.host,
                 status,
                 bytes_sent: u64::try_from(h.bytes_sent).unwrap_or(0),
+                bytes_from_peers: t.map_or(0, |t| t.peer_bytes.load(Ordering::Relaxed)),
                 manifest_delta: t.is_some_and(|t| t.manifest_delta.load(Ordering::Relaxed)),
                 delta_chunks: t.map_or(0, |t| t.delta_chunks.load(Ordering::Relaxed)),
                 duration_ms: match (h.started_ms, h.finished_ms) {

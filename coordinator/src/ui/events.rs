@@ -32,6 +32,11 @@ fn stage_line(note: &StageNote) -> String {
             };
             format!("uploaded {}{from_bases}", bytes(*sent))
         }
+        StageNote::FromPeers { chunks, bytes: got, fell_short } => {
+            let short =
+                if fell_short.is_empty() { String::new() } else { format!("; short: {}", fell_short.join("; ")) };
+            format!("fetched {chunks} chunk(s), {} from peers{short}", bytes(*got))
+        }
         StageNote::Committed { release } => format!("committed {release}"),
     }
 }

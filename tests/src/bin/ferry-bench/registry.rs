@@ -207,7 +207,16 @@ fn failover(fleet: &Fleet, pg: &FleetPg, mut each: impl FnMut(usize, f64, f64)) 
         args.extend(["--artifact", &art, "--version", &version]);
         let _client = Proc(fleet.spawn_ferry(&args, &fleet.dir.join(format!("failover-{run}.log"))));
         let first = fleet::poll(Duration::from_secs(60), || (fleet.versions()[0] == version).then_some(()));
-        first.ok_or_else(|| format!("web-1 never ran {version}"))?;
+        let log = |f: &str| std::fs::read_to_string(fleet.dir.join(f)).unwrap_or_default();
+        first.ok_or_else(|| {
+            format!(
+                "web-1 never ran {version}: {:?}\nclient: {}\na: {}\nb: {}",
+                fleet.versions(),
+                log(&format!("failover-{run}.log")),
+                log("a-serve.log"),
+                log("b-serve.log")
+            )
+        })?;
         let killed = Instant::now();
         if let Some(mut p) = servers[leader].take() {
             p.kill9();

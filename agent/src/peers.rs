@@ -1,0 +1,264 @@
+//! Peer fetch: the hosts of a fleet fetch a release's chunks from each other instead of each
+//! getting every byte from the coordinator, which tells each host which peers hold what.
+//!
+//! - Serving ([`serve_chunks`]): `GetChunks` answers with chunks of the app's committed releases,
+//!   each read back and checked against its hash first; at most `peer_uploads` peers at once.
+//! - Who may ask ([`RoleGate`]): an agent certificate may call `GetChunks` and nothing else;
+//!   every other RPC needs the coordinator role. A refusal is audited.
+//! - Fetching ([`fetch`]): `FetchFromPeers` connects to each named peer with this host's own
+//!   certificate (the peer's must name the address the coordinator gave), asks for its share,
+//!   and hands every chunk to the stage's upload, which checks it by hash like an uploaded one.
+//!   A chunk a peer did not send, or sent wrong, stays missing: the coordinator uploads it.
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use ferry_proto::identity::Role;
+use ferry_proto::v1;
+use ferry_proto::v1::agent_client::AgentClient;
+use hyper_util::rt::TokioIo;
+use tokio::sync::mpsc;
+use tonic::Status;
+use tonic::codegen::{BoxFuture, Service, http};
+use tonic::server::NamedService;
+
+use crate::audit::Entry;
+use crate::service::PeerInfo;
+use crate::store::{ChunkReader, Upload};
+use crate::telemetry::Telemetry;
+
+/// The one RPC another agent may call.
+pub const PEER_RPC: &str = "/ferry.agent.v1.Agent/GetChunks";
+/// Hashes one `GetChunks` may ask for.
+pub const MAX_HASHES: usize = 4096;
+/// How long connecting to a peer (TCP and TLS) may take.
+const CONNECT: Duration = Duration::from_secs(5);
+/// How long a peer may go without sending a chunk.
+const STALL: Duration = Duration::from_secs(30);
+
+/// Lets agent-role peers call [`PEER_RPC`] only; every other RPC needs the coordinator role.
+#[derive(Clone)]
+pub struct RoleGate<S> {
+    inner: S,
+    telemetry: Arc<Telemetry>,
+}
+
+impl<S> RoleGate<S> {
+    pub fn new(inner: S, telemetry: Arc<Telemetry>) -> RoleGate<S> {
+        RoleGate { inner, telemetry }
+    }
+}
+
+impl<S: NamedService> NamedService for RoleGate<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S> Service<http::Request<tonic::body::Body>> for RoleGate<S>
+where
+    S: Service<http::Request<tonic::body::Body>, Response = http::Response<tonic::body::Body>, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        let peer = req.extensions().get::<PeerInfo>().cloned();
+        let role = peer.as_ref().and_then(|p| p.role);
+        let path = req.uri().path().to_string();
+        if role == Some(Role::Coordinator) || (role == Some(Role::Agent) && path == PEER_RPC) {
+            return Box::pin(self.inner.call(req));
+        }
+        let telemetry = self.telemetry.clone();
+        Box::pin(async move {
+            let rpc = path.rsplit('/').next().unwrap_or(&path).to_string();
+            let status = Status::permission_denied(format!(
+                "{rpc} needs a coordinator certificate; this one has role {} (an agent certificate may call GetChunks only)",
+                role.map_or("none", Role::as_str)
+            ));
+            let mut e = match &peer {
+                Some(p) => Entry::new(&rpc, &p.name, &p.addr.to_string()),
+                None => Entry::new(&rpc, "", ""),
+            };
+            tracing::warn!(peer = e.peer, rpc, "refused: {}", status.message());
+            e.result = "error: permission_denied".into();
+            e.detail = status.message().to_string();
+            telemetry.audit(e).await;
+            Ok(status.into_http())
+        })
+    }
+}
+
+pub type ChunkStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<v1::ContentChunk, Status>> + Send>>;
+
+/// Streams the chunks of `hashes` this host keeps (zstd-compressed), reading and checking each
+/// in a blocking task; the permit (one of `peer_uploads`) is held until the stream ends.
+pub fn serve_chunks(
+    reader: ChunkReader,
+    hashes: Vec<Vec<u8>>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) -> ChunkStream {
+    let (tx, rx) = mpsc::channel::<Result<v1::ContentChunk, Status>>(4);
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        crate::failpoint::hit("peer-serve");
+        let corrupt = crate::failpoint::armed("peer-corrupt");
+        for hash in hashes {
+            let Some(mut raw) = reader.read(&hash) else { continue };
+            if corrupt && let Some(b) = raw.first_mut() {
+                *b ^= 0xff;
+            }
+            let chunk = match zstd::bulk::compress(&raw, 1) {
+                Ok(z) if z.len() < raw.len() => v1::ContentChunk {
+                    hash,
+                    raw_length: raw.len() as u64,
+                    compression: v1::Compression::Zstd as i32,
+                    data: z,
+                    ..Default::default()
+                },
+                _ => v1::ContentChunk {
+                    hash,
+                    raw_length: raw.len() as u64,
+                    compression: v1::Compression::None as i32,
+                    data: raw,
+                    ..Default::default()
+                },
+            };
+            if tx.blocking_send(Ok(chunk)).is_err() {
+                break;
+            }
+        }
+    });
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+/// What fetching from the peers did.
+#[derive(Debug, Default)]
+pub struct Fetched {
+    pub chunks: u64,
+    pub bytes: u64,
+    pub failures: Vec<v1::PeerFailure>,
+}
+
+/// Fetches each source's share into `upload` (peers concurrently; chunks stored one at a time)
+/// and hands the upload back with what came.
+pub async fn fetch(
+    tls: Arc<rustls::ClientConfig>,
+    app: &str,
+    sources: Vec<v1::PeerSource>,
+    upload: Upload,
+) -> Result<(Upload, Fetched), Status> {
+    let (tx, mut rx) = mpsc::channel::<(usize, v1::ContentChunk)>(8);
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, source) in sources.iter().enumerate() {
+        let (tls, app, source, tx) = (tls.clone(), app.to_string(), source.clone(), tx.clone());
+        tasks.spawn(async move { (i, from_peer(tls, &app, &source, i, &tx).await) });
+    }
+    drop(tx);
+    let mut fetched = Fetched::default();
+    let mut got = vec![0u64; sources.len()];
+    let mut bad: Vec<Option<String>> = vec![None; sources.len()];
+    let mut upload = Some(upload);
+    while let Some((i, chunk)) = rx.recv().await {
+        let Some(mut up) = upload.take() else { break };
+        let wire = chunk.data.len() as u64;
+        let (up, stored) = tokio::task::spawn_blocking(move || {
+            let r = up.put(&chunk);
+            (up, r)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("worker failed: {e}")))?;
+        upload = Some(up);
+        match stored {
+            Ok(()) => {
+                got[i] += 1;
+                fetched.chunks += 1;
+                fetched.bytes += wire;
+            }
+            // A wrong chunk (its hash, its length) is the peer's fault: it is reported, and the
+            // chunk stays missing for the coordinator to send.
+            Err(e) => {
+                tracing::warn!(peer = sources[i].host, "peer sent a bad chunk: {e}");
+                bad[i].get_or_insert_with(|| format!("sent a chunk that failed its check: {e}"));
+            }
+        }
+    }
+    while let Some(done) = tasks.join_next().await {
+        let Ok((i, result)) = done else { continue };
+        let missing = (sources[i].hashes.len() as u64).saturating_sub(got[i]);
+        let reason = match (result, bad[i].take()) {
+            (_, Some(bad)) => bad,
+            (Err(e), None) => e,
+            (Ok(()), None) if missing > 0 => "does not have them".into(),
+            (Ok(()), None) => continue,
+        };
+        fetched.failures.push(v1::PeerFailure { host: sources[i].host.clone(), reason, chunks_missing: missing });
+    }
+    let upload = upload.ok_or_else(|| Status::internal("the upload was lost"))?;
+    Ok((upload, fetched))
+}
+
+/// One peer's share: connects, asks, forwards each chunk as it comes.
+async fn from_peer(
+    tls: Arc<rustls::ClientConfig>,
+    app: &str,
+    source: &v1::PeerSource,
+    i: usize,
+    tx: &mpsc::Sender<(usize, v1::ContentChunk)>,
+) -> Result<(), String> {
+    let name = rustls::pki_types::ServerName::try_from(source.server_name.clone())
+        .map_err(|e| format!("{:?} is not a name to check its certificate against: {e}", source.server_name))?;
+    let connector = tokio_rustls::TlsConnector::from(tls);
+    let target = source.endpoint.clone();
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{target}"))
+        .map_err(|e| format!("{target}: {e}"))?
+        .connect_timeout(CONNECT * 2)
+        .initial_stream_window_size(Some(ferry_proto::HTTP2_STREAM_WINDOW))
+        .initial_connection_window_size(Some(ferry_proto::HTTP2_CONNECTION_WINDOW))
+        .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+            let (connector, name, target) = (connector.clone(), name.clone(), target.clone());
+            async move {
+                let tcp = tokio::time::timeout(CONNECT, tokio::net::TcpStream::connect(&target))
+                    .await
+                    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+                let _ = tcp.set_nodelay(true);
+                let tls = tokio::time::timeout(CONNECT, connector.connect(name, tcp))
+                    .await
+                    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
+                Ok::<_, std::io::Error>(TokioIo::new(tls))
+            }
+        }))
+        .await
+        .map_err(|e| format!("cannot connect to {}: {}", source.endpoint, chain(&e)))?;
+    let mut client = AgentClient::new(channel);
+    let req = v1::GetChunksRequest { app: app.to_string(), hashes: source.hashes.clone() };
+    let mut stream = client.get_chunks(req).await.map_err(|s| format!("GetChunks: {}", s.message()))?.into_inner();
+    loop {
+        match tokio::time::timeout(STALL, stream.message()).await {
+            Err(_) => return Err(format!("sent nothing for {} s", STALL.as_secs())),
+            Ok(Err(s)) => return Err(format!("GetChunks: {}", s.message())),
+            Ok(Ok(None)) => return Ok(()),
+            Ok(Ok(Some(chunk))) => {
+                if tx.send((i, chunk)).await.is_err() {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        cur = s.source();
+    }
+    text
+}

@@ -1,0 +1,108 @@
+//! Peer fetch on a real fleet: hosts get a release's new content from each other, so the
+//! coordinator's link carries about one copy instead of one per host; a peer that serves a
+//! corrupt chunk is caught by the hash check and the host gets the chunk elsewhere.
+use std::path::{Path, PathBuf};
+
+use ferry_tests::demo_app::{self, Variant};
+use ferry_tests::fleet::{Fleet, text_of};
+use ferry_tests::fleet_or_skip;
+
+/// Bytes the coordinator's namespace has sent on its link.
+fn coordinator_tx(fleet: &Fleet) -> u64 {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &fleet.ctl_ns, "cat", "/sys/class/net/eth0/statistics/tx_bytes"])
+        .output()
+        .expect("tx_bytes");
+    String::from_utf8_lossy(&out.stdout).trim().parse().expect("a byte count")
+}
+
+/// The demo app as `version`, with `mib` MiB of noise (fresh for each version).
+fn release(fleet: &Fleet, version: &str, mib: usize, seed: u64) -> PathBuf {
+    let dir = fleet.dir.join(format!("demo-{version}"));
+    demo_app::write_release(&dir, version, Variant::Healthy).expect("release");
+    std::fs::write(dir.join("noise.bin"), ferry_tests::pseudo_random(mib << 20, seed)).expect("noise");
+    dir
+}
+
+/// fleet.toml `name`, with `peer_fetch` as given.
+fn config(fleet: &Fleet, name: &str, peer_fetch: bool) -> PathBuf {
+    let path = fleet.fleet_toml_with(name, "strategy = \"all-at-once\"\n");
+    let text = std::fs::read_to_string(&path).expect("read");
+    std::fs::write(&path, format!("peer_fetch = {peer_fetch}\n{text}")).expect("write");
+    path
+}
+
+/// `ferry deploy --output json`: the report, asserted a success.
+fn deploy(fleet: &Fleet, config: &Path, dir: &Path, version: &str) -> serde_json::Value {
+    let out = fleet.deploy(&config.to_string_lossy(), dir, version, true);
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text_of(&out)));
+    assert_eq!(report["status"], "succeeded", "{report:#}\n{}", text_of(&out));
+    report
+}
+
+fn sum(report: &serde_json::Value, key: &str) -> u64 {
+    report["hosts"].as_array().expect("hosts").iter().filter_map(|h| h[key].as_u64()).sum()
+}
+
+#[test]
+fn with_peer_fetch_the_coordinator_sends_about_one_copy_instead_of_one_per_host() {
+    let fleet = fleet_or_skip!(4);
+    let size: u64 = 6 << 20;
+    let (off, on) = (config(&fleet, "off.toml", false), config(&fleet, "on.toml", true));
+    deploy(&fleet, &off, &release(&fleet, "1", 0, 1), "1");
+
+    // Off: every host gets the new content from the coordinator.
+    let before = coordinator_tx(&fleet);
+    let report = deploy(&fleet, &off, &release(&fleet, "2", 6, 20), "2");
+    let sent_off = coordinator_tx(&fleet) - before;
+    assert_eq!(sum(&report, "bytes_from_peers"), 0, "{report:#}");
+    assert!(sent_off > size * 35 / 10, "4 copies: {sent_off} bytes for {size}");
+
+    // On: one seed gets it from the coordinator, the other three from their peers.
+    let before = coordinator_tx(&fleet);
+    let report = deploy(&fleet, &on, &release(&fleet, "3", 6, 30), "3");
+    let sent_on = coordinator_tx(&fleet) - before;
+    eprintln!(
+        "coordinator egress for a {size}-byte release to 4 hosts: {sent_off} bytes without peer fetch, {sent_on} with"
+    );
+    assert!(sent_on < size * 16 / 10, "about one copy: {sent_on} bytes for {size}\n{report:#}");
+    assert!(sum(&report, "bytes_from_peers") > size * 2, "{report:#}");
+    assert_eq!(fleet.versions(), ["3", "3", "3", "3"]);
+    // The peers asked each other, with their own certificates.
+    let served: usize = fleet
+        .hosts
+        .iter()
+        .map(|h| {
+            let audit = h.exec(&["cat", "/var/lib/ferry/audit.log"]).expect("audit");
+            String::from_utf8_lossy(&audit.stdout)
+                .lines()
+                .filter(|l| l.contains("\"rpc\":\"GetChunks\"") && l.contains("\"peer\":\"web-"))
+                .count()
+        })
+        .sum();
+    assert!(served >= 3, "GetChunks served to peers: {served}");
+}
+
+#[test]
+fn a_peer_serving_corrupt_chunks_is_caught_and_the_host_gets_them_from_the_coordinator() {
+    let fleet = fleet_or_skip!(3);
+    let on = config(&fleet, "on.toml", true);
+    deploy(&fleet, &on, &release(&fleet, "1", 0, 1), "1");
+    // Every agent flips a byte of each chunk it serves a peer.
+    for h in &fleet.hosts {
+        std::fs::write(h.path("/var/lib/ferry/failpoints"), "peer-corrupt\n").expect("arm");
+    }
+    let dir = release(&fleet, "2", 2, 4);
+    let out = fleet.deploy(&on.to_string_lossy(), &dir, "2", false);
+    let text = text_of(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("failed its check"), "the bad peer is reported: {text}");
+    assert_eq!(fleet.versions(), ["2", "2", "2"]);
+    // What runs is what was released: byte for byte.
+    let want = std::fs::read(dir.join("noise.bin")).expect("noise");
+    for h in &fleet.hosts {
+        let got = h.exec(&["cat", "/srv/web/noise.bin"]).expect("deployed noise").stdout;
+        assert!(got == want, "{}: the deployed file differs from the release", h.name);
+    }
+}
