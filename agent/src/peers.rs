@@ -77,7 +77,7 @@ where
         let telemetry = self.telemetry.clone();
         Box::pin(async move {
             let rpc = path.rsplit('/').next().unwrap_or(&path).to_string();
-            let status = Status::permission_denied(format!(
+            let status = Status::unauthenticated(format!(
                 "{rpc} needs a coordinator certificate; this one has role {} (an agent certificate may call GetChunks only)",
                 role.map_or("none", Role::as_str)
             ));
@@ -86,7 +86,7 @@ where
                 None => Entry::new(&rpc, "", ""),
             };
             tracing::warn!(peer = e.peer, rpc, "refused: {}", status.message());
-            e.result = "error: permission_denied".into();
+            e.result = "error: unauthenticated".into();
             e.detail = status.message().to_string();
             telemetry.audit(e).await;
             Ok(status.into_http())

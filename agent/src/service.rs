@@ -624,6 +624,7 @@ impl AgentService {
             failures = fetched.failures.len(),
             "fetched from peers"
         );
+        self.telemetry.metrics.add(&metrics::RECEIVED_BYTES, &[&req.app], fetched.bytes as f64);
         Ok(Response::new(v1::FetchFromPeersResponse {
             chunks: fetched.chunks,
             bytes: fetched.bytes,

@@ -281,7 +281,7 @@ pub fn classify_status(host: &Host, status: &tonic::Status) -> HostError {
         if status.code() == tonic::Code::DeadlineExceeded {
             e.kind = ErrorKind::Timeout;
             e.message = format!("no answer in time: {}", status.message());
-        } else if status.code() == tonic::Code::PermissionDenied {
+        } else if status.code() == tonic::Code::Unauthenticated {
             // Past the handshake, but not a certificate this agent takes commands from.
             e.kind = ErrorKind::Tls;
             e.message = format!("the agent refused this certificate: {}", status.message());

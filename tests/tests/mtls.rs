@@ -136,7 +136,7 @@ async fn agent_role_certificate_used_as_coordinator_is_refused() {
     assert_eq!(err.kind, ErrorKind::Tls, "{err}");
     assert!(err.message.contains("refused this certificate: GetStatus needs a coordinator certificate"), "{err}");
     let audit = std::fs::read_to_string(data.path().join("audit.log")).expect("audit");
-    assert!(audit.contains("\"peer\":\"web-2\"") && audit.contains("permission_denied"), "{audit}");
+    assert!(audit.contains("\"peer\":\"web-2\"") && audit.contains("unauthenticated"), "{audit}");
 }
 
 #[tokio::test]
@@ -269,7 +269,7 @@ async fn refusals_and_commands_are_audited_with_the_peer_name() {
     assert!(refused[0].peer_addr.starts_with("127.0.0.1:"), "{records:#?}");
     let peer: Vec<_> = records.iter().filter(|r| r.peer == "web-2").collect();
     assert_eq!(peer.len(), 1, "{records:#?}");
-    assert_eq!((peer[0].rpc.as_str(), peer[0].result.as_str()), ("GetStatus", "error: permission_denied"));
+    assert_eq!((peer[0].rpc.as_str(), peer[0].result.as_str()), ("GetStatus", "error: unauthenticated"));
     assert!(peer[0].detail.contains("an agent certificate may call GetChunks only"), "{records:#?}");
     let served: Vec<_> = records.iter().filter(|r| r.rpc == "GetStatus" && r.result == "ok").collect();
     assert_eq!(served.len(), 1, "{records:#?}");

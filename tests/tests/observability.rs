@@ -63,10 +63,11 @@ fn deploy(fleet: &Fleet, config: &Path, version: &str, variant: Variant, flags: 
     fleet.ferry(&args)
 }
 
-/// Per host of a report: (bytes_sent, delta_chunks).
+/// Per host of a report: (bytes it received, from the coordinator and its peers; delta_chunks).
 fn sent(report: &Value, host: &str) -> (f64, u64) {
     let h = report["hosts"].as_array().and_then(|a| a.iter().find(|h| h["name"] == host)).cloned().unwrap_or_default();
-    (h["bytes_sent"].as_f64().unwrap_or(-1.0), h["delta_chunks"].as_u64().unwrap_or(0))
+    let bytes = h["bytes_sent"].as_f64().unwrap_or(-1.0) + h["bytes_from_peers"].as_f64().unwrap_or(0.0);
+    (bytes, h["delta_chunks"].as_u64().unwrap_or(0))
 }
 
 const HEALTHY: (&str, &[(&str, &str)]) = ("ferry_agent_activations_total", &[("outcome", "healthy")]);
@@ -238,9 +239,13 @@ fn metrics_audit_and_logs_follow_deployments_and_rollbacks() {
         records.iter().find(|r| r["deployment"] == id3 && r["rpc"] == "Activate").cloned().unwrap_or_default();
     assert!(v3_activate["detail"].as_str().unwrap_or_default().contains("health"), "{v3_activate}");
     assert_eq!(v3_activate["version"], "3", "{v3_activate}");
-    for r in &records {
-        assert_eq!(r["peer"], "ctl", "only the coordinator spoke to this host: {r}");
+    // Only the coordinator spoke to this host, and its peers for their chunks (peer fetch).
+    for r in &records.iter().filter(|r| r["rpc"] != "GetChunks").collect::<Vec<_>>() {
+        assert_eq!(r["peer"], "ctl", "only the coordinator commands this host: {r}");
         assert!(r["peer_addr"].as_str().unwrap_or_default().starts_with("10.199.0.2:"), "{r}");
+    }
+    for r in records.iter().filter(|r| r["rpc"] == "GetChunks") {
+        assert!(r["peer"].as_str().is_some_and(|p| p.starts_with("web-")), "a peer of the fleet: {r}");
     }
     // Its human form names who did what.
     let human = web1.exec(&["/opt/ferry/ferry-agent", "audit", "tail", "-n", "3"]).expect("audit tail");

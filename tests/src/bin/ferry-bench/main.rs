@@ -11,6 +11,10 @@
 //! registry time, deployments and reads through the API) and the failover time of two `ferry
 //! serve` on PostgreSQL (see `registry.rs`). Run by `benches/registry.sh`.
 //!
+//! `ferry-bench fanout [--mb 50] [--mbit 50]`: peer fetch on 5 hosts with every link shaped:
+//! wall time and the coordinator's egress, peer fetch off and on (see `fanout.rs`). Run by
+//! `benches/fanout.sh`.
+//!
 //! `ferry-bench gates`: how long after a failing batch its rollback starts, on 3 hosts with a real
 //! Prometheus scraping the demo app: a release with 10 % errors against an error-rate gate
 //! (rolling batch 1, auto_rollback), per measurement interval. Run by `benches/gates.sh`.
@@ -29,6 +33,7 @@ use std::time::Instant;
 use ferry_tests::demo_app::{self, Variant};
 use ferry_tests::fleet::{self, Fleet};
 
+mod fanout;
 mod registry;
 
 const RUN: &str = "fybench";
@@ -37,7 +42,7 @@ const HOSTS: usize = 5;
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut mb = 50u64;
-    let mut mbit = 200u32;
+    let mut mbit: Option<u32> = None;
     let mut it = args.iter().map(String::as_str);
     let mut cmd = None;
     let mut sizes = vec![1_000usize, 10_000];
@@ -57,10 +62,10 @@ fn main() -> ExitCode {
                 it.next();
             }
             ("--mbit", Some(v)) => {
-                mbit = u32::try_from(v).unwrap_or(u32::MAX);
+                mbit = Some(u32::try_from(v).unwrap_or(u32::MAX));
                 it.next();
             }
-            ("rollout" | "api" | "engine" | "gates" | "registry", _) => cmd = Some(a),
+            ("rollout" | "api" | "engine" | "gates" | "registry" | "fanout", _) => cmd = Some(a),
             _ => return usage(),
         }
     }
@@ -83,7 +88,8 @@ fn main() -> ExitCode {
         "api" => bench_api(mb),
         "gates" => bench_gates(),
         "registry" => registry::bench_registry(),
-        _ => bench(mb, mbit),
+        "fanout" => fanout::bench_fanout(mb, mbit.unwrap_or(50)),
+        _ => bench(mb, mbit.unwrap_or(200)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -96,7 +102,7 @@ fn main() -> ExitCode {
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: ferry-bench rollout [--mb 50] [--mbit 200] | ferry-bench api [--mb 50] | ferry-bench engine [--hosts 1000,10000] | ferry-bench gates | ferry-bench registry"
+        "usage: ferry-bench rollout [--mb 50] [--mbit 200] | ferry-bench api [--mb 50] | ferry-bench engine [--hosts 1000,10000] | ferry-bench gates | ferry-bench registry | ferry-bench fanout [--mb 50] [--mbit 50]"
     );
     ExitCode::from(2)
 }
