@@ -15,7 +15,8 @@
 //! a peer's GetChunks).
 //!
 //! Faults that do not kill ([`armed`]): `peer-corrupt` (every chunk served to a peer has a byte
-//! flipped), armed the same two ways, and left armed while listed.
+//! flipped), `peer-drop` (a peer's GetChunks breaks off halfway), armed the same two ways, and
+//! left armed while listed.
 
 /// Whether the named fault is armed (by `FERRY_FAILPOINTS` or the file, which is left as it is).
 pub fn armed(name: &str) -> bool {

@@ -108,7 +108,13 @@ pub fn serve_chunks(
         let _permit = permit;
         crate::failpoint::hit("peer-serve");
         let corrupt = crate::failpoint::armed("peer-corrupt");
-        for hash in hashes {
+        let half = crate::failpoint::armed("peer-drop").then_some(hashes.len() / 2);
+        for (n, hash) in hashes.into_iter().enumerate() {
+            if half == Some(n) {
+                let gone = Status::unavailable("failpoint peer-drop: this peer went away mid-transfer");
+                let _ = tx.blocking_send(Err(gone));
+                break;
+            }
             let Some(mut raw) = reader.read(&hash) else { continue };
             if corrupt && let Some(b) = raw.first_mut() {
                 *b ^= 0xff;

@@ -1,6 +1,7 @@
 //! Peer fetch on a real fleet: hosts get a release's new content from each other, so the
 //! coordinator's link carries about one copy instead of one per host; a peer that serves a
-//! corrupt chunk is caught by the hash check and the host gets the chunk elsewhere.
+//! corrupt chunk is caught by the hash check, and one that breaks off mid-transfer is passed
+//! over: the host gets the rest from the coordinator.
 use std::path::{Path, PathBuf};
 
 use ferry_tests::demo_app::{self, Variant};
@@ -84,25 +85,34 @@ fn with_peer_fetch_the_coordinator_sends_about_one_copy_instead_of_one_per_host(
     assert!(served >= 3, "GetChunks served to peers: {served}");
 }
 
-#[test]
-fn a_peer_serving_corrupt_chunks_is_caught_and_the_host_gets_them_from_the_coordinator() {
+/// Every agent serves peers badly (`fault`); the deployment still succeeds, the output names the
+/// peers that fell short (`says`), and every host runs the release byte for byte.
+fn a_faulty_peer_is_passed_over(fault: &str, says: &str) {
     let fleet = fleet_or_skip!(3);
     let on = config(&fleet, "on.toml", true);
     deploy(&fleet, &on, &release(&fleet, "1", 0, 1), "1");
-    // Every agent flips a byte of each chunk it serves a peer.
     for h in &fleet.hosts {
-        std::fs::write(h.path("/var/lib/ferry/failpoints"), "peer-corrupt\n").expect("arm");
+        std::fs::write(h.path("/var/lib/ferry/failpoints"), format!("{fault}\n")).expect("arm");
     }
-    let dir = release(&fleet, "2", 2, 4);
+    let dir = release(&fleet, "2", 2, 40);
     let out = fleet.deploy(&on.to_string_lossy(), &dir, "2", false);
     let text = text_of(&out);
     assert!(out.status.success(), "{text}");
-    assert!(text.contains("failed its check"), "the bad peer is reported: {text}");
+    assert!(text.contains(says), "the faulty peer is reported: {text}");
     assert_eq!(fleet.versions(), ["2", "2", "2"]);
-    // What runs is what was released: byte for byte.
     let want = std::fs::read(dir.join("noise.bin")).expect("noise");
     for h in &fleet.hosts {
         let got = h.exec(&["cat", "/srv/web/noise.bin"]).expect("deployed noise").stdout;
         assert!(got == want, "{}: the deployed file differs from the release", h.name);
     }
+}
+
+#[test]
+fn a_peer_serving_corrupt_chunks_is_caught_and_the_host_gets_them_from_the_coordinator() {
+    a_faulty_peer_is_passed_over("peer-corrupt", "failed its check");
+}
+
+#[test]
+fn a_peer_that_breaks_off_mid_transfer_is_passed_over() {
+    a_faulty_peer_is_passed_over("peer-drop", "went away mid-transfer");
 }

@@ -230,8 +230,14 @@ fn failover(fleet: &Fleet, pg: &FleetPg, mut each: impl FnMut(usize, f64, f64)) 
             fleet.hosts.iter().any(|h| fence(h) == epoch + 1).then(|| killed.elapsed().as_secs_f64())
         });
         let act = acted.ok_or("no host heard from the new leader")?;
-        let done =
-            fleet::poll(Duration::from_secs(120), || fleet.versions().iter().all(|v| *v == version).then_some(()));
+        // Finished: every host on it, and the deployment recorded so (its environment free).
+        let cfg = configs[standby].to_string_lossy().into_owned();
+        let done = fleet::poll(Duration::from_secs(120), || {
+            let out = fleet.ferry(&["history", "--config", &cfg, "--output", "json", "--limit", "1"]);
+            let h: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            let all = fleet.versions().iter().all(|v| *v == version);
+            (all && h[0]["version"] == version.as_str() && h[0]["status"] == "succeeded").then_some(())
+        });
         done.ok_or_else(|| format!("the new leader did not finish {version}: {:?}", fleet.versions()))?;
         each(run, lead, act);
         // The killed server comes back as the standby.
