@@ -7,8 +7,5 @@
 # Usage: benches/gates.sh   (root; release binaries)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ "$(id -u)" -eq 0 ] || { echo "bench: needs root (containers, network namespaces)" >&2; exit 2; }
-./scripts/deps.sh --test
-cargo build --release --locked -p ferry-agent -p ferry-coordinator -p ferry-tests --bins >&2
-export FERRY_BIN=$PWD/target/release/ferry FERRY_AGENT_BIN=$PWD/target/release/ferry-agent
+. benches/lib.sh
 exec target/release/ferry-bench gates "$@"

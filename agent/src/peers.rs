@@ -24,9 +24,20 @@ use tonic::codegen::{BoxFuture, Service, http};
 use tonic::server::NamedService;
 
 use crate::audit::Entry;
-use crate::service::PeerInfo;
 use crate::store::{ChunkReader, Upload};
 use crate::telemetry::Telemetry;
+
+/// Who is on the other end of a connection, as its verified certificate says (the server puts it
+/// in each request's extensions).
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    pub addr: std::net::SocketAddr,
+    /// The certificate's name (common name), e.g. the coordinator's `ferry cert issue --name`.
+    pub name: String,
+    /// The certificate's ferry role: a coordinator, or another agent (peer fetch only:
+    /// [`RoleGate`]).
+    pub role: Option<ferry_proto::identity::Role>,
+}
 
 /// The one RPC another agent may call.
 pub const PEER_RPC: &str = "/ferry.agent.v1.Agent/GetChunks";

@@ -34,17 +34,7 @@ use tracing::Instrument;
 /// Server streaming response for the step-event RPCs.
 pub type StepStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<v1::StepEvent, Status>> + Send>>;
 
-/// Who is on the other end of a connection, as its verified certificate says (the server puts it
-/// in each request's extensions).
-#[derive(Debug, Clone)]
-pub struct PeerInfo {
-    pub addr: std::net::SocketAddr,
-    /// The certificate's name (common name), e.g. the coordinator's `ferry cert issue --name`.
-    pub name: String,
-    /// The certificate's ferry role: a coordinator, or another agent (peer fetch only:
-    /// [`crate::peers::RoleGate`]).
-    pub role: Option<ferry_proto::identity::Role>,
-}
+pub use crate::peers::PeerInfo;
 
 pub struct AgentService {
     config: Arc<AgentConfig>,

@@ -79,13 +79,18 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
         .map_err(|e| TlsError::BadCert { path: cert_path.clone(), reason: e.to_string() })?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
-        .map_err(|e| TlsError::KeyMismatch {
-            cert: cert_path,
-            key: files.key.display().to_string(),
-            reason: e.to_string(),
-        })?;
+        .map_err(|e| mismatch(files, &e))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// The certificate and key of `files` do not belong together.
+fn mismatch(files: &TlsFiles, e: &rustls::Error) -> TlsError {
+    TlsError::KeyMismatch {
+        cert: files.cert.display().to_string(),
+        key: files.key.display().to_string(),
+        reason: e.to_string(),
+    }
 }
 
 /// This host as a client of its peers (peer fetch): its own agent certificate, and only the
@@ -94,17 +99,12 @@ pub fn peer_client_config(files: &TlsFiles) -> Result<Arc<rustls::ClientConfig>,
     let roots = root_store(&files.ca)?;
     let chain = identity::load_certs(&files.cert)?;
     let key = identity::load_key(&files.key)?;
-    let cert_path = files.cert.display().to_string();
     let mut config = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| TlsError::BadCert { path: cert_path.clone(), reason: e.to_string() })?
+        .map_err(|e| TlsError::BadCert { path: files.cert.display().to_string(), reason: e.to_string() })?
         .with_root_certificates(roots)
         .with_client_auth_cert(chain, key)
-        .map_err(|e| TlsError::KeyMismatch {
-            cert: cert_path,
-            key: files.key.display().to_string(),
-            reason: e.to_string(),
-        })?;
+        .map_err(|e| mismatch(files, &e))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
 }

@@ -1237,12 +1237,8 @@ mod tests {
         assert_eq!(reg.describe(), format!("postgres://ferry@127.0.0.1:{}/ferry", pg.port));
     }
 
-    /// Hundreds of calls from one task that never yields (the engine staging many hosts):
-    /// each still ends, whatever the task's cooperative budget.
-    #[test]
-    fn many_calls_from_a_task_that_does_not_yield_all_end() {
-        let Some(pg) = TestPg::start() else { return };
-        let reg = open(&pg);
+    /// Records deployment d-1 of version 2 to prod's web-1.
+    fn create_one(reg: &Postgres) {
         let hosts = [("web-1".to_string(), 0usize)];
         let d = NewDeployment {
             id: "d-1",
@@ -1257,6 +1253,15 @@ mod tests {
             app: "web",
         };
         reg.create(&d).expect("create");
+    }
+
+    /// Hundreds of calls from one task that never yields (the engine staging many hosts):
+    /// each still ends, whatever the task's cooperative budget.
+    #[test]
+    fn many_calls_from_a_task_that_does_not_yield_all_end() {
+        let Some(pg) = TestPg::start() else { return };
+        let reg = open(&pg);
+        create_one(&reg);
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
@@ -1299,20 +1304,7 @@ mod tests {
     fn calls_ride_out_a_database_restart() {
         let Some(pg) = TestPg::start() else { return };
         let reg = open(&pg);
-        let hosts = [("web-1".to_string(), 0usize)];
-        let d = NewDeployment {
-            id: "d-1",
-            kind: DeploymentKind::Deploy,
-            environment: "prod",
-            version: "2",
-            release_id: "r",
-            artifact: "a",
-            manifest_hash: "h",
-            strategy: "rolling",
-            hosts: &hosts,
-            app: "web",
-        };
-        reg.create(&d).expect("create");
+        create_one(&reg);
         reg.set_host("d-1", "web-1", HostState::Staging, &HostUpdate::default()).expect("staging");
         pg.stop();
         let back = std::thread::scope(|s| {
