@@ -251,7 +251,7 @@ async fn from_peer(
             }
         }))
         .await
-        .map_err(|e| format!("cannot connect to {}: {}", source.endpoint, chain(&e)))?;
+        .map_err(|e| format!("cannot connect to {}: {}", source.endpoint, ferry_proto::text::error_chain(&e)))?;
     let mut client = AgentClient::new(channel);
     let req = v1::GetChunksRequest { app: app.to_string(), hashes: source.hashes.clone() };
     let mut stream = client.get_chunks(req).await.map_err(|s| format!("GetChunks: {}", s.message()))?.into_inner();
@@ -267,15 +267,4 @@ async fn from_peer(
             }
         }
     }
-}
-
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        cur = s.source();
-    }
-    text
 }

@@ -10,6 +10,18 @@ fn unsafe_char(c: char) -> bool {
         || matches!(c, '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}')
 }
 
+/// An error and its causes, "a: b: c" (a transport error's own text rarely says why).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
 /// `s` with every unsafe character escaped (`\n`, `\u{1b}`, `\u{202e}`, …).
 pub fn printable(s: &str) -> Cow<'_, str> {
     if !s.chars().any(unsafe_char) {

@@ -14,7 +14,9 @@ pub struct FleetPg {
     /// The namespace it runs in (`None`: this machine's).
     ns: Option<String>,
     port: u16,
+    /// `listen_addresses`, and the server's other `-c` options.
     listen: String,
+    options: String,
     pub url: String,
     /// The same database reached over the fleet's network (a fleet's server only).
     pub net_url: String,
@@ -64,7 +66,8 @@ impl FleetPg {
             bin,
             ns,
             port,
-            listen: format!("{listen} {opts}"),
+            listen,
+            options: opts.to_string(),
             url: format!("postgres://ferry@127.0.0.1:{port}/ferry"),
             net_url: format!("postgres://ferry@{CTL_IP}:{port}/ferry"),
         };
@@ -81,8 +84,8 @@ impl FleetPg {
 
     fn start_server(&self) {
         let data = self.dir.join("data").to_string_lossy().into_owned();
-        let (addrs, opts) = self.listen.split_once(' ').unwrap_or((&self.listen, ""));
-        let opts = format!("-p {} -c listen_addresses={addrs} -k {} {opts}", self.port, self.dir.display());
+        let opts =
+            format!("-p {} -c listen_addresses={} -k {} {}", self.port, self.listen, self.dir.display(), self.options);
         let log = self.dir.join("log").to_string_lossy().into_owned();
         self.run(true, "pg_ctl", &["-D", &data, "-l", &log, "-o", &opts, "-w", "start"]);
     }

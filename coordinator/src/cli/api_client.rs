@@ -325,16 +325,7 @@ impl Remote {
     }
 }
 
-/// An error and its causes, "a: b: c".
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        text.push_str(&format!(": {c}"));
-        cause = c.source();
-    }
-    text
-}
+use ferry_proto::text::error_chain as chain;
 
 enum Upload {
     Temp(tempfile::NamedTempFile),

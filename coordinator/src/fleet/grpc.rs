@@ -157,7 +157,7 @@ async fn stage_host(
         let mut chunks = prepared.missing_chunks;
         if !chunks.is_empty() && release.swarm.enabled() {
             match release.swarm.join().await {
-                Part::Seed => seeding = Some(SeedGuard(&release.swarm)),
+                Part::Seed => seeding = Some(SeedGuard { swarm: &release.swarm, staged: false }),
                 Part::Fetch(peers) => {
                     let asked =
                         (&mut client, fleet.config, app.as_str(), prepared.stage_id.as_str(), deployment_id.as_str());
@@ -208,23 +208,24 @@ async fn stage_host(
             return Err(fail(ErrorKind::Rpc, format!("commit ended with {:?}: {}", fin.outcome, fin.cause)));
         }
         note(StageNote::Committed { release: fin.release_id.clone() });
-        if let Some(seed) = seeding.take() {
-            std::mem::forget(seed);
-            release.swarm.holds(host, true);
-        } else {
-            release.swarm.holds(host, false);
-        }
+        let seeded = seeding.as_mut().map(|seed| seed.staged = true).is_some();
+        release.swarm.holds(host, seeded);
     }
     tracing::info!(release = prepared.release_id, bytes_sent = sent.bytes.load(Ordering::Relaxed), "staged");
     Ok(Staged { current, release_id: prepared.release_id, unfinished })
 }
 
-/// A seed's place, given up (for another host to seed) if it does not stage.
-struct SeedGuard<'a>(&'a Swarm);
+/// A seed's place, given up (for another host to seed) unless it staged.
+struct SeedGuard<'a> {
+    swarm: &'a Swarm,
+    staged: bool,
+}
 
 impl Drop for SeedGuard<'_> {
     fn drop(&mut self) {
-        self.0.seed_failed();
+        if !self.staged {
+            self.swarm.seed_failed();
+        }
     }
 }
 

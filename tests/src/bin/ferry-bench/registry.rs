@@ -135,13 +135,7 @@ fn remote(fleet: &Fleet, url: &str, args: &[&str]) -> Result<f64, String> {
     let ca = fleet.coordinator.ca.to_string_lossy().into_owned();
     let mut all = vec!["--server", url, "--server-ca", &ca, "--token", TOKEN];
     all.extend_from_slice(args);
-    let t = Instant::now();
-    let out = fleet.ferry(&all);
-    let wall = t.elapsed().as_secs_f64();
-    if !out.status.success() {
-        return Err(format!("ferry {args:?}: {}", fleet::text_of(&out)));
-    }
-    Ok(wall)
+    super::timed(fleet, &all).map(|(wall, _)| wall)
 }
 
 /// `ferry serve` on `registry`: the median deployment through it and the median read.
