@@ -1,7 +1,8 @@
 //! Peer fetch on a real fleet: hosts get a release's new content from each other, so the
 //! coordinator's link carries about one copy instead of one per host; a peer that serves a
 //! corrupt chunk is caught by the hash check, and one that breaks off mid-transfer is passed
-//! over: the host gets the rest from the coordinator.
+//! over: the host gets the rest from the coordinator, and so is one whose agent dies while it
+//! serves.
 use std::path::{Path, PathBuf};
 
 use ferry_tests::demo_app::{self, Variant};
@@ -27,7 +28,11 @@ fn release(fleet: &Fleet, version: &str, mib: usize, seed: u64) -> PathBuf {
 
 /// fleet.toml `name`, with `peer_fetch` as given.
 fn config(fleet: &Fleet, name: &str, peer_fetch: bool) -> PathBuf {
-    let path = fleet.fleet_toml_with(name, "strategy = \"all-at-once\"\n");
+    config_with(fleet, name, peer_fetch, "strategy = \"all-at-once\"\n")
+}
+
+fn config_with(fleet: &Fleet, name: &str, peer_fetch: bool, extra: &str) -> PathBuf {
+    let path = fleet.fleet_toml_with(name, extra);
     let text = std::fs::read_to_string(&path).expect("read");
     std::fs::write(&path, format!("peer_fetch = {peer_fetch}\n{text}")).expect("write");
     path
@@ -115,4 +120,43 @@ fn a_peer_serving_corrupt_chunks_is_caught_and_the_host_gets_them_from_the_coord
 #[test]
 fn a_peer_that_breaks_off_mid_transfer_is_passed_over() {
     a_faulty_peer_is_passed_over("peer-drop", "went away mid-transfer");
+}
+
+#[test]
+fn a_peer_whose_agent_dies_while_serving_is_passed_over_and_the_deployment_succeeds() {
+    let fleet = fleet_or_skip!(3);
+    // One host at a time, each staged just before it is activated: every host after the first
+    // fetches from one that is already live, and that one's agent dies (SIGKILL, once) as it
+    // serves; systemd brings it back.
+    let rolling = config_with(&fleet, "rolling.toml", true, "strategy = \"rolling\"\nbatch = [1]\n");
+    deploy(&fleet, &rolling, &release(&fleet, "1", 0, 1), "1");
+    for h in &fleet.hosts {
+        std::fs::write(h.path("/var/lib/ferry/failpoints"), "peer-serve\n").expect("arm");
+    }
+    let dir = release(&fleet, "2", 2, 50);
+    let config = rolling.to_string_lossy();
+    let artifact = dir.to_string_lossy();
+    let out = fleet.ferry(&[
+        "deploy",
+        "--config",
+        &config,
+        "--env",
+        "test",
+        "--artifact",
+        &artifact,
+        "--version",
+        "2",
+        "--no-prestage",
+    ]);
+    let text = text_of(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("short: web-"), "the dead peer is reported: {text}");
+    assert_eq!(fleet.versions(), ["2", "2", "2"]);
+    let died = fleet.hosts.iter().filter(|h| !h.path("/var/lib/ferry/failpoints").exists()).count();
+    assert!(died >= 1, "some agent died serving a peer");
+    let want = std::fs::read(dir.join("noise.bin")).expect("noise");
+    for h in &fleet.hosts {
+        let got = h.exec(&["cat", "/srv/web/noise.bin"]).expect("deployed noise").stdout;
+        assert!(got == want, "{}: the deployed file differs from the release", h.name);
+    }
 }

@@ -15,7 +15,6 @@ use ferry_proto::v1::{self, agent_client::AgentClient};
 use futures_util::future::BoxFuture;
 use tonic::transport::Channel;
 
-use super::swarm::{Part, Swarm};
 use super::{Activation, Fleet, Release, StageNote, Staged, Swap, Target, Transfer};
 use crate::artifact::Artifact;
 use crate::cache::Cache;
@@ -153,26 +152,30 @@ async fn stage_host(
         });
         // Peer fetch: a seed gets everything from here; any other host first asks the hosts
         // that hold the release, and gets here only what they did not give.
-        let mut seeding = None;
+        let mut ticket = None;
         let mut chunks = prepared.missing_chunks;
         if !chunks.is_empty() && release.swarm.enabled() {
-            match release.swarm.join().await {
-                Part::Seed => seeding = Some(SeedGuard { swarm: &release.swarm, staged: false }),
-                Part::Fetch(peers) => {
-                    let asked =
-                        (&mut client, fleet.config, app.as_str(), prepared.stage_id.as_str(), deployment_id.as_str());
-                    match from_peers(asked, &peers, &chunks, agent_timeout).await {
-                        Ok(got) => {
-                            sent.peer_bytes.fetch_add(got.bytes, Ordering::Relaxed);
-                            let fell_short = got.failures.iter().map(|f| format!("{}: {}", f.host, f.reason)).collect();
-                            note(StageNote::FromPeers { chunks: got.chunks, bytes: got.bytes, fell_short });
-                            chunks = got.still_missing;
-                        }
-                        // An agent too old for peer fetch, or one that cannot reach its peers.
-                        Err(e) => tracing::warn!("peer fetch: {}; everything from the coordinator", e.message()),
+            let mut t = release.swarm.join(host).await;
+            if !t.peers().is_empty() {
+                let asked =
+                    (&mut client, fleet.config, app.as_str(), prepared.stage_id.as_str(), deployment_id.as_str());
+                match from_peers(asked, t.peers(), &chunks, agent_timeout).await {
+                    Ok(got) => {
+                        sent.peer_bytes.fetch_add(got.bytes, Ordering::Relaxed);
+                        let short: Vec<String> = got.failures.iter().map(|f| f.host.clone()).collect();
+                        t.fetched(&short);
+                        let fell_short = got.failures.iter().map(|f| format!("{}: {}", f.host, f.reason)).collect();
+                        note(StageNote::FromPeers { chunks: got.chunks, bytes: got.bytes, fell_short });
+                        chunks = got.still_missing;
+                    }
+                    // An agent too old for peer fetch, or one that cannot reach its peers.
+                    Err(e) => {
+                        t.fetched(&[]);
+                        tracing::warn!("peer fetch: {}; everything from the coordinator", e.message());
                     }
                 }
             }
+            ticket = Some(t);
         }
         if !chunks.is_empty() {
             let missing = Missing { chunks, bases: prepared.bases };
@@ -208,25 +211,13 @@ async fn stage_host(
             return Err(fail(ErrorKind::Rpc, format!("commit ended with {:?}: {}", fin.outcome, fin.cause)));
         }
         note(StageNote::Committed { release: fin.release_id.clone() });
-        let seeded = seeding.as_mut().map(|seed| seed.staged = true).is_some();
-        release.swarm.holds(host, seeded);
+        match ticket {
+            Some(t) => t.staged(host),
+            None => release.swarm.holds(host, false),
+        }
     }
     tracing::info!(release = prepared.release_id, bytes_sent = sent.bytes.load(Ordering::Relaxed), "staged");
     Ok(Staged { current, release_id: prepared.release_id, unfinished })
-}
-
-/// A seed's place, given up (for another host to seed) unless it staged.
-struct SeedGuard<'a> {
-    swarm: &'a Swarm,
-    staged: bool,
-}
-
-impl Drop for SeedGuard<'_> {
-    fn drop(&mut self) {
-        if !self.staged {
-            self.swarm.seed_failed();
-        }
-    }
 }
 
 /// `FetchFromPeers`: `chunks` shared out among `peers` (round robin).

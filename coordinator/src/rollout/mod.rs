@@ -414,7 +414,13 @@ impl Engine<'_> {
             },
             release: crate::fleet::Release {
                 swarm: Arc::new(if self.config.peer_fetch {
-                    crate::fleet::swarm::Swarm::for_hosts(self.environment()?.hosts.len())
+                    let env = self.environment()?;
+                    let zones = env
+                        .labels
+                        .iter()
+                        .filter_map(|(host, labels)| Some((host.clone(), labels.get("zone")?.clone())))
+                        .collect();
+                    crate::fleet::swarm::Swarm::for_hosts(env.hosts.len(), zones)
                 } else {
                     crate::fleet::swarm::Swarm::off()
                 }),
