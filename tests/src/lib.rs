@@ -27,6 +27,7 @@ pub mod pki;
 pub mod postgres;
 pub mod serve;
 pub mod signals;
+pub mod sim;
 
 use std::path::PathBuf;
 
