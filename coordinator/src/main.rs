@@ -26,6 +26,7 @@ fn main() -> ExitCode {
             .with_writer(std::io::stderr)
             .init(),
     }
+    raise_open_files();
     // One crypto provider for the whole process, chosen before any TLS object exists.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Runtime::new() {
@@ -60,6 +61,20 @@ fn main() -> ExitCode {
     // process groups; a blocking scan is not waited for past the timeout.
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     ExitCode::from(code)
+}
+
+/// Raises the soft limit on open files to the hard one: a deployment holds one connection per
+/// host of a batch (all-at-once: every host), and a shell's usual soft limit of 1024 would fail
+/// the hosts past it. Said at debug level; a limit that cannot be raised is left as it is.
+fn raise_open_files() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else { return };
+    if soft < hard {
+        match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::debug!(from = soft, to = hard, "raised the open files limit"),
+            Err(e) => tracing::debug!(soft, hard, error = %e, "cannot raise the open files limit"),
+        }
+    }
 }
 
 /// The first SIGINT or SIGTERM cancels `shutdown` (finish the hosts in flight, then stop); a
