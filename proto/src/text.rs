@@ -15,8 +15,12 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut text = e.to_string();
     let mut cause = e.source();
     while let Some(c) = cause {
-        text.push_str(": ");
-        text.push_str(&c.to_string());
+        // An error that prints its source already (`"...: {source}"`) is not said twice.
+        let said = c.to_string();
+        if !text.ends_with(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
         cause = c.source();
     }
     text
@@ -41,6 +45,26 @@ pub fn printable_lines(s: &str) -> Cow<'_, str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(Debug)]
+    struct Wrapped(std::io::Error, bool);
+    impl std::fmt::Display for Wrapped {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            if self.1 { write!(f, "cannot read x: {}", self.0) } else { write!(f, "cannot read x") }
+        }
+    }
+    impl std::error::Error for Wrapped {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn a_cause_is_said_once() {
+        let gone = || std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        assert_eq!(error_chain(&Wrapped(gone(), true)), "cannot read x: no such file");
+        assert_eq!(error_chain(&Wrapped(gone(), false)), "cannot read x: no such file");
+    }
 
     #[test]
     fn control_characters_are_shown_escaped() {
