@@ -312,7 +312,8 @@ fn finished(outcome: v1::Outcome, release_id: String, previous: String, cause: S
 
 impl Service {
     fn agent<T>(&self, request: &Request<T>) -> Result<&SimAgent, Status> {
-        let i = request.extensions().get::<AgentIndex>().ok_or_else(|| Status::internal("no agent for this connection"))?;
+        let i =
+            request.extensions().get::<AgentIndex>().ok_or_else(|| Status::internal("no agent for this connection"))?;
         self.0.agents.get(i.0).ok_or_else(|| Status::internal("no such agent"))
     }
 
@@ -431,9 +432,8 @@ impl Agent for Service {
             manifest.entries.iter().flat_map(|e| e.chunks.iter().map(|c| (c.hash.clone(), c.length))).collect();
         let missing: HashSet<Vec<u8>> = chunks.keys().filter(|c| !h.holds(c)).cloned().collect();
         let missing_bytes = missing.iter().map(|c| chunks.get(c).copied().unwrap_or(0)).sum();
-        let created_unix = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
+        let created_unix =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
         let release = Arc::new(SimRelease {
             id: id.clone(),
             version: req.version,
@@ -472,8 +472,8 @@ impl Agent for Service {
                 Some(Msg::Chunk(c)) => {
                     let wire = c.data.len() as u64;
                     let raw = if c.compression == v1::Compression::Zstd as i32 {
-                        let cap = usize::try_from(c.raw_length.min(u64::from(ferry_proto::manifest::CHUNK_MAX)))
-                            .unwrap_or(0);
+                        let cap =
+                            usize::try_from(c.raw_length.min(u64::from(ferry_proto::manifest::CHUNK_MAX))).unwrap_or(0);
                         zstd::bulk::decompress(&c.data, cap)
                             .map_err(|e| Status::invalid_argument(format!("chunk does not decompress: {e}")))?
                     } else {
@@ -505,7 +505,8 @@ impl Agent for Service {
         let req = request.into_inner();
         self.check_app(&req.app)?;
         let mut h = held(agent)?;
-        let stage = h.stages.remove(&req.stage_id).ok_or_else(|| Status::not_found(format!("no stage {}", req.stage_id)))?;
+        let stage =
+            h.stages.remove(&req.stage_id).ok_or_else(|| Status::not_found(format!("no stage {}", req.stage_id)))?;
         if !stage.missing.is_empty() {
             let cause = format!("the stage lacks {} chunk(s)", stage.missing.len());
             return Ok(finished(v1::Outcome::Failed, String::new(), String::new(), cause));
@@ -592,7 +593,8 @@ impl Agent for Service {
             }
         }
         let mut h = held(agent)?;
-        let stage = h.stages.get_mut(&req.stage_id).ok_or_else(|| Status::not_found(format!("no stage {}", req.stage_id)))?;
+        let stage =
+            h.stages.get_mut(&req.stage_id).ok_or_else(|| Status::not_found(format!("no stage {}", req.stage_id)))?;
         for (hash, len) in got {
             if stage.missing.remove(&hash) {
                 out.chunks += 1;

@@ -60,8 +60,9 @@ async fn deploy(dir: &Path, config: &Path, version: &str, mib: usize) -> serde_j
         &["deploy", "--config", &config, "--env", "test", "--artifact", &art, "--version", version, "--output", "json"],
     )
     .await;
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("{e}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    });
     assert_eq!(report["status"], "succeeded", "{report:#}");
     report
 }

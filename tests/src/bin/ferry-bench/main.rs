@@ -15,6 +15,11 @@
 //! wall time and the coordinator's egress, peer fetch off and on (see `fanout.rs`). Run by
 //! `benches/fanout.sh`.
 //!
+//! `ferry-bench fleet-sim [--agents 1000,10000] [--mb 10]`: the coordinator against simulated
+//! agents (real mTLS and gRPC, releases in memory): `ferry status`, and a release deployed
+//! all-at-once and rolling 10 % with peer fetch on and off (see `fleetsim.rs`). Run by
+//! `benches/fleet-sim.sh`.
+//!
 //! `ferry-bench gates`: how long after a failing batch its rollback starts, on 3 hosts with a real
 //! Prometheus scraping the demo app: a release with 10 % errors against an error-rate gate
 //! (rolling batch 1, auto_rollback), per measurement interval. Run by `benches/gates.sh`.
@@ -34,6 +39,7 @@ use ferry_tests::demo_app::{self, Variant};
 use ferry_tests::fleet::{self, Fleet};
 
 mod fanout;
+mod fleetsim;
 mod registry;
 
 const RUN: &str = "fybench";
@@ -41,13 +47,14 @@ const HOSTS: usize = 5;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let mut mb = 50u64;
+    let mut mb: Option<u64> = None;
     let mut mbit: Option<u32> = None;
     let mut it = args.iter().map(String::as_str);
     let mut cmd = None;
     let mut sizes = vec![1_000usize, 10_000];
+    let mut hold = false;
     while let Some(a) = it.next() {
-        if a == "--hosts" {
+        if a == "--hosts" || a == "--agents" {
             let parsed: Option<Vec<usize>> =
                 it.next().and_then(|v| v.split(',').map(|n| n.trim().parse().ok()).collect());
             match parsed {
@@ -57,21 +64,27 @@ fn main() -> ExitCode {
             continue;
         }
         match (a, it.clone().next().and_then(|v| v.parse::<u64>().ok())) {
+            ("--hold", _) => hold = true,
             ("--mb", Some(v)) => {
-                mb = v;
+                mb = Some(v);
                 it.next();
             }
             ("--mbit", Some(v)) => {
                 mbit = Some(u32::try_from(v).unwrap_or(u32::MAX));
                 it.next();
             }
-            ("rollout" | "api" | "engine" | "gates" | "registry" | "fanout", _) => cmd = Some(a),
+            ("rollout" | "api" | "engine" | "gates" | "registry" | "fanout" | "fleet-sim", _) => cmd = Some(a),
             _ => return usage(),
         }
     }
     let Some(cmd) = cmd else { return usage() };
-    if cmd == "engine" {
-        return match bench_engine(&sizes) {
+    if cmd == "engine" || cmd == "fleet-sim" {
+        let run = if cmd == "engine" {
+            bench_engine(&sizes)
+        } else {
+            fleetsim::bench_fleet_sim(&sizes, mb.unwrap_or(10), hold)
+        };
+        return match run {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("ferry-bench: {e}");
@@ -84,6 +97,7 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     fleet::teardown(RUN);
+    let mb = mb.unwrap_or(50);
     let result = match cmd {
         "api" => bench_api(mb),
         "gates" => bench_gates(),
@@ -102,7 +116,7 @@ fn main() -> ExitCode {
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: ferry-bench rollout [--mb 50] [--mbit 200] | ferry-bench api [--mb 50] | ferry-bench engine [--hosts 1000,10000] | ferry-bench gates | ferry-bench registry | ferry-bench fanout [--mb 50] [--mbit 50]"
+        "usage: ferry-bench rollout [--mb 50] [--mbit 200] | ferry-bench api [--mb 50] | ferry-bench engine [--hosts 1000,10000] | ferry-bench gates | ferry-bench registry | ferry-bench fanout [--mb 50] [--mbit 50] | ferry-bench fleet-sim [--agents 1000,10000] [--mb 10] [--hold]"
     );
     ExitCode::from(2)
 }
