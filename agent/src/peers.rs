@@ -120,6 +120,9 @@ pub fn serve_chunks(
         crate::failpoint::hit("peer-serve");
         let corrupt = crate::failpoint::armed("peer-corrupt");
         let half = crate::failpoint::armed("peer-drop").then_some(hashes.len() / 2);
+        // One compression context for the stream: making one per chunk costs more than the
+        // compression itself.
+        let mut zstd = zstd::bulk::Compressor::new(1).ok();
         for (n, hash) in hashes.into_iter().enumerate() {
             if half == Some(n) {
                 let gone = Status::unavailable("failpoint peer-drop: this peer went away mid-transfer");
@@ -130,8 +133,8 @@ pub fn serve_chunks(
             if corrupt && let Some(b) = raw.first_mut() {
                 *b ^= 0xff;
             }
-            let chunk = match zstd::bulk::compress(&raw, 1) {
-                Ok(z) if z.len() < raw.len() => v1::ContentChunk {
+            let chunk = match zstd.as_mut().map(|z| z.compress(&raw)) {
+                Some(Ok(z)) if z.len() < raw.len() => v1::ContentChunk {
                     hash,
                     raw_length: raw.len() as u64,
                     compression: v1::Compression::Zstd as i32,

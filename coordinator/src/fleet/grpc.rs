@@ -15,6 +15,7 @@ use ferry_proto::v1::{self, agent_client::AgentClient};
 use futures_util::future::BoxFuture;
 use tonic::transport::Channel;
 
+use super::encoded::{Encoded, EncodedChunks};
 use super::{Activation, Fleet, Release, StageNote, Staged, Swap, Target, Transfer};
 use crate::artifact::Artifact;
 use crate::cache::Cache;
@@ -184,7 +185,7 @@ async fn stage_host(
                 host,
                 (&app, fleet.config.epoch),
                 &prepared.stage_id,
-                artifact.clone(),
+                (artifact.clone(), release.encoded.clone()),
                 missing,
                 &sent.bytes,
             )
@@ -379,33 +380,36 @@ struct Missing {
     bases: Vec<v1::Basis>,
 }
 
-/// One chunk as sent: whole (compressed if that is smaller), or as a delta against a basis the
-/// host offered when that is smaller still.
-fn encode_chunk(hash: Vec<u8>, raw: &[u8], basis: Option<&v1::Basis>) -> Result<v1::ContentChunk, String> {
-    let compress = |bytes: &[u8]| -> Result<(v1::Compression, Vec<u8>), String> {
-        let compressed = zstd::bulk::compress(bytes, 3).map_err(|e| format!("zstd: {e}"))?;
-        Ok(if compressed.len() < bytes.len() {
-            (v1::Compression::Zstd, compressed)
-        } else {
-            (v1::Compression::None, bytes.to_vec())
-        })
-    };
-    let (compression, data) = compress(raw)?;
-    let mut chunk = v1::ContentChunk {
-        hash,
-        raw_length: raw.len() as u64,
-        compression: compression as i32,
-        data,
+/// One chunk as sent: whole (compressed once for the deployment, if that is smaller), or as a
+/// delta against a basis the host offered when that is smaller still.
+fn encode_chunk(
+    hash: Vec<u8>,
+    (artifact, encoded): (&Artifact, &EncodedChunks),
+    basis: Option<&v1::Basis>,
+    zstd: &mut zstd::bulk::Compressor<'_>,
+) -> Result<v1::ContentChunk, String> {
+    let read = || artifact.read_chunk(&hash).map_err(|e| e.to_string());
+    let whole = |e: &Encoded| v1::ContentChunk {
+        hash: hash.clone(),
+        raw_length: e.raw_length,
+        compression: e.compression as i32,
+        data: e.data.clone(),
         basis: Vec::new(),
         ops: Vec::new(),
     };
-    if let Some(b) = basis {
-        let (ops, literal) = ferry_proto::delta::encode(raw, &b.piece_hashes, &b.piece_lengths);
-        let (compression, data) = compress(&literal)?;
-        // An op costs a few bytes on the wire.
-        if data.len() + 8 * ops.len() < chunk.data.len() {
-            (chunk.compression, chunk.data, chunk.basis, chunk.ops) = (compression as i32, data, b.id.clone(), ops);
-        }
+    let Some(b) = basis else {
+        let e = encoded.get_or_encode(&hash, || Encoded::of(read()?, zstd))?;
+        return Ok(whole(&e));
+    };
+    let raw = read()?;
+    let e = encoded.get_or_encode(&hash, || Encoded::of(raw.clone(), zstd))?;
+    let mut chunk = whole(&e);
+    let (ops, literal) = ferry_proto::delta::encode(&raw, &b.piece_hashes, &b.piece_lengths);
+    let literal = Encoded::of(literal, zstd)?;
+    // An op costs a few bytes on the wire.
+    if literal.data.len() + 8 * ops.len() < chunk.data.len() {
+        (chunk.compression, chunk.data, chunk.basis, chunk.ops) =
+            (literal.compression as i32, literal.data, b.id.clone(), ops);
     }
     Ok(chunk)
 }
@@ -417,7 +421,7 @@ async fn upload(
     host: &Host,
     (app, epoch): (&str, i64),
     stage_id: &str,
-    artifact: Arc<Artifact>,
+    (artifact, encoded): (Arc<Artifact>, Arc<EncodedChunks>),
     missing: Missing,
     sent: &AtomicU64,
 ) -> Result<u64, HostError> {
@@ -438,9 +442,12 @@ async fn upload(
         }
         let basis_of: std::collections::HashMap<&[u8], &v1::Basis> =
             missing.bases.iter().flat_map(|b| b.chunks.iter().map(move |c| (c.as_slice(), b))).collect();
+        // One compression context for the whole upload (making one per chunk cost more than
+        // compressing it).
+        let mut zstd = zstd::bulk::Compressor::new(3).map_err(|e| format!("zstd: {e}"))?;
         for hash in &missing.chunks {
-            let raw = artifact.read_chunk(hash).map_err(|e| e.to_string())?;
-            let chunk = encode_chunk(hash.clone(), &raw, basis_of.get(hash.as_slice()).copied())?;
+            let basis = basis_of.get(hash.as_slice()).copied();
+            let chunk = encode_chunk(hash.clone(), (&artifact, &encoded), basis, &mut zstd)?;
             produced.fetch_add((chunk.data.len() + 8 * chunk.ops.len()) as u64, Ordering::Relaxed);
             if !chunk.basis.is_empty() {
                 as_delta.fetch_add(1, Ordering::Relaxed);

@@ -17,6 +17,7 @@ use crate::artifact::Artifact;
 use crate::client::HostError;
 use crate::config::Host;
 
+pub mod encoded;
 pub mod fake;
 pub mod grpc;
 pub mod swarm;
@@ -56,6 +57,8 @@ pub struct Release {
     pub signature: Vec<u8>,
     /// Peer fetch: who holds the release so far (fleet.toml `peer_fetch`).
     pub swarm: Arc<swarm::Swarm>,
+    /// Chunks read, checked and compressed once for every host of the deployment.
+    pub encoded: Arc<encoded::EncodedChunks>,
 }
 
 /// What a deployment activates on a host.

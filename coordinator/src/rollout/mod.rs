@@ -413,6 +413,7 @@ impl Engine<'_> {
                 secrets: artifact.secrets.clone(),
             },
             release: crate::fleet::Release {
+                encoded: Default::default(),
                 swarm: Arc::new(if self.config.peer_fetch {
                     let env = self.environment()?;
                     let zones = env
