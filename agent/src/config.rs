@@ -54,6 +54,10 @@ pub struct AgentConfig {
     /// 0 serves none.
     #[serde(default = "default_peer_uploads")]
     pub peer_uploads: usize,
+    /// Peer fetch: the rate, in Mbit/s, all peer uploads share (chunks are paced to it); 0 sets
+    /// no limit.
+    #[serde(default)]
+    pub peer_upload_mbit: u64,
 }
 
 /// `[signing]`: `trusted_keys` are public key files (`ferry key new` writes them). With any, every

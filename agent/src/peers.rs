@@ -2,7 +2,8 @@
 //! getting every byte from the coordinator, which tells each host which peers hold what.
 //!
 //! - Serving ([`serve_chunks`]): `GetChunks` answers with chunks of the app's committed releases,
-//!   each read back and checked against its hash first; at most `peer_uploads` peers at once.
+//!   each read back and checked against its hash first; at most `peer_uploads` peers at once,
+//!   all of them paced together to `peer_upload_mbit` ([`Pacer`]).
 //! - Who may ask ([`RoleGate`]): an agent certificate may call `GetChunks` and nothing else;
 //!   every other RPC needs the coordinator role. A refusal is audited.
 //! - Fetching ([`fetch`]): `FetchFromPeers` connects to each named peer with this host's own
@@ -105,14 +106,44 @@ where
     }
 }
 
+/// Paces the bytes of every peer upload to one shared rate: each chunk waits for its slot, the
+/// slots following each other at the rate.
+#[derive(Debug)]
+pub struct Pacer {
+    bytes_per_sec: f64,
+    /// When the next chunk's slot begins.
+    next: std::sync::Mutex<std::time::Instant>,
+}
+
+impl Pacer {
+    /// A pacer for `mbit` Mbit/s, or none for 0 (no limit).
+    pub fn new(mbit: u64) -> Option<Pacer> {
+        (mbit > 0).then(|| Pacer {
+            bytes_per_sec: mbit as f64 * 1e6 / 8.0,
+            next: std::sync::Mutex::new(std::time::Instant::now()),
+        })
+    }
+
+    /// Books `bytes` at `now`: how long to wait before sending them.
+    pub fn reserve(&self, now: std::time::Instant, bytes: usize) -> Duration {
+        let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
+        // Time not used (no upload) is not saved up: a slot begins no earlier than now.
+        let start = (*next).max(now);
+        *next = start + Duration::from_secs_f64(bytes as f64 / self.bytes_per_sec);
+        start - now
+    }
+}
+
 pub type ChunkStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<v1::ContentChunk, Status>> + Send>>;
 
 /// Streams the chunks of `hashes` this host keeps (zstd-compressed), reading and checking each
-/// in a blocking task; the permit (one of `peer_uploads`) is held until the stream ends.
+/// in a blocking task; the permit (one of `peer_uploads`) is held until the stream ends, and each
+/// chunk waits for its slot on `pacer` (`peer_upload_mbit`).
 pub fn serve_chunks(
     reader: ChunkReader,
     hashes: Vec<Vec<u8>>,
     permit: tokio::sync::OwnedSemaphorePermit,
+    pacer: Option<Arc<Pacer>>,
 ) -> ChunkStream {
     let (tx, rx) = mpsc::channel::<Result<v1::ContentChunk, Status>>(4);
     tokio::task::spawn_blocking(move || {
@@ -149,6 +180,9 @@ pub fn serve_chunks(
                     ..Default::default()
                 },
             };
+            if let Some(pacer) = &pacer {
+                std::thread::sleep(pacer.reserve(std::time::Instant::now(), chunk.data.len()));
+            }
             if tx.blocking_send(Ok(chunk)).is_err() {
                 break;
             }
@@ -269,5 +303,32 @@ async fn from_peer(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn no_limit_makes_no_pacer() {
+        assert!(Pacer::new(0).is_none());
+    }
+
+    #[test]
+    fn chunks_follow_each_other_at_the_rate_and_idle_time_is_not_saved_up() {
+        // 8 Mbit/s: a million bytes a second.
+        let pacer = Pacer::new(8).expect("a pacer");
+        let t0 = Instant::now();
+        assert_eq!(pacer.reserve(t0, 500_000), Duration::ZERO, "the first chunk goes at once");
+        assert_eq!(pacer.reserve(t0, 250_000), Duration::from_millis(500), "the next after the first's half second");
+        // Two streams booking at the same instant queue behind each other.
+        assert_eq!(pacer.reserve(t0, 250_000), Duration::from_millis(750));
+        // After an idle while, the next chunk goes at once, but does not get a burst: the one
+        // after it waits its turn.
+        let later = t0 + Duration::from_secs(10);
+        assert_eq!(pacer.reserve(later, 1_000_000), Duration::ZERO);
+        assert_eq!(pacer.reserve(later, 1), Duration::from_secs(1));
     }
 }

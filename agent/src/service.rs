@@ -51,6 +51,8 @@ pub struct AgentService {
     fence: crate::fence::Fence,
     /// Peers served at once (agent.toml `peer_uploads`).
     peer_slots: Arc<tokio::sync::Semaphore>,
+    /// The rate they share (agent.toml `peer_upload_mbit`).
+    peer_pacer: Option<Arc<crate::peers::Pacer>>,
 }
 
 /// Stages remembered; older ones (abandoned) are forgotten first.
@@ -107,7 +109,18 @@ impl AgentService {
         let locks = config.apps.keys().map(|a| (a.clone(), Arc::new(tokio::sync::Mutex::new(())))).collect();
         let fence = crate::fence::Fence::open(&config.data_dir);
         let peer_slots = Arc::new(tokio::sync::Semaphore::new(config.peer_uploads));
-        AgentService { config, name, locks, activations, telemetry, stages: Default::default(), fence, peer_slots }
+        let peer_pacer = crate::peers::Pacer::new(config.peer_upload_mbit).map(Arc::new);
+        AgentService {
+            config,
+            name,
+            locks,
+            activations,
+            telemetry,
+            stages: Default::default(),
+            fence,
+            peer_slots,
+            peer_pacer,
+        }
     }
 
     /// The app's store and lock, or NotFound for an app this agent does not manage.
@@ -584,7 +597,7 @@ impl AgentService {
             ))
         })?;
         let reader = blocking(move || store.chunk_reader()).await?;
-        Ok(Response::new(crate::peers::serve_chunks(reader, req.hashes, permit)))
+        Ok(Response::new(crate::peers::serve_chunks(reader, req.hashes, permit, self.peer_pacer.clone())))
     }
 
     async fn fetch_from_peers_inner(

@@ -19,8 +19,14 @@ pub struct TestAgent {
 
 /// The agent.toml of a test agent: app `web` rooted in `data_dir`'s sibling.
 pub fn agent_toml(files: &CertFiles, data_dir: &Path) -> String {
+    agent_toml_with(files, data_dir, "")
+}
+
+/// [`agent_toml`] with `top` (top-level keys) added.
+pub fn agent_toml_with(files: &CertFiles, data_dir: &Path, top: &str) -> String {
     format!(
-        r#"listen = "127.0.0.1:0"
+        r#"{top}
+listen = "127.0.0.1:0"
 data_dir = "{data}"
 secrets_dir = "{data}-secrets"
 shutdown_grace = "2s"
@@ -42,7 +48,16 @@ units = ["web.service"]
 impl TestAgent {
     /// Starts an agent with the given certificate files; its data dir is under `data_dir`.
     pub async fn start(files: &CertFiles, data_dir: &Path) -> Result<TestAgent, ferry_agent::server::StartError> {
-        let config = AgentConfig::from_toml(Path::new("test-agent.toml"), &agent_toml(files, data_dir))
+        TestAgent::start_with(files, data_dir, "").await
+    }
+
+    /// [`TestAgent::start`] with `top` (top-level agent.toml keys) added.
+    pub async fn start_with(
+        files: &CertFiles,
+        data_dir: &Path,
+        top: &str,
+    ) -> Result<TestAgent, ferry_agent::server::StartError> {
+        let config = AgentConfig::from_toml(Path::new("test-agent.toml"), &agent_toml_with(files, data_dir, top))
             .expect("the test agent config is valid");
         let server = Server::bind(config).await?;
         let addr = server.local_addr().expect("bound address");

@@ -1156,3 +1156,36 @@ fn grep_tree(root: &Path, needle: &str, except: &Path) -> Vec<PathBuf> {
     }
     found
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_uploads_go_no_faster_than_peer_upload_mbit() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Both agents serve peers at 8 Mbit/s (a million bytes a second) at most.
+    let mut agents = Vec::new();
+    for name in ["web-1", "web-2"] {
+        let files = pki.issue(name, Role::Agent, &["127.0.0.1"]);
+        let data = dir.path().join(format!("data-{name}"));
+        agents.push(TestAgent::start_with(&files, &data, "peer_upload_mbit = 8").await.expect("start agent"));
+    }
+    let ctl = pki.issue("ctl", Role::Coordinator, &[]);
+    let hosts: Vec<(&str, String)> = vec![("web-1", agents[0].addr.to_string()), ("web-2", agents[1].addr.to_string())];
+    let config = fleet_config(dir.path(), &ctl, &hosts);
+    assert!(config.peer_fetch, "peer fetch is on by default");
+    let size = 4_000_000;
+    let v1 = build(dir.path(), "v1", &[("VERSION", b"1\n".to_vec()), ("bin/app", pseudo_random(size, 31))]);
+
+    let started = std::time::Instant::now();
+    let report = deploy_dir(&config, &ctl.client_tls(), &v1, "1").await;
+    let took = started.elapsed();
+    assert_eq!(report.status, DeploymentStatus::Succeeded, "{report:?}");
+    // One host got the release from the coordinator, the other from it: the incompressible 4 MB
+    // came paced to a million bytes a second, so no sooner than 4 s after the first chunk.
+    let from_peers: u64 = report.hosts.iter().map(|h| h.bytes_from_peers).sum();
+    assert!(from_peers >= size as u64, "one host fetched the release from the other: {report:?}");
+    assert!(took >= Duration::from_millis(3_500), "4 MB at 8 Mbit/s went in {took:?}");
+    for (i, _) in agents.iter().enumerate() {
+        let root = PathBuf::from(format!("{}-web", dir.path().join(format!("data-web-{}", i + 1)).display()));
+        assert_eq!(current(&root), "1");
+    }
+}
