@@ -22,8 +22,15 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/ferry/agent.toml";
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
-    /// Address and port the gRPC server binds, e.g. `"0.0.0.0:7443"`.
-    pub listen: SocketAddr,
+    /// Address and port the gRPC server binds, e.g. `"0.0.0.0:7443"`: where coordinators dial
+    /// this host. None: the host only dials out (`connect`).
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    /// The `ferry serve` instances this agent dials itself (their `dial_in_listen`, `host:port`
+    /// each), for hosts a coordinator cannot reach; commands come over those connections as
+    /// they come to `listen` ([`crate::dial`]).
+    #[serde(default)]
+    pub connect: Vec<String>,
     /// Root of the release stores: `<data_dir>/apps/<app>/…`.
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
@@ -188,9 +195,30 @@ impl AgentConfig {
         Ok(())
     }
 
+    /// The servers of `connect` (validated at load).
+    pub fn connect_targets(&self) -> Vec<crate::dial::Target> {
+        self.connect.iter().filter_map(|s| crate::dial::Target::parse(s).ok()).collect()
+    }
+
     /// Every semantic problem of the config, so the operator fixes them in one go.
     pub fn problems(&self) -> Vec<Problem> {
         let mut p = Vec::new();
+        if self.listen.is_none() && self.connect.is_empty() {
+            p.push(Problem::new(
+                "listen",
+                "missing: set `listen` (coordinators dial this host, e.g. \"0.0.0.0:7443\"), `connect` (this host dials ferry serve, e.g. [\"deploy.example.com:7444\"]), or both",
+            ));
+        }
+        let mut targets = Vec::new();
+        for (i, c) in self.connect.iter().enumerate() {
+            match crate::dial::Target::parse(c) {
+                Ok(t) if targets.contains(&t) => {
+                    p.push(Problem::new(format!("connect[{i}]"), format!("{c:?} is listed twice")))
+                }
+                Ok(t) => targets.push(t),
+                Err(e) => p.push(Problem::new(format!("connect[{i}]"), e)),
+            }
+        }
         for (i, key) in self.signing.trusted_keys.iter().enumerate() {
             if !key.is_absolute() {
                 p.push(Problem::new(
@@ -214,7 +242,7 @@ impl AgentConfig {
             p.push(Problem::new("handshake_timeout", "must be greater than 0"));
         }
         if let Some(http) = &self.http
-            && http.listen == self.listen
+            && self.listen == Some(http.listen)
         {
             p.push(Problem::new(
                 "http.listen",
@@ -335,7 +363,8 @@ units = ["web.service", "web-worker@1.service"]
     #[test]
     fn good_config_parses_with_defaults() {
         let c = load(GOOD).expect("valid");
-        assert_eq!(c.listen.port(), 7443);
+        assert_eq!(c.listen.map(|l| l.port()), Some(7443));
+        assert!(c.connect.is_empty());
         assert_eq!(c.shutdown_grace, Duration::from_secs(30));
         assert_eq!(c.apps["web"].units.len(), 2);
         assert_eq!(c.app_dir("web"), PathBuf::from("/var/lib/ferry/apps/web"));
@@ -391,6 +420,25 @@ units = ["web.service", "web-worker@1.service"]
     }
 
     #[test]
+    fn a_host_may_dial_out_instead_of_listening_but_must_do_one() {
+        let dial_only = GOOD
+            .replace("listen = \"0.0.0.0:7443\"", "connect = [\"deploy.example.com:7444\", \"https://10.0.0.9:7444\"]");
+        let c = load(&dial_only).expect("valid");
+        assert_eq!(c.listen, None);
+        assert_eq!(
+            c.connect_targets().iter().map(|t| t.to_string()).collect::<Vec<_>>(),
+            ["deploy.example.com:7444", "10.0.0.9:7444"]
+        );
+        let err = load(&GOOD.replace("listen = \"0.0.0.0:7443\"", "")).expect_err("neither");
+        assert!(err.contains("listen: missing: set `listen`") && err.contains("`connect`"), "{err}");
+        let err =
+            load(&GOOD.replace("listen = \"0.0.0.0:7443\"", "connect = [\"deploy.example.com\", \"a:1\", \"a:1\"]"))
+                .expect_err("bad connect");
+        assert!(err.contains("connect[0]: \"deploy.example.com\": no port"), "{err}");
+        assert!(err.contains("connect[2]: \"a:1\" is listed twice"), "{err}");
+    }
+
+    #[test]
     fn bad_listen_address_is_a_parse_error() {
         let err = load(&GOOD.replace("0.0.0.0:7443", "localhost")).expect_err("must be refused");
         assert!(err.contains("listen") && err.contains("invalid socket address"), "{err}");
@@ -428,7 +476,7 @@ units = ["web.service", "web-worker@1.service"]
             .map(|l| format!("{l}\n"))
             .collect();
         let c = load(&uncommented).unwrap_or_else(|e| panic!("{e}\n{uncommented}"));
-        assert_eq!(c.listen.port(), 7443);
+        assert_eq!(c.listen.map(|l| l.port()), Some(7443));
         assert_eq!(c.data_dir, default_data_dir());
         assert_eq!(c.handshake_timeout, default_handshake_timeout());
         assert_eq!(c.shutdown_grace, default_shutdown_grace());

@@ -28,6 +28,7 @@
 pub mod activate;
 pub mod audit;
 pub mod config;
+pub mod dial;
 pub mod facts;
 pub mod failpoint;
 pub mod fence;

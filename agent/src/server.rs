@@ -31,10 +31,32 @@ use crate::service::{Activations, AgentService, PeerInfo};
 use crate::telemetry::{Serving, Telemetry};
 use crate::tls::{self, TlsError};
 
-/// A connection whose TLS handshake (and so client certificate check) has completed.
+/// A connection whose TLS handshake (and so certificate check) has completed: one a coordinator
+/// opened to `listen`, or one this agent dialed to a `ferry serve` ([`crate::dial`]).
 pub struct AuthenticatedConn {
-    inner: TlsStream<TcpStream>,
+    inner: Box<dyn Io>,
     peer: PeerInfo,
+    /// Dropped with the connection: tells the dialer it ended.
+    _closed: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+/// A byte stream the gRPC server can serve.
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
+impl AuthenticatedConn {
+    fn accepted(stream: TlsStream<TcpStream>, peer: PeerInfo) -> AuthenticatedConn {
+        AuthenticatedConn { inner: Box::new(stream), peer, _closed: None }
+    }
+
+    /// A connection this agent dialed; `closed` is dropped when the server has finished with it.
+    pub fn dialed(
+        stream: impl Io + 'static,
+        peer: PeerInfo,
+        closed: tokio::sync::oneshot::Sender<()>,
+    ) -> AuthenticatedConn {
+        AuthenticatedConn { inner: Box::new(stream), peer, _closed: Some(closed) }
+    }
 }
 
 impl Connected for AuthenticatedConn {
@@ -127,7 +149,8 @@ pub enum StartError {
 
 /// A bound, not yet serving agent. Binding first lets callers learn the port (tests bind :0).
 pub struct Server {
-    listener: TcpListener,
+    /// None: this host only dials out (`connect`).
+    listener: Option<TcpListener>,
     tls: Arc<tls::LiveTls>,
     /// Registered at bind, before readiness: SIGHUP must never take the default action (exit).
     hangup: tokio::signal::unix::Signal,
@@ -163,9 +186,10 @@ impl Server {
                 }
             }
         }
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| StartError::Bind { addr: config.listen, source })?;
+        let listener = match config.listen {
+            Some(addr) => Some(TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?),
+            None => None,
+        };
         Ok(Server { listener, tls, hangup, config: Arc::new(config), refusals: Refusals::default(), telemetry })
     }
 
@@ -180,7 +204,13 @@ impl Server {
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.listener.local_addr()
+        match &self.listener {
+            Some(l) => l.local_addr(),
+            None => Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "this agent does not listen (agent.toml has only `connect`)",
+            )),
+        }
     }
 
     /// A handle to the refusal log, valid after `serve` starts.
@@ -193,8 +223,16 @@ impl Server {
     pub async fn serve(self, shutdown: CancellationToken) -> Result<(), tonic::transport::Error> {
         let Server { listener, tls, hangup, config, refusals, telemetry } = self;
         let _reloads = tokio::spawn(tls::watch(tls.clone(), hangup, shutdown.child_token()));
-        telemetry.set_serving(Serving::Serving, listener.local_addr().ok());
+        telemetry.set_serving(Serving::Serving, listener.as_ref().and_then(|l| l.local_addr().ok()));
         let (tx, rx) = mpsc::channel::<AuthenticatedConn>(64);
+        // Dialing out: one task per `ferry serve`, each keeping a connection open.
+        let dialers = TaskTracker::new();
+        for target in config.connect_targets() {
+            let (files, to_serve, telemetry, stop) =
+                (config.tls.clone(), tx.clone(), telemetry.clone(), shutdown.child_token());
+            dialers.spawn(crate::dial::keep_connected(target, files, to_serve, telemetry, stop));
+        }
+        dialers.close();
         // Holds the incoming stream open until tonic returns: if it ended when the accept loop
         // stops, tonic could finish without running its graceful shutdown (and STOPPING=1).
         let keep_incoming_open = tx.clone();
@@ -206,6 +244,7 @@ impl Server {
         let handshake_telemetry = telemetry.clone();
         let slots = Arc::new(HandshakeSlots::default());
         let accept_loop = tokio::spawn(async move {
+            let Some(listener) = listener else { return };
             loop {
                 let Some((tcp, addr)) = accept(&listener, &accept_stop, "gRPC").await else { break };
                 // Past the caps the connection is closed at once (no descriptor held through a
@@ -246,7 +285,7 @@ impl Server {
                             let role = id.and_then(|id| id.role);
                             tracing::debug!(peer = %addr, name, "accepted connection");
                             let peer = PeerInfo { addr, name, role };
-                            let _ = tx.send(AuthenticatedConn { inner: stream, peer }).await;
+                            let _ = tx.send(AuthenticatedConn::accepted(stream, peer)).await;
                         }
                         Ok(Err(e)) => {
                             let reason = tls::describe_handshake_error(&e);
@@ -277,7 +316,9 @@ impl Server {
         let refuse_new = activations.clone();
         let stopping = telemetry.clone();
         let serve = tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+            // Pings find a coordinator, or a `ferry serve` this agent dialed, that went away.
+            .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
             // An upload is one stream: with HTTP/2's 64 KiB default window the sender stalls on
             // every round trip. These let a fast link carry a few chunks in flight per stream.
             .initial_stream_window_size(Some(ferry_proto::HTTP2_STREAM_WINDOW))
@@ -313,6 +354,7 @@ impl Server {
         stop_accepting.cancel();
         let _ = accept_loop.await;
         handshakes.close();
+        dialers.wait().await;
         result
     }
 }

@@ -37,6 +37,8 @@ pub enum ErrorKind {
     Identity,
     /// The peer answered but not as a ferry agent (plaintext, another protocol).
     Protocol,
+    /// A host that dials in is not connected (or this is not the `ferry serve` it dials).
+    NotConnected,
     /// The agent answered the request with an error.
     Rpc,
     /// The release failed on the host, which went back to its previous release (healthy).
@@ -55,6 +57,7 @@ impl ErrorKind {
             ErrorKind::Tls => "tls",
             ErrorKind::Identity => "identity",
             ErrorKind::Protocol => "protocol",
+            ErrorKind::NotConnected => "not_connected",
             ErrorKind::Rpc => "rpc",
             ErrorKind::RolledBack => "rolled_back",
             ErrorKind::Failed => "failed",
@@ -144,79 +147,27 @@ enum ConnectError {
     ClosedAfterHandshake,
 }
 
-/// Waits for the agent's first bytes after the handshake.
-///
-/// With TLS 1.3 the client's handshake completes before the server has judged the client's
-/// certificate; a refusal arrives later as an alert, and if h2 happens to write first it sees only
-/// a broken pipe. An agent that accepted us sends its HTTP/2 SETTINGS at once, one that refused
-/// sends the alert: reading first makes the verdict, and so the error message, deterministic. The
-/// bytes read are replayed to h2.
-async fn confirm_accepted<S>(mut tls: S, limit: Duration) -> Result<Replay<S>, ConnectError>
+/// Waits for the agent's first bytes after the handshake ([`ferry_proto::first_bytes`]): with
+/// TLS 1.3, a refusal of our certificate arrives only then.
+async fn confirm_accepted<S>(tls: S, limit: Duration) -> Result<ferry_proto::first_bytes::Replay<S>, ConnectError>
 where
     S: tokio::io::AsyncRead + Unpin,
 {
-    use tokio::io::AsyncReadExt;
-    let mut buf = vec![0u8; 1024];
-    match tokio::time::timeout(limit, tls.read(&mut buf)).await {
-        Err(_) => Err(ConnectError::HandshakeTimeout(limit)),
-        Ok(Err(e)) => Err(ConnectError::Handshake(e)),
-        Ok(Ok(0)) => Err(ConnectError::ClosedAfterHandshake),
-        Ok(Ok(n)) => {
-            buf.truncate(n);
-            Ok(Replay { first: buf, pos: 0, inner: tls })
-        }
-    }
-}
-
-/// A stream that yields `first` before reading from `inner`.
-struct Replay<S> {
-    first: Vec<u8>,
-    pos: usize,
-    inner: S,
-}
-
-impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Replay<S> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        if self.pos < self.first.len() {
-            let n = buf.remaining().min(self.first.len() - self.pos);
-            let start = self.pos;
-            buf.put_slice(&self.first[start..start + n]);
-            self.pos += n;
-            return std::task::Poll::Ready(Ok(()));
-        }
-        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Replay<S> {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
+    use ferry_proto::first_bytes::{NoFirstBytes, first_bytes};
+    first_bytes(tls, limit).await.map_err(|e| match e {
+        NoFirstBytes::Timeout(limit) => ConnectError::HandshakeTimeout(limit),
+        NoFirstBytes::Io(e) => ConnectError::Handshake(e),
+        NoFirstBytes::Closed => ConnectError::ClosedAfterHandshake,
+    })
 }
 
 impl Agent {
-    /// Connects to `host`, completes mTLS and probes the agent with `GetStatus`.
+    /// Connects to `host`, completes mTLS and probes the agent with `GetStatus`. A host that
+    /// dials in is taken from its connection to this `ferry serve` instead.
     pub async fn connect(host: &Host, tls: &ClientTls, timeouts: Timeouts) -> Result<Agent, HostError> {
+        if host.dials_in() {
+            return Agent::dialed_in(host, tls, timeouts).await;
+        }
         let endpoint_str = host.endpoint();
         let err = |kind, message: String| HostError::new(host, kind, message);
         let (config, server_name) =
@@ -261,6 +212,22 @@ impl Agent {
             }))
             .await
             .map_err(|e| classify(host, &e))?;
+        let mut client = AgentClient::new(channel);
+        let status = probe(&mut client, timeouts.request).await.map_err(|e| classify_status(host, &e))?;
+        Ok(Agent { host: host.clone(), client, status, request_timeout: timeouts.request })
+    }
+}
+
+impl Agent {
+    async fn dialed_in(host: &Host, tls: &ClientTls, timeouts: Timeouts) -> Result<Agent, HostError> {
+        let Some(dial_ins) = tls.dial_ins() else {
+            return Err(HostError::new(
+                host,
+                ErrorKind::NotConnected,
+                "dials in to ferry serve (fleet.toml: \"dial-in\"): only the server it connects to can reach it; run this with --server URL",
+            ));
+        };
+        let channel = dial_ins.channel(&host.name).map_err(|why| HostError::new(host, ErrorKind::NotConnected, why))?;
         let mut client = AgentClient::new(channel);
         let status = probe(&mut client, timeouts.request).await.map_err(|e| classify_status(host, &e))?;
         Ok(Agent { host: host.clone(), client, status, request_timeout: timeouts.request })

@@ -139,6 +139,11 @@ pub struct ServerConfig {
     /// third of it); a standby takes over once it lapses.
     #[serde(default = "default_leader_lease", deserialize_with = "config_file::duration::deserialize")]
     pub leader_lease: Duration,
+    /// Where agents that dial in connect (agent.toml `connect`), e.g. `"0.0.0.0:7444"`; off
+    /// without. Agents present their agent certificate; the server presents the API's (which
+    /// must name the address they dial).
+    #[serde(default)]
+    pub dial_in_listen: Option<String>,
 }
 
 fn default_peer_fetch() -> bool {
@@ -193,6 +198,7 @@ impl Default for ServerConfig {
             max_upload_bytes: default_max_upload(),
             roles: BTreeMap::new(),
             advertise: None,
+            dial_in_listen: None,
             leader_lease: default_leader_lease(),
         }
     }
@@ -1001,9 +1007,16 @@ pub struct Host {
 }
 
 impl Host {
-    /// `address:port`, bracketing IPv6 literals.
+    /// Whether the host dials `ferry serve` instead of being dialed (`"dial-in"`).
+    pub fn dials_in(&self) -> bool {
+        self.address == crate::dialin::DIAL_IN
+    }
+
+    /// `address:port`, bracketing IPv6 literals; `dial-in` for a host that dials in.
     pub fn endpoint(&self) -> String {
-        if self.address.contains(':') {
+        if self.dials_in() {
+            self.address.clone()
+        } else if self.address.contains(':') {
             format!("[{}]:{}", self.address, self.port)
         } else {
             format!("{}:{}", self.address, self.port)
@@ -1012,8 +1025,11 @@ impl Host {
 }
 
 /// Splits an inventory address: `"addr:port"`, `"addr"` (the agent port), `"[v6]:port"` or a
-/// bare IPv6 literal.
+/// bare IPv6 literal; `"dial-in"` (the host dials `ferry serve`: [`crate::dialin`]) is port 0.
 pub fn parse_host_address(s: &str) -> Result<(String, u16), String> {
+    if s == crate::dialin::DIAL_IN {
+        return Ok((s.to_string(), 0));
+    }
     parse_host_port(s, ferry_proto::DEFAULT_AGENT_PORT)
 }
 
@@ -1432,6 +1448,14 @@ impl FleetConfig {
                     p.push(Problem::new(&key, "host names may use letters, digits, '-' and '.'"));
                 }
                 match parse_host_address(addr) {
+                    Ok(a) if a.0 == crate::dialin::DIAL_IN => {
+                        if self.server.dial_in_listen.is_none() {
+                            p.push(Problem::new(
+                                &key,
+                                "dials in, but [server] dial_in_listen is not set: no ferry serve would take its connection",
+                            ));
+                        }
+                    }
                     Ok(a) => {
                         if let Some(other) = seen.insert(a.clone(), name) {
                             p.push(Problem::new(&key, format!("has the same address as host {other}")));
@@ -1467,6 +1491,19 @@ impl FleetConfig {
                 "server.listen",
                 format!("{:?} is not an address:port, e.g. \"0.0.0.0:8443\"", s.listen),
             ));
+        }
+        if let Some(d) = &s.dial_in_listen {
+            match d.parse::<std::net::SocketAddr>() {
+                Err(_) => p.push(Problem::new(
+                    "server.dial_in_listen",
+                    format!("{d:?} is not an address:port, e.g. \"0.0.0.0:7444\""),
+                )),
+                Ok(a) if Some(a) == s.listen.parse().ok() => p.push(Problem::new(
+                    "server.dial_in_listen",
+                    format!("{d} is the API's listen address too; pick another port"),
+                )),
+                Ok(_) => {}
+            }
         }
         if s.cert.is_some() != s.key.is_some() {
             p.push(Problem::new("server", "set both cert and key, or neither (then [tls]'s are used)"));

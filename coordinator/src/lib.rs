@@ -17,7 +17,8 @@
 //!   [`cache`]: the scan cache and the manifests of releases sent before.
 //! - [`pki`]: the fleet CA; issuing and reading certificates. [`tls`]: the coordinator's mTLS
 //!   (fleet CA only; an agent must match the host dialled).
-//! - [`client`]: connecting to agents and turning every failure into a `HostError` a human can act on.
+//! - [`client`]: connecting to agents and turning every failure into a `HostError` a human can act on;
+//!   [`dialin`]: the connections of agents that dial in to `ferry serve`.
 //! - [`fleet`]: the `Fleet` trait the engine drives hosts through, its gRPC implementation and a
 //!   scripted fake.
 //! - [`registry`]: the `Registry` trait (deployments, host steps, events, locks, versions, smoke
@@ -44,6 +45,7 @@ pub mod cli;
 pub mod client;
 pub mod commands;
 pub mod config;
+pub mod dialin;
 pub mod exit;
 pub mod fleet;
 pub mod gate;

@@ -37,6 +37,9 @@ pub struct ClientTls {
     chain: Vec<CertificateDer<'static>>,
     key: Arc<PrivateKeyDer<'static>>,
     pub identity: CertIdentity,
+    /// In `ferry serve` with `dial_in_listen`: the hosts connected to it, reached through their
+    /// own connections instead of dialed.
+    dial_ins: Option<crate::dialin::DialIns>,
 }
 
 impl std::fmt::Debug for ClientTls {
@@ -75,7 +78,7 @@ impl ClientTls {
         let cert_path = files.cert.display().to_string();
         let identity =
             CertIdentity::from_der(&chain[0]).map_err(|reason| TlsError::BadCert { path: cert_path, reason })?;
-        let tls = ClientTls { roots: Arc::new(roots), chain, key: Arc::new(key), identity };
+        let tls = ClientTls { roots: Arc::new(roots), chain, key: Arc::new(key), identity, dial_ins: None };
         // Build one config now so a key that does not match the certificate fails here, at load.
         tls.config_for_names(Vec::new(), String::new()).map_err(|e| TlsError::KeyMismatch {
             cert: files.cert.display().to_string(),
@@ -83,6 +86,17 @@ impl ClientTls {
             reason: e.to_string(),
         })?;
         Ok(tls)
+    }
+
+    /// Reaches the hosts that dial in through `dial_ins`.
+    pub fn with_dial_ins(mut self, dial_ins: crate::dialin::DialIns) -> ClientTls {
+        self.dial_ins = Some(dial_ins);
+        self
+    }
+
+    /// The connections of the hosts that dial in, in `ferry serve`.
+    pub fn dial_ins(&self) -> Option<&crate::dialin::DialIns> {
+        self.dial_ins.as_ref()
     }
 
     /// The client config for dialling `host`, and the server name to send.

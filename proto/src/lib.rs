@@ -22,6 +22,7 @@ pub mod audit_file;
 pub mod config_file;
 pub mod delta;
 pub mod durable;
+pub mod first_bytes;
 pub mod identity;
 pub mod manifest;
 pub mod prometheus;

@@ -24,9 +24,13 @@ pub fn agent_toml(files: &CertFiles, data_dir: &Path) -> String {
 
 /// [`agent_toml`] with `top` (top-level keys) added.
 pub fn agent_toml_with(files: &CertFiles, data_dir: &Path, top: &str) -> String {
+    format!("listen = \"127.0.0.1:0\"\n{}", agent_toml_without_listen(files, data_dir, top))
+}
+
+/// [`agent_toml_with`] without `listen` (an agent that only dials out, given `connect` in `top`).
+pub fn agent_toml_without_listen(files: &CertFiles, data_dir: &Path, top: &str) -> String {
     format!(
         r#"{top}
-listen = "127.0.0.1:0"
 data_dir = "{data}"
 secrets_dir = "{data}-secrets"
 shutdown_grace = "2s"
@@ -57,10 +61,24 @@ impl TestAgent {
         data_dir: &Path,
         top: &str,
     ) -> Result<TestAgent, ferry_agent::server::StartError> {
-        let config = AgentConfig::from_toml(Path::new("test-agent.toml"), &agent_toml_with(files, data_dir, top))
-            .expect("the test agent config is valid");
+        TestAgent::start_toml(&agent_toml_with(files, data_dir, top)).await
+    }
+
+    /// An agent that does not listen and dials `server` (a `ferry serve`'s `dial_in_listen`).
+    pub async fn start_dialing(
+        files: &CertFiles,
+        data_dir: &Path,
+        server: &str,
+    ) -> Result<TestAgent, ferry_agent::server::StartError> {
+        TestAgent::start_toml(&agent_toml_without_listen(files, data_dir, &format!("connect = [\"{server}\"]"))).await
+    }
+
+    async fn start_toml(text: &str) -> Result<TestAgent, ferry_agent::server::StartError> {
+        let config =
+            AgentConfig::from_toml(Path::new("test-agent.toml"), text).expect("the test agent config is valid");
         let server = Server::bind(config).await?;
-        let addr = server.local_addr().expect("bound address");
+        // An agent that only dials out has no address of its own.
+        let addr = server.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
         let refusals = server.refusals();
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();

@@ -12,7 +12,7 @@ use crate::rollout::DeployReport;
 use crate::state::DeploymentStatus;
 use crate::ui::Format;
 
-pub(crate) mod api_client;
+pub mod api_client;
 mod local;
 pub mod remote;
 

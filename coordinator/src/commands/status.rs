@@ -32,6 +32,9 @@ pub struct HostReport {
     pub reachable: bool,
     pub error_kind: Option<ErrorKind>,
     pub error: Option<String>,
+    /// A host that dials in: its connection to the `ferry serve` that asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dial_in: Option<crate::dialin::DialInInfo>,
     #[serde(flatten)]
     pub facts: Option<Facts>,
 }
@@ -124,6 +127,7 @@ pub async fn run(config: &FleetConfig, env: &str, tls: &ClientTls) -> anyhow::Re
 }
 
 async fn query(host: &Host, tls: &ClientTls, timeouts: Timeouts) -> HostReport {
+    let dial_in = || tls.dial_ins().filter(|_| host.dials_in()).and_then(|d| d.info(&host.name));
     match Agent::connect(host, tls, timeouts).await {
         Ok(agent) => HostReport {
             name: host.name.clone(),
@@ -131,6 +135,7 @@ async fn query(host: &Host, tls: &ClientTls, timeouts: Timeouts) -> HostReport {
             reachable: true,
             error_kind: None,
             error: None,
+            dial_in: dial_in(),
             facts: Some(agent.status.into()),
         },
         Err(e) => {
@@ -141,6 +146,7 @@ async fn query(host: &Host, tls: &ClientTls, timeouts: Timeouts) -> HostReport {
                 reachable: false,
                 error_kind: Some(e.kind),
                 error: Some(e.message),
+                dial_in: dial_in(),
                 facts: None,
             }
         }

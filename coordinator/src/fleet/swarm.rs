@@ -195,14 +195,15 @@ impl Swarm {
         }
     }
 
-    /// `host` holds the release now (staged, or had it already). `seeded`: it was a seed.
+    /// `host` holds the release now (staged, or had it already). `seeded`: it was a seed. A
+    /// host that dials in is not handed out as a holder: its peers cannot dial it.
     pub fn holds(&self, host: &Host, seeded: bool) {
         if let Ok(mut s) = self.state.lock() {
             if seeded {
                 s.seeding = s.seeding.saturating_sub(1);
                 s.seeded += 1;
             }
-            if !s.holders.iter().any(|h| h.host.name == host.name) {
+            if !host.dials_in() && !s.holders.iter().any(|h| h.host.name == host.name) {
                 let zone = self.zones.get(&host.name).cloned();
                 s.holders.push(Holder { host: host.clone(), zone, busy: 0, failed: false });
             }

@@ -65,6 +65,7 @@ pub struct AuditOverride(pub String);
 
 /// `[tls] revoked`, re-read when the file changes (checked at each certificate-authenticated
 /// call: one stat). A list that no longer parses keeps the last good one, and says so.
+#[derive(Debug)]
 pub struct RevokedFile {
     path: Option<std::path::PathBuf>,
     /// The file's stamp when last read, and its list.

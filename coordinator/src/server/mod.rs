@@ -39,6 +39,7 @@ use error::ApiError;
 
 pub mod api;
 pub mod auth;
+pub mod dialin;
 pub mod error;
 pub mod jobs;
 pub mod leader;
@@ -76,7 +77,9 @@ pub struct AppState {
     /// Which refusals the audit log records one by one.
     pub refusals: std::sync::Mutex<RefusalSampler>,
     /// Client certificates refused before they expire (`[tls] revoked`).
-    pub revoked: auth::RevokedFile,
+    pub revoked: Arc<auth::RevokedFile>,
+    /// The agents connected to `dial_in_listen`.
+    pub dial_ins: crate::dialin::DialIns,
     /// Leader or standby, on a shared registry.
     pub leadership: leader::Leadership,
 }
@@ -118,8 +121,9 @@ impl AppState {
         let audit_path = config.server.audit_log.clone().unwrap_or_else(|| state_dir.join("api-audit.log"));
         let audit = Audit::open(&audit_path)?;
         let tokens = config.server.tokens.iter().filter_map(auth::Token::from_config).collect();
-        let revoked = auth::RevokedFile::load(config.tls.revoked.as_deref())?;
-        let tls = Arc::new(serve_tls(&config, tls)?);
+        let revoked = Arc::new(auth::RevokedFile::load(config.tls.revoked.as_deref())?);
+        let dial_ins = crate::dialin::DialIns::default();
+        let tls = Arc::new(serve_tls(&config, tls.with_dial_ins(dial_ins.clone()), revoked.clone())?);
         let cache = config.cache_dir().map(Cache::new);
         let notifier = crate::notify::Notifier::start(&config.notify, registry.clone());
         let leadership = leader::Leadership::new(
@@ -146,6 +150,7 @@ impl AppState {
             scans: Arc::new(tokio::sync::Semaphore::new(1)),
             refusals: std::sync::Mutex::new(RefusalSampler::new(REFUSALS_PER_ADDRESS, REFUSALS_PER_MINUTE)),
             revoked,
+            dial_ins,
         })
     }
 
@@ -274,12 +279,22 @@ pub struct ServeTls {
     pub api: tokio_rustls::TlsAcceptor,
     /// The coordinator's, towards the agents.
     pub agents: ClientTls,
+    /// `dial_in_listen`'s, for agents that dial in (none without it).
+    pub dial_in: Option<tokio_rustls::TlsAcceptor>,
 }
 
 /// Both TLS setups, rebuilt from their files on SIGHUP (`systemctl reload ferry`) or when the
 /// files change; deployments already running keep the setup they started with.
-fn serve_tls(config: &FleetConfig, agents: ClientTls) -> anyhow::Result<Reloadable<ServeTls>> {
+fn serve_tls(
+    config: &FleetConfig,
+    agents: ClientTls,
+    revoked: Arc<auth::RevokedFile>,
+) -> anyhow::Result<Reloadable<ServeTls>> {
     let api = tokio_rustls::TlsAcceptor::from(Arc::new(server_tls(config)?));
+    let dial_in_tls = move |config: &FleetConfig| {
+        config.server.dial_in_listen.as_ref().map(|_| dialin::acceptor(config, revoked.clone())).transpose()
+    };
+    let dial_in = dial_in_tls(config)?;
     let s = &config.server;
     let files = [Some(&config.tls.ca), Some(&config.tls.cert), Some(&config.tls.key), s.cert.as_ref(), s.key.as_ref()]
         .into_iter()
@@ -287,11 +302,13 @@ fn serve_tls(config: &FleetConfig, agents: ClientTls) -> anyhow::Result<Reloadab
         .cloned()
         .collect();
     let config = config.clone();
-    Ok(Reloadable::new(ServeTls { api, agents }, files, move || {
-        let agents = ClientTls::load(&config.tls).map_err(|e| format!("[tls]: {e}"))?;
+    let dial_ins = agents.dial_ins().cloned().unwrap_or_default();
+    Ok(Reloadable::new(ServeTls { api, agents, dial_in }, files, move || {
+        let agents = ClientTls::load(&config.tls).map_err(|e| format!("[tls]: {e}"))?.with_dial_ins(dial_ins.clone());
         let api = server_tls(&config).map_err(|e| format!("{e:#}"))?;
+        let dial_in = dial_in_tls(&config).map_err(|e| format!("[server] dial_in_listen: {e:#}"))?;
         let what = format!("coordinator certificate {} (serial {})", agents.identity.name(), agents.identity.serial);
-        Ok((ServeTls { api: tokio_rustls::TlsAcceptor::from(Arc::new(api)), agents }, what))
+        Ok((ServeTls { api: tokio_rustls::TlsAcceptor::from(Arc::new(api)), agents, dial_in }, what))
     }))
 }
 
@@ -355,6 +372,14 @@ pub async fn serve(
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("[server] listen {listen}: cannot listen there"))?;
+    if let Some(dial_in) = &state.config.server.dial_in_listen {
+        let at: SocketAddr = dial_in.parse().context("[server] dial_in_listen")?;
+        let agents = tokio::net::TcpListener::bind(at)
+            .await
+            .with_context(|| format!("[server] dial_in_listen {at}: cannot listen there"))?;
+        tracing::info!("agents that dial in connect to {at}");
+        tokio::spawn(dialin::run(state.clone(), agents, shutdown.clone()));
+    }
     ready(listener.local_addr()?);
     let router = api::router(state.clone());
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));

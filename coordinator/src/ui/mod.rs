@@ -138,6 +138,10 @@ pub fn status(r: &StatusReport, format: Format) {
         &r.app,
     ]);
     for h in &r.hosts {
+        let address = match &h.dial_in {
+            Some(d) => format!("dial-in from {}", d.addr),
+            None => h.address.clone(),
+        };
         match &h.facts {
             Some(f) => {
                 let release = f.apps.iter().find(|a| a.name == r.app).map_or("(app not declared)".to_string(), |a| {
@@ -146,7 +150,7 @@ pub fn status(r: &StatusReport, format: Format) {
                 });
                 table.add_row(vec![
                     h.name.clone(),
-                    h.address.clone(),
+                    address,
                     "up".into(),
                     f.agent_version.clone(),
                     f.os.clone(),
@@ -159,11 +163,21 @@ pub fn status(r: &StatusReport, format: Format) {
             }
             None => {
                 let kind = h.error_kind.map_or("unreachable", |k| k.as_str());
-                table.add_row(vec![h.name.clone(), h.address.clone(), format!("DOWN ({kind})")]);
+                table.add_row(vec![h.name.clone(), address, format!("DOWN ({kind})")]);
             }
         }
     }
     out(&table.to_string());
+    let dialed: Vec<_> = r.hosts.iter().filter_map(|h| Some((h, h.dial_in.as_ref()?))).collect();
+    if !dialed.is_empty() {
+        out("");
+        for (h, d) in dialed {
+            out(&format!(
+                "{}: dialed in from {}, connected since {}, last seen {}",
+                h.name, d.addr, d.connected_since, d.last_seen
+            ));
+        }
+    }
     let down: Vec<_> = r.hosts.iter().filter(|h| !h.reachable).collect();
     if !down.is_empty() {
         out("");

@@ -1,0 +1,361 @@
+//! Dialing out: with `connect = ["deploy.example.com:7444", …]` in agent.toml the agent connects
+//! to each `ferry serve` itself, for hosts a coordinator cannot reach (NAT, another network, no
+//! inbound port by policy), and serves the agent contract over that connection.
+//!
+//! The agent is the TLS client of the connection but its HTTP/2 *server*: the server sends the
+//! requests. So every command runs through the same service, the same role gate and the same
+//! audit as one that came to `listen`; only who opened the TCP connection differs.
+//!
+//! - **Who the server is**: its certificate must chain to the fleet CA, carry the coordinator
+//!   role, name the host this agent dials (a SAN: the name in `connect`), and not be listed in
+//!   `tls.revoked`. Anything else is refused before a request is served, logged and audited.
+//! - **One connection per server**, kept open; HTTP/2 pings find a dead one. When it closes, the
+//!   agent dials again after a random wait up to a bound that doubles with each failure (from
+//!   [`FIRST_RETRY`] to [`MAX_RETRY`]: "full jitter"), so thousands of agents that lost their
+//!   server at the same moment do not all come back in the same second.
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_proto::identity::{self, CertIdentity, Revoked, Role};
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{CertificateError, DigitallySignedStruct, OtherError, SignatureScheme};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::TlsFiles;
+use crate::server::AuthenticatedConn;
+use crate::service::PeerInfo;
+use crate::telemetry::Telemetry;
+
+/// The bound of the first wait after a connection ends or fails.
+pub const FIRST_RETRY: Duration = Duration::from_secs(1);
+/// The bound never grows past this.
+pub const MAX_RETRY: Duration = Duration::from_secs(30);
+/// A connection that stayed up this long was a good one: the next wait starts from
+/// [`FIRST_RETRY`] again.
+const STABLE: Duration = Duration::from_secs(30);
+/// TCP connect and TLS handshake, each.
+const CONNECT: Duration = Duration::from_secs(10);
+
+/// A `ferry serve` to dial: `host:port` as written in agent.toml.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub host: String,
+    pub port: u16,
+}
+
+impl Target {
+    /// `host:port`, `[v6]:port`, or either with `https://` before it.
+    pub fn parse(s: &str) -> Result<Target, String> {
+        let rest = s.strip_prefix("https://").unwrap_or(s);
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        if rest.contains('/') || rest.contains("://") {
+            return Err(format!(
+                "{s:?}: expected host:port (the `ferry serve` agent port), e.g. \"deploy.example.com:7444\""
+            ));
+        }
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((h, p)) if !h.is_empty() && (h.starts_with('[') || !h.contains(':')) => (h, p),
+            _ => return Err(format!("{s:?}: no port (write host:port, e.g. \"deploy.example.com:7444\")")),
+        };
+        let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+        let port: u16 = port.parse().map_err(|_| format!("{s:?}: {port:?} is not a port"))?;
+        if port == 0 {
+            return Err(format!("{s:?}: port 0"));
+        }
+        ServerName::try_from(host.to_string()).map_err(|e| format!("{s:?}: {host:?} is not a host name: {e}"))?;
+        Ok(Target { host: host.to_string(), port })
+    }
+
+    fn endpoint(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.endpoint())
+    }
+}
+
+/// How long to wait before dial number `failures + 1`: random, up to a bound that doubles with
+/// each failure in a row. `unit` is a random number in [0, 1).
+pub fn retry_wait(failures: u32, unit: f64) -> Duration {
+    let bound = FIRST_RETRY.saturating_mul(1u32 << failures.min(16)).min(MAX_RETRY);
+    bound.mul_f64(unit.clamp(0.0, 1.0))
+}
+
+/// Keeps a connection to `target` open until `stop`, handing each one to the server's incoming
+/// queue `to_serve` and dialing again once it has closed.
+pub async fn keep_connected(
+    target: Target,
+    files: TlsFiles,
+    to_serve: mpsc::Sender<AuthenticatedConn>,
+    telemetry: Arc<Telemetry>,
+    stop: CancellationToken,
+) {
+    let mut failures: u32 = 0;
+    // Agents started together (a fleet booted at once) spread their first dial too.
+    let mut wait = retry_wait(0, fastrand::f64()) / 4;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        match dial(&target, &files).await {
+            Ok((stream, peer)) => {
+                tracing::info!(server = %target, peer = %peer.addr, name = peer.name, "connected to ferry serve");
+                let (closed_tx, closed_rx) = oneshot::channel();
+                let up = std::time::Instant::now();
+                if to_serve.send(AuthenticatedConn::dialed(stream, peer, closed_tx)).await.is_err() {
+                    return;
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = closed_rx => {}
+                }
+                if up.elapsed() >= STABLE {
+                    failures = 0;
+                }
+                wait = retry_wait(failures, fastrand::f64());
+                tracing::warn!(server = %target, "the connection to ferry serve closed; dialing again in {wait:.1?}");
+            }
+            Err(e) => {
+                wait = retry_wait(failures, fastrand::f64());
+                tracing::warn!(server = %target, "cannot connect to ferry serve: {e}; trying again in {wait:.1?}");
+                if e.refused_by_us {
+                    let addr = e.addr.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+                    telemetry.refused(addr, &e.presented, "dial_out", &e.message).await;
+                }
+            }
+        }
+        failures = failures.saturating_add(1);
+    }
+}
+
+/// Why a dial failed.
+#[derive(Debug)]
+pub struct DialError {
+    message: String,
+    /// The server's certificate was refused here (audited), as opposed to a network failure.
+    refused_by_us: bool,
+    addr: Option<SocketAddr>,
+    presented: String,
+}
+
+impl std::fmt::Display for DialError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+fn net(message: String) -> DialError {
+    DialError { message, refused_by_us: false, addr: None, presented: String::new() }
+}
+
+/// TCP, then TLS as the client with this host's agent certificate, checking the server's.
+async fn dial(target: &Target, files: &TlsFiles) -> Result<(impl crate::server::Io + 'static, PeerInfo), DialError> {
+    let config = client_config(files, target).map_err(|e| net(format!("TLS setup: {e}")))?;
+    let name = ServerName::try_from(target.host.clone()).map_err(|e| net(format!("{}: {e}", target.host)))?;
+    let tcp = tokio::time::timeout(CONNECT, TcpStream::connect(target.endpoint()))
+        .await
+        .map_err(|_| net(format!("TCP connect to {target} timed out after {CONNECT:?}")))?
+        .map_err(|e| net(format!("TCP connect to {target}: {e}")))?;
+    let addr = tcp.peer_addr().ok();
+    let _ = tcp.set_nodelay(true);
+    let handshake = tokio::time::timeout(CONNECT, tokio_rustls::TlsConnector::from(config).connect(name, tcp))
+        .await
+        .map_err(|_| net(format!("TLS handshake with {target} timed out after {CONNECT:?}")))?;
+    let tls = match handshake {
+        Ok(tls) => tls,
+        Err(e) => {
+            let ours = e.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()).is_some_and(|e| {
+                matches!(e, rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented)
+            });
+            let message = describe(target, &e);
+            return Err(DialError { message, refused_by_us: ours, addr, presented: target.host.clone() });
+        }
+    };
+    let server =
+        tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| CertIdentity::from_der(c).ok());
+    let peer = PeerInfo {
+        addr: addr.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], target.port))),
+        name: server.as_ref().map(|s| s.name().to_string()).unwrap_or_default(),
+        role: server.and_then(|s| s.role),
+    };
+    // The server judges our certificate after our side of the handshake is done: its verdict
+    // is the first thing it sends (HTTP/2 frames, or an alert).
+    use ferry_proto::first_bytes::{NoFirstBytes, first_bytes};
+    let stream = first_bytes(tls, CONNECT).await.map_err(|e| match e {
+        NoFirstBytes::Io(e) => net(describe(target, &e)),
+        other => net(format!("ferry serve at {target}: {other}")),
+    })?;
+    Ok((stream, peer))
+}
+
+/// A failed handshake in words: what was wrong with the server, or with us in its eyes.
+fn describe(target: &Target, err: &std::io::Error) -> String {
+    use rustls::Error as E;
+    let Some(tls) = err.get_ref().and_then(|e| e.downcast_ref::<E>()) else {
+        return format!("TLS handshake with {target}: {err}");
+    };
+    let why = match tls {
+        E::InvalidCertificate(CertificateError::Other(o)) => o.0.to_string(),
+        E::InvalidCertificate(CertificateError::UnknownIssuer) => {
+            "its certificate is not issued by this fleet's CA (unknown issuer)".into()
+        }
+        E::InvalidCertificate(CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. }) => {
+            format!("its certificate does not name {:?} (reissue it with --san {})", target.host, target.host)
+        }
+        E::InvalidCertificate(CertificateError::Revoked) => "its certificate is listed in tls.revoked".into(),
+        E::InvalidCertificate(e) => format!("its certificate is refused: {e}"),
+        E::AlertReceived(alert) => format!(
+            "it refused this agent's certificate (alert {alert:?}): is this host in its fleet.toml, with a certificate of role agent from the fleet CA?"
+        ),
+        other => other.to_string(),
+    };
+    format!("ferry serve at {target}: {why}")
+}
+
+/// This host as a client of `ferry serve`: its agent certificate; the server's must pass
+/// [`ServerOnly`].
+fn client_config(files: &TlsFiles, target: &Target) -> Result<Arc<rustls::ClientConfig>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in identity::load_certs(&files.ca).map_err(|e| e.to_string())? {
+        roots.add(cert).map_err(|e| format!("fleet CA file {}: {e}", files.ca.display()))?;
+    }
+    let chain = identity::load_certs(&files.cert).map_err(|e| e.to_string())?;
+    let key = identity::load_key(&files.key).map_err(|e| e.to_string())?;
+    let revoked = match &files.revoked {
+        Some(path) => Revoked::load(path)?,
+        None => Revoked::default(),
+    };
+    let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), crate::tls::provider())
+        .build()
+        .map_err(|e| e.to_string())?;
+    let verifier = Arc::new(ServerOnly { inner, revoked, target: target.to_string() });
+    let mut config = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| format!("agent certificate {} and key {}: {e}", files.cert.display(), files.key.display()))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The server's certificate is valid but is not a coordinator's.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "its certificate ({name}) has {role}, not the coordinator role: only `ferry serve` with a coordinator certificate may command this agent"
+)]
+struct NotACoordinator {
+    name: String,
+    role: String,
+}
+
+/// The server's certificate is revoked.
+#[derive(Debug, thiserror::Error)]
+#[error("its certificate ({name}, serial {serial}) is listed in tls.revoked")]
+struct RevokedServer {
+    name: String,
+    serial: String,
+}
+
+/// Chain and name by webpki (fleet CA only), then the coordinator role and the revocation list.
+#[derive(Debug)]
+struct ServerOnly {
+    inner: Arc<WebPkiServerVerifier>,
+    revoked: Revoked,
+    target: String,
+}
+
+fn other(e: impl std::error::Error + Send + Sync + 'static) -> rustls::Error {
+    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
+}
+
+impl ServerCertVerifier for ServerOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let verified = self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp, now)?;
+        let peer = CertIdentity::from_der(end_entity)
+            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+        if self.revoked.contains(&peer.serial) {
+            tracing::warn!(server = self.target, serial = peer.serial, "refused a revoked server certificate");
+            return Err(other(RevokedServer { name: peer.name().to_string(), serial: peer.serial.clone() }));
+        }
+        if peer.role != Some(Role::Coordinator) {
+            return Err(other(NotACoordinator {
+                name: peer.name().to_string(),
+                role: peer.role.map_or("no ferry role".into(), |r| format!("role {r}")),
+            }));
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_parse_with_a_port_and_refuse_without() {
+        assert_eq!(
+            Target::parse("deploy.example.com:7444"),
+            Ok(Target { host: "deploy.example.com".into(), port: 7444 })
+        );
+        assert_eq!(Target::parse("https://10.0.0.5:7444/"), Ok(Target { host: "10.0.0.5".into(), port: 7444 }));
+        assert_eq!(Target::parse("[fd00::5]:7444"), Ok(Target { host: "fd00::5".into(), port: 7444 }));
+        assert_eq!(Target::parse("[fd00::5]:7444").map(|t| t.to_string()), Ok("[fd00::5]:7444".into()));
+        for bad in ["deploy.example.com", "fd00::5", "h:0", "h:x", "https://h:1/api", ":7444", "http://h:1"] {
+            assert!(Target::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn waits_are_random_up_to_a_bound_that_doubles_to_a_ceiling() {
+        assert_eq!(retry_wait(0, 0.0), Duration::ZERO);
+        assert_eq!(retry_wait(0, 0.5), FIRST_RETRY / 2);
+        assert_eq!(retry_wait(1, 0.5), FIRST_RETRY);
+        assert_eq!(retry_wait(3, 0.999_999).as_secs(), 7);
+        assert_eq!(retry_wait(5, 1.0), MAX_RETRY);
+        assert_eq!(retry_wait(40, 1.0), MAX_RETRY, "no overflow after many failures");
+    }
+}

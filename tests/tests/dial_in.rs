@@ -1,0 +1,278 @@
+//! Agents that dial in, on loopback: real agents with only `connect` (no port of their own) and a
+//! real `ferry serve` in the same process; status, deployments and a rollback go through the
+//! connections the agents opened; a server restart makes them dial again; a stopped agent is
+//! unreachable at once; and wrong certificates on either side are refused, with a reason, in
+//! the audit log of the side that refused.
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ferry_coordinator::cli::api_client::{Remote, RemoteArgs};
+use ferry_coordinator::config::FleetConfig;
+use ferry_proto::identity::Role;
+use ferry_tests::agents::TestAgent;
+use ferry_tests::pki::{CertFiles, TestPki};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+/// A free loopback port (bound and released: the server binds it right after).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+struct Serve {
+    url: String,
+    dial_in: String,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// `ferry serve` in this process, with fleet.toml `config`.
+async fn serve(config: &FleetConfig, ctl: &CertFiles) -> Serve {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let stop = CancellationToken::new();
+    let (config, tls, token) = (config.clone(), ctl.client_tls(), stop.clone());
+    let dial_in = config.server.dial_in_listen.clone().expect("dial_in_listen");
+    let task = tokio::spawn(async move {
+        let ready = move |addr| {
+            let _ = tx.send(addr);
+        };
+        if let Err(e) = ferry_coordinator::server::serve(config, tls, ready, token, None).await {
+            eprintln!("ferry serve failed: {e:#}");
+        }
+    });
+    let addr: std::net::SocketAddr =
+        tokio::time::timeout(Duration::from_secs(10), rx).await.expect("ready").expect("up");
+    Serve { url: format!("https://127.0.0.1:{}", addr.port()), dial_in, stop, task }
+}
+
+impl Serve {
+    async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+fn fleet_toml(dir: &Path, ctl: &CertFiles, hosts: &str, api: u16, dial_in: u16) -> FleetConfig {
+    let text = format!(
+        r#"connect_timeout = "2s"
+request_timeout = "5s"
+registry = "{dir}/registry.db"
+cache_dir = "{dir}/cache"
+[app]
+name = "web"
+[tls]
+ca = "{ca}"
+cert = "{cert}"
+key = "{key}"
+[server]
+listen = "127.0.0.1:{api}"
+dial_in_listen = "127.0.0.1:{dial_in}"
+audit_log = "{dir}/api-audit.log"
+artifact_roots = ["{dir}"]
+[environments.test]
+hosts = {{ {hosts} }}
+"#,
+        dir = dir.display(),
+        ca = ctl.ca.display(),
+        cert = ctl.cert.display(),
+        key = ctl.key.display(),
+    );
+    let path = dir.join("fleet.toml");
+    std::fs::write(&path, &text).expect("write fleet.toml");
+    FleetConfig::from_toml(&path, &text).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn remote(s: &Serve, ctl: &CertFiles) -> Remote {
+    Remote::new(&RemoteArgs {
+        url: s.url.clone(),
+        ca: Some(ctl.ca.clone()),
+        token: None,
+        client_cert: Some(ctl.cert.clone()),
+        client_key: Some(ctl.key.clone()),
+    })
+    .expect("API client")
+}
+
+async fn status(api: &Remote) -> Value {
+    api.call("GET", "/api/v1/environments/test/status", None).await.expect("status")
+}
+
+/// Waits (up to `secs`) until `status` says `want` of every host.
+async fn status_until(api: &Remote, secs: u64, want: impl Fn(&Value) -> bool) -> Value {
+    let mut last = Value::Null;
+    for _ in 0..secs * 10 {
+        last = status(api).await;
+        if last["hosts"].as_array().is_some_and(|h| !h.is_empty() && h.iter().all(&want)) {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("not reached in {secs} s: {last:#}");
+}
+
+fn release(dir: &Path, version: &str) -> PathBuf {
+    let root = dir.join(format!("build-{version}"));
+    std::fs::create_dir_all(root.join("bin")).expect("mkdir");
+    std::fs::write(root.join("VERSION"), format!("{version}\n")).expect("write");
+    std::fs::write(root.join("bin/app"), ferry_tests::pseudo_random(300_000, version.len() as u64)).expect("write");
+    root
+}
+
+/// Registers `version` and deploys it to `test` through the API; the final deployment.
+async fn deploy(api: &Remote, dir: &Path, version: &str) -> Value {
+    let artifact = release(dir, version);
+    api.call("POST", "/api/v1/versions", Some(&json!({ "version": version, "artifact": artifact })))
+        .await
+        .expect("register");
+    let started = api
+        .call("POST", "/api/v1/deployments", Some(&json!({ "environment": "test", "version": version })))
+        .await
+        .expect("deploy");
+    let id = started["deployment_id"].as_str().expect("id").to_string();
+    api.follow(&id, |_, _| {}).await.expect("follow")
+}
+
+fn current(data: &Path) -> String {
+    let root = PathBuf::from(format!("{}-web", data.display()));
+    std::fs::read_to_string(root.join("VERSION")).map(|v| v.trim().to_string()).unwrap_or_default()
+}
+
+fn up(h: &Value) -> bool {
+    h["reachable"] == true
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dialed_in_agents_take_status_deployments_and_rollbacks_through_ferry_serve() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ctl = pki.issue("ctl", Role::Coordinator, &["127.0.0.1"]);
+    let config = fleet_toml(dir.path(), &ctl, r#"web-1 = "dial-in", web-2 = "dial-in""#, free_port(), free_port());
+    let s = serve(&config, &ctl).await;
+    let data: Vec<PathBuf> = (1..=2).map(|i| dir.path().join(format!("data-{i}"))).collect();
+    let mut agents = Vec::new();
+    for (i, d) in data.iter().enumerate() {
+        let files = pki.issue(&format!("web-{}", i + 1), Role::Agent, &[]);
+        agents.push(TestAgent::start_dialing(&files, d, &s.dial_in).await.expect("agent"));
+    }
+    let api = remote(&s, &ctl);
+
+    // Status: both reachable through their own connections, which the server names.
+    let report = status_until(&api, 10, up).await;
+    for h in report["hosts"].as_array().expect("hosts") {
+        assert_eq!(h["address"], "dial-in", "{h}");
+        assert!(h["dial_in"]["addr"].as_str().is_some_and(|a| a.starts_with("127.0.0.1:")), "{h}");
+        assert!(h["dial_in"]["connected_since"].as_str().is_some_and(|t| t.ends_with('Z')), "{h}");
+        assert!(h["dial_in"]["last_seen"].is_string(), "{h}");
+    }
+
+    // Deployments and a rollback run over the same connections.
+    for v in ["1", "2"] {
+        let d = deploy(&api, dir.path(), v).await;
+        assert_eq!(d["status"], "succeeded", "{d:#}");
+        assert_eq!(data.iter().map(|d| current(d)).collect::<Vec<_>>(), [v, v]);
+    }
+    let started = api.call("POST", "/api/v1/environments/test/rollback", None).await.expect("rollback");
+    let d = api.follow(started["deployment_id"].as_str().expect("id"), |_, _| {}).await.expect("follow");
+    assert_eq!(d["status"], "succeeded", "{d:#}");
+    assert_eq!(data.iter().map(|d| current(d)).collect::<Vec<_>>(), ["1", "1"]);
+
+    // The CLI on its own cannot reach them, and says where to go.
+    let here = ferry_coordinator::commands::status::run(&config, "test", &ctl.client_tls()).await.expect("status");
+    for h in &here.hosts {
+        assert!(!h.reachable);
+        let e = h.error.as_deref().unwrap_or_default();
+        assert!(e.contains("dials in to ferry serve") && e.contains("--server URL"), "{e}");
+    }
+
+    // An agent that stops is unreachable at once, and the server says since when.
+    agents.pop().expect("web-2").stop().await;
+    let report = status_until(&api, 10, |h| h["name"] == "web-1" || h["reachable"] == false).await;
+    let web2 = &report["hosts"][1];
+    assert_eq!(web2["error_kind"], "not_connected", "{web2}");
+    assert!(web2["error"].as_str().is_some_and(|e| e.contains("not connected to this ferry serve since")), "{web2}");
+    assert!(up(&report["hosts"][0]), "{report:#}");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_dial_again_after_a_server_restart() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ctl = pki.issue("ctl", Role::Coordinator, &["127.0.0.1"]);
+    let config = fleet_toml(dir.path(), &ctl, r#"web-1 = "dial-in", web-2 = "dial-in""#, free_port(), free_port());
+    let s = serve(&config, &ctl).await;
+    let mut agents = Vec::new();
+    for i in 1..=2 {
+        let files = pki.issue(&format!("web-{i}"), Role::Agent, &[]);
+        let data = dir.path().join(format!("data-{i}"));
+        agents.push(TestAgent::start_dialing(&files, &data, &s.dial_in).await.expect("agent"));
+    }
+    let before = status_until(&remote(&s, &ctl), 10, up).await;
+    s.stop().await;
+
+    // The same server again: the agents find it by themselves.
+    let s = serve(&config, &ctl).await;
+    let api = remote(&s, &ctl);
+    let after = status_until(&api, 20, up).await;
+    for (b, a) in before["hosts"].as_array().expect("hosts").iter().zip(after["hosts"].as_array().expect("hosts")) {
+        assert_ne!(b["dial_in"]["addr"], a["dial_in"]["addr"], "a new connection: {b} / {a}");
+    }
+    let d = deploy(&api, dir.path(), "1").await;
+    assert_eq!(d["status"], "succeeded", "{d:#}");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_certificates_are_refused_on_either_side_and_audited() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The server's certificate does not name 127.0.0.1, which the agents dial.
+    let misnamed = pki.issue("ctl", Role::Coordinator, &["deploy.example.com"]);
+    let config =
+        fleet_toml(dir.path(), &misnamed, r#"web-1 = "dial-in", web-2 = "10.9.9.2""#, free_port(), free_port());
+    let s = serve(&config, &misnamed).await;
+    let data = dir.path().join("data-1");
+    let agent =
+        TestAgent::start_dialing(&pki.issue("web-1", Role::Agent, &[]), &data, &s.dial_in).await.expect("agent");
+    let audit = data.join("audit.log");
+    let line = ferry_tests::wait_for(200, || {
+        std::fs::read_to_string(&audit).ok()?.lines().find(|l| l.contains("does not name")).map(str::to_string)
+    })
+    .await;
+    let line = line.unwrap_or_else(|| panic!("the agent audits the refusal: {:?}", std::fs::read_to_string(&audit)));
+    assert!(line.contains("127.0.0.1") && line.contains("--san"), "{line}");
+    agent.stop().await;
+    s.stop().await;
+
+    // A well-named server: it refuses an agent of another CA, and a host not marked dial-in.
+    let ctl = pki.issue("ctl", Role::Coordinator, &["127.0.0.1"]);
+    let config = fleet_toml(dir.path(), &ctl, r#"web-1 = "dial-in", web-2 = "10.9.9.2""#, free_port(), free_port());
+    let s = serve(&config, &ctl).await;
+    let other_ca = TestPki::new();
+    // It trusts this fleet's CA, but its own certificate is another CA's.
+    let rogue = CertFiles { ca: ctl.ca.clone(), ..other_ca.issue("web-1", Role::Agent, &[]) };
+    let mut agents = Vec::new();
+    for (i, files) in [rogue, pki.issue("web-2", Role::Agent, &[])].iter().enumerate() {
+        let data = dir.path().join(format!("bad-{i}"));
+        agents.push(TestAgent::start_dialing(files, &data, &s.dial_in).await.expect("agent"));
+    }
+    let api_audit = dir.path().join("api-audit.log");
+    for want in ["unknown issuer", "for no host that fleet.toml marks \\\"dial-in\\\""] {
+        let found = ferry_tests::wait_for(200, || {
+            std::fs::read_to_string(&api_audit)
+                .ok()?
+                .lines()
+                .find(|l| l.contains("DIAL-IN") && l.contains(want))
+                .map(str::to_string)
+        })
+        .await;
+        assert!(found.is_some(), "{want:?} in the API audit log: {:?}", std::fs::read_to_string(&api_audit));
+    }
+    // None of them got in.
+    let report = status(&remote(&s, &ctl)).await;
+    assert_eq!(report["hosts"][0]["error_kind"], "not_connected", "{report:#}");
+    for a in agents {
+        a.stop().await;
+    }
+    s.stop().await;
+}
