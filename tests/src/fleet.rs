@@ -557,9 +557,20 @@ impl Fleet {
     /// Drops `percent` % of the packets the host receives (the kernel here has no netem; this is
     /// an nftables `numgen random` rule in the host's namespace).
     pub fn drop_packets(&self, host: &str, percent: u32) {
-        let h = self.host(host);
         // numgen's range is 0-99: 100 % is a plain drop.
         let rule = if percent >= 100 { "drop".to_string() } else { format!("numgen random mod 100 < {percent} drop") };
+        self.input_rule(host, &rule);
+    }
+
+    /// Closes the host's inbound TCP `port` (new connections to it are dropped), as a firewall
+    /// or NAT in front of it would; [`Fleet::stop_dropping`] opens it again.
+    pub fn close_port(&self, host: &str, port: u16) {
+        self.input_rule(host, &format!("tcp dport {port} drop"));
+    }
+
+    /// `rule` in an nftables input chain of the host's namespace.
+    fn input_rule(&self, host: &str, rule: &str) {
+        let h = self.host(host);
         let rules = format!(
             "table inet ferrytest {{\n  chain input {{\n    type filter hook input priority 0;\n    {rule}\n  }}\n}}\n"
         );
@@ -573,7 +584,7 @@ impl Fleet {
             let _ = stdin.write_all(rules.as_bytes());
         }
         let status = child.wait().unwrap_or_else(|e| panic!("nft: {e}"));
-        assert!(status.success(), "nft refused the packet-loss rules for {host}:\n{rules}");
+        assert!(status.success(), "nft refused the rules for {host}:\n{rules}");
     }
 
     pub fn stop_dropping(&self, host: &str) {
