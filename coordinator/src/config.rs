@@ -1750,6 +1750,26 @@ hosts = { web-1 = "10.0.0.11:7443", web-2 = "10.0.0.12", web-4 = "[fd00::4]:7443
     }
 
     #[test]
+    fn hosts_may_dial_in_to_a_server_that_takes_them() {
+        let dial_in = GOOD.replace("\"10.0.0.12\"", "\"dial-in\"").replace("\"[fd00::4]:7443\"", "\"dial-in\"");
+        let c = load(&format!("{dial_in}\n[server]\ndial_in_listen = \"0.0.0.0:7444\"\n")).expect("valid");
+        let hosts = c.hosts("prod").expect("prod");
+        let dialing: Vec<&str> = hosts.iter().filter(|h| h.dials_in()).map(|h| h.name.as_str()).collect();
+        assert_eq!(dialing, ["web-2", "web-4"], "two dial-in hosts share no address");
+        assert_eq!(hosts.iter().find(|h| h.name == "web-2").map(|h| h.endpoint()), Some("dial-in".into()));
+        let err = load(&dial_in).expect_err("nothing takes their connections");
+        assert!(
+            err.contains("environments.prod.hosts.web-2: dials in, but [server] dial_in_listen is not set"),
+            "{err}"
+        );
+        let err = load(&format!("{GOOD}\n[server]\nlisten = \"0.0.0.0:8443\"\ndial_in_listen = \"0.0.0.0:8443\"\n"))
+            .expect_err("one port for both");
+        assert!(err.contains("server.dial_in_listen: 0.0.0.0:8443 is the API's listen address too"), "{err}");
+        let err = load(&format!("{GOOD}\n[server]\ndial_in_listen = \"7444\"\n")).expect_err("no address");
+        assert!(err.contains("server.dial_in_listen: \"7444\" is not an address:port"), "{err}");
+    }
+
+    #[test]
     fn bad_addresses_and_names_are_all_reported() {
         let text = GOOD
             .replace("\"10.0.0.12\"", "\"10.0.0.11:7443\"")
