@@ -225,9 +225,9 @@ fn describe(target: &Target, err: &std::io::Error) -> String {
     format!("ferry serve at {target}: {why}")
 }
 
-/// This host as a client of `ferry serve`: its agent certificate; the server's must pass
-/// [`ServerOnly`].
-fn client_config(files: &TlsFiles, target: &Target) -> Result<Arc<rustls::ClientConfig>, String> {
+/// This host as a client of `ferry serve` at `target`: its agent certificate; the server's must
+/// be the fleet CA's, of the coordinator role, name `target`'s host and not be revoked.
+pub fn client_config(files: &TlsFiles, target: &Target) -> Result<Arc<rustls::ClientConfig>, String> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in identity::load_certs(&files.ca).map_err(|e| e.to_string())? {
         roots.add(cert).map_err(|e| format!("fleet CA file {}: {e}", files.ca.display()))?;

@@ -93,3 +93,58 @@ pub fn role_at(fleet: &Fleet, ip: &str, port: u16) -> Option<(String, i64)> {
     let (r, e) = line.split_once(' ')?;
     Some((r.to_string(), e.parse().ok()?))
 }
+
+/// A free loopback port (bound and released: a server binds it right after).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+/// `ferry serve` running in this process (a task), stopped by [`LocalServe::stop`].
+pub struct LocalServe {
+    /// The API's `https://127.0.0.1:PORT`.
+    pub url: String,
+    /// `[server] dial_in_listen`.
+    pub dial_in: String,
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// `ferry serve` in this process, with fleet.toml `config` (which sets `dial_in_listen`) and the
+/// coordinator certificate `ctl`; returns once its API listens.
+pub async fn serve(config: &ferry_coordinator::config::FleetConfig, ctl: &crate::pki::CertFiles) -> LocalServe {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (config, tls, token) = (config.clone(), ctl.client_tls(), stop.clone());
+    let dial_in = config.server.dial_in_listen.clone().unwrap_or_default();
+    let task = tokio::spawn(async move {
+        let ready = move |addr| {
+            let _ = tx.send(addr);
+        };
+        if let Err(e) = ferry_coordinator::server::serve(config, tls, ready, token, None).await {
+            eprintln!("ferry serve failed: {e:#}");
+        }
+    });
+    let addr: std::net::SocketAddr =
+        tokio::time::timeout(Duration::from_secs(10), rx).await.expect("ferry serve is ready").expect("it started");
+    LocalServe { url: format!("https://127.0.0.1:{}", addr.port()), dial_in, stop, task }
+}
+
+impl LocalServe {
+    /// Stops it (as SIGTERM would) and waits until it has.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// An API client of `s` with the certificate `ctl`.
+pub fn remote(s: &LocalServe, ctl: &crate::pki::CertFiles) -> ferry_coordinator::cli::api_client::Remote {
+    ferry_coordinator::cli::api_client::Remote::new(&ferry_coordinator::cli::api_client::RemoteArgs {
+        url: s.url.clone(),
+        ca: Some(ctl.ca.clone()),
+        token: None,
+        client_cert: Some(ctl.cert.clone()),
+        client_key: Some(ctl.key.clone()),
+    })
+    .expect("API client")
+}

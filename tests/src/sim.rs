@@ -25,8 +25,7 @@ use std::task::{Context, Poll};
 
 use ferry_proto::v1::{self, agent_server::Agent, agent_server::AgentServer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::server::TlsStream;
+use tokio::net::TcpListener;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Connected;
@@ -69,6 +68,10 @@ pub struct Counters {
     pub refused: AtomicU64,
     /// Peer asks refused because the peer served [`PEER_UPLOADS`] hosts already.
     pub busy: AtomicU64,
+    /// Connections the agents dialed to a `ferry serve` ([`SimFleet::dial`]) that it took.
+    pub dialed: AtomicU64,
+    /// Dials that failed (refused, nothing listening, handshake).
+    pub dial_failures: AtomicU64,
 }
 
 /// A release as the agents keep it: its manifest and its chunks (hash → length).
@@ -128,6 +131,10 @@ pub struct SimFleet {
     /// Each agent's inventory name and address, in order.
     pub hosts: Vec<(String, SocketAddr)>,
     pub counters: Arc<Counters>,
+    /// Each agent's certificate files (for dialing out).
+    files: Vec<ferry_agent::config::TlsFiles>,
+    /// Where connections go to be served (accepted and dialed alike).
+    to_serve: tokio::sync::mpsc::Sender<Conn>,
     stop: CancellationToken,
 }
 
@@ -136,8 +143,10 @@ pub struct SimFleet {
 struct AgentIndex(usize);
 
 struct Conn {
-    inner: TlsStream<TcpStream>,
+    inner: Box<dyn ferry_agent::server::Io>,
     agent: usize,
+    /// For a connection an agent dialed: dropped with it, which tells the agent to dial again.
+    _closed: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl Connected for Conn {
@@ -186,6 +195,7 @@ impl SimFleet {
             }
         }
         let mut configs = Vec::with_capacity(n);
+        let mut all_files = Vec::with_capacity(n);
         let mut hosts = Vec::with_capacity(n);
         for (i, addr) in addrs.iter().enumerate() {
             let name = format!("sim-{:05}", i + 1);
@@ -193,6 +203,7 @@ impl SimFleet {
             let tls = ferry_agent::config::TlsFiles { ca: files.ca, cert: files.cert, key: files.key, revoked: None };
             let config = ferry_agent::tls::server_config(&tls).map_err(|e| format!("{name}: {e}"))?;
             configs.push(tokio_rustls::TlsAcceptor::from(config));
+            all_files.push(tls);
             hosts.push((name, *addr));
         }
         let counters = Arc::new(Counters::default());
@@ -230,7 +241,22 @@ impl SimFleet {
                 eprintln!("simulated agents: {e}");
             }
         });
-        Ok(SimFleet { sim, hosts, counters, stop })
+        Ok(SimFleet { sim, hosts, counters, files: all_files, to_serve: tx, stop })
+    }
+
+    /// Every agent also dials `server` (a `ferry serve`'s `dial_in_listen`, whose certificate
+    /// names its IP) from its own address, keeps the connection, and dials again when it ends,
+    /// waiting as a real agent does ([`ferry_agent::dial::retry_wait`]).
+    pub fn dial(&self, server: SocketAddr) -> Result<(), String> {
+        let target = ferry_agent::dial::Target { host: server.ip().to_string(), port: server.port() };
+        for (i, files) in self.files.iter().enumerate() {
+            let config = ferry_agent::dial::client_config(files, &target)?;
+            // From a loopback address of its own (all of 127/8 is local), as a host would.
+            let source = shared_address(i);
+            let (sim, to_serve, stop) = (self.sim.clone(), self.to_serve.clone(), self.stop.clone());
+            tokio::spawn(dial_loop(sim, i, config, (source, server), to_serve, stop));
+        }
+        Ok(())
     }
 
     /// The release `current` points at on agent `i` ("" before the first).
@@ -280,7 +306,7 @@ async fn accept(
             match tokio::time::timeout(std::time::Duration::from_secs(30), acceptor.accept(tcp)).await {
                 Ok(Ok(inner)) => {
                     counters.connections.fetch_add(1, Ordering::Relaxed);
-                    let _ = tx.send(Conn { inner, agent }).await;
+                    let _ = tx.send(Conn { inner: Box::new(inner), agent, _closed: None }).await;
                 }
                 _ => {
                     counters.refused.fetch_add(1, Ordering::Relaxed);
@@ -288,6 +314,65 @@ async fn accept(
             }
         });
     }
+}
+
+/// Agent `agent`'s connection to `server`, from `source`, kept up until `stop`.
+async fn dial_loop(
+    sim: Arc<Sim>,
+    agent: usize,
+    config: Arc<rustls::ClientConfig>,
+    (source, server): (Ipv4Addr, SocketAddr),
+    to_serve: tokio::sync::mpsc::Sender<Conn>,
+    stop: CancellationToken,
+) {
+    use ferry_agent::dial::retry_wait;
+    let counters = sim.counters.clone();
+    let mut failures = 0u32;
+    let mut wait = retry_wait(0, fastrand::f64()) / 4;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        match dial_once(&config, source, server).await {
+            Ok(stream) => {
+                counters.dialed.fetch_add(1, Ordering::Relaxed);
+                failures = 0;
+                let (closed, ended) = tokio::sync::oneshot::channel();
+                if to_serve.send(Conn { inner: Box::new(stream), agent, _closed: Some(closed) }).await.is_err() {
+                    return;
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = ended => {}
+                }
+            }
+            Err(_) => {
+                counters.dial_failures.fetch_add(1, Ordering::Relaxed);
+                failures = failures.saturating_add(1);
+            }
+        }
+        wait = retry_wait(failures, fastrand::f64());
+    }
+}
+
+/// TCP from `source`, mTLS as the client, and the server's first bytes (its verdict on us).
+async fn dial_once(
+    config: &Arc<rustls::ClientConfig>,
+    source: Ipv4Addr,
+    server: SocketAddr,
+) -> Result<impl ferry_agent::server::Io + 'static, String> {
+    let socket = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
+    socket.bind(SocketAddr::from((source, 0))).map_err(|e| format!("bind {source}: {e}"))?;
+    let tcp = socket.connect(server).await.map_err(|e| format!("connect {server}: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    let name = rustls::pki_types::ServerName::from(server.ip());
+    let limit = std::time::Duration::from_secs(30);
+    let tls = tokio::time::timeout(limit, tokio_rustls::TlsConnector::from(config.clone()).connect(name, tcp))
+        .await
+        .map_err(|_| "handshake timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    ferry_proto::first_bytes::first_bytes(tls, limit).await.map_err(|e| e.to_string())
 }
 
 struct Service(Arc<Sim>);

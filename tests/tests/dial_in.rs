@@ -6,51 +6,13 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ferry_coordinator::cli::api_client::{Remote, RemoteArgs};
+use ferry_coordinator::cli::api_client::Remote;
 use ferry_coordinator::config::FleetConfig;
 use ferry_proto::identity::Role;
 use ferry_tests::agents::TestAgent;
 use ferry_tests::pki::{CertFiles, TestPki};
+use ferry_tests::serve::{free_port, remote, serve};
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
-
-/// A free loopback port (bound and released: the server binds it right after).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
-}
-
-struct Serve {
-    url: String,
-    dial_in: String,
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
-}
-
-/// `ferry serve` in this process, with fleet.toml `config`.
-async fn serve(config: &FleetConfig, ctl: &CertFiles) -> Serve {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let stop = CancellationToken::new();
-    let (config, tls, token) = (config.clone(), ctl.client_tls(), stop.clone());
-    let dial_in = config.server.dial_in_listen.clone().expect("dial_in_listen");
-    let task = tokio::spawn(async move {
-        let ready = move |addr| {
-            let _ = tx.send(addr);
-        };
-        if let Err(e) = ferry_coordinator::server::serve(config, tls, ready, token, None).await {
-            eprintln!("ferry serve failed: {e:#}");
-        }
-    });
-    let addr: std::net::SocketAddr =
-        tokio::time::timeout(Duration::from_secs(10), rx).await.expect("ready").expect("up");
-    Serve { url: format!("https://127.0.0.1:{}", addr.port()), dial_in, stop, task }
-}
-
-impl Serve {
-    async fn stop(self) {
-        self.stop.cancel();
-        let _ = self.task.await;
-    }
-}
 
 fn fleet_toml(dir: &Path, ctl: &CertFiles, hosts: &str, api: u16, dial_in: u16) -> FleetConfig {
     let text = format!(
@@ -80,17 +42,6 @@ hosts = {{ {hosts} }}
     let path = dir.join("fleet.toml");
     std::fs::write(&path, &text).expect("write fleet.toml");
     FleetConfig::from_toml(&path, &text).unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn remote(s: &Serve, ctl: &CertFiles) -> Remote {
-    Remote::new(&RemoteArgs {
-        url: s.url.clone(),
-        ca: Some(ctl.ca.clone()),
-        token: None,
-        client_cert: Some(ctl.cert.clone()),
-        client_key: Some(ctl.key.clone()),
-    })
-    .expect("API client")
 }
 
 async fn status(api: &Remote) -> Value {

@@ -115,3 +115,60 @@ async fn simulated_agents_take_real_deployments_and_count_what_the_coordinator_s
         assert!(h.to_string().contains(release), "{h} runs {release}");
     }
 }
+
+/// `ferry serve`'s status of the `test` environment until every host is reachable (10 s).
+async fn all_reachable(api: &ferry_coordinator::cli::api_client::Remote) -> serde_json::Value {
+    let mut last = serde_json::Value::Null;
+    for _ in 0..100 {
+        last = api.call("GET", "/api/v1/environments/test/status", None).await.expect("status");
+        if last["hosts"].as_array().is_some_and(|h| h.len() == AGENTS && h.iter().all(|h| h["reachable"] == true)) {
+            return last;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("not every simulated agent dialed in: {last:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulated_agents_dial_in_to_ferry_serve_and_dial_again_after_it_restarts() {
+    use ferry_tests::serve::{free_port, remote, serve};
+    let pki = TestPki::new();
+    let ctl = pki.issue("ferry", Role::Coordinator, &["127.0.0.1"]);
+    let sim = SimFleet::start(&pki, AGENTS, "web", Listen::Ports).await.expect("start the simulated agents");
+    let work = tempfile::tempdir().expect("work dir");
+    let dir = work.path();
+    let dial_in = free_port();
+    let hosts: Vec<String> = sim.hosts.iter().map(|(n, _)| format!("{n} = \"dial-in\"")).collect();
+    let text = format!(
+        "registry = \"{d}/registry.db\"\n[app]\nname = \"web\"\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\
+         [server]\nlisten = \"127.0.0.1:{}\"\ndial_in_listen = \"127.0.0.1:{dial_in}\"\naudit_log = \"{d}/api-audit.log\"\n\
+         [environments.test]\nhosts = {{ {} }}\n",
+        ctl.ca.display(),
+        ctl.cert.display(),
+        ctl.key.display(),
+        free_port(),
+        hosts.join(", "),
+        d = dir.display(),
+    );
+    let path = dir.join("fleet.toml");
+    std::fs::write(&path, &text).expect("fleet.toml");
+    let config = ferry_coordinator::config::FleetConfig::from_toml(&path, &text).expect("valid fleet.toml");
+
+    let s = serve(&config, &ctl).await;
+    sim.dial(format!("127.0.0.1:{dial_in}").parse().expect("address")).expect("dial");
+    let report = all_reachable(&remote(&s, &ctl)).await;
+    // Each from its own address, as the server sees it.
+    for (i, h) in report["hosts"].as_array().expect("hosts").iter().enumerate() {
+        let from = h["dial_in"]["addr"].as_str().unwrap_or_default();
+        assert!(from.starts_with(&format!("{}:", ferry_tests::sim::shared_address(i))), "{h}");
+    }
+    let dialed = sim.counters.dialed.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(dialed, AGENTS as u64, "one connection each");
+    s.stop().await;
+
+    // Restarted: every agent dials again, by itself.
+    let s = serve(&config, &ctl).await;
+    all_reachable(&remote(&s, &ctl)).await;
+    assert!(sim.counters.dialed.load(std::sync::atomic::Ordering::Relaxed) >= 2 * AGENTS as u64);
+    s.stop().await;
+}
