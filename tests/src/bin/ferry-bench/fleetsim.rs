@@ -22,7 +22,7 @@ use super::median;
 const PORT: u16 = 7443;
 
 /// Moves this process (still single-threaded) into a network namespace of its own, loopback up.
-fn private_network() -> Result<(), String> {
+pub(super) fn private_network() -> Result<(), String> {
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
         .map_err(|e| format!("cannot make a network namespace (fleet-sim needs root): {e}"))?;
     let out = Command::new("ip").args(["link", "set", "lo", "up"]).output().map_err(|e| format!("ip: {e}"))?;
@@ -52,7 +52,7 @@ pub fn bench_fleet_sim(sizes: &[usize], mb: u64, hold: bool) -> Result<(), Strin
 }
 
 /// One run of the release `ferry`: wall seconds, peak RSS in MiB, stdout; fails unless it exits 0.
-async fn ferry(dir: &Path, args: Vec<String>) -> Result<(f64, f64, Vec<u8>), String> {
+pub(super) async fn ferry(dir: &Path, args: Vec<String>) -> Result<(f64, f64, Vec<u8>), String> {
     tokio::task::spawn_blocking(move || -> Result<(f64, f64, Vec<u8>), String> {
         let t = Instant::now();
         let mut child = Command::new(ferry_tests::bin("ferry"))
@@ -115,7 +115,7 @@ fn vm_hwm(status: &str) -> Option<u64> {
 }
 
 /// fleet.toml `name`: `top` before the tables, `env` in the environment's.
-fn fleet_toml(
+pub(super) fn fleet_toml(
     dir: &Path,
     sim: &SimFleet,
     coordinator: &CertFiles,

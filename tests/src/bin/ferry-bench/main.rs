@@ -20,6 +20,11 @@
 //! all-at-once and rolling 10 % with peer fetch on and off (see `fleetsim.rs`). Run by
 //! `benches/fleet-sim.sh`.
 //!
+//! `ferry-bench dial-in [--agents 1000,10000]`: the same simulated agents dialed by `ferry
+//! status`, then dialing in to a `ferry serve`: status through their connections, the server's
+//! memory per connected agent, and the reconnect storm after a restart (see `dialin.rs`). Run by
+//! `benches/dial-in.sh`.
+//!
 //! `ferry-bench gates`: how long after a failing batch its rollback starts, on 3 hosts with a real
 //! Prometheus scraping the demo app: a release with 10 % errors against an error-rate gate
 //! (rolling batch 1, auto_rollback), per measurement interval. Run by `benches/gates.sh`.
@@ -38,6 +43,7 @@ use std::time::Instant;
 use ferry_tests::demo_app::{self, Variant};
 use ferry_tests::fleet::{self, Fleet};
 
+mod dialin;
 mod fanout;
 mod fleetsim;
 mod registry;
@@ -73,16 +79,18 @@ fn main() -> ExitCode {
                 mbit = Some(u32::try_from(v).unwrap_or(u32::MAX));
                 it.next();
             }
-            ("rollout" | "api" | "engine" | "gates" | "registry" | "fanout" | "fleet-sim", _) => cmd = Some(a),
+            ("rollout" | "api" | "engine" | "gates" | "registry" | "fanout" | "fleet-sim" | "dial-in", _) => {
+                cmd = Some(a)
+            }
             _ => return usage(),
         }
     }
     let Some(cmd) = cmd else { return usage() };
-    if cmd == "engine" || cmd == "fleet-sim" {
-        let run = if cmd == "engine" {
-            bench_engine(&sizes)
-        } else {
-            fleetsim::bench_fleet_sim(&sizes, mb.unwrap_or(10), hold)
+    if cmd == "engine" || cmd == "fleet-sim" || cmd == "dial-in" {
+        let run = match cmd {
+            "engine" => bench_engine(&sizes),
+            "dial-in" => dialin::bench_dial_in(&sizes),
+            _ => fleetsim::bench_fleet_sim(&sizes, mb.unwrap_or(10), hold),
         };
         return match run {
             Ok(()) => ExitCode::SUCCESS,
@@ -116,7 +124,7 @@ fn main() -> ExitCode {
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: ferry-bench rollout [--mb 50] [--mbit 200] | ferry-bench api [--mb 50] | ferry-bench engine [--hosts 1000,10000] | ferry-bench gates | ferry-bench registry | ferry-bench fanout [--mb 50] [--mbit 50] | ferry-bench fleet-sim [--agents 1000,10000] [--mb 10] [--hold]"
+        "usage: ferry-bench rollout [--mb 50] [--mbit 200] | ferry-bench api [--mb 50] | ferry-bench engine [--hosts 1000,10000] | ferry-bench gates | ferry-bench registry | ferry-bench fanout [--mb 50] [--mbit 50] | ferry-bench fleet-sim [--agents 1000,10000] [--mb 10] [--hold] | ferry-bench dial-in [--agents 1000,10000]"
     );
     ExitCode::from(2)
 }
