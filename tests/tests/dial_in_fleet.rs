@@ -165,3 +165,131 @@ fn hosts_behind_a_closed_port_are_deployed_rolled_back_and_watched_through_their
     assert_eq!(out.status.code(), Some(0), "{}", text_of(&out));
     assert_eq!(fleet.versions(), ["3", "3", "3"]);
 }
+
+/// The agents dial both servers of an active/standby pair on one PostgreSQL registry: only the
+/// leader sends them commands. The leader is killed (kill -9) while a host activates; the
+/// standby takes the lease with the next epoch and finishes the rollout over the connections the
+/// agents already hold to it, and the hosts it touched follow its epoch.
+#[test]
+fn agents_dialing_both_servers_let_the_standby_finish_when_the_leader_dies() {
+    use ferry_tests::postgres::FleetPg;
+    use ferry_tests::serve::{Proc, Server as At, role_at, serve_in, server_toml};
+    let fleet = fleet_or_skip!(3);
+    let pg = match FleetPg::start(&fleet) {
+        Ok(pg) => pg,
+        Err(why) => return ferry_tests::fleet::skip_unless_ci(&why, "the dial-in failover test"),
+    };
+    let ctl = CTL_IP.to_string();
+    let hosts: Vec<String> = fleet.hosts.iter().map(|h| format!("{} = \"dial-in\"", h.name)).collect();
+    let config = |name: &str, port: u16, dial_in: u16| {
+        let at = At { name, ip: &ctl, port, registry: &pg.url, lease: "2s" };
+        let path = server_toml(&fleet, &at, "strategy = \"rolling\"\nbatch = 1\n");
+        let text = std::fs::read_to_string(&path).expect("read");
+        let (head, rest) = text.split_once("[environments.test]\nhosts = {").expect("an environment");
+        let (_, rest) = rest.split_once('}').expect("hosts");
+        let text = format!("{head}[environments.test]\nhosts = {{ {} }}{rest}", hosts.join(", ")).replacen(
+            "[server]\n",
+            &format!("[server]\ndial_in_listen = \"{ctl}:{dial_in}\"\n"),
+            1,
+        );
+        std::fs::write(&path, text).expect("write");
+        path.to_string_lossy().into_owned()
+    };
+    let (a_toml, b_toml) = (config("a", 18443, 7444), config("b", 18444, 7445));
+    for h in &fleet.hosts {
+        fleet.close_port(&h.name, AGENT_PORT);
+        let path = h.dir.join("etc/ferry/agent.toml");
+        let text = std::fs::read_to_string(&path).expect("agent.toml");
+        std::fs::write(&path, format!("connect = [\"{ctl}:7444\", \"{ctl}:7445\"]\n{text}")).expect("agent.toml");
+        h.systemctl(&["restart", "ferry-agent.service"]).unwrap_or_else(|e| panic!("{}: {e}", h.name));
+    }
+    let mut a = serve_in(&fleet, &fleet.ctl_ns, std::path::Path::new(&a_toml), "a");
+    let leads = poll(Duration::from_secs(20), || role_at(&fleet, &ctl, 18443).filter(|(r, _)| r == "leader"));
+    let (_, epoch) = leads.unwrap_or_else(|| panic!("a never led: {:?}", role_at(&fleet, &ctl, 18443)));
+    let _b = serve_in(&fleet, &fleet.ctl_ns, std::path::Path::new(&b_toml), "b");
+    let ca = fleet.coordinator.ca.to_string_lossy().into_owned();
+    let through = |port: u16, args: &[&str]| {
+        let url = format!("https://{ctl}:{port}");
+        let mut all = vec!["--server", &url, "--server-ca", &ca, "--token", ferry_tests::serve::TOKEN];
+        all.extend_from_slice(args);
+        fleet.ferry(&all)
+    };
+    // Both servers see every agent.
+    for port in [18443, 18444] {
+        let connected = poll(Duration::from_secs(30), || {
+            let out = through(port, &["status", "--env", "test", "--output", "json"]);
+            let r: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            r["hosts"].as_array().filter(|h| h.len() == 3 && h.iter().all(up)).map(|_| ())
+        });
+        assert!(connected.is_some(), "not every agent dialed the server on {port}");
+    }
+    let v1 = release(&fleet, "1", Variant::Healthy);
+    let out = through(18443, &["deploy", "--env", "test", "--artifact", &v1, "--version", "1"]);
+    assert!(out.status.success(), "{}", text_of(&out));
+
+    // v2 starts slowly (3 s before it listens): a is killed once web-1 is healthy on it.
+    let v2 = fleet.dir.join("demo-2");
+    demo_app::write_release(&v2, "2", Variant::SlowStart(3000)).expect("release");
+    let art = v2.to_string_lossy().into_owned();
+    let url = format!("https://{ctl}:18443");
+    let _client = Proc(fleet.spawn_ferry(
+        &[
+            "--server",
+            &url,
+            "--server-ca",
+            &ca,
+            "--token",
+            ferry_tests::serve::TOKEN,
+            "deploy",
+            "--env",
+            "test",
+            "--artifact",
+            &art,
+            "--version",
+            "2",
+        ],
+        &fleet.dir.join("client.log"),
+    ));
+    let first = poll(Duration::from_secs(60), || {
+        let audit = fleet.hosts[0].exec(&["cat", "/var/lib/ferry/audit.log"]).ok()?;
+        String::from_utf8_lossy(&audit.stdout)
+            .lines()
+            .any(|l| {
+                l.contains("\"Activate\"") && l.contains("\"version\":\"2\"") && l.contains("\"result\":\"healthy\"")
+            })
+            .then_some(())
+    });
+    assert!(
+        first.is_some(),
+        "web-1 never ran 2: {}",
+        std::fs::read_to_string(fleet.dir.join("client.log")).unwrap_or_default()
+    );
+    a.kill9();
+
+    let all = poll(Duration::from_secs(120), || (fleet.versions() == ["2", "2", "2"]).then_some(()));
+    assert!(
+        all.is_some(),
+        "the standby did not finish: {:?}\n{}",
+        fleet.versions(),
+        std::fs::read_to_string(fleet.dir.join("b-serve.log")).unwrap_or_default()
+    );
+    let (r, b_epoch) = role_at(&fleet, &ctl, 18444).expect("b answers");
+    assert_eq!((r.as_str(), b_epoch), ("leader", epoch + 1));
+    let done = poll(Duration::from_secs(60), || {
+        let out = through(18444, &["history", "--env", "test", "--output", "json", "--limit", "1"]);
+        let h: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        (h[0]["status"] == "succeeded").then_some(h)
+    });
+    assert!(done.is_some(), "{}", text_of(&through(18444, &["history", "--env", "test"])));
+    for h in &fleet.hosts {
+        let audit = h.exec(&["cat", "/var/lib/ferry/audit.log"]).expect("audit");
+        let healthy = String::from_utf8_lossy(&audit.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|e| e["rpc"] == "Activate" && e["version"] == "2" && e["result"] == "healthy")
+            .count();
+        assert_eq!(healthy, 1, "{}: {}", h.name, String::from_utf8_lossy(&audit.stdout));
+    }
+    let followed = fleet.hosts[2].exec(&["cat", "/var/lib/ferry/epoch"]).expect("epoch");
+    assert_eq!(String::from_utf8_lossy(&followed.stdout).trim(), (epoch + 1).to_string());
+}
