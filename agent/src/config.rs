@@ -16,6 +16,52 @@ use std::time::Duration;
 use ferry_proto::config_file::{self, ConfigError, Problem};
 use serde::Deserialize;
 
+/// A `ferry serve` to dial: `host:port` as written in agent.toml.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DialTarget {
+    pub host: String,
+    pub port: u16,
+}
+
+impl DialTarget {
+    /// `host:port`, `[v6]:port`, or either with `https://` before it.
+    pub fn parse(s: &str) -> Result<DialTarget, String> {
+        let rest = s.strip_prefix("https://").unwrap_or(s);
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        if rest.contains('/') || rest.contains("://") {
+            return Err(format!(
+                "{s:?}: expected host:port (the `ferry serve` agent port), e.g. \"deploy.example.com:7444\""
+            ));
+        }
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((h, p)) if !h.is_empty() && (h.starts_with('[') || !h.contains(':')) => (h, p),
+            _ => return Err(format!("{s:?}: no port (write host:port, e.g. \"deploy.example.com:7444\")")),
+        };
+        let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+        let port: u16 = port.parse().map_err(|_| format!("{s:?}: {port:?} is not a port"))?;
+        if port == 0 {
+            return Err(format!("{s:?}: port 0"));
+        }
+        rustls::pki_types::ServerName::try_from(host.to_string())
+            .map_err(|e| format!("{s:?}: {host:?} is not a host name: {e}"))?;
+        Ok(DialTarget { host: host.to_string(), port })
+    }
+
+    pub fn endpoint(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl std::fmt::Display for DialTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.endpoint())
+    }
+}
+
 /// Where the packaged agent looks for its config.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/ferry/agent.toml";
 
@@ -28,7 +74,7 @@ pub struct AgentConfig {
     pub listen: Option<SocketAddr>,
     /// The `ferry serve` instances this agent dials itself (their `dial_in_listen`, `host:port`
     /// each), for hosts a coordinator cannot reach; commands come over those connections as
-    /// they come to `listen` ([`crate::dial`]).
+    /// they come to `listen` (the `dial` module).
     #[serde(default)]
     pub connect: Vec<String>,
     /// Root of the release stores: `<data_dir>/apps/<app>/…`.
@@ -196,8 +242,8 @@ impl AgentConfig {
     }
 
     /// The servers of `connect` (validated at load).
-    pub fn connect_targets(&self) -> Vec<crate::dial::Target> {
-        self.connect.iter().filter_map(|s| crate::dial::Target::parse(s).ok()).collect()
+    pub fn connect_targets(&self) -> Vec<DialTarget> {
+        self.connect.iter().filter_map(|s| DialTarget::parse(s).ok()).collect()
     }
 
     /// Every semantic problem of the config, so the operator fixes them in one go.
@@ -211,7 +257,7 @@ impl AgentConfig {
         }
         let mut targets = Vec::new();
         for (i, c) in self.connect.iter().enumerate() {
-            match crate::dial::Target::parse(c) {
+            match DialTarget::parse(c) {
                 Ok(t) if targets.contains(&t) => {
                     p.push(Problem::new(format!("connect[{i}]"), format!("{c:?} is listed twice")))
                 }
@@ -417,6 +463,20 @@ units = ["web.service", "web-worker@1.service"]
         assert!(err.contains("audit.path: audit.log must be an absolute file path"), "{err}");
         assert!(err.contains("audit.max_bytes: must be at least"), "{err}");
         assert!(err.contains("audit.keep: must be at least 1"), "{err}");
+    }
+
+    #[test]
+    fn targets_parse_with_a_port_and_refuse_without() {
+        assert_eq!(
+            DialTarget::parse("deploy.example.com:7444"),
+            Ok(DialTarget { host: "deploy.example.com".into(), port: 7444 })
+        );
+        assert_eq!(DialTarget::parse("https://10.0.0.5:7444/"), Ok(DialTarget { host: "10.0.0.5".into(), port: 7444 }));
+        assert_eq!(DialTarget::parse("[fd00::5]:7444"), Ok(DialTarget { host: "fd00::5".into(), port: 7444 }));
+        assert_eq!(DialTarget::parse("[fd00::5]:7444").map(|t| t.to_string()), Ok("[fd00::5]:7444".into()));
+        for bad in ["deploy.example.com", "fd00::5", "h:0", "h:x", "https://h:1/api", ":7444", "http://h:1"] {
+            assert!(DialTarget::parse(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

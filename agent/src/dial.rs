@@ -26,8 +26,8 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+pub use crate::config::DialTarget as Target;
 use crate::config::TlsFiles;
-use crate::server::AuthenticatedConn;
 use crate::service::PeerInfo;
 use crate::telemetry::Telemetry;
 
@@ -41,49 +41,17 @@ const STABLE: Duration = Duration::from_secs(30);
 /// TCP connect and TLS handshake, each.
 const CONNECT: Duration = Duration::from_secs(10);
 
-/// A `ferry serve` to dial: `host:port` as written in agent.toml.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Target {
-    pub host: String,
-    pub port: u16,
-}
+/// A byte stream the gRPC server can serve.
+pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
 
-impl Target {
-    /// `host:port`, `[v6]:port`, or either with `https://` before it.
-    pub fn parse(s: &str) -> Result<Target, String> {
-        let rest = s.strip_prefix("https://").unwrap_or(s);
-        let rest = rest.strip_suffix('/').unwrap_or(rest);
-        if rest.contains('/') || rest.contains("://") {
-            return Err(format!(
-                "{s:?}: expected host:port (the `ferry serve` agent port), e.g. \"deploy.example.com:7444\""
-            ));
-        }
-        let (host, port) = match rest.rsplit_once(':') {
-            Some((h, p)) if !h.is_empty() && (h.starts_with('[') || !h.contains(':')) => (h, p),
-            _ => return Err(format!("{s:?}: no port (write host:port, e.g. \"deploy.example.com:7444\")")),
-        };
-        let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
-        let port: u16 = port.parse().map_err(|_| format!("{s:?}: {port:?} is not a port"))?;
-        if port == 0 {
-            return Err(format!("{s:?}: port 0"));
-        }
-        ServerName::try_from(host.to_string()).map_err(|e| format!("{s:?}: {host:?} is not a host name: {e}"))?;
-        Ok(Target { host: host.to_string(), port })
-    }
-
-    fn endpoint(&self) -> String {
-        if self.host.contains(':') {
-            format!("[{}]:{}", self.host, self.port)
-        } else {
-            format!("{}:{}", self.host, self.port)
-        }
-    }
-}
-
-impl std::fmt::Display for Target {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.endpoint())
-    }
+/// A connection dialed and authenticated, for the server to serve.
+pub struct Dialed {
+    pub stream: Box<dyn Io>,
+    /// The server, as its certificate says.
+    pub peer: PeerInfo,
+    /// Dropped once the server has finished with the connection: the dialer dials again.
+    pub closed: oneshot::Sender<()>,
 }
 
 /// How long to wait before dial number `failures + 1`: random, up to a bound that doubles with
@@ -93,12 +61,12 @@ pub fn retry_wait(failures: u32, unit: f64) -> Duration {
     bound.mul_f64(unit.clamp(0.0, 1.0))
 }
 
-/// Keeps a connection to `target` open until `stop`, handing each one to the server's incoming
-/// queue `to_serve` and dialing again once it has closed.
+/// Keeps a connection to `target` open until `stop`, handing each one to `to_serve` and dialing
+/// again once it has closed.
 pub async fn keep_connected(
     target: Target,
     files: TlsFiles,
-    to_serve: mpsc::Sender<AuthenticatedConn>,
+    to_serve: mpsc::Sender<Dialed>,
     telemetry: Arc<Telemetry>,
     stop: CancellationToken,
 ) {
@@ -115,7 +83,7 @@ pub async fn keep_connected(
                 tracing::info!(server = %target, peer = %peer.addr, name = peer.name, "connected to ferry serve");
                 let (closed_tx, closed_rx) = oneshot::channel();
                 let up = std::time::Instant::now();
-                if to_serve.send(AuthenticatedConn::dialed(stream, peer, closed_tx)).await.is_err() {
+                if to_serve.send(Dialed { stream: Box::new(stream), peer, closed: closed_tx }).await.is_err() {
                     return;
                 }
                 tokio::select! {
@@ -162,7 +130,7 @@ fn net(message: String) -> DialError {
 }
 
 /// TCP, then TLS as the client with this host's agent certificate, checking the server's.
-async fn dial(target: &Target, files: &TlsFiles) -> Result<(impl crate::server::Io + 'static, PeerInfo), DialError> {
+async fn dial(target: &Target, files: &TlsFiles) -> Result<(impl Io + 'static, PeerInfo), DialError> {
     let config = client_config(files, target).map_err(|e| net(format!("TLS setup: {e}")))?;
     let name = ServerName::try_from(target.host.clone()).map_err(|e| net(format!("{}: {e}", target.host)))?;
     let tcp = tokio::time::timeout(CONNECT, TcpStream::connect(target.endpoint()))
@@ -334,20 +302,6 @@ impl ServerCertVerifier for ServerOnly {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn targets_parse_with_a_port_and_refuse_without() {
-        assert_eq!(
-            Target::parse("deploy.example.com:7444"),
-            Ok(Target { host: "deploy.example.com".into(), port: 7444 })
-        );
-        assert_eq!(Target::parse("https://10.0.0.5:7444/"), Ok(Target { host: "10.0.0.5".into(), port: 7444 }));
-        assert_eq!(Target::parse("[fd00::5]:7444"), Ok(Target { host: "fd00::5".into(), port: 7444 }));
-        assert_eq!(Target::parse("[fd00::5]:7444").map(|t| t.to_string()), Ok("[fd00::5]:7444".into()));
-        for bad in ["deploy.example.com", "fd00::5", "h:0", "h:x", "https://h:1/api", ":7444", "http://h:1"] {
-            assert!(Target::parse(bad).is_err(), "{bad:?}");
-        }
-    }
 
     #[test]
     fn waits_are_random_up_to_a_bound_that_doubles_to_a_ceiling() {

@@ -32,7 +32,7 @@ use crate::telemetry::{Serving, Telemetry};
 use crate::tls::{self, TlsError};
 
 /// A connection whose TLS handshake (and so certificate check) has completed: one a coordinator
-/// opened to `listen`, or one this agent dialed to a `ferry serve` ([`crate::dial`]).
+/// opened to `listen`, or one this agent dialed to a `ferry serve` (`crate::dial`).
 pub struct AuthenticatedConn {
     inner: Box<dyn Io>,
     peer: PeerInfo,
@@ -40,22 +40,16 @@ pub struct AuthenticatedConn {
     _closed: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
-/// A byte stream the gRPC server can serve.
-pub trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+pub use crate::dial::Io;
 
 impl AuthenticatedConn {
     fn accepted(stream: TlsStream<TcpStream>, peer: PeerInfo) -> AuthenticatedConn {
         AuthenticatedConn { inner: Box::new(stream), peer, _closed: None }
     }
 
-    /// A connection this agent dialed; `closed` is dropped when the server has finished with it.
-    pub fn dialed(
-        stream: impl Io + 'static,
-        peer: PeerInfo,
-        closed: tokio::sync::oneshot::Sender<()>,
-    ) -> AuthenticatedConn {
-        AuthenticatedConn { inner: Box::new(stream), peer, _closed: Some(closed) }
+    /// A connection this agent dialed; its `closed` is dropped when it has been served.
+    pub fn dialed(d: crate::dial::Dialed) -> AuthenticatedConn {
+        AuthenticatedConn { inner: d.stream, peer: d.peer, _closed: Some(d.closed) }
     }
 }
 
@@ -227,11 +221,21 @@ impl Server {
         let (tx, rx) = mpsc::channel::<AuthenticatedConn>(64);
         // Dialing out: one task per `ferry serve`, each keeping a connection open.
         let dialers = TaskTracker::new();
+        let (dialed_tx, mut dialed) = mpsc::channel::<crate::dial::Dialed>(8);
         for target in config.connect_targets() {
             let (files, to_serve, telemetry, stop) =
-                (config.tls.clone(), tx.clone(), telemetry.clone(), shutdown.child_token());
+                (config.tls.clone(), dialed_tx.clone(), telemetry.clone(), shutdown.child_token());
             dialers.spawn(crate::dial::keep_connected(target, files, to_serve, telemetry, stop));
         }
+        drop(dialed_tx);
+        let to_serve = tx.clone();
+        dialers.spawn(async move {
+            while let Some(d) = dialed.recv().await {
+                if to_serve.send(AuthenticatedConn::dialed(d)).await.is_err() {
+                    break;
+                }
+            }
+        });
         dialers.close();
         // Holds the incoming stream open until tonic returns: if it ended when the accept loop
         // stops, tonic could finish without running its graceful shutdown (and STOPPING=1).

@@ -1009,7 +1009,7 @@ pub struct Host {
 impl Host {
     /// Whether the host dials `ferry serve` instead of being dialed (`"dial-in"`).
     pub fn dials_in(&self) -> bool {
-        self.address == crate::dialin::DIAL_IN
+        self.address == DIAL_IN
     }
 
     /// `address:port`, bracketing IPv6 literals; `dial-in` for a host that dials in.
@@ -1024,10 +1024,14 @@ impl Host {
     }
 }
 
+/// The inventory address of a host that dials `ferry serve` instead of being dialed
+/// (agent.toml `connect`).
+pub const DIAL_IN: &str = "dial-in";
+
 /// Splits an inventory address: `"addr:port"`, `"addr"` (the agent port), `"[v6]:port"` or a
-/// bare IPv6 literal; `"dial-in"` (the host dials `ferry serve`: [`crate::dialin`]) is port 0.
+/// bare IPv6 literal; `"dial-in"` (the host dials `ferry serve`) is port 0.
 pub fn parse_host_address(s: &str) -> Result<(String, u16), String> {
-    if s == crate::dialin::DIAL_IN {
+    if s == DIAL_IN {
         return Ok((s.to_string(), 0));
     }
     parse_host_port(s, ferry_proto::DEFAULT_AGENT_PORT)
@@ -1448,7 +1452,7 @@ impl FleetConfig {
                     p.push(Problem::new(&key, "host names may use letters, digits, '-' and '.'"));
                 }
                 match parse_host_address(addr) {
-                    Ok(a) if a.0 == crate::dialin::DIAL_IN => {
+                    Ok(a) if a.0 == DIAL_IN => {
                         if self.server.dial_in_listen.is_none() {
                             p.push(Problem::new(
                                 &key,

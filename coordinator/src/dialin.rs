@@ -4,7 +4,7 @@
 //!
 //! On such a connection the agent is the TLS client but the HTTP/2 *server*: `ferry serve` sends
 //! the requests, over a tonic channel built on the connection, so every command of the agent
-//! contract runs exactly as when the coordinator dials ([`crate::client::Agent`] over either).
+//! contract runs exactly as when the coordinator dials (the same `Agent` of the client module over either).
 //! [`DialIns`] holds the connected hosts by name; a host that connects again replaces its old
 //! connection, and a connection that ends (HTTP/2 pings unanswered for [`PING_TIMEOUT`], the
 //! agent gone) leaves the table at once, so the host is unreachable, with when it was last seen.
@@ -23,8 +23,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::registry::{now_ms, when};
 
-/// The inventory address of a host that dials in.
-pub const DIAL_IN: &str = "dial-in";
+pub use crate::config::DIAL_IN;
 /// How often `ferry serve` pings a dialed-in agent, and how long a ping may go unanswered: a
 /// host that stops answering is unreachable within both.
 pub const PING_INTERVAL: Duration = Duration::from_secs(3);

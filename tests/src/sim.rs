@@ -143,7 +143,7 @@ pub struct SimFleet {
 struct AgentIndex(usize);
 
 struct Conn {
-    inner: Box<dyn ferry_agent::server::Io>,
+    inner: Box<dyn ferry_agent::dial::Io>,
     agent: usize,
     /// For a connection an agent dialed: dropped with it, which tells the agent to dial again.
     _closed: Option<tokio::sync::oneshot::Sender<()>>,
@@ -248,7 +248,7 @@ impl SimFleet {
     /// names its IP) from its own address, keeps the connection, and dials again when it ends,
     /// waiting as a real agent does ([`ferry_agent::dial::retry_wait`]).
     pub fn dial(&self, server: SocketAddr) -> Result<(), String> {
-        let target = ferry_agent::dial::Target { host: server.ip().to_string(), port: server.port() };
+        let target = ferry_agent::config::DialTarget { host: server.ip().to_string(), port: server.port() };
         for (i, files) in self.files.iter().enumerate() {
             let config = ferry_agent::dial::client_config(files, &target)?;
             // From a loopback address of its own (all of 127/8 is local), as a host would.
@@ -361,7 +361,7 @@ async fn dial_once(
     config: &Arc<rustls::ClientConfig>,
     source: Ipv4Addr,
     server: SocketAddr,
-) -> Result<impl ferry_agent::server::Io + 'static, String> {
+) -> Result<impl ferry_agent::dial::Io + 'static, String> {
     let socket = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
     socket.bind(SocketAddr::from((source, 0))).map_err(|e| format!("bind {source}: {e}"))?;
     let tcp = socket.connect(server).await.map_err(|e| format!("connect {server}: {e}"))?;
