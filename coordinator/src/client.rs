@@ -224,7 +224,7 @@ impl Agent {
             return Err(HostError::new(
                 host,
                 ErrorKind::NotConnected,
-                "dials in to ferry serve (fleet.toml: \"dial-in\"): only the server it connects to can reach it; run this with --server URL",
+                "dials in to ferry serve (fleet.toml: \"dial-in\"): only the server it connects to can reach it; run this with --server URL (the CLI does by itself, to [server] advertise, for deploy, rollback, promote, resume and status)",
             ));
         };
         let channel = dial_ins.channel(&host.name).map_err(|why| HostError::new(host, ErrorKind::NotConnected, why))?;

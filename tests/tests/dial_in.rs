@@ -127,13 +127,38 @@ async fn dialed_in_agents_take_status_deployments_and_rollbacks_through_ferry_se
     assert_eq!(d["status"], "succeeded", "{d:#}");
     assert_eq!(data.iter().map(|d| current(d)).collect::<Vec<_>>(), ["1", "1"]);
 
-    // The CLI on its own cannot reach them, and says where to go.
+    // The engine on its own cannot reach them, and says where to go...
     let here = ferry_coordinator::commands::status::run(&config, "test", &ctl.client_tls()).await.expect("status");
     for h in &here.hosts {
         assert!(!h.reachable);
         let e = h.error.as_deref().unwrap_or_default();
         assert!(e.contains("dials in to ferry serve") && e.contains("--server URL"), "{e}");
     }
+    // ...and the `ferry` CLI goes there by itself ([server] listen, as no advertise is set).
+    let out = tokio::process::Command::new(ferry_tests::bin("ferry"))
+        .args([
+            "status",
+            "--config",
+            &dir.path().join("fleet.toml").to_string_lossy(),
+            "--env",
+            "test",
+            "--output",
+            "json",
+        ])
+        .output()
+        .await
+        .expect("run ferry");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains(&format!(
+            "web-1 and 1 more of environment test dial in to ferry serve: sending this to it at {}",
+            s.url
+        )),
+        "{said}"
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).expect("status as JSON");
+    assert!(report["hosts"].as_array().is_some_and(|h| h.len() == 2 && h.iter().all(up)), "{report:#}");
 
     // An agent that stops is unreachable at once, and the server says since when.
     agents.pop().expect("web-2").stop().await;

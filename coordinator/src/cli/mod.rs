@@ -43,7 +43,8 @@ pub struct Cli {
     pub metrics_file: Option<PathBuf>,
     /// Send the verb to a running `ferry serve` at this URL (https://HOST:PORT) instead of running
     /// the engine here: deploy, rollback, promote, resume, status, history, report and `ferry
-    /// pipeline`. Same output and exit codes.
+    /// pipeline`. Same output and exit codes. Without it, a verb for an environment with hosts
+    /// that dial in goes to fleet.toml's [server] advertise by itself.
     #[arg(long, global = true, value_name = "URL", env = "FERRY_SERVER")]
     pub server: Option<String>,
     /// --server: the CA of the server's certificate (default: fleet.toml's [tls] ca, if there is one).
@@ -436,6 +437,20 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> u8 {
 }
 
 impl Cli {
+    /// Without `--server`, a verb for an environment with hosts that dial in goes to the `ferry
+    /// serve` they connect to ([`remote::dial_in_server`]), and says so on stderr.
+    pub fn route_dial_ins(&mut self) {
+        if self.server.is_none()
+            && remote::handles(&self.command)
+            && let Some((url, why)) = remote::dial_in_server(&self.command)
+        {
+            eprintln!(
+                "ferry: {why}: sending this to it at {url} (fleet.toml [server] advertise; --server URL to choose)"
+            );
+            self.server = Some(url);
+        }
+    }
+
     /// Whether the command stops in steps on a signal (first: finish the hosts in flight; second:
     /// at once): a rollout run here, and `ferry serve`. Every other verb, and a verb sent to a
     /// server, keeps the default: the first signal ends it.

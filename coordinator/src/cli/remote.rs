@@ -122,6 +122,25 @@ pub fn handles(command: &Command) -> bool {
     )
 }
 
+/// Where a verb goes when no `--server` is given but its environment has hosts that dial in
+/// (only the `ferry serve` they connect to can reach them): fleet.toml's `[server] advertise`,
+/// default `https://` + `[server] listen`. With the reason, to say so.
+pub fn dial_in_server(command: &Command) -> Option<(String, String)> {
+    let env = match command {
+        Command::Deploy(a) => &a.env,
+        Command::Rollback(a) => &a.env,
+        Command::Promote(a) | Command::Resume(a) => &a.env,
+        Command::Status(a) => &a.env,
+        _ => return None,
+    };
+    let fleet = crate::config::FleetConfig::load(&config_path(command)).ok()?;
+    let dialing: Vec<String> = fleet.hosts(env).ok()?.into_iter().filter(|h| h.dials_in()).map(|h| h.name).collect();
+    let first = dialing.first()?;
+    let url = fleet.server.advertise.clone().unwrap_or_else(|| format!("https://{}", fleet.server.listen));
+    let others = if dialing.len() > 1 { format!(" and {} more", dialing.len() - 1) } else { String::new() };
+    Some((url, format!("{first}{others} of environment {env} dial in to ferry serve")))
+}
+
 fn config_path(command: &Command) -> PathBuf {
     let given = match command {
         Command::Deploy(a) => Some(&a.config),
