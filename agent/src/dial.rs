@@ -11,8 +11,9 @@
 //!   `tls.revoked`. Anything else is refused before a request is served, logged and audited.
 //! - **One connection per server**, kept open; HTTP/2 pings find a dead one. When it closes, the
 //!   agent dials again after a random wait up to a bound that doubles with each failure (from
-//!   [`FIRST_RETRY`] to [`MAX_RETRY`]: "full jitter"), so thousands of agents that lost their
-//!   server at the same moment do not all come back in the same second.
+//!   [`FIRST_RETRY`] to [`MAX_RETRY`]: "full jitter"; up to 4 s after a connection that had been
+//!   up a while), so thousands of agents that lost their server at the same moment do not all
+//!   come back in the same second.
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,6 +39,9 @@ pub const MAX_RETRY: Duration = Duration::from_secs(30);
 /// A connection that stayed up this long was a good one: the next wait starts from
 /// [`FIRST_RETRY`] again.
 const STABLE: Duration = Duration::from_secs(30);
+/// After a connection that was [`STABLE`] ended, the next dial waits as after this many
+/// failures: random, up to 4 s.
+const AFTER_STABLE: u32 = 2;
 /// TCP connect and TLS handshake, each.
 const CONNECT: Duration = Duration::from_secs(10);
 
@@ -78,20 +82,45 @@ pub async fn keep_connected(
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
         }
-        match dial(&target, &files).await {
-            Ok((stream, peer)) => {
+        let attempt = tokio::select! {
+            // A server that drops packets must not hold a shutdown up for the dial's timeouts.
+            _ = stop.cancelled() => return,
+            attempt = dial(&target, &files) => attempt,
+        };
+        match attempt {
+            Ok((stream, peer, serial)) => {
                 tracing::info!(server = %target, peer = %peer.addr, name = peer.name, "connected to ferry serve");
                 let (closed_tx, closed_rx) = oneshot::channel();
                 let up = std::time::Instant::now();
+                let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let stream = Cuttable { inner: stream, cut: cut.clone() };
+                let (addr, name) = (peer.addr, peer.name.clone());
                 if to_serve.send(Dialed { stream: Box::new(stream), peer, closed: closed_tx }).await.is_err() {
                     return;
                 }
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = closed_rx => {}
+                let mut closed_rx = closed_rx;
+                let mut recheck = tokio::time::interval(RECHECK);
+                recheck.tick().await;
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = &mut closed_rx => break,
+                        _ = recheck.tick() => {
+                            // A server certificate revoked while its connection is up is cut
+                            // (its next read or write fails), as a new one would be refused.
+                            if let Some(why) = revoked_now(&files, &serial) {
+                                tracing::warn!(server = %target, name, "cutting the connection to ferry serve: {why}");
+                                telemetry.refused(addr, &name, "dial_out", &format!("ferry serve at {target}: {why}")).await;
+                                cut.store(true, std::sync::atomic::Ordering::Relaxed);
+                            }
+                        }
+                    }
                 }
+                // A good connection that ended: usually the server restarted or the network
+                // blipped, for every agent at once. The first wait is spread over a few seconds
+                // (not one), so they do not all come back in the same second.
                 if up.elapsed() >= STABLE {
-                    failures = 0;
+                    failures = AFTER_STABLE;
                 }
                 wait = retry_wait(failures, fastrand::f64());
                 tracing::warn!(server = %target, "the connection to ferry serve closed; dialing again in {wait:.1?}");
@@ -130,7 +159,7 @@ fn net(message: String) -> DialError {
 }
 
 /// TCP, then TLS as the client with this host's agent certificate, checking the server's.
-async fn dial(target: &Target, files: &TlsFiles) -> Result<(impl Io + 'static, PeerInfo), DialError> {
+async fn dial(target: &Target, files: &TlsFiles) -> Result<(impl Io + 'static, PeerInfo, String), DialError> {
     let config = client_config(files, target).map_err(|e| net(format!("TLS setup: {e}")))?;
     let name = ServerName::try_from(target.host.clone()).map_err(|e| net(format!("{}: {e}", target.host)))?;
     let tcp = tokio::time::timeout(CONNECT, TcpStream::connect(target.endpoint()))
@@ -154,6 +183,7 @@ async fn dial(target: &Target, files: &TlsFiles) -> Result<(impl Io + 'static, P
     };
     let server =
         tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| CertIdentity::from_der(c).ok());
+    let serial = server.as_ref().map(|s| s.serial.clone()).unwrap_or_default();
     let peer = PeerInfo {
         addr: addr.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], target.port))),
         name: server.as_ref().map(|s| s.name().to_string()).unwrap_or_default(),
@@ -166,7 +196,78 @@ async fn dial(target: &Target, files: &TlsFiles) -> Result<(impl Io + 'static, P
         NoFirstBytes::Io(e) => net(describe(target, &e)),
         other => net(format!("ferry serve at {target}: {other}")),
     })?;
-    Ok((stream, peer))
+    Ok((stream, peer, serial))
+}
+
+/// How often a connection's server certificate is checked against `tls.revoked` again.
+const RECHECK: Duration = Duration::from_secs(10);
+
+/// Why the server certificate `serial` is refused now, if it is (`tls.revoked` read again).
+fn revoked_now(files: &TlsFiles, serial: &str) -> Option<String> {
+    let path = files.revoked.as_ref()?;
+    match Revoked::load(path) {
+        Ok(list) if list.contains(serial) => {
+            Some(format!("its certificate (serial {serial}) is now listed in tls.revoked"))
+        }
+        Ok(_) => None,
+        // A list that no longer reads keeps what was decided with the last good one.
+        Err(e) => {
+            tracing::warn!("cannot read tls.revoked again: {e}");
+            None
+        }
+    }
+}
+
+/// A connection that fails every read and write once `cut` is set.
+struct Cuttable<S> {
+    inner: S,
+    cut: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl<S> Cuttable<S> {
+    fn check(&self) -> std::io::Result<()> {
+        if self.cut.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "the server's certificate was revoked",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Cuttable<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.check()?;
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Cuttable<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.check()?;
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// A failed handshake in words: what was wrong with the server, or with us in its eyes.
@@ -185,8 +286,11 @@ fn describe(target: &Target, err: &std::io::Error) -> String {
         }
         E::InvalidCertificate(CertificateError::Revoked) => "its certificate is listed in tls.revoked".into(),
         E::InvalidCertificate(e) => format!("its certificate is refused: {e}"),
+        E::AlertReceived(rustls::AlertDescription::NoApplicationProtocol) => {
+            "it does not speak the agent protocol (no HTTP/2): is this its API port instead of its [server] dial_in_listen?".into()
+        }
         E::AlertReceived(alert) => format!(
-            "it refused this agent's certificate (alert {alert:?}): is this host in its fleet.toml, with a certificate of role agent from the fleet CA?"
+            "it refused this agent's certificate (alert {alert:?}): is this host marked \"dial-in\" in its fleet.toml, with a certificate of role agent from the fleet CA, not revoked there?"
         ),
         other => other.to_string(),
     };

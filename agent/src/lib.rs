@@ -60,8 +60,15 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         None => None,
     };
     let server = Server::bind(config).await?;
-    let addr = server.local_addr()?;
-    tracing::info!(%addr, version = env!("CARGO_PKG_VERSION"), audit = %server.telemetry().audit.path().display(), "ferry-agent serving");
+    let audit = server.telemetry().audit.path().display().to_string();
+    match server.local_addr() {
+        Ok(addr) => tracing::info!(%addr, version = env!("CARGO_PKG_VERSION"), audit, "ferry-agent serving"),
+        // Only dialing out (`connect`, no `listen`).
+        Err(_) => tracing::info!(version = env!("CARGO_PKG_VERSION"), audit, "ferry-agent serving"),
+    }
+    for target in server.config().connect_targets() {
+        tracing::info!(server = %target, "dialing ferry serve");
+    }
     let http_stop = shutdown.child_token();
     let http_task = http.map(|listener| {
         if let Ok(a) = listener.local_addr() {

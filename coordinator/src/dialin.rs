@@ -26,8 +26,10 @@ use crate::registry::{now_ms, when};
 pub use crate::config::DIAL_IN;
 /// How often `ferry serve` pings a dialed-in agent, and how long a ping may go unanswered: a
 /// host that stops answering is unreachable within both.
+/// (A request's own deadline, `request_timeout`, usually finds a silent host first.) The
+/// timeout leaves room for a ping queued behind an upload on a slow link.
 pub const PING_INTERVAL: Duration = Duration::from_secs(3);
-pub const PING_TIMEOUT: Duration = Duration::from_secs(3);
+pub const PING_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A connected host as `ferry status` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -40,6 +42,9 @@ pub struct DialInInfo {
     pub last_seen: String,
 }
 
+/// Whether a certificate serial is revoked.
+type RevokedCheck = dyn Fn(&str) -> bool + Send + Sync;
+
 /// The hosts connected to this `ferry serve`, by name.
 #[derive(Clone, Default)]
 pub struct DialIns(Arc<Table>);
@@ -47,6 +52,9 @@ pub struct DialIns(Arc<Table>);
 #[derive(Default)]
 struct Table {
     conns: Mutex<HashMap<String, Conn>>,
+    /// Whether a certificate serial is revoked now (`[tls] revoked`, re-read as it changes): a
+    /// connection whose certificate is revoked after it came up is cut at its next use.
+    revoked: Option<Box<RevokedCheck>>,
     /// When each host's last connection ended, and why.
     gone: Mutex<HashMap<String, (i64, String)>>,
     generation: AtomicU64,
@@ -54,6 +62,8 @@ struct Table {
 
 struct Conn {
     channel: Channel,
+    /// The agent certificate's serial.
+    serial: String,
     addr: SocketAddr,
     since_ms: i64,
     seen_ms: Arc<AtomicI64>,
@@ -67,6 +77,11 @@ impl std::fmt::Debug for DialIns {
 }
 
 impl DialIns {
+    /// A table whose connections are cut once `revoked` says their certificate's serial is.
+    pub fn new(revoked: impl Fn(&str) -> bool + Send + Sync + 'static) -> DialIns {
+        DialIns(Arc::new(Table { revoked: Some(Box::new(revoked)), ..Table::default() }))
+    }
+
     /// How many hosts are connected.
     pub fn connected(&self) -> usize {
         self.0.conns.lock().map_or(0, |c| c.len())
@@ -74,8 +89,19 @@ impl DialIns {
 
     /// `host`'s channel, or why there is none.
     pub fn channel(&self, host: &str) -> Result<Channel, String> {
-        if let Some(c) = self.0.conns.lock().ok().and_then(|c| c.get(host).map(|c| c.channel.clone())) {
-            return Ok(c);
+        let found = self
+            .0
+            .conns
+            .lock()
+            .ok()
+            .and_then(|c| c.get(host).map(|c| (c.channel.clone(), c.serial.clone(), c.generation)));
+        if let Some((channel, serial, generation)) = found {
+            if self.0.revoked.as_ref().is_some_and(|revoked| revoked(&serial)) {
+                let why = format!("its certificate (serial {serial}) is listed in [tls] revoked");
+                DialIns::ended(&self.0, host, generation, &why);
+                return Err(format!("dials in, and its connection was cut: {why}"));
+            }
+            return Ok(channel);
         }
         let gone = self.0.gone.lock().ok().and_then(|g| g.get(host).cloned());
         Err(match gone {
@@ -97,7 +123,13 @@ impl DialIns {
 
     /// Makes the client side of HTTP/2 over `stream`, a connection `host`'s agent opened (its
     /// certificate checked), and keeps it as that host's connection (replacing an older one).
-    pub async fn add<S>(&self, host: &str, addr: SocketAddr, stream: S) -> Result<Channel, tonic::transport::Error>
+    pub async fn add<S>(
+        &self,
+        host: &str,
+        serial: &str,
+        addr: SocketAddr,
+        stream: S,
+    ) -> Result<Channel, tonic::transport::Error>
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
@@ -128,13 +160,33 @@ impl DialIns {
                 }
             }))
             .await?;
-        let conn = Conn { channel: channel.clone(), addr, since_ms: now_ms(), seen_ms, generation };
-        let old = self.0.conns.lock().ok().and_then(|mut conns| conns.insert(host.to_string(), conn));
-        if old.is_some() {
-            // Its channel is dropped (outside the lock), which closes it.
-            tracing::info!(host, %addr, "connected again; the previous connection is closed");
+        let conn = Conn {
+            channel: channel.clone(),
+            serial: serial.to_string(),
+            addr,
+            since_ms: now_ms(),
+            seen_ms,
+            generation,
+        };
+        // A newer connection of the host (one that finished its setup first) stays.
+        let mut conn = Some(conn);
+        let old = self.0.conns.lock().ok().and_then(|mut conns| match conns.get(host) {
+            Some(newer) if newer.generation > generation => None,
+            _ => conns.insert(host.to_string(), conn.take()?),
+        });
+        if let Some(old) = &old {
+            // Dropped (outside the lock) with its channel, which closes it.
+            let how = if old.addr.ip() == addr.ip() {
+                "again".to_string()
+            } else {
+                format!(
+                    "from {addr}, no longer from {}: is its certificate on two machines, or two `connect` entries for this server?",
+                    old.addr
+                )
+            };
+            tracing::warn!(host, "connected {how}; the previous connection is closed");
         }
-        drop(old);
+        drop((old, conn));
         if let Ok(mut gone) = self.0.gone.lock() {
             gone.remove(host);
         }

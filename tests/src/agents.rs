@@ -73,7 +73,8 @@ impl TestAgent {
         TestAgent::start_toml(&agent_toml_without_listen(files, data_dir, &format!("connect = [\"{server}\"]"))).await
     }
 
-    async fn start_toml(text: &str) -> Result<TestAgent, ferry_agent::server::StartError> {
+    /// An agent with this agent.toml text.
+    pub async fn start_toml(text: &str) -> Result<TestAgent, ferry_agent::server::StartError> {
         let config =
             AgentConfig::from_toml(Path::new("test-agent.toml"), text).expect("the test agent config is valid");
         let server = Server::bind(config).await?;

@@ -26,6 +26,7 @@ name = "web"
 ca = "{ca}"
 cert = "{cert}"
 key = "{key}"
+revoked = "{dir}/revoked.txt"
 [server]
 listen = "127.0.0.1:{api}"
 dial_in_listen = "127.0.0.1:{dial_in}"
@@ -40,6 +41,9 @@ hosts = {{ {hosts} }}
         key = ctl.key.display(),
     );
     let path = dir.join("fleet.toml");
+    if !dir.join("revoked.txt").exists() {
+        std::fs::write(dir.join("revoked.txt"), "").expect("write revoked.txt");
+    }
     std::fs::write(&path, &text).expect("write fleet.toml");
     FleetConfig::from_toml(&path, &text).unwrap_or_else(|e| panic!("{e}"))
 }
@@ -220,6 +224,34 @@ async fn wrong_certificates_are_refused_on_either_side_and_audited() {
     agent.stop().await;
     s.stop().await;
 
+    // A server presenting an agent's certificate (well named, from the fleet CA) is no coordinator.
+    let ctl = pki.issue("ctl", Role::Coordinator, &["127.0.0.1"]);
+    let impostor = pki.issue("web-9", Role::Agent, &["127.0.0.1"]);
+    fleet_toml(dir.path(), &ctl, r#"web-1 = "dial-in""#, free_port(), free_port());
+    let path = dir.path().join("fleet.toml");
+    let text = std::fs::read_to_string(&path).expect("fleet.toml").replacen(
+        "[server]\n",
+        &format!("[server]\ncert = \"{}\"\nkey = \"{}\"\n", impostor.cert.display(), impostor.key.display()),
+        1,
+    );
+    let config = FleetConfig::from_toml(&path, &text).expect("valid");
+    let s = serve(&config, &ctl).await;
+    let data = dir.path().join("data-impostor");
+    let agent =
+        TestAgent::start_dialing(&pki.issue("web-1", Role::Agent, &[]), &data, &s.dial_in).await.expect("agent");
+    let audit = data.join("audit.log");
+    let line = ferry_tests::wait_for(200, || {
+        std::fs::read_to_string(&audit)
+            .ok()?
+            .lines()
+            .find(|l| l.contains("not the coordinator role"))
+            .map(str::to_string)
+    })
+    .await;
+    assert!(line.is_some_and(|l| l.contains("web-9")), "the agent refuses it: {:?}", std::fs::read_to_string(&audit));
+    agent.stop().await;
+    s.stop().await;
+
     // A well-named server: it refuses an agent of another CA, and a host not marked dial-in.
     let ctl = pki.issue("ctl", Role::Coordinator, &["127.0.0.1"]);
     let config = fleet_toml(dir.path(), &ctl, r#"web-1 = "dial-in", web-2 = "10.9.9.2""#, free_port(), free_port());
@@ -250,5 +282,53 @@ async fn wrong_certificates_are_refused_on_either_side_and_audited() {
     for a in agents {
         a.stop().await;
     }
+    s.stop().await;
+}
+
+/// The serial of the certificate in `pem`, as `tls.revoked` lists it.
+fn serial(pem: &Path) -> String {
+    let certs = ferry_proto::identity::load_certs(pem).expect("certificate");
+    ferry_proto::identity::CertIdentity::from_der(&certs[0]).expect("parse").serial
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_revoked_while_connected_is_cut_off_on_either_side() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ctl = pki.issue("ctl", Role::Coordinator, &["127.0.0.1"]);
+    let config = fleet_toml(dir.path(), &ctl, r#"web-1 = "dial-in", web-2 = "dial-in""#, free_port(), free_port());
+    let s = serve(&config, &ctl).await;
+    let api = remote(&s, &ctl);
+    let web1 = pki.issue("web-1", Role::Agent, &[]);
+    let _a1 = TestAgent::start_dialing(&web1, &dir.path().join("data-1"), &s.dial_in).await.expect("agent");
+    // web-2 lists its own tls.revoked, empty for now.
+    let agent_revoked = dir.path().join("agent-revoked.txt");
+    std::fs::write(&agent_revoked, "").expect("write");
+    let text = ferry_tests::agents::agent_toml_without_listen(
+        &pki.issue("web-2", Role::Agent, &[]),
+        &dir.path().join("data-2"),
+        &format!("connect = [\"{}\"]", s.dial_in),
+    )
+    .replacen("[tls]\n", &format!("[tls]\nrevoked = \"{}\"\n", agent_revoked.display()), 1);
+    let _a2 = TestAgent::start_toml(&text).await.expect("agent");
+    status_until(&api, 10, up).await;
+
+    // The server revokes web-1's certificate: its connection is cut at the next use, and it
+    // cannot come back.
+    std::fs::write(dir.path().join("revoked.txt"), format!("{}\n", serial(&web1.cert))).expect("revoke");
+    let report = status(&api).await;
+    let e = report["hosts"][0]["error"].as_str().unwrap_or_default().to_string();
+    assert!(e.contains("its connection was cut") && e.contains("revoked"), "{report:#}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let report = status(&api).await;
+    assert_eq!(report["hosts"][0]["reachable"], false, "{report:#}");
+    let audit = std::fs::read_to_string(dir.path().join("api-audit.log")).unwrap_or_default();
+    assert!(audit.contains("DIAL-IN") && audit.contains("revoked"), "its new dials are refused: {audit}");
+
+    // web-2 revokes the server's certificate: it cuts its connection within its recheck (10 s).
+    std::fs::write(&agent_revoked, format!("{}\n", serial(&ctl.cert))).expect("revoke");
+    status_until(&api, 25, |h| h["reachable"] == false).await;
+    let audit = std::fs::read_to_string(dir.path().join("data-2/audit.log")).unwrap_or_default();
+    assert!(audit.contains("now listed in tls.revoked"), "{audit}");
     s.stop().await;
 }

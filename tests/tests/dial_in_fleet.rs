@@ -116,14 +116,20 @@ fn deploy(fleet: &Fleet, config: &str, version: &str, variant: Variant) -> Outpu
 #[test]
 fn hosts_behind_a_closed_port_are_deployed_rolled_back_and_watched_through_their_own_connections() {
     let fleet = fleet_or_skip!(3);
-    // Each host: its agent port closed to the outside, and its agent dialing ferry serve.
-    for h in &fleet.hosts {
+    // Each host: its agent port closed to the outside, and its agent dialing ferry serve; the
+    // last one does not listen at all.
+    for (i, h) in fleet.hosts.iter().enumerate() {
         fleet.close_port(&h.name, AGENT_PORT);
         let path = h.dir.join("etc/ferry/agent.toml");
-        let text = std::fs::read_to_string(&path).expect("agent.toml");
+        let mut text = std::fs::read_to_string(&path).expect("agent.toml");
+        if i == 2 {
+            text = text.replacen(&format!("listen = \"0.0.0.0:{AGENT_PORT}\"\n"), "", 1);
+        }
         std::fs::write(&path, format!("connect = [\"{CTL_IP}:{DIAL_IN_PORT}\"]\n{text}")).expect("agent.toml");
         h.systemctl(&["restart", "ferry-agent.service"]).unwrap_or_else(|e| panic!("{}: {e}", h.name));
     }
+    let log = fleet.hosts[2].journal("ferry-agent.service", 30);
+    assert!(log.contains("dialing ferry serve"), "the agent without listen runs: {log}");
     // The coordinator on its own cannot reach them any more.
     let direct = fleet.fleet_toml();
     let out = fleet.ferry(&["status", "--config", &direct.to_string_lossy(), "--env", "test", "--output", "json"]);
@@ -153,7 +159,7 @@ fn hosts_behind_a_closed_port_are_deployed_rolled_back_and_watched_through_their
 
     // A cut link: unreachable within seconds; healed: connected and usable again.
     fleet.cut_network("web-2");
-    status_until(&fleet, &config, Duration::from_secs(15), Some(1), down);
+    status_until(&fleet, &config, Duration::from_secs(30), Some(1), down);
     fleet.restore_network("web-2");
     status_until(&fleet, &config, Duration::from_secs(90), None, up);
 

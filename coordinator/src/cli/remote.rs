@@ -136,7 +136,15 @@ pub fn dial_in_server(command: &Command) -> Option<(String, String)> {
     let fleet = crate::config::FleetConfig::load(&config_path(command)).ok()?;
     let dialing: Vec<String> = fleet.hosts(env).ok()?.into_iter().filter(|h| h.dials_in()).map(|h| h.name).collect();
     let first = dialing.first()?;
-    let url = fleet.server.advertise.clone().unwrap_or_else(|| format!("https://{}", fleet.server.listen));
+    let url = match &fleet.server.advertise {
+        Some(url) => url.clone(),
+        // 0.0.0.0 or [::] is where it listens, not an address to reach it at.
+        None if fleet.server.listen.parse::<std::net::SocketAddr>().is_ok_and(|a| a.ip().is_unspecified()) => {
+            let port = fleet.server.listen.rsplit(':').next().unwrap_or("8443");
+            format!("https://127.0.0.1:{port}")
+        }
+        None => format!("https://{}", fleet.server.listen),
+    };
     let others = if dialing.len() > 1 { format!(" and {} more", dialing.len() - 1) } else { String::new() };
     Some((url, format!("{first}{others} of environment {env} dial in to ferry serve")))
 }

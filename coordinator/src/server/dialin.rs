@@ -24,6 +24,9 @@ use crate::config::FleetConfig;
 
 /// Handshakes in progress at once.
 pub const MAX_HANDSHAKES: usize = 256;
+/// ...from one address (an IPv4 address, or an IPv6 /64): one source cannot take every slot
+/// from the fleet's agents.
+pub const MAX_HANDSHAKES_PER_SOURCE: usize = 16;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The hosts of fleet.toml that dial in, in every environment.
@@ -71,6 +74,7 @@ pub fn acceptor(
 /// Takes agents' connections on `listener` until `stop`.
 pub async fn run(state: Shared, listener: tokio::net::TcpListener, stop: CancellationToken) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    let sources: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>> = Arc::default();
     let tasks = TaskTracker::new();
     loop {
         let slot = tokio::select! {
@@ -88,22 +92,27 @@ pub async fn run(state: Shared, listener: tokio::net::TcpListener, stop: Cancell
             },
             () = stop.cancelled() => break,
         };
+        let Some(source) = Source::enter(&sources, addr.ip()) else {
+            // Closed unanswered: a flood from one place is not worth a line each.
+            drop(tcp);
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let Some(acceptor) = state.tls.current().dial_in.clone() else { break };
         let state = state.clone();
         tasks.spawn(async move {
+            let _source = source;
             let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
             let why = match handshake {
                 Ok(Ok(stream)) => {
-                    let name = stream
+                    let id = stream
                         .get_ref()
                         .1
                         .peer_certificates()
                         .and_then(|c| c.first())
-                        .and_then(|c| CertIdentity::from_der(c).ok())
-                        .map(|id| id.name().to_string())
-                        .unwrap_or_default();
-                    match state.dial_ins.add(&name, addr, stream).await {
+                        .and_then(|c| CertIdentity::from_der(c).ok());
+                    let (name, serial) = id.map(|id| (id.name().to_string(), id.serial.clone())).unwrap_or_default();
+                    match state.dial_ins.add(&name, &serial, addr, stream).await {
                         Ok(_) => {
                             tracing::info!(host = name, %addr, "agent dialed in");
                             drop(slot);
@@ -123,6 +132,46 @@ pub async fn run(state: Shared, listener: tokio::net::TcpListener, stop: Cancell
     tasks.close();
 }
 
+/// A handshake in progress from one source, counted until dropped.
+struct Source {
+    map: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+    key: std::net::IpAddr,
+}
+
+impl Source {
+    fn enter(
+        map: &Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+        ip: std::net::IpAddr,
+    ) -> Option<Source> {
+        let key = match ip {
+            std::net::IpAddr::V6(v6) => {
+                let s = v6.segments();
+                std::net::IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+            v4 => v4,
+        };
+        let mut m = map.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(key).or_insert(0);
+        if *n >= MAX_HANDSHAKES_PER_SOURCE {
+            return None;
+        }
+        *n += 1;
+        Some(Source { map: map.clone(), key })
+    }
+}
+
+impl Drop for Source {
+    fn drop(&mut self) {
+        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.key);
+            }
+        }
+    }
+}
+
 /// A refused handshake in words: our reason, where the verifier gave one.
 fn describe(e: &std::io::Error) -> String {
     match e.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
@@ -137,7 +186,7 @@ fn describe(e: &std::io::Error) -> String {
         }
         Some(rustls::Error::AlertReceived(alert)) => {
             format!(
-                "the agent refused this server's certificate (alert {alert:?}): does it name the address the agent dials?"
+                "the agent refused this server's certificate (alert {alert:?}): it must name the address the agent dials, carry the coordinator role, and not be in the agent's tls.revoked"
             )
         }
         Some(other) => other.to_string(),
@@ -218,5 +267,30 @@ impl ClientCertVerifier for DialInAgents {
 
     fn client_auth_mandatory(&self) -> bool {
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handshakes_are_capped_per_source_and_counted_back_down() {
+        let map = Arc::default();
+        let one: std::net::IpAddr = "203.0.113.5".parse().expect("ip");
+        let held: Vec<Source> = (0..MAX_HANDSHAKES_PER_SOURCE).filter_map(|_| Source::enter(&map, one)).collect();
+        assert_eq!(held.len(), MAX_HANDSHAKES_PER_SOURCE);
+        assert!(Source::enter(&map, one).is_none(), "one more from the same address waits");
+        assert!(Source::enter(&map, "203.0.113.6".parse().expect("ip")).is_some(), "another address does not");
+        // One IPv6 /64 is one source.
+        let v6: Vec<Source> = (0..MAX_HANDSHAKES_PER_SOURCE)
+            .filter_map(|i| Source::enter(&map, format!("2001:db8:1:2::{:x}", i + 1).parse().expect("ip")))
+            .collect();
+        assert_eq!(v6.len(), MAX_HANDSHAKES_PER_SOURCE);
+        assert!(Source::enter(&map, "2001:db8:1:2:ffff::1".parse().expect("ip")).is_none());
+        drop(held);
+        assert!(Source::enter(&map, one).is_some(), "slots come back when handshakes end");
+        drop(v6);
+        assert_eq!(map.lock().map(|m| m.len()).unwrap_or(99), 0, "nothing left behind");
     }
 }

@@ -122,7 +122,8 @@ impl AppState {
         let audit = Audit::open(&audit_path)?;
         let tokens = config.server.tokens.iter().filter_map(auth::Token::from_config).collect();
         let revoked = Arc::new(auth::RevokedFile::load(config.tls.revoked.as_deref())?);
-        let dial_ins = crate::dialin::DialIns::default();
+        let listed = revoked.clone();
+        let dial_ins = crate::dialin::DialIns::new(move |serial| listed.contains(serial));
         let tls = Arc::new(serve_tls(&config, tls.with_dial_ins(dial_ins.clone()), revoked.clone())?);
         let cache = config.cache_dir().map(Cache::new);
         let notifier = crate::notify::Notifier::start(&config.notify, registry.clone());
