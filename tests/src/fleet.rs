@@ -728,6 +728,20 @@ impl FleetHost {
             .unwrap_or_else(|e| e)
     }
 
+    /// The agent's audit log, one JSON record a line (none if it cannot be read).
+    pub fn audit_records(&self) -> Vec<serde_json::Value> {
+        let out = self.exec(&["cat", "/var/lib/ferry/audit.log"]).map(|o| o.stdout).unwrap_or_default();
+        String::from_utf8_lossy(&out).lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+    }
+
+    /// How many activations of `version` the agent audited with `result` (e.g. `healthy`).
+    pub fn activations(&self, version: &str, result: &str) -> usize {
+        self.audit_records()
+            .iter()
+            .filter(|e| e["rpc"] == "Activate" && e["version"] == version && e["result"] == result)
+            .count()
+    }
+
     /// The agent crashes: SIGKILL from systemd (which then restarts it, `Restart=on-failure`).
     pub fn kill_agent(&self) -> Result<String, String> {
         self.systemctl(&["kill", "-s", "KILL", "ferry-agent.service"])

@@ -256,15 +256,7 @@ fn agents_dialing_both_servers_let_the_standby_finish_when_the_leader_dies() {
         ],
         &fleet.dir.join("client.log"),
     ));
-    let first = poll(Duration::from_secs(60), || {
-        let audit = fleet.hosts[0].exec(&["cat", "/var/lib/ferry/audit.log"]).ok()?;
-        String::from_utf8_lossy(&audit.stdout)
-            .lines()
-            .any(|l| {
-                l.contains("\"Activate\"") && l.contains("\"version\":\"2\"") && l.contains("\"result\":\"healthy\"")
-            })
-            .then_some(())
-    });
+    let first = poll(Duration::from_secs(60), || (fleet.hosts[0].activations("2", "healthy") > 0).then_some(()));
     assert!(
         first.is_some(),
         "web-1 never ran 2: {}",
@@ -288,13 +280,7 @@ fn agents_dialing_both_servers_let_the_standby_finish_when_the_leader_dies() {
     });
     assert!(done.is_some(), "{}", text_of(&through(18444, &["history", "--env", "test"])));
     for h in &fleet.hosts {
-        let audit = h.exec(&["cat", "/var/lib/ferry/audit.log"]).expect("audit");
-        let healthy = String::from_utf8_lossy(&audit.stdout)
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|e| e["rpc"] == "Activate" && e["version"] == "2" && e["result"] == "healthy")
-            .count();
-        assert_eq!(healthy, 1, "{}: {}", h.name, String::from_utf8_lossy(&audit.stdout));
+        assert_eq!(h.activations("2", "healthy"), 1, "{}: {:?}", h.name, h.audit_records());
     }
     let followed = fleet.hosts[2].exec(&["cat", "/var/lib/ferry/epoch"]).expect("epoch");
     assert_eq!(String::from_utf8_lossy(&followed.stdout).trim(), (epoch + 1).to_string());

@@ -83,15 +83,7 @@ fn the_standby_finishes_a_rollout_whose_leader_was_killed_mid_activation() {
         &fleet.dir.join("client.log"),
     ));
     // web-1 healthy on 2 (its agent recorded it), web-2 not yet: web-2 is next.
-    let first = poll(Duration::from_secs(60), || {
-        let audit = fleet.hosts[0].exec(&["cat", "/var/lib/ferry/audit.log"]).ok()?;
-        let text = String::from_utf8_lossy(&audit.stdout).into_owned();
-        text.lines()
-            .any(|l| {
-                l.contains("\"Activate\"") && l.contains("\"version\":\"2\"") && l.contains("\"result\":\"healthy\"")
-            })
-            .then_some(())
-    });
+    let first = poll(Duration::from_secs(60), || (fleet.hosts[0].activations("2", "healthy") > 0).then_some(()));
     assert!(
         first.is_some(),
         "web-1 never ran 2: {}",
@@ -118,13 +110,7 @@ fn the_standby_finishes_a_rollout_whose_leader_was_killed_mid_activation() {
 
     // Every host ran 2's activation to health exactly once; the hosts b touched follow its epoch.
     for h in &fleet.hosts {
-        let audit = h.exec(&["cat", "/var/lib/ferry/audit.log"]).expect("audit");
-        let healthy = String::from_utf8_lossy(&audit.stdout)
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|e| e["rpc"] == "Activate" && e["version"] == "2" && e["result"] == "healthy")
-            .count();
-        assert_eq!(healthy, 1, "{}: {}", h.name, String::from_utf8_lossy(&audit.stdout));
+        assert_eq!(h.activations("2", "healthy"), 1, "{}: {:?}", h.name, h.audit_records());
     }
     let followed = fleet.hosts[2].exec(&["cat", "/var/lib/ferry/epoch"]).expect("epoch");
     assert_eq!(String::from_utf8_lossy(&followed.stdout).trim(), (epoch + 1).to_string());
@@ -183,11 +169,6 @@ fn a_paused_canary_stays_paused_across_a_failover_and_the_new_leader_promotes_it
 }
 
 /// A host's audit log, one JSON object a line.
-fn audit(h: &ferry_tests::fleet::FleetHost) -> Vec<serde_json::Value> {
-    let out = h.exec(&["cat", "/var/lib/ferry/audit.log"]).expect("audit");
-    String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
-}
-
 /// The newest deployment as `config`'s registry records it (`ferry history --deployment`).
 fn newest(fleet: &Fleet, config: &Path) -> Option<serde_json::Value> {
     let config = config.to_string_lossy();
@@ -314,7 +295,7 @@ fn a_leader_cut_off_mid_rollout_is_fenced_out_of_every_host_and_of_the_registry(
     let mut stopped = 0;
     let mut of_a = Vec::new();
     for h in &fleet.hosts {
-        let lines = audit(h);
+        let lines = h.audit_records();
         of_a.extend(
             lines
                 .iter()

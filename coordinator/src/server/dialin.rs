@@ -74,24 +74,11 @@ pub fn acceptor(
 /// Takes agents' connections on `listener` until `stop`.
 pub async fn run(state: Shared, listener: tokio::net::TcpListener, stop: CancellationToken) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
-    let sources: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>> = Arc::default();
+    let sources = Sources::default();
     let tasks = TaskTracker::new();
-    loop {
-        let slot = tokio::select! {
-            slot = slots.clone().acquire_owned() => match slot { Ok(s) => s, Err(_) => break },
-            () = stop.cancelled() => break,
-        };
-        let (tcp, addr) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!("dial_in_listen: accept: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            () = stop.cancelled() => break,
-        };
+    while let Some((slot, tcp, addr)) =
+        super::next_connection(&listener, &slots, &stop, "[server] dial_in_listen").await
+    {
         let Some(source) = Source::enter(&sources, addr.ip()) else {
             // Closed unanswered: a flood from one place is not worth a line each.
             drop(tcp);
@@ -132,17 +119,17 @@ pub async fn run(state: Shared, listener: tokio::net::TcpListener, stop: Cancell
     tasks.close();
 }
 
+/// Handshakes in progress by source.
+type Sources = Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>;
+
 /// A handshake in progress from one source, counted until dropped.
 struct Source {
-    map: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+    map: Sources,
     key: std::net::IpAddr,
 }
 
 impl Source {
-    fn enter(
-        map: &Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
-        ip: std::net::IpAddr,
-    ) -> Option<Source> {
+    fn enter(map: &Sources, ip: std::net::IpAddr) -> Option<Source> {
         let key = match ip {
             std::net::IpAddr::V6(v6) => {
                 let s = v6.segments();

@@ -385,23 +385,7 @@ pub async fn serve(
     let router = api::router(state.clone());
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let connections = TaskTracker::new();
-    loop {
-        // A free slot first: past the cap, connections wait in the backlog, not in memory.
-        let slot = tokio::select! {
-            slot = slots.clone().acquire_owned() => slot?,
-            () = shutdown.cancelled() => break,
-        };
-        let (tcp, addr) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!("accept: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            () = shutdown.cancelled() => break,
-        };
+    while let Some((slot, tcp, addr)) = next_connection(&listener, &slots, &shutdown, "[server] listen").await {
         let (acceptor, router, stop, state_of_conn) =
             (state.tls.current().api.clone(), router.clone(), shutdown.clone(), state.clone());
         connections.spawn(async move {
@@ -420,6 +404,33 @@ pub async fn serve(
         tracing::info!("closing the event streams still open");
     }
     Ok(())
+}
+
+/// The next connection on `listener`, with a free slot of `slots` taken first (past the cap,
+/// connections wait in the kernel's backlog, not in memory); `None` once `stop` is cancelled.
+/// A failed accept (EMFILE and friends) is logged and retried after a short pause.
+pub(crate) async fn next_connection(
+    listener: &tokio::net::TcpListener,
+    slots: &Arc<tokio::sync::Semaphore>,
+    stop: &CancellationToken,
+    what: &str,
+) -> Option<(tokio::sync::OwnedSemaphorePermit, tokio::net::TcpStream, SocketAddr)> {
+    let slot = tokio::select! {
+        slot = slots.clone().acquire_owned() => slot.ok()?,
+        () = stop.cancelled() => return None,
+    };
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, addr)) => return Some((slot, tcp, addr)),
+                Err(e) => {
+                    tracing::warn!("{what}: accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            () = stop.cancelled() => return None,
+        }
+    }
 }
 
 /// One connection: TLS (bounded), then HTTP/1.1 until the client closes it or the server stops.
